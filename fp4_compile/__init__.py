@@ -1,0 +1,33 @@
+"""fp4_compile: NVFP4 linear layers that are fast under torch.compile."""
+
+from .backends import Backend, BackendError, convert_to_kernel_format, select_backend
+from .format import (
+    dequantize_nvfp4,
+    global_scale_from_amax,
+    pad_activation_for_alignment,
+    pad_weight_for_alignment,
+    quantize_nvfp4,
+    slice_output,
+    swizzle_blockscale,
+    unswizzle_blockscale,
+)
+from .layer import NVFP4Linear, quantize_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "NVFP4Linear",
+    "convert_to_kernel_format",
+    "dequantize_nvfp4",
+    "global_scale_from_amax",
+    "pad_activation_for_alignment",
+    "pad_weight_for_alignment",
+    "quantize_model",
+    "quantize_nvfp4",
+    "select_backend",
+    "slice_output",
+    "swizzle_blockscale",
+    "unswizzle_blockscale",
+]

@@ -1,0 +1,226 @@
+"""NVFP4Linear and quantize_model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import format as fmt
+from . import ops  # noqa: F401  (registers torch.ops.fp4)
+from .backends import SPECS, Backend, convert_to_kernel_format, kernels_for, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+
+def _as_global_scale(value: torch.Tensor | float, name: str, device: torch.device) -> torch.Tensor:
+    gs = torch.as_tensor(value, device=device)
+    if gs.dtype != torch.float32 and not gs.is_floating_point():
+        raise TypeError(f"{name} must be a float32 tensor or a float, got {gs.dtype}")
+    gs = gs.float().reshape(-1)
+    fmt.check_global_scale(gs, name)
+    return gs.to(device)
+
+
+class NVFP4Linear(nn.Module):
+    """A linear layer with NVFP4 weights (and NVFP4 activations for W4A4 backends).
+
+    Buffers: ``weight`` (packed e2m1 in the backend's kernel format), ``weight_scale``
+    (e4m3 block scales, kernel format), ``weight_global_scale`` and ``input_global_scale``
+    (quantization multipliers ``448*6/amax``; ``input_global_scale`` is None for dynamic
+    activation scales), ``alpha`` (the GEMM's output factor) and ``bias``.
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        weight_global_scale: torch.Tensor | float,
+        *,
+        input_global_scale: torch.Tensor | float | None = None,
+        bias: torch.Tensor | None = None,
+        backend: Backend | str | None = None,
+    ) -> None:
+        super().__init__()
+        if packed.dtype != torch.uint8 or packed.dim() != 2:
+            raise TypeError(f"packed weight must be 2-D uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if k % fmt.BLOCK_SIZE:
+            raise ValueError(f"in_features (K={k}) must be a multiple of {fmt.BLOCK_SIZE}")
+        if scales.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"weight scales must be float8_e4m3fn, got {scales.dtype}")
+        if tuple(scales.shape) != (n, k // fmt.BLOCK_SIZE):
+            raise ValueError(
+                f"weight scales must have shape {(n, k // fmt.BLOCK_SIZE)} for a packed weight of shape "
+                f"{tuple(packed.shape)}, got {tuple(scales.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        fmt.check_same_device(packed=packed, scales=scales, bias=bias)
+        device = packed.device
+        self.in_features, self.out_features = k, n
+        target = resolve_backend(backend, device)
+        self.backend = Backend.EMULATION  # the linear layout given here is the emulation format
+        self.register_buffer("weight_global_scale", _as_global_scale(weight_global_scale, "weight_global_scale", device))
+        self.register_buffer(
+            "input_global_scale",
+            None if input_global_scale is None else _as_global_scale(input_global_scale, "input_global_scale", device),
+        )
+        self.register_buffer("alpha", None)
+        self.register_buffer("weight", packed)
+        self.register_buffer("weight_scale", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        convert_to_kernel_format(target, self)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        backend: Backend | str | None = None,
+        input_global_scale: torch.Tensor | float | None = None,
+    ) -> "NVFP4Linear":
+        """Quantize an ``nn.Linear``'s weight (global scale from its amax)."""
+        weight = linear.weight.detach()
+        fmt.check_float_input(weight, "linear.weight")
+        gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
+        packed, scales = fmt.quantize_nvfp4(weight, gs)
+        bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
+        return cls(packed, scales, gs, input_global_scale=input_global_scale, bias=bias, backend=backend)
+
+    @property
+    def semantics(self) -> str:
+        return SPECS[self.backend].semantics
+
+    def linear_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and its scales in the linear (checkpoint) layout: ``[N, K/2]``, ``[N, K/16]``."""
+        return kernels_for(self.backend).restore_weight(
+            self.weight, self.weight_scale, self.out_features, self.in_features
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed, scales = self.linear_weight()
+        return fmt.dequantize_nvfp4(packed, scales, self.weight_global_scale, dtype=dtype)
+
+    def refresh_alpha(self) -> None:
+        """Recompute ``alpha`` from the global scales (after a backend or scale change)."""
+        if self.semantics == "W4A16":
+            self.alpha = torch.reciprocal(self.weight_global_scale)
+        elif self.input_global_scale is not None:
+            self.alpha = torch.reciprocal(self.input_global_scale * self.weight_global_scale)
+        else:
+            self.alpha = None  # dynamic: computed per call from the batch's scale
+
+    def set_backend(self, backend: Backend | str | None = None) -> None:
+        """Re-lay the weight out for ``backend`` (or the best one for the weight's device)."""
+        convert_to_kernel_format(resolve_backend(backend, self.weight.device), self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt.check_float_input(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, this layer expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = self.backend.value
+        if self.semantics == "W4A16":
+            out = torch.ops.fp4.linear(
+                x2, self.weight, self.weight_scale, self.weight_global_scale, self.alpha, self.bias,
+                self.out_features, backend,
+            )
+            return out.reshape(*lead, self.out_features)
+        if self.input_global_scale is None:
+            global_scale = fmt.dynamic_global_scale(x2)
+            alpha = torch.reciprocal(global_scale * self.weight_global_scale)
+        else:
+            global_scale, alpha = self.input_global_scale, self.alpha
+        # The unfused chain; torch.compile(backend="fp4") fuses it into one fp4::linear.
+        a, a_scale = torch.ops.fp4.quantize(x2, global_scale, SPECS[self.backend].swizzled_scales)
+        k_padded = self.weight.shape[1] * 2
+        if k_padded != self.in_features:
+            a = torch.ops.fp4.pad_k(a, k_padded)
+        out = torch.ops.fp4.mm(a, a_scale, self.weight, self.weight_scale, alpha, x.dtype, backend)
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        scale = "static" if self.input_global_scale is not None else "dynamic"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"backend={self.backend.value} ({self.semantics}), activation_scale={scale}"
+        )
+
+
+def _call_model(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def calibrate_input_amax(
+    model: nn.Module, linears: dict[str, nn.Linear], calibration_data: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """Run ``calibration_data`` through ``model`` and record each linear's input amax."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            value = args[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], value) if name in amax else value
+
+        return record
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        with torch.no_grad():
+            for batch in calibration_data:
+                _call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    backend: Backend | str | None = None,
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    calibration_data: Iterable[Any] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` of ``model`` by an :class:`NVFP4Linear`, in place.
+
+    ``filter_fn(name, linear)`` chooses layers; layers whose in_features is not a multiple
+    of 16 are skipped with a logged reason. With ``calibration_data`` (an iterable of
+    model inputs) activation global scales are static (calibrated amax); otherwise dynamic.
+    """
+    from tqdm.auto import tqdm
+
+    linears: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        if module.in_features % fmt.BLOCK_SIZE:
+            logger.info("skipping %s: in_features=%d is not a multiple of 16", name, module.in_features)
+            continue
+        linears[name] = module
+    amax = calibrate_input_amax(model, linears, calibration_data) if calibration_data is not None else {}
+    for name, linear in tqdm(linears.items(), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
+        input_gs = fmt.global_scale_from_amax(amax[name]) if name in amax else None
+        if calibration_data is not None and name not in amax:
+            logger.info("%s saw no calibration data: dynamic activation scale", name)
+        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
