@@ -124,6 +124,8 @@ class NVFP4Linear(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} features, this layer expects {self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:  # nothing to quantize (an amax of no values is undefined)
+            return x.new_zeros(*lead, self.out_features)
         backend = self.backend.value
         if self.semantics == "W4A16":
             out = torch.ops.fp4.linear(

@@ -58,7 +58,10 @@ def _(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Tensor, T
 @torch.library.custom_op("fp4::pad_k", mutates_args=())
 def pad_k(packed: Tensor, k_padded: int) -> Tensor:
     """Zero-pad packed activations [M, K/2] to K = k_padded elements."""
-    return fmt.pad_activation_for_alignment(packed, k_padded).clone()
+    if k_padded // 2 < packed.shape[1] or k_padded % 2:
+        raise ValueError(f"k_padded={k_padded} must be even and >= K={packed.shape[1] * 2}")
+    padded = fmt.pad_activation_for_alignment(packed, k_padded)
+    return padded.clone() if padded is packed else padded  # ops must not return an alias
 
 
 @pad_k.register_fake

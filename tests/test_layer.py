@@ -1,0 +1,164 @@
+"""NVFP4Linear against the float64 W4A4 reference, quantize_model, and bad input."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fp4_compile import NVFP4Linear, quantize_model
+from fp4_compile import format as fmt
+
+
+def _reference_w4a4(x, layer_linear: nn.Linear, gs_x=None):
+    """Independent W4A4 from format's quantize/dequantize, in float64."""
+    w = layer_linear.weight.detach().float()
+    gs_w = fmt.global_scale_from_amax(w.abs().amax()).reshape(1)
+    x2 = x.reshape(-1, x.shape[-1])
+    gs_x = fmt.global_scale_from_amax(x2.abs().amax().float()).reshape(1) if gs_x is None else gs_x
+    xq = fmt.dequantize_nvfp4(*fmt.quantize_nvfp4(x2, gs_x), gs_x, dtype=torch.float64)
+    wq = fmt.dequantize_nvfp4(*fmt.quantize_nvfp4(w, gs_w), gs_w, dtype=torch.float64)
+    out = xq @ wq.t()
+    if layer_linear.bias is not None:
+        out = out + layer_linear.bias.double()
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 96), (1, 16)])
+def test_layer_equals_float64_reference_dynamic(seed, bias, shape):
+    lin = nn.Linear(shape[-1], 40, bias=bias)
+    layer = NVFP4Linear.from_linear(lin)
+    x = torch.randn(shape)
+    out = layer(x)
+    assert out.shape == shape[:-1] + (40,) and out.dtype == torch.float32
+    assert _rel(out, _reference_w4a4(x, lin)) < 1e-6
+
+
+def test_layer_static_scale_and_bf16(seed):
+    lin = nn.Linear(128, 72).bfloat16()
+    x = torch.randn(5, 128, dtype=torch.bfloat16) * 3
+    gs = fmt.global_scale_from_amax(torch.tensor(20.0))
+    layer = NVFP4Linear.from_linear(lin, input_global_scale=gs)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, _reference_w4a4(x, lin, gs.reshape(1))) < 4e-3  # bf16 output rounding
+    assert torch.equal(layer.alpha, torch.reciprocal(layer.input_global_scale * layer.weight_global_scale))
+
+
+def test_layer_accuracy_vs_bf16_linear(seed):
+    lin = nn.Linear(512, 256)
+    layer = NVFP4Linear.from_linear(lin)
+    x = torch.randn(32, 512)
+    cos = nn.functional.cosine_similarity(layer(x).flatten(), lin(x).detach().flatten(), dim=0).item()
+    assert cos > 0.99, cos
+
+
+def test_layer_buffers_and_round_trip(seed):
+    lin = nn.Linear(48, 20)
+    layer = NVFP4Linear.from_linear(lin)
+    packed, scales = layer.linear_weight()
+    assert packed.shape == (20, 24) and scales.shape == (20, 3)
+    w = lin.weight.detach()
+    gs = fmt.global_scale_from_amax(w.abs().amax()).reshape(1)
+    want_p, want_s = fmt.quantize_nvfp4(w, gs)
+    assert torch.equal(packed, want_p) and torch.equal(scales.view(torch.uint8), want_s.view(torch.uint8))
+    assert set(dict(layer.named_buffers())) >= {"weight", "weight_scale", "weight_global_scale"}
+    assert layer.alpha is None  # dynamic activation scale: alpha comes per call
+    assert torch.allclose(layer.dequantized_weight(), fmt.dequantize_nvfp4(want_p, want_s, gs))
+
+
+def test_layer_empty_and_non_contiguous(seed):
+    layer = NVFP4Linear.from_linear(nn.Linear(32, 8))
+    assert layer(torch.randn(0, 32)).shape == (0, 8)
+    x = torch.randn(32, 6).t()
+    assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+def test_non_finite_input_is_not_finite(seed):
+    layer = NVFP4Linear.from_linear(nn.Linear(32, 8), input_global_scale=torch.tensor(50.0))
+    x = torch.randn(2, 32)
+    x[0, 5] = float("inf")
+    out = layer(x)
+    assert not out[0].isfinite().any() and out[1].isfinite().all()
+
+
+def test_layer_bad_input():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NVFP4Linear.from_linear(nn.Linear(24, 8))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        NVFP4Linear.from_linear(nn.Linear(32, 8).to(torch.float8_e4m3fn))
+    layer = NVFP4Linear.from_linear(nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="expects 32"):
+        layer(torch.randn(2, 48))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        layer(torch.ones(2, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="positive and finite"):
+        NVFP4Linear.from_linear(nn.Linear(32, 8), input_global_scale=-1.0)
+    packed, scales = layer.linear_weight()
+    with pytest.raises(ValueError, match="weight scales must have shape"):
+        NVFP4Linear(packed, scales[:, :1], torch.ones(1))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        NVFP4Linear(packed, scales.float(), torch.ones(1))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        NVFP4Linear(packed, scales, torch.ones(1), bias=torch.ones(3))
+    with pytest.raises(ValueError, match="one device"):
+        NVFP4Linear(packed, scales, torch.ones(1), bias=torch.ones(8, device="meta"))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, one attention block and an MLP, with a K=24 linear that must be skipped."""
+
+    def __init__(self, vocab=97, dim=128, hidden=256, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim)
+        self.odd = nn.Linear(24, 24)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        b, s, d = h.shape
+        x = self.norm1(h)
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        att = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        h = h + self.o(att.transpose(1, 2).reshape(b, s, d))
+        x = self.norm2(h)
+        h = h + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        h = torch.cat([h[..., :104], self.odd(h[..., 104:])], -1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_quantize_model_keeps_outputs_close(seed, calibrated, caplog):
+    model = TinyTransformer().eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = model(tokens)
+    calib = [torch.randint(0, 97, (2, 12)) for _ in range(3)] + [tokens] if calibrated else None
+    with caplog.at_level(logging.INFO, logger="fp4_compile.layer"):
+        quantize_model(model, calibration_data=calib, progress=False)
+    assert "odd" in caplog.text and "not a multiple of 16" in caplog.text
+    assert isinstance(model.odd, nn.Linear) and isinstance(model.q, NVFP4Linear)
+    n_fp4 = sum(isinstance(m, NVFP4Linear) for m in model.modules())
+    assert n_fp4 == 8
+    assert all((m.input_global_scale is not None) == calibrated for m in model.modules() if isinstance(m, NVFP4Linear))
+    with torch.no_grad():
+        out = model(tokens)
+    cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+    print(f"quantize_model cosine similarity (calibrated={calibrated}): {cos:.4f}")
+    assert cos > 0.97
+
+
+def test_quantize_model_filter(seed):
+    model = TinyTransformer()
+    quantize_model(model, filter_fn=lambda name, mod: name != "head", progress=False)
+    assert isinstance(model.head, nn.Linear) and isinstance(model.down, NVFP4Linear)
