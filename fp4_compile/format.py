@@ -7,6 +7,8 @@ package are tested against these functions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK_SIZE = 16
@@ -114,10 +116,15 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(v).to(torch.uint8) << 3)
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Cached per device: a host-to-device copy per call would also break CUDA-graph capture.
+    return torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=device)
+
+
 def e2m1_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 codes 0..15 -> values."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=codes.device)
-    return table[codes.long()]
+    return _e2m1_table(codes.device, dtype)[codes.long()]
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
