@@ -1,0 +1,163 @@
+"""Hopper / Ampere (sm_80+) NVFP4 kernels behind the BackendKernels protocol.
+
+``TRITON_W4A4`` (backend ``triton-w4a4``): the exact W4A4 emulation. Activations are quantized
+to NVFP4 (bit-exact block scales) inside the GEMM for M <= 64, or by one quant kernel writing
+the exact block values for larger M; both operands become exact bf16 ``e2m1 * sf`` values in
+registers, bf16 tensor-core MMA with fp32 accumulation, ``alpha = 1/(gs_a*gs_w)`` and bias
+in the fp32 epilogue. Equal to the Blackwell result up to the order of fp32 additions.
+
+``MARLIN`` (backend ``marlin``): W4A16. Activations stay bf16/fp16 (fp32 inputs are rounded
+to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 1/gs_w``.
+
+Both share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
+32) with the nibbles of each 4-byte word permuted for the in-register decode, and linear fp8
+scales ``[Np, Kp/16]``. ``restore_weight`` is its exact inverse (pure torch, runs on CPU).
+On CPU tensors ``mm``/``linear`` raise unless TRITON_INTERPRET=1 (Triton's interpreter, for CI).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import BLOCK_SIZE, pack_e2m1, pad_weight_for_alignment, round_up, unpack_e2m1
+from .triton_gemm import FUSED_QUANT_MAX_M, INV_PERM, PERM, check_cuda, fp4_gemm, lock_buffer
+from .triton_quant import fake_quantize_nvfp4_triton, interpreting
+
+WEIGHT_ALIGNMENT = 32
+
+_PERM_T = torch.tensor(PERM)
+_INV_PERM_T = torch.tensor(INV_PERM)
+
+
+def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Reorder the 8 codes of every 4-byte word of ``packed [R, C]`` (C a multiple of 4)."""
+    rows, cols = packed.shape
+    codes = unpack_e2m1(packed).reshape(rows, cols // 4, 8)
+    idx = (_INV_PERM_T if inverse else _PERM_T).to(packed.device)
+    return pack_e2m1(codes.index_select(2, idx).reshape(rows, cols * 2)).contiguous()
+
+
+def _check_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"packed weight must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+    if scales.dtype != torch.float8_e4m3fn or scales.dim() != 2:
+        raise TypeError(f"weight scales must be float8_e4m3fn [N, K/16], got {scales.dtype} {tuple(scales.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if tuple(scales.shape) != (n, k // BLOCK_SIZE):
+        raise ValueError(f"weight scales {tuple(scales.shape)} do not match packed weight {tuple(packed.shape)}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if interpreting():
+        return torch.float16  # bf16 is not usable in Triton's interpreter
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+class _HopperKernels:
+    """Shared weight handling of the two backends."""
+
+    name = ""
+    semantics = ""
+
+    def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_weight(packed, scales)
+        packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT)
+        weight = permute_nibbles(packed)
+        if weight.device.type == "cuda":
+            lock_buffer(weight.device)  # split-K tickets, allocated here, outside graph capture
+        return weight, scales.contiguous()
+
+    def restore_weight(
+        self, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int, in_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] % 4:
+            raise TypeError(f"weight must be uint8 [Np, Kp/2] in {self.name} layout, got {tuple(weight.shape)}")
+        packed = permute_nibbles(weight, inverse=True)
+        return (
+            packed[:out_features, : in_features // 2].contiguous(),
+            weight_scale[:out_features, : in_features // BLOCK_SIZE].contiguous(),
+        )
+
+    @staticmethod
+    def _check_linear_args(x, weight, weight_scale, out_features):
+        check_cuda(x, weight, weight_scale)
+        if x.shape[-1] % BLOCK_SIZE:
+            raise ValueError(f"x: K={x.shape[-1]} must be a multiple of {BLOCK_SIZE}")
+        if x.shape[-1] > weight.shape[1] * 2:
+            raise ValueError(f"x has K={x.shape[-1]} but the weight holds only {weight.shape[1] * 2}")
+        if out_features > weight.shape[0]:
+            raise ValueError(f"out_features={out_features} exceeds the weight's {weight.shape[0]} rows")
+
+
+class TritonW4A4Kernels(_HopperKernels):
+    name = "triton-w4a4"
+    semantics = "W4A4"
+
+    def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
+        """W4A4 GEMM on quantized operands: a uint8 [M, Ka/2], a_scale fp8 linear [M, Ka/16] -> [M, Np]."""
+        check_cuda(a, a_scale, weight, weight_scale, alpha)
+        if a.dtype != torch.uint8:
+            raise TypeError(f"a must be packed uint8, got {a.dtype}")
+        m, ka = a.shape[0], a.shape[1] * 2
+        if ka > weight.shape[1] * 2:
+            raise ValueError(f"a has K={ka} but the weight holds only {weight.shape[1] * 2}")
+        a_scale = a_scale.reshape(m, -1)
+        if a_scale.shape[1] != ka // BLOCK_SIZE:
+            raise ValueError(
+                f"{self.name} takes linear activation scales [M, K/16] = [{m}, {ka // BLOCK_SIZE}], "
+                f"got {tuple(a_scale.shape)}"
+            )
+        return fp4_gemm(
+            a, weight, weight_scale, alpha.reshape(1).float(), n=weight.shape[0], k=ka, a_mode=2,
+            out_dtype=out_dtype, a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype),
+            mode="mm",
+        )
+
+    def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
+        """Fused: quantize x (exact NVFP4) + GEMM * alpha + bias, output [..., out_features] in x.dtype."""
+        self._check_linear_args(x, weight, weight_scale, out_features)
+        if input_global_scale is None:
+            raise ValueError("triton-w4a4 linear needs the activation global scale (a float32 tensor of one element)")
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        cdt = _compute_dtype(x.dtype)
+        gs = input_global_scale.reshape(1).float()
+        alpha = alpha.reshape(1).float()
+        if m <= FUSED_QUANT_MAX_M:
+            out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
+                           global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
+        else:
+            xq = fake_quantize_nvfp4_triton(x2, gs, cdt)
+            out = fp4_gemm(xq, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0, out_dtype=x.dtype,
+                           bias=bias, compute_dtype=cdt, mode="w4a4")
+        return out.reshape(*lead, out_features)
+
+
+class MarlinKernels(_HopperKernels):
+    name = "marlin"
+    semantics = "W4A16"
+
+    def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
+        raise NotImplementedError(
+            "marlin is a W4A16 backend: it has no GEMM on quantized activations; call linear() "
+            "(fp4::linear) with the float activations instead"
+        )
+
+    def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
+        """W4A16: out = (x @ dequant(w)^T) * alpha + bias, alpha = 1/weight_global_scale; x.dtype out."""
+        self._check_linear_args(x, weight, weight_scale, out_features)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        cdt = _compute_dtype(x.dtype)
+        xa = x2 if x2.dtype == cdt else x2.to(cdt)
+        out = fp4_gemm(xa, weight, weight_scale, alpha.reshape(1).float(), n=out_features, k=k, a_mode=0,
+                       out_dtype=x.dtype, bias=bias, compute_dtype=cdt, mode="w4a16")
+        return out.reshape(*lead, out_features)
+
+
+TRITON_W4A4 = TritonW4A4Kernels()
+MARLIN = MarlinKernels()
+
+__all__ = ["TRITON_W4A4", "MARLIN", "WEIGHT_ALIGNMENT", "permute_nibbles"]
+_ = round_up

@@ -1,0 +1,511 @@
+"""NVFP4 weight GEMMs in Triton for sm_80+ (Hopper first): W4A4 (exact emulation) and W4A16.
+
+One kernel, ``_fp4_gemm_kernel``, computes ``out[m, n] = alpha * sum_k a[m, k] * w[n, k] (+ bias)``
+with fp32 accumulation, where ``w`` are NVFP4 weights decoded in registers to the exact
+values ``e2m1 * sf * 2^-8`` (bf16 or fp16; the 2^8 goes into alpha) and ``a`` is one of
+  A_MODE 0: float activations used as they are (W4A16, or W4A4 on pre-quantized block values),
+  A_MODE 1: float activations quantized to NVFP4 block values inside the kernel (W4A4, small M),
+  A_MODE 2: NVFP4 activation codes + linear block scales (``fp4::mm``).
+
+Weight layout (``prepare_weight`` in hopper.py): uint8 ``[Np, Kp/2]`` with N and K padded to
+multiples of 32, and within every 4-byte word the 8 nibbles hold the elements
+``k = [0, 4, 1, 5, 2, 6, 3, 7]`` of that word, so that shifting the word by 12, 8, 4 and 0
+bits puts element pairs (0,2), (4,6), (1,3), (5,7) at the top nibble of each 16-bit lane: the
+Marlin bit placement ``(p & 0x80008000) | ((p >> 6) & 0x01C001C0)`` then gives two bf16 values
+``e2m1 * 2^-126`` per ALU op pair, and one ``fma.rn.bf16x2`` applies ``sf * 2^118`` (no LUT,
+no overflow: 448 * 2^118 < 2^128). Scales: fp8 e4m3 ``[Np, Kp/16]`` linear, zero padded.
+Under TRITON_INTERPRET=1 (no inline asm) the same layout is decoded with gather loads and
+arithmetic; both paths give identical values.
+
+Small M (<= 16) runs weights as the MMA's M side (``tl.dot(w, x^T)``, tokens padded to 16)
+with split-K; partial tiles go to an fp32 workspace and the last program of each tile (an
+atomic ticket, self-resetting) reduces them and runs the epilogue: one launch, graph-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_quant import _fake_quant, check_device, interpreting
+
+W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
+PERM = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble i of each 4-byte word holds element PERM[i]
+INV_PERM = tuple(PERM.index(i) for i in range(8))
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+@triton.jit
+def _decode_w_asm(wb, scale, IS_FP16: tl.constexpr):
+    """wb uint8 [..., 8] (permuted layout), scale fp32 broadcast (sf * 2^(bias-8)) -> (even, odd) values."""
+    if IS_FP16:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 s, z, p, t;
+            cvt.rn.f16x2.f32 s, $5, $5;
+            mov.b32 z, 0x80008000;
+            shl.b32 p, $4, 12;
+            shr.b32 t, p, 3;
+            and.b32 t, t, 0x0E000E00;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.f16x2 $0, p, s, z;
+            shl.b32 p, $4, 8;
+            shr.b32 t, p, 3;
+            and.b32 t, t, 0x0E000E00;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.f16x2 $1, p, s, z;
+            shl.b32 p, $4, 4;
+            shr.b32 t, p, 3;
+            and.b32 t, t, 0x0E000E00;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.f16x2 $2, p, s, z;
+            shr.b32 t, $4, 3;
+            and.b32 t, t, 0x0E000E00;
+            and.b32 p, $4, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.f16x2 $3, p, s, z;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r,r,r,r,r",
+            args=[wb, scale],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 s, z, p, t;
+            cvt.rn.bf16x2.f32 s, $5, $5;
+            mov.b32 z, 0x80008000;
+            shl.b32 p, $4, 12;
+            shr.b32 t, p, 6;
+            and.b32 t, t, 0x01C001C0;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.bf16x2 $0, p, s, z;
+            shl.b32 p, $4, 8;
+            shr.b32 t, p, 6;
+            and.b32 t, t, 0x01C001C0;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.bf16x2 $1, p, s, z;
+            shl.b32 p, $4, 4;
+            shr.b32 t, p, 6;
+            and.b32 t, t, 0x01C001C0;
+            and.b32 p, p, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.bf16x2 $2, p, s, z;
+            shr.b32 t, $4, 6;
+            and.b32 t, t, 0x01C001C0;
+            and.b32 p, $4, 0x80008000;
+            or.b32 p, p, t;
+            fma.rn.bf16x2 $3, p, s, z;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r,r,r,r,r",
+            args=[wb, scale],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+    return lo, hi
+
+
+@triton.jit
+def _e2m1_value(code):
+    """E2M1 code (int32, 0..15) -> value (fp32), arithmetic (no table)."""
+    mag = code & 7
+    sh = tl.maximum((mag >> 1) - 1, 0)
+    v2 = tl.where(mag < 2, mag, (2 + (mag & 1)) << sh)  # 2 * |value|
+    val = v2.to(tl.float32) * 0.5
+    return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _e4m3_value(b):
+    """fp8 e4m3 byte (int32) -> fp32 value, NaN for 0x7F/0xFF (arithmetic, interpreter-safe)."""
+    e = (b >> 3) & 15
+    m = b & 7
+    nrm = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    v = tl.where(e == 0, sub, nrm)
+    v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    return tl.where((b & 0x80) != 0, -v, v)
+
+
+# ---------------------------------------------------------------------------------------
+# the GEMM kernel
+
+
+@triton.jit
+def _fp4_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, alpha_ptr, gs_ptr, part_ptr, lock_ptr,
+    M, N, K,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_om, stride_part,
+    A_MODE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr,
+):
+    G: tl.constexpr = BK // 16
+    if IS_FP16:
+        cdt = tl.float16
+    else:
+        cdt = tl.bfloat16
+
+    # tile indices (grouped order for L2 reuse of the weight tiles across M tiles)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BN)
+    m_tiles = tl.cdiv(M, BM)
+    width = GROUP_M * n_tiles
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_n_safe = tl.where(n_mask, offs_n, 0)  # padded weight rows exist only up to Np
+    offs_m_safe = tl.where(m_mask, offs_m, 0)
+
+    kt_total = tl.cdiv(K, BK)
+    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt0 = pid_k * kt_per
+    kt1 = tl.minimum(kt0 + kt_per, kt_total)
+
+    g_ar = tl.arange(0, G)
+    e8 = tl.arange(0, 8)
+    e16 = tl.arange(0, 16)
+    k_ar = tl.arange(0, BK)
+
+    # pointers at k = 0
+    w_rows = w_ptr + offs_n_safe.to(tl.int64)[:, None, None] * stride_wn
+    ws_rows = ws_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wsn
+    a_rows = a_ptr + offs_m_safe.to(tl.int64)[:, None] * stride_am
+    if A_MODE == 2:
+        as_rows = as_ptr + offs_m_safe.to(tl.int64)[:, None] * stride_asm
+    if A_MODE == 1:
+        gs = tl.load(gs_ptr)
+
+    if USE_ASM:
+        w_off = g_ar[None, :, None] * 8 + e8[None, None, :]
+    else:
+        # gather the permuted nibbles back into natural order (interpreter / reference path)
+        j = e8
+        w_off0 = g_ar[None, :, None] * 8 + ((j // 4) * 4 + (j % 2) * 2)[None, None, :]
+        w_sh = (((j % 4) // 2) * 4)[None, None, :]
+
+    if DOT:
+        if SWAP:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+    else:
+        acc2 = tl.zeros([BN, BK], dtype=tl.float32)
+
+    for kt in range(kt0, kt1):
+        k0 = kt * BK
+        # ---- weights: [BN, G, 8] bytes + [BN, G] scales -> [BN, BK] values * 2^-8
+        if EVEN_K:
+            sfb = tl.load(ws_rows + (k0 // 16 + g_ar)[None, :], eviction_policy=W_EVICT)
+        else:
+            kmask_g = (k0 // 16 + g_ar) < (K // 16)
+            sfb = tl.load(ws_rows + (k0 // 16 + g_ar)[None, :], mask=kmask_g[None, :], other=0,
+                          eviction_policy=W_EVICT)
+        sf = _e4m3_value(sfb.to(tl.int32))
+        if USE_ASM:
+            if EVEN_K:
+                wb = tl.load(w_rows + k0 // 2 + w_off, eviction_policy=W_EVICT)
+            else:
+                wb = tl.load(w_rows + k0 // 2 + w_off, mask=kmask_g[None, :, None], other=0,
+                             eviction_policy=W_EVICT)
+            if IS_FP16:
+                sc = sf * 64.0  # 2^(14 - 8)
+            else:
+                sc = sf * 3.3230699894622904e35  # 2^(126 - 8)
+            sc3 = tl.broadcast_to(sc[:, :, None], [BN, G, 8])
+            w_even, w_odd = _decode_w_asm(wb, sc3, IS_FP16)
+        else:
+            if EVEN_K:
+                b0 = tl.load(w_rows + k0 // 2 + w_off0).to(tl.int32)
+                b1 = tl.load(w_rows + k0 // 2 + w_off0 + 1).to(tl.int32)
+            else:
+                b0 = tl.load(w_rows + k0 // 2 + w_off0, mask=kmask_g[None, :, None], other=0).to(tl.int32)
+                b1 = tl.load(w_rows + k0 // 2 + w_off0 + 1, mask=kmask_g[None, :, None], other=0).to(tl.int32)
+            scl = (sf * 0.00390625)[:, :, None]  # 2^-8
+            w_even = (_e2m1_value((b0 >> w_sh) & 15) * scl).to(cdt)
+            w_odd = (_e2m1_value((b1 >> w_sh) & 15) * scl).to(cdt)
+        w = tl.reshape(tl.join(w_even, w_odd), [BN, BK])
+
+        # ---- activations: [BM, BK] in the compute dtype
+        if A_MODE == 2:
+            if EVEN_K:
+                ab = tl.load(a_rows[:, :, None] + k0 // 2 + (g_ar[None, :, None] * 8 + e8[None, None, :]),
+                             mask=m_mask[:, None, None], other=0).to(tl.int32)
+                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=m_mask[:, None], other=0)
+            else:
+                ab = tl.load(a_rows[:, :, None] + k0 // 2 + (g_ar[None, :, None] * 8 + e8[None, None, :]),
+                             mask=m_mask[:, None, None] & kmask_g[None, :, None], other=0).to(tl.int32)
+                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=m_mask[:, None] & kmask_g[None, :],
+                              other=0)
+            asf = _e4m3_value(asb.to(tl.int32))[:, :, None]
+            a_even = (_e2m1_value(ab & 15) * asf).to(cdt)
+            a_odd = (_e2m1_value(ab >> 4) * asf).to(cdt)
+            a = tl.reshape(tl.join(a_even, a_odd), [BM, BK])
+        else:
+            if EVEN_K:
+                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=m_mask[:, None] & ((k0 + k_ar) < K)[None, :],
+                            other=0.0)
+            if A_MODE == 1:
+                a3 = tl.reshape(a.to(tl.float32), [BM, G, 16])
+                a = tl.reshape(_fake_quant(a3, gs), [BM, BK]).to(cdt)
+            else:
+                a = a.to(cdt)
+
+        # ---- MMA (or FMA GEMV for one row)
+        if DOT:
+            if SWAP:
+                acc = tl.dot(w, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        else:
+            acc2 += w.to(tl.float32) * a.to(tl.float32)
+
+    if DOT:
+        if SWAP:
+            res = tl.trans(acc)  # [BM, BN]
+        else:
+            res = acc
+    else:
+        res = tl.reshape(tl.sum(acc2, axis=1), [1, BN])  # BM == 1
+
+    out_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    alpha = tl.load(alpha_ptr) * 256.0  # 2^W_SHIFT
+    if SPLIT_K == 1:
+        o = res * alpha
+        if HAS_BIAS:
+            o += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # split-K: partial to the workspace, ticket; the last program reduces + epilogue
+        p_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * stride_part + p_off, res, mask=out_mask)
+        tl.debug_barrier()
+        tile = pid_m * n_tiles + pid_n
+        ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            tot = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                tot += tl.load(part_ptr + s * stride_part + p_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+            o = tot * alpha
+            if HAS_BIAS:
+                o += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# configs: a table by M bucket and shape (no autotuning at call time, graph-capture safe)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int
+    BN: int
+    BK: int
+    SPLIT_K: int = 0  # 0: choose from the grid size
+    num_warps: int = 4
+    num_stages: int = 3
+    DOT: bool = True
+    SWAP: bool = True
+    GROUP_M: int = 8
+
+
+NUM_SMS_DEFAULT = 132
+
+
+def m_bucket(m: int) -> str:
+    if m <= 1:
+        return "1"
+    if m <= 16:
+        return "2-16"
+    if m <= 64:
+        return "17-64"
+    if m <= 256:
+        return "65-256"
+    return ">256"
+
+
+# Defaults per bucket (mode-independent). Shape-specific tuned entries override them:
+# TUNED[(mode, bucket, N, K)] = GemmConfig(...), filled from benchmarks/tune.py results on H100.
+DEFAULTS: dict[str, GemmConfig] = {
+    "1": GemmConfig(BM=16, BN=64, BK=256, num_warps=4, num_stages=4),
+    "2-16": GemmConfig(BM=16, BN=64, BK=256, num_warps=4, num_stages=4),
+    "17-64": GemmConfig(BM=64, BN=64, BK=128, num_warps=4, num_stages=3),
+    "65-256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, SWAP=False),
+    ">256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, SWAP=False),
+}
+TUNED: dict[tuple[str, str, int, int], GemmConfig] = {}
+
+# W4A4 linear quantizes activations inside the GEMM up to this M; above it one quant
+# kernel writes the exact block values (bf16) once and the W4A16 mainloop consumes them.
+FUSED_QUANT_MAX_M = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    try:
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    except Exception:  # noqa: BLE001 - interpreter / no CUDA
+        return NUM_SMS_DEFAULT
+
+
+def pick_config(mode: str, m: int, n: int, k: int, device: torch.device | None = None) -> GemmConfig:
+    """The config for a call: the tuned table entry, else the bucket default; split-K resolved."""
+    return _pick_config(mode, m_bucket(m), m, n, k, _num_sms(device.index or 0) if device is not None
+                        and device.type == "cuda" else NUM_SMS_DEFAULT)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_config(mode: str, bucket: str, m: int, n: int, k: int, sms: int) -> GemmConfig:
+    cfg = TUNED.get((mode, bucket, n, k)) or DEFAULTS[bucket]
+    if interpreting():
+        cfg = replace(cfg, BM=min(cfg.BM, 16), BN=min(cfg.BN, 32), BK=min(cfg.BK, 64), num_stages=1)
+    if cfg.BM > 16 and m <= 16 and not interpreting():
+        cfg = replace(cfg, BM=16)
+    if not cfg.DOT and m > 1:
+        cfg = replace(cfg, DOT=True, BM=16)
+    split = cfg.SPLIT_K
+    if split == 0:
+        tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+        k_tiles = triton.cdiv(k, cfg.BK)
+        split = 1
+        # fill the SMs at least twice over, keeping >= 4 k-tiles per split
+        while tiles * split < 2 * sms and k_tiles // (split * 2) >= 4 and split < 32:
+            split *= 2
+    return replace(cfg, SPLIT_K=split)
+
+
+# ---------------------------------------------------------------------------------------
+# launcher
+
+_LOCKS: dict[tuple[str, int | None], torch.Tensor] = {}
+_LOCK_ENTRIES = 1 << 16
+
+
+def lock_buffer(device: torch.device, entries: int = _LOCK_ENTRIES) -> torch.Tensor | None:
+    """The self-resetting split-K ticket counters of a device (zeroed once, then reused).
+
+    Allocated outside CUDA-graph capture (``prepare_weight`` calls this at load time); during
+    capture, when none exists yet, None is returned and the caller uses a fresh zeroed buffer.
+    """
+    key = (device.type, device.index)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < entries:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(entries, _LOCK_ENTRIES), dtype=torch.int32, device=device)
+        _LOCKS[key] = buf
+    return buf
+
+
+MODES = ("w4a4", "w4a16", "mm")
+
+
+def fp4_gemm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    n: int,
+    k: int,
+    a_mode: int,
+    out_dtype: torch.dtype,
+    a_scale: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    config: GemmConfig | None = None,
+    mode: str = "w4a16",
+    use_asm: bool | None = None,
+    return_kernel: bool = False,
+):
+    """out [M, n] = alpha * a @ w^T (+ bias). ``a`` [M, k] float (A_MODE 0/1) or uint8 [M, >=k/2] (2)."""
+    m = a.shape[0]
+    dev = a.device
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return (out, None) if return_kernel else out
+    if k == 0:
+        out.zero_()
+        if bias is not None:
+            out += bias
+        return (out, None) if return_kernel else out
+    interp = interpreting()
+    if use_asm is None:
+        use_asm = not interp
+    cfg = config if config is not None else pick_config(mode, m, n, k, dev)
+    if cfg.SPLIT_K == 0:
+        cfg = _pick_config(mode, m_bucket(m), m, n, k, NUM_SMS_DEFAULT if interp else _num_sms(dev.index or 0))
+    if not cfg.DOT and m != 1:
+        raise ValueError("the FMA (DOT=False) path handles one row only")
+    bm = 1 if not cfg.DOT else cfg.BM
+    split = cfg.SPLIT_K
+    m_tiles = triton.cdiv(m, bm)
+    n_tiles = triton.cdiv(n, cfg.BN)
+    dummy = out
+    part = locks = dummy
+    if split > 1:
+        part = torch.empty((split, m, n), dtype=torch.float32, device=dev)
+        locks = lock_buffer(dev, m_tiles * n_tiles)
+        if locks is None:
+            locks = torch.zeros(m_tiles * n_tiles, dtype=torch.int32, device=dev)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if weight_scale.dtype != torch.uint8:
+        weight_scale = weight_scale.view(torch.uint8)
+    if a_scale is not None and a_scale.dtype != torch.uint8:
+        a_scale = a_scale.view(torch.uint8)
+    even_k = k % cfg.BK == 0
+    grid = (m_tiles * n_tiles, split)
+    kernel = _fp4_gemm_kernel[grid](
+        a, a_scale if a_scale is not None else dummy, weight, weight_scale, out,
+        bias if bias is not None else dummy, alpha, global_scale if global_scale is not None else dummy,
+        part, locks,
+        m, n, k,
+        a.stride(0), a_scale.stride(0) if a_scale is not None else 0, weight.stride(0), weight_scale.stride(0),
+        out.stride(0), m * n,
+        A_MODE=a_mode, BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
+        DOT=cfg.DOT, SWAP=cfg.SWAP, USE_ASM=use_asm, EVEN_K=even_k, HAS_BIAS=bias is not None,
+        IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if return_kernel:
+        return out, kernel
+    return out
+
+
+def check_cuda(*tensors):
+    check_device(*tensors, what="the triton-w4a4 / marlin kernels")

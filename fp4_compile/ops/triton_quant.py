@@ -1,0 +1,244 @@
+"""NVFP4 activation quantization in Triton (sm_80+; runs under TRITON_INTERPRET=1 on CPU).
+
+``quantize_nvfp4_triton(x, global_scale, swizzle)`` computes exactly the function of
+``fp4_compile.format.quantize_nvfp4`` (see shared NVFP4.md): per 16-element block
+``sf = e4m3(min(gs * (amax * (1/6)), 448))`` rounded to nearest even (bit-exact, emulated
+with integer ops so that it needs no fp8 hardware or interpreter support), a NaN scale
+byte (0x7F) for blocks holding Inf/NaN, ``out_scale = sf == 0 ? 0 : 1 / (sf * (1/gs))``
+and E2M1 round-to-nearest-even codes. The swizzled ("128x4") scale layout is written
+whole, padding included (every padded byte zero), by the same kernel: no memset launch.
+
+The ``@triton.jit`` helpers here (``_block_scales``, ``_e2m1_round``) are shared with the
+fused W4A4 GEMM in ``triton_gemm.py``, which quantizes activation tiles in registers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import BLOCK_SIZE, round_up, swizzled_scale_shape
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(*tensors: torch.Tensor, what: str = "this kernel") -> None:
+    """Triton kernels run on CUDA tensors (or any tensor under TRITON_INTERPRET=1)."""
+    if interpreting():
+        return
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            raise RuntimeError(
+                f"{what} is a Triton GPU kernel (sm_80+) and got a tensor on {t.device}; "
+                "use the 'emulation' backend (fp4_compile.ops.reference) on the CPU, "
+                "or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# shared jit helpers
+
+
+@triton.jit
+def _nanmax(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _block_scales(x3, gs):
+    """x3 fp32 [R, G, 16] -> (sf_byte uint8 [R, G], sf fp32 [R, G], out_scale fp32 [R, G]).
+
+    sf = e4m3(min(gs * (amax * (1/6)), 448)) with round-to-nearest-even, emulated:
+    below 2^-6 (e4m3 subnormals, step 2^-9) by adding and subtracting 2^14; above by
+    rounding the float32 bit pattern to 3 mantissa bits. Non-finite blocks get NaN (0x7F).
+    """
+    amax = tl.reduce(tl.abs(x3), 2, _nanmax)
+    bad = ~(amax < float("inf"))  # NaN or Inf in the block
+    v = tl.minimum(gs * (amax * 0.16666666666666666), 448.0)
+    v = tl.where(bad, 0.0, v)
+    # subnormal range: round to a multiple of 2^-9 (RNE) via the float adder
+    sub = (v + 16384.0) - 16384.0
+    bits = v.to(tl.int32, bitcast=True)
+    rbits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # 0xFFF00000
+    nrm = rbits.to(tl.float32, bitcast=True)
+    small = v < 0.015625
+    sf = tl.where(small, sub, nrm)
+    e = ((rbits >> 23) & 0xFF) - 120
+    nbyte = (e << 3) | ((rbits >> 20) & 7)
+    sbyte = (sub * 512.0).to(tl.int32)
+    byte = tl.where(small, sbyte, nbyte)
+    byte = tl.where(bad, 0x7F, byte)
+    sf = tl.where(bad, float("nan"), sf)
+    inv_gs = tl.math.div_rn(1.0, gs)
+    safe = tl.where(sf == 0.0, 1.0, sf * inv_gs)
+    out_scale = tl.where(sf == 0.0, 0.0, tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe))
+    return byte.to(tl.uint8), sf, out_scale
+
+
+@triton.jit
+def _e2m1_round(x3, out_scale):
+    """Scaled, clamped values and their E2M1 magnitude (RNE) -> (v, q) fp32, q in {0,.5,...,6}."""
+    v = x3 * out_scale[:, :, None]
+    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    mag = tl.abs(v)
+    # round to the E2M1 grid (step 0.5 below 2, 1 below 4, 2 above) with the float adder
+    c = tl.where(mag < 2.0, 4194304.0, tl.where(mag < 4.0, 8388608.0, 16777216.0))
+    q = (mag + c) - c
+    return v, q
+
+
+@triton.jit
+def _e2m1_code(v, q):
+    """Codes 0..15 (int32) of the rounded magnitudes q with the sign bit of v."""
+    qbits = q.to(tl.int32, bitcast=True)
+    mag = tl.where(q < 1.0, (q * 2.0).to(tl.int32), (qbits >> 22) - 252)
+    sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
+    return mag | sign
+
+
+@triton.jit
+def _fake_quant(x3, gs):
+    """x3 fp32 [R, G, 16] -> exact NVFP4 block values e2m1 * sf (fp32, no 1/gs)."""
+    _, sf, out_scale = _block_scales(x3, gs)
+    v, q = _e2m1_round(x3, out_scale)
+    val = tl.where(v < 0.0, -q, q)
+    return val * sf[:, :, None]
+
+
+# ---------------------------------------------------------------------------------------
+# the quantization kernel
+
+MODE_LINEAR = 0  # codes + linear scales
+MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales (padding written as zeros)
+MODE_VALUES = 2  # exact block values e2m1*sf in the output dtype (internal, for the GEMM)
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, gs_ptr, q_ptr, s_ptr, v_ptr,
+    M, KB, stride_xm, stride_qm, stride_sm, stride_vm,
+    MP, KBP,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    e16 = tl.arange(0, 16)
+    r3 = rows[:, None, None]
+    g3 = groups[None, :, None]
+    valid = (r3 < M) & (g3 < KB)
+    x = tl.load(x_ptr + r3.to(tl.int64) * stride_xm + g3 * 16 + e16[None, None, :], mask=valid, other=0.0)
+    x = x.to(tl.float32)
+    gs = tl.load(gs_ptr)
+    byte, sf, out_scale = _block_scales(x, gs)
+    v, q = _e2m1_round(x, out_scale)
+    if MODE == 2:
+        val = tl.where(v < 0.0, -q, q) * sf[:, :, None]
+        tl.store(v_ptr + r3.to(tl.int64) * stride_vm + g3 * 16 + e16[None, None, :],
+                 val.to(v_ptr.dtype.element_ty), mask=valid)
+    else:
+        code = _e2m1_code(v, q)
+        lo, hi = tl.split(tl.reshape(code, [BLOCK_M, BLOCK_G, 8, 2]))
+        packed = (lo | (hi << 4)).to(tl.uint8)
+        e8 = tl.arange(0, 8)
+        tl.store(q_ptr + r3.to(tl.int64) * stride_qm + g3 * 8 + e8[None, None, :], packed,
+                 mask=(r3 < M) & (g3 < KB))
+        r2 = rows[:, None]
+        g2 = groups[None, :]
+        if MODE == 0:
+            tl.store(s_ptr + r2.to(tl.int64) * stride_sm + g2, byte, mask=(r2 < M) & (g2 < KB))
+        else:
+            off = ((r2 // 128) * (KBP // 4) + g2 // 4) * 512 + (r2 % 32) * 16 + ((r2 // 32) % 4) * 4 + g2 % 4
+            tl.store(s_ptr + off.to(tl.int64), byte, mask=(r2 < MP) & (g2 < KBP))
+
+
+def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_G, num_warps) for the quant kernel (tuned on H100, see benchmarks/NOTES.md)."""
+    if interpreting():
+        return 4, 4, 1
+    block_g = 16 if kb >= 16 else triton.next_power_of_2(kb)
+    block_m = 8 if m >= 8 else triton.next_power_of_2(max(m, 1))
+    return block_m, block_g, 4
+
+
+def _launch_quant(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
+    m, k = x2.shape
+    kb = k // BLOCK_SIZE
+    dev = x2.device
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    gs = gs.reshape(1)
+    if gs.dtype != torch.float32:
+        raise TypeError(f"global_scale must be float32, got {gs.dtype}")
+    bm, bg, warps = _quant_blocks(m, kb)
+    dummy = torch.empty(1, dtype=torch.uint8, device=dev)
+    q = s = v = dummy
+    mp, kbp = m, kb
+    if mode == MODE_VALUES:
+        v = torch.empty((m, k), dtype=out_dtype or x2.dtype, device=dev)
+    else:
+        q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
+        if mode == MODE_SWIZZLED:
+            mp, kbp = swizzled_scale_shape(m, k)
+            s = torch.empty((mp, kbp), dtype=torch.uint8, device=dev)
+        else:
+            s = torch.empty((m, kb), dtype=torch.uint8, device=dev)
+    grid = (triton.cdiv(mp, bm), triton.cdiv(kbp, bg))
+    if m == 0 or k == 0:
+        grid = (0, 0) if mode != MODE_SWIZZLED else grid
+    if grid[0] > 0 and grid[1] > 0:
+        _quant_kernel[grid](
+            x2, gs, q, s, v,
+            m, kb, x2.stride(0), q.stride(0) if q.dim() == 2 else 0, s.stride(0) if s.dim() == 2 else 0,
+            v.stride(0) if v.dim() == 2 else 0,
+            mp, kbp,
+            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps,
+        )
+    if mode == MODE_VALUES:
+        return v
+    return q, s.view(torch.float8_e4m3fn)
+
+
+def quantize_nvfp4_triton(
+    x: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [..., K]`` (fp32/fp16/bf16, K a multiple of 16) to NVFP4 on the GPU.
+
+    Returns ``(packed uint8 [..., K/2], scales float8_e4m3fn)``: scales linear ``[..., K/16]``,
+    or with ``swizzle=True`` the 2-D 128x4 layout ``[round_up(M,128), round_up(K/16,4)]`` of the
+    flattened rows with every padded byte zero. ``global_scale`` is a float32 tensor of one
+    element (the multiplier 448*6/amax); it is read on the device (no host sync, graph-safe).
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"x: the last dimension must be a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}")
+    if global_scale.numel() != 1:
+        raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
+    check_device(x, global_scale, what="quantize_nvfp4_triton")
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    q, s = _launch_quant(x2, global_scale.float(), MODE_SWIZZLED if swizzle else MODE_LINEAR)
+    q = q.reshape(*lead, k // 2)
+    if not swizzle:
+        s = s.reshape(*lead, k // BLOCK_SIZE)
+    return q, s
+
+
+def fake_quantize_nvfp4_triton(x2: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact NVFP4 block values ``e2m1 * sf`` (without ``1/gs``) of ``x2 [M, K]`` in ``dtype``.
+
+    Exact in bf16 and fp16 (at most 6 significant bits, magnitudes in [2^-10, 2688]); used by
+    the W4A4 linear at large M: quantize once, then run the W4A16 GEMM on these values.
+    """
+    return _launch_quant(x2, global_scale.float(), MODE_VALUES, dtype)
+
+
+__all__ = ["quantize_nvfp4_triton", "fake_quantize_nvfp4_triton", "interpreting", "check_device"]
+_ = round_up
