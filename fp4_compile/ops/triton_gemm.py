@@ -451,11 +451,15 @@ def fp4_gemm(
     mode: str = "w4a16",
     use_asm: bool | None = None,
     return_kernel: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """out [M, n] = alpha * a @ w^T (+ bias). ``a`` [M, k] float (A_MODE 0/1) or uint8 [M, >=k/2] (2)."""
     m = a.shape[0]
     dev = a.device
-    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-major {out_dtype} [{m}, {n}] tensor")
     if m == 0 or n == 0:
         return (out, None) if return_kernel else out
     if k == 0:

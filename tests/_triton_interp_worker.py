@@ -1,0 +1,143 @@
+"""Worker for test_triton_interpret.py: runs the Hopper Triton kernels in Triton's interpreter.
+
+Run as a subprocess with TRITON_INTERPRET=1 set before triton is imported; prints one JSON
+line of results (fresh random data every run; the seed is included for reproduction).
+"""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops import triton_gemm as G  # noqa: E402
+from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
+from fp4_compile.ops.triton_quant import quantize_nvfp4_triton  # noqa: E402
+
+THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def ref_scaled_values(x, gs):
+    """The reference's x * out_scale (clamped), float32 [M, K], for tie detection."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 16, 16)
+    amax = blocks.abs().amax(-1)
+    sf = torch.clamp(gs.reshape(()) * (amax * torch.tensor(1 / 6, dtype=torch.float32)), max=448.0)
+    sf = sf.to(torch.float8_e4m3fn).float()
+    inv = torch.reciprocal(gs.reshape(()))
+    os_ = torch.where(sf == 0, torch.zeros_like(sf), torch.reciprocal(sf * inv))
+    return torch.clamp(blocks * os_.unsqueeze(-1), -6, 6).reshape(m, k)
+
+
+def check_quant(x, gs, swizzle):
+    q, s = quantize_nvfp4_triton(x, gs, swizzle)
+    qr, sr = F.quantize_nvfp4(x, gs, swizzle=swizzle)
+    res = {"scale_shape_ok": tuple(s.shape) == tuple(sr.shape) and s.dtype == sr.dtype,
+           "scale_bytes_equal": bool(torch.equal(s.view(torch.uint8), sr.view(torch.uint8)))}
+    m, k = x.shape
+    codes, codes_r = F.unpack_e2m1(q).long(), F.unpack_e2m1(qr).long()
+    finite_block = torch.isfinite(x.float().reshape(m, k // 16, 16)).all(-1)
+    finite = finite_block.repeat_interleave(16, dim=1)
+    v = ref_scaled_values(x, gs).abs().double()
+    at_tie = (v.unsqueeze(-1) == THRESHOLDS).any(-1)
+    differ = (codes != codes_r) & finite
+    step = ((codes & 7) - (codes_r & 7)).abs()
+    res["code_mismatch_not_tie"] = int((differ & ~at_tie).sum())
+    res["code_mismatch_tie_bad_step"] = int((differ & at_tie & (step > 1)).sum())
+    return res
+
+
+def main():
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    out = {"seed": seed, "quant": [], "gemm": [], "roundtrip": []}
+
+    # ---- quantization kernel: odd M, special blocks, ties
+    for dt in (torch.float32, torch.float16):
+        m, k = 37, 96
+        x = (torch.randn(m, k) * torch.logspace(-3, 3, k)).to(dt)
+        x[0, :16] = 0
+        x[1, 3] = float("inf")
+        x[2, 40] = float("nan")
+        x[3, :16] *= 1e-6
+        x[4, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0, -2.5, 1, 2, 3, 4, 0.5])
+        gs = F.global_scale_from_amax(x.float().abs().nan_to_num(0, 0, 0).amax()).reshape(1)
+        for swz in (False, True):
+            r = check_quant(x, gs, swz)
+            r.update(dtype=str(dt), swizzle=swz)
+            out["quant"].append(r)
+        # exact rounding ties: with gs = 1 and amax 6, sf = 1 and out_scale = 1
+        xt = torch.randn(4, 32).to(dt)
+        xt[:, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0, -2.5, 1, 2, 3, 4, 0.5])
+        r = check_quant(xt, torch.tensor([1.0]), False)
+        r.update(dtype=str(dt), swizzle=False, ties=True)
+        out["quant"].append(r)
+
+    # ---- GEMMs: W4A4 fused (in-kernel quant, pre-quant path at M > 64), mm, W4A16, split-K
+    cases = [(1, 40, 80, None), (3, 64, 128, None), (17, 33, 48, None), (70, 40, 64, None),
+             (5, 96, 256, G.GemmConfig(BM=16, BN=32, BK=32, SPLIT_K=3, num_stages=1)),
+             (1, 64, 128, G.GemmConfig(BM=1, BN=32, BK=32, SPLIT_K=1, DOT=False, num_stages=1)),
+             (20, 64, 96, G.GemmConfig(BM=16, BN=32, BK=32, SPLIT_K=1, SWAP=False, num_stages=1))]
+    for m, n, k, cfg in cases:
+        w = torch.randn(n, k)
+        gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+        pw, sw = F.quantize_nvfp4(w, gw)
+        wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+        bias = torch.randn(n)
+        wv = F.block_values(pw, sw).double()
+        for dt in (torch.float16, torch.float32):
+            x = torch.randn(m, k).to(dt)
+            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+            alpha = (1 / (gx * gw)).float()
+            px, sx = F.quantize_nvfp4(x, gx)
+            ref = (F.block_values(px, sx).double() @ wv.t()) * alpha.double()
+            rec = {"m": m, "n": n, "k": k, "dtype": str(dt), "config": repr(cfg)}
+            if cfg is None:
+                o = TRITON_W4A4.linear(x, wt, wst, gx, alpha, bias.to(dt), n)
+                rec["w4a4_shape_ok"] = tuple(o.shape) == (m, n) and o.dtype == dt
+                rec["w4a4"] = rel(o, ref + bias.double())
+                qx, qs = quantize_nvfp4_triton(x, gx)
+                rec["mm"] = rel(TRITON_W4A4.mm(qx, qs, wt, wst, alpha, dt)[:, :n], ref)
+                o16 = MARLIN.linear(x, wt, wst, None, (1 / gw).float(), None, n)
+                ref16 = x.to(torch.float16).double() @ wv.t() / gw.double()
+                rec["w4a16"] = rel(o16, ref16)
+            else:
+                a_mode = 1
+                o = G.fp4_gemm(x, wt, wst, alpha, n=n, k=k, a_mode=a_mode, out_dtype=dt, global_scale=gx,
+                               bias=None, compute_dtype=torch.float16, config=cfg, mode="w4a4")
+                rec["w4a4"] = rel(o, ref)
+            out["gemm"].append(rec)
+
+    # ---- non-finite activations give non-finite rows
+    n, k = 32, 64
+    w = torch.randn(n, k)
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    wt, wst = TRITON_W4A4.prepare_weight(*F.quantize_nvfp4(w, gw))
+    x = torch.randn(3, k)
+    x[1, 5] = float("inf")
+    o = TRITON_W4A4.linear(x, wt, wst, torch.tensor([1.0]), torch.tensor([1.0]), None, n)
+    out["nonfinite"] = {"bad_row_nonfinite": bool((~torch.isfinite(o[1])).all()),
+                        "good_rows_finite": bool(torch.isfinite(o[[0, 2]]).all())}
+
+    # ---- prepare/restore round trip (odd N, K)
+    for n, k in ((7, 48), (40, 80), (64, 256)):
+        w = torch.randn(n, k)
+        pw, sw = F.quantize_nvfp4(w, F.global_scale_from_amax(w.abs().amax()).reshape(1))
+        for kern in (TRITON_W4A4, MARLIN):
+            wt, wst = kern.prepare_weight(pw, sw)
+            p2, s2 = kern.restore_weight(wt, wst, n, k)
+            out["roundtrip"].append(bool(torch.equal(p2, pw) and torch.equal(s2.view(torch.uint8), sw.view(torch.uint8))
+                                         and wt.shape[0] % 32 == 0 and wt.shape[1] % 16 == 0))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

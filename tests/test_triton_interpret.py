@@ -1,0 +1,102 @@
+"""The Hopper Triton kernels (quant, W4A4, W4A16) in Triton's CPU interpreter, against format.py.
+
+Triton reads TRITON_INTERPRET when it is imported, so the kernels run in a subprocess
+(tests/_triton_interp_worker.py) with the variable set; tiny sizes, fp16/fp32 inputs (bf16
+is not usable in the interpreter), fresh random data each run (the seed is printed).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_triton_interp_worker.py")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"worker seed={data['seed']}")
+    return data
+
+
+def test_quant_scales_bit_exact(results):
+    for r in results["quant"]:
+        assert r["scale_shape_ok"], r
+        assert r["scale_bytes_equal"], r
+
+
+def test_quant_codes_equal_except_ties(results):
+    for r in results["quant"]:
+        assert r["code_mismatch_not_tie"] == 0, r
+        assert r["code_mismatch_tie_bad_step"] == 0, r
+
+
+def test_w4a4_linear_and_mm_match_reference(results):
+    for r in results["gemm"]:
+        assert r["w4a4"] <= 1e-3, r
+        if "mm" in r:
+            assert r["w4a4_shape_ok"], r
+            assert r["mm"] <= 1e-3, r
+
+
+def test_w4a16_matches_reference(results):
+    for r in results["gemm"]:
+        if "w4a16" in r:
+            assert r["w4a16"] <= 1e-3, r
+
+
+def test_nonfinite_activation_block_gives_nonfinite_output(results):
+    assert results["nonfinite"]["bad_row_nonfinite"]
+    assert results["nonfinite"]["good_rows_finite"]
+
+
+def test_prepare_restore_round_trip(results):
+    assert all(results["roundtrip"])
+
+
+def test_restore_weight_inverse_on_cpu():
+    """restore_weight(prepare_weight(w)) == w, plain CPU torch (no kernel)."""
+    import torch
+
+    from fp4_compile import format as F
+    from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4, permute_nibbles
+
+    n, k = 45, 112
+    pw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    sw = torch.randint(0, 126, (n, k // 16), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for kern in (TRITON_W4A4, MARLIN):
+        wt, wst = kern.prepare_weight(pw, sw)
+        assert wt.shape == (F.round_up(n, 32), F.round_up(k, 32) // 2)
+        assert wst.shape == (F.round_up(n, 32), F.round_up(k, 32) // 16)
+        assert (wst.view(torch.uint8)[n:] == 0).all() and (wst.view(torch.uint8)[:, k // 16:] == 0).all()
+        p2, s2 = kern.restore_weight(wt, wst, n, k)
+        assert torch.equal(p2, pw)
+        assert torch.equal(s2.view(torch.uint8), sw.view(torch.uint8))
+    assert torch.equal(permute_nibbles(permute_nibbles(pw[:, :56]), inverse=True), pw[:, :56])
+
+
+def test_cpu_tensors_raise_clear_error_without_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode accepts CPU tensors")
+    import torch
+
+    from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4
+
+    x = torch.randn(2, 32)
+    wt = torch.zeros(32, 16, dtype=torch.uint8)
+    ws = torch.zeros(32, 2, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    one = torch.ones(1)
+    for kern in (TRITON_W4A4, MARLIN):
+        with pytest.raises(RuntimeError, match="emulation"):
+            kern.linear(x, wt, ws, one, one, None, 32)
