@@ -25,6 +25,7 @@ atomic ticket, self-resetting) reduces them and runs the epilogue: one launch, g
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -154,12 +155,12 @@ def _e4m3_value(b):
 def _fp4_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, alpha_ptr, gs_ptr, part_ptr, lock_ptr,
     M, N, K,
-    stride_am, stride_asm, stride_wn, stride_wsn, stride_om, stride_part,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_om, stride_part, split_k,
     A_MODE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     DOT: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr, LOAD2D: tl.constexpr,
 ):
     G: tl.constexpr = BK // 16
     if IS_FP16:
@@ -187,7 +188,7 @@ def _fp4_gemm_kernel(
     offs_m_safe = tl.where(m_mask, offs_m, 0)
 
     kt_total = tl.cdiv(K, BK)
-    kt_per = tl.cdiv(kt_total, SPLIT_K)
+    kt_per = tl.cdiv(kt_total, split_k)
     kt0 = pid_k * kt_per
     kt1 = tl.minimum(kt0 + kt_per, kt_total)
 
@@ -206,7 +207,11 @@ def _fp4_gemm_kernel(
         gs = tl.load(gs_ptr)
 
     if USE_ASM:
-        w_off = g_ar[None, :, None] * 8 + e8[None, None, :]
+        if LOAD2D:
+            w_off2 = tl.arange(0, BK // 2)[None, :]
+            w_rows2 = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn
+        else:
+            w_off = g_ar[None, :, None] * 8 + e8[None, None, :]
     else:
         # gather the permuted nibbles back into natural order (interpreter / reference path)
         j = e8
@@ -232,7 +237,15 @@ def _fp4_gemm_kernel(
                           eviction_policy=W_EVICT)
         sf = _e4m3_value(sfb.to(tl.int32))
         if USE_ASM:
-            if EVEN_K:
+            if LOAD2D:
+                # one contiguous [BN, BK/2] byte tile (16-byte vector loads), split into blocks in registers
+                if EVEN_K:
+                    wb2 = tl.load(w_rows2 + k0 // 2 + w_off2, eviction_policy=W_EVICT)
+                else:
+                    wb2 = tl.load(w_rows2 + k0 // 2 + w_off2, mask=(k0 + 2 * w_off2) < K, other=0,
+                                  eviction_policy=W_EVICT)
+                wb = tl.reshape(wb2, [BN, G, 8])
+            elif EVEN_K:
                 wb = tl.load(w_rows + k0 // 2 + w_off, eviction_policy=W_EVICT)
             else:
                 wb = tl.load(w_rows + k0 // 2 + w_off, mask=kmask_g[None, :, None], other=0,
@@ -302,7 +315,7 @@ def _fp4_gemm_kernel(
     out_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     alpha = tl.load(alpha_ptr) * 256.0  # 2^W_SHIFT
-    if SPLIT_K == 1:
+    if not IS_SPLIT:
         o = res * alpha
         if HAS_BIAS:
             o += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -314,9 +327,9 @@ def _fp4_gemm_kernel(
         tl.debug_barrier()
         tile = pid_m * n_tiles + pid_n
         ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:
+        if ticket == split_k - 1:
             tot = tl.zeros([BM, BN], dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(split_k):
                 tot += tl.load(part_ptr + s * stride_part + p_off, mask=out_mask, other=0.0, cache_modifier=".cg")
             o = tot * alpha
             if HAS_BIAS:
@@ -340,6 +353,7 @@ class GemmConfig:
     DOT: bool = True
     SWAP: bool = True
     GROUP_M: int = 8
+    LOAD2D: bool = True
 
 
 NUM_SMS_DEFAULT = 132
@@ -396,14 +410,20 @@ def _pick_config(mode: str, bucket: str, m: int, n: int, k: int, sms: int) -> Ge
         cfg = replace(cfg, BM=16)
     if not cfg.DOT and m > 1:
         cfg = replace(cfg, DOT=True, BM=16)
-    split = cfg.SPLIT_K
-    if split == 0:
-        tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
-        k_tiles = triton.cdiv(k, cfg.BK)
-        split = 1
-        # fill the SMs at least twice over, keeping >= 4 k-tiles per split
-        while tiles * split < 2 * sms and k_tiles // (split * 2) >= 4 and split < 32:
-            split *= 2
+    return resolve_split(cfg, m, n, k, sms)
+
+
+def resolve_split(cfg: GemmConfig, m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT,
+                  waves: int = 2) -> GemmConfig:
+    """Split-K factor for ``cfg.SPLIT_K == 0``: fill the SMs ``waves`` times, >= 4 k-tiles per split."""
+    if cfg.SPLIT_K:
+        return cfg
+    bm = cfg.BM if cfg.DOT else 1
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
+    k_tiles = triton.cdiv(k, cfg.BK)
+    split = 1
+    while tiles * split < waves * sms and k_tiles // (split * 2) >= 4 and split < 32:
+        split *= 2
     return replace(cfg, SPLIT_K=split)
 
 
@@ -469,10 +489,10 @@ def fp4_gemm(
         return (out, None) if return_kernel else out
     interp = interpreting()
     if use_asm is None:
-        use_asm = not interp
+        use_asm = not interp and os.environ.get("FP4_TRITON_NO_ASM", "0") != "1"
     cfg = config if config is not None else pick_config(mode, m, n, k, dev)
     if cfg.SPLIT_K == 0:
-        cfg = _pick_config(mode, m_bucket(m), m, n, k, NUM_SMS_DEFAULT if interp else _num_sms(dev.index or 0))
+        cfg = resolve_split(cfg, m, n, k, NUM_SMS_DEFAULT if interp else _num_sms(dev.index or 0))
     if not cfg.DOT and m != 1:
         raise ValueError("the FMA (DOT=False) path handles one row only")
     bm = 1 if not cfg.DOT else cfg.BM
@@ -500,10 +520,10 @@ def fp4_gemm(
         part, locks,
         m, n, k,
         a.stride(0), a_scale.stride(0) if a_scale is not None else 0, weight.stride(0), weight_scale.stride(0),
-        out.stride(0), m * n,
-        A_MODE=a_mode, BM=bm, BN=cfg.BN, BK=cfg.BK, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
+        out.stride(0), m * n, split,
+        A_MODE=a_mode, BM=bm, BN=cfg.BN, BK=cfg.BK, IS_SPLIT=split > 1, GROUP_M=cfg.GROUP_M,
         DOT=cfg.DOT, SWAP=cfg.SWAP, USE_ASM=use_asm, EVEN_K=even_k, HAS_BIAS=bias is not None,
-        IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "",
+        IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "", LOAD2D=cfg.LOAD2D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if return_kernel:

@@ -1,0 +1,161 @@
+"""Shared GPU timing helpers for the benchmarks (CUDA events, CUDA graphs, rotating weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # N x K
+ROTATE_BYTES = 200 * 2**20  # > 200 MB of weights per timed sweep: nothing stays in the 50 MB L2
+
+
+def out_dir() -> str | None:
+    return os.environ.get("OUT") or None
+
+
+def write_json(name: str, data) -> str:
+    d = out_dir() or os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    return path
+
+
+def copies_for(bytes_per_copy: int) -> int:
+    return max(2, math.ceil(ROTATE_BYTES / max(bytes_per_copy, 1)))
+
+
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def time_graph_us(calls, replays: int = 20, warmup: int = 3) -> float:
+    """Median time per call (us) of ``calls`` (a list of 0-arg callables) captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    for _ in range(warmup):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a, b = _events()
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / len(calls))
+    del g
+    return statistics.median(ts)
+
+
+def time_eager_us(calls, reps: int = 10, warmup: int = 2) -> float:
+    """Median time per call (us) of running ``calls`` back to back from Python (launch overhead included)."""
+    for _ in range(warmup):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = _events()
+        a.record()
+        for c in calls:
+            c()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / len(calls))
+    return statistics.median(ts)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s, 1e9)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        a, b = _events()
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1000.0)
+    del src, dst
+    return nbytes / statistics.median(ts) / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time_eager_us([lambda: a @ b], reps=10)
+    return 2 * n**3 / (t * 1e-6) / 1e12
+
+
+def env_info() -> dict:
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def make_fp4_weights(n: int, k: int, copies: int, kernels):
+    """``copies`` independent NVFP4 weights [n, k] prepared for ``kernels``, + their global scales."""
+    from fp4_compile import format as F
+
+    out = []
+    for _ in range(copies):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        gw = F.global_scale_from_amax(w.float().abs().amax()).reshape(1)
+        pw, sw = F.quantize_nvfp4(w, gw)
+        wt, wst = kernels.prepare_weight(pw, sw)
+        out.append((wt, wst, gw))
+        del w, pw, sw
+    return out
+
+
+def fp4_weight_bytes(n: int, k: int) -> int:
+    return n * k // 2 + n * k // 16
+
+
+def kernel_resources(kernel) -> dict:
+    if kernel is None:
+        return {}
+    return {"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None)}
+
+
+def print_table(rows, cols, title=None):
+    if title:
+        print(title)
+    widths = [max(len(str(c)), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("| " + " | ".join(str(c).ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) + " |")

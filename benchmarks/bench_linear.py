@@ -1,0 +1,135 @@
+"""NVFP4 linear on Hopper: cuBLAS bf16 vs naive emulation vs our W4A4 (fused) and W4A16 (marlin).
+
+Llama-3-8B shapes N x K at M = 1, 16, 64, 128, 1024, 4096. Each method runs inside one CUDA
+graph over rotating weight copies (> 200 MB, nothing stays in L2), median of replays, time per
+call; eager time (Python launches, same rotation) too. Weight-byte bandwidth is NVFP4 weight +
+scale bytes over time, against the measured device copy bandwidth (bytes read + written).
+
+python benchmarks/bench_linear.py [--ms 1,16,...] [--shapes 0,1,2,3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4_weight_bytes,  # noqa: E402
+                     kernel_resources, make_fp4_weights, matmul_tflops, print_table, time_eager_us,
+                     time_graph_us, write_json)
+
+from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops import triton_gemm as G  # noqa: E402
+from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
+
+MS = [1, 16, 64, 128, 1024, 4096]
+
+
+def emulation_linear(x, pw, sw, gw, gx):
+    """Naive: quantize-dequantize x, dequantize the weight, bf16 matmul (pure torch, format.py)."""
+    xq = F.dequantize_nvfp4(*F.quantize_nvfp4(x, gx), gx, dtype=x.dtype)
+    w = F.dequantize_nvfp4(pw, sw, gw, dtype=x.dtype)
+    return xq @ w.t()
+
+
+def geomean(v):
+    v = [a for a in v if a and a > 0]
+    return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default="0,1,2,3")
+    ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument("--no-emulation", action="store_true")
+    args = ap.parse_args()
+    info = env_info()
+    bw = copy_bandwidth_gbs()
+    tf = matmul_tflops()
+    info.update(copy_GBps=round(bw, 1), bf16_8192_TFLOPs=round(tf, 1))
+    print(info, flush=True)
+    rows = []
+    sms = info["sms"]
+    for si in args.shapes.split(","):
+        n, k = LLAMA_SHAPES[int(si)]
+        ws = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), TRITON_W4A4)
+        nb = copies_for(n * k * 2)
+        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+        pw0, sw0 = TRITON_W4A4.restore_weight(ws[0][0], ws[0][1], n, k)
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+            alphas = [(1 / (gx * gw)).float() for _, _, gw in ws]
+            inv_gw = [(1 / gw).float() for _, _, gw in ws]
+            bf16 = [lambda w=w: x @ w.t() for w in wb]
+            w4a4 = [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n) for w, a in zip(ws, alphas)]
+            w4a16 = [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, inv_gw)]
+            r = {"shape": f"{n}x{k}", "n": n, "k": k, "m": m}
+            r["bf16_us"] = time_graph_us(bf16)
+            r["w4a4_us"] = time_graph_us(w4a4)
+            r["w4a16_us"] = time_graph_us(w4a16)
+            if not args.no_eager:
+                r["bf16_eager_us"] = time_eager_us(bf16)
+                r["w4a4_eager_us"] = time_eager_us(w4a4)
+                r["w4a16_eager_us"] = time_eager_us(w4a16)
+            if not args.no_emulation and m <= 1024:
+                r["emul_eager_us"] = time_eager_us([lambda: emulation_linear(x, pw0, sw0, ws[0][2], gx)], reps=5)
+            wbytes = fp4_weight_bytes(n, k)
+            flops = 2 * m * n * k
+            for key in ("w4a4", "w4a16"):
+                t = r[f"{key}_us"]
+                r[f"{key}_x"] = round(r["bf16_us"] / t, 3)
+                r[f"{key}_wGBps"] = round(wbytes / (t * 1e-6) / 1e9, 1)
+                r[f"{key}_bw_frac"] = round(wbytes / (t * 1e-6) / 1e9 / bw, 3)
+                r[f"{key}_TFLOPs"] = round(flops / (t * 1e-6) / 1e12, 1)
+                r[f"{key}_tc_frac"] = round(flops / (t * 1e-6) / 1e12 / tf, 3)
+                cfg = G.pick_config(key, m, n, k, x.device)
+                r[f"{key}_cfg"] = f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} S{cfg.SPLIT_K} w{cfg.num_warps} s{cfg.num_stages}"
+            r["bf16_wGBps"] = round(n * k * 2 / (r["bf16_us"] * 1e-6) / 1e9, 1)
+            r["bf16_TFLOPs"] = round(flops / (r["bf16_us"] * 1e-6) / 1e12, 1)
+            # kernel resources of the GEMM the linear ran (same config, same compiled kernel)
+            for key, amode in (("w4a4", 1 if m <= G.FUSED_QUANT_MAX_M else 0), ("w4a16", 0)):
+                _, kh = G.fp4_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, k=k, a_mode=amode, out_dtype=x.dtype,
+                                   global_scale=gx, mode=key, return_kernel=True)
+                res = kernel_resources(kh)
+                r[f"{key}_regs"], r[f"{key}_spills"] = res.get("n_regs"), res.get("n_spills")
+            for kk, v in list(r.items()):
+                if kk.endswith("_us"):
+                    r[kk] = round(v, 2)
+            rows.append(r)
+            print(r, flush=True)
+            write_json("bench_linear.json", {"env": info, "rows": rows})
+        del ws, wb
+        torch.cuda.empty_cache()
+    # bars
+    summary = {}
+    for key in ("w4a4", "w4a16"):
+        small = [r[f"{key}_x"] for r in rows if r["m"] <= 16]
+        summary[key] = {
+            "M<=16 geomean x": round(geomean(small), 3) if small else None,
+            "M<=16 min x": min(small) if small else None,
+            "M=1 bw_frac (28672x4096, 4096x14336)": [r[f"{key}_bw_frac"] for r in rows
+                                                     if r["m"] == 1 and r["shape"] in ("28672x4096", "4096x14336")],
+            "M=64 min x": min([r[f"{key}_x"] for r in rows if r["m"] == 64], default=None),
+            "M=128 min x": min([r[f"{key}_x"] for r in rows if r["m"] == 128], default=None),
+            "M>=1024 min x": min([r[f"{key}_x"] for r in rows if r["m"] >= 1024], default=None),
+        }
+    path = write_json("bench_linear.json", {"env": info, "rows": rows, "summary": summary})
+    print(f"wrote {path}")
+    print("summary:", summary)
+    print_table(rows, ["shape", "m", "bf16_us", "emul_eager_us", "w4a4_us", "w4a4_x", "w4a16_us", "w4a16_x",
+                       "w4a4_bw_frac", "w4a16_bw_frac", "w4a4_tc_frac", "w4a16_tc_frac", "bf16_eager_us",
+                       "w4a4_eager_us", "w4a16_eager_us", "w4a4_regs", "w4a4_spills", "w4a16_regs", "w4a16_spills"],
+                f"NVFP4 linear, {info['gpu']}, copy {bw:.0f} GB/s, bf16 {tf:.0f} TFLOP/s "
+                "(graph times over rotating weights, us; x = speedup over cuBLAS bf16)")
+    _ = time
+
+
+if __name__ == "__main__":
+    main()

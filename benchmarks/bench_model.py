@@ -1,0 +1,205 @@
+"""A stack of Llama-3-8B-shaped decoder layers (random weights): bf16 + Inductor vs NVFP4 + backend="fp4".
+
+Per layer: RMSNorm, q/k/v/o projections, SDPA (GQA 32/8 heads) over a 1024-token KV cache
+(decode) or causal over the prompt (prefill), RMSNorm, gate/up, SiLU*mul, down. Decode steps of
+1 and 16 sequences (one token each) run inside CUDA graphs (captured around the compiled model);
+a 2048-token prefill runs eagerly through the compiled model. Medians of CUDA-event timings.
+
+python benchmarks/bench_model.py [--layers 8] [--backends triton-w4a4,marlin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import env_info, print_table, time_eager_us, write_json  # noqa: E402
+
+import fp4_compile  # noqa: E402
+
+D, H, KVH, HD, FF, CACHE = 4096, 32, 8, 128, 14336, 1024
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * self.weight
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = RMSNorm(D), RMSNorm(D)
+        self.q_proj = nn.Linear(D, H * HD, bias=False)
+        self.k_proj = nn.Linear(D, KVH * HD, bias=False)
+        self.v_proj = nn.Linear(D, KVH * HD, bias=False)
+        self.o_proj = nn.Linear(H * HD, D, bias=False)
+        self.gate_proj = nn.Linear(D, FF, bias=False)
+        self.up_proj = nn.Linear(D, FF, bias=False)
+        self.down_proj = nn.Linear(FF, D, bias=False)
+
+    def forward(self, x, k_cache=None, v_cache=None):
+        b, t, _ = x.shape
+        h = self.ln1(x)
+        q = self.q_proj(h).view(b, t, H, HD).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, KVH, HD).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, KVH, HD).transpose(1, 2)
+        if k_cache is not None:
+            k = torch.cat([k_cache, k], dim=2)
+            v = torch.cat([v_cache, v], dim=2)
+            a = Fn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            a = Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, H * HD))
+        h = self.ln2(x)
+        return x + self.down_proj(Fn.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Stack(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(n))
+
+    def forward(self, x, caches=None):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, *(caches[i] if caches is not None else (None, None)))
+        return x
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def graph_time_us(fn, args, replays=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*args)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000)
+    return statistics.median(ts)
+
+
+def compile_fp4(model):
+    backend = getattr(getattr(fp4_compile, "compile", None), "fp4_backend", None)
+    if backend is None:
+        try:
+            import fp4_compile.compile as c  # noqa: F401
+
+            backend = "fp4"
+        except ImportError:
+            return torch.compile(model, backend="inductor"), "inductor (fp4_compile.compile missing)"
+    return torch.compile(model, backend=backend), "fp4"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--backends", default="triton-w4a4,marlin")
+    ap.add_argument("--prefill", type=int, default=2048)
+    args = ap.parse_args()
+    info = env_info()
+    print(info, flush=True)
+    torch.manual_seed(0)
+    dev = "cuda"
+    base = Stack(args.layers).to(dev, torch.bfloat16).eval()
+    for p in base.parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
+    inputs = {
+        "decode1": (torch.randn(1, 1, D, device=dev, dtype=torch.bfloat16),
+                    [(torch.randn(1, KVH, CACHE, HD, device=dev, dtype=torch.bfloat16),) * 2
+                     for _ in range(args.layers)]),
+        "decode16": (torch.randn(16, 1, D, device=dev, dtype=torch.bfloat16),
+                     [(torch.randn(16, KVH, CACHE, HD, device=dev, dtype=torch.bfloat16),) * 2
+                      for _ in range(args.layers)]),
+        "prefill": (torch.randn(1, args.prefill, D, device=dev, dtype=torch.bfloat16), None),
+    }
+    rows = []
+    results = {"env": info, "layers": args.layers, "rows": rows}
+
+    def bench(name, model, how):
+        r = {"model": name, "compile": how, "weights_MB": round(weight_bytes(model) / 2**20, 1)}
+        t0 = time.time()
+        with torch.no_grad():
+            ref = None
+            for key, (x, caches) in inputs.items():
+                try:
+                    if key == "prefill":
+                        model(x, caches)
+                        r[f"{key}_us"] = round(time_eager_us([lambda: model(x, caches)], reps=5), 1)
+                    else:
+                        r[f"{key}_us"] = round(graph_time_us(model, (x, caches)), 1)
+                    if key == "decode16":
+                        ref = model(x, caches).float()
+                except Exception as e:  # noqa: BLE001
+                    r[f"{key}_us"] = f"error: {repr(e)[:200]}"
+                    print(f"{name} {key}: {e!r}", flush=True)
+        r["compile_and_bench_s"] = round(time.time() - t0, 1)
+        rows.append(r)
+        print(r, flush=True)
+        write_json("bench_model.json", results)
+        return ref
+
+    ref_bf16 = bench("bf16", torch.compile(base, backend="inductor"), "inductor")
+    torch._dynamo.reset()
+    for backend in args.backends.split(","):
+        import copy
+
+        q = copy.deepcopy(base)
+        try:
+            # static activation scales from one calibration batch (decode16 input)
+            fp4_compile.quantize_model(q, backend=backend, calibration_data=[(inputs["decode16"][0],
+                                                                               inputs["decode16"][1])],
+                                       progress=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"quantize_model({backend}) failed: {e!r}", flush=True)
+            rows.append({"model": f"nvfp4 {backend}", "compile": f"error {e!r}"[:200]})
+            continue
+        cm, how = compile_fp4(q)
+        out = bench(f"nvfp4 {backend}", cm, how)
+        if out is not None and ref_bf16 is not None:
+            rows[-1]["decode16_rel_err_vs_bf16"] = round(float((out - ref_bf16).norm() / ref_bf16.norm()), 4)
+        del q, cm
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    for r in rows[1:]:
+        for key in ("decode1", "decode16", "prefill"):
+            if isinstance(r.get(f"{key}_us"), float) and isinstance(rows[0].get(f"{key}_us"), float):
+                r[f"{key}_x"] = round(rows[0][f"{key}_us"] / r[f"{key}_us"], 3)
+    path = write_json("bench_model.json", results)
+    print(f"wrote {path}")
+    print_table(rows, ["model", "compile", "weights_MB", "decode1_us", "decode1_x", "decode16_us", "decode16_x",
+                       "prefill_us", "prefill_x", "decode16_rel_err_vs_bf16"],
+                f"{args.layers} Llama-3-8B-shaped layers, {info['gpu']} (decode in CUDA graphs, us per step)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""NVFP4 activation quantization kernel: GB/s vs measured copy bandwidth (M=4096, K=4096 / 14336).
+
+Bytes = read x (bf16) + write codes (K/2) + write scales (K/16). CUDA graph over rotating inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import copy_bandwidth_gbs, env_info, print_table, time_eager_us, time_graph_us, write_json  # noqa: E402
+
+from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops.triton_quant import fake_quantize_nvfp4_triton, quantize_nvfp4_triton  # noqa: E402
+
+
+def main():
+    info = env_info()
+    bw = copy_bandwidth_gbs()
+    info["copy_GBps"] = round(bw, 1)
+    print(info, flush=True)
+    rows = []
+    for m, k in ((4096, 4096), (4096, 14336), (1, 4096), (16, 4096)):
+        nbytes_in = m * k * 2
+        copies = max(2, (256 * 2**20) // nbytes_in) if m >= 1024 else 8
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        gs = F.global_scale_from_amax(xs[0].float().abs().amax()).reshape(1)
+        moved = m * k * 2 + m * k // 2 + m * k // 16
+        for variant in ("linear", "swizzled", "values"):
+            if variant == "values":
+                calls = [lambda x=x: fake_quantize_nvfp4_triton(x, gs, torch.bfloat16) for x in xs]
+                vbytes = m * k * 4
+            else:
+                calls = [lambda x=x, s=variant == "swizzled": quantize_nvfp4_triton(x, gs, s) for x in xs]
+                vbytes = moved
+            t = time_graph_us(calls)
+            te = time_eager_us(calls)
+            gbs = vbytes / (t * 1e-6) / 1e9
+            rows.append({"m": m, "k": k, "variant": variant, "us": round(t, 2), "eager_us": round(te, 2),
+                         "GBps": round(gbs, 1), "copy_frac": round(gbs / bw, 3)})
+            print(rows[-1], flush=True)
+        del xs
+    path = write_json("bench_quant.json", {"env": info, "rows": rows})
+    print(f"wrote {path}")
+    print_table(rows, ["m", "k", "variant", "us", "eager_us", "GBps", "copy_frac"],
+                f"NVFP4 quantization kernel, {info['gpu']}, copy {bw:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
+# Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
+# Skip parts with RUN_GPU_SKIP="tests model quant linear" (any subset).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUTDIR="${OUT:-$PWD/benchmarks/results}"
+mkdir -p "$OUTDIR"
+SKIP="${RUN_GPU_SKIP:-}"
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/tmp/pip_install.log 2>&1; then
+  echo "editable install failed (see below); using PYTHONPATH=$PWD"; tail -3 /tmp/pip_install.log
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0), 'cc', torch.cuda.get_device_capability(0))"
+
+declare -A STATUS
+if ! skip tests; then
+  python3 -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -25
+  STATUS[tests]="$(tail -1 "$OUTDIR/pytest_gpu.log")"
+fi
+if python3 -c "import fp4_compile.__main__" >/dev/null 2>&1; then
+  python3 -m fp4_compile backends 2>&1 | tee "$OUTDIR/backends.txt" | tail -20
+fi
+if ! skip quant; then
+  python3 benchmarks/bench_quant.py 2>&1 | tee "$OUTDIR/bench_quant.log" | tail -16
+fi
+if ! skip linear; then
+  python3 benchmarks/bench_linear.py 2>&1 | tee "$OUTDIR/bench_linear.log" | tail -32
+fi
+if ! skip model; then
+  python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
+fi
+
+echo
+echo "=== summary ($(date -u +%H:%M:%S) UTC) ==="
+echo "tests: ${STATUS[tests]:-skipped}"
+OUTDIR="$OUTDIR" python3 - <<'PY'
+import json, os
+d = os.environ["OUTDIR"]
+def load(n):
+    try:
+        return json.load(open(os.path.join(d, n)))
+    except Exception:
+        return None
+q = load("bench_quant.json")
+if q:
+    for r in q["rows"]:
+        if r["m"] == 4096 and r["variant"] == "linear":
+            print(f"quant M=4096 K={r['k']}: {r['GBps']} GB/s = {r['copy_frac']:.0%} of copy ({q['env']['copy_GBps']} GB/s)")
+lin = load("bench_linear.json")
+if lin:
+    print("| shape | M | bf16 us | W4A4 us (x) | W4A16 us (x) |")
+    print("|---|---|---|---|---|")
+    for r in lin["rows"]:
+        print(f"| {r['shape']} | {r['m']} | {r['bf16_us']} | {r['w4a4_us']} ({r['w4a4_x']}x) | {r['w4a16_us']} ({r['w4a16_x']}x) |")
+    for k, v in (lin.get("summary") or {}).items():
+        print(k, v)
+mo = load("bench_model.json")
+if mo:
+    for r in mo["rows"]:
+        print("model:", {k: v for k, v in r.items() if k in ("model", "compile", "weights_MB", "decode1_us", "decode16_us", "prefill_us", "decode1_x", "decode16_x", "prefill_x")})
+PY
