@@ -29,7 +29,7 @@ def test_env_override(monkeypatch):
     message = str(info.value)
     for name in VLLM_NAMES:  # every backend listed, with why it is (not) available
         assert name in message
-    assert "needs a Blackwell GPU" in message and "emulation" in message
+    assert "needs an NVIDIA Blackwell GPU" in message and "emulation" in message
     monkeypatch.setenv("FP4_GEMM_BACKEND", "bogus")
     with pytest.raises(BackendError, match="unknown NVFP4 backend 'bogus'"):
         select_backend("cpu")

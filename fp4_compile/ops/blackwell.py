@@ -64,18 +64,6 @@ BACKEND_NAMES = (
     CUBLAS_NAME,
 )
 
-#: One line per backend for ``fp4c backends`` (what it needs to run).
-REQUIREMENTS: dict[str, str] = {
-    CUTLASS_NAME: "sm_100/sm_103 GPU; nvcc >= 12.8, ninja and CUTLASS 4.x headers (pip nvidia-cutlass) "
-    "to build fp4_compile's own kernel on first use",
-    FLASHINFER_CUTLASS_NAME: "sm_100-family GPU; flashinfer-python (+ nvcc or flashinfer-jit-cache for its JIT)",
-    FLASHINFER_TRTLLM_NAME: "sm_100-family GPU; flashinfer-python (+ nvcc or flashinfer-jit-cache; trtllm-gen "
-    "cubins from flashinfer-cubin or a download); bf16 output",
-    FLASHINFER_CUDNN_NAME: "sm_100-family GPU; flashinfer-python, nvidia-cudnn-frontend >= 1.13 and cuDNN >= 9.10",
-    FBGEMM_NAME: "sm_100/sm_103 GPU; fbgemm-gpu-genai (torch.ops.fbgemm.f4f4bf16); bf16 output",
-    CUBLAS_NAME: "sm_100-family GPU; torch built with CUDA >= 12.8 (cuBLASLt NVFP4 through scaled_mm)",
-}
-
 # Compute capabilities each backend runs on. The sm_100 family is major 10 (B200/GB200
 # sm_100, B300/GB300 sm_103). Our CUTLASS kernel is built for sm_100a or sm_103a (the
 # arch-specific tcgen05 block-scaled MMA); FBGEMM's wheels carry sm_100f code.
@@ -301,23 +289,6 @@ def availability(backend, device: torch.device | str | None = None) -> str | Non
     elif name == CUTLASS_NAME:
         reasons += _cutlass_reasons()
     return "; ".join(reasons) if reasons else None
-
-
-def describe(device: torch.device | str | None = None) -> list[dict[str, str]]:
-    """Rows for ``fp4c backends``: backend, requirement line, availability and reason."""
-    rows = []
-    for name in BACKEND_NAMES:
-        reason = availability(name, device)
-        rows.append(
-            {
-                "backend": name,
-                "semantics": "W4A4",
-                "requires": REQUIREMENTS[name],
-                "available": "yes" if reason is None else "no",
-                "reason": reason or "",
-            }
-        )
-    return rows
 
 
 # ---------------------------------------------------------------------------------------
