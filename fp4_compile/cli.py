@@ -55,6 +55,28 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic", action="store_true", help="dynamic activation scales instead of calibrated ones")
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    import torch
+
+    if not args.device:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device (use cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: torch sees no CUDA GPU (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    _check_positive(args, "hidden_size", "layers", "vocab_size", "batch", "seq_len", "calib_batches", "iters")
+    if args.model is None and args.hidden_size % 64:
+        raise UsageError(f"--hidden-size must be a multiple of 64 (head size 64), got {args.hidden_size}")
+    _check_device(args)
+
+
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -69,9 +91,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _check_positive(args, "hidden_size", "layers", "vocab_size", "batch", "seq_len", "calib_batches", "iters")
-    if args.model is None and args.hidden_size % 64:
-        raise UsageError(f"--hidden-size must be a multiple of 64 (head size 64), got {args.hidden_size}")
+    _check_model_args(args)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[fp4c] {msg}", file=sys.stderr, flush=True))
     result = run_demo(
         model_dir=args.model, backend=args.backend, compile_with=args.compile, device=args.device,
@@ -128,6 +148,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              read_quant_scheme, save_nvfp4)
 
     _check_positive(args, "num_samples", "batch", "seq_len")
+    _check_device(args)
     src = check_model_dir(args.src)
     out = Path(args.out).expanduser().absolute()
     if out.exists() and not args.overwrite:
@@ -176,6 +197,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import check_model_dir, is_nvfp4_checkpoint, load_nvfp4, quantize_transformers_model
     from .demo import _load_dense, build_demo_model, random_batches
 
+    _check_model_args(args)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
         path = check_model_dir(args.model)
@@ -266,6 +288,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
     from .backends import describe_backends, select_backend
 
+    _check_device(args)
     device = torch.device(args.device) if args.device else None
     rows = describe_backends(device)
     cols = ("backend", "semantics", "requires", "available", "reason")

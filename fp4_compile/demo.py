@@ -204,7 +204,8 @@ def backend_reason(backend: str, device: torch.device, requested: str | None) ->
     by_reason: dict[str, list[str]] = {}
     for row in describe_backends(device):
         if row["available"] != "yes":
-            by_reason.setdefault(row["reason"], []).append(row["backend"])
+            first_clause = row["reason"].split(";")[0].strip()  # `fp4c backends` has the whole reason
+            by_reason.setdefault(first_clause, []).append(row["backend"])
     lines = [f"best available on {device}"]
     lines += [f"  {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
     return "\n".join(lines)
@@ -337,19 +338,19 @@ def run_demo(
         cos_c, top1_c = agreement(ref_logits, compiled_logits)
         diff = (compiled_logits.float() - eager_logits.float()).abs().max().item()
         result.add("agreement vs bf16 (compiled)", f"logits cosine {cos_c:.4f}, top-1 token agreement {top1_c * 100:.1f}%")
-        result.add("compiled vs eager NVFP4", f"max |logit difference| {diff:.3g} (Inductor rounds the bf16 norms "
+        result.add("compiled vs eager NVFP4", f"max |logit difference| {diff:.3g}\n(Inductor rounds the bf16 norms "
                    f"differently; FP4 activation rounding amplifies it)")
     log(f"timing (best of {iters} runs each)")
     t_ref = time_call(forward(ref), iters)
     t_eager = time_call(forward(quant), iters)
-    timing = f"bf16 eager {t_ref * 1e3:.1f} ms, NVFP4 eager {t_eager * 1e3:.1f} ms"
+    timing = f"batch {batch}x{seq_len}, best of {iters}: bf16 eager {t_ref * 1e3:.1f} ms, NVFP4 eager {t_eager * 1e3:.1f} ms"
     if compiled is not None:
         t_comp = time_call(forward(compiled), iters)
-        timing += f", NVFP4 compiled {t_comp * 1e3:.1f} ms ({t_eager / t_comp:.2f}x vs eager)"
+        timing += f",\nNVFP4 compiled {t_comp * 1e3:.1f} ms ({t_eager / t_comp:.2f}x vs NVFP4 eager)"
         result.add("compile time", f"{compile_s:.1f} s (first call)")
-    result.add(f"forward time (batch {batch} x {seq_len}, best of {iters})", timing)
+    result.add("forward time", timing)
     if dev.type == "cpu":
-        result.add("  note", "CPU: the emulation backend dequantizes to float32 matmuls; speed-ups need a GPU")
+        result.add("  note", "CPU: the emulation backend computes in float32; NVFP4 speed-ups need a GPU")
     result.seconds = time.perf_counter() - start
     result.add("demo wall time", f"{result.seconds:.1f} s on {torch.get_num_threads()} CPU threads"
                + (f" + {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""))

@@ -179,6 +179,12 @@ def test_demo_on_an_nvfp4_checkpoint(capsys, dense_dir, tmp_path):
     assert "NVFP4 compressed-tensors" in stdout and "0 static (calibrated), 7 dynamic" in stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_device_without_gpu(capsys):
+    code, _, err = run(capsys, "demo", "--device", "cuda", "-q")
+    assert code == 2 and "no CUDA GPU" in err
+
+
 def test_demo_rejects_bad_numbers(capsys):
     code, _, err = run(capsys, "demo", "--hidden-size", "100")
     assert code == 2 and "multiple of 64" in err
