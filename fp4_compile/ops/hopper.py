@@ -20,20 +20,22 @@ from __future__ import annotations
 import torch
 
 from ..format import BLOCK_SIZE, pack_e2m1, pad_weight_for_alignment, round_up, unpack_e2m1
-from .triton_gemm import FUSED_QUANT_MAX_M, INV_PERM, PERM, check_cuda, fp4_gemm, lock_buffer
+from .triton_gemm import FUSED_QUANT_MAX_M, check_cuda, fp4_gemm, lock_buffer, word_layout
 from .triton_quant import fake_quantize_nvfp4_triton, interpreting
 
 WEIGHT_ALIGNMENT = 32
 
-_PERM_T = torch.tensor(PERM)
-_INV_PERM_T = torch.tensor(INV_PERM)
+_LAYOUT = torch.tensor(word_layout())  # stored position p of a 32-element chunk holds element _LAYOUT[p]
+_INV_LAYOUT = torch.argsort(_LAYOUT)
 
 
 def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Reorder the 8 codes of every 4-byte word of ``packed [R, C]`` (C a multiple of 4)."""
+    """Natural packed codes ``[R, C]`` (C a multiple of 16 bytes) <-> the kernels' word layout."""
     rows, cols = packed.shape
-    codes = unpack_e2m1(packed).reshape(rows, cols // 4, 8)
-    idx = (_INV_PERM_T if inverse else _PERM_T).to(packed.device)
+    if cols % 16:
+        raise ValueError(f"the packed row length ({cols} bytes) must be a multiple of 16")
+    codes = unpack_e2m1(packed).reshape(rows, cols // 16, 32)
+    idx = (_INV_LAYOUT if inverse else _LAYOUT).to(packed.device)
     return pack_e2m1(codes.index_select(2, idx).reshape(rows, cols * 2)).contiguous()
 
 
@@ -47,9 +49,12 @@ def _check_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
         raise ValueError(f"weight scales {tuple(scales.shape)} do not match packed weight {tuple(packed.shape)}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    if interpreting():
-        return torch.float16  # bf16 is not usable in Triton's interpreter
+def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
+    """MMA operand type. W4A4 runs in fp16 for any input dtype: both operands' block values
+    (e2m1 * sf, magnitudes in [2^-10, 2688]) are exact in fp16, and fp16 scales are one
+    instruction from e4m3. W4A16 keeps the activation type (bf16 for fp32 inputs)."""
+    if interpreting() or w4a4:
+        return torch.float16  # (bf16 is not usable in Triton's interpreter)
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
@@ -70,7 +75,7 @@ class _HopperKernels:
     def restore_weight(
         self, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int, in_features: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] % 4:
+        if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] % 16:
             raise TypeError(f"weight must be uint8 [Np, Kp/2] in {self.name} layout, got {tuple(weight.shape)}")
         packed = permute_nibbles(weight, inverse=True)
         return (
@@ -109,7 +114,7 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         return fp4_gemm(
             a, weight, weight_scale, alpha.reshape(1).float(), n=weight.shape[0], k=ka, a_mode=2,
-            out_dtype=out_dtype, a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype),
+            out_dtype=out_dtype, a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
             mode="mm",
         )
 
@@ -121,7 +126,7 @@ class TritonW4A4Kernels(_HopperKernels):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        cdt = _compute_dtype(x.dtype)
+        cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
         if m <= FUSED_QUANT_MAX_M:

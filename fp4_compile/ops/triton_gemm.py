@@ -35,93 +35,66 @@ import triton.language as tl
 from .triton_quant import _fake_quant, check_device, interpreting
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
-PERM = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble i of each 4-byte word holds element PERM[i]
-INV_PERM = tuple(PERM.index(i) for i in range(8))
 
 
-# ---------------------------------------------------------------------------------------
-# decoding
+def word_layout() -> list[int]:
+    """Storage order inside each 32-element (16-byte) chunk of a weight row.
+
+    Position p = 8*t + i (word t = 0..3, nibble i = 0..7 of that little-endian 32-bit word) holds
+    the element k = 2t + (i // 4) + 8 * (i % 2) + 16 * ((i % 4) // 2) of the chunk: word t carries
+    exactly the k-columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} that thread t%4 of an
+    MMA quad holds in its A/B fragments (Marlin's idea), and shifting the word left by 12, 8, 4, 0
+    bits puts the pairs (2t, 2t+1), (+8, +9), (+16, +17), (+24, +25) in the top nibble of each
+    16-bit lane.
+    """
+    out = []
+    for t in range(4):
+        for i in range(8):
+            out.append(2 * t + (i // 4) + 8 * (i % 2) + 16 * ((i % 4) // 2))
+    return out
+
+
+def _asm_word(fp16: bool) -> str:
+    """PTX: one 32-bit word ($4, 8 codes) + its two block scales ($5: e4m3 bytes lo | hi << 8) -> 4 x2 pairs.
+
+    Scales: ``cvt.rn.f16x2.e4m3x2`` (exact, subnormals and NaN included), then sf * 2^6 in fp16, or
+    sf * 2^118 in bf16 (through fp32), broadcast to both lanes. Codes: Marlin bit placement, the sign
+    to bit 15 of a lane and the 3 magnitude bits to the lowest exponent bits / top mantissa bit,
+    giving e2m1 * 2^-14 (fp16) or * 2^-126 (bf16); one x2 multiply (fma with -0) by the scale makes
+    the exact value e2m1 * sf * 2^-8. No LUT, no integer-to-float conversion.
+    """
+    mag_to = 6 if not fp16 else 9  # lowest bit of the 3 magnitude bits in a 16-bit lane
+    mask = "0x01C001C0" if not fp16 else "0x0E000E00"
+    fma = "fma.rn.f16x2" if fp16 else "fma.rn.bf16x2"
+    lines = ["{", ".reg .b32 s0, s1, z, p, t, h;", ".reg .b16 sl, sh;", ".reg .f32 f0, f1;",
+             "mov.b32 {sl, sh}, $5;", "cvt.rn.f16x2.e4m3x2 h, sl;", "mov.b32 z, 0x80008000;"]
+    if fp16:
+        lines += ["mov.b32 t, 0x54005400;", "mul.rn.f16x2 h, h, t;",  # * 64
+                  "prmt.b32 s0, h, h, 0x1010;", "prmt.b32 s1, h, h, 0x3232;"]
+    else:
+        lines += ["mov.b32 {sl, sh}, h;", "cvt.f32.f16 f0, sl;", "cvt.f32.f16 f1, sh;",
+                  "mul.rn.f32 f0, f0, 0f7A800000;", "mul.rn.f32 f1, f1, 0f7A800000;",  # * 2^118
+                  "cvt.rn.bf16x2.f32 s0, f0, f0;", "cvt.rn.bf16x2.f32 s1, f1, f1;"]
+    for out, sh, sc in (("$0", 12, "s0"), ("$1", 8, "s0"), ("$2", 4, "s1"), ("$3", 0, "s1")):
+        # sign: bit 3 of the nibble at (12 - sh) must land on bit 15 -> shift left by sh
+        lines.append(f"shl.b32 p, $4, {sh};" if sh else "mov.b32 p, $4;")
+        d = sh - (12 - mag_to)  # magnitude bits sit at (12 - sh) .. +2, must go to mag_to
+        lines.append(f"shl.b32 t, $4, {d};" if d > 0 else (f"shr.b32 t, $4, {-d};" if d < 0 else "mov.b32 t, $4;"))
+        lines += [f"and.b32 t, t, {mask};", "and.b32 p, p, 0x80008000;", "or.b32 p, p, t;",
+                  f"{fma} {out}, p, {sc}, z;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM_BF16 = tl.constexpr(_asm_word(False))
+_ASM_FP16 = tl.constexpr(_asm_word(True))
 
 
 @triton.jit
-def _decode_w_asm(wb, scale, IS_FP16: tl.constexpr):
-    """wb uint8 [..., 8] (permuted layout), scale fp32 broadcast (sf * 2^(bias-8)) -> (even, odd) values."""
-    if IS_FP16:
-        lo, hi = tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 s, z, p, t;
-            cvt.rn.f16x2.f32 s, $5, $5;
-            mov.b32 z, 0x80008000;
-            shl.b32 p, $4, 12;
-            shr.b32 t, p, 3;
-            and.b32 t, t, 0x0E000E00;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.f16x2 $0, p, s, z;
-            shl.b32 p, $4, 8;
-            shr.b32 t, p, 3;
-            and.b32 t, t, 0x0E000E00;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.f16x2 $1, p, s, z;
-            shl.b32 p, $4, 4;
-            shr.b32 t, p, 3;
-            and.b32 t, t, 0x0E000E00;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.f16x2 $2, p, s, z;
-            shr.b32 t, $4, 3;
-            and.b32 t, t, 0x0E000E00;
-            and.b32 p, $4, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.f16x2 $3, p, s, z;
-            }
-            """,
-            constraints="=r,=r,=r,=r,r,r,r,r,r",
-            args=[wb, scale],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=4,
-        )
-    else:
-        lo, hi = tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 s, z, p, t;
-            cvt.rn.bf16x2.f32 s, $5, $5;
-            mov.b32 z, 0x80008000;
-            shl.b32 p, $4, 12;
-            shr.b32 t, p, 6;
-            and.b32 t, t, 0x01C001C0;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.bf16x2 $0, p, s, z;
-            shl.b32 p, $4, 8;
-            shr.b32 t, p, 6;
-            and.b32 t, t, 0x01C001C0;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.bf16x2 $1, p, s, z;
-            shl.b32 p, $4, 4;
-            shr.b32 t, p, 6;
-            and.b32 t, t, 0x01C001C0;
-            and.b32 p, p, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.bf16x2 $2, p, s, z;
-            shr.b32 t, $4, 6;
-            and.b32 t, t, 0x01C001C0;
-            and.b32 p, $4, 0x80008000;
-            or.b32 p, p, t;
-            fma.rn.bf16x2 $3, p, s, z;
-            }
-            """,
-            constraints="=r,=r,=r,=r,r,r,r,r,r",
-            args=[wb, scale],
-            dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=4,
-        )
+def _split16(r, cdt: tl.constexpr):
+    """int32 holding two 16-bit floats -> (low, high) in cdt."""
+    lo = (r & 0xFFFF).to(tl.int16).to(cdt, bitcast=True)
+    hi = (r >> 16).to(tl.int16).to(cdt, bitcast=True)
     return lo, hi
 
 
@@ -133,6 +106,45 @@ def _e2m1_value(code):
     v2 = tl.where(mag < 2, mag, (2 + (mag & 1)) << sh)  # 2 * |value|
     val = v2.to(tl.float32) * 0.5
     return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _decode_words(wq, sp, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.constexpr, IS_FP16: tl.constexpr):
+    """Words int32 [BN, BK/32, 4] + scale pairs int32 [BN, BK/32, 1] (e4m3 bytes of k-blocks 2j | 2j+1 << 8)
+    -> [BN, BK] values e2m1 * sf * 2^-8 in bf16 (fp16 if IS_FP16), natural k order."""
+    if IS_FP16:
+        cdt: tl.constexpr = tl.float16
+    else:
+        cdt: tl.constexpr = tl.bfloat16
+    if USE_ASM:
+        if IS_FP16:
+            asm: tl.constexpr = _ASM_FP16
+        else:
+            asm: tl.constexpr = _ASM_BF16
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(
+            asm=asm, constraints="=r,=r,=r,=r,r,r", args=[wq, tl.broadcast_to(sp, wq.shape)],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        l0, h0 = _split16(r0, cdt)
+        l1, h1 = _split16(r1, cdt)
+        l2, h2 = _split16(r2, cdt)
+        l3, h3 = _split16(r3, cdt)
+    else:
+        scl_lo = _e4m3_value(sp & 0xFF) * 0.00390625  # 2^-8
+        scl_hi = _e4m3_value((sp >> 8) & 0xFF) * 0.00390625
+        l0 = (_e2m1_value(wq & 15) * scl_lo).to(cdt)
+        l1 = (_e2m1_value((wq >> 4) & 15) * scl_lo).to(cdt)
+        l2 = (_e2m1_value((wq >> 8) & 15) * scl_hi).to(cdt)
+        l3 = (_e2m1_value((wq >> 12) & 15) * scl_hi).to(cdt)
+        h0 = (_e2m1_value((wq >> 16) & 15) * scl_lo).to(cdt)
+        h1 = (_e2m1_value((wq >> 20) & 15) * scl_lo).to(cdt)
+        h2 = (_e2m1_value((wq >> 24) & 15) * scl_hi).to(cdt)
+        h3 = (_e2m1_value((wq >> 28) & 15) * scl_hi).to(cdt)
+    # pair (lo, hi) = columns (2t, 2t+1); r0..r3 = offsets 0, 8, 16, 24
+    u01 = tl.join(tl.join(l0, h0), tl.join(l1, h1))  # [BN, J, 4(t), 2(e0), 2(e3)]
+    u23 = tl.join(tl.join(l2, h2), tl.join(l3, h3))
+    u = tl.join(u01, u23)  # [BN, J, t, e0, e3, e4]; k = 32j + 16 e4 + 8 e3 + 2t + e0
+    u = tl.permute(u, (0, 1, 5, 4, 2, 3))
+    return tl.reshape(u, [BN, BK])
 
 
 @triton.jit
@@ -160,7 +172,7 @@ def _fp4_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     IS_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     DOT: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr, LOAD2D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr, BMQ: tl.constexpr,
 ):
     G: tl.constexpr = BK // 16
     if IS_FP16:
@@ -193,6 +205,7 @@ def _fp4_gemm_kernel(
     kt1 = tl.minimum(kt0 + kt_per, kt_total)
 
     g_ar = tl.arange(0, G)
+    j_ar = tl.arange(0, BK // 32)
     e8 = tl.arange(0, 8)
     e16 = tl.arange(0, 16)
     k_ar = tl.arange(0, BK)
@@ -200,23 +213,20 @@ def _fp4_gemm_kernel(
     # pointers at k = 0
     w_rows = w_ptr + offs_n_safe.to(tl.int64)[:, None, None] * stride_wn
     ws_rows = ws_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wsn
-    a_rows = a_ptr + offs_m_safe.to(tl.int64)[:, None] * stride_am
+    # activation rows actually loaded: BMQ = next_pow2(M) <= BM when one M tile covers M (small M:
+    # the [BMQ, BK] tile is quantized once and broadcast to the BM >= 16 rows the MMA needs)
+    offs_q = pid_m * BM + tl.arange(0, BMQ)
+    q_mask = offs_q < M
+    offs_q_safe = tl.where(q_mask, offs_q, 0)
+    a_rows = a_ptr + offs_q_safe.to(tl.int64)[:, None] * stride_am
     if A_MODE == 2:
-        as_rows = as_ptr + offs_m_safe.to(tl.int64)[:, None] * stride_asm
+        as_rows = as_ptr + offs_q_safe.to(tl.int64)[:, None] * stride_asm
     if A_MODE == 1:
         gs = tl.load(gs_ptr)
 
-    if USE_ASM:
-        if LOAD2D:
-            w_off2 = tl.arange(0, BK // 2)[None, :]
-            w_rows2 = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn
-        else:
-            w_off = g_ar[None, :, None] * 8 + e8[None, None, :]
-    else:
-        # gather the permuted nibbles back into natural order (interpreter / reference path)
-        j = e8
-        w_off0 = g_ar[None, :, None] * 8 + ((j // 4) * 4 + (j % 2) * 2)[None, None, :]
-        w_sh = (((j % 4) // 2) * 4)[None, None, :]
+    # weight words: [BN, BK/8] int32 per k-tile (16-byte vector loads), viewed as [BN, BK/32, 4]
+    w_rows2 = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn
+    w_off2 = tl.arange(0, BK // 8)[None, :]
 
     if DOT:
         if SWAP:
@@ -229,71 +239,51 @@ def _fp4_gemm_kernel(
     for kt in range(kt0, kt1):
         k0 = kt * BK
         # ---- weights: [BN, G, 8] bytes + [BN, G] scales -> [BN, BK] values * 2^-8
+        # scale pairs: int16 [BN, BK/32] (blocks 2j, 2j+1 of each 32-element chunk)
         if EVEN_K:
-            sfb = tl.load(ws_rows + (k0 // 16 + g_ar)[None, :], eviction_policy=W_EVICT)
+            sp = tl.load(ws_rows + (k0 // 32 + j_ar)[None, :], eviction_policy=W_EVICT)
         else:
-            kmask_g = (k0 // 16 + g_ar) < (K // 16)
-            sfb = tl.load(ws_rows + (k0 // 16 + g_ar)[None, :], mask=kmask_g[None, :], other=0,
-                          eviction_policy=W_EVICT)
-        sf = _e4m3_value(sfb.to(tl.int32))
-        if USE_ASM:
-            if LOAD2D:
-                # one contiguous [BN, BK/2] byte tile (16-byte vector loads), split into blocks in registers
-                if EVEN_K:
-                    wb2 = tl.load(w_rows2 + k0 // 2 + w_off2, eviction_policy=W_EVICT)
-                else:
-                    wb2 = tl.load(w_rows2 + k0 // 2 + w_off2, mask=(k0 + 2 * w_off2) < K, other=0,
-                                  eviction_policy=W_EVICT)
-                wb = tl.reshape(wb2, [BN, G, 8])
-            elif EVEN_K:
-                wb = tl.load(w_rows + k0 // 2 + w_off, eviction_policy=W_EVICT)
-            else:
-                wb = tl.load(w_rows + k0 // 2 + w_off, mask=kmask_g[None, :, None], other=0,
-                             eviction_policy=W_EVICT)
-            if IS_FP16:
-                sc = sf * 64.0  # 2^(14 - 8)
-            else:
-                sc = sf * 3.3230699894622904e35  # 2^(126 - 8)
-            sc3 = tl.broadcast_to(sc[:, :, None], [BN, G, 8])
-            w_even, w_odd = _decode_w_asm(wb, sc3, IS_FP16)
+            sp = tl.load(ws_rows + (k0 // 32 + j_ar)[None, :], mask=((k0 // 32 + j_ar) < tl.cdiv(K, 32))[None, :],
+                         other=0, eviction_policy=W_EVICT)
+        sp = (sp.to(tl.int32) & 0xFFFF)[:, :, None]
+        if EVEN_K:
+            wq = tl.load(w_rows2 + k0 // 8 + w_off2, eviction_policy=W_EVICT)
         else:
-            if EVEN_K:
-                b0 = tl.load(w_rows + k0 // 2 + w_off0).to(tl.int32)
-                b1 = tl.load(w_rows + k0 // 2 + w_off0 + 1).to(tl.int32)
-            else:
-                b0 = tl.load(w_rows + k0 // 2 + w_off0, mask=kmask_g[None, :, None], other=0).to(tl.int32)
-                b1 = tl.load(w_rows + k0 // 2 + w_off0 + 1, mask=kmask_g[None, :, None], other=0).to(tl.int32)
-            scl = (sf * 0.00390625)[:, :, None]  # 2^-8
-            w_even = (_e2m1_value((b0 >> w_sh) & 15) * scl).to(cdt)
-            w_odd = (_e2m1_value((b1 >> w_sh) & 15) * scl).to(cdt)
-        w = tl.reshape(tl.join(w_even, w_odd), [BN, BK])
+            # the weight is zero-padded to a multiple of 32 in K: load whole 32-element chunks
+            wq = tl.load(w_rows2 + k0 // 8 + w_off2, mask=(k0 + 8 * w_off2) < tl.cdiv(K, 32) * 32, other=0,
+                         eviction_policy=W_EVICT)
+        wq = tl.reshape(wq, [BN, BK // 32, 4])
+        w = _decode_words(wq, sp, BN, BK, USE_ASM, IS_FP16)
 
         # ---- activations: [BM, BK] in the compute dtype
         if A_MODE == 2:
             if EVEN_K:
                 ab = tl.load(a_rows[:, :, None] + k0 // 2 + (g_ar[None, :, None] * 8 + e8[None, None, :]),
-                             mask=m_mask[:, None, None], other=0).to(tl.int32)
-                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=m_mask[:, None], other=0)
+                             mask=q_mask[:, None, None], other=0).to(tl.int32)
+                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=q_mask[:, None], other=0)
             else:
+                kmask_g = (k0 // 16 + g_ar) < (K // 16)
                 ab = tl.load(a_rows[:, :, None] + k0 // 2 + (g_ar[None, :, None] * 8 + e8[None, None, :]),
-                             mask=m_mask[:, None, None] & kmask_g[None, :, None], other=0).to(tl.int32)
-                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=m_mask[:, None] & kmask_g[None, :],
+                             mask=q_mask[:, None, None] & kmask_g[None, :, None], other=0).to(tl.int32)
+                asb = tl.load(as_rows + (k0 // 16 + g_ar)[None, :], mask=q_mask[:, None] & kmask_g[None, :],
                               other=0)
             asf = _e4m3_value(asb.to(tl.int32))[:, :, None]
             a_even = (_e2m1_value(ab & 15) * asf).to(cdt)
             a_odd = (_e2m1_value(ab >> 4) * asf).to(cdt)
-            a = tl.reshape(tl.join(a_even, a_odd), [BM, BK])
+            a = tl.reshape(tl.join(a_even, a_odd), [BMQ, BK])
         else:
             if EVEN_K:
-                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=m_mask[:, None], other=0.0)
+                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=q_mask[:, None], other=0.0)
             else:
-                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=m_mask[:, None] & ((k0 + k_ar) < K)[None, :],
+                a = tl.load(a_rows + (k0 + k_ar)[None, :], mask=q_mask[:, None] & ((k0 + k_ar) < K)[None, :],
                             other=0.0)
             if A_MODE == 1:
-                a3 = tl.reshape(a.to(tl.float32), [BM, G, 16])
-                a = tl.reshape(_fake_quant(a3, gs), [BM, BK]).to(cdt)
+                a3 = tl.reshape(a.to(tl.float32), [BMQ, G, 16])
+                a = tl.reshape(_fake_quant(a3, gs), [BMQ, BK]).to(cdt)
             else:
                 a = a.to(cdt)
+        if BMQ < BM:
+            a = tl.reshape(tl.broadcast_to(tl.reshape(a, [1, BMQ, BK]), [BM // BMQ, BMQ, BK]), [BM, BK])
 
         # ---- MMA (or FMA GEMV for one row)
         if DOT:
@@ -353,7 +343,6 @@ class GemmConfig:
     DOT: bool = True
     SWAP: bool = True
     GROUP_M: int = 8
-    LOAD2D: bool = True
 
 
 NUM_SMS_DEFAULT = 132
@@ -376,15 +365,15 @@ def m_bucket(m: int) -> str:
 DEFAULTS: dict[str, GemmConfig] = {
     "1": GemmConfig(BM=16, BN=64, BK=256, num_warps=4, num_stages=4),
     "2-16": GemmConfig(BM=16, BN=64, BK=256, num_warps=4, num_stages=4),
-    "17-64": GemmConfig(BM=64, BN=64, BK=128, num_warps=4, num_stages=3),
-    "65-256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, SWAP=False),
-    ">256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, SWAP=False),
+    "17-64": GemmConfig(BM=64, BN=128, BK=64, num_warps=4, num_stages=4),
+    "65-256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+    ">256": GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, SPLIT_K=1),
 }
 TUNED: dict[tuple[str, str, int, int], GemmConfig] = {}
 
 # W4A4 linear quantizes activations inside the GEMM up to this M; above it one quant
 # kernel writes the exact block values (bf16) once and the W4A16 mainloop consumes them.
-FUSED_QUANT_MAX_M = 64
+FUSED_QUANT_MAX_M = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -496,6 +485,7 @@ def fp4_gemm(
     if not cfg.DOT and m != 1:
         raise ValueError("the FMA (DOT=False) path handles one row only")
     bm = 1 if not cfg.DOT else cfg.BM
+    bmq = bm if m > bm else min(bm, triton.next_power_of_2(m))
     split = cfg.SPLIT_K
     m_tiles = triton.cdiv(m, bm)
     n_tiles = triton.cdiv(n, cfg.BN)
@@ -508,8 +498,10 @@ def fp4_gemm(
             locks = torch.zeros(m_tiles * n_tiles, dtype=torch.int32, device=dev)
     if a.stride(-1) != 1:
         a = a.contiguous()
-    if weight_scale.dtype != torch.uint8:
-        weight_scale = weight_scale.view(torch.uint8)
+    if weight.dtype != torch.int32:
+        weight = weight.view(torch.int32)
+    if weight_scale.dtype != torch.int16:
+        weight_scale = weight_scale.view(torch.uint8).view(torch.int16)  # scale pairs of 32-element chunks
     if a_scale is not None and a_scale.dtype != torch.uint8:
         a_scale = a_scale.view(torch.uint8)
     even_k = k % cfg.BK == 0
@@ -523,7 +515,7 @@ def fp4_gemm(
         out.stride(0), m * n, split,
         A_MODE=a_mode, BM=bm, BN=cfg.BN, BK=cfg.BK, IS_SPLIT=split > 1, GROUP_M=cfg.GROUP_M,
         DOT=cfg.DOT, SWAP=cfg.SWAP, USE_ASM=use_asm, EVEN_K=even_k, HAS_BIAS=bias is not None,
-        IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "", LOAD2D=cfg.LOAD2D,
+        IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "", BMQ=bmq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if return_kernel:

@@ -8,7 +8,7 @@ byte (0x7F) for blocks holding Inf/NaN, ``out_scale = sf == 0 ? 0 : 1 / (sf * (1
 and E2M1 round-to-nearest-even codes. The swizzled ("128x4") scale layout is written
 whole, padding included (every padded byte zero), by the same kernel: no memset launch.
 
-The ``@triton.jit`` helpers here (``_block_scales``, ``_e2m1_round``) are shared with the
+The ``@triton.jit`` helpers here (``_block_scales``, ``_e2m1_code``, ``_fake_quant``) are shared with the
 fused W4A4 GEMM in ``triton_gemm.py``, which quantizes activation tiles in registers.
 """
 
@@ -81,33 +81,43 @@ def _block_scales(x3, gs):
 
 
 @triton.jit
-def _e2m1_round(x3, out_scale):
-    """Scaled, clamped values and their E2M1 magnitude (RNE) -> (v, q) fp32, q in {0,.5,...,6}."""
+def _scaled(x3, out_scale):
+    """v = x * out_scale and its clamped magnitude a = min(|v|, 6) (fp32)."""
     v = x3 * out_scale[:, :, None]
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
-    mag = tl.abs(v)
-    # round to the E2M1 grid (step 0.5 below 2, 1 below 4, 2 above) with the float adder
-    c = tl.where(mag < 2.0, 4194304.0, tl.where(mag < 4.0, 8388608.0, 16777216.0))
-    q = (mag + c) - c
-    return v, q
+    return v, tl.minimum(tl.abs(v), 6.0)
 
 
 @triton.jit
-def _e2m1_code(v, q):
-    """Codes 0..15 (int32) of the rounded magnitudes q with the sign bit of v."""
-    qbits = q.to(tl.int32, bitcast=True)
-    mag = tl.where(q < 1.0, (q * 2.0).to(tl.int32), (qbits >> 22) - 252)
-    sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
-    return mag | sign
+def _e2m1_code(v, a):
+    """E2M1 code 0..15 (int32) of a = min(|v|, 6) with the sign bit of v; round to nearest even.
+
+    a >= 1: round the float32 bit pattern to one mantissa bit (code = biased exponent*2 + bit - 252);
+    a < 1: 2a + 2^23 rounds 2a to an integer (0, 1, 2 = codes of 0, 0.5, 1.0).
+    """
+    bits = a.to(tl.int32, bitcast=True)
+    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+    small = (a * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3
+    mag = tl.where(a < 1.0, small, big)
+    return mag | ((v.to(tl.int32, bitcast=True) >> 28) & 8)
+
+
+@triton.jit
+def _e2m1_signed_value(v, a):
+    """The E2M1 value (fp32, RNE, with the sign of v) of a = min(|v|, 6)."""
+    bits = a.to(tl.int32, bitcast=True)
+    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)  # 0xFFC00000
+    small = ((a * 2.0 + 8388608.0) - 8388608.0) * 0.5
+    mag = tl.where(a < 1.0, small, big)
+    sign = v.to(tl.int32, bitcast=True) & -2147483648  # 0x80000000
+    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _fake_quant(x3, gs):
     """x3 fp32 [R, G, 16] -> exact NVFP4 block values e2m1 * sf (fp32, no 1/gs)."""
     _, sf, out_scale = _block_scales(x3, gs)
-    v, q = _e2m1_round(x3, out_scale)
-    val = tl.where(v < 0.0, -q, q)
-    return val * sf[:, :, None]
+    v, a = _scaled(x3, out_scale)
+    return _e2m1_signed_value(v, a) * sf[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,13 +147,13 @@ def _quant_kernel(
     x = x.to(tl.float32)
     gs = tl.load(gs_ptr)
     byte, sf, out_scale = _block_scales(x, gs)
-    v, q = _e2m1_round(x, out_scale)
+    v, a = _scaled(x, out_scale)
     if MODE == 2:
-        val = tl.where(v < 0.0, -q, q) * sf[:, :, None]
+        val = _e2m1_signed_value(v, a) * sf[:, :, None]
         tl.store(v_ptr + r3.to(tl.int64) * stride_vm + g3 * 16 + e16[None, None, :],
                  val.to(v_ptr.dtype.element_ty), mask=valid)
     else:
-        code = _e2m1_code(v, q)
+        code = _e2m1_code(v, a)
         lo, hi = tl.split(tl.reshape(code, [BLOCK_M, BLOCK_G, 8, 2]))
         packed = (lo | (hi << 4)).to(tl.uint8)
         e8 = tl.arange(0, 8)
@@ -158,13 +168,17 @@ def _quant_kernel(
             tl.store(s_ptr + off.to(tl.int64), byte, mask=(r2 < MP) & (g2 < KBP))
 
 
+QUANT_CONFIG: dict[str, int] = {"BLOCK_M": 8, "BLOCK_G": 16, "num_warps": 4}  # H100, benchmarks/NOTES.md
+
+
 def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_G, num_warps) for the quant kernel (tuned on H100, see benchmarks/NOTES.md)."""
+    """(BLOCK_M, BLOCK_G, num_warps) for the quant kernel."""
     if interpreting():
         return 4, 4, 1
-    block_g = 16 if kb >= 16 else triton.next_power_of_2(kb)
-    block_m = 8 if m >= 8 else triton.next_power_of_2(max(m, 1))
-    return block_m, block_g, 4
+    cfg = QUANT_CONFIG
+    block_g = cfg["BLOCK_G"] if kb >= cfg["BLOCK_G"] else triton.next_power_of_2(kb)
+    block_m = cfg["BLOCK_M"] if m >= cfg["BLOCK_M"] else triton.next_power_of_2(max(m, 1))
+    return block_m, block_g, cfg["num_warps"]
 
 
 def _launch_quant(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
