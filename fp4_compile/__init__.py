@@ -1,6 +1,14 @@
 """fp4_compile: NVFP4 linear layers that are fast under torch.compile."""
 
 from .backends import Backend, BackendError, convert_to_kernel_format, select_backend
+from .checkpoint import (
+    CheckpointError,
+    MergeReport,
+    load_nvfp4,
+    merge_nvfp4_linears,
+    quantize_transformers_model,
+    save_nvfp4,
+)
 from .format import (
     dequantize_nvfp4,
     global_scale_from_amax,
@@ -18,14 +26,20 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendError",
+    "CheckpointError",
+    "MergeReport",
     "NVFP4Linear",
     "convert_to_kernel_format",
     "dequantize_nvfp4",
     "global_scale_from_amax",
+    "load_nvfp4",
+    "merge_nvfp4_linears",
     "pad_activation_for_alignment",
     "pad_weight_for_alignment",
     "quantize_model",
     "quantize_nvfp4",
+    "quantize_transformers_model",
+    "save_nvfp4",
     "select_backend",
     "slice_output",
     "swizzle_blockscale",

@@ -394,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"fp4c {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        extra = {"transformers": "hf", "flashinfer": "flashinfer", "fbgemm_gpu": "fbgemm"}.get(e.name or "", "test")
+        print(f"fp4c {args.command}: error: {e.name} is not installed (pip install 'fp4_compile[{extra}]')",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fp4c {args.command}: interrupted", file=sys.stderr)
         return 130
