@@ -78,7 +78,7 @@ def main():
                 r["bf16_eager_us"] = time_eager_us(bf16)
                 r["w4a4_eager_us"] = time_eager_us(w4a4)
                 r["w4a16_eager_us"] = time_eager_us(w4a16)
-            if not args.no_emulation and m <= 1024:
+            if not args.no_emulation and m <= 128:
                 r["emul_eager_us"] = time_eager_us([lambda: emulation_linear(x, pw0, sw0, ws[0][2], gx)], reps=5)
             wbytes = fp4_weight_bytes(n, k)
             flops = 2 * m * n * k
@@ -89,14 +89,25 @@ def main():
                 r[f"{key}_bw_frac"] = round(wbytes / (t * 1e-6) / 1e9 / bw, 3)
                 r[f"{key}_TFLOPs"] = round(flops / (t * 1e-6) / 1e12, 1)
                 r[f"{key}_tc_frac"] = round(flops / (t * 1e-6) / 1e12 / tf, 3)
-                cfg = G.pick_config(key, m, n, k, x.device)
-                r[f"{key}_cfg"] = f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} S{cfg.SPLIT_K} w{cfg.num_warps} s{cfg.num_stages}"
+                kmode = key if (key == "w4a16" or m <= G.FUSED_QUANT_MAX_M) else "w4a4+pq"
+                if G.use_dequant(kmode, m, n, k):
+                    r[f"{key}_cfg"] = "dequant+cuBLAS"
+                else:
+                    cfg = G.pick_config(kmode, m, n, k, x.device)
+                    r[f"{key}_cfg"] = (f"BM{cfg.BM} BN{cfg.BN} BK{cfg.BK} S{cfg.SPLIT_K} w{cfg.num_warps} "
+                                       f"s{cfg.num_stages}{'' if cfg.DOT else ' fma'}")
             r["bf16_wGBps"] = round(n * k * 2 / (r["bf16_us"] * 1e-6) / 1e9, 1)
             r["bf16_TFLOPs"] = round(flops / (r["bf16_us"] * 1e-6) / 1e12, 1)
             # kernel resources of the GEMM the linear ran (same config, same compiled kernel)
-            for key, amode in (("w4a4", 1 if m <= G.FUSED_QUANT_MAX_M else 0), ("w4a16", 0)):
-                _, kh = G.fp4_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, k=k, a_mode=amode, out_dtype=x.dtype,
-                                   global_scale=gx, mode=key, return_kernel=True)
+            for key in ("w4a4", "w4a16"):
+                fused = key == "w4a4" and m <= G.FUSED_QUANT_MAX_M
+                kmode = key if (key == "w4a16" or fused) else "w4a4+pq"
+                if G.use_dequant(kmode, m, n, k):
+                    continue
+                cdt = torch.float16 if key == "w4a4" else torch.bfloat16
+                _, kh = G.fp4_gemm(x if fused else x.to(cdt), ws[0][0], ws[0][1], alphas[0], n=n, k=k,
+                                   a_mode=1 if fused else 0, out_dtype=x.dtype, global_scale=gx, mode=kmode,
+                                   compute_dtype=cdt, return_kernel=True)
                 res = kernel_resources(kh)
                 r[f"{key}_regs"], r[f"{key}_spills"] = res.get("n_regs"), res.get("n_spills")
             for kk, v in list(r.items()):
@@ -125,7 +136,8 @@ def main():
     print("summary:", summary)
     print_table(rows, ["shape", "m", "bf16_us", "emul_eager_us", "w4a4_us", "w4a4_x", "w4a16_us", "w4a16_x",
                        "w4a4_bw_frac", "w4a16_bw_frac", "w4a4_tc_frac", "w4a16_tc_frac", "bf16_eager_us",
-                       "w4a4_eager_us", "w4a16_eager_us", "w4a4_regs", "w4a4_spills", "w4a16_regs", "w4a16_spills"],
+                       "w4a4_eager_us", "w4a16_eager_us", "w4a4_regs", "w4a4_spills", "w4a16_regs", "w4a16_spills",
+                       "w4a4_cfg", "w4a16_cfg"],
                 f"NVFP4 linear, {info['gpu']}, copy {bw:.0f} GB/s, bf16 {tf:.0f} TFLOP/s "
                 "(graph times over rotating weights, us; x = speedup over cuBLAS bf16)")
     _ = time

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import copy_bandwidth_gbs, env_info, print_table, time_eager_us, time_graph_us, write_json  # noqa: E402
 
 from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops import triton_gemm  # noqa: E402,F401  (loads the tuned table: quant config)
 from fp4_compile.ops.triton_quant import fake_quantize_nvfp4_triton, quantize_nvfp4_triton  # noqa: E402
 
 

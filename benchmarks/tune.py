@@ -25,18 +25,15 @@ from fp4_compile.ops import triton_quant as Q  # noqa: E402
 from fp4_compile.ops.hopper import TRITON_W4A4  # noqa: E402
 
 C = G.GemmConfig
-SMALL = [C(16, 64, 256, 0, 4, 4), C(16, 128, 128, 0, 4, 4), C(16, 64, 128, 0, 4, 6), C(16, 128, 256, 0, 8, 3),
-         C(16, 256, 128, 0, 4, 3), C(16, 64, 512, 0, 4, 3)]
-GEMV = [C(1, 32, 256, 0, 4, 3, DOT=False)]
+SMALL = [C(16, 64, 256, 0, 4, 4), C(16, 128, 128, 0, 4, 4), C(16, 64, 128, 0, 4, 6), C(16, 128, 256, 0, 8, 3)]
 CANDS = {
-    "1": SMALL + GEMV,
+    "1": SMALL + [C(16, 64, 512, 0, 4, 3), C(1, 32, 256, 0, 4, 3, DOT=False)],
     "2-16": SMALL,
-    "17-64": [C(64, 64, 128, 0, 4, 3), C(64, 128, 64, 0, 4, 4), C(32, 128, 128, 0, 4, 3), C(64, 256, 64, 0, 8, 3),
-              C(64, 128, 128, 0, 4, 3)],
-    "65-256": [C(128, 128, 64, 0, 8, 3), C(64, 128, 64, 0, 4, 4), C(64, 256, 64, 0, 8, 3), C(128, 256, 64, 0, 8, 3)],
-    ">256": [C(128, 128, 64, 1, 8, 3), C(128, 128, 64, 1, 8, 4), C(128, 256, 64, 1, 8, 3), C(256, 128, 64, 1, 8, 3),
-             C(128, 128, 128, 1, 8, 3)],
+    "17-64": [C(64, 64, 128, 0, 4, 3), C(64, 128, 64, 0, 4, 4), C(32, 128, 128, 0, 4, 3), C(64, 128, 128, 0, 4, 3)],
+    "65-256": [C(128, 128, 64, 0, 8, 3), C(64, 128, 64, 0, 4, 4), C(128, 256, 64, 0, 8, 3)],
+    ">256": [C(128, 128, 64, 1, 8, 3), C(256, 128, 64, 1, 8, 3), C(128, 256, 64, 1, 8, 3)],
 }
+DQ = "dequant+cuBLAS"
 
 
 def rel(a, b):
@@ -44,15 +41,18 @@ def rel(a, b):
 
 
 def run_config(mode, cfg, x, gx, ws, n, k, prequant):
-    """Callables (one per weight copy) running ``mode`` with ``cfg``, + the kernel handle of the first."""
-    m = x.shape[0]
+    """Callables (one per weight copy) running ``mode`` with ``cfg`` (or DQ), + the kernel handle of the first."""
     kern = {}
 
     def make(wt, wst, gw):
         alpha = (1 / (gx * gw)).float() if mode == "w4a4" else (1 / gw).float()
 
         def f():
-            if mode == "w4a4" and not prequant:
+            kh = None
+            if cfg == DQ:
+                xa = Q.fake_quantize_nvfp4_triton(x, gx, torch.bfloat16) if mode == "w4a4" else x
+                o = G.dequant_mm(xa, wt, wst, alpha, n=n, k=k, out_dtype=x.dtype)
+            elif mode == "w4a4" and not prequant:
                 o, kh = G.fp4_gemm(x, wt, wst, alpha, n=n, k=k, a_mode=1, out_dtype=x.dtype, global_scale=gx,
                                    config=cfg, mode=mode, return_kernel=True, compute_dtype=torch.float16)
             elif mode == "w4a4":
@@ -72,6 +72,7 @@ def run_config(mode, cfg, x, gx, ws, n, k, prequant):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=300)
+    ap.add_argument("--quant-budget", type=float, default=40)
     ap.add_argument("--ms", default="1,16,4096,1024,64,128")
     ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--modes", default="w4a4,w4a16")
@@ -86,8 +87,8 @@ def main():
     n, k = 256, 1024
     wt, wst, gw = make_fp4_weights(n, k, 1, TRITON_W4A4)[0]
     outs = []
+    x = torch.randn(4, k, device="cuda", dtype=torch.float16)
     for asm, fp16 in ((False, False), (True, False), (False, True), (True, True)):
-        x = torch.randn(4, k, device="cuda", dtype=torch.float16)
         try:
             outs.append(G.fp4_gemm(x if fp16 else x.to(torch.bfloat16), wt, wst, gw, n=n, k=k, a_mode=0,
                                    out_dtype=torch.float32, use_asm=asm, config=C(16, 64, 256, 1, 4, 3),
@@ -103,6 +104,7 @@ def main():
         print("!!! inline-asm decode broken: tuning the arithmetic path (FP4_TRITON_NO_ASM=1)", flush=True)
         os.environ["FP4_TRITON_NO_ASM"] = "1"
     best = {}
+    dq_best = {}
     shapes = [LLAMA_SHAPES[int(i)] for i in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
     weights = {}
@@ -137,13 +139,16 @@ def main():
                     variants = [True]
                 if mode == "w4a4" and m == 16:
                     variants = [False, True]
-                cands = CANDS[bucket]
+                cands = list(CANDS[bucket]) + ([DQ] if m >= 128 else [])
                 for prequant in variants:
                     for cfg0 in cands:
-                        if not cfg0.DOT and m != 1:
+                        if cfg0 == DQ:
+                            splits = [DQ]
+                        elif not cfg0.DOT and m != 1:
                             continue
-                        splits = [G.resolve_split(cfg0, m, n, k, sms)]
-                        if cfg0.SPLIT_K == 0 and m <= 64:
+                        else:
+                            splits = [G.resolve_split(cfg0, m, n, k, sms)]
+                        if cfg0 != DQ and cfg0.SPLIT_K == 0 and m <= 64:
                             s1 = splits[0].SPLIT_K
                             for s in (s1 * 2, max(1, s1 // 2)):
                                 if s != s1:
@@ -152,7 +157,7 @@ def main():
                             if time.time() - t0 > args.budget:
                                 break
                             rec = {"n": n, "k": k, "m": m, "mode": mode + ("+pq" if prequant else ""),
-                                   "cfg": dataclasses.asdict(cfg), "bf16_us": t_bf16}
+                                   "cfg": DQ if cfg == DQ else dataclasses.asdict(cfg), "bf16_us": t_bf16}
                             try:
                                 calls, kern = run_config(mode, cfg, x, gx, ws, n, k, prequant)
                                 o = calls[0]()
@@ -168,15 +173,17 @@ def main():
                             results["rows"].append(rec)
                             print(rec, flush=True)
                             bkey = (rec["mode"], m, n, k)
-                            if "us" in rec and not rec.get("bad") and (bkey not in best or rec["us"] < best[bkey]["us"]):
-                                best[bkey] = rec
+                            if "us" in rec and not rec.get("bad"):
+                                tab = dq_best if cfg == DQ else best
+                                if bkey not in tab or rec["us"] < tab[bkey]["us"]:
+                                    tab[bkey] = rec
             write_json(args.out, results)
         if done:
             break
     # quant kernel configs (M=4096)
     qrows = []
     for k in (4096, 14336):
-        if time.time() - t0 > args.budget + 60:
+        if time.time() - t0 > args.budget + args.quant_budget:
             break
         xs = [torch.randn(4096, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         gx = torch.ones(1, device="cuda")
@@ -188,6 +195,31 @@ def main():
             qrows.append(r)
             print(r, flush=True)
     results["quant"] = qrows
+    if qrows:
+        agg = {}
+        for r in qrows:
+            agg.setdefault((r["BLOCK_M"], r["BLOCK_G"], r["warps"]), []).append(r["us"])
+        (bm, bg, nw), _ = min(agg.items(), key=lambda kv: sum(kv[1]))
+        results["quant_config"] = {"BLOCK_M": bm, "BLOCK_G": bg, "num_warps": nw}
+    # thresholds: fused in-kernel quant vs pre-quant at M=16; where dequant+cuBLAS beats the Triton GEMM
+    fused = sum(v["us"] for kk, v in best.items() if kk[0] == "w4a4" and kk[1] == 16)
+    pq = sum(v["us"] for kk, v in best.items() if kk[0] == "w4a4+pq" and kk[1] == 16)
+    dq_shapes, dq_wins, dq_all = [], 0, 0
+    for kk, v in dq_best.items():
+        tri = best.get(kk)
+        win = tri is None or v["us"] < tri["us"]
+        if kk[1] >= 1024:
+            dq_all += 1
+            dq_wins += win
+        if win:
+            dq_shapes.append([kk[0], G.m_bucket(kk[1]), kk[2], kk[3]])
+    results["thresholds"] = {
+        "fused_quant_max_m": 16 if (fused and (not pq or fused <= pq)) else 1,
+        "dequant_min_m": 1024 if dq_all and dq_wins * 2 >= dq_all else 1 << 30,
+        "dequant_shapes": dq_shapes,
+    }
+    results["dq_best"] = {str(k): v for k, v in dq_best.items()}
+    print("thresholds:", results["thresholds"], "quant:", results.get("quant_config"), flush=True)
     results["best"] = {str(k): v for k, v in best.items()}
     path = write_json(args.out, results)
     rows = [{"mode": k[0], "bucket": G.m_bucket(k[1]), "shape": f"{k[2]}x{k[3]}", "m": v["m"], "us": v["us"],
@@ -196,6 +228,9 @@ def main():
              "cfg": "BM{BM} BN{BN} BK{BK} S{SPLIT_K} w{num_warps} s{num_stages} {d}{sw}".format(
                  d="dot" if v["cfg"]["DOT"] else "fma", sw="" if v["cfg"]["SWAP"] else " noswap", **v["cfg"])}
             for k, v in sorted(best.items(), key=lambda kv: (kv[1]["m"], kv[0]))]
+    for k, v in sorted(dq_best.items(), key=lambda kv: (kv[1]["m"], kv[0])):
+        rows.append({"mode": k[0] + " DQ", "bucket": G.m_bucket(k[1]), "shape": f"{k[2]}x{k[3]}", "m": v["m"],
+                     "us": v["us"], "bf16_us": round(v["bf16_us"], 2), "speedup": v["speedup"], "cfg": DQ})
     print(f"wrote {path}; {time.time() - t0:.0f}s")
     print_table(rows, ["mode", "shape", "m", "us", "bf16_us", "speedup", "regs", "spills", "cfg"], "best per shape")
 

@@ -148,6 +148,25 @@ def test_configs_and_decode_paths(seed, cfg, use_asm):
         assert rel(out, ref44) <= 1e-5
 
 
+@pytest.mark.parametrize("m", [17, 1000])
+def test_dequant_cublas_path(seed, monkeypatch, m):
+    """The large-M path (weight dequantized once, cuBLAS) forced at any M."""
+    monkeypatch.setattr(G, "DEQUANT_MIN_M", 1)
+    n, k = 1000, 1040
+    pw, sw, gw = make_weight(n, k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    ref44, wv = _refs(x, pw, sw, gx, gw)
+    wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+    o = TRITON_W4A4.linear(x, wt, wst, gx, (1 / (gx * gw)).float(), bias, n)
+    assert rel(o, ref44 + bias.double()) <= TOL[torch.bfloat16]
+    o16 = MARLIN.linear(x, wt, wst, None, (1 / gw).float(), bias, n)
+    assert rel(o16, x.double() @ wv.t() / gw.double() + bias.double()) <= TOL[torch.bfloat16]
+    wd = G.dequantize_weight(wt, wst, n, k, torch.bfloat16)
+    assert torch.equal(wd.float(), F.block_values(pw, sw) / 256.0)
+
+
 def test_cuda_graph_capture_and_replay(seed):
     n, k, m = 4096, 4096, 4
     pw, sw, gw = make_weight(n, k)

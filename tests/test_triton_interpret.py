@@ -61,6 +61,11 @@ def test_nonfinite_activation_block_gives_nonfinite_output(results):
     assert results["nonfinite"]["good_rows_finite"]
 
 
+def test_dequant_kernels_exact(results):
+    assert results["dequant_weight_exact"]
+    assert results["dequant_codes_exact"]
+
+
 def test_prepare_restore_round_trip(results):
     assert all(results["roundtrip"])
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..format import BLOCK_SIZE, pack_e2m1, pad_weight_for_alignment, round_up, unpack_e2m1
-from .triton_gemm import FUSED_QUANT_MAX_M, check_cuda, fp4_gemm, lock_buffer, word_layout
-from .triton_quant import fake_quantize_nvfp4_triton, interpreting
+from . import triton_gemm as _G
+from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
+from .triton_quant import dequantize_codes_triton, fake_quantize_nvfp4_triton, interpreting
 
 WEIGHT_ALIGNMENT = 32
 
@@ -112,11 +113,20 @@ class TritonW4A4Kernels(_HopperKernels):
                 f"{self.name} takes linear activation scales [M, K/16] = [{m}, {ka // BLOCK_SIZE}], "
                 f"got {tuple(a_scale.shape)}"
             )
-        return fp4_gemm(
-            a, weight, weight_scale, alpha.reshape(1).float(), n=weight.shape[0], k=ka, a_mode=2,
-            out_dtype=out_dtype, a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
-            mode="mm",
-        )
+        n = weight.shape[0]
+        alpha = alpha.reshape(1).float()
+        if m <= _G.FUSED_QUANT_MAX_M:
+            return fp4_gemm(a, weight, weight_scale, alpha, n=n, k=ka, a_mode=2, out_dtype=out_dtype,
+                            a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
+                            mode="mm")
+        # larger M: the activation block values once (exact), then the GEMM of the linear path
+        if use_dequant("w4a4+pq", m, n, ka):
+            vals = dequantize_codes_triton(a, a_scale, torch.bfloat16)
+            return dequant_mm(vals, weight, weight_scale, alpha, n=n, k=ka, out_dtype=out_dtype)
+        cdt = _compute_dtype(out_dtype, w4a4=True)
+        vals = dequantize_codes_triton(a, a_scale, cdt)
+        return fp4_gemm(vals, weight, weight_scale, alpha, n=n, k=ka, a_mode=0, out_dtype=out_dtype,
+                        compute_dtype=cdt, mode="w4a4+pq")
 
     def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
         """Fused: quantize x (exact NVFP4) + GEMM * alpha + bias, output [..., out_features] in x.dtype."""
@@ -129,13 +139,16 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        if m <= FUSED_QUANT_MAX_M:
+        if m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
+        elif use_dequant("w4a4+pq", m, out_features, k):
+            xq = fake_quantize_nvfp4_triton(x2, gs, torch.bfloat16)
+            out = dequant_mm(xq, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
             xq = fake_quantize_nvfp4_triton(x2, gs, cdt)
             out = fp4_gemm(xq, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0, out_dtype=x.dtype,
-                           bias=bias, compute_dtype=cdt, mode="w4a4")
+                           bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)
 
 
@@ -156,8 +169,12 @@ class MarlinKernels(_HopperKernels):
         x2 = x.reshape(-1, k)
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
-        out = fp4_gemm(xa, weight, weight_scale, alpha.reshape(1).float(), n=out_features, k=k, a_mode=0,
-                       out_dtype=x.dtype, bias=bias, compute_dtype=cdt, mode="w4a16")
+        alpha = alpha.reshape(1).float()
+        if cdt == torch.bfloat16 and use_dequant("w4a16", xa.shape[0], out_features, k):
+            out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
+        else:
+            out = fp4_gemm(xa, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0,
+                           out_dtype=x.dtype, bias=bias, compute_dtype=cdt, mode="w4a16")
         return out.reshape(*lead, out_features)
 
 

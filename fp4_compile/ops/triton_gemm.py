@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_quant import _fake_quant, check_device, interpreting
+from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, interpreting
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
 
@@ -99,16 +99,6 @@ def _split16(r, cdt: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_value(code):
-    """E2M1 code (int32, 0..15) -> value (fp32), arithmetic (no table)."""
-    mag = code & 7
-    sh = tl.maximum((mag >> 1) - 1, 0)
-    v2 = tl.where(mag < 2, mag, (2 + (mag & 1)) << sh)  # 2 * |value|
-    val = v2.to(tl.float32) * 0.5
-    return tl.where((code & 8) != 0, -val, val)
-
-
-@triton.jit
 def _decode_words(wq, sp, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.constexpr, IS_FP16: tl.constexpr):
     """Words int32 [BN, BK/32, 4] + scale pairs int32 [BN, BK/32, 1] (e4m3 bytes of k-blocks 2j | 2j+1 << 8)
     -> [BN, BK] values e2m1 * sf * 2^-8 in bf16 (fp16 if IS_FP16), natural k order."""
@@ -145,22 +135,6 @@ def _decode_words(wq, sp, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.conste
     u = tl.join(u01, u23)  # [BN, J, t, e0, e3, e4]; k = 32j + 16 e4 + 8 e3 + 2t + e0
     u = tl.permute(u, (0, 1, 5, 4, 2, 3))
     return tl.reshape(u, [BN, BK])
-
-
-@triton.jit
-def _e4m3_value(b):
-    """fp8 e4m3 byte (int32) -> fp32 value, NaN for 0x7F/0xFF (arithmetic, interpreter-safe)."""
-    e = (b >> 3) & 15
-    m = b & 7
-    nrm = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125
-    v = tl.where(e == 0, sub, nrm)
-    v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
-    return tl.where((b & 0x80) != 0, -v, v)
-
-
-# ---------------------------------------------------------------------------------------
-# the GEMM kernel
 
 
 @triton.jit
@@ -372,7 +346,7 @@ DEFAULTS: dict[str, GemmConfig] = {
 TUNED: dict[tuple[str, str, int, int], GemmConfig] = {}
 
 # W4A4 linear quantizes activations inside the GEMM up to this M; above it one quant
-# kernel writes the exact block values (bf16) once and the W4A16 mainloop consumes them.
+# kernel writes the exact block values (fp16) once and the W4A16 mainloop consumes them.
 FUSED_QUANT_MAX_M = 16
 
 
@@ -523,5 +497,115 @@ def fp4_gemm(
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# large M: dequantize the weight once per call (exact values, bf16/fp16) and use cuBLAS
+
+
+@triton.jit
+def _dequant_weight_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_wsn, stride_on,
+                           BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.constexpr, IS_FP16: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    rows = tl.where(n_mask, offs_n, 0).to(tl.int64)
+    k0 = pid_k * BK
+    j_ar = tl.arange(0, BK // 32)
+    kc = tl.cdiv(K, 32)
+    sp = tl.load(ws_ptr + rows[:, None] * stride_wsn + (k0 // 32 + j_ar)[None, :],
+                 mask=((k0 // 32 + j_ar) < kc)[None, :], other=0)
+    sp = (sp.to(tl.int32) & 0xFFFF)[:, :, None]
+    w_off = tl.arange(0, BK // 8)[None, :]
+    wq = tl.load(w_ptr + rows[:, None] * stride_wn + k0 // 8 + w_off, mask=(k0 + 8 * w_off) < kc * 32, other=0)
+    w = _decode_words(tl.reshape(wq, [BN, BK // 32, 4]), sp, BN, BK, USE_ASM, IS_FP16)
+    k_ar = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rows[:, None] * stride_on + k_ar[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (k_ar < K)[None, :])
+
+
+def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, k: int,
+                      dtype: torch.dtype = torch.bfloat16, use_asm: bool | None = None) -> torch.Tensor:
+    """[n, k] exact values e2m1 * sf * 2^-8 (no 1/gs) of a prepared weight, in bf16 or fp16."""
+    if use_asm is None:
+        use_asm = not interpreting() and os.environ.get("FP4_TRITON_NO_ASM", "0") != "1"
+    if weight.dtype != torch.int32:
+        weight = weight.view(torch.int32)
+    if weight_scale.dtype != torch.int16:
+        weight_scale = weight_scale.view(torch.uint8).view(torch.int16)
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    bn, bk = (16, 64) if interpreting() else (64, 256)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _dequant_weight_kernel[grid](weight, weight_scale, out, n, k, weight.stride(0), weight_scale.stride(0),
+                                 out.stride(0), BN=bn, BK=bk, USE_ASM=use_asm, IS_FP16=dtype == torch.float16,
+                                 num_warps=4)
+    return out
+
+
+def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
+               n: int, k: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+               compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Large-M path: out = (a @ dequant(w)^T) * alpha * 2^8 (+ bias), cuBLAS for the GEMM.
+
+    ``a`` holds exact operand values in ``compute_dtype`` (bf16/fp16 activations for W4A16, or
+    NVFP4 block values for W4A4). The GEMM's output is rounded to ``out_dtype`` before the alpha
+    multiply (one more rounding than the fused kernels).
+    """
+    wd = dequantize_weight(weight, weight_scale, n, k, compute_dtype)
+    if a.dtype != compute_dtype:
+        a = a.to(compute_dtype)
+    out = torch.mm(a, wd.t())
+    out = out.mul_(alpha * float(2**W_SHIFT)) if out.dtype == out_dtype else (out * (alpha * float(2**W_SHIFT)))
+    if bias is not None:
+        out = out.add_(bias) if out.dtype == out_dtype else out + bias
+    return out.to(out_dtype)
+
+
+def load_tuned(path: str) -> int:
+    """Fill TUNED (and the path thresholds) from a benchmarks/tune.py result file; returns entries read."""
+    import json
+
+    global FUSED_QUANT_MAX_M, DEQUANT_MIN_M
+    with open(path) as f:
+        data = json.load(f)
+    cnt = 0
+    for key, rec in sorted(data.get("best", {}).items(), key=lambda kv: kv[1]["m"]):
+        mode, n, k, m = rec["mode"], rec["n"], rec["k"], rec["m"]
+        cfg = dict(rec["cfg"])
+        if m <= 16:
+            cfg["SPLIT_K"] = cfg.get("SPLIT_K", 0)
+        TUNED[(mode, m_bucket(m), n, k)] = GemmConfig(**cfg)
+        cnt += 1
+    th = data.get("thresholds", {})
+    FUSED_QUANT_MAX_M = int(th.get("fused_quant_max_m", FUSED_QUANT_MAX_M))
+    DEQUANT_MIN_M = int(th.get("dequant_min_m", DEQUANT_MIN_M))
+    DEQUANT_SHAPES.update({tuple(x) for x in th.get("dequant_shapes", [])})
+    if data.get("quant_config"):
+        from . import triton_quant
+
+        triton_quant.QUANT_CONFIG.update(data["quant_config"])
+    _pick_config.cache_clear()
+    return cnt
+
+
+# M from which linear dequantizes the weight and calls cuBLAS (tuned; see NOTES.md); shapes listed
+# in DEQUANT_SHAPES as (mode, bucket, n, k) use it in that bucket too.
+DEQUANT_MIN_M = 1024
+DEQUANT_SHAPES: set[tuple] = set()
+
+
+def use_dequant(mode: str, m: int, n: int, k: int) -> bool:
+    if interpreting():
+        return False
+    return m >= DEQUANT_MIN_M or (mode, m_bucket(m), n, k) in DEQUANT_SHAPES
+
+
 def check_cuda(*tensors):
     check_device(*tensors, what="the triton-w4a4 / marlin kernels")
+
+
+_TUNED_FILE = os.environ.get("FP4_TUNED_JSON") or os.path.join(os.path.dirname(__file__), "tuned_h100.json")
+if os.path.exists(_TUNED_FILE):
+    try:
+        load_tuned(_TUNED_FILE)
+    except Exception:  # noqa: BLE001 - a bad table must not break import; defaults apply
+        pass

@@ -254,5 +254,67 @@ def fake_quantize_nvfp4_triton(x2: torch.Tensor, global_scale: torch.Tensor, dty
     return _launch_quant(x2, global_scale.float(), MODE_VALUES, dtype)
 
 
-__all__ = ["quantize_nvfp4_triton", "fake_quantize_nvfp4_triton", "interpreting", "check_device"]
+@triton.jit
+def _e2m1_value(code):
+    """E2M1 code (int32, 0..15) -> value (fp32), arithmetic (no table)."""
+    mag = code & 7
+    sh = tl.maximum((mag >> 1) - 1, 0)
+    v2 = tl.where(mag < 2, mag, (2 + (mag & 1)) << sh)  # 2 * |value|
+    val = v2.to(tl.float32) * 0.5
+    return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _e4m3_value(b):
+    """fp8 e4m3 byte (int32) -> fp32 value, NaN for 0x7F/0xFF (arithmetic, interpreter-safe)."""
+    e = (b >> 3) & 15
+    m = b & 7
+    nrm = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    v = tl.where(e == 0, sub, nrm)
+    v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+    return tl.where((b & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def _dequant_codes_kernel(q_ptr, s_ptr, v_ptr, M, KB, stride_qm, stride_sm, stride_vm,
+                          BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    r3 = rows[:, None, None]
+    g3 = groups[None, :, None]
+    valid = (r3 < M) & (g3 < KB)
+    e8 = tl.arange(0, 8)
+    b = tl.load(q_ptr + r3.to(tl.int64) * stride_qm + g3 * 8 + e8[None, None, :], mask=valid, other=0).to(tl.int32)
+    sb = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_sm + groups[None, :],
+                 mask=(rows[:, None] < M) & (groups[None, :] < KB), other=0).to(tl.int32)
+    sf = _e4m3_value(sb)[:, :, None]
+    lo = _e2m1_value(b & 15) * sf
+    hi = _e2m1_value(b >> 4) * sf
+    v = tl.reshape(tl.join(lo, hi), [BLOCK_M, BLOCK_G, 16])
+    e16 = tl.arange(0, 16)
+    tl.store(v_ptr + r3.to(tl.int64) * stride_vm + g3 * 16 + e16[None, None, :], v.to(v_ptr.dtype.element_ty),
+             mask=valid)
+
+
+def dequantize_codes_triton(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed NVFP4 codes [M, K/2] + linear scales [M, K/16] -> exact block values e2m1*sf [M, K] in dtype."""
+    m, k = packed.shape[0], packed.shape[1] * 2
+    kb = k // BLOCK_SIZE
+    scales = scales.reshape(m, kb)
+    if scales.dtype != torch.uint8:
+        scales = scales.view(torch.uint8)
+    out = torch.empty((m, k), dtype=dtype, device=packed.device)
+    bm, bg = (4, 4) if interpreting() else (8, 16)
+    if m and k:
+        _dequant_codes_kernel[(triton.cdiv(m, bm), triton.cdiv(kb, bg))](
+            packed, scales, out, m, kb, packed.stride(0), scales.stride(0), out.stride(0),
+            BLOCK_M=bm, BLOCK_G=bg, num_warps=4)
+    return out
+
+
+__all__ = ["quantize_nvfp4_triton", "fake_quantize_nvfp4_triton", "dequantize_codes_triton", "interpreting",
+           "check_device"]
 _ = round_up
