@@ -9,6 +9,7 @@ from .checkpoint import (
     quantize_transformers_model,
     save_nvfp4,
 )
+from .compile import fp4_backend, register
 from .format import (
     dequantize_nvfp4,
     global_scale_from_amax,
@@ -23,6 +24,10 @@ from .layer import NVFP4Linear, quantize_model
 
 __version__ = "0.1.0"
 
+# torch.compile(model, backend="fp4") also works from a source tree (no entry point);
+# guarded, so importing through the entry point does not register twice.
+register()
+
 __all__ = [
     "Backend",
     "BackendError",
@@ -31,6 +36,7 @@ __all__ = [
     "NVFP4Linear",
     "convert_to_kernel_format",
     "dequantize_nvfp4",
+    "fp4_backend",
     "global_scale_from_amax",
     "load_nvfp4",
     "merge_nvfp4_linears",
@@ -39,6 +45,7 @@ __all__ = [
     "quantize_model",
     "quantize_nvfp4",
     "quantize_transformers_model",
+    "register",
     "save_nvfp4",
     "select_backend",
     "slice_output",

@@ -110,7 +110,8 @@ def linear(
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     parse_backend(backend)
-    return kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
+    out = kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
+    return out.contiguous()  # the fake kernel promises a contiguous [M, N] (a sliced GEMM output is not)
 
 
 @linear.register_fake
