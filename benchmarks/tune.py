@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--modes", default="w4a4,w4a16")
     ap.add_argument("--out", default="tune.json")
+    ap.add_argument("--splits", default="", help="explicit split-K values to try (default: auto, x2, /2)")
     args = ap.parse_args()
     t0 = time.time()
     info = env_info()
@@ -148,7 +149,9 @@ def main():
                             continue
                         else:
                             splits = [G.resolve_split(cfg0, m, n, k, sms)]
-                        if cfg0 != DQ and cfg0.SPLIT_K == 0 and m <= 64:
+                        if cfg0 != DQ and args.splits:
+                            splits = [dataclasses.replace(cfg0, SPLIT_K=int(v)) for v in args.splits.split(",")]
+                        elif cfg0 != DQ and cfg0.SPLIT_K == 0 and m <= 64:
                             s1 = splits[0].SPLIT_K
                             for s in (s1 * 2, max(1, s1 // 2)):
                                 if s != s1:
@@ -182,7 +185,7 @@ def main():
             break
     # quant kernel configs (M=4096)
     qrows = []
-    for k in (4096, 14336):
+    for k in (4096, 14336) if args.quant_budget > 0 else ():
         if time.time() - t0 > args.budget + args.quant_budget:
             break
         xs = [torch.randn(4096, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
@@ -213,11 +216,11 @@ def main():
             dq_wins += win
         if win:
             dq_shapes.append([kk[0], G.m_bucket(kk[1]), kk[2], kk[3]])
-    results["thresholds"] = {
-        "fused_quant_max_m": 16 if (fused and (not pq or fused <= pq)) else 1,
-        "dequant_min_m": 1024 if dq_all and dq_wins * 2 >= dq_all else 1 << 30,
-        "dequant_shapes": dq_shapes,
-    }
+    results["thresholds"] = {"dequant_shapes": dq_shapes}
+    if fused and pq:  # only what this run measured
+        results["thresholds"]["fused_quant_max_m"] = 16 if fused <= pq else 1
+    if dq_all:
+        results["thresholds"]["dequant_min_m"] = 1024 if dq_wins * 2 >= dq_all else 1 << 30
     results["dq_best"] = {str(k): v for k, v in dq_best.items()}
     print("thresholds:", results["thresholds"], "quant:", results.get("quant_config"), flush=True)
     results["best"] = {str(k): v for k, v in best.items()}

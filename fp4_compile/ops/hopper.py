@@ -120,7 +120,7 @@ class TritonW4A4Kernels(_HopperKernels):
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
                             mode="mm")
         # larger M: the activation block values once (exact), then the GEMM of the linear path
-        if use_dequant("w4a4+pq", m, n, ka):
+        if use_dequant("w4a4+pq", m, n, ka, out_dtype):
             vals = dequantize_codes_triton(a, a_scale, torch.bfloat16)
             return dequant_mm(vals, weight, weight_scale, alpha, n=n, k=ka, out_dtype=out_dtype)
         cdt = _compute_dtype(out_dtype, w4a4=True)
@@ -142,7 +142,7 @@ class TritonW4A4Kernels(_HopperKernels):
         if m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
-        elif use_dequant("w4a4+pq", m, out_features, k):
+        elif use_dequant("w4a4+pq", m, out_features, k, x.dtype):
             xq = fake_quantize_nvfp4_triton(x2, gs, torch.bfloat16)
             out = dequant_mm(xq, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
@@ -170,7 +170,7 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        if cdt == torch.bfloat16 and use_dequant("w4a16", xa.shape[0], out_features, k):
+        if use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
             out = fp4_gemm(xa, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0,

@@ -384,8 +384,12 @@ def resolve_split(cfg: GemmConfig, m: int, n: int, k: int, sms: int = NUM_SMS_DE
     bm = cfg.BM if cfg.DOT else 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
     k_tiles = triton.cdiv(k, cfg.BK)
+    # fp32 partials (split * M * N * 4 bytes, written and read back) stay under 1/4 of the
+    # weight bytes (N * K * 9/16): measured on H100, larger splits at M = 64..128 cost more
+    # than the idle SMs they fill (benchmarks/NOTES.md)
+    cap = max(1, (k * 9) // (16 * 16 * max(m, 1)))
     split = 1
-    while tiles * split < waves * sms and k_tiles // (split * 2) >= 4 and split < 32:
+    while tiles * split < waves * sms and k_tiles // (split * 2) >= 4 and split * 2 <= min(cap, 32):
         split *= 2
     return replace(cfg, SPLIT_K=split)
 
@@ -560,13 +564,16 @@ def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out.to(out_dtype)
 
 
-def load_tuned(path: str) -> int:
-    """Fill TUNED (and the path thresholds) from a benchmarks/tune.py result file; returns entries read."""
+def load_tuned(source) -> int:
+    """Fill TUNED (and the path thresholds) from a benchmarks/tune.py result (a path or its dict)."""
     import json
 
     global FUSED_QUANT_MAX_M, DEQUANT_MIN_M
-    with open(path) as f:
-        data = json.load(f)
+    if isinstance(source, dict):
+        data = source
+    else:
+        with open(source) as f:
+            data = json.load(f)
     cnt = 0
     for key, rec in sorted(data.get("best", {}).items(), key=lambda kv: kv[1]["m"]):
         mode, n, k, m = rec["mode"], rec["n"], rec["k"], rec["m"]
@@ -593,8 +600,10 @@ DEQUANT_MIN_M = 1024
 DEQUANT_SHAPES: set[tuple] = set()
 
 
-def use_dequant(mode: str, m: int, n: int, k: int) -> bool:
-    if interpreting():
+def use_dequant(mode: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Large-M bf16 calls only: the cuBLAS output is rounded to bf16 before alpha (fp16 could
+    overflow there, fp16/fp32 callers would lose precision)."""
+    if interpreting() or dtype != torch.bfloat16:
         return False
     return m >= DEQUANT_MIN_M or (mode, m_bucket(m), n, k) in DEQUANT_SHAPES
 
@@ -603,9 +612,16 @@ def check_cuda(*tensors):
     check_device(*tensors, what="the triton-w4a4 / marlin kernels")
 
 
-_TUNED_FILE = os.environ.get("FP4_TUNED_JSON") or os.path.join(os.path.dirname(__file__), "tuned_h100.json")
-if os.path.exists(_TUNED_FILE):
+def _load_default_tables() -> None:
     try:
-        load_tuned(_TUNED_FILE)
+        from .tuned_h100 import TABLE
+
+        load_tuned(TABLE)
     except Exception:  # noqa: BLE001 - a bad table must not break import; defaults apply
         pass
+    path = os.environ.get("FP4_TUNED_JSON")
+    if path and os.path.exists(path):
+        load_tuned(path)
+
+
+_load_default_tables()
