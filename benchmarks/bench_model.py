@@ -5,7 +5,7 @@ Per layer: RMSNorm, q/k/v/o projections, SDPA (GQA 32/8 heads) over a 1024-token
 1 and 16 sequences (one token each) run inside CUDA graphs (captured around the compiled model);
 a 2048-token prefill runs eagerly through the compiled model. Medians of CUDA-event timings.
 
-python benchmarks/bench_model.py [--layers 8] [--backends triton-w4a4,marlin]
+python benchmarks/bench_model.py [--layers 4] [--backends triton-w4a4,marlin]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def compile_fp4(model):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--backends", default="triton-w4a4,marlin")
     ap.add_argument("--prefill", type=int, default=2048)
     args = ap.parse_args()
@@ -154,7 +154,7 @@ def main():
                 try:
                     if key == "prefill":
                         model(x, caches)
-                        r[f"{key}_us"] = round(time_eager_us([lambda: model(x, caches)], reps=5), 1)
+                        r[f"{key}_us"] = round(time_eager_us([lambda: model(x, caches)], reps=3, warmup=1), 1)
                     else:
                         r[f"{key}_us"] = round(graph_time_us(model, (x, caches)), 1)
                     if key == "decode16":

@@ -377,17 +377,17 @@ def _pick_config(mode: str, bucket: str, m: int, n: int, k: int, sms: int) -> Ge
 
 
 def resolve_split(cfg: GemmConfig, m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT,
-                  waves: int = 2) -> GemmConfig:
+                  waves: float = 1.5) -> GemmConfig:
     """Split-K factor for ``cfg.SPLIT_K == 0``: fill the SMs ``waves`` times, >= 4 k-tiles per split."""
     if cfg.SPLIT_K:
         return cfg
     bm = cfg.BM if cfg.DOT else 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
     k_tiles = triton.cdiv(k, cfg.BK)
-    # fp32 partials (split * M * N * 4 bytes, written and read back) stay under 1/4 of the
-    # weight bytes (N * K * 9/16): measured on H100, larger splits at M = 64..128 cost more
-    # than the idle SMs they fill (benchmarks/NOTES.md)
-    cap = max(1, (k * 9) // (16 * 16 * max(m, 1)))
+    # fp32 partials (split * M * N * 4 bytes, written and read back) stay under the weight
+    # bytes (N * K * 9/16): on H100 larger splits at M = 64..128 cost more than the idle SMs
+    # they fill (benchmarks/NOTES.md: S4 best at M = 64 and 128 on 4096x4096, S8/S16 slower)
+    cap = max(1, (k * 9) // (16 * 4 * max(m, 1)))
     split = 1
     while tiles * split < waves * sms and k_tiles // (split * 2) >= 4 and split * 2 <= min(cap, 32):
         split *= 2
