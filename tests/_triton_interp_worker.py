@@ -105,6 +105,9 @@ def main():
                 rec["w4a4"] = rel(o, ref + bias.double())
                 qx, qs = quantize_nvfp4_triton(x, gx)
                 rec["mm"] = rel(TRITON_W4A4.mm(qx, qs, wt, wst, alpha, dt)[:, :n], ref)
+                # as the layer calls it: codes padded to the weight's K, scales not
+                qp = F.pad_activation_for_alignment(qx, wt.shape[1] * 2)
+                rec["mm_padded_k"] = rel(TRITON_W4A4.mm(qp, qs, wt, wst, alpha, dt)[:, :n], ref)
                 o16 = MARLIN.linear(x, wt, wst, None, (1 / gw).float(), None, n)
                 ref16 = x.to(torch.float16).double() @ wv.t() / gw.double()
                 rec["w4a16"] = rel(o16, ref16)

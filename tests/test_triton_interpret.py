@@ -48,6 +48,7 @@ def test_w4a4_linear_and_mm_match_reference(results):
         if "mm" in r:
             assert r["w4a4_shape_ok"], r
             assert r["mm"] <= 1e-3, r
+            assert r["mm_padded_k"] <= 1e-3, r
 
 
 def test_w4a16_matches_reference(results):

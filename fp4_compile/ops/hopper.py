@@ -108,6 +108,10 @@ class TritonW4A4Kernels(_HopperKernels):
         if ka > weight.shape[1] * 2:
             raise ValueError(f"a has K={ka} but the weight holds only {weight.shape[1] * 2}")
         a_scale = a_scale.reshape(m, -1)
+        if a_scale.shape[1] < ka // BLOCK_SIZE:
+            # the layer pads only the packed codes to the weight's K (fp4::pad_k); the missing
+            # blocks are zeros, whose scale is zero
+            a_scale = torch.nn.functional.pad(a_scale.view(torch.uint8), (0, ka // BLOCK_SIZE - a_scale.shape[1]))
         if a_scale.shape[1] != ka // BLOCK_SIZE:
             raise ValueError(
                 f"{self.name} takes linear activation scales [M, K/16] = [{m}, {ka // BLOCK_SIZE}], "
