@@ -137,11 +137,11 @@ SPECS: dict[Backend, BackendSpec] = {
     ),
     Backend.TRITON_W4A4: BackendSpec(
         Backend.TRITON_W4A4, "W4A4", "sm_80+ (Hopper first) + triton", "fp4_compile.ops.hopper:TRITON_W4A4",
-        1, False, _hopper_class_availability,
+        32, False, _hopper_class_availability,
     ),
     Backend.MARLIN: BackendSpec(
         Backend.MARLIN, "W4A16", "sm_80+ (Hopper first) + triton", "fp4_compile.ops.hopper:MARLIN",
-        1, False, _hopper_class_availability,
+        32, False, _hopper_class_availability,
     ),
     **{
         b: BackendSpec(
