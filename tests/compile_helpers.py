@@ -22,7 +22,7 @@ from torch import nn
 
 from fp4_compile import format as fmt
 from fp4_compile.backends import SPECS, Backend
-from fp4_compile.ops.reference import EMULATION, quantize as reference_quantize
+from fp4_compile.ops.reference import EMULATION, linear_by_steps, quantize as reference_quantize
 from fp4_compile.passes import FP4PostGradPass
 
 
@@ -60,10 +60,8 @@ class PaddedEmulation:
         return EMULATION.mm(a, a_scale, weight, weight_scale, alpha, out_dtype)
 
     def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
-        a, a_scale = reference_quantize(x, input_global_scale, self.swizzle)
-        a = fmt.pad_activation_for_alignment(a, weight.shape[1] * 2)
-        out = fmt.slice_output(self.mm(a, a_scale, weight, weight_scale, alpha, x.dtype), out_features)
-        return out if bias is None else out + bias  # fp4::linear makes it contiguous
+        return linear_by_steps(self, reference_quantize, x, weight, weight_scale, input_global_scale, alpha, bias,
+                               out_features, swizzle=self.swizzle)
 
 
 PADDED_SWIZZLED = PaddedEmulation(swizzle=True)

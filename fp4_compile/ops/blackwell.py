@@ -44,6 +44,7 @@ import sysconfig
 import torch
 
 from .. import format as fmt
+from .reference import linear_by_steps
 
 # ---------------------------------------------------------------------------------------
 # names, requirements and supported GPUs
@@ -609,14 +610,9 @@ class _BlackwellKernels:
         bias: torch.Tensor | None,
         out_features: int,
     ) -> torch.Tensor:
-        # The layer's eager chain, step for step: quantize (swizzled scales), pad K, GEMM,
-        # slice N, bias. fp4::quantize is the Triton kernel on CUDA (never FlashInfer's).
-        a, a_scale = torch.ops.fp4.quantize(x, input_global_scale, True)
-        k_padded = weight.shape[1] * 2
-        if k_padded != x.shape[1]:
-            a = fmt.pad_activation_for_alignment(a, k_padded)
-        out = fmt.slice_output(self.mm(a, a_scale, weight, weight_scale, alpha, x.dtype), out_features)
-        return out if bias is None else out + bias
+        # fp4::quantize is the project's Triton kernel on CUDA (never FlashInfer's).
+        return linear_by_steps(self, torch.ops.fp4.quantize, x, weight, weight_scale, input_global_scale, alpha,
+                               bias, out_features, swizzle=True)
 
 
 class CutlassKernels(_BlackwellKernels):

@@ -7,6 +7,9 @@ function every other backend is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from .. import format as fmt
@@ -45,11 +48,32 @@ class EmulationKernels:
         bias: torch.Tensor | None,
         out_features: int,
     ) -> torch.Tensor:
-        # The same steps, in the same order, as the layer's unfused chain, so that a
-        # compiled (fused) model equals the eager one bit for bit.
-        a, a_scale = quantize(x, input_global_scale)
-        out = fmt.slice_output(self.mm(a, a_scale, weight, weight_scale, alpha, x.dtype), out_features)
-        return out if bias is None else out + bias
+        return linear_by_steps(self, quantize, x, weight, weight_scale, input_global_scale, alpha, bias,
+                               out_features, swizzle=False)
+
+
+def linear_by_steps(
+    kernels: Any,
+    quantize_fn: Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_global_scale: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    *,
+    swizzle: bool,
+) -> torch.Tensor:
+    """A fused linear made of a backend's quantize and mm: quantize, pad K, GEMM, slice N, bias.
+
+    The same steps, in the same order, as the layer's unfused chain, so that a compiled
+    (fused) model equals the eager one bit for bit on backends without a fused kernel.
+    """
+    a, a_scale = quantize_fn(x, input_global_scale, swizzle)
+    a = fmt.pad_activation_for_alignment(a, weight.shape[1] * 2)
+    out = fmt.slice_output(kernels.mm(a, a_scale, weight, weight_scale, alpha, x.dtype), out_features)
+    return out if bias is None else out + bias
 
 
 def quantize(x: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
