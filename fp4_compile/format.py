@@ -163,18 +163,32 @@ def quantize_rows(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torc
     return pack_e2m1(codes), sf
 
 
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a ValueError naming the first non-finite element of ``x`` (a device sync)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s), the first at index {index}: "
+            f"{x[index].item()} (NVFP4 would turn its block into NaN)"
+        )
+
+
 def quantize_nvfp4(
-    x: torch.Tensor, global_scale: torch.Tensor, *, swizzle: bool = False
+    x: torch.Tensor, global_scale: torch.Tensor, *, swizzle: bool = False, check_finite_input: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [..., K]`` to NVFP4.
 
     Returns packed codes ``uint8 [..., K/2]`` and block scales ``float8_e4m3fn``:
     ``[..., K/16]`` (linear) or, with ``swizzle=True``, the 2-D 128x4 layout of the
-    flattened rows, zero-padded to ``[round_up(M, 128), round_up(K/16, 4)]``.
+    flattened rows, zero-padded to ``[round_up(M, 128), round_up(K/16, 4)]``. A block
+    holding Inf or NaN gets the NaN scale byte; ``check_finite_input=True`` raises instead.
     """
     check_float_input(x)
     check_global_scale(global_scale)
     check_same_device(x=x, global_scale=global_scale)
+    if check_finite_input:
+        check_finite(x)
     lead, k = x.shape[:-1], x.shape[-1]
     packed, scales = quantize_rows(x.reshape(-1, k), global_scale)
     packed = packed.reshape(*lead, k // 2)

@@ -86,6 +86,7 @@ class NVFP4Linear(nn.Module):
         """Quantize an ``nn.Linear``'s weight (global scale from its amax)."""
         weight = linear.weight.detach()
         fmt.check_float_input(weight, "linear.weight")
+        fmt.check_finite(weight, "linear.weight")
         gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
         packed, scales = fmt.quantize_nvfp4(weight, gs)
         bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)

@@ -153,6 +153,13 @@ def test_non_finite_blocks_are_nan(seed):
     assert scales.view(torch.uint8)[0, 0] == 0x7F
 
 
+def test_check_finite_input_raises(seed):
+    x = torch.randn(3, 32)
+    x[2, 17] = float("-inf")
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\), the first at index \(2, 17\)"):
+        fmt.quantize_nvfp4(x, torch.tensor([10.0]), check_finite_input=True)
+
+
 def test_empty_and_non_contiguous(seed):
     gs = torch.tensor([10.0])
     packed, scales = fmt.quantize_nvfp4(torch.randn(0, 32), gs)

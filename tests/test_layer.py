@@ -92,6 +92,10 @@ def test_layer_bad_input():
         NVFP4Linear.from_linear(nn.Linear(24, 8))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         NVFP4Linear.from_linear(nn.Linear(32, 8).to(torch.float8_e4m3fn))
+    nan_linear = nn.Linear(32, 8)
+    nan_linear.weight.data[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="linear.weight has 1 non-finite"):
+        NVFP4Linear.from_linear(nan_linear)
     layer = NVFP4Linear.from_linear(nn.Linear(32, 8))
     with pytest.raises(ValueError, match="expects 32"):
         layer(torch.randn(2, 48))
