@@ -30,34 +30,20 @@ import time
 
 
 def build_model(device: str):
-    import math
-
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     from fp4_compile import quantize_model
 
-    class Block(nn.Module):
-        def __init__(self, hidden: int = 256, heads: int = 4, ffn: int = 1024) -> None:
-            super().__init__()
-            self.heads = heads
-            self.norm1 = nn.LayerNorm(hidden)
-            self.qkv = nn.Linear(hidden, 3 * hidden)
-            self.proj = nn.Linear(hidden, hidden, bias=False)
-            self.norm2 = nn.LayerNorm(hidden)
-            self.fc1 = nn.Linear(hidden, ffn)
-            self.fc2 = nn.Linear(ffn, hidden)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from models import Block  # the compile tests' block, at benchmark size
 
-        def forward(self, x):
-            b, s, h = x.shape
-            q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-            attn = ((q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)).softmax(-1) @ v
-            x = x + self.proj(attn.transpose(1, 2).reshape(b, s, h))
-            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    class Sized(Block):
+        def __init__(self) -> None:
+            super().__init__(hidden=256, heads=4, ffn=1024)
 
     torch.manual_seed(0)
-    model = nn.Sequential(Block(), Block()).eval().to(device)  # 8 NVFP4Linears
+    model = nn.Sequential(Sized(), Sized()).eval().to(device)  # 8 NVFP4Linears
     quantize_model(model, calibration_data=[torch.randn(2, 16, 256, device=device)], progress=False)
     model[1].fc2.input_global_scale = None  # one dynamic activation scale
     model[1].fc2.refresh_alpha()

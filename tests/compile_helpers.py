@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fp4_compile import format as fmt
 from fp4_compile.backends import SPECS, Backend
 from fp4_compile.ops.reference import EMULATION, linear_by_steps, quantize as reference_quantize
 from fp4_compile.passes import FP4PostGradPass
+from models import Block
 
 
 class PaddedEmulation:
@@ -116,28 +115,6 @@ class SnapshotBackend:
 
 # ---------------------------------------------------------------------------------------
 # models
-
-
-class Block(nn.Module):
-    """Pre-norm attention + MLP (plain matmul attention: cheap to compile on the CPU)."""
-
-    def __init__(self, hidden: int = 64, heads: int = 4, ffn: int = 128) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden, bias=False)
-        self.norm2 = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, ffn)
-        self.fc2 = nn.Linear(ffn, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(h // self.heads)
-        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h)
-        x = x + self.proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 def tiny_transformer(*, backend: str = "emulation", static: bool = True, seed: int = 0) -> nn.Module:
