@@ -1,0 +1,92 @@
+"""Where the NVFP4 prefill time goes: eager call vs CUDA-graph replay, and the top kernels.
+
+Builds the decoder layers of bench_model.py (random weights), compiles the bf16 model with
+Inductor and the NVFP4 model (triton-w4a4, calibrated scales) with backend="fp4", and for a
+2048-token prefill prints: the eager time of one call, the time of the same call replayed
+in a CUDA graph (GPU time without launch overhead), the kernel launches per call and the
+top kernels by GPU time. Usage: python benchmarks/profile_prefill.py [--layers 2] [--tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import D, Stack, compile_fp4, graph_time_us  # noqa: E402
+
+import fp4_compile  # noqa: E402
+
+
+def eager_us(fn, reps: int = 7) -> float:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    return statistics.median(times)
+
+
+def profile(fn, label: str) -> int:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in events)
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    print(f"\n{label}: {launches} kernel launches per call; top kernels by GPU time (us):")
+    for e in sorted(events, key=lambda e: -getattr(e, key))[:10]:
+        print(f"  {getattr(e, key):9.1f}  x{e.count:<3d} {e.key[:100]}")
+    return launches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=2048)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = Stack(args.layers).to("cuda", torch.bfloat16).eval()
+    for p in base.parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
+    x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    with torch.no_grad():
+        models = [("bf16 inductor", torch.compile(base, backend="inductor"))]
+        quant = copy.deepcopy(base)
+        fp4_compile.quantize_model(quant, backend="triton-w4a4", calibration_data=[(x,)], progress=False)
+        models.append(("nvfp4 triton-w4a4 fp4", compile_fp4(quant)[0]))
+        for label, model in models:
+            for _ in range(3):
+                model(x)
+            torch.cuda.synchronize()
+            eager = eager_us(lambda: model(x))
+            graph = graph_time_us(model, (x,), replays=10)
+            launches = profile(lambda: model(x), label)
+            rows.append((label, eager, graph, launches))
+            torch._dynamo.reset()
+    print(f"\nprefill of {args.tokens} tokens through {args.layers} layers, {torch.cuda.get_device_name()}")
+    print("| model | eager us | CUDA graph us | launches | eager - graph us |")
+    print("|---|---|---|---|---|")
+    for label, eager, graph, launches in rows:
+        print(f"| {label} | {eager:.0f} | {graph:.0f} | {launches} | {eager - graph:.0f} |")
+    if len(rows) == 2:
+        print(f"NVFP4/bf16 speed: eager {rows[0][1] / rows[1][1]:.2f}x, CUDA graph {rows[0][2] / rows[1][2]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
