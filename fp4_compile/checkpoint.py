@@ -615,9 +615,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
-        old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(value, requires_grad=False) if not isinstance(value, nn.Parameter) else value
-        del old
     else:
         module._buffers[attr] = value
 

@@ -190,7 +190,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import copy
-    import importlib.util
 
     import torch
 
@@ -216,31 +215,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                             progress=False)
     ids = random_batches(vocab, count=1, batch=args.batch, seq_len=args.seq_len, seed=args.seed + 2, device=device)[0]
     dump_dir = Path(args.dump_dir)
-    if importlib.util.find_spec("fp4_compile.inspection") is not None:
-        from .inspection import inspect_compiled
+    from .inspection import inspect_compiled
 
-        report = inspect_compiled(model, {"input_ids": ids, "use_cache": False}, dump_dir=dump_dir)
-        print(report)
-        return 0
-    # TODO(lead): fp4_compile/inspection.py (compile helper) is not in this tree yet; this
-    # fallback counts the fp4 ops in Inductor's output code instead.
-    from torch._inductor.utils import run_and_get_code
-
-    from .demo import compile_backend, count_fp4_nodes
-
-    backend, note = compile_backend("fp4")
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        _, codes = run_and_get_code(lambda: compiled(input_ids=ids, use_cache=False).logits)
-    counts = count_fp4_nodes(codes)
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    for i, code in enumerate(codes):
-        (dump_dir / f"output_code_{i}.py").write_text(code)
-    n = sum(1 for m in model.modules() if type(m).__name__ == "NVFP4Linear")
-    print(f"fp4_compile.inspection is not available; summary from Inductor's output code ({note}):")
-    print(f"  NVFP4 linears: {n}; fused fp4.linear calls: {counts['linear']}; unfused fp4.mm: {counts['mm']}, "
-          f"fp4.quantize: {counts['quantize']}, fp4.pad_k: {counts['pad_k']}")
-    print(f"  output code: {dump_dir}/output_code_*.py")
+    print(inspect_compiled(model, {"input_ids": ids, "use_cache": False}, dump_dir=dump_dir))
     return 0
 
 

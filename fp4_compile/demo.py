@@ -10,7 +10,6 @@ agreement of the logits, eager and compiled time.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 import time
@@ -132,13 +131,9 @@ def time_call(fn: Callable[[], Any], iters: int) -> float:
 def compile_backend(name: str) -> tuple[Any, str]:
     """The torch.compile backend for ``name`` ("fp4", "inductor", "aot_eager", "eager") and a note."""
     if name == "fp4":
-        if importlib.util.find_spec("fp4_compile.compile") is not None:
-            from .compile import fp4_backend  # lazy: imports Inductor and the passes
+        from .compile import fp4_backend  # lazy: imports Inductor
 
-            return fp4_backend, "fp4 (Inductor + fp4_compile passes)"
-        # TODO(lead): fp4_compile/compile.py (compile helper) is not in this tree yet; the
-        # demo falls back to plain Inductor, so no fp4.linear fusion is shown.
-        return "inductor", "inductor (fp4_compile.compile not available yet: no fusion pass)"
+        return fp4_backend, "fp4 (Inductor + fp4_compile passes)"
     return name, name
 
 

@@ -171,7 +171,6 @@ def _fp4_gemm_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     offs_n_safe = tl.where(n_mask, offs_n, 0)  # padded weight rows exist only up to Np
-    offs_m_safe = tl.where(m_mask, offs_m, 0)
 
     kt_total = tl.cdiv(K, BK)
     kt_per = tl.cdiv(kt_total, split_k)
@@ -181,11 +180,9 @@ def _fp4_gemm_kernel(
     g_ar = tl.arange(0, G)
     j_ar = tl.arange(0, BK // 32)
     e8 = tl.arange(0, 8)
-    e16 = tl.arange(0, 16)
     k_ar = tl.arange(0, BK)
 
     # pointers at k = 0
-    w_rows = w_ptr + offs_n_safe.to(tl.int64)[:, None, None] * stride_wn
     ws_rows = ws_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wsn
     # activation rows actually loaded: BMQ = next_pow2(M) <= BM when one M tile covers M (small M:
     # the [BMQ, BK] tile is quantized once and broadcast to the BM >= 16 rows the MMA needs)

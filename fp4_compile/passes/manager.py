@@ -121,7 +121,7 @@ def _shape(node, dim: int) -> int | None:
 
 
 def _linear_info(node: torch.fx.Node, module: str | None, note: str = "") -> LinearInfo:
-    x, weight, bias, n, backend = node.args[0], node.args[1], node.args[5], node.args[6], node.args[7]
+    x, bias, n, backend = node.args[0], node.args[5], node.args[6], node.args[7]
     return LinearInfo(node.name, module, str(backend), _shape(x, -1), int(n), bias is not None, note)
 
 
