@@ -108,15 +108,7 @@ def graph_time_us(fn, args, replays=20):
 
 
 def compile_fp4(model):
-    backend = getattr(getattr(fp4_compile, "compile", None), "fp4_backend", None)
-    if backend is None:
-        try:
-            import fp4_compile.compile as c  # noqa: F401
-
-            backend = "fp4"
-        except ImportError:
-            return torch.compile(model, backend="inductor"), "inductor (fp4_compile.compile missing)"
-    return torch.compile(model, backend=backend), "fp4"
+    return torch.compile(model, backend=fp4_compile.fp4_backend), "fp4"
 
 
 def main():

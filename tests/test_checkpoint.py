@@ -309,10 +309,8 @@ def test_checkpoint_saved_here_decompresses_in_compressed_tensors(quantized, tmp
 def test_llama_quantize_save_load_compile(quantized, tmp_path):
     model, ids = quantized
     loaded = load_nvfp4(save_nvfp4(model, tmp_path / "ckpt"), device="cpu")
-    try:
-        from fp4_compile.compile import fp4_backend as backend
-    except ImportError:  # the compile helper's module is not there yet
-        backend = "inductor"
+    from fp4_compile.compile import fp4_backend as backend
+
     torch._dynamo.reset()
     with torch.no_grad():
         a = torch.compile(model, backend=backend)(input_ids=ids, use_cache=False).logits
