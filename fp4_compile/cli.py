@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fp4c {args.command}: error: {e.name} is not installed (pip install 'fp4_compile[{extra}]')",
               file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `fp4c backends | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print(f"fp4c {args.command}: interrupted", file=sys.stderr)
         return 130
