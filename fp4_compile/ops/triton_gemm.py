@@ -453,7 +453,7 @@ def fp4_gemm(
         return (out, None) if return_kernel else out
     interp = interpreting()
     if use_asm is None:
-        use_asm = not interp and os.environ.get("FP4_TRITON_NO_ASM", "0") != "1"
+        use_asm = default_use_asm(dev)
     cfg = config if config is not None else pick_config(mode, m, n, k, dev)
     if cfg.SPLIT_K == 0:
         cfg = resolve_split(cfg, m, n, k, NUM_SMS_DEFAULT if interp else _num_sms(dev.index or 0))
@@ -524,11 +524,23 @@ def _dequant_weight_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_wsn, 
              mask=n_mask[:, None] & (k_ar < K)[None, :])
 
 
+@functools.lru_cache(maxsize=None)
+def _has_e4m3_cvt(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def default_use_asm(device: torch.device) -> bool:
+    """The inline-PTX decode needs ``cvt.rn.f16x2.e4m3x2`` (sm_89+); sm_80/86 use the arithmetic one."""
+    if interpreting() or os.environ.get("FP4_TRITON_NO_ASM", "0") == "1":
+        return False
+    return _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, k: int,
                       dtype: torch.dtype = torch.bfloat16, use_asm: bool | None = None) -> torch.Tensor:
     """[n, k] exact values e2m1 * sf * 2^-8 (no 1/gs) of a prepared weight, in bf16 or fp16."""
     if use_asm is None:
-        use_asm = not interpreting() and os.environ.get("FP4_TRITON_NO_ASM", "0") != "1"
+        use_asm = default_use_asm(weight.device)
     if weight.dtype != torch.int32:
         weight = weight.view(torch.int32)
     if weight_scale.dtype != torch.int16:
