@@ -76,6 +76,22 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"tensors must be on one device: {listing}")
 
 
+def check_linear_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
+    """A weight in the linear (checkpoint) layout: uint8 ``[N, K/2]`` and float8_e4m3fn ``[N, K/16]``."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"packed weight must be 2-D uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if k % BLOCK_SIZE:
+        raise ValueError(f"in_features (K={k}) must be a multiple of {BLOCK_SIZE}")
+    if scales.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight scales must be float8_e4m3fn, got {scales.dtype}")
+    if tuple(scales.shape) != (n, k // BLOCK_SIZE):
+        raise ValueError(
+            f"weight scales must have shape {(n, k // BLOCK_SIZE)} for a packed weight of shape "
+            f"{tuple(packed.shape)}, got {tuple(scales.shape)}"
+        )
+
+
 def _is_traced(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 

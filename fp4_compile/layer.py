@@ -45,18 +45,8 @@ class NVFP4Linear(nn.Module):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__()
-        if packed.dtype != torch.uint8 or packed.dim() != 2:
-            raise TypeError(f"packed weight must be 2-D uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+        fmt.check_linear_weight(packed, scales)
         n, k = packed.shape[0], packed.shape[1] * 2
-        if k % fmt.BLOCK_SIZE:
-            raise ValueError(f"in_features (K={k}) must be a multiple of {fmt.BLOCK_SIZE}")
-        if scales.dtype != torch.float8_e4m3fn:
-            raise TypeError(f"weight scales must be float8_e4m3fn, got {scales.dtype}")
-        if tuple(scales.shape) != (n, k // fmt.BLOCK_SIZE):
-            raise ValueError(
-                f"weight scales must have shape {(n, k // fmt.BLOCK_SIZE)} for a packed weight of shape "
-                f"{tuple(packed.shape)}, got {tuple(scales.shape)}"
-            )
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         fmt.check_same_device(packed=packed, scales=scales, bias=bias)

@@ -329,20 +329,6 @@ def trtllm_unshuffle_row_indices(
 # argument checks
 
 
-def _check_linear_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError(f"packed weight must be 2-D uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
-    if scales.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"weight scales must be float8_e4m3fn, got {scales.dtype}")
-    n, k = packed.shape[0], packed.shape[1] * 2
-    if tuple(scales.shape) != (n, k // fmt.BLOCK_SIZE):
-        raise ValueError(
-            f"weight scales must be linear [N, K/16] = {(n, k // fmt.BLOCK_SIZE)}, got {tuple(scales.shape)}"
-        )
-    if k % fmt.BLOCK_SIZE:
-        raise ValueError(f"K={k} must be a multiple of {fmt.BLOCK_SIZE}")
-
-
 def _check_operands(
     a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor
 ) -> None:
@@ -561,7 +547,7 @@ class _BlackwellKernels:
 
     # weight layout -------------------------------------------------------------------
     def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_linear_weight(packed, scales)
+        fmt.check_linear_weight(packed, scales)
         packed, scales = fmt.pad_weight_for_alignment(packed, scales, fmt.ALIGNMENT)
         return packed.contiguous(), fmt.swizzle_blockscale(scales.contiguous())
 
@@ -645,7 +631,7 @@ class FlashInferTrtllmKernels(FlashInferKernels):
         super().__init__(FLASHINFER_TRTLLM_NAME, "trtllm")
 
     def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_linear_weight(packed, scales)
+        fmt.check_linear_weight(packed, scales)
         packed, scales = fmt.pad_weight_for_alignment(packed, scales, fmt.ALIGNMENT)
         rows = fmt.round_up(packed.shape[0], TRTLLM_ROW_ALIGNMENT)
         if rows != packed.shape[0]:

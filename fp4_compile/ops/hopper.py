@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BLOCK_SIZE, pack_e2m1, pad_weight_for_alignment, round_up, unpack_e2m1
+from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
 from . import triton_gemm as _G
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
 from .triton_quant import dequantize_codes_triton, fake_quantize_nvfp4_triton, interpreting
@@ -40,16 +40,6 @@ def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor
     return pack_e2m1(codes.index_select(2, idx).reshape(rows, cols * 2)).contiguous()
 
 
-def _check_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError(f"packed weight must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
-    if scales.dtype != torch.float8_e4m3fn or scales.dim() != 2:
-        raise TypeError(f"weight scales must be float8_e4m3fn [N, K/16], got {scales.dtype} {tuple(scales.shape)}")
-    n, k = packed.shape[0], packed.shape[1] * 2
-    if tuple(scales.shape) != (n, k // BLOCK_SIZE):
-        raise ValueError(f"weight scales {tuple(scales.shape)} do not match packed weight {tuple(packed.shape)}")
-
-
 def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     """MMA operand type. W4A4 runs in fp16 for any input dtype: both operands' block values
     (e2m1 * sf, magnitudes in [2^-10, 2688]) are exact in fp16, and fp16 scales are one
@@ -66,7 +56,7 @@ class _HopperKernels:
     semantics = ""
 
     def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_weight(packed, scales)
+        check_linear_weight(packed, scales)
         packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT)
         weight = permute_nibbles(packed)
         if weight.device.type == "cuda":
@@ -186,4 +176,3 @@ TRITON_W4A4 = TritonW4A4Kernels()
 MARLIN = MarlinKernels()
 
 __all__ = ["TRITON_W4A4", "MARLIN", "WEIGHT_ALIGNMENT", "permute_nibbles"]
-_ = round_up
