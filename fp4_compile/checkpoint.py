@@ -1015,28 +1015,19 @@ def quantize_transformers_model(
                   if isinstance(m, nn.Linear) and not _matches_ct(n, m, ignore)
                   and m.in_features % fmt.BLOCK_SIZE == 0}
     groups = _fused_siblings(candidates) if share_fused_global_scales else []
-    originals = {n: candidates[n].weight for g in groups for n in g}
+    shared_scales = {}
+    for group in groups:
+        amax = torch.stack([candidates[n].weight.detach().abs().amax().float() for n in group]).amax()
+        gs = fmt.global_scale_from_amax(amax).reshape(1)
+        shared_scales.update({n: gs for n in group})
     if calibration_data is not None and progress:
         from tqdm.auto import tqdm
 
         calibration_data = tqdm(calibration_data, desc="calibrating activation scales", unit="batch")
-    model = quantize_model(
+    return quantize_model(
         model, backend=backend, calibration_data=calibration_data, progress=progress,
-        filter_fn=lambda name, linear: name in candidates,
+        filter_fn=lambda name, linear: name in candidates, weight_global_scales=shared_scales,
     )
-    for group in groups:
-        amax = torch.stack([originals[n].detach().abs().amax().float() for n in group]).amax()
-        gs = fmt.global_scale_from_amax(amax).reshape(1).to(originals[group[0]].device)
-        for name in group:
-            layer = model.get_submodule(name)
-            if not isinstance(layer, NVFP4Linear) or torch.equal(layer.weight_global_scale.to(gs.device), gs):
-                continue
-            packed, scales = fmt.quantize_nvfp4(originals[name].detach(), gs)
-            new = NVFP4Linear(packed, scales, gs.clone(), input_global_scale=layer.input_global_scale, bias=layer.bias,
-                              backend=layer.backend)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
 
 
 # ---------------------------------------------------------------------------------------

@@ -72,12 +72,16 @@ class NVFP4Linear(nn.Module):
         *,
         backend: Backend | str | None = None,
         input_global_scale: torch.Tensor | float | None = None,
+        weight_global_scale: torch.Tensor | float | None = None,
     ) -> "NVFP4Linear":
-        """Quantize an ``nn.Linear``'s weight (global scale from its amax)."""
+        """Quantize an ``nn.Linear``'s weight (global scale from its amax unless given)."""
         weight = linear.weight.detach()
         fmt.check_float_input(weight, "linear.weight")
         fmt.check_finite(weight, "linear.weight")
-        gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
+        if weight_global_scale is None:
+            gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
+        else:
+            gs = _as_global_scale(weight_global_scale, "weight_global_scale", weight.device)
         packed, scales = fmt.quantize_nvfp4(weight, gs)
         bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
         return cls(packed, scales, gs, input_global_scale=input_global_scale, bias=bias, backend=backend)
@@ -188,6 +192,7 @@ def quantize_model(
     backend: Backend | str | None = None,
     filter_fn: Callable[[str, nn.Linear], bool] | None = None,
     calibration_data: Iterable[Any] | None = None,
+    weight_global_scales: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` of ``model`` by an :class:`NVFP4Linear`, in place.
@@ -195,6 +200,8 @@ def quantize_model(
     ``filter_fn(name, linear)`` chooses layers; layers whose in_features is not a multiple
     of 16 are skipped with a logged reason. With ``calibration_data`` (an iterable of
     model inputs) activation global scales are static (calibrated amax); otherwise dynamic.
+    ``weight_global_scales`` (layer name -> scale) overrides the per-layer weight amax, e.g.
+    to give partitions that engines fuse (q/k/v) one global scale.
     """
     from tqdm.auto import tqdm
 
@@ -213,7 +220,9 @@ def quantize_model(
         input_gs = fmt.global_scale_from_amax(amax[name]) if name in amax else None
         if calibration_data is not None and name not in amax:
             logger.info("%s saw no calibration data: dynamic activation scale", name)
-        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs)
+        weight_gs = (weight_global_scales or {}).get(name)
+        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
+                                      weight_global_scale=weight_gs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

@@ -166,3 +166,15 @@ def test_quantize_model_filter(seed):
     model = TinyTransformer()
     quantize_model(model, filter_fn=lambda name, mod: name != "head", progress=False)
     assert isinstance(model.head, nn.Linear) and isinstance(model.down, NVFP4Linear)
+
+
+def test_given_weight_global_scale(seed):
+    lin = nn.Linear(64, 24)
+    gs = fmt.global_scale_from_amax(lin.weight.detach().abs().amax() * 4).reshape(1)  # a shared, larger amax
+    layer = NVFP4Linear.from_linear(lin, weight_global_scale=gs)
+    assert torch.equal(layer.weight_global_scale, gs)
+    want = fmt.quantize_nvfp4(lin.weight.detach(), gs)
+    assert torch.equal(layer.linear_weight()[0], want[0])
+    model = nn.ModuleList([nn.Linear(64, 24), nn.Linear(32, 8)])
+    quantize_model(model, weight_global_scales={"0": gs}, progress=False)
+    assert torch.equal(model[0].weight_global_scale, gs) and not torch.equal(model[1].weight_global_scale, gs)
