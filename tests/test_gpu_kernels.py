@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from fp4_compile.ops import cuda_small_m, hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.triton_quant import fake_quantize_nvfp4_triton, quantize_nvfp4_triton  # noqa: E402
@@ -80,10 +81,24 @@ def _refs(x, pw, sw, gx, gw):
     return ref44, wv
 
 
+@pytest.fixture(params=["cuda", "triton"])
+def small_m_path(request, monkeypatch):
+    """M <= 16 runs through the CUDA small-M kernel where it is built (sm_89/90), else Triton: test both."""
+    if request.param == "triton":
+        monkeypatch.setattr(hopper, "use_small_m", lambda *args: False)
+    return request.param
+
+
+def _skip_duplicate(path, m):
+    if path == "triton" and m > cuda_small_m.MAX_M:
+        pytest.skip("M > 16 never takes the small-M kernel: covered by the 'cuda' case")
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
-def test_w4a4_and_w4a16_linear(seed, n, k, m, dt):
+def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, small_m_path):
+    _skip_duplicate(small_m_path, m)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV).to(dt)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -107,7 +122,8 @@ def test_w4a4_and_w4a16_linear(seed, n, k, m, dt):
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208)])
 @pytest.mark.parametrize("m", MS)
-def test_mm_on_quantized_operands(seed, n, k, m):
+def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
+    _skip_duplicate(small_m_path, m)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -121,6 +137,54 @@ def test_mm_on_quantized_operands(seed, n, k, m):
     assert out.shape == (m, wt.shape[0])
     assert rel(out[:, :n], ref44) <= 1e-5
     assert (out[:, n:] == 0).all()
+
+
+def test_small_m_kernel_is_built_on_hopper():
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0) or cuda_small_m.nvcc_path() is None:
+        pytest.skip(f"the CUDA small-M kernel is built for sm_90 with nvcc (sm_{cap[0]}{cap[1]})")
+    assert cuda_small_m.unavailable_reason(torch.cuda.current_device()) is None
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (1024, 14336)])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_small_m_kernel_exact(seed, n, k, m, dt):
+    """fp32 output: equal to the float64 product up to fp32 summation order, every launch variant;
+    16-bit output with bias: within output rounding. Outputs poisoned first."""
+    if cuda_small_m.unavailable_reason(torch.cuda.current_device()) is not None:
+        pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-3, 3, k, device=DEV)).to(dt)
+    bias = torch.randn(n, device=DEV).to(dt)
+    alpha = (1 / gw).float()
+    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    for rows_per_warp, warps in [(16, 8), (32, 8), (16, 3), (32, 1)]:
+        poison_allocator(m * n * 8 + (1 << 22))
+        out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32,
+                                        rows_per_warp=rows_per_warp, warps=warps)
+        assert out.shape == (m, n) and torch.isfinite(out).all()
+        assert rel(out, ref) <= 1e-5, (rows_per_warp, warps, rel(out, ref))
+    out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
+    assert out.dtype == dt and torch.isfinite(out).all()
+    assert rel(out, ref + bias.double()) <= TOL[dt]
+
+
+def test_small_m_kernel_rejects_bad_input():
+    if cuda_small_m.unavailable_reason(torch.cuda.current_device()) is not None:
+        pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
+    pw, sw, gw = make_weight(64, 64)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    alpha = (1 / gw).float()
+    x = torch.randn(17, 64, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        cuda_small_m.small_m_gemm(x[:2].float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="bad shapes"):
+        cuda_small_m.small_m_gemm(torch.randn(2, 96, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
+                                  out_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -36,14 +36,13 @@ import importlib
 import importlib.util
 import os
 import pathlib
-import re
 import shutil
-import subprocess
 import sysconfig
 
 import torch
 
 from .. import format as fmt
+from .nvcc import nvcc_path, nvcc_version
 from .reference import linear_by_steps
 
 # ---------------------------------------------------------------------------------------
@@ -151,29 +150,6 @@ def _torch_cuda_version() -> tuple[int, int] | None:
         return None
     major, minor = (int(p) for p in torch.version.cuda.split(".")[:2])
     return major, minor
-
-
-@functools.lru_cache(maxsize=None)
-def nvcc_path() -> str | None:
-    """nvcc from $CUDA_HOME / $CUDA_PATH, else from PATH."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
-            return os.path.join(root, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-@functools.lru_cache(maxsize=None)
-def nvcc_version(nvcc: str | None = None) -> tuple[int, int] | None:
-    nvcc = nvcc or nvcc_path()
-    if nvcc is None:
-        return None
-    try:
-        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+)\.(\d+)", text)
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def _has_ninja() -> bool:

@@ -21,6 +21,7 @@ import torch
 
 from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
 from . import triton_gemm as _G
+from .cuda_small_m import small_m_gemm, use_small_m
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
 from .triton_quant import dequantize_codes_triton, fake_quantize_nvfp4_triton, interpreting
 
@@ -38,6 +39,12 @@ def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor
     codes = unpack_e2m1(packed).reshape(rows, cols // 16, 32)
     idx = (_INV_LAYOUT if inverse else _LAYOUT).to(packed.device)
     return pack_e2m1(codes.index_select(2, idx).reshape(rows, cols * 2)).contiguous()
+
+
+def _value_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit type of the CUDA small-M kernel's activation operand for an output/input dtype
+    (NVFP4 block values are exact in both)."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
 def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
@@ -109,6 +116,9 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         n = weight.shape[0]
         alpha = alpha.reshape(1).float()
+        if use_small_m(a, m):
+            vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
+            return small_m_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
         if m <= _G.FUSED_QUANT_MAX_M:
             return fp4_gemm(a, weight, weight_scale, alpha, n=n, k=ka, a_mode=2, out_dtype=out_dtype,
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
@@ -133,7 +143,10 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        if m <= _G.FUSED_QUANT_MAX_M:
+        if use_small_m(x2, m):
+            xq = fake_quantize_nvfp4_triton(x2, gs, _value_dtype(x.dtype))
+            out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
         elif use_dequant("w4a4+pq", m, out_features, k, x.dtype):
@@ -164,7 +177,9 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        if use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype):
+        if use_small_m(xa, xa.shape[0]):
+            out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
             out = fp4_gemm(xa, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0,

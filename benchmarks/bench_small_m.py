@@ -1,0 +1,102 @@
+"""Decode-sized M: the CUDA small-M kernel against the Triton kernels and cuBLAS bf16.
+
+For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
+cuBLAS bf16; W4A16 through Triton and through the CUDA kernel at each launch variant
+(rows per warp x warps per CTA); W4A4 linear (quantization included) through Triton and through
+the CUDA kernel. Checks that the CUDA and Triton outputs agree before timing.
+
+python benchmarks/bench_small_m.py [--ms 1,16] [--shapes 0,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4_weight_bytes,  # noqa: E402
+                     make_fp4_weights, print_table, time_graph_us, write_json)
+
+from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops import hopper  # noqa: E402
+from fp4_compile.ops import triton_gemm as G  # noqa: E402
+from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
+from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
+
+VARIANTS = [(16, 4), (16, 8), (32, 4), (32, 8)]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1,2,4,8,16")
+    ap.add_argument("--shapes", default="0,1,2,3")
+    args = ap.parse_args()
+    info = env_info()
+    bw = copy_bandwidth_gbs()
+    info["copy_GBps"] = round(bw, 1)
+    print(info, flush=True)
+    rows = []
+    for si in args.shapes.split(","):
+        n, k = LLAMA_SHAPES[int(si)]
+        copies = copies_for(fp4_weight_bytes(n, k))
+        ws = make_fp4_weights(n, k, copies, MARLIN)
+        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+        wbytes = fp4_weight_bytes(n, k)
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+            alphas = [(1 / gw).float() for _, _, gw in ws]
+            alphas44 = [(1 / (gx * gw)).float() for _, _, gw in ws]
+            row = {"shape": f"{n}x{k}", "m": m}
+            # agreement first (same weight copy, fp32-accumulated both ways)
+            wt, wst, _ = ws[0]
+            o_cuda = small_m_gemm(x, wt, wst, alphas[0], n=n, out_dtype=torch.float32)
+            o_tri = G.fp4_gemm(x, wt, wst, alphas[0], n=n, k=k, a_mode=0, out_dtype=torch.float32,
+                               compute_dtype=torch.bfloat16, mode="w4a16")
+            row["w4a16_cuda_vs_triton_rel"] = f"{rel(o_cuda, o_tri):.1e}"
+            row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
+            row["w4a16_triton_us"] = round(time_graph_us(
+                [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
+                                             compute_dtype=torch.bfloat16, mode="w4a16")
+                 for w, a in zip(ws, alphas)]), 2)
+            for rpw, warps in VARIANTS:
+                row[f"w4a16_cuda_r{rpw}w{warps}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
+                                                   rows_per_warp=rpw, warps=warps)
+                     for w, a in zip(ws, alphas)]), 2)
+            row["w4a16_cuda_us"] = round(time_graph_us(
+                [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
+            row["w4a4_cuda_us"] = round(time_graph_us(
+                [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
+                 for w, a in zip(ws, alphas44)]), 2)
+            use = hopper.use_small_m
+            hopper.use_small_m = lambda *a: False
+            try:
+                row["w4a4_triton_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
+                     for w, a in zip(ws, alphas44)]), 2)
+            finally:
+                hopper.use_small_m = use
+            best = min(row[f"w4a16_cuda_r{r}w{w}_us"] for r, w in VARIANTS)
+            row["w4a16_best_x"] = round(row["bf16_us"] / best, 2)
+            row["w4a16_best_bw"] = round(wbytes / (best * 1e-6) / 1e9 / bw, 2)
+            row["w4a4_cuda_x"] = round(row["bf16_us"] / row["w4a4_cuda_us"], 2)
+            rows.append(row)
+            print(row, flush=True)
+        del ws, bf
+        torch.cuda.empty_cache()
+    path = write_json("bench_small_m.json", {"env": info, "rows": rows})
+    cols = ["shape", "m", "bf16_us", "w4a16_triton_us", *[f"w4a16_cuda_r{r}w{w}_us" for r, w in VARIANTS],
+            "w4a16_best_x", "w4a16_best_bw", "w4a4_triton_us", "w4a4_cuda_us", "w4a4_cuda_x", "w4a16_cuda_vs_triton_rel"]
+    print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
+
+
+if __name__ == "__main__":
+    main()

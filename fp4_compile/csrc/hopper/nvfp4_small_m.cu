@@ -1,0 +1,353 @@
+// NVFP4 weight x 16-bit activation GEMM for decode-sized M (1..16) on sm_89/sm_90.
+//
+//   out[m, n] = alpha * 2^8 * sum_k x[m, k] * (e2m1[n, k] * sf[n, k/16] * 2^-8)  (+ bias[n])
+//
+// Exact: the weight values e2m1 * sf are built in registers (exact in bf16 and fp16), products
+// are exact in the tensor core, sums in fp32. Fed the activation block values of an NVFP4
+// quantization (exact in bf16/fp16), it is the W4A4 product; fed bf16/fp16 activations, W4A16.
+//
+// Weight layout (shared with the Triton kernels, see ops/triton_gemm.py word_layout): uint8
+// [Np, Kp/2] rows, each 16-byte chunk (32 k) holding in word w (0..3) the k-columns
+// {2w, 2w+1} + {0, 8, 16, 24}; scales e4m3 [Np, Kp/16] linear, so a chunk's two scales are one
+// 16-bit load.
+//
+// Why not the Triton kernel's structure at small M: there each k-step is a dependent chain
+// (shared-memory load -> decode -> wgmma -> wait) of one warpgroup, at 2 CTAs/SM (ncu: 12.5%
+// occupancy, 48% of DRAM bandwidth). Here every warp streams its own k-range straight from
+// global memory into registers (16-byte loads, prefetched a stage ahead), decodes with 5 ALU ops
+// per pair of weights, and issues synchronous mma.m16n8k16; the warps of a CTA split K and
+// reduce through shared memory once at the end.
+//
+// The m16n8k16 k-order is free as long as A and B agree, so lane t of a quad owns a whole
+// 16-byte chunk (chunk 4s + t of k-group s) instead of one word of each: one 128-bit load per
+// row per 32 weights, one scale pair per 32 weights, and the activation pairs it needs are the
+// 32-bit words of four 128-bit loads of the same 32 k.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kWarpSize = 32;
+
+template <bool FP16>
+struct ScalePair {
+  uint32_t lo, hi;  // broadcast x2 registers: sf[2c] * 2^s, sf[2c+1] * 2^s (s = 6 fp16, 118 bf16)
+};
+
+// Two e4m3 scale bytes (block 2c in the low byte) -> broadcast x2 scale registers.
+template <bool FP16>
+__device__ __forceinline__ ScalePair<FP16> make_scales(uint32_t pair) {
+  ScalePair<FP16> s;
+  if constexpr (FP16) {
+    asm("{\n"
+        ".reg .b16 sl;\n"
+        ".reg .b32 h, c;\n"
+        "cvt.u16.u32 sl, %2;\n"
+        "cvt.rn.f16x2.e4m3x2 h, sl;\n"
+        "mov.b32 c, 0x54005400;\n"  // 64, 64
+        "mul.rn.f16x2 h, h, c;\n"
+        "prmt.b32 %0, h, h, 0x1010;\n"
+        "prmt.b32 %1, h, h, 0x3232;\n"
+        "}\n"
+        : "=r"(s.lo), "=r"(s.hi)
+        : "r"(pair));
+  } else {
+    asm("{\n"
+        ".reg .b16 sl, sh;\n"
+        ".reg .b32 h;\n"
+        ".reg .f32 f0, f1;\n"
+        "cvt.u16.u32 sl, %2;\n"
+        "cvt.rn.f16x2.e4m3x2 h, sl;\n"
+        "mov.b32 {sl, sh}, h;\n"
+        "cvt.f32.f16 f0, sl;\n"
+        "cvt.f32.f16 f1, sh;\n"
+        "mul.rn.f32 f0, f0, 0f7A800000;\n"  // 2^118: 448 * 2^118 < 2^127
+        "mul.rn.f32 f1, f1, 0f7A800000;\n"
+        "cvt.rn.bf16x2.f32 %0, f0, f0;\n"
+        "cvt.rn.bf16x2.f32 %1, f1, f1;\n"
+        "}\n"
+        : "=r"(s.lo), "=r"(s.hi)
+        : "r"(pair));
+  }
+  return s;
+}
+
+// One word (8 codes) -> 4 x2 values e2m1 * sf * 2^-8; r[j] holds k = 8j + 2w + {0, 1} of the chunk.
+// Bit placement: the sign to bit 15 of each 16-bit lane, the 3 magnitude bits to the lowest
+// exponent bits and the top mantissa bit, which reads as e2m1 * 2^-126 (bf16) or * 2^-14 (fp16),
+// subnormal 0.5 included; one x2 fma by the scale (sf * 2^118 or sf * 2^6) gives the value.
+template <bool FP16>
+__device__ __forceinline__ void decode_word(uint32_t w, const ScalePair<FP16>& s, uint32_t (&r)[4]) {
+  constexpr uint32_t kMag = FP16 ? 0x0E000E00u : 0x01C001C0u;
+  constexpr int kMagBit = FP16 ? 9 : 6;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int sh = 12 - 4 * j;             // brings nibble j (and j + 4) to the top of its lane
+    const int d = sh - (12 - kMagBit);     // where the magnitude bits must move
+    const uint32_t p = w << sh;
+    const uint32_t t = d >= 0 ? (w << d) : (w >> -d);
+    const uint32_t v = (p & 0x80008000u) | (t & kMag);
+    const uint32_t sc = j < 2 ? s.lo : s.hi;
+    if constexpr (FP16) {
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
+    } else {
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
+    }
+  }
+}
+
+template <bool FP16>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (FP16) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Weights are read once: stream them past L1 (no allocation).
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_u16_stream(const void* p) {
+  unsigned short v;
+  asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+// The activations are re-read by every CTA: keep them in L1/L2.
+__device__ __forceinline__ uint4 load_keep(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <int RT, int NT>
+struct Stage {
+  uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
+  uint32_t sc[RT][2];   // their two scale bytes
+  uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
+};
+
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v);
+template <>
+__device__ __forceinline__ float to_out<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
+
+template <typename OutT>
+__device__ __forceinline__ float from_out(OutT v);
+template <>
+__device__ __forceinline__ float from_out<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float from_out<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float from_out<__half>(__half v) { return __half2float(v); }
+
+struct Args {
+  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements
+  const uint8_t* w;      // [Np, Kp/2]
+  const uint8_t* ws;     // [Np, Kp/16]
+  void* out;             // [M, N] OutT, row stride ldo
+  const void* bias;      // [N] OutT or null
+  const float* alpha;    // one element
+  int64_t ldx, ldw, ldws, ldo;
+  int M, N, K, chunks;   // chunks = Kp / 32
+};
+
+// Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
+// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
+template <bool FP16, int RT, int NT, int PF, typename OutT>
+__global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
+  extern __shared__ float reduce_smem[];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = blockIdx.x * 16 * RT;
+
+  const int groups = (args.chunks + 3) / 4;
+  const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
+  const int ge = static_cast<int>(static_cast<int64_t>(groups) * (warp + 1) / warps);
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Per-lane base pointers; group s adds 64 weight bytes, 8 scale bytes and 128 activations.
+  const uint8_t* w_row[RT][2];
+  const uint8_t* s_row[RT][2];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = row0 + 16 * i + 8 * h + g;
+      w_row[i][h] = args.w + r * args.ldw + 16 * t;
+      s_row[i][h] = args.ws + r * args.ldws + 2 * t;
+    }
+  const uint16_t* x_col[NT];
+  bool x_ok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 8 * j + g;
+    x_ok[j] = m < args.M;
+    x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
+  }
+
+  auto load = [&](Stage<RT, NT>& st, int group) {
+    const bool ok = group < ge && 4 * group + t < args.chunks;
+    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_u16_stream(s_row[i][h] + 8 * group) : 0u;
+      }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+                                                          : make_uint4(0, 0, 0, 0);
+  };
+
+  // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
+  // two B registers are adjacent words of one activation load (no register moves).
+  auto compute = [&](const Stage<RT, NT>& st) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
+      const ScalePair<FP16> s1 = make_scales<FP16>(st.sc[i][1]);
+      uint32_t r0[4][4], r1[4][4];  // [word][pair] of rows g and g + 8
+      decode_word<FP16>(st.w[i][0].x, s0, r0[0]);
+      decode_word<FP16>(st.w[i][0].y, s0, r0[1]);
+      decode_word<FP16>(st.w[i][0].z, s0, r0[2]);
+      decode_word<FP16>(st.w[i][0].w, s0, r0[3]);
+      decode_word<FP16>(st.w[i][1].x, s1, r1[0]);
+      decode_word<FP16>(st.w[i][1].y, s1, r1[1]);
+      decode_word<FP16>(st.w[i][1].z, s1, r1[2]);
+      decode_word<FP16>(st.w[i][1].w, s1, r1[3]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4& xq = st.x[j][q];
+          mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
+          mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
+        }
+    }
+  };
+
+  Stage<RT, NT> buf[PF];
+#pragma unroll
+  for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
+  for (int s = gb; s < ge; s += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p) {
+      if (s + p < ge) compute(buf[p]);
+      load(buf[p], s + p + PF);
+    }
+  }
+
+  // reduce the warps' partial sums: smem [warps][16 * RT rows][8 * NT cols]
+  constexpr int kRows = 16 * RT, kCols = 8 * NT;
+  float* mine = reduce_smem + warp * kRows * kCols;
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * i + g + 8 * (e / 2);
+        const int col = 8 * j + 2 * t + (e % 2);
+        mine[col * kRows + r] = acc[i][j][e];
+      }
+  __syncthreads();
+
+  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+  OutT* out = static_cast<OutT*>(args.out);
+  const OutT* bias = static_cast<const OutT*>(args.bias);
+  const int m_tile = args.M < kCols ? args.M : kCols;
+  for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
+    const int col = e / kRows, r = e % kRows;
+    const int n = row0 + r;
+    if (n >= args.N) continue;
+    float v = 0.f;
+    for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
+    v *= scale;
+    if (bias != nullptr) v += from_out<OutT>(bias[n]);
+    out[static_cast<int64_t>(col) * args.ldo + n] = to_out<OutT>(v);
+  }
+}
+
+template <bool FP16, int RT, int NT, typename OutT>
+cudaError_t launch(const Args& args, int warps, cudaStream_t stream) {
+  constexpr int PF = 2;
+  const int rows = 16 * RT;
+  const dim3 grid((args.N + rows - 1) / rows);
+  const size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
+  nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT><<<grid, warps * kWarpSize, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <bool FP16, typename OutT>
+cudaError_t dispatch_tiles(const Args& args, int rt, int warps, cudaStream_t stream) {
+  const bool two_n = args.M > 8;
+  if (rt == 1) return two_n ? launch<FP16, 1, 2, OutT>(args, warps, stream) : launch<FP16, 1, 1, OutT>(args, warps, stream);
+  if (rt == 2) return two_n ? launch<FP16, 2, 2, OutT>(args, warps, stream) : launch<FP16, 2, 1, OutT>(args, warps, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_dtype: 0 = same
+// as x, 1 = float32. rows_per_warp: 16 or 32. warps: 1..8. Np must cover N rounded up to
+// 16 * rows_per_warp / 16 rows (weights padded to 32 rows always do).
+int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
+                            void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
+                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int warps, cudaStream_t stream) {
+  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
+            out, bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32};
+  const int rt = rows_per_warp / 16;
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, warps, stream)
+                   : dispatch_tiles<true, __half>(args, rt, warps, stream);
+  } else {
+    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, warps, stream)
+                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, warps, stream);
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"

@@ -1,0 +1,121 @@
+"""The CUDA C++ small-M (decode) GEMM of ``csrc/hopper/nvfp4_small_m.cu``: build, load, launch.
+
+Built on first use with nvcc into a plain shared library (no torch headers: about 5 s instead of
+a minute, and one binary serves every torch version) and called through ctypes on the current
+stream, so it is captured by CUDA graphs like any kernel. ``FP4C_SMALL_M_KERNEL=0`` turns it
+off (the Triton kernels then take small M too); any build or load failure does the same, once,
+with a warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import pathlib
+
+import torch
+
+from .nvcc import build_shared_library, nvcc_path, shared_library_command
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
+MAX_M = 16
+# cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
+SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
+
+
+def nvcc_flags(capability: tuple[int, int]) -> list[str]:
+    arch = f"{capability[0]}{capability[1]}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
+
+
+def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
+    """The nvcc command line of the build (used by the CPU compile test)."""
+    return shared_library_command(SOURCE, output, nvcc_flags(capability) + ["-Xptxas", "-v"])
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: tuple[int, int]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), f"nvfp4_small_m_sm{capability[0]}{capability[1]}")))
+    fn = lib.fp4c_nvfp4_small_m_gemm
+    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(device_index: int) -> str | None:
+    """Why the kernel cannot run on this CUDA device (None: it can; built on the first call)."""
+    if os.environ.get("FP4C_SMALL_M_KERNEL", "1") == "0":
+        return "turned off by FP4C_SMALL_M_KERNEL=0"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability(device_index)
+    if cap not in SUPPORTED_CAPABILITIES:
+        return f"built for sm_89/sm_90 only, this GPU is sm_{cap[0]}{cap[1]}"
+    if nvcc_path() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    try:
+        _library(cap)
+    except (OSError, RuntimeError) as error:
+        log.warning("fp4_compile: the CUDA small-M kernel is off, its build failed: %s", error)
+        return f"build failed: {error}"
+    return None
+
+
+def use_small_m(x: torch.Tensor, m: int) -> bool:
+    """Route a call with ``m`` rows on ``x.device`` to the CUDA kernel?"""
+    if not 1 <= m <= MAX_M or x.device.type != "cuda":
+        return False
+    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+
+
+def launch_config(n: int) -> tuple[int, int]:
+    """(rows per warp, warps per CTA): one CTA per 16 rows while that gives several CTAs per SM."""
+    return (16, 8) if n <= 16384 else (32, 8)
+
+
+def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
+                 n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 rows_per_warp: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
+
+    ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
+    Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
+    ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
+    """
+    m, k = x.shape
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
+    kp = weight.shape[1] * 2
+    if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
+        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
+    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    if weight_scale.dtype != torch.uint8:
+        weight_scale = weight_scale.view(torch.uint8)
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    if alpha.dtype != torch.float32:
+        alpha = alpha.float()
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    default_rows, default_warps = launch_config(n)
+    rows_per_warp = rows_per_warp or default_rows
+    warps = warps or default_warps
+    err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_small_m_gemm(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+        weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
+        alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+        rows_per_warp, warps, torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
+                           f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, warps={warps})")
+    return out

@@ -1,0 +1,73 @@
+"""Finding nvcc and building a CUDA source into a cached shared library (no torch headers)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_path() -> str | None:
+    """nvcc from $CUDA_HOME / $CUDA_PATH, else from PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(nvcc: str | None = None) -> tuple[int, int] | None:
+    nvcc = nvcc or nvcc_path()
+    if nvcc is None:
+        return None
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def build_dir() -> pathlib.Path:
+    """``$FP4C_BUILD_DIR``, else ``~/.cache/fp4_compile``."""
+    root = os.environ.get("FP4C_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fp4_compile")
+    return pathlib.Path(root)
+
+
+def shared_library_command(source: pathlib.Path, output: str, flags: list[str]) -> list[str]:
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    return [nvcc, *flags, "-shared", "-Xcompiler", "-fPIC", "-o", output, str(source)]
+
+
+def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> pathlib.Path:
+    """Compile ``source`` with ``flags`` into ``build_dir()/stem-<hash>.so`` unless already there.
+
+    The hash covers the source, the flags and the nvcc version, so an edited kernel is rebuilt;
+    the library is written to a temporary name and renamed, so concurrent builds are safe.
+    """
+    key = hashlib.sha256(source.read_bytes() + repr((flags, nvcc_version())).encode()).hexdigest()[:16]
+    out = build_dir() / f"{stem}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = shared_library_command(source, tmp, flags)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,74 @@
+"""The CUDA small-M kernel on a machine without a GPU: it compiles for sm_90 without spills, the
+build is cached, and dispatch stays on the Triton/CPU paths where the kernel cannot run."""
+
+import ctypes
+import re
+import subprocess
+
+import pytest
+import torch
+
+from fp4_compile.ops import cuda_small_m, nvcc
+
+needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
+
+
+@needs_nvcc
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    cmd = cuda_small_m.compile_command(str(tmp_path / "k.so"), (9, 0))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = done.stdout + done.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", info)
+    assert len(kernels) == 16  # {bf16, fp16} x {16, 32 rows} x {M <= 8, <= 16} x {16-bit, fp32 out}
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    assert spills and all(s == ("0", "0") for s in spills), info
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
+    assert max(regs) <= 255
+
+
+@needs_nvcc
+def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
+    flags = cuda_small_m.nvcc_flags((9, 0))
+    lib = nvcc.build_shared_library(cuda_small_m.SOURCE, flags, "small_m_test")
+    assert lib.parent == tmp_path and lib.exists()
+    stamp = lib.stat().st_mtime_ns
+    assert nvcc.build_shared_library(cuda_small_m.SOURCE, flags, "small_m_test") == lib
+    assert lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary files left
+    assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_small_m_gemm")
+
+
+def test_build_failure_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
+    bad = tmp_path / "bad.cu"
+    bad.write_text("this is not C++\n")
+    if nvcc.nvcc_path() is None:
+        with pytest.raises(RuntimeError, match="nvcc not found"):
+            nvcc.build_shared_library(bad, [], "bad")
+    else:
+        with pytest.raises(RuntimeError, match="nvcc failed"):
+            nvcc.build_shared_library(bad, [], "bad")
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_cpu_tensors_never_take_the_kernel():
+    x = torch.randn(1, 64)
+    assert not cuda_small_m.use_small_m(x, 1)
+
+
+def test_turned_off_by_environment(monkeypatch):
+    cuda_small_m.unavailable_reason.cache_clear()
+    monkeypatch.setenv("FP4C_SMALL_M_KERNEL", "0")
+    try:
+        assert "FP4C_SMALL_M_KERNEL=0" in cuda_small_m.unavailable_reason(0)
+    finally:
+        cuda_small_m.unavailable_reason.cache_clear()
+
+
+def test_launch_config_covers_the_weight_padding():
+    # rows per CTA (16 or 32) must divide the weight's row padding (32)
+    for n in (32, 4096, 6144, 28672, 100000):
+        rows, warps = cuda_small_m.launch_config(n)
+        assert 32 % rows == 0 and 1 <= warps <= 8
