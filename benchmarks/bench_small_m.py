@@ -1,7 +1,7 @@
 """Decode-sized M: the CUDA small-M kernel against the Triton kernels and cuBLAS bf16.
 
 For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
-cuBLAS bf16; W4A16 through Triton and through the CUDA kernel at each launch variant
+cuBLAS bf16; a plain read of the weight bytes (row amax: the streaming floor); W4A16 through Triton and through the CUDA kernel at each launch variant
 (rows per warp x warps per CTA); W4A4 linear (quantization included) through Triton and through
 the CUDA kernel. Checks that the CUDA and Triton outputs agree before timing.
 
@@ -26,7 +26,7 @@ from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
-VARIANTS = [(16, 4), (16, 8), (32, 4), (32, 8)]
+VARIANTS = [(16, 2, 4), (16, 2, 8), (16, 4, 4), (16, 4, 8), (32, 2, 8), (32, 4, 4)]
 
 
 def rel(a, b):
@@ -62,14 +62,19 @@ def main():
                                compute_dtype=torch.bfloat16, mode="w4a16")
             row["w4a16_cuda_vs_triton_rel"] = f"{rel(o_cuda, o_tri):.1e}"
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
+            if m == 1:  # a plain read of the weight bytes (row reductions): what streaming reaches here
+                read_us = time_graph_us([lambda w=w: w[0].view(torch.float16).amax(1) for w in ws])
+            row["read_floor_us"] = round(read_us, 2)
             row["w4a16_triton_us"] = round(time_graph_us(
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
                  for w, a in zip(ws, alphas)]), 2)
-            for rpw, warps in VARIANTS:
-                row[f"w4a16_cuda_r{rpw}w{warps}_us"] = round(time_graph_us(
+            for rpw, stages, warps in VARIANTS:
+                if stages == 4 and m > 8:
+                    continue
+                row[f"w4a16_cuda_r{rpw}s{stages}w{warps}_us"] = round(time_graph_us(
                     [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                   rows_per_warp=rpw, warps=warps)
+                                                   rows_per_warp=rpw, stages=stages, warps=warps)
                      for w, a in zip(ws, alphas)]), 2)
             row["w4a16_cuda_us"] = round(time_graph_us(
                 [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
@@ -84,7 +89,7 @@ def main():
                      for w, a in zip(ws, alphas44)]), 2)
             finally:
                 hopper.use_small_m = use
-            best = min(row[f"w4a16_cuda_r{r}w{w}_us"] for r, w in VARIANTS)
+            best = min(v for key, v in row.items() if key.startswith("w4a16_cuda_r"))
             row["w4a16_best_x"] = round(row["bf16_us"] / best, 2)
             row["w4a16_best_bw"] = round(wbytes / (best * 1e-6) / 1e9 / bw, 2)
             row["w4a4_cuda_x"] = round(row["bf16_us"] / row["w4a4_cuda_us"], 2)
@@ -93,7 +98,7 @@ def main():
         del ws, bf
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
-    cols = ["shape", "m", "bf16_us", "w4a16_triton_us", *[f"w4a16_cuda_r{r}w{w}_us" for r, w in VARIANTS],
+    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us", *[f"w4a16_cuda_r{r}s{s}w{w}_us" for r, s, w in VARIANTS],
             "w4a16_best_x", "w4a16_best_bw", "w4a4_triton_us", "w4a4_cuda_us", "w4a4_cuda_x", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

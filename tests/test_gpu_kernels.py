@@ -156,16 +156,16 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
         pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
     pw, sw, gw = make_weight(n, k)
     wt, wst = MARLIN.prepare_weight(pw, sw)
-    x = (torch.randn(m, k, device=DEV) * torch.logspace(-3, 3, k, device=DEV)).to(dt)
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)  # fp16 out: no overflow
     bias = torch.randn(n, device=DEV).to(dt)
     alpha = (1 / gw).float()
     ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
-    for rows_per_warp, warps in [(16, 8), (32, 8), (16, 3), (32, 1)]:
+    for rows_per_warp, stages, warps in [(16, 2, 8), (32, 4 if m <= 8 else 2, 8), (16, 4 if m <= 8 else 2, 3), (32, 2, 1)]:
         poison_allocator(m * n * 8 + (1 << 22))
         out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32,
-                                        rows_per_warp=rows_per_warp, warps=warps)
+                                        rows_per_warp=rows_per_warp, stages=stages, warps=warps)
         assert out.shape == (m, n) and torch.isfinite(out).all()
-        assert rel(out, ref) <= 1e-5, (rows_per_warp, warps, rel(out, ref))
+        assert rel(out, ref) <= 1e-5, (rows_per_warp, stages, warps, rel(out, ref))
     out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt]

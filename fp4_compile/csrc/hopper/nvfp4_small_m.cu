@@ -305,9 +305,8 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   }
 }
 
-template <bool FP16, int RT, int NT, typename OutT>
+template <bool FP16, int RT, int NT, int PF, typename OutT>
 cudaError_t launch(const Args& args, int warps, cudaStream_t stream) {
-  constexpr int PF = 2;
   const int rows = 16 * RT;
   const dim3 grid((args.N + rows - 1) / rows);
   const size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
@@ -315,11 +314,26 @@ cudaError_t launch(const Args& args, int warps, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <bool FP16, int RT, int NT, typename OutT>
+cudaError_t dispatch_stages(const Args& args, int stages, int warps, cudaStream_t stream) {
+  if (stages == 2) return launch<FP16, RT, NT, 2, OutT>(args, warps, stream);
+  if constexpr (NT == 1) {  // four stages of two n-tiles would spill
+    if (stages == 4) return launch<FP16, RT, NT, 4, OutT>(args, warps, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tiles(const Args& args, int rt, int warps, cudaStream_t stream) {
+cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, cudaStream_t stream) {
   const bool two_n = args.M > 8;
-  if (rt == 1) return two_n ? launch<FP16, 1, 2, OutT>(args, warps, stream) : launch<FP16, 1, 1, OutT>(args, warps, stream);
-  if (rt == 2) return two_n ? launch<FP16, 2, 2, OutT>(args, warps, stream) : launch<FP16, 2, 1, OutT>(args, warps, stream);
+  if (rt == 1) {
+    return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, stream)
+                 : dispatch_stages<FP16, 1, 1, OutT>(args, stages, warps, stream);
+  }
+  if (rt == 2) {
+    return two_n ? dispatch_stages<FP16, 2, 2, OutT>(args, stages, warps, stream)
+                 : dispatch_stages<FP16, 2, 1, OutT>(args, stages, warps, stream);
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -327,12 +341,13 @@ cudaError_t dispatch_tiles(const Args& args, int rt, int warps, cudaStream_t str
 
 extern "C" {
 
-// Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_dtype: 0 = same
-// as x, 1 = float32. rows_per_warp: 16 or 32. warps: 1..8. Np must cover N rounded up to
-// 16 * rows_per_warp / 16 rows (weights padded to 32 rows always do).
+// Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
+// x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
+// rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                             void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
-                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int warps, cudaStream_t stream) {
+                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
+                            cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -341,11 +356,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t l
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, warps, stream)
-                   : dispatch_tiles<true, __half>(args, rt, warps, stream);
+    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, stream)
+                   : dispatch_tiles<true, __half>(args, rt, stages, warps, stream);
   } else {
-    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, warps, stream)
-                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, warps, stream);
+    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, stream)
+                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, stream);
   }
   return static_cast<int>(err);
 }
