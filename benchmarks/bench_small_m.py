@@ -76,6 +76,7 @@ def main():
                     [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
                                                    rows_per_warp=rpw, stages=stages, warps=warps)
                      for w, a in zip(ws, alphas)]), 2)
+            # the backends' own dispatch (CUDA kernel where it wins, else Triton)
             row["w4a16_cuda_us"] = round(time_graph_us(
                 [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
             row["w4a4_cuda_us"] = round(time_graph_us(

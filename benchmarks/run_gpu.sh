@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear" (any subset): the whole script needs about
-# 8-10 minutes on an H100 (tests ~3, linear ~2.5, model ~3, quant ~0.5); with a 10-minute command
-# limit, run it as two calls, e.g. RUN_GPU_SKIP="model" then RUN_GPU_SKIP="tests quant linear".
-# Each stage has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _MODEL seconds).
+# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m" (any subset): the whole script needs
+# about 10-12 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, model ~3, quant ~0.5); with a
+# 10-minute command limit, run it as two calls, e.g. RUN_GPU_SKIP="model small_m" then
+# RUN_GPU_SKIP="tests quant linear". Each stage has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR,
+# _SMALL_M, _MODEL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -41,6 +42,9 @@ fi
 if ! skip linear; then
   timeout "${RUN_GPU_T_LINEAR:-240}" python3 benchmarks/bench_linear.py 2>&1 | tee "$OUTDIR/bench_linear.log" | tail -32
 fi
+if ! skip small_m; then
+  timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
+fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
 fi
@@ -69,6 +73,12 @@ if lin:
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']} | {r['w4a4_us']} ({r['w4a4_x']}x) | {r['w4a16_us']} ({r['w4a16_x']}x) |")
     for k, v in (lin.get("summary") or {}).items():
         print(k, v)
+sm = load("bench_small_m.json")
+if sm:
+    print("small M, W4A16 us: bf16 / read floor / Triton / CUDA (dispatched) | W4A4 Triton / CUDA")
+    for r in sm["rows"]:
+        print(f"  {r['shape']} M={r['m']}: {r['bf16_us']} / {r['read_floor_us']} / {r['w4a16_triton_us']} / "
+              f"{r['w4a16_cuda_us']} | {r['w4a4_triton_us']} / {r['w4a4_cuda_us']}")
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:

@@ -55,7 +55,7 @@ def test_build_failure_names_the_command(tmp_path, monkeypatch):
 
 def test_cpu_tensors_never_take_the_kernel():
     x = torch.randn(1, 64)
-    assert not cuda_small_m.use_small_m(x, 1)
+    assert not cuda_small_m.use_small_m(x, 1, 4096)
 
 
 def test_turned_off_by_environment(monkeypatch):

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
 MAX_M = 16
+# Measured on an H100 (bench_small_m.py, NOTES.md): the kernel beats the Triton kernels at M <= 8
+# when there is at least one 16-row CTA per SM; at M = 9..16 (two MMA n-tiles) Triton is faster.
+DISPATCH_MAX_M = 8
+DISPATCH_MIN_N = 16 * 132
 # cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
 SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
 
@@ -67,16 +71,17 @@ def unavailable_reason(device_index: int) -> str | None:
     return None
 
 
-def use_small_m(x: torch.Tensor, m: int) -> bool:
-    """Route a call with ``m`` rows on ``x.device`` to the CUDA kernel?"""
-    if not 1 <= m <= MAX_M or x.device.type != "cuda":
+def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
+    """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel?"""
+    if not 1 <= m <= DISPATCH_MAX_M or n < DISPATCH_MIN_N or x.device.type != "cuda":
         return False
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
 
 def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(rows per warp, stages, warps per CTA)."""
-    return 16, 2, 8
+    """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
+    while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
+    return 16, 2, (8 if n <= 4096 else 4)
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,

@@ -9,7 +9,11 @@ in the fp32 epilogue. Equal to the Blackwell result up to the order of fp32 addi
 ``MARLIN`` (backend ``marlin``): W4A16. Activations stay bf16/fp16 (fp32 inputs are rounded
 to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 1/gs_w``.
 
-Both share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
+At M <= 8 (N >= 2112) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
+(``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4).
+
+All of them share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
 32) with the nibbles of each 4-byte word permuted for the in-register decode, and linear fp8
 scales ``[Np, Kp/16]``. ``restore_weight`` is its exact inverse (pure torch, runs on CPU).
 On CPU tensors ``mm``/``linear`` raise unless TRITON_INTERPRET=1 (Triton's interpreter, for CI).
@@ -116,7 +120,7 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         n = weight.shape[0]
         alpha = alpha.reshape(1).float()
-        if use_small_m(a, m):
+        if use_small_m(a, m, n):
             vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
             return small_m_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
         if m <= _G.FUSED_QUANT_MAX_M:
@@ -143,7 +147,7 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        if use_small_m(x2, m):
+        if use_small_m(x2, m, out_features):
             xq = fake_quantize_nvfp4_triton(x2, gs, _value_dtype(x.dtype))
             out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
@@ -177,7 +181,7 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        if use_small_m(xa, xa.shape[0]):
+        if use_small_m(xa, xa.shape[0], out_features):
             out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
