@@ -75,10 +75,10 @@ if lin:
         print(k, v)
 sm = load("bench_small_m.json")
 if sm:
-    print("small M, W4A16 us: bf16 / read floor / Triton / CUDA (dispatched) | W4A4 Triton / CUDA")
+    print("small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)")
     for r in sm["rows"]:
         print(f"  {r['shape']} M={r['m']}: {r['bf16_us']} / {r['read_floor_us']} / {r['w4a16_triton_us']} / "
-              f"{r['w4a16_cuda_us']} | {r['w4a4_triton_us']} / {r['w4a4_cuda_us']}")
+              f"{r['w4a16_backend_us']} | {r['w4a4_triton_us']} / {r['w4a4_backend_us']}")
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:
