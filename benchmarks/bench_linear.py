@@ -93,9 +93,8 @@ def main():
                 r[f"{key}_tc_frac"] = round(flops / (t * 1e-6) / 1e12 / tf, 3)
                 kmode = key if (key == "w4a16" or m <= G.FUSED_QUANT_MAX_M) else "w4a4+pq"
                 if use_small_m(x, m, n):
-                    c = small_m_launch_config(m, n, k)
-                    r[f"{key}_cfg"] = (f"CUDA small-M {'async' if c.async_loads else 'reg'} r{c.rows_per_warp} "
-                                       f"s{c.stages} w{c.warps}")
+                    rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
+                    r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
                 else:

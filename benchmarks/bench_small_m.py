@@ -23,16 +23,10 @@ from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
-from fp4_compile.ops.cuda_small_m import LaunchConfig, small_m_gemm  # noqa: E402
+from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
-VARIANTS = [LaunchConfig(16, 2, 4, False), LaunchConfig(16, 2, 8, False), LaunchConfig(32, 2, 8, False),
-            LaunchConfig(16, 4, 4, True), LaunchConfig(16, 8, 4, True), LaunchConfig(16, 4, 8, True),
-            LaunchConfig(16, 8, 8, True)]
-
-
-def label(c: LaunchConfig) -> str:
-    return f"w4a16_cuda_{'async' if c.async_loads else 'reg'}_r{c.rows_per_warp}s{c.stages}w{c.warps}_us"
+VARIANTS = [(16, 2, 4), (16, 2, 8), (16, 4, 4), (16, 4, 8), (32, 2, 8), (32, 4, 4)]
 
 
 def rel(a, b):
@@ -75,11 +69,12 @@ def main():
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
                  for w, a in zip(ws, alphas)]), 2)
-            for c in VARIANTS:
-                if m > 8 and (c.async_loads or c.stages == 4):
+            for rpw, stages, warps in VARIANTS:
+                if stages == 4 and m > 8:
                     continue
-                row[label(c)] = round(time_graph_us(
-                    [lambda w=w, a=a, c=c: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, config=c)
+                row[f"w4a16_cuda_r{rpw}s{stages}w{warps}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
+                                                   rows_per_warp=rpw, stages=stages, warps=warps)
                      for w, a in zip(ws, alphas)]), 2)
             # the backends' own dispatch (CUDA kernel where it wins, else Triton)
             row["w4a16_backend_us"] = round(time_graph_us(
@@ -95,7 +90,7 @@ def main():
                      for w, a in zip(ws, alphas44)]), 2)
             finally:
                 hopper.use_small_m = use
-            best = min(v for key, v in row.items() if key.startswith("w4a16_cuda_") and key.endswith("_us"))
+            best = min(v for key, v in row.items() if key.startswith("w4a16_cuda_r") and key.endswith("_us"))
             row["w4a16_best_x"] = round(row["bf16_us"] / best, 2)
             row["w4a16_best_bw"] = round(wbytes / (best * 1e-6) / 1e9 / bw, 2)
             row["w4a4_backend_x"] = round(row["bf16_us"] / row["w4a4_backend_us"], 2)
@@ -104,7 +99,7 @@ def main():
         del ws, bf
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
-    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us", *[label(c) for c in VARIANTS],
+    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us", *[f"w4a16_cuda_r{r}s{s}w{w}_us" for r, s, w in VARIANTS],
             "w4a16_best_x", "w4a16_best_bw", "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

@@ -160,16 +160,12 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     bias = torch.randn(n, device=DEV).to(dt)
     alpha = (1 / gw).float()
     ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
-    LC = cuda_small_m.LaunchConfig
-    configs = [LC(16, 2, 8, False), LC(32, 2, 1, False), LC(32, 4 if m <= 8 else 2, 8, False),
-               LC(16, 4 if m <= 8 else 2, 3, False)]
-    if m <= 8:
-        configs += [LC(16, 8, 4, True), LC(16, 4, 8, True), LC(16, 8, 3, True)]
-    for config in configs:
+    for rows_per_warp, stages, warps in [(16, 2, 8), (32, 4 if m <= 8 else 2, 8), (16, 4 if m <= 8 else 2, 3), (32, 2, 1)]:
         poison_allocator(m * n * 8 + (1 << 22))
-        out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, config=config)
+        out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32,
+                                        rows_per_warp=rows_per_warp, stages=stages, warps=warps)
         assert out.shape == (m, n) and torch.isfinite(out).all()
-        assert rel(out, ref) <= 1e-5, (config, rel(out, ref))
+        assert rel(out, ref) <= 1e-5, (rows_per_warp, stages, warps, rel(out, ref))
     out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt]

@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import pathlib
-from typing import NamedTuple
 
 import torch
 
@@ -48,7 +47,7 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -79,25 +78,16 @@ def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
 
-class LaunchConfig(NamedTuple):
-    rows_per_warp: int  # 16 or 32 weight rows per warp (= per CTA)
-    stages: int  # k-groups of loads in flight per warp
-    warps: int  # per CTA, splitting K
-    async_loads: bool  # cp.async ring kernel (M <= 8) instead of register prefetch
-
-
-def launch_config(m: int, n: int, k: int) -> LaunchConfig:
-    """One 16-row CTA per weight tile; 8 warps split K while there are few CTAs (N <= 4096:
-    256), 4 when there are many (H100, bench_small_m.py)."""
-    warps = 8 if n <= 4096 else 4
-    if m <= 8:
-        return LaunchConfig(16, 8, warps, True)
-    return LaunchConfig(16, 2, warps, False)
+def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
+    while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
+    return 16, 2, (8 if n <= 4096 else 4)
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-                 config: LaunchConfig | None = None) -> torch.Tensor:
+                 rows_per_warp: int | None = None, stages: int | None = None,
+                 warps: int | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
@@ -111,14 +101,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
-    config = config or launch_config(m, n, k)
-    if config.async_loads:
-        if m > 8 or config.rows_per_warp != 16 or config.stages not in (4, 8):
-            raise ValueError(f"the cp.async kernel takes M <= 8, 16 rows per warp and 4 or 8 stages: {config} at M={m}")
-    elif config.rows_per_warp not in (16, 32) or config.stages not in (2, 4) or (config.stages == 4 and m > 8):
-        raise ValueError(f"stages must be 2, or 4 for M <= 8, rows per warp 16 or 32: {config} at M={m}")
-    if not 1 <= config.warps <= 8:
-        raise ValueError(f"warps must be 1..8: {config}")
+    if stages not in (None, 2, 4) or (stages == 4 and m > 8):
+        raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
@@ -131,13 +115,16 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if alpha.dtype != torch.float32:
         alpha = alpha.float()
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    default_rows, default_stages, default_warps = launch_config(m, n, k)
+    rows_per_warp = rows_per_warp or default_rows
+    stages = stages or default_stages
+    warps = warps or default_warps
     err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_small_m_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-        config.rows_per_warp, config.stages, config.warps, int(config.async_loads),
-        torch.cuda.current_stream(x.device).cuda_stream)
+        rows_per_warp, stages, warps, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
-                           f"(M={m}, N={n}, K={k}, {config})")
+                           f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out

@@ -139,36 +139,6 @@ __device__ __forceinline__ uint4 load_keep(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte asynchronous copies into shared memory: weights through L2 only (.cg), activations
-// cached in L1 too (.ca, re-read by the other CTAs on the SM).
-__device__ __forceinline__ void cp_async_stream(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_keep(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ uint4 lds128(const void* p) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(smem_addr(p))
-               : "memory");
-  return v;
-}
-
 template <int RT, int NT>
 struct Stage {
   uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
@@ -204,64 +174,6 @@ struct Args {
   int64_t ldx, ldw, ldws, ldo;
   int M, N, K, chunks;   // chunks = Kp / 32
 };
-
-// One 16-row tile x one 32-k chunk per lane: decode rows g and g + 8, 8 MMAs per n-tile.
-// MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
-// two B registers are adjacent words of one 16-byte activation load (no register moves).
-template <bool FP16, int NT>
-__device__ __forceinline__ void mma_chunk(float (&acc)[NT][4], const uint4& w_g, const uint4& w_g8, uint32_t sc_g,
-                                          uint32_t sc_g8, const uint4 (&x)[NT][4]) {
-  const ScalePair<FP16> s0 = make_scales<FP16>(sc_g);
-  const ScalePair<FP16> s1 = make_scales<FP16>(sc_g8);
-  uint32_t r0[4][4], r1[4][4];  // [word][pair] of rows g and g + 8
-  decode_word<FP16>(w_g.x, s0, r0[0]);
-  decode_word<FP16>(w_g.y, s0, r0[1]);
-  decode_word<FP16>(w_g.z, s0, r0[2]);
-  decode_word<FP16>(w_g.w, s0, r0[3]);
-  decode_word<FP16>(w_g8.x, s1, r1[0]);
-  decode_word<FP16>(w_g8.y, s1, r1[1]);
-  decode_word<FP16>(w_g8.z, s1, r1[2]);
-  decode_word<FP16>(w_g8.w, s1, r1[3]);
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      mma16816<FP16>(acc[j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], x[j][q].x, x[j][q].y);
-      mma16816<FP16>(acc[j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], x[j][q].z, x[j][q].w);
-    }
-}
-
-// Sum the warps' partial tiles through shared memory [warps][8 NT cols][16 RT rows], then
-// out = sum * alpha * 2^8 (+ bias) for the M valid columns and the rows below N.
-template <int RT, int NT, typename OutT>
-__device__ __forceinline__ void reduce_and_store(const float (&acc)[RT][NT][4], float* smem, const Args& args,
-                                                 int row0) {
-  constexpr int kRows = 16 * RT, kCols = 8 * NT;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-  const int g = lane / 4, t = lane % 4;
-  float* mine = smem + warp * kRows * kCols;
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) mine[(8 * j + 2 * t + e % 2) * kRows + 16 * i + g + 8 * (e / 2)] = acc[i][j][e];
-  __syncthreads();
-  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
-  OutT* out = static_cast<OutT*>(args.out);
-  const OutT* bias = static_cast<const OutT*>(args.bias);
-  const int m_tile = args.M < kCols ? args.M : kCols;
-  for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
-    const int col = e / kRows, r = e % kRows;
-    const int n = row0 + r;
-    if (n >= args.N) continue;
-    float v = 0.f;
-    for (int wp = 0; wp < warps; ++wp) v += smem[(wp * kCols + col) * kRows + r];
-    v *= scale;
-    if (bias != nullptr) v += from_out<OutT>(bias[n]);
-    out[static_cast<int64_t>(col) * args.ldo + n] = to_out<OutT>(v);
-  }
-}
 
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
 // (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
@@ -324,9 +236,31 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
                                                           : make_uint4(0, 0, 0, 0);
   };
 
+  // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
+  // two B registers are adjacent words of one activation load (no register moves).
   auto compute = [&](const Stage<RT, NT>& st) {
 #pragma unroll
-    for (int i = 0; i < RT; ++i) mma_chunk<FP16, NT>(acc[i], st.w[i][0], st.w[i][1], st.sc[i][0], st.sc[i][1], st.x);
+    for (int i = 0; i < RT; ++i) {
+      const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
+      const ScalePair<FP16> s1 = make_scales<FP16>(st.sc[i][1]);
+      uint32_t r0[4][4], r1[4][4];  // [word][pair] of rows g and g + 8
+      decode_word<FP16>(st.w[i][0].x, s0, r0[0]);
+      decode_word<FP16>(st.w[i][0].y, s0, r0[1]);
+      decode_word<FP16>(st.w[i][0].z, s0, r0[2]);
+      decode_word<FP16>(st.w[i][0].w, s0, r0[3]);
+      decode_word<FP16>(st.w[i][1].x, s1, r1[0]);
+      decode_word<FP16>(st.w[i][1].y, s1, r1[1]);
+      decode_word<FP16>(st.w[i][1].z, s1, r1[2]);
+      decode_word<FP16>(st.w[i][1].w, s1, r1[3]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4& xq = st.x[j][q];
+          mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
+          mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
+        }
+    }
   };
 
   Stage<RT, NT> buf[PF];
@@ -340,109 +274,35 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     }
   }
 
-  reduce_and_store<RT, NT, OutT>(acc, reduce_smem, args, row0);
-}
-
-// The same product for M <= 8 (16 rows per CTA) with asynchronous loads: each lane cp.asyncs the
-// two weight chunks (and its activation chunk) of a k-group into its own slots of a per-warp ring
-// of S stages, so S - 1 groups per warp are in flight without holding registers. Only the lane
-// that wrote a slot reads it: no barrier until the final reduction. Scale pairs (2 bytes, too
-// small for cp.async) are prefetched two groups ahead in registers.
-// Ring stage: [2 rows][32 lanes][16 B] of weights, then [M cols][4 lanes][4 x 16 B] of activations.
-template <bool FP16, int S, typename OutT>
-__global__ void __launch_bounds__(256) nvfp4_small_m_async_kernel(const Args args) {
-  extern __shared__ __align__(16) uint8_t ring_smem[];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  const int g = lane / 4, t = lane % 4;
-  const int row0 = blockIdx.x * 16;
-
-  const int groups = (args.chunks + 3) / 4;
-  const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
-  const int ge = static_cast<int>(static_cast<int64_t>(groups) * (warp + 1) / warps);
-
-  const int stage_bytes = 1024 + 256 * args.M;
-  uint8_t* const ring = ring_smem + warp * S * stage_bytes;
-  uint8_t* const w_slot = ring + 16 * lane;
-  uint8_t* const x_slot = ring + 1024 + 64 * (4 * g + t);
-  const uint8_t* const w_g = args.w + static_cast<int64_t>(row0 + g) * args.ldw + 16 * t;
-  const uint8_t* const w_g8 = w_g + 8 * args.ldw;
-  const uint8_t* const s_g = args.ws + static_cast<int64_t>(row0 + g) * args.ldws + 2 * t;
-  const uint8_t* const s_g8 = s_g + 8 * args.ldws;
-  const bool x_lane = g < args.M;
-  const uint16_t* const x_col = args.x + (x_lane ? g : 0) * args.ldx + 32 * t;
-
-  auto chunk_ok = [&](int group) { return group < ge && 4 * group + t < args.chunks; };
-  auto issue = [&](int group) {
-    if (chunk_ok(group)) {
-      uint8_t* const st = w_slot + ((group - gb) % S) * stage_bytes;
-      cp_async_stream(st, w_g + 64 * group);
-      cp_async_stream(st + 512, w_g8 + 64 * group);
-      if (x_lane) {
-        const int k_left = args.K - 32 * (4 * group + t);
-        uint8_t* const xs = x_slot + ((group - gb) % S) * stage_bytes;
+  // reduce the warps' partial sums: smem [warps][16 * RT rows][8 * NT cols]
+  constexpr int kRows = 16 * RT, kCols = 8 * NT;
+  float* mine = reduce_smem + warp * kRows * kCols;
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          if (8 * q < k_left) cp_async_keep(xs + 16 * q, x_col + 128 * group + 8 * q);
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * i + g + 8 * (e / 2);
+        const int col = 8 * j + 2 * t + (e % 2);
+        mine[col * kRows + r] = acc[i][j][e];
       }
-    }
-    cp_async_commit();  // (empty groups too: the wait below counts groups)
-  };
-  auto scales = [&](int group, uint32_t& a, uint32_t& b) {
-    const bool ok = chunk_ok(group);
-    a = ok ? load_u16_stream(s_g + 8 * group) : 0u;
-    b = ok ? load_u16_stream(s_g8 + 8 * group) : 0u;
-  };
+  __syncthreads();
 
-  float acc[1][1][4] = {};
-#pragma unroll
-  for (int p = 0; p < S - 1; ++p) issue(gb + p);
-  uint32_t sc1_g, sc1_g8, sc2_g, sc2_g8;
-  scales(gb, sc1_g, sc1_g8);
-  scales(gb + 1, sc2_g, sc2_g8);
-  for (int s = gb; s < ge; ++s) {
-    issue(s + S - 1);
-    const uint32_t sc_g = sc1_g, sc_g8 = sc1_g8;
-    sc1_g = sc2_g;
-    sc1_g8 = sc2_g8;
-    scales(s + 2, sc2_g, sc2_g8);
-    cp_async_wait<S - 1>();
-    const bool ok = 4 * s + t < args.chunks;
-    const int k_left = args.K - 32 * (4 * s + t);
-    const int off = ((s - gb) % S) * stage_bytes;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 w0 = ok ? lds128(w_slot + off) : zero;
-    const uint4 w1 = ok ? lds128(w_slot + off + 512) : zero;
-    uint4 x[1][4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) x[0][q] = (ok && x_lane && 8 * q < k_left) ? lds128(x_slot + off + 16 * q) : zero;
-    mma_chunk<FP16, 1>(acc[0], w0, w1, sc_g, sc_g8, x);
+  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+  OutT* out = static_cast<OutT*>(args.out);
+  const OutT* bias = static_cast<const OutT*>(args.bias);
+  const int m_tile = args.M < kCols ? args.M : kCols;
+  for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
+    const int col = e / kRows, r = e % kRows;
+    const int n = row0 + r;
+    if (n >= args.N) continue;
+    float v = 0.f;
+    for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
+    v *= scale;
+    if (bias != nullptr) v += from_out<OutT>(bias[n]);
+    out[static_cast<int64_t>(col) * args.ldo + n] = to_out<OutT>(v);
   }
-  cp_async_wait<0>();
-  __syncthreads();  // the rings become the reduction buffer
-  reduce_and_store<1, 1, OutT>(acc, reinterpret_cast<float*>(ring_smem), args, row0);
-}
-
-template <bool FP16, int S, typename OutT>
-cudaError_t launch_async(const Args& args, int warps, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(warps) * S * (1024 + 256 * args.M);
-  auto kernel = nvfp4_small_m_async_kernel<FP16, S, OutT>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<dim3((args.N + 15) / 16), warps * kWarpSize, smem, stream>>>(args);
-  return cudaGetLastError();
-}
-
-template <bool FP16, typename OutT>
-cudaError_t dispatch_async(const Args& args, int stages, int warps, cudaStream_t stream) {
-  if (args.M > 8) return cudaErrorInvalidValue;
-  if (stages == 4) return launch_async<FP16, 4, OutT>(args, warps, stream);
-  if (stages == 8) return launch_async<FP16, 8, OutT>(args, warps, stream);
-  return cudaErrorInvalidValue;
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT>
@@ -484,11 +344,10 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
-// async_loads: the cp.async ring kernel (M <= 8, 16 rows per warp, stages 4 or 8).
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                             void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
                             int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
-                            int async_loads, cudaStream_t stream) {
+                            cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -496,16 +355,7 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t l
             out, bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32};
   const int rt = rows_per_warp / 16;
   cudaError_t err;
-  if (async_loads) {
-    if (rt != 1) return static_cast<int>(cudaErrorInvalidValue);
-    if (x_fp16) {
-      err = out_fp32 ? dispatch_async<true, float>(args, stages, warps, stream)
-                     : dispatch_async<true, __half>(args, stages, warps, stream);
-    } else {
-      err = out_fp32 ? dispatch_async<false, float>(args, stages, warps, stream)
-                     : dispatch_async<false, __nv_bfloat16>(args, stages, warps, stream);
-    }
-  } else if (x_fp16) {
+  if (x_fp16) {
     err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, stream)
                    : dispatch_tiles<true, __half>(args, rt, stages, warps, stream);
   } else {
