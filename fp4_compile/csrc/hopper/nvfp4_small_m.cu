@@ -126,9 +126,11 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t load_u16_stream(const void* p) {
+// A lane's scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
+// the next three groups' pairs come from the same 32-byte sector.
+__device__ __forceinline__ uint32_t load_u16_keep(const void* p) {
   unsigned short v;
-  asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return v;
 }
 
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_u16_stream(s_row[i][h] + 8 * group) : 0u;
+        st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
       }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
