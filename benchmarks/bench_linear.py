@@ -57,7 +57,6 @@ def main():
     info.update(copy_GBps=round(bw, 1), bf16_8192_TFLOPs=round(tf, 1))
     print(info, flush=True)
     rows = []
-    sms = info["sms"]
     for si in args.shapes.split(","):
         n, k = LLAMA_SHAPES[int(si)]
         ws = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), TRITON_W4A4)
