@@ -130,17 +130,19 @@ _BLACKWELL_REQUIRES = {
     Backend.CUBLAS: "sm_100-family GPU; torch built with CUDA >= 12.8 (cuBLASLt NVFP4 through scaled_mm)",
 }
 
+_HOPPER_REQUIRES = "sm_80+ (Hopper first) + triton; nvcc for the CUDA decode kernel (M <= 8, sm_89/sm_90)"
+
 SPECS: dict[Backend, BackendSpec] = {
     Backend.EMULATION: BackendSpec(
         Backend.EMULATION, "W4A4", "any device (CPU included)", "fp4_compile.ops.reference:EMULATION",
         1, False, lambda device: None,
     ),
     Backend.TRITON_W4A4: BackendSpec(
-        Backend.TRITON_W4A4, "W4A4", "sm_80+ (Hopper first) + triton", "fp4_compile.ops.hopper:TRITON_W4A4",
+        Backend.TRITON_W4A4, "W4A4", _HOPPER_REQUIRES, "fp4_compile.ops.hopper:TRITON_W4A4",
         32, False, _hopper_class_availability,
     ),
     Backend.MARLIN: BackendSpec(
-        Backend.MARLIN, "W4A16", "sm_80+ (Hopper first) + triton", "fp4_compile.ops.hopper:MARLIN",
+        Backend.MARLIN, "W4A16", _HOPPER_REQUIRES, "fp4_compile.ops.hopper:MARLIN",
         32, False, _hopper_class_availability,
     ),
     **{
