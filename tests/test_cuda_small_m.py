@@ -58,6 +58,14 @@ def test_cpu_tensors_never_take_the_kernel():
     assert not cuda_small_m.use_small_m(x, 1, 4096)
 
 
+def test_cpu_tensors_are_refused_clearly():
+    w = torch.zeros(32, 32, dtype=torch.uint8)
+    s = torch.zeros(32, 4, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cuda_small_m.small_m_gemm(torch.randn(1, 64, dtype=torch.bfloat16), w, s, torch.ones(1), n=32,
+                                  out_dtype=torch.bfloat16)
+
+
 def test_turned_off_by_environment(monkeypatch):
     cuda_small_m.unavailable_reason.cache_clear()
     monkeypatch.setenv("FP4C_SMALL_M_KERNEL", "0")

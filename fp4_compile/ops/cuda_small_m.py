@@ -17,6 +17,7 @@ import pathlib
 
 import torch
 
+from ..format import check_same_device
 from .nvcc import build_shared_library, nvcc_path, shared_library_command
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
     """
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
     m, k = x.shape
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
@@ -119,11 +123,12 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps
-    err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_small_m_gemm(
-        x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-        weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
-        alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-        rows_per_warp, stages, warps, torch.cuda.current_stream(x.device).cuda_stream)
+    with torch.cuda.device(x.device):  # ctypes launches on the current device
+        err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_small_m_gemm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+            weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
+            alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+            rows_per_warp, stages, warps, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")

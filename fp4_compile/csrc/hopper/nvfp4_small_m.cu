@@ -14,9 +14,11 @@
 // Why not the Triton kernel's structure at small M: there each k-step is a dependent chain
 // (shared-memory load -> decode -> wgmma -> wait) of one warpgroup, at 2 CTAs/SM (ncu: 12.5%
 // occupancy, 48% of DRAM bandwidth). Here every warp streams its own k-range straight from
-// global memory into registers (16-byte loads, prefetched a stage ahead), decodes with 5 ALU ops
-// per pair of weights, and issues synchronous mma.m16n8k16; the warps of a CTA split K and
-// reduce through shared memory once at the end.
+// global memory into registers (16-byte loads, PF k-groups ahead), decodes with 5 ALU ops per
+// pair of weights, and issues synchronous mma.m16n8k16; the warps of a CTA split K and reduce
+// through shared memory once at the end. On an H100 at M=1 this reads the weights about as fast
+// as a torch row reduction reads the same bytes (benchmarks/NOTES.md, v4); a cp.async ring with
+// more bytes in flight measured slower.
 //
 // The m16n8k16 k-order is free as long as A and B agree, so lane t of a quad owns a whole
 // 16-byte chunk (chunk 4s + t of k-group s) instead of one word of each: one 128-bit load per
@@ -276,7 +278,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     }
   }
 
-  // reduce the warps' partial sums: smem [warps][16 * RT rows][8 * NT cols]
+  // reduce the warps' partial sums: smem [warps][8 * NT cols][16 * RT rows]
   constexpr int kRows = 16 * RT, kCols = 8 * NT;
   float* mine = reduce_smem + warp * kRows * kCols;
 #pragma unroll
