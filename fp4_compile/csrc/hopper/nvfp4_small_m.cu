@@ -150,23 +150,24 @@ struct Stage {
   uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
 };
 
+// float <-> output element type
 template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v);
+struct Convert;
 template <>
-__device__ __forceinline__ float to_out<float>(float v) { return v; }
+struct Convert<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
 template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 to(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float from(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
 template <>
-__device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
-
-template <typename OutT>
-__device__ __forceinline__ float from_out(OutT v);
-template <>
-__device__ __forceinline__ float from_out<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float from_out<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float from_out<__half>(__half v) { return __half2float(v); }
+struct Convert<__half> {
+  static __device__ __forceinline__ __half to(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float from(__half v) { return __half2float(v); }
+};
 
 struct Args {
   const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements
@@ -304,8 +305,8 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     float v = 0.f;
     for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
     v *= scale;
-    if (bias != nullptr) v += from_out<OutT>(bias[n]);
-    out[static_cast<int64_t>(col) * args.ldo + n] = to_out<OutT>(v);
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+    out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(v);
   }
 }
 
