@@ -275,8 +275,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(f"{r[c]:<{widths[c]}}" for c in cols).rstrip())
     chosen = select_backend(device)
-    print(f"\nselected on {device or ('cuda' if torch.cuda.is_available() else 'cpu')}: {chosen.value} "
-          f"(override with FP4_GEMM_BACKEND=name or --backend)")
+    where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"\nselected on {where}: {chosen.value} (override with FP4_GEMM_BACKEND=name or --backend)")
+    if where.type == "cuda":
+        from .ops.cuda_small_m import unavailable_reason
+
+        index = where.index if where.index is not None else torch.cuda.current_device()
+        reason = unavailable_reason(index)  # builds it on first use (seconds)
+        print(f"CUDA decode kernel of triton-w4a4/marlin (M <= 8): {'ready' if reason is None else reason}")
     return 0
 
 
