@@ -1,9 +1,13 @@
 """Decode-sized M: the CUDA small-M kernel against the Triton kernels and cuBLAS bf16.
 
 For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
-cuBLAS bf16; a plain read of the weight bytes (row amax: the streaming floor); W4A16 through Triton and through the CUDA kernel at each launch variant
-(rows per warp x warps per CTA); W4A4 linear (quantization included) through Triton and through
-the backends (the CUDA kernel at M <= 8). Checks that the CUDA and Triton outputs agree before timing.
+- cuBLAS bf16;
+- a plain read of the weight bytes (row amax): the streaming floor of this machine;
+- W4A16 through Triton, through the CUDA kernel at each launch variant (rows per warp, stages,
+  warps per CTA), and through the backend's own dispatch;
+- W4A4 linear (quantization included) through Triton and through the backend (the CUDA kernel
+  at M <= 8).
+Checks that the CUDA and Triton outputs agree before timing.
 
 python benchmarks/bench_small_m.py [--ms 1,16] [--shapes 0,2]
 """
@@ -99,8 +103,9 @@ def main():
         del ws, bf
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
-    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us", *[f"w4a16_cuda_r{r}s{s}w{w}_us" for r, s, w in VARIANTS],
-            "w4a16_best_x", "w4a16_best_bw", "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a16_cuda_vs_triton_rel"]
+    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
+            *[f"w4a16_cuda_r{r}s{s}w{w}_us" for r, s, w in VARIANTS], "w4a16_best_x", "w4a16_best_bw",
+            "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 
 

@@ -160,7 +160,8 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     bias = torch.randn(n, device=DEV).to(dt)
     alpha = (1 / gw).float()
     ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
-    for rows_per_warp, stages, warps in [(16, 2, 8), (32, 4 if m <= 8 else 2, 8), (16, 4 if m <= 8 else 2, 3), (32, 2, 1)]:
+    deep = 4 if m <= 8 else 2  # (4 stages exist for one n-tile only)
+    for rows_per_warp, stages, warps in [(16, 2, 8), (32, deep, 8), (16, deep, 3), (32, 2, 1)]:
         poison_allocator(m * n * 8 + (1 << 22))
         out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32,
                                         rows_per_warp=rows_per_warp, stages=stages, warps=warps)

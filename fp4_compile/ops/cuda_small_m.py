@@ -44,7 +44,8 @@ def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[s
 
 @functools.lru_cache(maxsize=None)
 def _library(capability: tuple[int, int]) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), f"nvfp4_small_m_sm{capability[0]}{capability[1]}")))
+    stem = f"nvfp4_small_m_sm{capability[0]}{capability[1]}"
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), stem)))
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
