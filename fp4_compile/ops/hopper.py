@@ -46,8 +46,8 @@ def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor
 
 
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit type of the CUDA small-M kernel's activation operand for an output/input dtype
-    (NVFP4 block values are exact in both)."""
+    """The 16-bit type that carries a dtype's activations: fp16 for fp16, else bf16 (the CUDA
+    small-M kernel's operand; NVFP4 block values are exact in both)."""
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
@@ -57,7 +57,7 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     instruction from e4m3. W4A16 keeps the activation type (bf16 for fp32 inputs)."""
     if interpreting() or w4a4:
         return torch.float16  # (bf16 is not usable in Triton's interpreter)
-    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+    return _value_dtype(dtype)
 
 
 class _HopperKernels:
