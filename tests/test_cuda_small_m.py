@@ -53,6 +53,20 @@ def test_build_failure_names_the_command(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_build_timeout_is_a_build_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(nvcc, "nvcc_path", lambda: "/usr/bin/nvcc")
+
+    def hang(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(nvcc.subprocess, "run", hang)
+    monkeypatch.setattr(nvcc, "nvcc_version", lambda: (13, 0))
+    with pytest.raises(RuntimeError, match="did not finish"):
+        nvcc.build_shared_library(cuda_small_m.SOURCE, [], "slow")
+    assert not list(tmp_path.iterdir())
+
+
 def test_cpu_tensors_never_take_the_kernel():
     x = torch.randn(1, 64)
     assert not cuda_small_m.use_small_m(x, 1, 4096)

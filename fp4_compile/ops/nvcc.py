@@ -63,7 +63,10 @@ def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> p
     os.close(fd)
     try:
         cmd = shared_library_command(source, tmp, flags)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as error:  # callers handle build failures as RuntimeError
+            raise RuntimeError(f"nvcc did not finish in {error.timeout} s ({' '.join(cmd)})") from error
         if done.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
         os.replace(tmp, out)
