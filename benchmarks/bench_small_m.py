@@ -3,8 +3,8 @@
 For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
 - cuBLAS bf16;
 - a plain read of the weight bytes (row amax): the streaming floor of this machine;
-- W4A16 through Triton, through the CUDA kernel at each launch variant (rows per warp, stages,
-  warps per CTA), and through the backend's own dispatch;
+- W4A16 through Triton, through the CUDA kernel at each variant (rows per warp, stages, warps per
+  CTA, L2 prefetch bytes of the weight loads), and through the backend's own dispatch;
 - W4A4 linear (quantization included) through Triton and through the backend (the CUDA kernel
   at M <= 8).
 Checks that the CUDA and Triton outputs agree before timing.
@@ -30,7 +30,13 @@ from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
-VARIANTS = [(16, 2, 4), (16, 2, 8), (16, 4, 4), (16, 4, 8), (32, 2, 8), (32, 4, 4)]
+# (rows per warp, stages, warps, L2 prefetch bytes)
+VARIANTS = [(16, 2, 4, 0), (16, 2, 8, 0), (16, 2, 4, 128), (16, 2, 8, 128), (16, 2, 4, 256), (16, 2, 8, 256),
+            (16, 4, 4, 256), (32, 2, 8, 256)]
+
+
+def variant_key(rpw: int, stages: int, warps: int, prefetch: int) -> str:
+    return f"w4a16_cuda_r{rpw}s{stages}w{warps}p{prefetch}_us"
 
 
 def rel(a, b):
@@ -73,12 +79,13 @@ def main():
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
                  for w, a in zip(ws, alphas)]), 2)
-            for rpw, stages, warps in VARIANTS:
+            for rpw, stages, warps, prefetch in VARIANTS:
                 if stages == 4 and m > 8:
                     continue
-                row[f"w4a16_cuda_r{rpw}s{stages}w{warps}_us"] = round(time_graph_us(
+                row[variant_key(rpw, stages, warps, prefetch)] = round(time_graph_us(
                     [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                   rows_per_warp=rpw, stages=stages, warps=warps)
+                                                   rows_per_warp=rpw, stages=stages, warps=warps,
+                                                   prefetch=prefetch)
                      for w, a in zip(ws, alphas)]), 2)
             # the backends' own dispatch (CUDA kernel where it wins, else Triton)
             row["w4a16_backend_us"] = round(time_graph_us(
@@ -104,7 +111,7 @@ def main():
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
     cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
-            *[f"w4a16_cuda_r{r}s{s}w{w}_us" for r, s, w in VARIANTS], "w4a16_best_x", "w4a16_best_bw",
+            *[variant_key(*v) for v in VARIANTS], "w4a16_best_x", "w4a16_best_bw",
             "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

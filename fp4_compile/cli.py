@@ -278,11 +278,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
     where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nselected on {where}: {chosen.value} (override with FP4_GEMM_BACKEND=name or --backend)")
     if where.type == "cuda":
-        from .ops.cuda_small_m import unavailable_reason
+        from .ops import cublaslt, cuda_small_m
 
         index = where.index if where.index is not None else torch.cuda.current_device()
-        reason = unavailable_reason(index)  # builds it on first use (seconds)
-        print(f"CUDA decode kernel of triton-w4a4/marlin (M <= 8): {'ready' if reason is None else reason}")
+        for what, module in (("CUDA decode kernel of triton-w4a4/marlin (M <= 8)", cuda_small_m),
+                             ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt)):
+            reason = module.unavailable_reason(index)  # builds it on first use (seconds)
+            print(f"{what}: {'ready' if reason is None else reason}")
     return 0
 
 

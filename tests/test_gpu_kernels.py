@@ -161,12 +161,13 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     alpha = (1 / gw).float()
     ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
     deep = 4 if m <= 8 else 2  # (4 stages exist for one n-tile only)
-    for rows_per_warp, stages, warps in [(16, 2, 8), (32, deep, 8), (16, deep, 3), (32, 2, 1)]:
+    for rows_per_warp, stages, warps, prefetch in [(16, 2, 8, 0), (32, deep, 8, 0), (16, deep, 3, 0),
+                                                   (32, 2, 1, 0), (16, 2, 4, 256)]:
         poison_allocator(m * n * 8 + (1 << 22))
         out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32,
-                                        rows_per_warp=rows_per_warp, stages=stages, warps=warps)
+                                        rows_per_warp=rows_per_warp, stages=stages, warps=warps, prefetch=prefetch)
         assert out.shape == (m, n) and torch.isfinite(out).all()
-        assert rel(out, ref) <= 1e-5, (rows_per_warp, stages, warps, rel(out, ref))
+        assert rel(out, ref) <= 1e-5, (rows_per_warp, stages, warps, prefetch, rel(out, ref))
     out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt]
@@ -213,23 +214,37 @@ def test_configs_and_decode_paths(seed, cfg, use_asm):
         assert rel(out, ref44) <= 1e-5
 
 
+@pytest.mark.parametrize("gemm", ["cublaslt", "torch.mm"])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [17, 1000])
-def test_dequant_cublas_path(seed, monkeypatch, m):
-    """The large-M path (weight dequantized once, cuBLAS) forced at any M."""
+def test_dequant_cublas_path(seed, monkeypatch, m, dt, gemm):
+    """The large-M path (weight dequantized once, then cuBLASLt with alpha and bias in its
+    epilogue, or torch.mm + passes for bf16 where cuBLASLt is missing) forced at any M."""
+    from fp4_compile.ops import cublaslt
+
+    if gemm == "cublaslt" and not cublaslt.available(torch.device(DEV)):
+        pytest.skip(str(cublaslt.unavailable_reason(torch.cuda.current_device())))
+    if gemm == "torch.mm":
+        if dt != torch.bfloat16:
+            pytest.skip("without cuBLASLt the dequant path takes bf16 only")
+        monkeypatch.setattr(cublaslt, "available", lambda device: False)
     monkeypatch.setattr(G, "DEQUANT_MIN_M", 1)
     n, k = 1000, 1040
+    assert G.use_dequant("w4a16", m, n, k, dt, torch.device(DEV))
     pw, sw, gw = make_weight(n, k)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=DEV).to(dt)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=DEV).to(dt)
     ref44, wv = _refs(x, pw, sw, gx, gw)
     wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+    poison_allocator(m * n * 8 + (1 << 22))
     o = TRITON_W4A4.linear(x, wt, wst, gx, (1 / (gx * gw)).float(), bias, n)
-    assert rel(o, ref44 + bias.double()) <= TOL[torch.bfloat16]
+    assert o.dtype == dt and rel(o, ref44 + bias.double()) <= TOL[dt]
     o16 = MARLIN.linear(x, wt, wst, None, (1 / gw).float(), bias, n)
-    assert rel(o16, x.double() @ wv.t() / gw.double() + bias.double()) <= TOL[torch.bfloat16]
+    x16 = x.to(torch.bfloat16) if dt == torch.float32 else x  # W4A16 rounds fp32 activations to bf16
+    assert o16.dtype == dt and rel(o16, x16.double() @ wv.t() / gw.double() + bias.double()) <= TOL[dt]
     wd = G.dequantize_weight(wt, wst, n, k, torch.bfloat16)
-    assert torch.equal(wd.float(), F.block_values(pw, sw) / 256.0)
+    assert torch.equal(wd.float(), F.block_values(pw, sw))
 
 
 def test_cuda_graph_capture_and_replay(seed):

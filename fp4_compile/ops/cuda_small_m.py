@@ -30,11 +30,15 @@ DISPATCH_MAX_M = 8
 DISPATCH_MIN_N = 16 * 132
 # cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
 SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
+# Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
+# 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants.
+WEIGHT_PREFETCH = 0
 
 
-def nvcc_flags(capability: tuple[int, int]) -> list[str]:
+def nvcc_flags(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> list[str]:
     arch = f"{capability[0]}{capability[1]}"
-    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo",
+            f"-DFP4C_WEIGHT_PREFETCH={prefetch}"]
 
 
 def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -43,9 +47,9 @@ def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[s
 
 
 @functools.lru_cache(maxsize=None)
-def _library(capability: tuple[int, int]) -> ctypes.CDLL:
+def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ctypes.CDLL:
     stem = f"nvfp4_small_m_sm{capability[0]}{capability[1]}"
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), stem)))
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability, prefetch), stem)))
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -89,12 +93,14 @@ def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                  rows_per_warp: int | None = None, stages: int | None = None,
-                 warps: int | None = None) -> torch.Tensor:
+                 warps: int | None = None, prefetch: int = WEIGHT_PREFETCH) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
+    ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
+    the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
     """
     check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
     if x.device.type != "cuda":
@@ -106,6 +112,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
+    if prefetch not in (0, 64, 128, 256):
+        raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
     if stages not in (None, 2, 4) or (stages == 4 and m > 8):
         raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
     kp = weight.shape[1] * 2
@@ -125,7 +133,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     stages = stages or default_stages
     warps = warps or default_warps
     with torch.cuda.device(x.device):  # ctypes launches on the current device
-        err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_small_m_gemm(
+        err = _library(torch.cuda.get_device_capability(x.device), prefetch).fp4c_nvfp4_small_m_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
             weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),

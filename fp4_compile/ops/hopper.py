@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
+from . import cublaslt
 from . import triton_gemm as _G
 from .cuda_small_m import small_m_gemm, use_small_m
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
@@ -72,6 +73,8 @@ class _HopperKernels:
         weight = permute_nibbles(packed)
         if weight.device.type == "cuda":
             lock_buffer(weight.device)  # split-K tickets, allocated here, outside graph capture
+            if cublaslt.available(weight.device):
+                cublaslt.prepare(weight.device)  # the large-M GEMM's workspace, also outside capture
         return weight, scales.contiguous()
 
     def restore_weight(
@@ -128,8 +131,8 @@ class TritonW4A4Kernels(_HopperKernels):
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
                             mode="mm")
         # larger M: the activation block values once (exact), then the GEMM of the linear path
-        if use_dequant("w4a4+pq", m, n, ka, out_dtype):
-            vals = dequantize_codes_triton(a, a_scale, torch.bfloat16)
+        if use_dequant("w4a4+pq", m, n, ka, out_dtype, a.device):
+            vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
             return dequant_mm(vals, weight, weight_scale, alpha, n=n, k=ka, out_dtype=out_dtype)
         cdt = _compute_dtype(out_dtype, w4a4=True)
         vals = dequantize_codes_triton(a, a_scale, cdt)
@@ -153,8 +156,8 @@ class TritonW4A4Kernels(_HopperKernels):
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
-        elif use_dequant("w4a4+pq", m, out_features, k, x.dtype):
-            xq = fake_quantize_nvfp4_triton(x2, gs, torch.bfloat16)
+        elif use_dequant("w4a4+pq", m, out_features, k, x.dtype, x.device):
+            xq = fake_quantize_nvfp4_triton(x2, gs, _value_dtype(x.dtype))
             out = dequant_mm(xq, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
             xq = fake_quantize_nvfp4_triton(x2, gs, cdt)
@@ -183,7 +186,7 @@ class MarlinKernels(_HopperKernels):
         alpha = alpha.reshape(1).float()
         if use_small_m(xa, xa.shape[0], out_features):
             out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
-        elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype):
+        elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
             out = fp4_gemm(xa, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0,

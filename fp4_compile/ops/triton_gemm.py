@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cublaslt
 from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, interpreting
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
@@ -520,6 +521,7 @@ def _dequant_weight_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_wsn, 
     wq = tl.load(w_ptr + rows[:, None] * stride_wn + k0 // 8 + w_off, mask=(k0 + 8 * w_off) < kc * 32, other=0)
     w = _decode_words(tl.reshape(wq, [BN, BK // 32, 4]), sp, BN, BK, USE_ASM, IS_FP16)
     k_ar = k0 + tl.arange(0, BK)
+    w = w.to(tl.float32) * 256.0  # undo the decode's 2^-8 (exact): cuBLASLt then takes alpha as it is
     tl.store(out_ptr + rows[:, None] * stride_on + k_ar[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (k_ar < K)[None, :])
 
@@ -538,7 +540,7 @@ def default_use_asm(device: torch.device) -> bool:
 
 def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, k: int,
                       dtype: torch.dtype = torch.bfloat16, use_asm: bool | None = None) -> torch.Tensor:
-    """[n, k] exact values e2m1 * sf * 2^-8 (no 1/gs) of a prepared weight, in bf16 or fp16."""
+    """[n, k] exact values e2m1 * sf (no 1/gs) of a prepared weight, in bf16 or fp16."""
     if use_asm is None:
         use_asm = default_use_asm(weight.device)
     if weight.dtype != torch.int32:
@@ -555,21 +557,20 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, 
 
 
 def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
-               n: int, k: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-               compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Large-M path: out = (a @ dequant(w)^T) * alpha * 2^8 (+ bias), cuBLAS for the GEMM.
+               n: int, k: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large-M path: out = (a @ dequant(w)^T) * alpha (+ bias), the weight dequantized once per call.
 
-    ``a`` holds exact operand values in ``compute_dtype`` (bf16/fp16 activations for W4A16, or
-    NVFP4 block values for W4A4). The GEMM's output is rounded to ``out_dtype`` before the alpha
-    multiply (one more rounding than the fused kernels).
+    ``a`` holds exact operand values in bf16 or fp16 (activations for W4A16, NVFP4 block values
+    for W4A4); the weight is dequantized to the same type. With cuBLASLt (``cublaslt.py``) alpha,
+    a device scalar, and the bias are applied in the GEMM's fp32 epilogue: one rounding, like the
+    fused kernels. Without it, torch.mm rounds to ``a.dtype`` before alpha and bias (see use_dequant).
     """
-    wd = dequantize_weight(weight, weight_scale, n, k, compute_dtype)
-    if a.dtype != compute_dtype:
-        a = a.to(compute_dtype)
-    out = torch.mm(a, wd.t())
-    out = out.mul_(alpha * float(2**W_SHIFT)) if out.dtype == out_dtype else (out * (alpha * float(2**W_SHIFT)))
+    wd = dequantize_weight(weight, weight_scale, n, k, a.dtype)
+    if cublaslt.available(a.device):
+        return cublaslt.gemm_alpha(a, wd, alpha, out_dtype=out_dtype, bias=bias)
+    out = torch.mm(a, wd.t()).mul_(alpha)
     if bias is not None:
-        out = out.add_(bias) if out.dtype == out_dtype else out + bias
+        out = out.add_(bias)
     return out.to(out_dtype)
 
 
@@ -609,10 +610,13 @@ DEQUANT_MIN_M = 1024
 DEQUANT_SHAPES: set[tuple] = set()
 
 
-def use_dequant(mode: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Large-M bf16 calls only: the cuBLAS output is rounded to bf16 before alpha (fp16 could
-    overflow there, fp16/fp32 callers would lose precision)."""
-    if interpreting() or dtype != torch.bfloat16:
+def use_dequant(mode: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | None = None) -> bool:
+    """Large M. Without cuBLASLt, bf16 calls only: torch.mm's output is rounded before alpha (fp16
+    could overflow there, fp16/fp32 callers would lose precision)."""
+    if interpreting():
+        return False
+    if dtype != torch.bfloat16 and (device is None or not cublaslt.available(device)):
         return False
     return m >= DEQUANT_MIN_M or (mode, m_bucket(m), n, k) in DEQUANT_SHAPES
 

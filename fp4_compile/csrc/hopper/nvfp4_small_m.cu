@@ -119,12 +119,29 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
   }
 }
 
-// Weights are read once: stream them past L1 (no allocation).
+// Weights are read once: stream them past L1 (no allocation). A lane's 16-byte chunk is one
+// quarter of the 64 bytes its quad reads from a row per k-group; FP4C_WEIGHT_PREFETCH (bytes:
+// 0, 64, 128, 256) asks L2 to fetch that much of the row at once, so the next groups of the same
+// row are L2 hits and DRAM sees longer bursts.
+#ifndef FP4C_WEIGHT_PREFETCH
+#define FP4C_WEIGHT_PREFETCH 0
+#endif
+#if FP4C_WEIGHT_PREFETCH == 0
+#define FP4C_PREFETCH_QUALIFIER ""
+#elif FP4C_WEIGHT_PREFETCH == 64
+#define FP4C_PREFETCH_QUALIFIER ".L2::64B"
+#elif FP4C_WEIGHT_PREFETCH == 128
+#define FP4C_PREFETCH_QUALIFIER ".L2::128B"
+#elif FP4C_WEIGHT_PREFETCH == 256
+#define FP4C_PREFETCH_QUALIFIER ".L2::256B"
+#else
+#error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
+#endif
 __device__ __forceinline__ uint4 load_stream(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
 }
 
