@@ -1,6 +1,8 @@
 """NVFP4 activation quantization kernel: GB/s vs measured copy bandwidth (M=4096, K=4096 / 14336).
 
 Bytes = read x (bf16) + write codes (K/2) + write scales (K/16). CUDA graph over rotating inputs.
+Each variant through the library's dispatch (the CUDA kernel of ``cuda_quant.py`` where it can
+run) and through the Triton kernel ("triton" rows).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import copy_bandwidth_gbs, env_info, print_table, time_eager_us, time_graph_us, write_json  # noqa: E402
 
 from fp4_compile import format as F  # noqa: E402
-from fp4_compile.ops import triton_gemm  # noqa: E402,F401  (loads the tuned table: quant config)
-from fp4_compile.ops.triton_quant import fake_quantize_nvfp4_triton, quantize_nvfp4_triton  # noqa: E402
+from fp4_compile.ops import cuda_quant, triton_gemm  # noqa: E402,F401  (triton_gemm: the tuned quant config)
+from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
 
 
 def main():
@@ -30,23 +32,31 @@ def main():
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         gs = F.global_scale_from_amax(xs[0].float().abs().amax()).reshape(1)
         moved = m * k * 2 + m * k // 2 + m * k // 16
-        for variant in ("linear", "swizzled", "values"):
+        cuda = cuda_quant.use_cuda_quant(xs[0])
+        for impl, variant in [(i, v) for i in (["cuda"] if cuda else []) + ["triton"]
+                              for v in ("linear", "swizzled", "values")]:
             if variant == "values":
-                calls = [lambda x=x: fake_quantize_nvfp4_triton(x, gs, torch.bfloat16) for x in xs]
+                calls = [lambda x=x: fake_quantize_nvfp4_gpu(x, gs, torch.bfloat16) for x in xs]
                 vbytes = m * k * 4
             else:
-                calls = [lambda x=x, s=variant == "swizzled": quantize_nvfp4_triton(x, gs, s) for x in xs]
+                calls = [lambda x=x, s=variant == "swizzled": quantize_nvfp4_gpu(x, gs, s) for x in xs]
                 vbytes = moved
-            t = time_graph_us(calls)
-            te = time_eager_us(calls)
+            use = cuda_quant.use_cuda_quant
+            if impl == "triton":
+                cuda_quant.use_cuda_quant = lambda x: False
+            try:
+                t = time_graph_us(calls)
+                te = time_eager_us(calls)
+            finally:
+                cuda_quant.use_cuda_quant = use
             gbs = vbytes / (t * 1e-6) / 1e9
-            rows.append({"m": m, "k": k, "variant": variant, "us": round(t, 2), "eager_us": round(te, 2),
-                         "GBps": round(gbs, 1), "copy_frac": round(gbs / bw, 3)})
+            rows.append({"m": m, "k": k, "impl": impl, "variant": variant, "us": round(t, 2),
+                         "eager_us": round(te, 2), "GBps": round(gbs, 1), "copy_frac": round(gbs / bw, 3)})
             print(rows[-1], flush=True)
         del xs
     path = write_json("bench_quant.json", {"env": info, "rows": rows})
     print(f"wrote {path}")
-    print_table(rows, ["m", "k", "variant", "us", "eager_us", "GBps", "copy_frac"],
+    print_table(rows, ["m", "k", "impl", "variant", "us", "eager_us", "GBps", "copy_frac"],
                 f"NVFP4 quantization kernel, {info['gpu']}, copy {bw:.0f} GB/s")
 
 

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
-from fp4_compile.ops.triton_quant import quantize_nvfp4_triton  # noqa: E402
+from fp4_compile.ops.gpu_quant import quantize_nvfp4_gpu  # noqa: E402
 
 what = sys.argv[1] if len(sys.argv) > 1 else "gemm"
 if what == "gemm":
@@ -27,6 +27,6 @@ else:
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     gs = torch.ones(1, device="cuda")
     for _ in range(3):
-        quantize_nvfp4_triton(x, gs, False)
+        quantize_nvfp4_gpu(x, gs, False)
 torch.cuda.synchronize()
 print("done")

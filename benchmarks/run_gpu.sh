@@ -64,7 +64,8 @@ q = load("bench_quant.json")
 if q:
     for r in q["rows"]:
         if r["m"] == 4096 and r["variant"] == "linear":
-            print(f"quant M=4096 K={r['k']}: {r['GBps']} GB/s = {r['copy_frac']:.0%} of copy ({q['env']['copy_GBps']} GB/s)")
+            print(f"quant ({r.get('impl', 'triton')}) M=4096 K={r['k']}: {r['GBps']} GB/s = {r['copy_frac']:.0%} "
+                  f"of copy ({q['env']['copy_GBps']} GB/s)")
 lin = load("bench_linear.json")
 if lin:
     print("| shape | M | bf16 us | W4A4 us (x) | W4A16 us (x) |")

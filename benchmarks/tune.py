@@ -21,6 +21,7 @@ from _common import (LLAMA_SHAPES, copies_for, env_info, fp4_weight_bytes, kerne
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
+from fp4_compile.ops import gpu_quant as GQ  # noqa: E402
 from fp4_compile.ops import triton_quant as Q  # noqa: E402
 from fp4_compile.ops.hopper import TRITON_W4A4  # noqa: E402
 
@@ -50,13 +51,13 @@ def run_config(mode, cfg, x, gx, ws, n, k, prequant):
         def f():
             kh = None
             if cfg == DQ:
-                xa = Q.fake_quantize_nvfp4_triton(x, gx, torch.bfloat16) if mode == "w4a4" else x
+                xa = GQ.fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16) if mode == "w4a4" else x
                 o = G.dequant_mm(xa, wt, wst, alpha, n=n, k=k, out_dtype=x.dtype)
             elif mode == "w4a4" and not prequant:
                 o, kh = G.fp4_gemm(x, wt, wst, alpha, n=n, k=k, a_mode=1, out_dtype=x.dtype, global_scale=gx,
                                    config=cfg, mode=mode, return_kernel=True, compute_dtype=torch.float16)
             elif mode == "w4a4":
-                xq = Q.fake_quantize_nvfp4_triton(x, gx, torch.float16)
+                xq = GQ.fake_quantize_nvfp4_gpu(x, gx, torch.float16)
                 o, kh = G.fp4_gemm(xq, wt, wst, alpha, n=n, k=k, a_mode=0, out_dtype=x.dtype, config=cfg,
                                    mode=mode, return_kernel=True, compute_dtype=torch.float16)
             else:
@@ -192,7 +193,7 @@ def main():
         gx = torch.ones(1, device="cuda")
         for bm, bg, nw in ((8, 16, 4), (16, 32, 4), (8, 64, 4), (32, 32, 8), (4, 64, 4), (64, 16, 8), (16, 64, 8)):
             Q.QUANT_CONFIG.update(BLOCK_M=bm, BLOCK_G=bg, num_warps=nw)
-            t = time_graph_us([lambda x=x: Q.quantize_nvfp4_triton(x, gx, False) for x in xs])
+            t = time_graph_us([lambda x=x: Q.launch_quant_triton(x, gx, Q.MODE_LINEAR) for x in xs])
             gbs = 4096 * k * (2 + 0.5 + 1 / 16) / (t * 1e-6) / 1e9
             r = {"k": k, "BLOCK_M": bm, "BLOCK_G": bg, "warps": nw, "us": round(t, 2), "GB/s": round(gbs, 1)}
             qrows.append(r)

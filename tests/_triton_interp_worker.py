@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
-from fp4_compile.ops.triton_quant import quantize_nvfp4_triton  # noqa: E402
+from fp4_compile.ops.gpu_quant import quantize_nvfp4_gpu  # noqa: E402
 
 THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
 
@@ -37,7 +37,7 @@ def ref_scaled_values(x, gs):
 
 
 def check_quant(x, gs, swizzle):
-    q, s = quantize_nvfp4_triton(x, gs, swizzle)
+    q, s = quantize_nvfp4_gpu(x, gs, swizzle)
     qr, sr = F.quantize_nvfp4(x, gs, swizzle=swizzle)
     res = {"scale_shape_ok": tuple(s.shape) == tuple(sr.shape) and s.dtype == sr.dtype,
            "scale_bytes_equal": bool(torch.equal(s.view(torch.uint8), sr.view(torch.uint8)))}
@@ -103,7 +103,7 @@ def main():
                 o = TRITON_W4A4.linear(x, wt, wst, gx, alpha, bias.to(dt), n)
                 rec["w4a4_shape_ok"] = tuple(o.shape) == (m, n) and o.dtype == dt
                 rec["w4a4"] = rel(o, ref + bias.double())
-                qx, qs = quantize_nvfp4_triton(x, gx)
+                qx, qs = quantize_nvfp4_gpu(x, gx)
                 rec["mm"] = rel(TRITON_W4A4.mm(qx, qs, wt, wst, alpha, dt)[:, :n], ref)
                 # as the layer calls it: codes padded to the weight's K, scales not
                 qp = F.pad_activation_for_alignment(qx, wt.shape[1] * 2)

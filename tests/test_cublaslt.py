@@ -216,7 +216,7 @@ def test_bad_inputs_are_refused_clearly():
     assert gpu_available()
     a = torch.randn(8, 32, device=DEV, dtype=torch.bfloat16)
     one = torch.ones(1, device=DEV)
-    with pytest.raises(TypeError, match="both bf16 or both fp16"):
+    with pytest.raises(TypeError, match="both be bf16 or both fp16"):
         cublaslt.gemm_alpha(a, a.half(), one, out_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="out_dtype"):
         cublaslt.gemm_alpha(a, a, one, out_dtype=torch.float16)

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_small_m, hopper  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
-from fp4_compile.ops.triton_quant import fake_quantize_nvfp4_triton, quantize_nvfp4_triton  # noqa: E402
+from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
 
 DEV = "cuda"
 SHAPES = [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (6144, 4096)]
@@ -42,10 +42,22 @@ def make_weight(n, k):
     return pw, sw, gw
 
 
+@pytest.fixture(params=["cuda", "triton"])
+def quant_impl(request, monkeypatch):
+    """Run a test through the CUDA quant kernel and again with it turned off (the Triton kernel)."""
+    if request.param == "cuda":
+        reason = cuda_quant.unavailable_reason(torch.cuda.current_device())
+        if reason is not None:
+            pytest.skip(reason)
+    else:
+        monkeypatch.setattr(cuda_quant, "use_cuda_quant", lambda x: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("swizzle", [False, True])
 @pytest.mark.parametrize("m,k", [(1, 64), (3, 208), (1000, 1040), (4096, 4096)])
-def test_quant_kernel_bit_exact(seed, dt, swizzle, m, k):
+def test_quant_kernel_bit_exact(seed, dt, swizzle, m, k, quant_impl):
     x = (torch.randn(m, k, device=DEV) * torch.logspace(-4, 4, k, device=DEV)).to(dt)
     x[0, :16] = 0
     if m > 2:
@@ -53,7 +65,7 @@ def test_quant_kernel_bit_exact(seed, dt, swizzle, m, k):
         x[2, -3] = float("nan")
     gs = F.global_scale_from_amax(x.float().abs().nan_to_num(0, 0, 0).amax()).reshape(1)
     poison_allocator(m * k * 4)
-    q, s = quantize_nvfp4_triton(x, gs, swizzle)
+    q, s = quantize_nvfp4_gpu(x, gs, swizzle)
     qr, sr = F.quantize_nvfp4(x, gs, swizzle=swizzle)
     assert s.shape == sr.shape and s.dtype == torch.float8_e4m3fn
     assert torch.equal(s.view(torch.uint8), sr.view(torch.uint8))  # padding included
@@ -65,11 +77,11 @@ def test_quant_kernel_bit_exact(seed, dt, swizzle, m, k):
     assert int(((c & 7) - (cr & 7)).abs()[bad].max().item() if bad.any() else 0) <= 1
 
 
-def test_fake_quant_values_exact(seed):
+def test_fake_quant_values_exact(seed, quant_impl):
     m, k = 333, 1040
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     gs = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    v = fake_quantize_nvfp4_triton(x, gs, torch.bfloat16)
+    v = fake_quantize_nvfp4_gpu(x, gs, torch.bfloat16)
     ref = F.block_values(*F.quantize_nvfp4(x, gs))
     assert torch.equal(v.float(), ref)
 
@@ -129,7 +141,7 @@ def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
     ref44, _ = _refs(x, pw, sw, gx, gw)
     wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
-    q, s = quantize_nvfp4_triton(x, gx)
+    q, s = quantize_nvfp4_gpu(x, gx)
     kp = wt.shape[1] * 2
     q = F.pad_activation_for_alignment(q, kp)
     s = torch.nn.functional.pad(s.view(torch.uint8), (0, kp // 16 - s.shape[1])).view(torch.float8_e4m3fn)

@@ -31,8 +31,9 @@ DISPATCH_MIN_N = 16 * 132
 # cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
 SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
-# 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants.
-WEIGHT_PREFETCH = 0
+# 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
+# M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).
+WEIGHT_PREFETCH = 128
 
 
 def nvcc_flags(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> list[str]:

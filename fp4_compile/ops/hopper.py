@@ -28,7 +28,8 @@ from . import cublaslt
 from . import triton_gemm as _G
 from .cuda_small_m import small_m_gemm, use_small_m
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
-from .triton_quant import dequantize_codes_triton, fake_quantize_nvfp4_triton, interpreting
+from .gpu_quant import fake_quantize_nvfp4_gpu
+from .triton_quant import dequantize_codes_triton, interpreting
 
 WEIGHT_ALIGNMENT = 32
 
@@ -151,16 +152,16 @@ class TritonW4A4Kernels(_HopperKernels):
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
         if use_small_m(x2, m, out_features):
-            xq = fake_quantize_nvfp4_triton(x2, gs, _value_dtype(x.dtype))
+            xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
         elif use_dequant("w4a4+pq", m, out_features, k, x.dtype, x.device):
-            xq = fake_quantize_nvfp4_triton(x2, gs, _value_dtype(x.dtype))
+            xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = dequant_mm(xq, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
-            xq = fake_quantize_nvfp4_triton(x2, gs, cdt)
+            xq = fake_quantize_nvfp4_gpu(x2, gs, cdt)
             out = fp4_gemm(xq, weight, weight_scale, alpha, n=out_features, k=k, a_mode=0, out_dtype=x.dtype,
                            bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)

@@ -36,9 +36,9 @@ def quantize(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Te
     """x [M, K] -> packed uint8 [M, K/2], scales fp8 (linear [M, K/16] or 128x4 swizzled)."""
     _check_activation(x, global_scale)
     if x.device.type == "cuda":
-        from .triton_quant import quantize_nvfp4_triton
+        from .gpu_quant import quantize_nvfp4_gpu
 
-        return quantize_nvfp4_triton(x, global_scale, swizzle)
+        return quantize_nvfp4_gpu(x, global_scale, swizzle)
     from .reference import quantize as quantize_reference
 
     return quantize_reference(x, global_scale, swizzle)

@@ -1,12 +1,14 @@
 """NVFP4 activation quantization in Triton (sm_80+; runs under TRITON_INTERPRET=1 on CPU).
 
-``quantize_nvfp4_triton(x, global_scale, swizzle)`` computes exactly the function of
+``launch_quant_triton(x2, global_scale, mode)`` computes exactly the function of
 ``fp4_compile.format.quantize_nvfp4`` (see shared NVFP4.md): per 16-element block
 ``sf = e4m3(min(gs * (amax * (1/6)), 448))`` rounded to nearest even (bit-exact, emulated
 with integer ops so that it needs no fp8 hardware or interpreter support), a NaN scale
 byte (0x7F) for blocks holding Inf/NaN, ``out_scale = sf == 0 ? 0 : 1 / (sf * (1/gs))``
 and E2M1 round-to-nearest-even codes. The swizzled ("128x4") scale layout is written
 whole, padding included (every padded byte zero), by the same kernel: no memset launch.
+The public entry points are in ``gpu_quant.py``, which runs the CUDA kernel of ``cuda_quant.py``
+instead where it can (sm_89/sm_90 with nvcc): same function, faster.
 
 The ``@triton.jit`` helpers here (``_block_scales``, ``_e2m1_code``, ``_fake_quant``) are shared with the
 fused W4A4 GEMM in ``triton_gemm.py``, which quantizes activation tiles in registers.
@@ -20,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import BLOCK_SIZE, round_up, swizzled_scale_shape
+from ..format import BLOCK_SIZE, swizzled_scale_shape
+from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
 
 
 def interpreting() -> bool:
@@ -123,9 +126,6 @@ def _fake_quant(x3, gs):
 # ---------------------------------------------------------------------------------------
 # the quantization kernel
 
-MODE_LINEAR = 0  # codes + linear scales
-MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales (padding written as zeros)
-MODE_VALUES = 2  # exact block values e2m1*sf in the output dtype (internal, for the GEMM)
 
 
 @triton.jit
@@ -181,7 +181,8 @@ def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
     return block_m, block_g, cfg["num_warps"]
 
 
-def _launch_quant(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
+def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
+    """The Triton quant kernel on ``x2 [M, K]`` (see gpu_quant.py for the public functions)."""
     m, k = x2.shape
     kb = k // BLOCK_SIZE
     dev = x2.device
@@ -217,41 +218,6 @@ def _launch_quant(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torc
     if mode == MODE_VALUES:
         return v
     return q, s.view(torch.float8_e4m3fn)
-
-
-def quantize_nvfp4_triton(
-    x: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x [..., K]`` (fp32/fp16/bf16, K a multiple of 16) to NVFP4 on the GPU.
-
-    Returns ``(packed uint8 [..., K/2], scales float8_e4m3fn)``: scales linear ``[..., K/16]``,
-    or with ``swizzle=True`` the 2-D 128x4 layout ``[round_up(M,128), round_up(K/16,4)]`` of the
-    flattened rows with every padded byte zero. ``global_scale`` is a float32 tensor of one
-    element (the multiplier 448*6/amax); it is read on the device (no host sync, graph-safe).
-    """
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] % BLOCK_SIZE:
-        raise ValueError(f"x: the last dimension must be a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}")
-    if global_scale.numel() != 1:
-        raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
-    check_device(x, global_scale, what="quantize_nvfp4_triton")
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    q, s = _launch_quant(x2, global_scale.float(), MODE_SWIZZLED if swizzle else MODE_LINEAR)
-    q = q.reshape(*lead, k // 2)
-    if not swizzle:
-        s = s.reshape(*lead, k // BLOCK_SIZE)
-    return q, s
-
-
-def fake_quantize_nvfp4_triton(x2: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Exact NVFP4 block values ``e2m1 * sf`` (without ``1/gs``) of ``x2 [M, K]`` in ``dtype``.
-
-    Exact in bf16 and fp16 (at most 6 significant bits, magnitudes in [2^-10, 2688]); used by
-    the W4A4 linear at large M: quantize once, then run the W4A16 GEMM on these values.
-    """
-    return _launch_quant(x2, global_scale.float(), MODE_VALUES, dtype)
 
 
 @triton.jit
@@ -315,6 +281,5 @@ def dequantize_codes_triton(packed: torch.Tensor, scales: torch.Tensor, dtype: t
     return out
 
 
-__all__ = ["quantize_nvfp4_triton", "fake_quantize_nvfp4_triton", "dequantize_codes_triton", "interpreting",
-           "check_device"]
-_ = round_up
+__all__ = ["launch_quant_triton", "dequantize_codes_triton", "interpreting", "check_device", "MODE_LINEAR",
+           "MODE_SWIZZLED", "MODE_VALUES"]

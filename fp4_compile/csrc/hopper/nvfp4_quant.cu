@@ -1,0 +1,470 @@
+// NVFP4 activation quantization on sm_89/sm_90: x [M, K] (bf16/fp16/fp32) -> packed E2M1 codes
+// + e4m3 block scales (linear or 128x4 swizzled), or the exact block values e2m1 * sf.
+//
+// The function is fp4_compile.format.quantize_nvfp4, bit for bit (shared NVFP4.md), in the same
+// order of float32 operations as triton_quant.py's _block_scales / _scaled / _e2m1_code:
+//   amax = max |x| over 16 elements (NaN propagates), t = amax * (1/6), v = gs * t,
+//   sf = e4m3_rne(min(v, 448)) (a block holding Inf/NaN: NaN byte 0x7F),
+//   out_scale = sf == 0 ? 0 : 1 / (sf * (1/gs))     (both divisions IEEE round-to-nearest),
+//   code = e2m1_rne(min(|x * out_scale|, 6)) with the sign bit of x * out_scale.
+//
+// Why it is fast (the Triton kernel is bound by integer ALU work, ~27 SASS per element):
+// - one thread owns two adjacent 16-element blocks (32 elements): the amax needs no shuffles, the
+//   loads are 16-byte vectors, the 16 code bytes are one 16-byte store, and one
+//   cvt.rn.satfinite.e4m3x2.f32 rounds both scales (satfinite = min(., 448) then RNE);
+// - out_scale depends only on the scale byte: each CTA tabulates 1/(sf*(1/gs)) for the 256 bytes
+//   once in shared memory (exactly the reference's float ops), so a block costs one LDS instead of
+//   a decode, a multiply and an IEEE reciprocal;
+// - E2M1 rounding runs on the FP32 pipe: with a = |x| * out_scale the code is
+//   rint(f(a)), f(a) = min(2a, a + 2, a/2 + 4, 7) (slopes 2, 1, 1/2: the E2M1 steps 0.5, 1, 2), and
+//   rint commutes with min, so code + 2^23 = min(fma(a, 2, 2^23), a + (2^23 + 2), fma(a, 0.5, 2^23 + 4))
+//   -- each term rounded once by the adder at integer spacing, ties to even code = ties to even
+//   mantissa, exactly the E2M1 RNE thresholds. The saturating min with 2^23 + 7 is only needed when
+//   a block's largest a reaches 7 (448 clamp, coarse subnormal scales): a warp-uniform branch.
+//
+// Only sm_89 and sm_90 are built (cvt.rn.satfinite.e4m3x2.f32 / cvt.rn.f16x2.e4m3x2 need sm_89);
+// E2M1 conversion instructions (sm_100a) are not used.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kModeLinear = 0;
+constexpr int kModeSwizzled = 1;
+constexpr int kModeValues = 2;
+constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // dtype codes (input and values output)
+
+constexpr float kMagic = 8388608.0f;  // 2^23: the float adder rounds to integers in [2^23, 2^24)
+
+struct Args {
+  const void* x;
+  int64_t ldx;  // elements
+  uint8_t* q;
+  int64_t ldq;  // bytes
+  uint8_t* s;
+  int64_t lds;  // bytes (linear mode)
+  void* v;
+  int64_t ldv;  // elements
+  const float* gs;
+  int m, kb;     // rows, 16-element blocks per row
+  int mg, pg;    // rows and block pairs covered by the grid (swizzled: padded to 128 rows, 4 blocks)
+  int kbp;       // swizzled: round_up(kb, 4)
+  int log_tx;    // threads of a CTA along the pairs of a row: 1 << log_tx
+  int q16;       // 1: every row of q is 16-byte aligned (one 16-byte store per pair)
+};
+
+// ---------------------------------------------------------------------------------------------
+// element math
+
+// 2^23 + E2M1 magnitude code (0..7) of a = |x| * out_scale >= 0; see the header. Without SAT, valid
+// for a < 7 only (then fma(a, 0.5, 2^23 + 4) < 2^23 + 7.5 already rounds to at most 2^23 + 7).
+template <bool SAT>
+__device__ __forceinline__ float e2m1_magic(float a) {
+  const float r1 = __fmaf_rn(a, 2.0f, kMagic);         // rint(2a):      a in [0, 2]
+  const float r2 = __fadd_rn(a, kMagic + 2.0f);        // rint(a + 2):   a in [2, 4]
+  const float r3 = __fmaf_rn(a, 0.5f, kMagic + 4.0f);  // rint(a/2 + 4): a in [4, 6]
+  const float r = fminf(r1, r2);
+  return SAT ? fminf(r, fminf(r3, kMagic + 7.0f)) : fminf(r, r3);
+}
+
+// The E2M1 magnitude of code c (given as 2^23 + c): max(c/2, c - 2, 2c - 8), all exact.
+__device__ __forceinline__ float e2m1_magnitude(float r) {
+  const float l1 = __fmaf_rn(r, 0.5f, -0.5f * kMagic);
+  const float l2 = __fadd_rn(r, -(kMagic + 2.0f));
+  const float l3 = __fmaf_rn(r, 2.0f, -(2.0f * kMagic + 8.0f));
+  return fmaxf(fmaxf(l1, l2), l3);
+}
+
+// Byte 3 of the result: the packed pair (lo code, hi code) with both sign bits, from the two magic
+// floats (bits 2^23 + code: shifting left by 24 / 28 keeps exactly the code) and the sign bits of
+// the elements (bit 15: lo, bit 31: hi, as in a bf16x2/f16x2 word); the low bytes hold garbage.
+// (m * 0x1001 moves bit 15 to 27 and keeps bit 31; the fields are disjoint, so nothing carries.)
+__device__ __forceinline__ uint32_t pack_pair(float r_lo, float r_hi, uint32_t signs) {
+  const uint32_t codes = (__float_as_uint(r_lo) << 24) + (__float_as_uint(r_hi) << 28);
+  return codes + (signs & 0x80008000u) * 0x1001u;
+}
+
+// Byte 3 of each of b0..b3 -> one word (element pairs in memory order).
+__device__ __forceinline__ uint32_t bytes4(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
+  return __byte_perm(__byte_perm(b0, b1, 0x0073), __byte_perm(b2, b3, 0x0073), 0x5410);
+}
+
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
+// |x| max of 8 bf16x2 / f16x2 words (NaN propagating), as float32: max|x| = max(|max x|, |min x|),
+// two trees of 3-input VHMNMX (no per-word abs), then max(max, -min) per half and the final |.|
+// in fp32 (max(+0, -0) may be -0: the abs makes the amax of a zero block +0, as the reference's).
+template <int DT>
+__device__ __forceinline__ float amax16(const uint32_t* w) {
+  using T2 = typename std::conditional<DT == kBF16, __nv_bfloat162, __half2>::type;
+  T2 hi[8], lo[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) hi[i] = lo[i] = *reinterpret_cast<const T2*>(&w[i]);
+#pragma unroll
+  for (int s = 4; s >= 1; s >>= 1) {
+#pragma unroll
+    for (int i = 0; i < s; ++i) {
+      hi[i] = __hmax2_nan(hi[i], hi[i + s]);
+      lo[i] = __hmin2_nan(lo[i], lo[i + s]);
+    }
+  }
+  const T2 m = __hmax2_nan(hi[0], __hneg2(lo[0]));
+  const uint32_t b = *reinterpret_cast<const uint32_t*>(&m);
+  float f0, f1;
+  if constexpr (DT == kBF16) {
+    f0 = __uint_as_float(b << 16);
+    f1 = __uint_as_float(b & 0xFFFF0000u);
+  } else {
+    const float2 f = __half22float2(m);
+    f0 = f.x;
+    f1 = f.y;
+  }
+  return max_nan(fabsf(f0), fabsf(f1));
+}
+
+// x word j of a block -> the two elements as float32.
+template <int DT>
+__device__ __forceinline__ float2 unpack(uint32_t w) {
+  if constexpr (DT == kBF16) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  }
+}
+
+// Two e4m3 scale bytes of v0 (low byte) and v1: RNE, saturating at 448.
+__device__ __forceinline__ uint32_t e4m3x2(float v0, float v1) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(v1), "f"(v0));
+  return r;
+}
+
+__device__ __forceinline__ float e4m3_value(uint32_t byte) {
+  uint32_t h;
+  asm("{\n.reg .b16 b;\ncvt.u16.u32 b, %1;\ncvt.rn.f16x2.e4m3x2 %0, b;\n}" : "=r"(h) : "r"(byte));
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu)));
+}
+
+__device__ __forceinline__ uint4 load16(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kBF16> {
+  static constexpr int kBytes = 2;
+};
+template <>
+struct Elem<kF16> {
+  static constexpr int kBytes = 2;
+};
+template <>
+struct Elem<kF32> {
+  static constexpr int kBytes = 4;
+};
+
+// ---------------------------------------------------------------------------------------------
+// one pair of blocks
+
+// 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
+// fp32 inputs: f[32]; signs and values come from the floats directly.
+template <int DT, int MODE, int OUT, bool SAT>
+__device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, const float* os, const float* sf,
+                                            const bool* bad, int64_t row, int pair, bool valid1) {
+  if constexpr (MODE != kModeValues) {
+    uint32_t out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
+      uint32_t bytes[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int e = 8 * j + 2 * k;  // elements e, e+1
+        float lo, hi;
+        uint32_t signs;
+        if constexpr (DT == kF32) {
+          lo = __uint_as_float(w[e]);
+          hi = __uint_as_float(w[e + 1]);
+          signs = __byte_perm(w[e], w[e + 1], 0x7632);  // bit 15: sign of lo, bit 31: sign of hi
+        } else {
+          const float2 p = unpack<DT>(w[e / 2]);
+          lo = p.x;
+          hi = p.y;
+          signs = w[e / 2];
+        }
+        const float o = os[j / 2];
+        const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o));
+        const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o));
+        bytes[k] = pack_pair(rl, rh, signs);
+      }
+      out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
+    }
+    uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
+    if (valid1 && a.q16) {
+      *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
+    } else {
+      *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
+      if (valid1) *reinterpret_cast<uint2*>(q + 8) = make_uint2(out[2], out[3]);
+    }
+  } else {
+    // exact block values e2m1 * sf with the sign of x * out_scale, in the output dtype
+    float val[32];
+#pragma unroll
+    for (int e = 0; e < 32; e += 2) {
+      float lo, hi;
+      if constexpr (DT == kF32) {
+        lo = __uint_as_float(w[e]);
+        hi = __uint_as_float(w[e + 1]);
+      } else {
+        const float2 p = unpack<DT>(w[e / 2]);
+        lo = p.x;
+        hi = p.y;
+      }
+      const float o = os[e / 16];
+      const float ml = e2m1_magnitude(e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o)));
+      const float mh = e2m1_magnitude(e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o)));
+      // sign of x * out_scale = sign of x (out_scale >= 0; NaN for bad blocks, whose sf is NaN)
+      val[e] = __fmul_rn(__uint_as_float(__float_as_uint(ml) | (__float_as_uint(lo) & 0x80000000u)), sf[e / 16]);
+      val[e + 1] = __fmul_rn(__uint_as_float(__float_as_uint(mh) | (__float_as_uint(hi) & 0x80000000u)), sf[e / 16]);
+    }
+    const int n = valid1 ? 32 : 16;
+    if constexpr (OUT == kF32) {
+      float4* dst = reinterpret_cast<float4*>(static_cast<float*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (4 * i < n) dst[i] = make_float4(val[4 * i], val[4 * i + 1], val[4 * i + 2], val[4 * i + 3]);
+      }
+    } else {
+      uint32_t h[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        if constexpr (OUT == kBF16) {
+          const __nv_bfloat162 b = __floats2bfloat162_rn(val[2 * i], val[2 * i + 1]);
+          h[i] = *reinterpret_cast<const uint32_t*>(&b);
+        } else {
+          const __half2 b = __floats2half2_rn(val[2 * i], val[2 * i + 1]);
+          h[i] = *reinterpret_cast<const uint32_t*>(&b);
+        }
+      }
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (8 * i < n) dst[i] = make_uint4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]);
+      }
+    }
+  }
+}
+
+template <int DT, int MODE, int OUT>
+__global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
+  __shared__ float s_os[256];  // out_scale of each scale byte
+  __shared__ float s_sf[256];  // its value (values mode)
+  {
+    // The reference's float ops, once per byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
+    const float gs = __ldg(a.gs);
+    const float sf = e4m3_value(threadIdx.x);
+    const float safe = __fmul_rn(sf, __frcp_rn(gs));
+    s_os[threadIdx.x] = sf == 0.0f ? 0.0f : __frcp_rn(safe);
+    if constexpr (MODE == kModeValues) s_sf[threadIdx.x] = sf;
+  }
+  __syncthreads();
+  const float gs = __ldg(a.gs);
+
+  const int tx = threadIdx.x & ((1 << a.log_tx) - 1);
+  const int pair = blockIdx.x * (1 << a.log_tx) + tx;
+  if (pair >= a.pg) return;
+  const int ty_count = kThreads >> a.log_tx;
+  const int g0 = 2 * pair;
+  const bool in0 = g0 < a.kb, in1 = g0 + 1 < a.kb;
+  constexpr int kWordsPerBlock = 16 * Elem<DT>::kBytes / 4;  // 8 (16-bit) or 16 (fp32)
+  constexpr int kLoadsPerBlock = kWordsPerBlock / 4;
+
+  for (int r = blockIdx.y * ty_count + (threadIdx.x >> a.log_tx); r < a.mg; r += gridDim.y * ty_count) {
+    const int64_t row = r;
+    const bool valid_row = r < a.m;
+    const bool valid0 = valid_row && in0, valid1 = valid_row && in1;
+    uint32_t byte_pair = 0;  // scale bytes (block g0 low), zero for padding
+    if (valid0) {
+      uint32_t w[2 * kWordsPerBlock];
+      const char* src = static_cast<const char*>(a.x) + (row * a.ldx + 32 * static_cast<int64_t>(pair)) * Elem<DT>::kBytes;
+#pragma unroll
+      for (int i = 0; i < 2 * kLoadsPerBlock; ++i) {
+        uint4 t = make_uint4(0u, 0u, 0u, 0u);
+        if (i < kLoadsPerBlock || valid1) t = load16(src + 16 * i);
+        w[4 * i] = t.x;
+        w[4 * i + 1] = t.y;
+        w[4 * i + 2] = t.z;
+        w[4 * i + 3] = t.w;
+      }
+      float amax[2];
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        if constexpr (DT == kF32) {
+          float m = fabsf(__uint_as_float(w[16 * b]));
+#pragma unroll
+          for (int i = 1; i < 16; ++i) m = max_nan(m, fabsf(__uint_as_float(w[16 * b + i])));
+          amax[b] = m;
+        } else {
+          amax[b] = amax16<DT>(w + 8 * b);
+        }
+      }
+      const float v0 = __fmul_rn(gs, __fmul_rn(amax[0], 0.16666666666666666f));
+      const float v1 = __fmul_rn(gs, __fmul_rn(amax[1], 0.16666666666666666f));
+      bool bad[2] = {!(amax[0] < INFINITY), !(amax[1] < INFINITY)};
+      const uint32_t cv = e4m3x2(v0, v1);
+      const uint32_t b0 = bad[0] ? 0x7Fu : (cv & 0xFFu);
+      const uint32_t b1 = bad[1] ? 0x7Fu : (cv >> 8);
+      const float os[2] = {s_os[b0], s_os[b1]};
+      float sf[2] = {0.0f, 0.0f};
+      if constexpr (MODE == kModeValues) {
+        sf[0] = s_sf[b0];
+        sf[1] = s_sf[b1];
+      }
+      byte_pair = b0 | ((valid1 ? b1 : 0u) << 8);
+      // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
+      const bool sat = __fmul_rn(amax[0], os[0]) >= 7.0f || __fmul_rn(amax[1], os[1]) >= 7.0f;
+      if (__any_sync(__activemask(), sat)) {
+        encode_pair<DT, MODE, OUT, true>(a, w, os, sf, bad, row, pair, valid1);
+      } else {
+        encode_pair<DT, MODE, OUT, false>(a, w, os, sf, bad, row, pair, valid1);
+      }
+    }
+    if constexpr (MODE == kModeLinear) {
+      if (valid0) {
+        uint8_t* s = a.s + row * a.lds + g0;
+        s[0] = static_cast<uint8_t>(byte_pair);
+        if (valid1) s[1] = static_cast<uint8_t>(byte_pair >> 8);
+      }
+    } else if constexpr (MODE == kModeSwizzled) {
+      // 128x4 tiles of 512 bytes; g0 is even, so the pair is one aligned 16-bit store
+      const int64_t off = ((row >> 7) * (a.kbp >> 2) + (g0 >> 2)) * 512 + (r & 31) * 16 + ((r >> 5) & 3) * 4 + (g0 & 3);
+      *reinterpret_cast<uint16_t*>(a.s + off) = static_cast<uint16_t>(byte_pair);
+    }
+  }
+}
+
+template <int DT, int MODE>
+cudaError_t launch_out(const Args& a, int out_dtype, dim3 grid, cudaStream_t stream) {
+  if constexpr (MODE == kModeValues) {
+    switch (out_dtype) {
+      case kF32: nvfp4_quant_kernel<DT, MODE, kF32><<<grid, kThreads, 0, stream>>>(a); break;
+      case kF16: nvfp4_quant_kernel<DT, MODE, kF16><<<grid, kThreads, 0, stream>>>(a); break;
+      case kBF16: nvfp4_quant_kernel<DT, MODE, kBF16><<<grid, kThreads, 0, stream>>>(a); break;
+      default: return cudaErrorInvalidValue;
+    }
+  } else {
+    nvfp4_quant_kernel<DT, MODE, kF32><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+template <int DT>
+cudaError_t launch_mode(const Args& a, int mode, int out_dtype, dim3 grid, cudaStream_t stream) {
+  switch (mode) {
+    case kModeLinear: return launch_out<DT, kModeLinear>(a, out_dtype, grid, stream);
+    case kModeSwizzled: return launch_out<DT, kModeSwizzled>(a, out_dtype, grid, stream);
+    case kModeValues: return launch_out<DT, kModeValues>(a, out_dtype, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int multiprocessors() {
+  // cached per device: cudaDeviceGetAttribute is cheap but not free, and this runs per call
+  static int cache[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
+  if (dev < 64 && cache[dev] > 0) return cache[dev];
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
+  if (dev < 64) cache[dev] = n;
+  return n;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns a cudaError_t (0 = success).
+//   x: [M, K] with row stride ldx (elements), last dim contiguous, 16-byte aligned rows;
+//   x_dtype / out_dtype: 0 = float32, 1 = float16, 2 = bfloat16;
+//   mode 0: q uint8 [M, K/2] (row stride ldq), s e4m3 [M, K/16] (row stride lds);
+//   mode 1: q as mode 0, s the whole swizzled [round_up(M,128), round_up(K/16,4)] (padding zeroed);
+//   mode 2: v [M, K] in out_dtype (row stride ldv, 16-byte aligned rows), q and s unused;
+//   gs: device pointer to the float32 global scale (read on the device: graph-safe).
+int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds, void* v,
+                     int64_t ldv, int out_dtype, const float* gs, int M, int K, int mode, cudaStream_t stream) {
+  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 2 || x_dtype < 0 || x_dtype > 2) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  Args a{};
+  a.x = x;
+  a.ldx = ldx;
+  a.q = static_cast<uint8_t*>(q);
+  a.ldq = ldq;
+  a.s = static_cast<uint8_t*>(s);
+  a.lds = lds;
+  a.v = v;
+  a.ldv = ldv;
+  a.gs = gs;
+  a.m = M;
+  a.kb = K / 16;
+  a.kbp = (a.kb + 3) / 4 * 4;
+  if (mode == kModeSwizzled) {
+    a.mg = (M + 127) / 128 * 128;
+    a.pg = a.kbp / 2;
+  } else {
+    a.mg = M;
+    a.pg = (a.kb + 1) / 2;
+  }
+  if (a.mg == 0 || a.pg == 0) return static_cast<int>(cudaSuccess);
+  a.q16 = (ldq % 16 == 0) && (reinterpret_cast<uintptr_t>(q) % 16 == 0);
+  // Threads along a row: a power of two (the row index is a shift), 32..256 of them chosen to waste
+  // the fewest threads past the row's end (K = 14336: 448 pairs = 7 x 64), fewer for short rows.
+  int log_tx = 0;
+  while ((1 << log_tx) < a.pg && log_tx < 5) ++log_tx;
+  if (a.pg > 32) {
+    int64_t best = -1;
+    for (int l = 8; l >= 5; --l) {
+      const int64_t t = 1 << l, waste = (a.pg + t - 1) / t * t - a.pg;
+      if (best < 0 || waste < best) {
+        best = waste;
+        log_tx = l;
+      }
+    }
+  }
+  a.log_tx = log_tx;
+  const int tx = 1 << log_tx, ty = kThreads / tx;
+  const int64_t gx = (a.pg + tx - 1) / tx;
+  const int64_t rows = (a.mg + ty - 1) / ty;
+  // Enough CTAs for 4 per SM (their loads keep HBM busy), each thread looping over rows beyond
+  // that, so the per-CTA out_scale table is amortized.
+  const int64_t cap = 4LL * multiprocessors();
+  int64_t gy = gx >= cap ? 1 : (cap + gx - 1) / gx;
+  if (gy > rows) gy = rows;
+  if (gy > 65535) gy = 65535;
+  if (gx > 0x7FFFFFFF) return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  cudaError_t err;
+  switch (x_dtype) {
+    case kF32: err = launch_mode<kF32>(a, mode, out_dtype, grid, stream); break;
+    case kF16: err = launch_mode<kF16>(a, mode, out_dtype, grid, stream); break;
+    default: err = launch_mode<kBF16>(a, mode, out_dtype, grid, stream); break;
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"

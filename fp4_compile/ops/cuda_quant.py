@@ -1,0 +1,151 @@
+"""The CUDA C++ NVFP4 activation quantization of ``csrc/hopper/nvfp4_quant.cu``: build, load, launch.
+
+``quantize(x2, global_scale, mode)`` returns exactly what ``triton_quant.launch_quant_triton`` returns for
+the same mode (the function of ``fp4_compile.format.quantize_nvfp4``, bit for bit): packed codes
+and linear or swizzled (zero-padded) e4m3 scales, or the exact block values ``e2m1 * sf``. Why a
+CUDA kernel: the Triton kernel is bound by integer ALU work (~27 SASS per element); this one
+rounds E2M1 on the FP32 pipe, tabulates the per-scale-byte reciprocal once per CTA and uses the
+sm_89 fp8 conversion, so it streams at memory speed.
+
+Built on first use with nvcc into a plain shared library (no torch headers, one binary for every
+torch version) and called through ctypes on the current stream, so CUDA graphs capture it.
+``FP4C_CUDA_QUANT=0`` turns it off (callers then use the Triton kernel); a build or load failure
+does the same, once, with a warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import pathlib
+
+import torch
+
+from ..format import BLOCK_SIZE, check_same_device, swizzled_scale_shape
+from .nvcc import build_shared_library, nvcc_path, shared_library_command
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_quant.cu"
+# The same mode numbers as triton_quant.py (not imported: this module must load without Triton).
+MODE_LINEAR = 0  # codes + linear scales [M, K/16]
+MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales, padding written as zeros
+MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype
+# cvt.rn.satfinite.e4m3x2.f32 / cvt.rn.f16x2.e4m3x2 need sm_89; only sm_90 (H100/H200) was run.
+SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
+# dtype codes of the C launcher (x_dtype and out_dtype)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def nvcc_flags(capability: tuple[int, int]) -> list[str]:
+    arch = f"{capability[0]}{capability[1]}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
+
+
+def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
+    """The nvcc command line of the build (used by the CPU compile test)."""
+    return shared_library_command(SOURCE, output, nvcc_flags(capability) + ["-Xptxas", "-v"])
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: tuple[int, int]) -> ctypes.CDLL:
+    stem = f"nvfp4_quant_sm{capability[0]}{capability[1]}"
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), stem)))
+    fn = lib.fp4c_nvfp4_quant
+    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # x, ldx, x_dtype, q, ldq, s, lds, v, ldv, out_dtype, gs, M, K, mode, stream
+    fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i64, i32, p, i32, i32, i32, p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(device_index: int) -> str | None:
+    """Why the kernel cannot run on this CUDA device (None: it can; built on the first call)."""
+    if os.environ.get("FP4C_CUDA_QUANT", "1") == "0":
+        return "turned off by FP4C_CUDA_QUANT=0"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability(device_index)
+    if cap not in SUPPORTED_CAPABILITIES:
+        return f"built for sm_89/sm_90 only, this GPU is sm_{cap[0]}{cap[1]}"
+    if nvcc_path() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    try:
+        _library(cap)
+    except (OSError, RuntimeError) as error:
+        log.warning("fp4_compile: the CUDA quantization kernel is off, its build failed: %s", error)
+        return f"build failed: {error}"
+    return None
+
+
+def use_cuda_quant(x: torch.Tensor) -> bool:
+    """Quantize ``x`` (on its device) with the CUDA kernel rather than the Triton one?"""
+    if x.device.type != "cuda" or x.dtype not in DTYPE_CODES:
+        return False
+    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+
+
+def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4-quantize ``x2 [M, K]`` (fp32/fp16/bf16, K a multiple of 16) on its CUDA device.
+
+    ``global_scale``: float32, one element, on the same device (read there: no host sync, and a
+    captured CUDA graph follows later changes of its value). Returns, like ``launch_quant_triton``:
+    ``MODE_LINEAR``: (codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16]);
+    ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0);
+    ``MODE_VALUES``: the block values e2m1 * sf [M, K] in ``out_dtype`` (default x2.dtype).
+    Rows may be strided (the last dimension must be contiguous, else x2 is copied).
+    """
+    if x2.dtype not in DTYPE_CODES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")
+    if x2.dim() != 2 or x2.shape[1] % BLOCK_SIZE:
+        raise ValueError(f"x must be 2-D [M, K] with K a multiple of {BLOCK_SIZE}, got shape {tuple(x2.shape)}")
+    if global_scale.dtype != torch.float32:
+        raise TypeError(f"global_scale must be float32, got {global_scale.dtype}")
+    if global_scale.numel() != 1:
+        raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
+    if mode not in (MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES):
+        raise ValueError(f"mode must be MODE_LINEAR, MODE_SWIZZLED or MODE_VALUES, got {mode}")
+    if mode == MODE_VALUES:
+        out_dtype = out_dtype or x2.dtype
+        if out_dtype not in DTYPE_CODES:
+            raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    check_same_device(x=x2, global_scale=global_scale)
+    if x2.device.type != "cuda":
+        raise RuntimeError(f"the CUDA quantization kernel needs CUDA tensors, got {x2.device}; "
+                           "use fp4_compile.format.quantize_nvfp4 on the CPU")
+    m, k = x2.shape
+    kb = k // BLOCK_SIZE
+    dev = x2.device
+    # The kernel reads each row in 16-byte vectors.
+    if x2.stride(1) != 1 or x2.data_ptr() % 16 or (m > 1 and (x2.stride(0) * x2.element_size()) % 16):
+        x2 = x2.contiguous()
+    gs = global_scale.reshape(1)
+    q = s = v = None
+    if mode == MODE_VALUES:
+        v = torch.empty((m, k), dtype=out_dtype, device=dev)
+    else:
+        q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
+        shape = swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, kb)
+        s = torch.empty(shape, dtype=torch.uint8, device=dev)
+    if (v if v is not None else s).numel():  # M == 0 or K == 0: nothing to write
+        with torch.cuda.device(dev):  # ctypes launches on the current device
+            err = _library(torch.cuda.get_device_capability(dev)).fp4c_nvfp4_quant(
+                x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype],
+                q.data_ptr() if q is not None else None, q.stride(0) if q is not None else 0,
+                s.data_ptr() if s is not None else None, s.stride(0) if s is not None else 0,
+                v.data_ptr() if v is not None else None, v.stride(0) if v is not None else 0,
+                DTYPE_CODES[out_dtype] if v is not None else 0, gs.data_ptr(), m, k, mode,
+                torch.cuda.current_stream(dev).cuda_stream)
+        if err != 0:
+            raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, "
+                               f"x {x2.dtype}, out_dtype {out_dtype})")
+    if mode == MODE_VALUES:
+        return v
+    return q, s.view(torch.float8_e4m3fn)
+
+
+__all__ = ["MODE_LINEAR", "MODE_SWIZZLED", "MODE_VALUES", "quantize", "use_cuda_quant", "unavailable_reason"]

@@ -1,0 +1,233 @@
+"""The CUDA C++ NVFP4 quantization kernel (ops/cuda_quant.py).
+
+On any machine with nvcc: it compiles for sm_90 without spills, the build is cached, and the
+argument checks and dispatch behave without a GPU. On a GPU (sm_89/90): bit-exact with
+``format.quantize_nvfp4`` (codes, linear and swizzled scales, padding included) and with the
+Triton kernel's values mode, on fresh random data with tiny and huge rows (subnormal and clamped
+scales), zero blocks, +-Inf and NaN; strided rows; CUDA-graph capture.
+"""
+
+import ctypes
+import re
+import subprocess
+
+import pytest
+import torch
+
+from fp4_compile import format as F
+from fp4_compile.ops import cuda_quant, nvcc
+from fp4_compile.ops.cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+
+needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: build and arguments
+
+
+@needs_nvcc
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    cmd = cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = done.stdout + done.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", info)
+    # {fp32, fp16, bf16} x (linear, swizzled, values x {fp32, fp16, bf16 out})
+    assert len(kernels) == 15 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    assert len(spills) == 15 and all(s == ("0", "0") for s in spills), info
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
+    # <= 64 registers: 4 CTAs of 256 threads per SM, the occupancy the launch grid is sized for
+    assert len(regs) == 15 and max(regs) <= 64, regs
+
+
+@needs_nvcc
+def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
+    flags = cuda_quant.nvcc_flags((9, 0))
+    lib = nvcc.build_shared_library(cuda_quant.SOURCE, flags, "quant_test")
+    assert lib.parent == tmp_path and lib.exists()
+    stamp = lib.stat().st_mtime_ns
+    assert nvcc.build_shared_library(cuda_quant.SOURCE, flags, "quant_test") == lib
+    assert lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]
+    assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_quant")
+
+
+def test_cpu_tensors_are_refused_clearly():
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        cuda_quant.quantize(torch.randn(2, 32), torch.ones(1), MODE_LINEAR)
+    assert not cuda_quant.use_cuda_quant(torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("x,gs,mode,error,match", [
+    (torch.zeros(2, 32, dtype=torch.int32), torch.ones(1), MODE_LINEAR, TypeError, "float32, float16 or bfloat16"),
+    (torch.zeros(2, 24), torch.ones(1), MODE_LINEAR, ValueError, "multiple of 16"),
+    (torch.zeros(2, 2, 32), torch.ones(1), MODE_LINEAR, ValueError, "2-D"),
+    (torch.zeros(2, 32), torch.ones(1, dtype=torch.float64), MODE_LINEAR, TypeError, "global_scale must be float32"),
+    (torch.zeros(2, 32), torch.ones(2), MODE_LINEAR, ValueError, "one element"),
+    (torch.zeros(2, 32), torch.ones(1), 3, ValueError, "mode"),
+])
+def test_bad_arguments_are_refused_clearly(x, gs, mode, error, match):
+    with pytest.raises(error, match=match):
+        cuda_quant.quantize(x, gs, mode)
+
+
+def test_bad_values_dtype_is_refused():
+    with pytest.raises(TypeError, match="out_dtype"):
+        cuda_quant.quantize(torch.zeros(2, 32), torch.ones(1), MODE_VALUES, torch.int8)
+
+
+def test_turned_off_by_environment(monkeypatch):
+    cuda_quant.unavailable_reason.cache_clear()
+    monkeypatch.setenv("FP4C_CUDA_QUANT", "0")
+    try:
+        assert "FP4C_CUDA_QUANT=0" in cuda_quant.unavailable_reason(0)
+    finally:
+        cuda_quant.unavailable_reason.cache_clear()
+
+
+def test_unavailable_without_cuda(monkeypatch):
+    cuda_quant.unavailable_reason.cache_clear()
+    monkeypatch.delenv("FP4C_CUDA_QUANT", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        assert cuda_quant.unavailable_reason(0) == "no CUDA device"
+    finally:
+        cuda_quant.unavailable_reason.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bit-exactness
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+MS = [1, 3, 130]
+KS = [16, 48, 4096]
+
+
+def _skip_without_kernel():
+    reason = cuda_quant.unavailable_reason(torch.cuda.current_device())
+    if reason is not None:
+        pytest.skip(f"the CUDA quantization kernel is unavailable: {reason}")
+
+
+def _poison(nbytes):
+    """Fill freed caching-allocator memory with 0xFF so that torch.empty returns poison."""
+    t = torch.full((nbytes // 4 + 1024,), -1, dtype=torch.int32, device="cuda")
+    del t
+
+
+def _make_input(m, k, dt, *, pad=0):
+    """[m, k] (a view with row stride k + pad when pad > 0): per-row magnitudes from tiny to huge,
+    a zero block, +-Inf and NaN in some rows. Returns (x, gs) with gs either from the finite amax or
+    larger (so that the 448 clamp occurs), drawn fresh."""
+    lo, hi = (-24, 10) if dt == torch.float16 else (-60, 60)
+    mags = torch.exp2(torch.empty(m, 1, device="cuda").uniform_(lo, hi))
+    full = (torch.randn(m, k + pad, device="cuda") * mags).to(dt)
+    x = full[:, :k] if pad else full
+    kb = k // 16
+    if m >= 2 or kb >= 2:
+        x[0, :16] = 0  # a zero block
+        if m >= 2 and kb >= 2:
+            x[1, 16:32] = -0.0  # a block of negative zeros: scale 0, codes 0x8
+    if m >= 3:
+        x[1, torch.randint(k, ()).item()] = float("inf")
+        x[2, torch.randint(k, ()).item()] = float("nan")
+        x[m - 1, torch.randint(k, ()).item()] = float("-inf")
+    elif kb >= 2:
+        x[m - 1, k - 1] = float("nan")
+    finite_amax = x.float().abs().nan_to_num(0, 0, 0).amax()
+    gs = F.global_scale_from_amax(finite_amax).reshape(1)
+    gs = gs * torch.tensor([1.0, 4.0, 1024.0])[torch.randint(3, ())].to("cuda")
+    return x, gs.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("swizzle", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_codes_and_scales_bit_exact(seed, dt, m, k, swizzle, strided):
+    _skip_without_kernel()
+    x, gs = _make_input(m, k, dt, pad=16 if strided else 0)
+    _poison(4 * m * k + (1 << 20))
+    q, s = cuda_quant.quantize(x, gs, MODE_SWIZZLED if swizzle else MODE_LINEAR)
+    qr, sr = F.quantize_nvfp4(x, gs, swizzle=swizzle)
+    assert q.dtype == torch.uint8 and q.shape == (m, k // 2)
+    assert s.dtype == torch.float8_e4m3fn and s.shape == sr.shape
+    assert torch.equal(s.view(torch.uint8), sr.view(torch.uint8))  # padding included (zeros)
+    bad = (q != qr).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} code bytes differ, first at {bad[0].tolist()}"
+
+
+@pytest.mark.gpu
+def test_scales_cover_subnormal_and_clamped_ranges(seed):
+    """The random inputs above do reach the edge cases (guards the test data, not the kernel)."""
+    _skip_without_kernel()
+    hits = torch.zeros(4, dtype=torch.bool)
+    for _ in range(20):
+        x, gs = _make_input(130, 4096, torch.bfloat16)
+        _, s = cuda_quant.quantize(x, gs, MODE_LINEAR)
+        b = s.view(torch.uint8).flatten()
+        hits |= torch.stack([(b == 0).any(), ((b > 0) & (b < 8)).any(), (b == 0x7E).any(), (b == 0x7F).any()]).cpu()
+    assert hits.all(), hits  # zero, subnormal, 448 and NaN scales
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 16), (3, 48), (130, 4096)])
+def test_values_match_triton_and_reference(seed, dt, out_dtype, m, k):
+    _skip_without_kernel()
+    from fp4_compile.ops import triton_quant
+
+    x, gs = _make_input(m, k, dt, pad=16)
+    _poison(8 * m * k + (1 << 20))
+    v = cuda_quant.quantize(x, gs, MODE_VALUES, out_dtype)
+    vt = triton_quant.launch_quant_triton(x, gs, triton_quant.MODE_VALUES, out_dtype)
+    vr = F.block_values(*F.quantize_nvfp4(x, gs)).to(out_dtype or dt)
+    assert v.dtype == (out_dtype or dt) and v.shape == (m, k)
+    for other in (vt, vr):
+        nan = torch.isnan(v)
+        assert torch.equal(nan, torch.isnan(other))
+        assert torch.equal(_bits(v[~nan]), _bits(other[~nan]))  # bit-exact, signed zeros included
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES])
+def test_empty_inputs(mode):
+    _skip_without_kernel()
+    gs = torch.ones(1, device="cuda")
+    out = cuda_quant.quantize(torch.empty(0, 64, device="cuda", dtype=torch.bfloat16), gs, mode)
+    if mode == MODE_VALUES:
+        assert out.shape == (0, 64)
+    else:
+        q, s = out
+        assert q.shape == (0, 32) and s.shape == (0, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [MODE_LINEAR, MODE_SWIZZLED])
+def test_cuda_graph_reads_the_global_scale_on_replay(seed, mode):
+    _skip_without_kernel()
+    m, k = 130, 1040
+    x, gs = _make_input(m, k, torch.bfloat16)
+    gs = gs.clone()
+    cuda_quant.quantize(x, gs, mode)  # build and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, s = cuda_quant.quantize(x, gs, mode)
+    for factor in (1.0, 0.25, 64.0):
+        x.copy_(_make_input(m, k, torch.bfloat16)[0])
+        gs.copy_(F.global_scale_from_amax(x.float().abs().nan_to_num(0, 0, 0).amax()).reshape(1) * factor)
+        graph.replay()
+        torch.cuda.synchronize()
+        qr, sr = F.quantize_nvfp4(x, gs, swizzle=mode == MODE_SWIZZLED)
+        assert torch.equal(s.view(torch.uint8), sr.view(torch.uint8))
+        assert torch.equal(q, qr)
