@@ -43,7 +43,7 @@ if ! skip linear; then
   timeout "${RUN_GPU_T_LINEAR:-240}" python3 benchmarks/bench_linear.py 2>&1 | tee "$OUTDIR/bench_linear.log" | tail -32
 fi
 if ! skip small_m; then
-  timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
+  timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
 fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
