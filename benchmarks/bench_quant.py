@@ -1,8 +1,9 @@
 """NVFP4 activation quantization kernel: GB/s vs measured copy bandwidth (M=4096, K=4096 / 14336).
 
 Bytes = read x (bf16) + write codes (K/2) + write scales (K/16). CUDA graph over rotating inputs.
-Each variant through the library's dispatch (the CUDA kernel of ``cuda_quant.py`` where it can
-run) and through the Triton kernel ("triton" rows).
+Each variant through the library's dispatch ("dispatch": the CUDA kernel of ``cuda_quant.py`` for
+codes at M >= 64, else Triton), through the Triton kernel ("triton"), and at M >= 1024 through the
+CUDA kernel at each grid size ("cudaN": N CTAs per SM).
 """
 
 from __future__ import annotations
@@ -20,30 +21,39 @@ from fp4_compile.ops import cuda_quant, triton_gemm  # noqa: E402,F401  (triton_
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
 
 
+CTAS_PER_SM = (2, 4, 8, 16)
+
+
 def main():
     info = env_info()
     bw = copy_bandwidth_gbs()
     info["copy_GBps"] = round(bw, 1)
     print(info, flush=True)
     rows = []
-    for m, k in ((4096, 4096), (4096, 14336), (1, 4096), (16, 4096)):
+    for m, k in ((4096, 4096), (4096, 14336), (1, 4096), (16, 4096), (64, 4096), (256, 4096)):
         nbytes_in = m * k * 2
         copies = max(2, (256 * 2**20) // nbytes_in) if m >= 1024 else 8
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         gs = F.global_scale_from_amax(xs[0].float().abs().amax()).reshape(1)
         moved = m * k * 2 + m * k // 2 + m * k // 16
-        cuda = cuda_quant.use_cuda_quant(xs[0])
-        for impl, variant in [(i, v) for i in (["cuda"] if cuda else []) + ["triton"]
-                              for v in ("linear", "swizzled", "values")]:
+        cuda = cuda_quant.unavailable_reason(torch.cuda.current_device()) is None
+        impls = ["dispatch", "triton"] + ([f"cuda{c}" for c in CTAS_PER_SM] if cuda and m >= 1024 else [])
+        for impl, variant in [(i, v) for i in impls for v in ("linear", "swizzled", "values")]:
+            if variant == "values" and impl.startswith("cuda"):
+                continue  # (Triton only)
             if variant == "values":
                 calls = [lambda x=x: fake_quantize_nvfp4_gpu(x, gs, torch.bfloat16) for x in xs]
                 vbytes = m * k * 4
+            elif impl.startswith("cuda"):
+                calls = [lambda x=x, s=variant == "swizzled", c=int(impl[4:]): cuda_quant.quantize(
+                    x, gs, cuda_quant.MODE_SWIZZLED if s else cuda_quant.MODE_LINEAR, ctas_per_sm=c) for x in xs]
+                vbytes = moved
             else:
                 calls = [lambda x=x, s=variant == "swizzled": quantize_nvfp4_gpu(x, gs, s) for x in xs]
                 vbytes = moved
             use = cuda_quant.use_cuda_quant
             if impl == "triton":
-                cuda_quant.use_cuda_quant = lambda x: False
+                cuda_quant.use_cuda_quant = lambda x, mode: False
             try:
                 t = time_graph_us(calls)
                 te = time_eager_us(calls)

@@ -63,7 +63,7 @@ def load(n):
 q = load("bench_quant.json")
 if q:
     for r in q["rows"]:
-        if r["m"] == 4096 and r["variant"] == "linear":
+        if r["m"] == 4096 and r["variant"] == "linear" and r.get("impl") in (None, "dispatch", "triton"):
             print(f"quant ({r.get('impl', 'triton')}) M=4096 K={r['k']}: {r['GBps']} GB/s = {r['copy_frac']:.0%} "
                   f"of copy ({q['env']['copy_GBps']} GB/s)")
 lin = load("bench_linear.json")

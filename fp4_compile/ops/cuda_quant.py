@@ -2,10 +2,12 @@
 
 ``quantize(x2, global_scale, mode)`` returns exactly what ``triton_quant.launch_quant_triton`` returns for
 the same mode (the function of ``fp4_compile.format.quantize_nvfp4``, bit for bit): packed codes
-and linear or swizzled (zero-padded) e4m3 scales, or the exact block values ``e2m1 * sf``. Why a
-CUDA kernel: the Triton kernel is bound by integer ALU work (~27 SASS per element); this one
-rounds E2M1 on the FP32 pipe, tabulates the per-scale-byte reciprocal once per CTA and uses the
-sm_89 fp8 conversion, so it streams at memory speed.
+and linear or swizzled (zero-padded) e4m3 scales. Why a CUDA kernel: the Triton kernel is bound
+by integer ALU work (~27 SASS per element); this one rounds E2M1 on the FP32 pipe, tabulates the
+per-scale-byte reciprocal once per CTA and uses the sm_89 fp8 conversion (H100, M=4096: 91% of
+copy bandwidth at K=4096 against Triton's 66%). The block values ``e2m1 * sf`` of the Hopper W4A4
+GEMMs (MODE_VALUES) stay with Triton, which measured faster for them (NOTES.md, v5), and so does
+small M, where the launch dominates (``MIN_M``).
 
 Built on first use with nvcc into a plain shared library (no torch headers, one binary for every
 torch version) and called through ctypes on the current stream, so CUDA graphs capture it.
@@ -32,10 +34,14 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 # The same mode numbers as triton_quant.py (not imported: this module must load without Triton).
 MODE_LINEAR = 0  # codes + linear scales [M, K/16]
 MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales, padding written as zeros
-MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype
+MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype (Triton only)
 # cvt.rn.satfinite.e4m3x2.f32 / cvt.rn.f16x2.e4m3x2 need sm_89; only sm_90 (H100/H200) was run.
 SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
-# dtype codes of the C launcher (x_dtype and out_dtype)
+# H100 (bench_quant.py): at M = 1 and 16 the Triton kernel's launch is 0.5 us shorter.
+MIN_M = 64
+# the grid's CTAs per SM (each thread loops over the rows beyond it); bench_quant.py sweeps it
+CTAS_PER_SM = 4
+# dtype codes of the C launcher
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -56,8 +62,8 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_quant
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    # x, ldx, x_dtype, q, ldq, s, lds, v, ldv, out_dtype, gs, M, K, mode, stream
-    fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i64, i32, p, i32, i32, i32, p]
+    # x, ldx, x_dtype, q, ldq, s, lds, gs, M, K, mode, ctas_per_sm, stream
+    fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i32, i32, i32, i32, p]
     return lib
 
 
@@ -81,23 +87,23 @@ def unavailable_reason(device_index: int) -> str | None:
     return None
 
 
-def use_cuda_quant(x: torch.Tensor) -> bool:
-    """Quantize ``x`` (on its device) with the CUDA kernel rather than the Triton one?"""
-    if x.device.type != "cuda" or x.dtype not in DTYPE_CODES:
+def use_cuda_quant(x2: torch.Tensor, mode: int) -> bool:
+    """Quantize ``x2 [M, K]`` (on its device) in ``mode`` with the CUDA kernel rather than the Triton one?"""
+    if mode == MODE_VALUES or x2.shape[0] < MIN_M or x2.device.type != "cuda" or x2.dtype not in DTYPE_CODES:
         return False
-    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+    return unavailable_reason(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) is None
 
 
 def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             ctas_per_sm: int = CTAS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4-quantize ``x2 [M, K]`` (fp32/fp16/bf16, K a multiple of 16) on its CUDA device.
 
     ``global_scale``: float32, one element, on the same device (read there: no host sync, and a
     captured CUDA graph follows later changes of its value). Returns, like ``launch_quant_triton``:
     ``MODE_LINEAR``: (codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16]);
-    ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0);
-    ``MODE_VALUES``: the block values e2m1 * sf [M, K] in ``out_dtype`` (default x2.dtype).
+    ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0).
     Rows may be strided (the last dimension must be contiguous, else x2 is copied).
+    ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant).
     """
     if x2.dtype not in DTYPE_CODES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")
@@ -107,44 +113,30 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
         raise TypeError(f"global_scale must be float32, got {global_scale.dtype}")
     if global_scale.numel() != 1:
         raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
-    if mode not in (MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES):
-        raise ValueError(f"mode must be MODE_LINEAR, MODE_SWIZZLED or MODE_VALUES, got {mode}")
-    if mode == MODE_VALUES:
-        out_dtype = out_dtype or x2.dtype
-        if out_dtype not in DTYPE_CODES:
-            raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if mode not in (MODE_LINEAR, MODE_SWIZZLED):
+        raise ValueError(f"mode must be MODE_LINEAR or MODE_SWIZZLED (block values: triton_quant), got {mode}")
+    if not 1 <= ctas_per_sm <= 16:
+        raise ValueError(f"ctas_per_sm must be 1..16, got {ctas_per_sm}")
     check_same_device(x=x2, global_scale=global_scale)
     if x2.device.type != "cuda":
         raise RuntimeError(f"the CUDA quantization kernel needs CUDA tensors, got {x2.device}; "
                            "use fp4_compile.format.quantize_nvfp4 on the CPU")
     m, k = x2.shape
-    kb = k // BLOCK_SIZE
     dev = x2.device
     # The kernel reads each row in 16-byte vectors.
     if x2.stride(1) != 1 or x2.data_ptr() % 16 or (m > 1 and (x2.stride(0) * x2.element_size()) % 16):
         x2 = x2.contiguous()
-    gs = global_scale.reshape(1)
-    q = s = v = None
-    if mode == MODE_VALUES:
-        v = torch.empty((m, k), dtype=out_dtype, device=dev)
-    else:
-        q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
-        shape = swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, kb)
-        s = torch.empty(shape, dtype=torch.uint8, device=dev)
-    if (v if v is not None else s).numel():  # M == 0 or K == 0: nothing to write
+    q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
+    s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
+                    dtype=torch.uint8, device=dev)
+    if s.numel():  # M == 0 or K == 0: nothing to write
         with torch.cuda.device(dev):  # ctypes launches on the current device
             err = _library(torch.cuda.get_device_capability(dev)).fp4c_nvfp4_quant(
-                x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype],
-                q.data_ptr() if q is not None else None, q.stride(0) if q is not None else 0,
-                s.data_ptr() if s is not None else None, s.stride(0) if s is not None else 0,
-                v.data_ptr() if v is not None else None, v.stride(0) if v is not None else 0,
-                DTYPE_CODES[out_dtype] if v is not None else 0, gs.data_ptr(), m, k, mode,
+                x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
+                s.stride(0), global_scale.data_ptr(), m, k, mode, ctas_per_sm,
                 torch.cuda.current_stream(dev).cuda_stream)
         if err != 0:
-            raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, "
-                               f"x {x2.dtype}, out_dtype {out_dtype})")
-    if mode == MODE_VALUES:
-        return v
+            raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, x {x2.dtype})")
     return q, s.view(torch.float8_e4m3fn)
 
 

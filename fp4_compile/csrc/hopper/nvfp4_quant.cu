@@ -1,5 +1,6 @@
 // NVFP4 activation quantization on sm_89/sm_90: x [M, K] (bf16/fp16/fp32) -> packed E2M1 codes
-// + e4m3 block scales (linear or 128x4 swizzled), or the exact block values e2m1 * sf.
+// + e4m3 block scales (linear or 128x4 swizzled). (The exact block values e2m1 * sf that the
+// Hopper W4A4 GEMMs take come from the Triton kernel: a CUDA version measured slower, NOTES.md v5.)
 //
 // The function is fp4_compile.format.quantize_nvfp4, bit for bit (shared NVFP4.md), in the same
 // order of float32 operations as triton_quant.py's _block_scales / _scaled / _e2m1_code:
@@ -37,8 +38,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kModeLinear = 0;
 constexpr int kModeSwizzled = 1;
-constexpr int kModeValues = 2;
-constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // dtype codes (input and values output)
+constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // input dtype codes
 
 constexpr float kMagic = 8388608.0f;  // 2^23: the float adder rounds to integers in [2^23, 2^24)
 
@@ -49,8 +49,6 @@ struct Args {
   int64_t ldq;  // bytes
   uint8_t* s;
   int64_t lds;  // bytes (linear mode)
-  void* v;
-  int64_t ldv;  // elements
   const float* gs;
   int m, kb;     // rows, 16-element blocks per row
   int mg, pg;    // rows and block pairs covered by the grid (swizzled: padded to 128 rows, 4 blocks)
@@ -71,14 +69,6 @@ __device__ __forceinline__ float e2m1_magic(float a) {
   const float r3 = __fmaf_rn(a, 0.5f, kMagic + 4.0f);  // rint(a/2 + 4): a in [4, 6]
   const float r = fminf(r1, r2);
   return SAT ? fminf(r, fminf(r3, kMagic + 7.0f)) : fminf(r, r3);
-}
-
-// The E2M1 magnitude of code c (given as 2^23 + c): max(c/2, c - 2, 2c - 8), all exact.
-__device__ __forceinline__ float e2m1_magnitude(float r) {
-  const float l1 = __fmaf_rn(r, 0.5f, -0.5f * kMagic);
-  const float l2 = __fadd_rn(r, -(kMagic + 2.0f));
-  const float l3 = __fmaf_rn(r, 2.0f, -(2.0f * kMagic + 8.0f));
-  return fmaxf(fmaxf(l1, l2), l3);
 }
 
 // Byte 3 of the result: the packed pair (lo code, hi code) with both sign bits, from the two magic
@@ -183,103 +173,53 @@ struct Elem<kF32> {
 
 // 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
 // fp32 inputs: f[32]; signs and values come from the floats directly.
-template <int DT, int MODE, int OUT, bool SAT>
-__device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, const float* os, const float* sf,
-                                            const bool* bad, int64_t row, int pair, bool valid1) {
-  if constexpr (MODE != kModeValues) {
-    uint32_t out[4];
+template <int DT, bool SAT>
+__device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, const float* os, const bool* bad,
+                                            int64_t row, int pair, bool valid1) {
+  uint32_t out[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
-      uint32_t bytes[4];
+  for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
+    uint32_t bytes[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int e = 8 * j + 2 * k;  // elements e, e+1
-        float lo, hi;
-        uint32_t signs;
-        if constexpr (DT == kF32) {
-          lo = __uint_as_float(w[e]);
-          hi = __uint_as_float(w[e + 1]);
-          signs = __byte_perm(w[e], w[e + 1], 0x7632);  // bit 15: sign of lo, bit 31: sign of hi
-        } else {
-          const float2 p = unpack<DT>(w[e / 2]);
-          lo = p.x;
-          hi = p.y;
-          signs = w[e / 2];
-        }
-        const float o = os[j / 2];
-        const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o));
-        const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o));
-        bytes[k] = pack_pair(rl, rh, signs);
-      }
-      out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
-    }
-    uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
-    if (valid1 && a.q16) {
-      *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
-    } else {
-      *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
-      if (valid1) *reinterpret_cast<uint2*>(q + 8) = make_uint2(out[2], out[3]);
-    }
-  } else {
-    // exact block values e2m1 * sf with the sign of x * out_scale, in the output dtype
-    float val[32];
-#pragma unroll
-    for (int e = 0; e < 32; e += 2) {
+    for (int k = 0; k < 4; ++k) {
+      const int e = 8 * j + 2 * k;  // elements e, e+1
       float lo, hi;
+      uint32_t signs;
       if constexpr (DT == kF32) {
         lo = __uint_as_float(w[e]);
         hi = __uint_as_float(w[e + 1]);
+        signs = __byte_perm(w[e], w[e + 1], 0x7632);  // bit 15: sign of lo, bit 31: sign of hi
       } else {
         const float2 p = unpack<DT>(w[e / 2]);
         lo = p.x;
         hi = p.y;
+        signs = w[e / 2];
       }
-      const float o = os[e / 16];
-      const float ml = e2m1_magnitude(e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o)));
-      const float mh = e2m1_magnitude(e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o)));
-      // sign of x * out_scale = sign of x (out_scale >= 0; NaN for bad blocks, whose sf is NaN)
-      val[e] = __fmul_rn(__uint_as_float(__float_as_uint(ml) | (__float_as_uint(lo) & 0x80000000u)), sf[e / 16]);
-      val[e + 1] = __fmul_rn(__uint_as_float(__float_as_uint(mh) | (__float_as_uint(hi) & 0x80000000u)), sf[e / 16]);
+      const float o = os[j / 2];
+      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o));
+      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o));
+      bytes[k] = pack_pair(rl, rh, signs);
     }
-    const int n = valid1 ? 32 : 16;
-    if constexpr (OUT == kF32) {
-      float4* dst = reinterpret_cast<float4*>(static_cast<float*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (4 * i < n) dst[i] = make_float4(val[4 * i], val[4 * i + 1], val[4 * i + 2], val[4 * i + 3]);
-      }
-    } else {
-      uint32_t h[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        if constexpr (OUT == kBF16) {
-          const __nv_bfloat162 b = __floats2bfloat162_rn(val[2 * i], val[2 * i + 1]);
-          h[i] = *reinterpret_cast<const uint32_t*>(&b);
-        } else {
-          const __half2 b = __floats2half2_rn(val[2 * i], val[2 * i + 1]);
-          h[i] = *reinterpret_cast<const uint32_t*>(&b);
-        }
-      }
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (8 * i < n) dst[i] = make_uint4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]);
-      }
-    }
+    out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
+  }
+  uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
+  if (valid1 && a.q16) {
+    *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
+  } else {
+    *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
+    if (valid1) *reinterpret_cast<uint2*>(q + 8) = make_uint2(out[2], out[3]);
   }
 }
 
-template <int DT, int MODE, int OUT>
+template <int DT, int MODE>
 __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
   __shared__ float s_os[256];  // out_scale of each scale byte
-  __shared__ float s_sf[256];  // its value (values mode)
   {
     // The reference's float ops, once per byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
     const float gs = __ldg(a.gs);
     const float sf = e4m3_value(threadIdx.x);
     const float safe = __fmul_rn(sf, __frcp_rn(gs));
     s_os[threadIdx.x] = sf == 0.0f ? 0.0f : __frcp_rn(safe);
-    if constexpr (MODE == kModeValues) s_sf[threadIdx.x] = sf;
   }
   __syncthreads();
   const float gs = __ldg(a.gs);
@@ -329,18 +269,13 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
       const uint32_t b0 = bad[0] ? 0x7Fu : (cv & 0xFFu);
       const uint32_t b1 = bad[1] ? 0x7Fu : (cv >> 8);
       const float os[2] = {s_os[b0], s_os[b1]};
-      float sf[2] = {0.0f, 0.0f};
-      if constexpr (MODE == kModeValues) {
-        sf[0] = s_sf[b0];
-        sf[1] = s_sf[b1];
-      }
       byte_pair = b0 | ((valid1 ? b1 : 0u) << 8);
       // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
       const bool sat = __fmul_rn(amax[0], os[0]) >= 7.0f || __fmul_rn(amax[1], os[1]) >= 7.0f;
       if (__any_sync(__activemask(), sat)) {
-        encode_pair<DT, MODE, OUT, true>(a, w, os, sf, bad, row, pair, valid1);
+        encode_pair<DT, true>(a, w, os, bad, row, pair, valid1);
       } else {
-        encode_pair<DT, MODE, OUT, false>(a, w, os, sf, bad, row, pair, valid1);
+        encode_pair<DT, false>(a, w, os, bad, row, pair, valid1);
       }
     }
     if constexpr (MODE == kModeLinear) {
@@ -357,29 +292,14 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
   }
 }
 
-template <int DT, int MODE>
-cudaError_t launch_out(const Args& a, int out_dtype, dim3 grid, cudaStream_t stream) {
-  if constexpr (MODE == kModeValues) {
-    switch (out_dtype) {
-      case kF32: nvfp4_quant_kernel<DT, MODE, kF32><<<grid, kThreads, 0, stream>>>(a); break;
-      case kF16: nvfp4_quant_kernel<DT, MODE, kF16><<<grid, kThreads, 0, stream>>>(a); break;
-      case kBF16: nvfp4_quant_kernel<DT, MODE, kBF16><<<grid, kThreads, 0, stream>>>(a); break;
-      default: return cudaErrorInvalidValue;
-    }
-  } else {
-    nvfp4_quant_kernel<DT, MODE, kF32><<<grid, kThreads, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
-}
-
 template <int DT>
-cudaError_t launch_mode(const Args& a, int mode, int out_dtype, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_mode(const Args& a, int mode, dim3 grid, cudaStream_t stream) {
   switch (mode) {
-    case kModeLinear: return launch_out<DT, kModeLinear>(a, out_dtype, grid, stream);
-    case kModeSwizzled: return launch_out<DT, kModeSwizzled>(a, out_dtype, grid, stream);
-    case kModeValues: return launch_out<DT, kModeValues>(a, out_dtype, grid, stream);
+    case kModeLinear: nvfp4_quant_kernel<DT, kModeLinear><<<grid, kThreads, 0, stream>>>(a); break;
+    case kModeSwizzled: nvfp4_quant_kernel<DT, kModeSwizzled><<<grid, kThreads, 0, stream>>>(a); break;
     default: return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
 }
 
 int multiprocessors() {
@@ -400,14 +320,15 @@ extern "C" {
 
 // Returns a cudaError_t (0 = success).
 //   x: [M, K] with row stride ldx (elements), last dim contiguous, 16-byte aligned rows;
-//   x_dtype / out_dtype: 0 = float32, 1 = float16, 2 = bfloat16;
+//   x_dtype: 0 = float32, 1 = float16, 2 = bfloat16;
 //   mode 0: q uint8 [M, K/2] (row stride ldq), s e4m3 [M, K/16] (row stride lds);
 //   mode 1: q as mode 0, s the whole swizzled [round_up(M,128), round_up(K/16,4)] (padding zeroed);
-//   mode 2: v [M, K] in out_dtype (row stride ldv, 16-byte aligned rows), q and s unused;
-//   gs: device pointer to the float32 global scale (read on the device: graph-safe).
-int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds, void* v,
-                     int64_t ldv, int out_dtype, const float* gs, int M, int K, int mode, cudaStream_t stream) {
-  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 2 || x_dtype < 0 || x_dtype > 2) {
+//   gs: device pointer to the float32 global scale (read on the device: graph-safe);
+//   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that.
+int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds,
+                     const float* gs, int M, int K, int mode, int ctas_per_sm, cudaStream_t stream) {
+  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 1 || x_dtype < 0 || x_dtype > 2 || ctas_per_sm < 1 ||
+      ctas_per_sm > 16) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args a{};
@@ -417,8 +338,6 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   a.ldq = ldq;
   a.s = static_cast<uint8_t*>(s);
   a.lds = lds;
-  a.v = v;
-  a.ldv = ldv;
   a.gs = gs;
   a.m = M;
   a.kb = K / 16;
@@ -450,9 +369,9 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   const int tx = 1 << log_tx, ty = kThreads / tx;
   const int64_t gx = (a.pg + tx - 1) / tx;
   const int64_t rows = (a.mg + ty - 1) / ty;
-  // Enough CTAs for 4 per SM (their loads keep HBM busy), each thread looping over rows beyond
-  // that, so the per-CTA out_scale table is amortized.
-  const int64_t cap = 4LL * multiprocessors();
+  // A few CTAs per SM (their loads keep HBM busy), each thread looping over the rows beyond that,
+  // so the per-CTA out_scale table is amortized.
+  const int64_t cap = static_cast<int64_t>(ctas_per_sm) * multiprocessors();
   int64_t gy = gx >= cap ? 1 : (cap + gx - 1) / gx;
   if (gy > rows) gy = rows;
   if (gy > 65535) gy = 65535;
@@ -460,9 +379,9 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   cudaError_t err;
   switch (x_dtype) {
-    case kF32: err = launch_mode<kF32>(a, mode, out_dtype, grid, stream); break;
-    case kF16: err = launch_mode<kF16>(a, mode, out_dtype, grid, stream); break;
-    default: err = launch_mode<kBF16>(a, mode, out_dtype, grid, stream); break;
+    case kF32: err = launch_mode<kF32>(a, mode, grid, stream); break;
+    case kF16: err = launch_mode<kF16>(a, mode, grid, stream); break;
+    default: err = launch_mode<kBF16>(a, mode, grid, stream); break;
   }
   return static_cast<int>(err);
 }
