@@ -130,7 +130,7 @@ _BLACKWELL_REQUIRES = {
     Backend.CUBLAS: "sm_100-family GPU; torch built with CUDA >= 12.8 (cuBLASLt NVFP4 through scaled_mm)",
 }
 
-_HOPPER_REQUIRES = "sm_80+ (Hopper first) + triton; nvcc for the CUDA decode kernel (M <= 8, sm_89/sm_90)"
+_HOPPER_REQUIRES = "sm_80+ (Hopper first) + triton; nvcc for the CUDA kernels (decode M, quantization, cuBLASLt call)"
 
 SPECS: dict[Backend, BackendSpec] = {
     Backend.EMULATION: BackendSpec(

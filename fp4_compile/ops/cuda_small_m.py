@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
 MAX_M = 16
-# Measured on an H100 (bench_small_m.py, NOTES.md): the kernel beats the Triton kernels at M <= 8
-# when there is at least one 16-row CTA per SM; at M = 9..16 (two MMA n-tiles) Triton is faster.
+# Measured on an H100 (bench_small_m.py, NOTES.md v4 and v5): the kernel beats the Triton kernels at
+# M <= 8 for every N timed (1024..28672); at M = 9..16 (two MMA n-tiles, the activations re-read
+# from L2 for every 16 weight rows) only at N = 1024, where Triton has few tiles to split.
 DISPATCH_MAX_M = 8
-DISPATCH_MIN_N = 16 * 132
+DISPATCH_MAX_M_SMALL_N = 16
+SMALL_N = 1024
 # cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
 SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
@@ -78,9 +80,14 @@ def unavailable_reason(device_index: int) -> str | None:
     return None
 
 
+def dispatches(m: int, n: int) -> bool:
+    """Is an [m, K] x [n, K] call one that the backends give to this kernel (where it can run)?"""
+    return 1 <= m <= (DISPATCH_MAX_M_SMALL_N if n <= SMALL_N else DISPATCH_MAX_M)
+
+
 def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel?"""
-    if not 1 <= m <= DISPATCH_MAX_M or n < DISPATCH_MIN_N or x.device.type != "cuda":
+    if not dispatches(m, n) or x.device.type != "cuda":
         return False
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 

@@ -9,9 +9,11 @@ in the fp32 epilogue. Equal to the Blackwell result up to the order of fp32 addi
 ``MARLIN`` (backend ``marlin``): W4A16. Activations stay bf16/fp16 (fp32 inputs are rounded
 to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 1/gs_w``.
 
-At M <= 8 (N >= 2112) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
+At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4).
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). At large M
+(``use_dequant``) the weight is dequantized once per call to exact bf16/fp16 values and multiplied
+by cuBLASLt with alpha (a device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
 
 All of them share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
 32) with the nibbles of each 4-byte word permuted for the in-register decode, and linear fp8
