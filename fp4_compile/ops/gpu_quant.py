@@ -1,6 +1,6 @@
 """NVFP4 activation quantization on the GPU: the public entry points.
 
-Codes and scales come from the CUDA kernel (``cuda_quant.py``: sm_89/sm_90 with nvcc, M >= 64,
+Codes and scales come from the CUDA kernel (``cuda_quant.py``: sm_89/sm_90 with nvcc, M >= 1024,
 memory-bound) where it can run, else from the Triton kernel (``triton_quant.py``: any sm_80+ GPU,
 and Triton's interpreter on the CPU), which also writes the block values. Both compute
 ``fp4_compile.format.quantize_nvfp4`` bit for bit.

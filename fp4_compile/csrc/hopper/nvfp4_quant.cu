@@ -369,7 +369,7 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   const int tx = 1 << log_tx, ty = kThreads / tx;
   const int64_t gx = (a.pg + tx - 1) / tx;
   const int64_t rows = (a.mg + ty - 1) / ty;
-  // A few CTAs per SM (their loads keep HBM busy), each thread looping over the rows beyond that,
+  // ctas_per_sm CTAs per SM (their loads keep HBM busy), each thread looping over the rows beyond that,
   // so the per-CTA out_scale table is amortized.
   const int64_t cap = static_cast<int64_t>(ctas_per_sm) * multiprocessors();
   int64_t gy = gx >= cap ? 1 : (cap + gx - 1) / gx;
