@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   // two B registers are adjacent words of one activation load (no register moves).
   auto compute = [&](Stage<RT, NT>& st, int group) {
     if constexpr (QX) {  // (NT == 1) the activation column of this lane, from shared memory
-      const uint4* src = reinterpret_cast<const uint4*>(xs + (g < args.M ? g : 0) * kw + 128 * (group - gb) + 32 * t);
+      const uint4* src = reinterpret_cast<const uint4*>(xs + g * kw + 128 * (group - gb) + 32 * t);
 #pragma unroll
       for (int q = 0; q < 4; ++q) st.x[0][q] = g < args.M ? src[q] : make_uint4(0, 0, 0, 0);
     }
