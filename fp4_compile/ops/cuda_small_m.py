@@ -56,7 +56,7 @@ def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ct
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -92,24 +92,6 @@ def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
 
-# Fused W4A4 (the kernel quantizes the activations into shared memory): the dynamic shared memory
-# a launch may take without an opt-in.
-FUSED_QUANT_SMEM = 48 * 1024
-
-
-def fused_quant_smem_bytes(m: int, n: int, kp: int) -> int:
-    """Shared memory of a fused-quantization launch: the warps' partial sums, then their k-slices
-    (whole 128-k groups) of the M quantized activation rows."""
-    warps = launch_config(m, n, kp)[2]
-    groups_per_warp = -(-(-(-kp // 32) // 4) // warps)
-    return warps * 16 * 8 * 4 + warps * m * 128 * groups_per_warp * 2
-
-
-def fuses_quant(x: torch.Tensor, m: int, n: int, kp: int) -> bool:
-    """Can the kernel quantize these activations itself (W4A4: one launch instead of two)?"""
-    return x.dtype in (torch.bfloat16, torch.float16) and m <= 8 and fused_quant_smem_bytes(m, n, kp) <= FUSED_QUANT_SMEM
-
-
 def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
     """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
     while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
@@ -119,20 +101,16 @@ def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                  rows_per_warp: int | None = None, stages: int | None = None,
-                 warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
-                 global_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 warps: int | None = None, prefetch: int = WEIGHT_PREFETCH) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
-    With ``global_scale`` (float32, one element; ``fuses_quant`` must hold) the kernel quantizes
-    ``x`` to NVFP4 itself, bit-exact: then ``alpha`` is ``1 / (gs_x * gs_w)``.
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
     """
-    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias,
-                      global_scale=global_scale)
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
     if x.device.type != "cuda":
         raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
     m, k = x.shape
@@ -149,14 +127,6 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
-    if global_scale is not None:
-        if global_scale.dtype != torch.float32 or global_scale.numel() != 1:
-            raise TypeError(f"global_scale must be one float32 element, got {global_scale.dtype} "
-                            f"{tuple(global_scale.shape)}")
-        if not fuses_quant(x, m, n, kp) or (rows_per_warp or 16) != 16 or (stages or 2) != 2:
-            raise ValueError(f"the fused quantization takes bf16/fp16 x, M <= 8, 16 rows per warp, 2 stages "
-                             f"and {FUSED_QUANT_SMEM} bytes of shared memory (M={m}, K={kp} needs "
-                             f"{fused_quant_smem_bytes(m, n, kp)})")
     if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
         x = x.contiguous()
     if weight_scale.dtype != torch.uint8:
@@ -174,8 +144,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         err = _library(torch.cuda.get_device_capability(x.device), prefetch).fp4c_nvfp4_small_m_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
             weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
-            alpha.data_ptr(), global_scale.data_ptr() if global_scale is not None else None, m, n, k, kp,
-            int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+            alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
             rows_per_warp, stages, warps, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "

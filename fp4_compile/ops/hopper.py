@@ -11,8 +11,7 @@ to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or for W4A4 quantizing them itself into shared memory (bf16/fp16 inputs whose quantized
-rows fit in 48 KB), else on the exact NVFP4 block values written by the quant kernel. At large M
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). At large M
 (``use_dequant``) the weight is dequantized once per call to exact bf16/fp16 values and multiplied
 by cuBLASLt with alpha (a device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
 
@@ -29,7 +28,7 @@ import torch
 from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
 from . import cublaslt
 from . import triton_gemm as _G
-from .cuda_small_m import fuses_quant, small_m_gemm, use_small_m
+from .cuda_small_m import small_m_gemm, use_small_m
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
@@ -155,12 +154,8 @@ class TritonW4A4Kernels(_HopperKernels):
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
         if use_small_m(x2, m, out_features):
-            if fuses_quant(x2, m, out_features, weight.shape[1] * 2):  # quantized inside the kernel
-                out = small_m_gemm(x2, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
-                                   global_scale=gs)
-            else:
-                xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
-                out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
+            out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")

@@ -30,8 +30,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "nvfp4_quant_math.cuh"
-
 namespace {
 
 constexpr int kWarpSize = 32;
@@ -162,36 +160,6 @@ __device__ __forceinline__ uint4 load_keep(const void* p) {
   return v;
 }
 
-// Fused W4A4: one 16-element block of activations (two 16-byte words of bf16/fp16) -> its exact
-// NVFP4 block values e2m1 * sf in the same type (fp4_compile.format.quantize_nvfp4 bit for bit, as
-// the quantization kernel computes it; NaN for a block holding Inf/NaN). The 1/gs is in alpha.
-template <bool FP16>
-__device__ __forceinline__ void quantize_block(uint4& lo, uint4& hi, float gs) {
-  constexpr int DT = FP16 ? fp4c::kF16 : fp4c::kBF16;
-  uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-  const float amax = fp4c::amax16<DT>(w);
-  const bool bad = !(amax < INFINITY);
-  const float v = __fmul_rn(gs, __fmul_rn(amax, 0.16666666666666666f));
-  const float sf = bad ? __int_as_float(0x7FC00000) : fp4c::e4m3_value(fp4c::e4m3x2(v, 0.0f) & 0xFFu);
-  const float os = sf == 0.0f ? 0.0f : __frcp_rn(__fmul_rn(sf, __frcp_rn(gs)));
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float2 e = fp4c::unpack<DT>(w[i]);
-    const float m0 = fp4c::e2m1_magnitude(fp4c::e2m1_magic<true>(__fmul_rn(fabsf(e.x), os)));
-    const float m1 = fp4c::e2m1_magnitude(fp4c::e2m1_magic<true>(__fmul_rn(fabsf(e.y), os)));
-    const float v0 = __fmul_rn(copysignf(m0, e.x), sf), v1 = __fmul_rn(copysignf(m1, e.y), sf);  // exact
-    if constexpr (FP16) {
-      const __half2 h = __floats2half2_rn(v0, v1);
-      w[i] = *reinterpret_cast<const uint32_t*>(&h);
-    } else {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(v0, v1);
-      w[i] = *reinterpret_cast<const uint32_t*>(&h);
-    }
-  }
-  lo = make_uint4(w[0], w[1], w[2], w[3]);
-  hi = make_uint4(w[4], w[5], w[6], w[7]);
-}
-
 template <int RT, int NT>
 struct Stage {
   uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
@@ -219,29 +187,21 @@ struct Convert<__half> {
 };
 
 struct Args {
-  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements (16-byte aligned rows)
+  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements
   const uint8_t* w;      // [Np, Kp/2]
   const uint8_t* ws;     // [Np, Kp/16]
   void* out;             // [M, N] OutT, row stride ldo
   const void* bias;      // [N] OutT or null
   const float* alpha;    // one element
-  const float* gs;       // fused W4A4: the activations' global scale (one element), else null
   int64_t ldx, ldw, ldws, ldo;
   int M, N, K, chunks;   // chunks = Kp / 32
 };
 
-// k-groups (128 k) per warp at most: the size of a warp's slice of the quantized activations.
-__host__ __device__ __forceinline__ int groups_per_warp(int chunks, int warps) {
-  return ((chunks + 3) / 4 + warps - 1) / warps;
-}
-
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
-// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. QX (fused W4A4, M <= 8):
-// each warp first quantizes its k-slice of the activations into shared memory (once per CTA, all
-// 32 lanes busy), while its first weight loads are in flight, and reads them from there.
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool QX>
+// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
+template <bool FP16, int RT, int NT, int PF, typename OutT>
 __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
-  extern __shared__ float reduce_smem[];  // [warps][16 RT][8 NT] floats, then (QX) the activations
+  extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -290,28 +250,17 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
         st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
         st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
       }
-    if constexpr (!QX) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
-                                                            : make_uint4(0, 0, 0, 0);
-    }
+      for (int q = 0; q < 4; ++q)
+        st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+                                                          : make_uint4(0, 0, 0, 0);
   };
-
-  // QX: this warp's quantized activations, [M][kw] 16-bit values from k = 128 * gb (zero past K)
-  const int kw = 128 * groups_per_warp(args.chunks, warps);
-  uint16_t* xs = reinterpret_cast<uint16_t*>(reduce_smem + warps * (16 * RT) * (8 * NT)) + warp * args.M * kw;
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
   // two B registers are adjacent words of one activation load (no register moves).
-  auto compute = [&](Stage<RT, NT>& st, int group) {
-    if constexpr (QX) {  // (NT == 1) the activation column of this lane, from shared memory
-      const uint4* src = reinterpret_cast<const uint4*>(xs + g * kw + 128 * (group - gb) + 32 * t);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) st.x[0][q] = g < args.M ? src[q] : make_uint4(0, 0, 0, 0);
-    }
+  auto compute = [&](const Stage<RT, NT>& st) {
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
@@ -339,29 +288,10 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   Stage<RT, NT> buf[PF];
 #pragma unroll
   for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
-  if constexpr (QX) {
-    const float gs = __ldg(args.gs);
-    const int kb0 = 8 * gb, nb = 8 * (ge - gb), kb_end = args.K / 16;
-    for (int m = 0; m < args.M; ++m) {
-      for (int b = lane; b < nb; b += kWarpSize) {
-        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-        if (kb0 + b < kb_end) {
-          const uint16_t* src = args.x + m * args.ldx + 16 * (kb0 + b);
-          lo = load_keep(src);
-          hi = load_keep(src + 8);
-          quantize_block<FP16>(lo, hi, gs);
-        }
-        uint4* dst = reinterpret_cast<uint4*>(xs + m * kw + 16 * b);
-        dst[0] = lo;
-        dst[1] = hi;
-      }
-    }
-    __syncwarp();
-  }
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
-      if (s + p < ge) compute(buf[p], s + p);
+      if (s + p < ge) compute(buf[p]);
       load(buf[p], s + p + PF);
     }
   }
@@ -397,16 +327,12 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   }
 }
 
-constexpr size_t kMaxDynamicSmem = 48 * 1024;  // without cudaFuncSetAttribute
-
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool QX = false>
+template <bool FP16, int RT, int NT, int PF, typename OutT>
 cudaError_t launch(const Args& args, int warps, cudaStream_t stream) {
   const int rows = 16 * RT;
   const dim3 grid((args.N + rows - 1) / rows);
-  size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
-  if constexpr (QX) smem += static_cast<size_t>(warps) * args.M * 128 * groups_per_warp(args.chunks, warps) * 2;
-  if (smem > kMaxDynamicSmem) return cudaErrorInvalidValue;
-  nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, QX><<<grid, warps * kWarpSize, smem, stream>>>(args);
+  const size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
+  nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT><<<grid, warps * kWarpSize, smem, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -421,10 +347,6 @@ cudaError_t dispatch_stages(const Args& args, int stages, int warps, cudaStream_
 
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, cudaStream_t stream) {
-  if (args.gs != nullptr) {  // fused W4A4: one configuration
-    if (rt != 1 || stages != 2 || args.M > 8) return cudaErrorInvalidValue;
-    return launch<FP16, 1, 1, 2, OutT, true>(args, warps, stream);
-  }
   const bool two_n = args.M > 8;
   if (rt == 1) {
     return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, stream)
@@ -444,17 +366,15 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
-// gs: null, or (fused W4A4: M <= 8, 16 rows per warp, 2 stages) the device pointer of the
-// activations' global scale: x is quantized to NVFP4 in the kernel (alpha must include 1/gs).
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                            void* out, int64_t ldo, const void* bias, const float* alpha, const float* gs, int M,
-                            int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
+                            void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
+                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
                             cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
-            out, bias, alpha, gs, ldx, ldw, ldws, ldo, M, N, K, Kp / 32};
+            out, bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32};
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
