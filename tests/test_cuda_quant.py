@@ -85,25 +85,6 @@ def test_dispatch_leaves_small_m_and_block_values_to_triton():
     assert not cuda_quant.use_cuda_quant(x, MODE_VALUES)
 
 
-def test_turned_off_by_environment(monkeypatch):
-    cuda_quant.unavailable_reason.cache_clear()
-    monkeypatch.setenv("FP4C_CUDA_QUANT", "0")
-    try:
-        assert "FP4C_CUDA_QUANT=0" in cuda_quant.unavailable_reason(0)
-    finally:
-        cuda_quant.unavailable_reason.cache_clear()
-
-
-def test_unavailable_without_cuda(monkeypatch):
-    cuda_quant.unavailable_reason.cache_clear()
-    monkeypatch.delenv("FP4C_CUDA_QUANT", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    try:
-        assert cuda_quant.unavailable_reason(0) == "no CUDA device"
-    finally:
-        cuda_quant.unavailable_reason.cache_clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU: bit-exactness
 

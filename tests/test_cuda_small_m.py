@@ -80,15 +80,6 @@ def test_cpu_tensors_are_refused_clearly():
                                   out_dtype=torch.bfloat16)
 
 
-def test_turned_off_by_environment(monkeypatch):
-    cuda_small_m.unavailable_reason.cache_clear()
-    monkeypatch.setenv("FP4C_SMALL_M_KERNEL", "0")
-    try:
-        assert "FP4C_SMALL_M_KERNEL=0" in cuda_small_m.unavailable_reason(0)
-    finally:
-        cuda_small_m.unavailable_reason.cache_clear()
-
-
 def test_launch_config_covers_the_weight_padding():
     # rows per CTA (16 or 32) must divide the weight's row padding (32)
     for m in (1, 8, 16):

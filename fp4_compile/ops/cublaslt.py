@@ -24,8 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import logging
-import os
 import pathlib
 import site
 import sys
@@ -34,9 +32,9 @@ import threading
 import torch
 
 from ..format import check_same_device
-from .nvcc import build_shared_library, nvcc_path, shared_library_command
+from . import nvcc
+from .nvcc import build_shared_library, shared_library_command
 
-log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "cublaslt_gemm.cu"
 WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS recommends for Hopper
@@ -124,20 +122,8 @@ def library_info() -> tuple[str, int]:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(device_index: int) -> str | None:
     """Why ``gemm_alpha`` cannot run on this CUDA device (None: it can; built on the first call)."""
-    if os.environ.get("FP4C_CUBLASLT", "1") == "0":
-        return "turned off by FP4C_CUBLASLT=0"
-    if getattr(torch.version, "hip", None):
-        return "this torch is a ROCm build (cuBLASLt is CUDA only)"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if nvcc_path() is None:
-        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    try:
-        _library()
-    except (OSError, RuntimeError) as error:
-        log.warning("fp4_compile: the cuBLASLt alpha GEMM is off: %s", error)
-        return f"cuBLASLt shim unavailable: {error}"
-    return None
+    return nvcc.unavailable_reason("cuBLASLt alpha GEMM", "FP4C_CUBLASLT", device_index, lambda cap: _library(),
+                                   capabilities=None)
 
 
 class _DeviceState:

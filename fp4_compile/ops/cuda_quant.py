@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 import pathlib
 
 import torch
 
 from ..format import BLOCK_SIZE, check_same_device, swizzled_scale_shape
-from .nvcc import build_shared_library, nvcc_path, shared_library_command
+from . import nvcc
+from .nvcc import build_shared_library, kernel_flags, shared_library_command
 
-log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_quant.cu"
 # The same mode numbers as triton_quant.py (not imported: this module must load without Triton).
 MODE_LINEAR = 0  # codes + linear scales [M, K/16]
 MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales, padding written as zeros
 MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype (Triton only)
-# cvt.rn.satfinite.e4m3x2.f32 / cvt.rn.f16x2.e4m3x2 need sm_89; only sm_90 (H100/H200) was run.
-SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
 # H100 (bench_quant.py, K=4096): the Triton kernel is faster at M = 64 (2.9 vs 3.4 us), equal at
 # M = 256; at M = 4096 this one takes 16 us against 23.
 MIN_M = 1024
@@ -48,8 +44,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def nvcc_flags(capability: tuple[int, int]) -> list[str]:
-    arch = f"{capability[0]}{capability[1]}"
-    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
+    return kernel_flags(capability)
 
 
 def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -72,21 +67,7 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(device_index: int) -> str | None:
     """Why the kernel cannot run on this CUDA device (None: it can; built on the first call)."""
-    if os.environ.get("FP4C_CUDA_QUANT", "1") == "0":
-        return "turned off by FP4C_CUDA_QUANT=0"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cap = torch.cuda.get_device_capability(device_index)
-    if cap not in SUPPORTED_CAPABILITIES:
-        return f"built for sm_89/sm_90 only, this GPU is sm_{cap[0]}{cap[1]}"
-    if nvcc_path() is None:
-        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    try:
-        _library(cap)
-    except (OSError, RuntimeError) as error:
-        log.warning("fp4_compile: the CUDA quantization kernel is off, its build failed: %s", error)
-        return f"build failed: {error}"
-    return None
+    return nvcc.unavailable_reason("CUDA quantization kernel", "FP4C_CUDA_QUANT", device_index, _library)
 
 
 def use_cuda_quant(x2: torch.Tensor, mode: int) -> bool:

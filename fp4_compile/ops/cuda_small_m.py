@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 import pathlib
 
 import torch
 
 from ..format import check_same_device
-from .nvcc import build_shared_library, nvcc_path, shared_library_command
+from . import nvcc
+from .nvcc import build_shared_library, kernel_flags, shared_library_command
 
-log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
 MAX_M = 16
@@ -30,8 +28,6 @@ MAX_M = 16
 DISPATCH_MAX_M = 8
 DISPATCH_MAX_M_SMALL_N = 16
 SMALL_N = 1024
-# cvt.rn.f16x2.e4m3x2 needs sm_89; only sm_90 (H100/H200) was run.
-SUPPORTED_CAPABILITIES = ((8, 9), (9, 0))
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
 # 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
 # M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).
@@ -39,9 +35,7 @@ WEIGHT_PREFETCH = 128
 
 
 def nvcc_flags(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> list[str]:
-    arch = f"{capability[0]}{capability[1]}"
-    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo",
-            f"-DFP4C_WEIGHT_PREFETCH={prefetch}"]
+    return kernel_flags(capability) + [f"-DFP4C_WEIGHT_PREFETCH={prefetch}"]
 
 
 def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -63,21 +57,7 @@ def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ct
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(device_index: int) -> str | None:
     """Why the kernel cannot run on this CUDA device (None: it can; built on the first call)."""
-    if os.environ.get("FP4C_SMALL_M_KERNEL", "1") == "0":
-        return "turned off by FP4C_SMALL_M_KERNEL=0"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cap = torch.cuda.get_device_capability(device_index)
-    if cap not in SUPPORTED_CAPABILITIES:
-        return f"built for sm_89/sm_90 only, this GPU is sm_{cap[0]}{cap[1]}"
-    if nvcc_path() is None:
-        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    try:
-        _library(cap)
-    except (OSError, RuntimeError) as error:
-        log.warning("fp4_compile: the CUDA small-M kernel is off, its build failed: %s", error)
-        return f"build failed: {error}"
-    return None
+    return nvcc.unavailable_reason("CUDA small-M kernel", "FP4C_SMALL_M_KERNEL", device_index, _library)
 
 
 def dispatches(m: int, n: int) -> bool:

@@ -1,15 +1,31 @@
-"""Finding nvcc and building a CUDA source into a cached shared library (no torch headers)."""
+"""The optional nvcc-built CUDA parts: finding nvcc, building a source into a cached shared library
+(no torch headers), and deciding whether a part can run on a device."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The Hopper kernels (small-M GEMM, quantization) use sm_89's e4m3 conversions; only sm_90 was run.
+KERNEL_CAPABILITIES = ((8, 9), (9, 0))
+
+
+def kernel_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc flags of the Hopper kernels, for one GPU architecture."""
+    arch = f"{capability[0]}{capability[1]}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,3 +90,31 @@ def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> p
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def unavailable_reason(what: str, env_var: str, device_index: int, load: Callable[[tuple[int, int]], object],
+                       capabilities: tuple[tuple[int, int], ...] | None = KERNEL_CAPABILITIES) -> str | None:
+    """Why the CUDA part ``what`` cannot run on CUDA device ``device_index`` (None: it can).
+
+    ``env_var=0`` turns it off; ``capabilities`` lists the GPUs it is built for (None: any);
+    ``load(capability)`` builds and loads it (on the first call, seconds), and its failure (OSError
+    or RuntimeError) is a reason, logged once as a warning when the caller caches the answer.
+    """
+    if os.environ.get(env_var, "1") == "0":
+        return f"turned off by {env_var}=0"
+    if getattr(torch.version, "hip", None):
+        return f"this torch is a ROCm build ({what} is CUDA only)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability(device_index)
+    if capabilities is not None and cap not in capabilities:
+        built = "/".join(f"sm_{a}{b}" for a, b in capabilities)
+        return f"built for {built} only, this GPU is sm_{cap[0]}{cap[1]}"
+    if nvcc_path() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    try:
+        load(cap)
+    except (OSError, RuntimeError) as error:
+        log.warning("fp4_compile: the %s is off, its build or load failed: %s", what, error)
+        return f"build or load failed: {error}"
+    return None

@@ -1,0 +1,54 @@
+"""When the optional nvcc-built CUDA parts (small-M GEMM, quantization, cuBLASLt shim) are off:
+one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all three (no GPU needed)."""
+
+import pytest
+import torch
+
+from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, nvcc
+
+PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_quant, "FP4C_CUDA_QUANT"), (cublaslt, "FP4C_CUBLASLT")]
+
+
+@pytest.fixture
+def fresh_reasons():
+    for module, _ in PARTS:
+        module.unavailable_reason.cache_clear()
+    yield
+    for module, _ in PARTS:
+        module.unavailable_reason.cache_clear()
+
+
+@pytest.mark.parametrize("module,env_var", PARTS, ids=lambda v: getattr(v, "__name__", v))
+def test_turned_off_by_environment(monkeypatch, fresh_reasons, module, env_var):
+    monkeypatch.setenv(env_var, "0")
+    assert f"{env_var}=0" in module.unavailable_reason(0)
+
+
+@pytest.mark.parametrize("module,env_var", PARTS, ids=lambda v: getattr(v, "__name__", v))
+def test_no_cuda_is_a_reason(monkeypatch, fresh_reasons, module, env_var):
+    monkeypatch.delenv(env_var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert module.unavailable_reason(0) == "no CUDA device"
+
+
+def _cuda_device(monkeypatch, capability):
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(nvcc, "nvcc_path", lambda: "/usr/bin/nvcc")
+
+
+def test_other_architectures_and_failed_builds_are_reasons(monkeypatch):
+    _cuda_device(monkeypatch, (8, 0))
+    assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, lambda cap: None) == \
+        "built for sm_89/sm_90 only, this GPU is sm_80"
+
+    def fail(cap):
+        raise RuntimeError("nvcc failed")
+
+    _cuda_device(monkeypatch, (9, 0))
+    assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, fail) == "build or load failed: nvcc failed"
+    assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, lambda cap: None) is None
+    _cuda_device(monkeypatch, (12, 0))  # capabilities=None: any GPU
+    assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, lambda cap: None, capabilities=None) is None
