@@ -572,7 +572,7 @@ class _BlackwellKernels:
         bias: torch.Tensor | None,
         out_features: int,
     ) -> torch.Tensor:
-        # fp4::quantize is the project's Triton kernel on CUDA (never FlashInfer's).
+        # fp4::quantize is the project's own kernel on CUDA (gpu_quant.py; never FlashInfer's).
         return linear_by_steps(self, torch.ops.fp4.quantize, x, weight, weight_scale, input_global_scale, alpha,
                                bias, out_features, swizzle=True)
 

@@ -178,9 +178,12 @@ def available(device: torch.device) -> bool:
     """Can ``gemm_alpha`` run on ``device`` now? False on CPU devices, where the shim cannot run,
     and inside a CUDA graph capture before the device's workspace exists (callers then take their
     other path instead of failing the capture)."""
-    if device.type != "cuda" or unavailable_reason(_device_index(device)) is not None:
+    if device.type != "cuda":
         return False
-    return _device_index(device) in _states or not torch.cuda.is_current_stream_capturing()
+    index = _device_index(device)
+    if unavailable_reason(index) is not None:
+        return False
+    return index in _states or not torch.cuda.is_current_stream_capturing()
 
 
 def _row_stride(t: torch.Tensor, name: str) -> int:
