@@ -164,11 +164,14 @@ def _device_index(device: torch.device | int | str | None) -> int:
 def prepare(device: torch.device | int | str | None = None) -> None:
     """Build/load the shim, allocate ``device``'s workspace and create its cuBLASLt handle (one tiny
     GEMM), outside any CUDA graph capture. Later first calls of a new shape still ask cuBLASLt's
-    heuristic (host work only): warm each shape up before capturing to be safe."""
+    heuristic (host work only): warm each shape up before capturing to be safe. Once per device:
+    later calls (one per prepared weight) return at once."""
     index = _device_index(device)
     reason = unavailable_reason(index)
     if reason is not None:
         raise RuntimeError(f"cuBLASLt alpha GEMM unavailable: {reason}")
+    if index in _states:  # a GEMM was issued on this device: the workspace exists, the handle was made
+        return
     dev = torch.device("cuda", index)
     a = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
     gemm_alpha(a, a, torch.ones(1, device=dev), out_dtype=torch.bfloat16)
