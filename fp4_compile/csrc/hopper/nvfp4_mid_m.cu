@@ -1,0 +1,301 @@
+// NVFP4 weight x 16-bit activation GEMM for mid-sized M (9..128) on sm_89/sm_90.
+//
+//   out[m, n] = alpha * 2^8 * sum_k x[m, k] * (e2m1[n, k] * sf[n, k/16] * 2^-8)  (+ bias[n])
+//
+// Same numerics, weight layout and k-order as nvfp4_small_m.cu (exact values in registers, exact
+// products, fp32 sums). What changes with M: the small-M kernel re-reads the activations from
+// L2 for every 16 weight rows, which at M = 16 moves 3.5x the weight bytes through L2 (NOTES.md,
+// v5). Here a CTA owns WARPS x 16 x RT weight rows and one M tile of 8 x NT activation rows, so
+// each activation tile is fetched once per 128+ weight rows:
+// - activations: global -> shared memory with cp.async, STAGES k-groups (128 k) in flight, read
+//   back with 128-bit loads in the lane-owns-a-chunk k-order of the weights (a 16-byte unit
+//   swizzle makes those reads conflict-free);
+// - weights: every warp streams its own 16-row tiles straight into registers (16-byte loads, PF
+//   k-groups ahead), as in the small-M kernel, decoded per MMA k-step;
+// - K is split across CTAs (grid.y) so that N = 4096 fills the SMs: fp32 partials go to a
+//   workspace and the last CTA of each tile (an atomic ticket, reset by that CTA) adds them in
+//   split order, so the result does not depend on timing, and applies alpha and bias.
+
+#include <type_traits>
+
+#include "nvfp4_mma.cuh"
+
+namespace {
+
+using namespace fp4c;
+
+constexpr int kGroupK = 128;                  // k per group: 4 chunks of 32
+constexpr int kUnitsPerRow = kGroupK / 8;     // 16-byte units of one activation row per group
+
+struct Args {
+  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements (a multiple of 8)
+  const uint8_t* w;      // [Np, Kp/2]
+  const uint8_t* ws;     // [Np, Kp/16]
+  void* out;             // [M, N] OutT, row stride ldo
+  const void* bias;      // [N] OutT or null
+  const float* alpha;    // one element
+  float* partial;        // [splits, M, N] fp32 (splits > 1)
+  int* tickets;          // one zeroed counter per (m tile, n tile) (splits > 1), left zeroed
+  int64_t ldx, ldw, ldws, ldo;
+  int M, N, Np, K, chunks, splits;  // chunks = Kp / 32
+};
+
+// Unit c (0..15) of activation row r of a group -> its 16-byte slot in shared memory. A lane
+// (g, t) reads units 4t + q of rows g (+ 8j); the 8 lanes of a 128-bit load phase (two rows, four
+// t) then hit 8 different bank groups.
+__device__ __forceinline__ int act_slot(int r, int c) { return r * kUnitsPerRow + (c ^ (((c >> 3) & 1) << 1) ^ (r & 1)); }
+
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+template <int RT>
+struct WeightStage {
+  uint4 w[RT][2];      // rows g and g + 8 of each 16-row tile: this lane's 16-byte chunk
+  uint32_t sc[RT][2];  // their two scale bytes
+};
+
+// Grid: (n tiles of WARPS * 16 * RT rows, K splits, m tiles of 8 * NT rows). Block: WARPS warps,
+// each its own 16 * RT weight rows over the CTA's whole k-range.
+template <bool FP16, int RT, int NT, int WARPS, int STAGES, int PF, typename OutT>
+__global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args) {
+  extern __shared__ __align__(16) uint8_t act_smem[];
+  constexpr int kMt = 8 * NT;                       // activation rows per CTA
+  constexpr int kStageBytes = kMt * kGroupK * 2;    // one group of them
+  constexpr int kRows = WARPS * 16 * RT;            // weight rows per CTA
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kRows, m0 = blockIdx.z * kMt;
+  const int m_live = min(kMt, args.M - m0);          // activation rows of this tile that exist
+  const int nt_live = (m_live + 7) / 8;
+
+  const int groups = (args.chunks + 3) / 4;
+  const int gb = static_cast<int>(static_cast<int64_t>(groups) * blockIdx.y / args.splits);
+  const int ge = static_cast<int>(static_cast<int64_t>(groups) * (blockIdx.y + 1) / args.splits);
+
+  // activation tile loader: all threads, one 16-byte unit each per pass
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(act_smem));
+  auto load_acts = [&](int group) {
+    if (group < ge) {
+      const uint32_t stage = smem_base + ((group - gb) % STAGES) * kStageBytes;
+      for (int u = threadIdx.x; u < kMt * kUnitsPerRow; u += WARPS * 32) {
+        const int r = u / kUnitsPerRow, c = u % kUnitsPerRow;
+        const int k = kGroupK * group + 8 * c;
+        const bool valid = r < m_live && k < args.K;
+        const uint16_t* src = args.x + (valid ? (static_cast<int64_t>(m0 + r) * args.ldx + k) : 0);
+        cp_async16(stage + 16 * act_slot(r, c), src, valid);
+      }
+    }
+    cp_async_commit();  // (empty groups too: the wait count stays uniform)
+  };
+
+  // per-lane weight pointers; rows past the padded weight are clamped (their sums are dropped)
+  const uint8_t* w_row[RT][2];
+  const uint8_t* s_row[RT][2];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = min(n0 + warp * 16 * RT + 16 * i + 8 * h + g, args.Np - 1);
+      w_row[i][h] = args.w + r * args.ldw + 16 * t;
+      s_row[i][h] = args.ws + r * args.ldws + 2 * t;
+    }
+  auto load_weights = [&](WeightStage<RT>& st, int group) {
+    const bool ok = group < ge && 4 * group + t < args.chunks;
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
+      }
+  };
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // MMA k-step q (k = 8q..8q+7 of each word pair) of one group, as in the small-M kernel: the A
+  // registers are pair q of words 0..3 of rows g and g + 8, the B registers one 128-bit load.
+  auto compute = [&](const WeightStage<RT>& st, int group) {
+    const uint32_t stage = smem_base + ((group - gb) % STAGES) * kStageBytes;
+    ScalePair<FP16> s[RT][2];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      s[i][0] = make_scales<FP16>(st.sc[i][0]);
+      s[i][1] = make_scales<FP16>(st.sc[i][1]);
+    }
+    auto step = [&](auto q_const) {
+      constexpr int Q = decltype(q_const)::value;
+      uint32_t a[RT][8];  // (rows g, g + 8) x words 0..3, pair Q
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        a[i][0] = decode_pair<FP16, Q>(st.w[i][0].x, s[i][0]);
+        a[i][1] = decode_pair<FP16, Q>(st.w[i][1].x, s[i][1]);
+        a[i][2] = decode_pair<FP16, Q>(st.w[i][0].y, s[i][0]);
+        a[i][3] = decode_pair<FP16, Q>(st.w[i][1].y, s[i][1]);
+        a[i][4] = decode_pair<FP16, Q>(st.w[i][0].z, s[i][0]);
+        a[i][5] = decode_pair<FP16, Q>(st.w[i][1].z, s[i][1]);
+        a[i][6] = decode_pair<FP16, Q>(st.w[i][0].w, s[i][0]);
+        a[i][7] = decode_pair<FP16, Q>(st.w[i][1].w, s[i][1]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j < nt_live) {
+          const uint4 xq = lds128(stage + 16 * act_slot(8 * j + g, 4 * t + Q));
+#pragma unroll
+          for (int i = 0; i < RT; ++i) {
+            mma16816<FP16>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], xq.x, xq.y);
+            mma16816<FP16>(acc[i][j], a[i][4], a[i][5], a[i][6], a[i][7], xq.z, xq.w);
+          }
+        }
+      }
+    };
+    step(std::integral_constant<int, 0>{});
+    step(std::integral_constant<int, 1>{});
+    step(std::integral_constant<int, 2>{});
+    step(std::integral_constant<int, 3>{});
+  };
+
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) load_acts(gb + p);
+  WeightStage<RT> buf[PF];
+#pragma unroll
+  for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p);
+  for (int s = gb; s < ge; s += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p) {
+      // group s + p has landed, and every warp is done with the stage that the next load reuses
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      load_acts(s + p + STAGES - 1);
+      if (s + p < ge) compute(buf[p], s + p);
+      load_weights(buf[p], s + p + PF);
+    }
+  }
+  cp_async_wait<0>();
+
+  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+  OutT* out = static_cast<OutT*>(args.out);
+  const OutT* bias = static_cast<const OutT*>(args.bias);
+  const int warp_n0 = n0 + warp * 16 * RT;
+  if (args.splits == 1) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = warp_n0 + 16 * i + g + 8 * (e / 2), m = 8 * j + 2 * t + (e % 2);
+          if (n < args.N && m < m_live) {
+            float v = acc[i][j][e] * scale;
+            if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+            out[static_cast<int64_t>(m0 + m) * args.ldo + n] = Convert<OutT>::to(v);
+          }
+        }
+    return;
+  }
+
+  // split K: this CTA's partial sums, then the last of the tile's CTAs adds all of them in order
+  const int64_t plane = static_cast<int64_t>(args.M) * args.N;
+  float* mine = args.partial + blockIdx.y * plane;
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = warp_n0 + 16 * i + g + 8 * (e / 2), m = 8 * j + 2 * t + (e % 2);
+        if (n < args.N && m < m_live) __stcg(mine + static_cast<int64_t>(m0 + m) * args.N + n, acc[i][j][e]);
+      }
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  int* ticket = args.tickets + blockIdx.z * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1) == args.splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int n_live = min(kRows, args.N - n0);
+  for (int e = threadIdx.x; e < m_live * n_live; e += WARPS * 32) {
+    const int m = e / n_live, r = e % n_live;
+    const int64_t off = static_cast<int64_t>(m0 + m) * args.N + n0 + r;
+    float v = 0.f;
+    for (int sp = 0; sp < args.splits; ++sp) v += __ldcg(args.partial + sp * plane + off);
+    v *= scale;
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n0 + r]);
+    out[static_cast<int64_t>(m0 + m) * args.ldo + n0 + r] = Convert<OutT>::to(v);
+  }
+  if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch (and graph replay)
+}
+
+template <bool FP16, int RT, int NT, int WARPS, typename OutT>
+cudaError_t launch(const Args& args, cudaStream_t stream) {
+  constexpr int kStages = NT >= 16 ? 3 : 4;
+  constexpr int kPf = 2;
+  constexpr size_t kSmem = static_cast<size_t>(kStages) * 8 * NT * kGroupK * 2;
+  auto kernel = nvfp4_mid_m_kernel<FP16, RT, NT, WARPS, kStages, kPf, OutT>;
+  if (kSmem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  constexpr int kRows = WARPS * 16 * RT;
+  const dim3 grid((args.N + kRows - 1) / kRows, args.splits, (args.M + 8 * NT - 1) / (8 * NT));
+  kernel<<<grid, WARPS * 32, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Tile shapes: (16-row tiles per warp, n8 tiles of M, warps). Kept few: each is 4 instantiations.
+template <bool FP16, typename OutT>
+cudaError_t dispatch(const Args& args, int m_tile, int rows, cudaStream_t stream) {
+  if (m_tile == 16 && rows == 128) return launch<FP16, 2, 2, 4, OutT>(args, stream);
+  if (m_tile == 32 && rows == 128) return launch<FP16, 2, 4, 4, OutT>(args, stream);
+  if (m_tile == 64 && rows == 128) return launch<FP16, 2, 8, 4, OutT>(args, stream);
+  if (m_tile == 64 && rows == 256) return launch<FP16, 2, 8, 8, OutT>(args, stream);
+  if (m_tile == 128 && rows == 128) return launch<FP16, 1, 16, 8, OutT>(args, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
+// x's type, 1 = float32. m_tile x rows: the CTA tile, one of 16x128, 32x128, 64x128, 64x256,
+// 128x128. splits: CTAs along K (>= 1); above 1, partial ([splits, M, N] fp32) and tickets (one
+// zeroed int per tile) are needed.
+int fp4c_nvfp4_mid_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
+                          void* out, int64_t ldo, const void* bias, const float* alpha, float* partial, int* tickets,
+                          int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int m_tile, int rows,
+                          int splits, cudaStream_t stream) {
+  if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || Kp % 32 || K > Kp || ldx % 8 || splits < 1 ||
+      (splits > 1 && (partial == nullptr || tickets == nullptr))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
+            out, bias, alpha, partial, tickets, ldx, ldw, ldws, ldo, M, N, Np, K, Kp / 32, splits};
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? dispatch<true, float>(args, m_tile, rows, stream)
+                   : dispatch<true, __half>(args, m_tile, rows, stream);
+  } else {
+    err = out_fp32 ? dispatch<false, float>(args, m_tile, rows, stream)
+                   : dispatch<false, __nv_bfloat16>(args, m_tile, rows, stream);
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"
