@@ -97,9 +97,9 @@ def main():
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
                     r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
                 elif use_mid_m(x, m, n):
-                    m_tile, rows_per_cta, splits = mid_m_launch_config(m, n, k, torch.cuda.get_device_properties(
-                        x.device).multi_processor_count)
-                    r[f"{key}_cfg"] = f"CUDA mid-M {m_tile}x{rows_per_cta} S{splits}"
+                    m_tile, rows_per_cta, warps, splits = mid_m_launch_config(
+                        m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+                    r[f"{key}_cfg"] = f"CUDA mid-M {m_tile}x{rows_per_cta} w{warps} S{splits}"
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
                 else:

@@ -57,7 +57,7 @@ def main():
             alphas = [(1 / gw).float() for _, _, gw in ws]
             alphas44 = [(1 / (gx * gw)).float() for _, _, gw in ws]
             auto = launch_config(m, n, k, sms)
-            row = {"shape": f"{n}x{k}", "m": m, "auto": "t{}x{}s{}".format(*auto)}
+            row = {"shape": f"{n}x{k}", "m": m, "auto": "t{}x{}w{}s{}".format(*auto)}
             wt, wst, _ = ws[0]
             o_mid = mid_m_gemm(x, wt, wst, alphas[0], n=n, out_dtype=torch.float32)
             o_tri = G.fp4_gemm(x, wt, wst, alphas[0], n=n, k=k, a_mode=0, out_dtype=torch.float32,
@@ -76,13 +76,14 @@ def main():
                 [lambda w=w, a=a: mid_m_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), w[0], w[1], a, n=n,
                                              out_dtype=torch.bfloat16)
                  for w, a in zip(ws, alphas44)]), 2)
-            for m_tile, nrows in TILES:
+            for tile in TILES:
+                m_tile = tile[0]
                 if m_tile < min(m, 64) or (m_tile > 16 and m_tile >= 2 * m):
                     continue  # tiles far from M
                 for splits in [int(s) for s in args.splits.split(",")]:
-                    row[f"t{m_tile}x{nrows}s{splits}_us"] = round(time_graph_us(
+                    row["t{}x{}w{}s{}_us".format(*tile, splits)] = round(time_graph_us(
                         [lambda w=w, a=a: mid_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                     m_tile=m_tile, rows=nrows, splits=splits)
+                                                     tile=tile, splits=splits)
                          for w, a in zip(ws, alphas)]), 2)
             variants = {key: v for key, v in row.items() if key.startswith("t") and key.endswith("_us")}
             best_key = min(variants, key=variants.get)

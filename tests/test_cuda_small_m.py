@@ -14,8 +14,8 @@ needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not insta
 
 
 # {bf16, fp16} x {16-bit, fp32 out} x small-M: {16, 32 rows} x (M <= 8: 2 or 4 stages, M <= 16: 2);
-# mid-M: 5 tiles
-KERNEL_COUNTS = [(cuda_small_m, 24), (cuda_mid_m, 20)]
+# mid-M: 8 tiles
+KERNEL_COUNTS = [(cuda_small_m, 24), (cuda_mid_m, 32)]
 
 
 @needs_nvcc
@@ -98,9 +98,9 @@ def test_launch_config_covers_the_weight_padding():
 def test_mid_m_launch_config_fills_the_gpu_and_keeps_k_steps():
     for m in (9, 16, 17, 64, 65, 128):
         for n, k in ((32, 64), (1024, 4096), (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336)):
-            m_tile, rows, splits = cuda_mid_m.launch_config(m, n, k, sms=132)
-            assert (m_tile, rows) in cuda_mid_m.TILES and m <= m_tile < 2 * max(m, 8)
+            *tile, splits = cuda_mid_m.launch_config(m, n, k, sms=132)
+            assert tuple(tile) in cuda_mid_m.TILES and m <= tile[0] < 2 * max(m, 8)
             steps = -(-k // cuda_mid_m.GROUP_K)
             assert splits == 1 or steps // splits >= 2
-    assert cuda_mid_m.launch_config(64, 4096, 4096, sms=132)[2] > 1  # 32 tiles alone would idle most SMs
-    assert cuda_mid_m.launch_config(64, 28672, 4096, sms=132)[2] == 2
+    assert cuda_mid_m.launch_config(64, 4096, 4096, sms=132)[3] > 1  # 32 tiles alone would idle most SMs
+    assert cuda_mid_m.launch_config(64, 28672, 4096, sms=132)[3] == 2

@@ -223,13 +223,12 @@ def test_mid_m_kernel_exact(seed, n, k, m, dt):
     alpha = (1 / gw).float()
     ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
     steps = -(-k // cuda_mid_m.GROUP_K)
-    for m_tile, rows in cuda_mid_m.TILES:
+    for tile in cuda_mid_m.TILES:
         for splits in (1, 3, steps + 2):
             poison_allocator(m * n * 8 * (splits + 1) + (1 << 22))
-            out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, m_tile=m_tile, rows=rows,
-                                        splits=splits)
+            out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits)
             assert out.shape == (m, n) and torch.isfinite(out).all()
-            assert rel(out, ref) <= 1e-5, (m_tile, rows, splits, rel(out, ref))
+            assert rel(out, ref) <= 1e-5, (tile, splits, rel(out, ref))
     assert (G.lock_buffer(torch.device(DEV)) == 0).all()
     out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
@@ -269,8 +268,8 @@ def test_mid_m_kernel_rejects_bad_input():
     x = torch.randn(129, 64, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="1..128 rows"):
         cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="m_tile, rows"):
-        cuda_mid_m.mid_m_gemm(x[:20], wt, wst, alpha, n=64, out_dtype=torch.bfloat16, m_tile=32, rows=256)
+    with pytest.raises(ValueError, match="tile"):
+        cuda_mid_m.mid_m_gemm(x[:20], wt, wst, alpha, n=64, out_dtype=torch.bfloat16, tile=(32, 256, 8))
     with pytest.raises(TypeError, match="bf16 or fp16"):
         cuda_mid_m.mid_m_gemm(x[:20].float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
 

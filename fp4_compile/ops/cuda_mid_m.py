@@ -22,8 +22,9 @@ from .triton_gemm import lock_buffer
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_mid_m.cu"
 MAX_M = 128
-# (activation rows, weight rows) of a CTA: the tiles the source instantiates
-TILES = ((16, 128), (32, 128), (64, 128), (64, 256), (128, 128))
+# (activation rows, weight rows, warps) of a CTA: the tiles the source instantiates (FP4C_TILE)
+TILES = ((16, 128, 4), (16, 128, 8), (32, 128, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (64, 256, 8),
+         (128, 128, 8))
 GROUP_K = 128  # k per pipeline step
 # The calls the backends give it: those above the small-M kernel's range, up to MAX_M.
 DISPATCH_MAX_M = MAX_M
@@ -41,7 +42,7 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_mid_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 10 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 11 + [p]
     return lib
 
 
@@ -68,36 +69,36 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
-    """(activation rows, weight rows, K splits) of a CTA for an [m, k] x [n, k] call.
+def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
+    """(activation rows, weight rows, warps, K splits) of a CTA for an [m, k] x [n, k] call.
 
-    The smallest M tile that holds m (one pass over the weights); 128 weight rows; K split until
-    about two CTAs per SM are busy, each keeping at least two 128-k steps.
+    The smallest M tile that holds m (one pass over the weights); 128 weight rows on 8 warps; K
+    split until about two CTAs per SM are busy, each keeping at least two 128-k steps.
     """
     m_tile = next(t for t in (16, 32, 64, 128) if m <= t)
-    rows = 128
+    rows, warps = 128, 8
     tiles = -(-n // rows) * -(-m // m_tile)
     steps = -(-k // GROUP_K)
     splits = max(1, min(-(-2 * sms // tiles), steps // 2))
-    return m_tile, rows, splits
+    return m_tile, rows, warps, splits
 
 
 def mid_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-               m_tile: int | None = None, rows: int | None = None, splits: int | None = None) -> torch.Tensor:
+               tile: tuple[int, int, int] | None = None, splits: int | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 128; arguments as ``small_m_gemm``.
 
-    ``m_tile``, ``rows`` (a pair of ``TILES``) and ``splits`` override the launch configuration
-    (benchmark variants).
+    ``tile`` (one of ``TILES``) and ``splits`` override the launch configuration (benchmark variants).
     """
     x, weight_scale, bias, alpha, m, k, kp = check_gemm_args("CUDA mid-M kernel", x, weight, weight_scale, alpha,
                                                              bias, n, out_dtype, MAX_M)
     dev = x.device
-    d_tile, d_rows, d_splits = launch_config(m, n, k, _num_sms(dev.index if dev.index is not None
-                                                               else torch.cuda.current_device()))
-    m_tile, rows, splits = m_tile or d_tile, rows or d_rows, splits or d_splits
-    if (m_tile, rows) not in TILES:
-        raise ValueError(f"(m_tile, rows) must be one of {TILES}, got {(m_tile, rows)}")
+    *d_tile, d_splits = launch_config(m, n, k, _num_sms(dev.index if dev.index is not None
+                                                        else torch.cuda.current_device()))
+    tile, splits = tuple(tile or d_tile), splits or d_splits
+    if tile not in TILES:
+        raise ValueError(f"tile (activation rows, weight rows, warps) must be one of {TILES}, got {tile}")
+    m_tile, rows, warps = tile
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     partial = tickets = None
     if splits > 1:
@@ -112,9 +113,9 @@ def mid_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), partial.data_ptr() if partial is not None else None,
             tickets.data_ptr() if tickets is not None else None, m, n, weight.shape[0], k, kp,
-            int(x.dtype == torch.float16), int(out_dtype == torch.float32), m_tile, rows, splits,
+            int(x.dtype == torch.float16), int(out_dtype == torch.float32), m_tile, rows, warps, splits,
             torch.cuda.current_stream(dev).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_mid_m_gemm failed: CUDA error {err} "
-                           f"(M={m}, N={n}, K={k}, m_tile={m_tile}, rows={rows}, splits={splits})")
+                           f"(M={m}, N={n}, K={k}, tile={tile}, splits={splits})")
     return out

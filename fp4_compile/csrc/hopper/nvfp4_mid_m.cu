@@ -48,6 +48,10 @@ __device__ __forceinline__ int act_slot(int r, int c) { return r * kUnitsPerRow 
 __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
+// Weights are read once: ask L2 for 128 bytes of the row at a time (as the small-M kernel's loads).
+__device__ __forceinline__ void cp_async16_stream(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
@@ -58,20 +62,17 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   return v;
 }
 
-template <int RT>
-struct WeightStage {
-  uint4 w[RT][2];      // rows g and g + 8 of each 16-row tile: this lane's 16-byte chunk
-  uint32_t sc[RT][2];  // their two scale bytes
-};
-
 // Grid: (n tiles of WARPS * 16 * RT rows, K splits, m tiles of 8 * NT rows). Block: WARPS warps,
-// each its own 16 * RT weight rows over the CTA's whole k-range.
-template <bool FP16, int RT, int NT, int WARPS, int STAGES, int PF, typename OutT>
-__global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args) {
-  extern __shared__ __align__(16) uint8_t act_smem[];
-  constexpr int kMt = 8 * NT;                       // activation rows per CTA
-  constexpr int kStageBytes = kMt * kGroupK * 2;    // one group of them
-  constexpr int kRows = WARPS * 16 * RT;            // weight rows per CTA
+// each its own 16 * RT weight rows over the CTA's whole k-range. Shared memory: STAGES k-groups,
+// each the activation tile [8 NT][128 k] (swizzled units) then the weight tile [rows][64 bytes].
+template <bool FP16, int RT, int NT, int WARPS, int STAGES, typename OutT>
+__global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) nvfp4_mid_m_kernel(const Args args) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  constexpr int kMt = 8 * NT;                        // activation rows per CTA
+  constexpr int kRows = WARPS * 16 * RT;             // weight rows per CTA
+  constexpr int kActBytes = kMt * kGroupK * 2;
+  constexpr int kStageBytes = kActBytes + kRows * kGroupK / 2;
+  constexpr int kPf = 2;                             // scale loads in flight (registers)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kRows, m0 = blockIdx.z * kMt;
@@ -81,12 +82,15 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args
   const int groups = (args.chunks + 3) / 4;
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * blockIdx.y / args.splits);
   const int ge = static_cast<int>(static_cast<int64_t>(groups) * (blockIdx.y + 1) / args.splits);
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  auto stage_of = [&](int group) { return smem_base + ((group - gb) % STAGES) * kStageBytes; };
 
-  // activation tile loader: all threads, one 16-byte unit each per pass
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(act_smem));
-  auto load_acts = [&](int group) {
+  // One k-group of both tiles, global -> shared (cp.async; zero-filled past M, K and the weight's
+  // chunks), all threads, 16 bytes each per pass. Weight rows past the padded weight are clamped:
+  // their sums are never stored.
+  auto load_tiles = [&](int group) {
     if (group < ge) {
-      const uint32_t stage = smem_base + ((group - gb) % STAGES) * kStageBytes;
+      const uint32_t stage = stage_of(group);
       for (int u = threadIdx.x; u < kMt * kUnitsPerRow; u += WARPS * 32) {
         const int r = u / kUnitsPerRow, c = u % kUnitsPerRow;
         const int k = kGroupK * group + 8 * c;
@@ -94,30 +98,32 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args
         const uint16_t* src = args.x + (valid ? (static_cast<int64_t>(m0 + r) * args.ldx + k) : 0);
         cp_async16(stage + 16 * act_slot(r, c), src, valid);
       }
+      for (int u = threadIdx.x; u < kRows * 4; u += WARPS * 32) {
+        const int r = u / 4, c = u % 4;
+        const bool valid = 4 * group + c < args.chunks;
+        const int64_t row = min(n0 + r, args.Np - 1);
+        cp_async16_stream(stage + kActBytes + 16 * u, args.w + row * args.ldw + 64 * group + 16 * c, valid);
+      }
     }
     cp_async_commit();  // (empty groups too: the wait count stays uniform)
   };
 
-  // per-lane weight pointers; rows past the padded weight are clamped (their sums are dropped)
-  const uint8_t* w_row[RT][2];
+  // Scale pairs (2 bytes per lane and row) go straight to registers, kPf groups ahead: a row's 8
+  // bytes per group are too small and too unaligned for cp.async.
   const uint8_t* s_row[RT][2];
 #pragma unroll
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t r = min(n0 + warp * 16 * RT + 16 * i + 8 * h + g, args.Np - 1);
-      w_row[i][h] = args.w + r * args.ldw + 16 * t;
       s_row[i][h] = args.ws + r * args.ldws + 2 * t;
     }
-  auto load_weights = [&](WeightStage<RT>& st, int group) {
+  auto load_scales = [&](uint32_t (&sc)[RT][2], int group) {
     const bool ok = group < ge && 4 * group + t < args.chunks;
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
-      }
+      for (int h = 0; h < 2; ++h) sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
   };
 
   float acc[RT][NT][4];
@@ -128,41 +134,49 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  // MMA k-step q (k = 8q..8q+7 of each word pair) of one group, as in the small-M kernel: the A
-  // registers are pair q of words 0..3 of rows g and g + 8, the B registers one 128-bit load.
-  auto compute = [&](const WeightStage<RT>& st, int group) {
-    const uint32_t stage = smem_base + ((group - gb) % STAGES) * kStageBytes;
+  // One group: per MMA k-step q (k = 8q..8q+7 of each word pair, as in the small-M kernel) the A
+  // registers are pair q of words 0..3 of rows g and g + 8, the B registers one 128-bit load per
+  // n8 tile. All B loads of a step come first, and the two MMAs of an accumulator are NT * RT
+  // instructions apart, so neither load nor MMA latency is exposed.
+  auto compute = [&](const uint32_t (&sc)[RT][2], int group) {
+    const uint32_t stage = stage_of(group);
     ScalePair<FP16> s[RT][2];
+    uint4 w[RT][2];
 #pragma unroll
-    for (int i = 0; i < RT; ++i) {
-      s[i][0] = make_scales<FP16>(st.sc[i][0]);
-      s[i][1] = make_scales<FP16>(st.sc[i][1]);
-    }
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s[i][h] = make_scales<FP16>(sc[i][h]);
+        w[i][h] = lds128(stage + kActBytes + 64 * (warp * 16 * RT + 16 * i + 8 * h + g) + 16 * t);
+      }
     auto step = [&](auto q_const) {
       constexpr int Q = decltype(q_const)::value;
+      uint4 xq[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        xq[j] = j < nt_live ? lds128(stage + 16 * act_slot(8 * j + g, 4 * t + Q)) : make_uint4(0, 0, 0, 0);
       uint32_t a[RT][8];  // (rows g, g + 8) x words 0..3, pair Q
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
-        a[i][0] = decode_pair<FP16, Q>(st.w[i][0].x, s[i][0]);
-        a[i][1] = decode_pair<FP16, Q>(st.w[i][1].x, s[i][1]);
-        a[i][2] = decode_pair<FP16, Q>(st.w[i][0].y, s[i][0]);
-        a[i][3] = decode_pair<FP16, Q>(st.w[i][1].y, s[i][1]);
-        a[i][4] = decode_pair<FP16, Q>(st.w[i][0].z, s[i][0]);
-        a[i][5] = decode_pair<FP16, Q>(st.w[i][1].z, s[i][1]);
-        a[i][6] = decode_pair<FP16, Q>(st.w[i][0].w, s[i][0]);
-        a[i][7] = decode_pair<FP16, Q>(st.w[i][1].w, s[i][1]);
+        a[i][0] = decode_pair<FP16, Q>(w[i][0].x, s[i][0]);
+        a[i][1] = decode_pair<FP16, Q>(w[i][1].x, s[i][1]);
+        a[i][2] = decode_pair<FP16, Q>(w[i][0].y, s[i][0]);
+        a[i][3] = decode_pair<FP16, Q>(w[i][1].y, s[i][1]);
+        a[i][4] = decode_pair<FP16, Q>(w[i][0].z, s[i][0]);
+        a[i][5] = decode_pair<FP16, Q>(w[i][1].z, s[i][1]);
+        a[i][6] = decode_pair<FP16, Q>(w[i][0].w, s[i][0]);
+        a[i][7] = decode_pair<FP16, Q>(w[i][1].w, s[i][1]);
       }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        if (j < nt_live) {
-          const uint4 xq = lds128(stage + 16 * act_slot(8 * j + g, 4 * t + Q));
+      for (int j = 0; j < NT; ++j)
+        if (j < nt_live)
 #pragma unroll
-          for (int i = 0; i < RT; ++i) {
-            mma16816<FP16>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], xq.x, xq.y);
-            mma16816<FP16>(acc[i][j], a[i][4], a[i][5], a[i][6], a[i][7], xq.z, xq.w);
-          }
-        }
-      }
+          for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], xq[j].x, xq[j].y);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (j < nt_live)
+#pragma unroll
+          for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][4], a[i][5], a[i][6], a[i][7], xq[j].z, xq[j].w);
     };
     step(std::integral_constant<int, 0>{});
     step(std::integral_constant<int, 1>{});
@@ -171,19 +185,19 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args
   };
 
 #pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) load_acts(gb + p);
-  WeightStage<RT> buf[PF];
+  for (int p = 0; p < STAGES - 1; ++p) load_tiles(gb + p);
+  uint32_t sc[kPf][RT][2];
 #pragma unroll
-  for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p);
-  for (int s = gb; s < ge; s += PF) {
+  for (int p = 0; p < kPf; ++p) load_scales(sc[p], gb + p);
+  for (int s = gb; s < ge; s += kPf) {
 #pragma unroll
-    for (int p = 0; p < PF; ++p) {
+    for (int p = 0; p < kPf; ++p) {
       // group s + p has landed, and every warp is done with the stage that the next load reuses
       cp_async_wait<STAGES - 2>();
       __syncthreads();
-      load_acts(s + p + STAGES - 1);
-      if (s + p < ge) compute(buf[p], s + p);
-      load_weights(buf[p], s + p + PF);
+      load_tiles(s + p + STAGES - 1);
+      if (s + p < ge) compute(sc[p], s + p);
+      load_scales(sc[p], s + p + kPf);
     }
   }
   cp_async_wait<0>();
@@ -244,28 +258,35 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_mid_m_kernel(const Args args
 
 template <bool FP16, int RT, int NT, int WARPS, typename OutT>
 cudaError_t launch(const Args& args, cudaStream_t stream) {
-  constexpr int kStages = NT >= 16 ? 3 : 4;
-  constexpr int kPf = 2;
-  constexpr size_t kSmem = static_cast<size_t>(kStages) * 8 * NT * kGroupK * 2;
-  auto kernel = nvfp4_mid_m_kernel<FP16, RT, NT, WARPS, kStages, kPf, OutT>;
+  constexpr int kRows = WARPS * 16 * RT;
+  constexpr int kStageBytes = 8 * NT * kGroupK * 2 + kRows * kGroupK / 2;
+  // as many k-groups in flight as fit in about 100 KB (two CTAs per SM), 3 to 6
+  constexpr int kStages = (100 * 1024 / kStageBytes) < 3 ? 3 : (100 * 1024 / kStageBytes) > 6 ? 6 : (100 * 1024 / kStageBytes);
+  constexpr size_t kSmem = static_cast<size_t>(kStages) * kStageBytes;
+  auto kernel = nvfp4_mid_m_kernel<FP16, RT, NT, WARPS, kStages, OutT>;
   if (kSmem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  constexpr int kRows = WARPS * 16 * RT;
   const dim3 grid((args.N + kRows - 1) / kRows, args.splits, (args.M + 8 * NT - 1) / (8 * NT));
   kernel<<<grid, WARPS * 32, kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
-// Tile shapes: (16-row tiles per warp, n8 tiles of M, warps). Kept few: each is 4 instantiations.
+// CTA tiles (activation rows, weight rows, warps); each is 4 instantiations.
 template <bool FP16, typename OutT>
-cudaError_t dispatch(const Args& args, int m_tile, int rows, cudaStream_t stream) {
-  if (m_tile == 16 && rows == 128) return launch<FP16, 2, 2, 4, OutT>(args, stream);
-  if (m_tile == 32 && rows == 128) return launch<FP16, 2, 4, 4, OutT>(args, stream);
-  if (m_tile == 64 && rows == 128) return launch<FP16, 2, 8, 4, OutT>(args, stream);
-  if (m_tile == 64 && rows == 256) return launch<FP16, 2, 8, 8, OutT>(args, stream);
-  if (m_tile == 128 && rows == 128) return launch<FP16, 1, 16, 8, OutT>(args, stream);
+cudaError_t dispatch(const Args& args, int m_tile, int rows, int warps, cudaStream_t stream) {
+#define FP4C_TILE(MT, ROWS, W) \
+  if (m_tile == MT && rows == ROWS && warps == W) return launch<FP16, ROWS / (16 * W), MT / 8, W, OutT>(args, stream);
+  FP4C_TILE(16, 128, 4)
+  FP4C_TILE(16, 128, 8)
+  FP4C_TILE(32, 128, 4)
+  FP4C_TILE(32, 128, 8)
+  FP4C_TILE(64, 128, 4)
+  FP4C_TILE(64, 128, 8)
+  FP4C_TILE(64, 256, 8)
+  FP4C_TILE(128, 128, 8)
+#undef FP4C_TILE
   return cudaErrorInvalidValue;
 }
 
@@ -274,13 +295,13 @@ cudaError_t dispatch(const Args& args, int m_tile, int rows, cudaStream_t stream
 extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
-// x's type, 1 = float32. m_tile x rows: the CTA tile, one of 16x128, 32x128, 64x128, 64x256,
-// 128x128. splits: CTAs along K (>= 1); above 1, partial ([splits, M, N] fp32) and tickets (one
+// x's type, 1 = float32. m_tile x rows, warps: the CTA tile and its warps, one of the FP4C_TILE
+// list. splits: CTAs along K (>= 1); above 1, partial ([splits, M, N] fp32) and tickets (one
 // zeroed int per tile) are needed.
 int fp4c_nvfp4_mid_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, const void* bias, const float* alpha, float* partial, int* tickets,
                           int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int m_tile, int rows,
-                          int splits, cudaStream_t stream) {
+                          int warps, int splits, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || Kp % 32 || K > Kp || ldx % 8 || splits < 1 ||
       (splits > 1 && (partial == nullptr || tickets == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
@@ -289,11 +310,11 @@ int fp4c_nvfp4_mid_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
             out, bias, alpha, partial, tickets, ldx, ldw, ldws, ldo, M, N, Np, K, Kp / 32, splits};
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch<true, float>(args, m_tile, rows, stream)
-                   : dispatch<true, __half>(args, m_tile, rows, stream);
+    err = out_fp32 ? dispatch<true, float>(args, m_tile, rows, warps, stream)
+                   : dispatch<true, __half>(args, m_tile, rows, warps, stream);
   } else {
-    err = out_fp32 ? dispatch<false, float>(args, m_tile, rows, stream)
-                   : dispatch<false, __nv_bfloat16>(args, m_tile, rows, stream);
+    err = out_fp32 ? dispatch<false, float>(args, m_tile, rows, warps, stream)
+                   : dispatch<false, __nv_bfloat16>(args, m_tile, rows, warps, stream);
   }
   return static_cast<int>(err);
 }
