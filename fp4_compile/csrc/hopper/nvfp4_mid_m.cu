@@ -66,7 +66,7 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 // each its own 16 * RT weight rows over the CTA's whole k-range. Shared memory: STAGES k-groups,
 // each the activation tile [8 NT][128 k] (swizzled units) then the weight tile [rows][64 bytes].
 template <bool FP16, int RT, int NT, int WARPS, int STAGES, typename OutT>
-__global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) nvfp4_mid_m_kernel(const Args args) {
+__global__ void __launch_bounds__(WARPS * 32, NT * RT >= 16 ? 1 : WARPS == 8 ? 2 : 3) nvfp4_mid_m_kernel(const Args args) {
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int kMt = 8 * NT;                        // activation rows per CTA
   constexpr int kRows = WARPS * 16 * RT;             // weight rows per CTA
@@ -77,7 +77,6 @@ __global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) 
   const int g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kRows, m0 = blockIdx.z * kMt;
   const int m_live = min(kMt, args.M - m0);          // activation rows of this tile that exist
-  const int nt_live = (m_live + 7) / 8;
 
   const int groups = (args.chunks + 3) / 4;
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * blockIdx.y / args.splits);
@@ -86,24 +85,36 @@ __global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) 
   auto stage_of = [&](int group) { return smem_base + ((group - gb) % STAGES) * kStageBytes; };
 
   // One k-group of both tiles, global -> shared (cp.async; zero-filled past M, K and the weight's
-  // chunks), all threads, 16 bytes each per pass. Weight rows past the padded weight are clamped:
-  // their sums are never stored.
+  // chunks), all threads, 16 bytes each per pass. A thread's units keep their k offset from group
+  // to group and are a fixed number of rows apart, so their addresses are set up once here.
+  // Weight rows past the padded weight are clamped: their sums are never stored.
+  constexpr int kThreads = WARPS * 32;
+  constexpr int kActPasses = kMt * kUnitsPerRow / kThreads, kActRowStep = kThreads / kUnitsPerRow;
+  constexpr int kWPasses = kRows * 4 / kThreads, kWRowStep = kThreads / 4;
+  static_assert(kMt * kUnitsPerRow % kThreads == 0 && kRows * 4 % kThreads == 0, "tile/thread mismatch");
+  static_assert(kActRowStep % 2 == 0, "act_slot's row parity must be the same for all passes");
+  const int act_r = threadIdx.x / kUnitsPerRow, act_c = threadIdx.x % kUnitsPerRow;
+  const uint16_t* act_src = args.x + static_cast<int64_t>(m0 + min(act_r, m_live - 1)) * args.ldx + 8 * act_c;
+  const uint32_t act_dst = 16 * act_slot(act_r, act_c);
+  const int w_r = threadIdx.x / 4, w_c = threadIdx.x % 4;
+  const uint8_t* w_src[kWPasses];
+#pragma unroll
+  for (int i = 0; i < kWPasses; ++i)
+    w_src[i] = args.w + static_cast<int64_t>(min(n0 + w_r + i * kWRowStep, args.Np - 1)) * args.ldw + 16 * w_c;
   auto load_tiles = [&](int group) {
     if (group < ge) {
       const uint32_t stage = stage_of(group);
-      for (int u = threadIdx.x; u < kMt * kUnitsPerRow; u += WARPS * 32) {
-        const int r = u / kUnitsPerRow, c = u % kUnitsPerRow;
-        const int k = kGroupK * group + 8 * c;
-        const bool valid = r < m_live && k < args.K;
-        const uint16_t* src = args.x + (valid ? (static_cast<int64_t>(m0 + r) * args.ldx + k) : 0);
-        cp_async16(stage + 16 * act_slot(r, c), src, valid);
+      const bool k_ok = kGroupK * group + 8 * act_c < args.K;
+#pragma unroll
+      for (int i = 0; i < kActPasses; ++i) {
+        const bool valid = k_ok && act_r + i * kActRowStep < m_live;
+        cp_async16(stage + act_dst + i * kActRowStep * kUnitsPerRow * 16,
+                   act_src + (valid ? i * kActRowStep * args.ldx + kGroupK * group : 0), valid);
       }
-      for (int u = threadIdx.x; u < kRows * 4; u += WARPS * 32) {
-        const int r = u / 4, c = u % 4;
-        const bool valid = 4 * group + c < args.chunks;
-        const int64_t row = min(n0 + r, args.Np - 1);
-        cp_async16_stream(stage + kActBytes + 16 * u, args.w + row * args.ldw + 64 * group + 16 * c, valid);
-      }
+      const bool chunk_ok = 4 * group + w_c < args.chunks;
+#pragma unroll
+      for (int i = 0; i < kWPasses; ++i)
+        cp_async16_stream(stage + kActBytes + 16 * (threadIdx.x + i * kThreads), w_src[i] + 64 * group, chunk_ok);
     }
     cp_async_commit();  // (empty groups too: the wait count stays uniform)
   };
@@ -134,6 +145,12 @@ __global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+  // Shared-memory offsets of this lane's activation units (row g, unit 4t + q) in a stage; n8
+  // tile j adds 8 rows. Rows past M are zeros (load_tiles), so every tile runs all NT MMAs.
+  uint32_t act_lane[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) act_lane[q] = 16 * act_slot(g, 4 * t + q);
+
   // One group: per MMA k-step q (k = 8q..8q+7 of each word pair, as in the small-M kernel) the A
   // registers are pair q of words 0..3 of rows g and g + 8, the B registers one 128-bit load per
   // n8 tile. All B loads of a step come first, and the two MMAs of an accumulator are NT * RT
@@ -153,8 +170,7 @@ __global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) 
       constexpr int Q = decltype(q_const)::value;
       uint4 xq[NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-        xq[j] = j < nt_live ? lds128(stage + 16 * act_slot(8 * j + g, 4 * t + Q)) : make_uint4(0, 0, 0, 0);
+      for (int j = 0; j < NT; ++j) xq[j] = lds128(stage + act_lane[Q] + j * 8 * kUnitsPerRow * 16);
       uint32_t a[RT][8];  // (rows g, g + 8) x words 0..3, pair Q
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
@@ -169,14 +185,12 @@ __global__ void __launch_bounds__(WARPS * 32, NT >= 8 ? 1 : WARPS == 8 ? 2 : 3) 
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j)
-        if (j < nt_live)
 #pragma unroll
-          for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], xq[j].x, xq[j].y);
+        for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], xq[j].x, xq[j].y);
 #pragma unroll
       for (int j = 0; j < NT; ++j)
-        if (j < nt_live)
 #pragma unroll
-          for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][4], a[i][5], a[i][6], a[i][7], xq[j].z, xq[j].w);
+        for (int i = 0; i < RT; ++i) mma16816<FP16>(acc[i][j], a[i][4], a[i][5], a[i][6], a[i][7], xq[j].z, xq[j].w);
     };
     step(std::integral_constant<int, 0>{});
     step(std::integral_constant<int, 1>{});
