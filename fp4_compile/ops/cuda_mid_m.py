@@ -72,14 +72,16 @@ def _num_sms(device_index: int) -> int:
 def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
     """(activation rows, weight rows, warps, K splits) of a CTA for an [m, k] x [n, k] call.
 
-    The smallest M tile that holds m (one pass over the weights); 128 weight rows on 8 warps; K
-    split until about two CTAs per SM are busy, each keeping at least two 128-k steps.
+    The smallest M tile that holds m, at most 64 (larger M: several M tiles, the weights re-read
+    from L2); 128 weight rows on 8 warps; K split until the CTAs reach about 1.5 per SM (M tiles
+    up to 32) or 1 per SM (64), each keeping at least two 128-k steps (H100, bench_mid_m.py).
     """
-    m_tile = next(t for t in (16, 32, 64, 128) if m <= t)
+    m_tile = next((t for t in (16, 32) if m <= t), 64)
     rows, warps = 128, 8
     tiles = -(-n // rows) * -(-m // m_tile)
+    target = (1.5 if m_tile <= 32 else 1.0) * sms
     steps = -(-k // GROUP_K)
-    splits = max(1, min(-(-2 * sms // tiles), steps // 2))
+    splits = max(1, min(round(target / tiles), steps // 2))
     return m_tile, rows, warps, splits
 
 

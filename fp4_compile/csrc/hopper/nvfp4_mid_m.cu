@@ -65,14 +65,17 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 // Grid: (n tiles of WARPS * 16 * RT rows, K splits, m tiles of 8 * NT rows). Block: WARPS warps,
 // each its own 16 * RT weight rows over the CTA's whole k-range. Shared memory: STAGES k-groups,
 // each the activation tile [8 NT][128 k] (swizzled units) then the weight tile [rows][64 bytes].
+// Two CTAs per SM where the registers allow it without spills (ptxas -v, tests/test_cuda_small_m.py).
+constexpr int min_ctas_per_sm(bool fp16, int rt, int nt) { return nt * rt >= 16 || (fp16 && nt * rt >= 8) ? 1 : 2; }
+
 template <bool FP16, int RT, int NT, int WARPS, int STAGES, typename OutT>
-__global__ void __launch_bounds__(WARPS * 32, NT * RT >= 16 ? 1 : WARPS == 8 ? 2 : 3) nvfp4_mid_m_kernel(const Args args) {
+__global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm(FP16, RT, NT)) nvfp4_mid_m_kernel(const Args args) {
   extern __shared__ __align__(16) uint8_t smem[];
   constexpr int kMt = 8 * NT;                        // activation rows per CTA
   constexpr int kRows = WARPS * 16 * RT;             // weight rows per CTA
   constexpr int kActBytes = kMt * kGroupK * 2;
   constexpr int kStageBytes = kActBytes + kRows * kGroupK / 2;
-  constexpr int kPf = 2;                             // scale loads in flight (registers)
+  constexpr int kPf = 3;                             // k-groups of scale loads in flight (registers)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kRows, m0 = blockIdx.z * kMt;
@@ -119,8 +122,9 @@ __global__ void __launch_bounds__(WARPS * 32, NT * RT >= 16 ? 1 : WARPS == 8 ? 2
     cp_async_commit();  // (empty groups too: the wait count stays uniform)
   };
 
-  // Scale pairs (2 bytes per lane and row) go straight to registers, kPf groups ahead: a row's 8
-  // bytes per group are too small and too unaligned for cp.async.
+  // Scale pairs (2 bytes per lane and row) go straight to registers, kPf - 1 groups ahead (a
+  // row's 8 bytes per group are too small and too unaligned for cp.async). Issued before the
+  // compute of each step: one group of lead time measured slower than the cp.async ring.
   const uint8_t* s_row[RT][2];
 #pragma unroll
   for (int i = 0; i < RT; ++i)
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(WARPS * 32, NT * RT >= 16 ? 1 : WARPS == 8 ? 2
   for (int p = 0; p < STAGES - 1; ++p) load_tiles(gb + p);
   uint32_t sc[kPf][RT][2];
 #pragma unroll
-  for (int p = 0; p < kPf; ++p) load_scales(sc[p], gb + p);
+  for (int p = 0; p < kPf - 1; ++p) load_scales(sc[p], gb + p);
   for (int s = gb; s < ge; s += kPf) {
 #pragma unroll
     for (int p = 0; p < kPf; ++p) {
@@ -210,8 +214,8 @@ __global__ void __launch_bounds__(WARPS * 32, NT * RT >= 16 ? 1 : WARPS == 8 ? 2
       cp_async_wait<STAGES - 2>();
       __syncthreads();
       load_tiles(s + p + STAGES - 1);
+      load_scales(sc[(p + kPf - 1) % kPf], s + p + kPf - 1);  // into the slot freed last step
       if (s + p < ge) compute(sc[p], s + p);
-      load_scales(sc[p], s + p + kPf);
     }
   }
   cp_async_wait<0>();
