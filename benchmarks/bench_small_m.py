@@ -93,14 +93,14 @@ def main():
             row["w4a4_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
                  for w, a in zip(ws, alphas44)]), 2)
-            use = hopper.cuda_mma_gemm
-            hopper.cuda_mma_gemm = lambda *a: None
+            use = hopper.use_small_m
+            hopper.use_small_m = lambda *a: False
             try:
                 row["w4a4_triton_us"] = round(time_graph_us(
                     [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
                      for w, a in zip(ws, alphas44)]), 2)
             finally:
-                hopper.cuda_mma_gemm = use
+                hopper.use_small_m = use
             best = min(v for key, v in row.items() if key.startswith("w4a16_cuda_r") and key.endswith("_us"))
             row["w4a16_best_x"] = round(row["bf16_us"] / best, 2)
             row["w4a16_best_bw"] = round(wbytes / (best * 1e-6) / 1e9 / bw, 2)

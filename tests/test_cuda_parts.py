@@ -1,13 +1,12 @@
-"""When the optional nvcc-built CUDA parts (small-M and mid-M GEMMs, quantization, cuBLASLt shim) are
-off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all four (no GPU needed)."""
+"""When the optional nvcc-built CUDA parts (small-M GEMM, quantization, cuBLASLt shim) are off:
+one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all three (no GPU needed)."""
 
 import pytest
 import torch
 
-from fp4_compile.ops import cublaslt, cuda_mid_m, cuda_quant, cuda_small_m, nvcc
+from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, nvcc
 
-PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_mid_m, "FP4C_MID_M_KERNEL"),
-         (cuda_quant, "FP4C_CUDA_QUANT"), (cublaslt, "FP4C_CUBLASLT")]
+PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_quant, "FP4C_CUDA_QUANT"), (cublaslt, "FP4C_CUBLASLT")]
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_mid_m, cuda_quant, cuda_small_m, hopper  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
 
 DEV = "cuda"
 SHAPES = [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (6144, 4096)]
-MS = [1, 3, 17, 100, 1000]
+MS = [1, 3, 17, 1000]
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 6e-3}  # output rounding dominates
 
 
@@ -94,24 +94,23 @@ def _refs(x, pw, sw, gx, gw):
 
 
 @pytest.fixture(params=["cuda", "triton"])
-def cuda_gemm_path(request, monkeypatch):
-    """M <= 128 runs through the CUDA small-M or mid-M kernel where they are built (sm_89/90), else
-    Triton: test both."""
+def small_m_path(request, monkeypatch):
+    """M <= 16 runs through the CUDA small-M kernel where it is built (sm_89/90), else Triton: test both."""
     if request.param == "triton":
-        monkeypatch.setattr(hopper, "cuda_mma_gemm", lambda *args: None)
+        monkeypatch.setattr(hopper, "use_small_m", lambda *args: False)
     return request.param
 
 
 def _skip_duplicate(path, m, n):
-    if path == "triton" and not (cuda_small_m.dispatches(m, n) or cuda_mid_m.dispatches(m, n)):
-        pytest.skip("this call never takes a CUDA mma kernel: covered by the 'cuda' case")
+    if path == "triton" and not cuda_small_m.dispatches(m, n):
+        pytest.skip("this call never takes the small-M kernel: covered by the 'cuda' case")
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
-def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, cuda_gemm_path):
-    _skip_duplicate(cuda_gemm_path, m, n)
+def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, small_m_path):
+    _skip_duplicate(small_m_path, m, n)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV).to(dt)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -135,8 +134,8 @@ def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, cuda_gemm_path):
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208)])
 @pytest.mark.parametrize("m", MS)
-def test_mm_on_quantized_operands(seed, n, k, m, cuda_gemm_path):
-    _skip_duplicate(cuda_gemm_path, m, n)
+def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
+    _skip_duplicate(small_m_path, m, n)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -200,78 +199,6 @@ def test_small_m_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match="bad shapes"):
         cuda_small_m.small_m_gemm(torch.randn(2, 96, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
                                   out_dtype=torch.bfloat16)
-
-
-def _mid_m_or_skip():
-    reason = cuda_mid_m.unavailable_reason(torch.cuda.current_device())
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208), (300, 48), (1024, 14336)])
-@pytest.mark.parametrize("m", [9, 16, 17, 40, 64, 100, 128])
-@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-def test_mid_m_kernel_exact(seed, n, k, m, dt):
-    """fp32 output: equal to the float64 product up to fp32 summation order for every tile, with
-    and without split K (uneven splits, splits with no k-steps included); 16-bit output with bias
-    within output rounding. Outputs poisoned first; the split-K tickets must be left at zero."""
-    _mid_m_or_skip()
-    pw, sw, gw = make_weight(n, k)
-    wt, wst = MARLIN.prepare_weight(pw, sw)
-    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
-    bias = torch.randn(n, device=DEV).to(dt)
-    alpha = (1 / gw).float()
-    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
-    steps = -(-k // cuda_mid_m.GROUP_K)
-    for tile in cuda_mid_m.TILES:
-        for splits in (1, 3, steps + 2):
-            poison_allocator(m * n * 8 * (splits + 1) + (1 << 22))
-            out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits)
-            assert out.shape == (m, n) and torch.isfinite(out).all()
-            assert rel(out, ref) <= 1e-5, (tile, splits, rel(out, ref))
-    assert (G.lock_buffer(torch.device(DEV)) == 0).all()
-    out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
-    assert out.dtype == dt and torch.isfinite(out).all()
-    assert rel(out, ref + bias.double()) <= TOL[dt]
-
-
-def test_mid_m_kernel_strided_input_and_graph_replay(seed):
-    """A row-strided x view, and a captured split-K launch replayed with new inputs in place."""
-    _mid_m_or_skip()
-    n, k, m = 512, 1024, 48
-    pw, sw, gw = make_weight(n, k)
-    wt, wst = MARLIN.prepare_weight(pw, sw)
-    wide = torch.randn(m, k + 64, device=DEV, dtype=torch.bfloat16)
-    x = wide[:, 32:32 + k]
-    alpha = (1 / gw).float()
-    wv = F.block_values(pw, sw).double().t() / gw.double()
-    out = cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=4)
-    assert rel(out, x.double() @ wv) <= 1e-5
-    xs = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    cuda_mid_m.mid_m_gemm(xs, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=4)  # warm-up outside capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = cuda_mid_m.mid_m_gemm(xs, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=4)
-    for _ in range(3):
-        xs.copy_(torch.randn(m, k, device=DEV, dtype=torch.bfloat16))
-        alpha.mul_(1.5)
-        g.replay()
-        torch.cuda.synchronize()
-        assert rel(out, xs.double() @ wv * 1.5 ** (_ + 1)) <= 1e-5
-
-
-def test_mid_m_kernel_rejects_bad_input():
-    _mid_m_or_skip()
-    pw, sw, gw = make_weight(64, 64)
-    wt, wst = MARLIN.prepare_weight(pw, sw)
-    alpha = (1 / gw).float()
-    x = torch.randn(129, 64, device=DEV, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="1..128 rows"):
-        cuda_mid_m.mid_m_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="tile"):
-        cuda_mid_m.mid_m_gemm(x[:20], wt, wst, alpha, n=64, out_dtype=torch.bfloat16, tile=(32, 256, 8))
-    with pytest.raises(TypeError, match="bf16 or fp16"):
-        cuda_mid_m.mid_m_gemm(x[:20].float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -15,9 +15,9 @@ import pathlib
 
 import torch
 
+from ..format import check_same_device
 from . import nvcc
-from .cuda_mma import WEIGHT_PREFETCH, check_gemm_args, nvcc_flags
-from .nvcc import build_shared_library, shared_library_command
+from .nvcc import build_shared_library, kernel_flags, shared_library_command
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
@@ -28,6 +28,14 @@ MAX_M = 16
 DISPATCH_MAX_M = 8
 DISPATCH_MAX_M_SMALL_N = 16
 SMALL_N = 1024
+# Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
+# 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
+# M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).
+WEIGHT_PREFETCH = 128
+
+
+def nvcc_flags(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> list[str]:
+    return kernel_flags(capability) + [f"-DFP4C_WEIGHT_PREFETCH={prefetch}"]
 
 
 def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -82,12 +90,31 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
     """
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
+    m, k = x.shape
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
-    if stages not in (None, 2, 4) or (stages == 4 and x.shape[0] > 8):
-        raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={x.shape[0]})")
-    x, weight_scale, bias, alpha, m, k, kp = check_gemm_args("CUDA small-M kernel", x, weight, weight_scale, alpha,
-                                                             bias, n, out_dtype, MAX_M)
+    if stages not in (None, 2, 4) or (stages == 4 and m > 8):
+        raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
+    kp = weight.shape[1] * 2
+    if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
+        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
+    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    if weight_scale.dtype != torch.uint8:
+        weight_scale = weight_scale.view(torch.uint8)
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    if alpha.dtype != torch.float32:
+        alpha = alpha.float()
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     default_rows, default_stages, default_warps = launch_config(m, n, k)
     rows_per_warp = rows_per_warp or default_rows

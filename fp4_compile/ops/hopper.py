@@ -10,9 +10,8 @@ in the fp32 epilogue. Equal to the Blackwell result up to the order of fp32 addi
 to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 1/gs_w``.
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
-(``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead, and above that up to M = 128 the
-mid-M kernel (``nvfp4_mid_m.cu``, ``cuda_mid_m.py``): on the bf16/fp16 activations (W4A16), or
-on the exact NVFP4 block values written by the quant kernel (W4A4). At large M
+(``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). At large M
 (``use_dequant``) the weight is dequantized once per call to exact bf16/fp16 values and multiplied
 by cuBLASLt with alpha (a device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
 
@@ -29,7 +28,6 @@ import torch
 from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
 from . import cublaslt
 from . import triton_gemm as _G
-from .cuda_mid_m import mid_m_gemm, use_mid_m
 from .cuda_small_m import small_m_gemm, use_small_m
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -64,16 +62,6 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     if interpreting() or w4a4:
         return torch.float16  # (bf16 is not usable in Triton's interpreter)
     return _value_dtype(dtype)
-
-
-def cuda_mma_gemm(x: torch.Tensor, m: int, n: int):
-    """The CUDA mma.sync GEMM (small-M or mid-M kernel) that takes an [m, K] x [n, K] call on
-    ``x.device``, or None where neither does (too large an M, not built, not sm_89/sm_90)."""
-    if use_small_m(x, m, n):
-        return small_m_gemm
-    if use_mid_m(x, m, n):
-        return mid_m_gemm
-    return None
 
 
 class _HopperKernels:
@@ -138,10 +126,9 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         n = weight.shape[0]
         alpha = alpha.reshape(1).float()
-        cuda_gemm = cuda_mma_gemm(a, m, n)
-        if cuda_gemm is not None:
+        if use_small_m(a, m, n):
             vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
-            return cuda_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
+            return small_m_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
         if m <= _G.FUSED_QUANT_MAX_M:
             return fp4_gemm(a, weight, weight_scale, alpha, n=n, k=ka, a_mode=2, out_dtype=out_dtype,
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
@@ -166,10 +153,9 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        cuda_gemm = cuda_mma_gemm(x2, m, out_features)
-        if cuda_gemm is not None:
+        if use_small_m(x2, m, out_features):
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
-            out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
@@ -201,9 +187,8 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        cuda_gemm = cuda_mma_gemm(xa, xa.shape[0], out_features)
-        if cuda_gemm is not None:
-            out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        if use_small_m(xa, xa.shape[0], out_features):
+            out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
