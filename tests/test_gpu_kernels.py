@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_quant, cuda_small_m, hopper  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, hopper, nvcc  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
@@ -153,7 +153,7 @@ def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
 
 def test_small_m_kernel_is_built_on_hopper():
     cap = torch.cuda.get_device_capability()
-    if cap != (9, 0) or cuda_small_m.nvcc_path() is None:
+    if cap != (9, 0) or nvcc.nvcc_path() is None:
         pytest.skip(f"the CUDA small-M kernel is built for sm_90 with nvcc (sm_{cap[0]}{cap[1]})")
     assert cuda_small_m.unavailable_reason(torch.cuda.current_device()) is None
 
