@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from fp4_compile.ops import cublaslt, nvcc
-
-needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
+from nvcc_helpers import build_twice, needs_nvcc
 
 
 @needs_nvcc
@@ -32,12 +31,7 @@ def test_shim_compiles_without_cublas_headers(tmp_path):
 @needs_nvcc
 def test_build_is_cached_and_exports_the_api(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
-    lib = nvcc.build_shared_library(cublaslt.SOURCE, cublaslt.nvcc_flags(), "cublaslt_test")
-    assert lib.parent == tmp_path and lib.exists()
-    stamp = lib.stat().st_mtime_ns
-    assert nvcc.build_shared_library(cublaslt.SOURCE, cublaslt.nvcc_flags(), "cublaslt_test") == lib
-    assert lib.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [lib.name]
+    lib = build_twice(cublaslt.SOURCE, cublaslt.nvcc_flags(), "cublaslt_test", tmp_path)
     shim = cublaslt._declare(ctypes.CDLL(str(lib)))
     for name in ("fp4c_cublaslt_init", "fp4c_cublaslt_gemm", "fp4c_cublaslt_last_error", "fp4c_cublaslt_version",
                  "fp4c_cublaslt_library", "fp4c_cublaslt_plan_count"):

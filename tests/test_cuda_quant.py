@@ -8,17 +8,14 @@ rows; every grid size; CUDA-graph capture.
 """
 
 import ctypes
-import re
-import subprocess
 
 import pytest
 import torch
 
 from fp4_compile import format as F
-from fp4_compile.ops import cuda_quant, nvcc
+from fp4_compile.ops import cuda_quant
 from fp4_compile.ops.cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
-
-needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
+from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,16 +24,10 @@ needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not insta
 
 @needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    cmd = cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = done.stdout + done.stderr
-    kernels = re.findall(r"Compiling entry function '(\w+)'", info)
+    kernels, spills, regs = compile_with_ptxas_report(cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0)))
     # {fp32, fp16, bf16} x {linear, swizzled}
     assert len(kernels) == 6 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    assert len(spills) == 6 and all(s == ("0", "0") for s in spills), info
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
+    assert len(spills) == 6 and all(s == ("0", "0") for s in spills), spills
     # <= 64 registers: 4 CTAs of 256 threads resident per SM at least
     assert len(regs) == 6 and max(regs) <= 64, regs
 
@@ -44,13 +35,7 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
 @needs_nvcc
 def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
-    flags = cuda_quant.nvcc_flags((9, 0))
-    lib = nvcc.build_shared_library(cuda_quant.SOURCE, flags, "quant_test")
-    assert lib.parent == tmp_path and lib.exists()
-    stamp = lib.stat().st_mtime_ns
-    assert nvcc.build_shared_library(cuda_quant.SOURCE, flags, "quant_test") == lib
-    assert lib.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [lib.name]
+    lib = build_twice(cuda_quant.SOURCE, cuda_quant.nvcc_flags((9, 0)), "quant_test", tmp_path)
     assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_quant")
 
 

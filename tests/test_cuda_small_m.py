@@ -2,41 +2,27 @@
 build is cached, and dispatch stays on the Triton/CPU paths where the kernel cannot run."""
 
 import ctypes
-import re
 import subprocess
 
 import pytest
 import torch
 
 from fp4_compile.ops import cuda_small_m, nvcc
-
-needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
+from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
 
 @needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    cmd = cuda_small_m.compile_command(str(tmp_path / "k.so"), (9, 0))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    info = done.stdout + done.stderr
-    kernels = re.findall(r"Compiling entry function '(\w+)'", info)
-    assert len(kernels) == 24  # {bf16, fp16} x {16, 32 rows} x {16-bit, fp32 out} x (M <= 8: 2 or 4 stages, M <= 16: 2)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    assert spills and all(s == ("0", "0") for s in spills), info
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
-    assert max(regs) <= 255
+    report = compile_with_ptxas_report(cuda_small_m.compile_command(str(tmp_path / "k.so"), (9, 0)))
+    assert len(report.kernels) == 24  # {bf16, fp16} x {16, 32 rows} x {16-bit, fp32 out} x (M <= 8: 2 or 4 stages, M <= 16: 2)
+    assert report.spills and all(s == ("0", "0") for s in report.spills), report
+    assert max(report.registers) <= 255
 
 
 @needs_nvcc
 def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
-    flags = cuda_small_m.nvcc_flags((9, 0))
-    lib = nvcc.build_shared_library(cuda_small_m.SOURCE, flags, "small_m_test")
-    assert lib.parent == tmp_path and lib.exists()
-    stamp = lib.stat().st_mtime_ns
-    assert nvcc.build_shared_library(cuda_small_m.SOURCE, flags, "small_m_test") == lib
-    assert lib.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary files left
+    lib = build_twice(cuda_small_m.SOURCE, cuda_small_m.nvcc_flags((9, 0)), "small_m_test", tmp_path)
     assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_small_m_gemm")
 
 
