@@ -20,6 +20,7 @@ class PtxasReport(NamedTuple):
     kernels: list[str]              # entry functions compiled
     spills: list[tuple[str, str]]   # (spill store bytes, spill load bytes) per kernel
     registers: list[int]            # registers per kernel
+    log: str                        # everything nvcc and ptxas printed
 
 
 def compile_with_ptxas_report(cmd: list[str]) -> PtxasReport:
@@ -29,7 +30,7 @@ def compile_with_ptxas_report(cmd: list[str]) -> PtxasReport:
     info = done.stdout + done.stderr
     return PtxasReport(re.findall(r"Compiling entry function '(\w+)'", info),
                        re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info),
-                       [int(r) for r in re.findall(r"Used (\d+) registers", info)])
+                       [int(r) for r in re.findall(r"Used (\d+) registers", info)], info)
 
 
 def build_twice(source: pathlib.Path, flags: list[str], stem: str, build_dir: pathlib.Path) -> pathlib.Path:

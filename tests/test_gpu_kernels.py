@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_quant, cuda_small_m, hopper, nvcc  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma, hopper, nvcc  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
@@ -183,6 +183,84 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt]
+
+
+def test_wgmma_kernel_is_built_on_hopper():
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0) or nvcc.nvcc_path() is None:
+        pytest.skip(f"the CUDA wgmma kernel is built for sm_90a with nvcc (sm_{cap[0]}{cap[1]})")
+    assert cuda_wgmma.unavailable_reason(torch.cuda.current_device()) is None
+
+
+def _need_wgmma():
+    reason = cuda_wgmma.unavailable_reason(torch.cuda.current_device())
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# N not a multiple of 32, K below the padded K (zero-filled tail), K over many stages
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1008), (72, 192), (33, 64), (1024, 14336)])
+@pytest.mark.parametrize("m", [17, 64, 100, 1000])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_wgmma_kernel_exact(seed, n, k, m, dt):
+    """fp32 output: equal to the float64 product up to fp32 summation order, for every tile, with
+    and without split K; 16-bit output with bias: within output rounding. Outputs poisoned first."""
+    _need_wgmma()
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)  # fp16 out: no overflow
+    bias = torch.randn(n, device=DEV).to(dt)
+    alpha = (1 / gw).float()
+    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    for tile in cuda_wgmma.TILES:
+        for splits in (1, 3):
+            poison_allocator(m * n * 8 + (1 << 22))
+            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits)
+            assert out.shape == (m, n) and torch.isfinite(out).all(), (tile, splits)
+            assert rel(out, ref) <= 1e-5, (tile, splits, rel(out, ref))
+    for splits in (1, 2):
+        out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, splits=splits)
+        assert out.dtype == dt and torch.isfinite(out).all()
+        assert rel(out, ref + bias.double()) <= TOL[dt]
+
+
+def test_wgmma_kernel_graph_replay(seed):
+    _need_wgmma()
+    n, k, m = 4096, 4096, 64
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    alpha = (1 / gw).float()
+    wv = F.block_values(pw, sw).double()
+    for splits in (1, 4):
+        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits)  # build first
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits)
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            g.replay()
+            torch.cuda.synchronize()
+            assert rel(out, x.double() @ wv.t() / gw.double()) <= 1e-5
+
+
+def test_wgmma_kernel_rejects_bad_input():
+    _need_wgmma()
+    pw, sw, gw = make_weight(64, 96)  # K padded to 96: not a multiple of 64
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    alpha = (1 / gw).float()
+    x = torch.randn(32, 96, device=DEV, dtype=torch.bfloat16)
+    assert not cuda_wgmma.supports(x, wt)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        cuda_wgmma.wgmma_gemm(x.float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="tile"):
+        pw, sw, gw = make_weight(64, 128)
+        wt, wst = MARLIN.prepare_weight(pw, sw)
+        cuda_wgmma.wgmma_gemm(torch.randn(32, 128, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
+                              out_dtype=torch.bfloat16, tile=(48, 1))
 
 
 def test_small_m_kernel_rejects_bad_input():

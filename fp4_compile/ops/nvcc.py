@@ -67,10 +67,12 @@ def shared_library_command(source: pathlib.Path, output: str, flags: list[str]) 
 def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> pathlib.Path:
     """Compile ``source`` with ``flags`` into ``build_dir()/stem-<hash>.so`` unless already there.
 
-    The hash covers the source, the flags and the nvcc version, so an edited kernel is rebuilt;
-    the library is written to a temporary name and renamed, so concurrent builds are safe.
+    The hash covers the source, the headers beside it (``*.cuh``), the flags and the nvcc version,
+    so an edited kernel is rebuilt; the library is written to a temporary name and renamed, so
+    concurrent builds are safe.
     """
-    key = hashlib.sha256(source.read_bytes() + repr((flags, nvcc_version())).encode()).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
+    key = hashlib.sha256(text + repr((flags, nvcc_version())).encode()).hexdigest()[:16]
     out = build_dir() / f"{stem}-{key}.so"
     if out.exists():
         return out

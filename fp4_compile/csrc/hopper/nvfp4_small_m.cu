@@ -30,76 +30,16 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "nvfp4_decode.cuh"
+
 namespace {
 
+using fp4c::Convert;
+using fp4c::ScalePair;
+using fp4c::decode_word;
+using fp4c::make_scales;
+
 constexpr int kWarpSize = 32;
-
-template <bool FP16>
-struct ScalePair {
-  uint32_t lo, hi;  // broadcast x2 registers: sf[2c] * 2^s, sf[2c+1] * 2^s (s = 6 fp16, 118 bf16)
-};
-
-// Two e4m3 scale bytes (block 2c in the low byte) -> broadcast x2 scale registers.
-template <bool FP16>
-__device__ __forceinline__ ScalePair<FP16> make_scales(uint32_t pair) {
-  ScalePair<FP16> s;
-  if constexpr (FP16) {
-    asm("{\n"
-        ".reg .b16 sl;\n"
-        ".reg .b32 h, c;\n"
-        "cvt.u16.u32 sl, %2;\n"
-        "cvt.rn.f16x2.e4m3x2 h, sl;\n"
-        "mov.b32 c, 0x54005400;\n"  // 64, 64
-        "mul.rn.f16x2 h, h, c;\n"
-        "prmt.b32 %0, h, h, 0x1010;\n"
-        "prmt.b32 %1, h, h, 0x3232;\n"
-        "}\n"
-        : "=r"(s.lo), "=r"(s.hi)
-        : "r"(pair));
-  } else {
-    asm("{\n"
-        ".reg .b16 sl, sh;\n"
-        ".reg .b32 h;\n"
-        ".reg .f32 f0, f1;\n"
-        "cvt.u16.u32 sl, %2;\n"
-        "cvt.rn.f16x2.e4m3x2 h, sl;\n"
-        "mov.b32 {sl, sh}, h;\n"
-        "cvt.f32.f16 f0, sl;\n"
-        "cvt.f32.f16 f1, sh;\n"
-        "mul.rn.f32 f0, f0, 0f7A800000;\n"  // 2^118: 448 * 2^118 < 2^127
-        "mul.rn.f32 f1, f1, 0f7A800000;\n"
-        "cvt.rn.bf16x2.f32 %0, f0, f0;\n"
-        "cvt.rn.bf16x2.f32 %1, f1, f1;\n"
-        "}\n"
-        : "=r"(s.lo), "=r"(s.hi)
-        : "r"(pair));
-  }
-  return s;
-}
-
-// One word (8 codes) -> 4 x2 values e2m1 * sf * 2^-8; r[j] holds k = 8j + 2w + {0, 1} of the chunk.
-// Bit placement: the sign to bit 15 of each 16-bit lane, the 3 magnitude bits to the lowest
-// exponent bits and the top mantissa bit, which reads as e2m1 * 2^-126 (bf16) or * 2^-14 (fp16),
-// subnormal 0.5 included; one x2 fma by the scale (sf * 2^118 or sf * 2^6) gives the value.
-template <bool FP16>
-__device__ __forceinline__ void decode_word(uint32_t w, const ScalePair<FP16>& s, uint32_t (&r)[4]) {
-  constexpr uint32_t kMag = FP16 ? 0x0E000E00u : 0x01C001C0u;
-  constexpr int kMagBit = FP16 ? 9 : 6;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int sh = 12 - 4 * j;             // brings nibble j (and j + 4) to the top of its lane
-    const int d = sh - (12 - kMagBit);     // where the magnitude bits must move
-    const uint32_t p = w << sh;
-    const uint32_t t = d >= 0 ? (w << d) : (w >> -d);
-    const uint32_t v = (p & 0x80008000u) | (t & kMag);
-    const uint32_t sc = j < 2 ? s.lo : s.hi;
-    if constexpr (FP16) {
-      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
-    } else {
-      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
-    }
-  }
-}
 
 template <bool FP16>
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -165,25 +105,6 @@ struct Stage {
   uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
   uint32_t sc[RT][2];   // their two scale bytes
   uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
-};
-
-// float <-> output element type
-template <typename OutT>
-struct Convert;
-template <>
-struct Convert<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <>
-struct Convert<__nv_bfloat16> {
-  static __device__ __forceinline__ __nv_bfloat16 to(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ float from(__nv_bfloat16 v) { return __bfloat162float(v); }
-};
-template <>
-struct Convert<__half> {
-  static __device__ __forceinline__ __half to(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ float from(__half v) { return __half2float(v); }
 };
 
 struct Args {

@@ -1,0 +1,444 @@
+// NVFP4 weight x 16-bit activation GEMM on Hopper tensor cores (sm_90a wgmma), for M >= 17.
+//
+//   out[m, n] = alpha * 2^8 * sum_k x[m, k] * (e2m1[n, k] * sf[n, k/16] * 2^-8)  (+ bias[n])
+//
+// Exact like the small-M kernel: the weight values e2m1 * sf are built in registers (exact in bf16
+// and fp16), products are exact in the tensor core, sums in fp32. Fed NVFP4 activation block
+// values it is the W4A4 product, fed bf16/fp16 activations W4A16.
+//
+// Computed transposed, out^T = W x^T, so that the weight is wgmma's A operand, which may live in
+// registers: each thread decodes its A fragment from the packed words in shared memory straight
+// into x2 registers (the shared decode of nvfp4_decode.cuh) and nothing decoded goes back to
+// shared memory. The activations are the B operand: K-major, 64 k (128 bytes) per row, in
+// 128-byte-swizzled 8-row atoms, the layout wgmma reads without bank conflicts.
+//
+// Pipeline: a STAGES-deep cp.async ring of (activation tile, weight tile, scales) per 64 k, loaded
+// by all 256 threads; each of the two warpgroups then decodes its weight rows and issues its
+// wgmmas. wgmma is asynchronous, so the decode of stage s + 1 runs while the tensor cores work on
+// stage s (wait_group 1): the overlap that the mma.sync mid-M kernel lacked (benchmarks/NOTES.md,
+// v6) and that the Triton kernel does not get (it waits on each wgmma).
+//
+// The weight fragment: thread (g, t) of warp q of a warpgroup holds rows g and g + 8 of its 16
+// rows; the m64k16 A fragment wants k = 2t + {0, 1} and 2t + 8 + {0, 1}, which is exactly what
+// word t of a 16-byte chunk decodes to (chunk k-order of ops/triton_gemm.py word_layout): the
+// chunk's first k16 step is decoded pairs 0 and 1, its second pairs 2 and 3.
+//
+// K may be split over gridDim.z: each split then adds its fp32 tile into a zeroed workspace
+// (red.global.add) and a second kernel applies alpha and the bias.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "nvfp4_decode.cuh"
+
+namespace {
+
+using fp4c::Convert;
+using fp4c::ScalePair;
+using fp4c::decode_word;
+using fp4c::make_scales;
+
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kBK = 64;        // k per stage: one 128-byte swizzled row of 16-bit activations
+constexpr int kSmemBudget = 200 * 1024;
+
+template <int BN, int WM>
+struct Tile {
+  static constexpr int kRows = 128 * WM;             // weight rows per CTA: 2 warpgroups x WM x 64
+  static constexpr int kActBytes = BN * kBK * 2;     // [BN][64] 16-bit, whole 1024-byte atoms
+  static constexpr int kWBytes = kRows * kBK / 2;    // [kRows][2 chunks of 16 bytes]
+  static constexpr int kScaleBytes = kRows * kBK / 16;
+  static constexpr int kStageBytes = kActBytes + kWBytes + kScaleBytes;
+  static constexpr int kStages = kSmemBudget / kStageBytes < 8 ? kSmemBudget / kStageBytes : 8;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment slack
+  static constexpr int kAcc = BN / 2;                // fp32 accumulators per thread per m64 tile
+  static_assert(BN % 32 == 0 && BN <= 256 && kStages >= 3, "unsupported tile");
+};
+
+struct Args {
+  const uint16_t* x;   // [M, K] bf16/fp16 bits, row stride ldx elements
+  const uint8_t* w;    // [Np, Kp/2] packed words
+  const uint8_t* ws;   // [Np, Kp/16] e4m3
+  void* out;           // [M, N] OutT, row stride ldo
+  float* partial;      // [M, N] fp32 workspace, zeroed (split K only, else null)
+  const void* bias;    // [N] OutT or null
+  const float* alpha;  // one element
+  int64_t ldx, ldw, ldws, ldo;
+  int M, N, Np, K, Kp;
+  int k_tiles;         // ceil(K / 64)
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte copies ask L2 for the whole 128-byte line: the next stages of the same rows hit in L2.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes through the generic proxy, wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps registers that an in-flight wgmma reads alive (and unmoved) until after the wait.
+template <int WM>
+__device__ __forceinline__ void fence_fragments(uint32_t (&f)[WM][4][4]) {
+#pragma unroll
+  for (int i = 0; i < WM; ++i)
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(f[i][k][r])::"memory");
+}
+
+// wgmma descriptor of a K-major tile of 128-byte rows in 128-byte-swizzled 8-row atoms:
+// start address >> 4, leading offset 16 bytes (unused by this swizzle), stride 1024 bytes between
+// 8-row groups, swizzle mode 1 (128 bytes). +2 in the low bits steps k by 16 (32 bytes).
+__device__ __forceinline__ uint64_t act_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+// The asm operand lists are spelled out: inline asm takes only literal strings.
+#define FP4C_WGMMA_RS_N32(TYPES)                                                                   \
+  asm volatile(                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES " {"                                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "  \
+      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <bool FP16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (FP16) {
+    FP4C_WGMMA_RS_N32("f16.f16");
+  } else {
+    FP4C_WGMMA_RS_N32("bf16.bf16");
+  }
+}
+
+#define FP4C_WGMMA_RS_N64(TYPES)                                                                   \
+  asm volatile(                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPES " {"                                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <bool FP16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (FP16) {
+    FP4C_WGMMA_RS_N64("f16.f16");
+  } else {
+    FP4C_WGMMA_RS_N64("bf16.bf16");
+  }
+}
+
+#define FP4C_WGMMA_RS_N128(TYPES)                                                                   \
+  asm volatile(                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {"                                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <bool FP16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (FP16) {
+    FP4C_WGMMA_RS_N128("f16.f16");
+  } else {
+    FP4C_WGMMA_RS_N128("bf16.bf16");
+  }
+}
+
+#define FP4C_WGMMA_RS_N256(TYPES)                                                                   \
+  asm volatile(                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPES " {"                                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "  \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "  \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "  \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "  \
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),  \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),  \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),  \
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),  \
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),  \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),  \
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <bool FP16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (FP16) {
+    FP4C_WGMMA_RS_N256("f16.f16");
+  } else {
+    FP4C_WGMMA_RS_N256("bf16.bf16");
+  }
+}
+
+template <bool FP16, int BN, int WM, typename OutT>
+__global__ void __launch_bounds__(kThreads, 1) nvfp4_wgmma_kernel(const Args args) {
+  using T = Tile<BN, WM>;
+  constexpr int S = T::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t act_s = (raw + 1023u) & ~1023u;  // swizzle atoms must be 1024-byte aligned
+  const uint32_t w_s = act_s + S * T::kActBytes;
+  const uint32_t sc_s = w_s + S * T::kWBytes;
+  const uint8_t* w_p = smem_raw + (w_s - raw);
+  const uint8_t* sc_p = smem_raw + (sc_s - raw);
+
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * BN;
+  const int row0 = blockIdx.y * T::kRows;
+  const int kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
+  const int kt1 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z);
+  const int nk = kt1 - kt0;
+
+  auto load_stage = [&](int s, int kt) {
+    const int k0 = kt * kBK;
+#pragma unroll
+    for (int p = 0; p < BN * 8 / kThreads; ++p) {  // activation chunk (row m, 8 k j)
+      const int q = tid + p * kThreads, m = q >> 3, j = q & 7;
+      const bool ok = m0 + m < args.M && k0 + 8 * j < args.K;
+      const uint16_t* src = args.x + (ok ? static_cast<int64_t>(m0 + m) * args.ldx + k0 + 8 * j : 0);
+      cp_async16(act_s + s * T::kActBytes + m * 128 + ((j ^ (m & 7)) << 4), src, ok);
+    }
+#pragma unroll
+    for (int p = 0; p < WM; ++p) {  // weight chunk (row r, chunk c): slot swizzled for the word reads
+      const int q = tid + p * kThreads, r = q >> 1, c = q & 1;
+      const bool ok = row0 + r < args.Np && 2 * kt + c < args.Kp / 32;
+      const uint8_t* src = args.w + (ok ? static_cast<int64_t>(row0 + r) * args.ldw + 32 * kt + 16 * c : 0);
+      cp_async16(w_s + s * T::kWBytes + ((2 * r + (c ^ ((r >> 2) & 1))) << 4), src, ok);
+    }
+    if (tid < T::kRows) {  // the row's four scale bytes of these 64 k
+      const bool ok = row0 + tid < args.Np && 4 * kt < args.Kp / 16;
+      const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(row0 + tid) * args.ldws + 4 * kt : 0);
+      cp_async4(sc_s + s * T::kScaleBytes + 4 * tid, src, ok);
+    }
+  };
+
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
+
+  float acc[WM][T::kAcc];
+#pragma unroll
+  for (int i = 0; i < WM; ++i)
+#pragma unroll
+    for (int e = 0; e < T::kAcc; ++e) acc[i][e] = 0.f;
+
+  // A fragments of one stage: [m64 tile][k16 step][register]
+  auto decode_stage = [&](int s, uint32_t (&f)[WM][4][4]) {
+#pragma unroll
+    for (int i = 0; i < WM; ++i) {
+      const int r0 = wrow + 64 * i, r1 = r0 + 8;
+      const uint32_t sw0 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r0);
+      const uint32_t sw1 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r1);
+      const int swz = (g >> 2) & 1;  // = (r >> 2) & 1 for both rows
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const uint8_t* wb = w_p + s * T::kWBytes + 4 * t + ((c ^ swz) << 4);
+        const uint32_t w0 = *reinterpret_cast<const uint32_t*>(wb + 32 * r0);
+        const uint32_t w1 = *reinterpret_cast<const uint32_t*>(wb + 32 * r1);
+        uint32_t v0[4], v1[4];
+        decode_word<FP16>(w0, make_scales<FP16>(sw0 >> (16 * c)), v0);
+        decode_word<FP16>(w1, make_scales<FP16>(sw1 >> (16 * c)), v1);
+        f[i][2 * c][0] = v0[0], f[i][2 * c][1] = v1[0], f[i][2 * c][2] = v0[1], f[i][2 * c][3] = v1[1];
+        f[i][2 * c + 1][0] = v0[2], f[i][2 * c + 1][1] = v1[2], f[i][2 * c + 1][2] = v0[3], f[i][2 * c + 1][3] = v1[3];
+      }
+    }
+  };
+
+  auto mma_stage = [&](int s, const uint32_t (&f)[WM][4][4]) {
+    const uint64_t desc = act_desc(act_s + s * T::kActBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int i = 0; i < WM; ++i) wgmma_rs<FP16>(acc[i], f[i][k], desc + 2 * k);
+    wgmma_commit();
+  };
+
+#pragma unroll
+  for (int p = 0; p < S - 2; ++p) {
+    if (p < nk) load_stage(p, kt0 + p);
+    cp_async_commit();
+  }
+  uint32_t frag[2][WM][4][4];
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<S - 3>();  // this thread's copies of stage it have landed
+    fence_proxy_async();
+    __syncthreads();         // everyone's have; and every wgmma of stage it - 2 has finished
+    const int next = it + S - 2;
+    if (next < nk) load_stage(next % S, kt0 + next);
+    cp_async_commit();
+    const int s = it % S;
+    if (it & 1) {
+      decode_stage(s, frag[1]);
+      mma_stage(s, frag[1]);
+      wgmma_wait<1>();
+      fence_fragments<WM>(frag[0]);
+    } else {
+      decode_stage(s, frag[0]);
+      mma_stage(s, frag[0]);
+      wgmma_wait<1>();
+      fence_fragments<WM>(frag[1]);
+    }
+  }
+  wgmma_wait<0>();
+
+  // Epilogue. Accumulator e of n8 block j of tile i: weight row wrow + 64 i + 8 (e / 2),
+  // activation row m0 + 8 j + 2 t + (e % 2).
+  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+  OutT* out = static_cast<OutT*>(args.out);
+  const OutT* bias = static_cast<const OutT*>(args.bias);
+#pragma unroll
+  for (int i = 0; i < WM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = row0 + wrow + 64 * i + 8 * h;
+      if (n >= args.N) continue;
+      const float b = (bias != nullptr && args.partial == nullptr) ? Convert<OutT>::from(bias[n]) : 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int m = m0 + 8 * j + 2 * t + e;
+          if (m >= args.M) continue;
+          const float v = acc[i][4 * j + 2 * h + e];
+          if (args.partial != nullptr) {
+            atomicAdd(args.partial + static_cast<int64_t>(m) * args.N + n, v);
+          } else {
+            out[static_cast<int64_t>(m) * args.ldo + n] = Convert<OutT>::to(v * scale + b);
+          }
+        }
+    }
+}
+
+// Split K: out = partial * alpha * 2^8 + bias.
+template <typename OutT>
+__global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, const OutT* bias, const float* alpha,
+                                int M, int N) {
+  const float scale = __ldg(alpha) * 256.f;
+  const int64_t total = static_cast<int64_t>(M) * N;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int n = static_cast<int>(e % N);
+    float v = partial[e] * scale;
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+    out[(e / N) * ldo + n] = Convert<OutT>::to(v);
+  }
+}
+
+template <bool FP16, int BN, int WM, typename OutT>
+cudaError_t launch(const Args& args, int splits, cudaStream_t stream) {
+  using T = Tile<BN, WM>;
+  auto kernel = nvfp4_wgmma_kernel<FP16, BN, WM, OutT>;
+  static const cudaError_t attr =  // once per instantiation (C++ makes the initialisation thread-safe)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (attr != cudaSuccess) return attr;
+  if (splits > 1) {
+    const cudaError_t err =
+        cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((args.M + BN - 1) / BN, (args.N + T::kRows - 1) / T::kRows, splits);
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(args);
+  if (splits > 1) {
+    const int64_t total = static_cast<int64_t>(args.M) * args.N;
+    const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
+    finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
+                                                      static_cast<const OutT*>(args.bias), args.alpha, args.M,
+                                                      args.N);
+  }
+  return cudaGetLastError();
+}
+
+template <bool FP16, typename OutT>
+cudaError_t dispatch_tile(const Args& args, int bn, int wm, int splits, cudaStream_t stream) {
+#define FP4C_TILE(BN_, WM_) \
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(args, splits, stream);
+  FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
+  FP4C_TILE(256, 1)
+#undef FP4C_TILE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
+// x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
+// weight rows per CTA; bn 256 takes 1). splits > 1 needs partial, an [M, N] fp32 workspace.
+// Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); ldx a multiple of 8.
+int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
+                          void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
+                          int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
+                          cudaStream_t stream) {
+  if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
+      splits < 1 || (splits > 1 && partial == nullptr)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
+            out, splits > 1 ? partial : nullptr, bias, alpha, ldx, ldw, ldws, ldo, M, N, Np, K, Kp, (K + kBK - 1) / kBK};
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? dispatch_tile<true, float>(args, bn, wm, splits, stream)
+                   : dispatch_tile<true, __half>(args, bn, wm, splits, stream);
+  } else {
+    err = out_fp32 ? dispatch_tile<false, float>(args, bn, wm, splits, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(args, bn, wm, splits, stream);
+  }
+  return static_cast<int>(err);
+}
+
+}  // extern "C"

@@ -1,0 +1,126 @@
+"""The CUDA C++ wgmma GEMM of ``csrc/hopper/nvfp4_wgmma.cu`` (sm_90a, M >= 17): build, load, launch.
+
+Built and loaded like the small-M kernel (``cuda_small_m.py``: nvcc on first use into a plain
+shared library, ctypes on torch's current stream, so CUDA graphs capture it). ``FP4C_WGMMA_KERNEL=0``
+turns it off; a build or load failure does the same, once, with a warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import pathlib
+
+import torch
+
+from ..format import check_same_device
+from . import nvcc
+from .nvcc import build_shared_library, shared_library_command
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
+# wgmma needs the arch-specific sm_90a target: the kernel exists for Hopper only.
+CAPABILITIES = ((9, 0),)
+# (activation rows, weight rows / 128) per CTA that the library is built with.
+TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
+MIN_M = 17
+K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
+
+
+def nvcc_flags(capability: tuple[int, int] = (9, 0)) -> list[str]:
+    arch = f"{capability[0]}{capability[1]}a"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-lineinfo"]
+
+
+def compile_command(output: str) -> list[str]:
+    """The nvcc command line of the build (used by the CPU compile test)."""
+    return shared_library_command(SOURCE, output, nvcc_flags() + ["-Xptxas", "-v"])
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: tuple[int, int]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability),
+                                               f"nvfp4_wgmma_sm{capability[0]}{capability[1]}a")))
+    fn = lib.fp4c_nvfp4_wgmma_gemm
+    fn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(device_index: int) -> str | None:
+    """Why the kernel cannot run on this CUDA device (None: it can; built on the first call)."""
+    return nvcc.unavailable_reason("CUDA wgmma kernel", "FP4C_WGMMA_KERNEL", device_index, _library, CAPABILITIES)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Can the kernel take this activation and weight (device, dtype, the weight's padded K)?"""
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if (weight.shape[1] * 2) % K_ALIGNMENT:
+        return False
+    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+
+
+def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
+    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM."""
+    bn = 32 if m <= 32 else 64 if m <= 64 else 128
+    wm = 2 if m > 128 else 1
+    tiles = math.ceil(m / bn) * math.ceil(n / (128 * wm))
+    k_tiles = math.ceil(k / 64)
+    splits = 1
+    if tiles < sms * 3 // 4:  # too few CTAs for the SMs: split K, keeping >= 8 k-tiles per split
+        splits = max(1, min(math.ceil(sms / tiles), k_tiles // 8))
+    return bn, wm, splits
+
+
+def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
+               n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+               tile: tuple[int, int] | None = None, splits: int | None = None) -> torch.Tensor:
+    """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
+
+    ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
+    multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
+    ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
+    this is the exact W4A4 product. ``tile`` (one of TILES) and ``splits`` override
+    ``launch_config`` (benchmark variants).
+    """
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the CUDA wgmma kernel needs CUDA tensors, got {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
+    m, k = x.shape
+    np_, kp = weight.shape[0], weight.shape[1] * 2
+    if m < 1 or k % 16 or k > kp or kp % K_ALIGNMENT or n > np_:
+        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n} "
+                         f"(K a multiple of 16 within the weight's K, which must be a multiple of {K_ALIGNMENT})")
+    if tile is not None and tuple(tile) not in TILES:
+        raise ValueError(f"tile must be one of {TILES}, got {tile}")
+    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    if weight_scale.dtype != torch.uint8:
+        weight_scale = weight_scale.view(torch.uint8)
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    if alpha.dtype != torch.float32:
+        alpha = alpha.float()
+    auto_bn, auto_wm, auto_splits = launch_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    bn, wm = tile if tile is not None else (auto_bn, auto_wm)
+    splits = splits or auto_splits
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if splits > 1 else None
+    with torch.cuda.device(x.device):  # ctypes launches on the current device
+        err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_wgmma_gemm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+            weight_scale.stride(0), out.data_ptr(), out.stride(0),
+            partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
+            alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+            bn, wm, splits, torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
+                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits})")
+    return out

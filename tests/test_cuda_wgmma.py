@@ -1,0 +1,37 @@
+"""The CUDA wgmma kernel on a machine without a GPU: it compiles for sm_90a without spills or
+serialized wgmma, and the launch configuration is sane."""
+
+import pytest
+import torch
+
+from fp4_compile.ops import cuda_wgmma
+from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+
+
+@needs_nvcc
+def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
+    report = compile_with_ptxas_report(cuda_wgmma.compile_command(str(tmp_path / "k.so")))
+    # {bf16, fp16} x {16-bit, fp32 out} x the tiles, and the split-K finalize kernel per output type
+    assert len(report.kernels) == 4 * len(cuda_wgmma.TILES) + 3
+    assert report.spills and all(s == ("0", "0") for s in report.spills), report
+    assert max(report.registers) <= 255
+    # ptxas serializes wgmma (and says so) when registers an in-flight wgmma reads could be overwritten
+    assert "serialized" not in report.log, report.log[-2000:]
+
+
+@pytest.mark.parametrize("m", [17, 32, 64, 128, 1000, 4096, 16384])
+@pytest.mark.parametrize("n,k", [(1024, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (64, 64)])
+def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
+    bn, wm, splits = cuda_wgmma.launch_config(m, n, k)
+    assert (bn, wm) in cuda_wgmma.TILES
+    k_tiles = -(-k // 64)
+    assert splits == 1 or k_tiles // splits >= 8
+
+
+def test_cpu_tensors_are_refused_clearly():
+    w = torch.zeros(64, 32, dtype=torch.uint8)
+    s = torch.zeros(64, 4, dtype=torch.uint8)
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    assert not cuda_wgmma.supports(x, w)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cuda_wgmma.wgmma_gemm(x, w, s, torch.ones(1), n=64, out_dtype=torch.bfloat16)
