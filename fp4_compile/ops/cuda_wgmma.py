@@ -58,7 +58,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Can the kernel take this activation and weight (device, dtype, the weight's padded K)?"""
     if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if (weight.shape[1] * 2) % K_ALIGNMENT:
+    if (weight.shape[1] * 2) % K_ALIGNMENT or weight.data_ptr() % 16 or weight.stride(1) != 1:
         return False
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
@@ -98,6 +98,8 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if m < 1 or k % 16 or k > kp or kp % K_ALIGNMENT or n > np_:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n} "
                          f"(K a multiple of 16 within the weight's K, which must be a multiple of {K_ALIGNMENT})")
+    if weight.data_ptr() % 16 or weight.stride(1) != 1:
+        raise ValueError("the weight must be 16-byte aligned with contiguous rows (it is read by TMA)")
     if tile is not None and tuple(tile) not in TILES:
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:

@@ -10,22 +10,29 @@
 // registers: each thread decodes its A fragment from the packed words in shared memory straight
 // into x2 registers (the shared decode of nvfp4_decode.cuh) and nothing decoded goes back to
 // shared memory. The activations are the B operand: K-major, 64 k (128 bytes) per row, in
-// 128-byte-swizzled 8-row atoms, the layout wgmma reads without bank conflicts.
+// 128-byte-swizzled 8-row atoms, as the tensor memory accelerator (TMA) writes them.
 //
-// Pipeline: a STAGES-deep cp.async ring of (activation tile, weight tile, scales) per 64 k, loaded
-// by all 256 threads; each of the two warpgroups then decodes its weight rows and issues its
-// wgmmas. wgmma is asynchronous, so the decode of stage s + 1 runs while the tensor cores work on
-// stage s (wait_group 1): the overlap that the mma.sync mid-M kernel lacked (benchmarks/NOTES.md,
-// v6) and that the Triton kernel does not get (it waits on each wgmma).
+// Warp-specialized: one producer warp (of a third warpgroup) streams (activation tile, weight tile, scales) per 64 k into
+// a STAGES-deep ring (TMA for the two tiles, cp.async for the scale bytes, whose rows are too
+// short for TMA), signalling a "full" mbarrier per stage; two consumer warpgroups wait on it,
+// decode, issue wgmma, and release the stage on an "empty" mbarrier once their wgmmas that read it
+// have finished. No CTA-wide barrier in the main loop: the first version (all threads loading with
+// cp.async, one __syncthreads per stage) spent about 660 cycles per stage outside the tensor
+// cores (benchmarks/NOTES.md, v7). wgmma is asynchronous, so the decode of stage s + 1 runs while
+// the tensor cores work on stage s (wait_group 1).
 //
 // The weight fragment: thread (g, t) of warp q of a warpgroup holds rows g and g + 8 of its 16
 // rows; the m64k16 A fragment wants k = 2t + {0, 1} and 2t + 8 + {0, 1}, which is exactly what
 // word t of a 16-byte chunk decodes to (chunk k-order of ops/triton_gemm.py word_layout): the
-// chunk's first k16 step is decoded pairs 0 and 1, its second pairs 2 and 3.
+// chunk's first k16 step is decoded pairs 0 and 1, its second pairs 2 and 3. The weight tile is
+// [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
+// the word reads of a warp hit 32 distinct banks.
 //
 // K may be split over gridDim.z: each split then adds its fp32 tile into a zeroed workspace
 // (red.global.add) and a second kernel applies alpha and the bias.
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,33 +47,36 @@ using fp4c::ScalePair;
 using fp4c::decode_word;
 using fp4c::make_scales;
 
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kBK = 64;        // k per stage: one 128-byte swizzled row of 16-bit activations
-constexpr int kSmemBudget = 200 * 1024;
+constexpr int kConsumerThreads = 256;              // two warpgroups
+constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (one warp of it works)
+// Registers per thread after the role split (setmaxnreg): the launch gives 65536 / 384 = 168 to
+// every thread; the producer needs few, the consumers' accumulators and fragments many.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
+constexpr int kSmemBudget = 210 * 1024;
 
 template <int BN, int WM>
 struct Tile {
   static constexpr int kRows = 128 * WM;             // weight rows per CTA: 2 warpgroups x WM x 64
   static constexpr int kActBytes = BN * kBK * 2;     // [BN][64] 16-bit, whole 1024-byte atoms
-  static constexpr int kWBytes = kRows * kBK / 2;    // [kRows][2 chunks of 16 bytes]
+  static constexpr int kWBytes = kRows * kBK / 2;    // [kRows][32 bytes]
   static constexpr int kScaleBytes = kRows * kBK / 16;
   static constexpr int kStageBytes = kActBytes + kWBytes + kScaleBytes;
   static constexpr int kStages = kSmemBudget / kStageBytes < 8 ? kSmemBudget / kStageBytes : 8;
-  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment slack
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers, alignment
   static constexpr int kAcc = BN / 2;                // fp32 accumulators per thread per m64 tile
   static_assert(BN % 32 == 0 && BN <= 256 && kStages >= 3, "unsupported tile");
 };
 
 struct Args {
-  const uint16_t* x;   // [M, K] bf16/fp16 bits, row stride ldx elements
-  const uint8_t* w;    // [Np, Kp/2] packed words
   const uint8_t* ws;   // [Np, Kp/16] e4m3
   void* out;           // [M, N] OutT, row stride ldo
   float* partial;      // [M, N] fp32 workspace, zeroed (split K only, else null)
   const void* bias;    // [N] OutT or null
   const float* alpha;  // one element
-  int64_t ldx, ldw, ldws, ldo;
-  int M, N, Np, K, Kp;
+  int64_t ldws, ldo;
+  int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
 };
 
@@ -74,21 +84,43 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte copies ask L2 for the whole 128-byte line: the next stages of the same rows hit in L2.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+
+// mbarriers (shared::cta)
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
-// cp.async writes through the generic proxy, wgmma reads through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrives once all of this thread's earlier cp.async copies have landed (counted in the init count).
+__device__ __forceinline__ void mbar_cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// 2D TMA load of one box at (c0 = innermost coordinate, c1), completing on an mbarrier.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -224,51 +256,67 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
   }
 }
 
+
 template <bool FP16, int BN, int WM, typename OutT>
-__global__ void __launch_bounds__(kThreads, 1) nvfp4_wgmma_kernel(const Args args) {
+__global__ void __launch_bounds__(kThreads, 1)
+    nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                       const Args args) {
   using T = Tile<BN, WM>;
   constexpr int S = T::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t act_s = (raw + 1023u) & ~1023u;  // swizzle atoms must be 1024-byte aligned
+  const uint32_t act_s = (raw + 1023u) & ~1023u;  // 128-byte swizzle atoms must be 1024-byte aligned
   const uint32_t w_s = act_s + S * T::kActBytes;
   const uint32_t sc_s = w_s + S * T::kWBytes;
+  const uint32_t full = sc_s + S * T::kScaleBytes;  // S mbarriers: stage s loaded
+  const uint32_t empty = full + 8 * S;              // S mbarriers: stage s consumed
   const uint8_t* w_p = smem_raw + (w_s - raw);
   const uint8_t* sc_p = smem_raw + (sc_s - raw);
 
   const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
   const int m0 = blockIdx.x * BN;
   const int row0 = blockIdx.y * T::kRows;
   const int kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
   const int kt1 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z);
   const int nk = kt1 - kt0;
 
-  auto load_stage = [&](int s, int kt) {
-    const int k0 = kt * kBK;
-#pragma unroll
-    for (int p = 0; p < BN * 8 / kThreads; ++p) {  // activation chunk (row m, 8 k j)
-      const int q = tid + p * kThreads, m = q >> 3, j = q & 7;
-      const bool ok = m0 + m < args.M && k0 + 8 * j < args.K;
-      const uint16_t* src = args.x + (ok ? static_cast<int64_t>(m0 + m) * args.ldx + k0 + 8 * j : 0);
-      cp_async16(act_s + s * T::kActBytes + m * 128 + ((j ^ (m & 7)) << 4), src, ok);
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full + 8 * s, 1 + 32);  // the TMA issue (expect_tx) + the producer lanes' scale copies
+      mbar_init(empty + 8 * s, kConsumerThreads / 32);  // one arrival per consumer warp
     }
-#pragma unroll
-    for (int p = 0; p < WM; ++p) {  // weight chunk (row r, chunk c): slot swizzled for the word reads
-      const int q = tid + p * kThreads, r = q >> 1, c = q & 1;
-      const bool ok = row0 + r < args.Np && 2 * kt + c < args.Kp / 32;
-      const uint8_t* src = args.w + (ok ? static_cast<int64_t>(row0 + r) * args.ldw + 32 * kt + 16 * c : 0);
-      cp_async16(w_s + s * T::kWBytes + ((2 * r + (c ^ ((r >> 2) & 1))) << 4), src, ok);
-    }
-    if (tid < T::kRows) {  // the row's four scale bytes of these 64 k
-      const bool ok = row0 + tid < args.Np && 4 * kt < args.Kp / 16;
-      const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(row0 + tid) * args.ldws + 4 * kt : 0);
-      cp_async4(sc_s + s * T::kScaleBytes + 4 * tid, src, ok);
-    }
-  };
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  if (warp >= kConsumerThreads / 32) {  // producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (warp != kConsumerThreads / 32) return;
+    for (int it = 0; it < nk; ++it) {
+      const int s = it % S, kt = kt0 + it;
+      if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
+      if (lane == 0) {
+        mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes);
+        tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, m0, full + 8 * s);
+        tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), row0, full + 8 * s);
+      }
+#pragma unroll
+      for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
+        const int r = lane + 32 * p;
+        const bool ok = row0 + r < args.Np;
+        const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(row0 + r) * args.ldws + 4 * kt : 0);
+        cp_async4(sc_s + s * T::kScaleBytes + 4 * r, src, ok);
+      }
+      mbar_cp_async_arrive(full + 8 * s);
+    }
+    return;
+  }
+
+  // consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int g = lane / 4, t = lane % 4;
   const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
-
   float acc[WM][T::kAcc];
 #pragma unroll
   for (int i = 0; i < WM; ++i)
@@ -282,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1) nvfp4_wgmma_kernel(const Args arg
       const int r0 = wrow + 64 * i, r1 = r0 + 8;
       const uint32_t sw0 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r0);
       const uint32_t sw1 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r1);
-      const int swz = (g >> 2) & 1;  // = (r >> 2) & 1 for both rows
+      const int swz = (g >> 2) & 1;  // = (r >> 2) & 1 for both rows: TMA's 32-byte swizzle
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const uint8_t* wb = w_p + s * T::kWBytes + 4 * t + ((c ^ swz) << 4);
@@ -307,20 +355,10 @@ __global__ void __launch_bounds__(kThreads, 1) nvfp4_wgmma_kernel(const Args arg
     wgmma_commit();
   };
 
-#pragma unroll
-  for (int p = 0; p < S - 2; ++p) {
-    if (p < nk) load_stage(p, kt0 + p);
-    cp_async_commit();
-  }
   uint32_t frag[2][WM][4][4];
   for (int it = 0; it < nk; ++it) {
-    cp_async_wait<S - 3>();  // this thread's copies of stage it have landed
-    fence_proxy_async();
-    __syncthreads();         // everyone's have; and every wgmma of stage it - 2 has finished
-    const int next = it + S - 2;
-    if (next < nk) load_stage(next % S, kt0 + next);
-    cp_async_commit();
     const int s = it % S;
+    mbar_wait(full + 8 * s, (it / S) & 1);
     if (it & 1) {
       decode_stage(s, frag[1]);
       mma_stage(s, frag[1]);
@@ -332,6 +370,8 @@ __global__ void __launch_bounds__(kThreads, 1) nvfp4_wgmma_kernel(const Args arg
       wgmma_wait<1>();
       fence_fragments<WM>(frag[1]);
     }
+    // stage it - 1: its wgmmas have finished, its words were read before them
+    if (it > 0 && lane == 0) mbar_arrive(empty + 8 * ((it - 1) % S));
   }
   wgmma_wait<0>();
 
@@ -378,20 +418,58 @@ __global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, co
   }
 }
 
+// cuTensorMapEncodeTiled from the driver, through the runtime (no libcuda link).
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] tensor of `elem`-byte elements, row stride `ld` elements, read in boxes
+// of box_cols x box_rows; out-of-range elements read as zero.
+cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem, int64_t rows,
+                     int64_t cols, int64_t ld, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * elem};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, steps,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <bool FP16, int BN, int WM, typename OutT>
-cudaError_t launch(const Args& args, int splits, cudaStream_t stream) {
+cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
+                   cudaStream_t stream) {
   using T = Tile<BN, WM>;
+  CUtensorMap x_map, w_map;
+  cudaError_t err = make_map(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, K, ldx, kBK, BN,
+                             CU_TENSOR_MAP_SWIZZLE_128B);
+  if (err != cudaSuccess) return err;
+  err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
+                 CU_TENSOR_MAP_SWIZZLE_32B);
+  if (err != cudaSuccess) return err;
   auto kernel = nvfp4_wgmma_kernel<FP16, BN, WM, OutT>;
   static const cudaError_t attr =  // once per instantiation (C++ makes the initialisation thread-safe)
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (attr != cudaSuccess) return attr;
   if (splits > 1) {
-    const cudaError_t err =
-        cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
+    err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid((args.M + BN - 1) / BN, (args.N + T::kRows - 1) / T::kRows, splits);
-  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(args);
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(args.M) * args.N;
     const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
@@ -403,9 +481,10 @@ cudaError_t launch(const Args& args, int splits, cudaStream_t stream) {
 }
 
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tile(const Args& args, int bn, int wm, int splits, cudaStream_t stream) {
+cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int bn,
+                          int wm, int splits, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(args, splits, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, ldw, K, args, splits, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
   FP4C_TILE(256, 1)
 #undef FP4C_TILE
@@ -419,24 +498,26 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1). splits > 1 needs partial, an [M, N] fp32 workspace.
-// Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); ldx a multiple of 8.
+// Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
+// ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
-      splits < 1 || (splits > 1 && partial == nullptr)) {
+      reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
+      (splits > 1 && partial == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
-            out, splits > 1 ? partial : nullptr, bias, alpha, ldx, ldw, ldws, ldo, M, N, Np, K, Kp, (K + kBK - 1) / kBK};
+  const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
+                  M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(args, bn, wm, splits, stream)
-                   : dispatch_tile<true, __half>(args, bn, wm, splits, stream);
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, stream);
   } else {
-    err = out_fp32 ? dispatch_tile<false, float>(args, bn, wm, splits, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(args, bn, wm, splits, stream);
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, stream);
   }
   return static_cast<int>(err);
 }
