@@ -27,6 +27,8 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import launch_config as small_m_launch_config  # noqa: E402
 from fp4_compile.ops.cuda_small_m import use_small_m  # noqa: E402
+from fp4_compile.ops.cuda_wgmma import launch_config as wgmma_launch_config  # noqa: E402
+from fp4_compile.ops.cuda_wgmma import use_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
 MS = [1, 16, 64, 128, 1024, 4096]
@@ -94,6 +96,8 @@ def main():
                 if use_small_m(x, m, n):
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
                     r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
+                elif use_wgmma(ws[0][0], m):
+                    r[f"{key}_cfg"] = "CUDA wgmma t{}x{} s{}".format(*wgmma_launch_config(m, n, k))
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
                 else:
@@ -106,8 +110,8 @@ def main():
             for key in ("w4a4", "w4a16"):
                 fused = key == "w4a4" and m <= G.FUSED_QUANT_MAX_M
                 kmode = key if (key == "w4a16" or fused) else "w4a4+pq"
-                if G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n):
-                    continue  # (the CUDA kernel's registers: nvcc -Xptxas -v, tests/test_cuda_small_m.py)
+                if G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n) or use_wgmma(ws[0][0], m):
+                    continue  # (the CUDA kernels' registers: nvcc -Xptxas -v, tests/test_cuda_*.py)
                 cdt = torch.float16 if key == "w4a4" else torch.bfloat16
                 _, kh = G.fp4_gemm(x if fused else x.to(cdt), ws[0][0], ws[0][1], alphas[0], n=n, k=k,
                                    a_mode=1 if fused else 0, out_dtype=x.dtype, global_scale=gx, mode=kmode,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m" (any subset): the whole script needs
-# about 10-12 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, model ~3, quant ~0.5); with a
-# 10-minute command limit, run it as two calls, e.g. RUN_GPU_SKIP="model small_m" then
-# RUN_GPU_SKIP="tests quant linear". Each stage has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR,
-# _SMALL_M, _MODEL seconds).
+# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma" (any subset): the whole script
+# needs about 12-14 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, wgmma ~1.5, model ~3,
+# quant ~0.5); with a 10-minute command limit, run it as two calls, e.g. RUN_GPU_SKIP="model small_m"
+# then RUN_GPU_SKIP="tests quant linear wgmma". Each stage has its own timeout (RUN_GPU_T_TESTS, _QUANT,
+# _LINEAR, _SMALL_M, _WGMMA, _MODEL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -45,6 +45,9 @@ fi
 if ! skip small_m; then
   timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
 fi
+if ! skip wgmma; then
+  timeout "${RUN_GPU_T_WGMMA:-240}" python3 benchmarks/bench_wgmma.py --ms 32,64,128,256,1024,2048,4096 --splits 1,2,4 2>&1 | tee "$OUTDIR/bench_wgmma.log" | tail -31
+fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
 fi
@@ -80,6 +83,12 @@ if sm:
     for r in sm["rows"]:
         print(f"  {r['shape']} M={r['m']}: {r['bf16_us']} / {r['read_floor_us']} / {r['w4a16_triton_us']} / "
               f"{r['w4a16_backend_us']} | {r['w4a4_triton_us']} / {r['w4a4_backend_us']}")
+wg = load("bench_wgmma.json")
+if wg:
+    print("wgmma kernel, W4A16 x over bf16: backend dispatch / kernel auto config / best variant")
+    for r in wg["rows"]:
+        print(f"  {r['shape']} M={r['m']}: {r['w4a16_backend_x']} / {r['wgmma_auto_x']} ({r['auto']}) / "
+              f"{r['best_x']} ({r['best']}, {r['best_tflops']} TFLOP/s)")
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:

@@ -32,6 +32,6 @@ def test_cpu_tensors_are_refused_clearly():
     w = torch.zeros(64, 32, dtype=torch.uint8)
     s = torch.zeros(64, 4, dtype=torch.uint8)
     x = torch.randn(32, 64, dtype=torch.bfloat16)
-    assert not cuda_wgmma.supports(x, w)
+    assert not cuda_wgmma.supports(w) and not cuda_wgmma.use_wgmma(w, 32)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_wgmma.wgmma_gemm(x, w, s, torch.ones(1), n=64, out_dtype=torch.bfloat16)

@@ -251,7 +251,7 @@ def test_wgmma_kernel_rejects_bad_input():
     wt, wst = MARLIN.prepare_weight(pw, sw)
     alpha = (1 / gw).float()
     x = torch.randn(32, 96, device=DEV, dtype=torch.bfloat16)
-    assert not cuda_wgmma.supports(x, wt)
+    assert not cuda_wgmma.supports(wt)
     with pytest.raises(ValueError, match="multiple of 64"):
         cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bf16 or fp16"):

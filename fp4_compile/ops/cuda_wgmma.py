@@ -23,7 +23,11 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-MIN_M = 17
+# The backends dispatch M in [DISPATCH_MIN_M, DISPATCH_MAX_M] here (H100, bench_linear.py and
+# bench_wgmma.py, benchmarks/NOTES.md v7): below, the small-M kernel; above, cuBLASLt on the
+# dequantized weight measured faster.
+DISPATCH_MIN_M = 17
+DISPATCH_MAX_M = 2048
 K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
 
 
@@ -54,24 +58,38 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA wgmma kernel", "FP4C_WGMMA_KERNEL", device_index, _library, CAPABILITIES)
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Can the kernel take this activation and weight (device, dtype, the weight's padded K)?"""
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+def supports(weight: torch.Tensor) -> bool:
+    """Can the kernel take this prepared weight (on a device where it runs, padded K a multiple of
+    64, 16-byte aligned rows)? Its bf16/fp16 activations must live on the same device."""
+    if weight.device.type != "cuda":
         return False
     if (weight.shape[1] * 2) % K_ALIGNMENT or weight.data_ptr() % 16 or weight.stride(1) != 1:
         return False
-    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return unavailable_reason(index) is None
+
+
+def use_wgmma(weight: torch.Tensor, m: int) -> bool:
+    """Route an [m, K] activation times this prepared weight to the kernel?"""
+    return DISPATCH_MIN_M <= m <= DISPATCH_MAX_M and supports(weight)
 
 
 def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
-    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM."""
-    bn = 32 if m <= 32 else 64 if m <= 64 else 128
-    wm = 2 if m > 128 else 1
-    tiles = math.ceil(m / bn) * math.ceil(n / (128 * wm))
-    k_tiles = math.ceil(k / 64)
+    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM.
+
+    From the H100 sweep of bench_wgmma.py (benchmarks/NOTES.md, v7): the activation tile is the
+    power of two covering M up to 128, else 256 (one 64-row weight tile per warpgroup: the 256-wide
+    MMA); two weight tiles per warpgroup once that still leaves a CTA for most SMs; K split when
+    the tiles leave SMs idle, never into more CTAs than SMs (one CTA fits an SM) and never below 8
+    k-steps of 64 per split.
+    """
+    bn = 32 if m <= 32 else 64 if m <= 64 else 128 if m <= 128 else 256
+    act_tiles = math.ceil(m / bn)
+    wm = 2 if bn <= 128 and act_tiles * math.ceil(n / 256) >= sms * 3 // 4 else 1
+    tiles = act_tiles * math.ceil(n / (128 * wm))
     splits = 1
-    if tiles < sms * 3 // 4:  # too few CTAs for the SMs: split K, keeping >= 8 k-tiles per split
-        splits = max(1, min(math.ceil(sms / tiles), k_tiles // 8))
+    if tiles < sms * 3 // 4:
+        splits = max(1, min(sms // tiles, math.ceil(k / 64) // 8))
     return bn, wm, splits
 
 

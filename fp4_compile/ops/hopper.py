@@ -11,9 +11,11 @@ to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). At large M
-(``use_dequant``) the weight is dequantized once per call to exact bf16/fp16 values and multiplied
-by cuBLASLt with alpha (a device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). For M = 17..2048
+on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel
+(``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``). At larger M (``use_dequant``) the weight is
+dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
+device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
 
 All of them share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
 32) with the nibbles of each 4-byte word permuted for the in-register decode, and linear fp8
@@ -29,6 +31,7 @@ from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_
 from . import cublaslt
 from . import triton_gemm as _G
 from .cuda_small_m import small_m_gemm, use_small_m
+from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
@@ -129,6 +132,9 @@ class TritonW4A4Kernels(_HopperKernels):
         if use_small_m(a, m, n):
             vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
             return small_m_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
+        if use_wgmma(weight, m):
+            vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
+            return wgmma_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
         if m <= _G.FUSED_QUANT_MAX_M:
             return fp4_gemm(a, weight, weight_scale, alpha, n=n, k=ka, a_mode=2, out_dtype=out_dtype,
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
@@ -156,6 +162,9 @@ class TritonW4A4Kernels(_HopperKernels):
         if use_small_m(x2, m, out_features):
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        elif use_wgmma(weight, m):
+            xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
+            out = wgmma_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
@@ -189,6 +198,8 @@ class MarlinKernels(_HopperKernels):
         alpha = alpha.reshape(1).float()
         if use_small_m(xa, xa.shape[0], out_features):
             out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        elif use_wgmma(weight, xa.shape[0]):
+            out = wgmma_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:

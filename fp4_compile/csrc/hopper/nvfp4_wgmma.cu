@@ -275,8 +275,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * BN;
-  const int row0 = blockIdx.y * T::kRows;
+  // Weight tiles vary fastest: the CTAs resident at once share few activation tiles, which stay
+  // in L2 while every weight tile passes them.
+  const int row0 = blockIdx.x * T::kRows;
+  const int m0 = blockIdx.y * BN;
   const int kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
   const int kt1 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z);
   const int nk = kt1 - kt0;
@@ -377,30 +379,60 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Epilogue. Accumulator e of n8 block j of tile i: weight row wrow + 64 i + 8 (e / 2),
   // activation row m0 + 8 j + 2 t + (e % 2).
+  if (args.partial != nullptr) {  // split K: add the fp32 partial tile
+#pragma unroll
+    for (int i = 0; i < WM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = row0 + wrow + 64 * i + 8 * h;
+        if (n >= args.N) continue;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int m = m0 + 8 * j + 2 * t + e;
+            if (m < args.M) atomicAdd(args.partial + static_cast<int64_t>(m) * args.N + n, acc[i][4 * j + 2 * h + e]);
+          }
+      }
+    return;
+  }
+  // Through shared memory (the ring is idle: every stage was waited for), so that each output row
+  // leaves as 16-byte stores: out[m0 + r][row0 + c] = stage[r][c], rows padded by 16 bytes.
+  constexpr int kPitch = T::kRows + 16 / static_cast<int>(sizeof(OutT));
+  static_assert(BN * kPitch * sizeof(OutT) <= static_cast<size_t>(S) * T::kStageBytes, "epilogue tile > ring");
+  OutT* stage = reinterpret_cast<OutT*>(smem_raw + (act_s - raw));
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
-  OutT* out = static_cast<OutT*>(args.out);
   const OutT* bias = static_cast<const OutT*>(args.bias);
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // both warpgroups are done with the ring
 #pragma unroll
   for (int i = 0; i < WM; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int n = row0 + wrow + 64 * i + 8 * h;
-      if (n >= args.N) continue;
-      const float b = (bias != nullptr && args.partial == nullptr) ? Convert<OutT>::from(bias[n]) : 0.f;
+      const int r = wrow + 64 * i + 8 * h;
+      const float b = (bias != nullptr && row0 + r < args.N) ? Convert<OutT>::from(bias[row0 + r]) : 0.f;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = m0 + 8 * j + 2 * t + e;
-          if (m >= args.M) continue;
-          const float v = acc[i][4 * j + 2 * h + e];
-          if (args.partial != nullptr) {
-            atomicAdd(args.partial + static_cast<int64_t>(m) * args.N + n, v);
-          } else {
-            out[static_cast<int64_t>(m) * args.ldo + n] = Convert<OutT>::to(v * scale + b);
-          }
-        }
+        for (int e = 0; e < 2; ++e)
+          stage[(8 * j + 2 * t + e) * kPitch + r] = Convert<OutT>::to(acc[i][4 * j + 2 * h + e] * scale + b);
     }
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  constexpr int kVec = 16 / sizeof(OutT);  // elements per 16-byte store
+  constexpr int kVecPerRow = T::kRows / kVec;
+  OutT* out = static_cast<OutT*>(args.out);
+  const bool vec_ok = args.ldo % kVec == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  for (int q = tid; q < BN * kVecPerRow; q += kConsumerThreads) {
+    const int r = q / kVecPerRow, c = (q % kVecPerRow) * kVec;
+    const int m = m0 + r, n = row0 + c;
+    if (m >= args.M || n >= args.N) continue;
+    OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
+    const OutT* src = stage + r * kPitch + c;
+    if (vec_ok && n + kVec <= args.N) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int v = 0; v < kVec && n + v < args.N; ++v) dst[v] = src[v];
+    }
+  }
 }
 
 // Split K: out = partial * alpha * 2^8 + bias.
@@ -468,7 +500,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((args.M + BN - 1) / BN, (args.N + T::kRows - 1) / T::kRows, splits);
+  const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(args.M) * args.N;
