@@ -46,7 +46,7 @@ if ! skip small_m; then
   timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
 fi
 if ! skip wgmma; then
-  timeout "${RUN_GPU_T_WGMMA:-240}" python3 benchmarks/bench_wgmma.py --ms 32,64,128,256,1024,2048,4096 --splits 1,2,4 2>&1 | tee "$OUTDIR/bench_wgmma.log" | tail -31
+  timeout "${RUN_GPU_T_WGMMA:-240}" python3 benchmarks/bench_wgmma.py --ms "${RUN_GPU_WGMMA_MS:-32,64,128,256,1024,2048,4096}" --splits 1,2,4 2>&1 | tee "$OUTDIR/bench_wgmma.log" | tail -31
 fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
