@@ -2,7 +2,8 @@
 
 For the Llama-3-8B shapes (and NxK given) at M = 16 .. 4096, in CUDA graphs over rotating weights
 (each M's activations stay the same across the rotation, as in bench_linear): cuBLAS bf16; W4A16
-through the backends' dispatch; W4A16 through the wgmma kernel at its own launch_config ("auto")
+through the backends' dispatch; W4A16 as the weight dequantized to bf16 + cuBLASLt (the large-M
+path, "dequant"); W4A16 through the wgmma kernel at its own launch_config ("auto")
 and at each (tile, splits); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
 Each variant is checked against the float64 product before it is timed.
 
@@ -23,6 +24,7 @@ from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
+from fp4_compile.ops.triton_gemm import dequant_mm  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
@@ -62,6 +64,9 @@ def main():
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
             row["w4a16_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
+            row["dequant_us"] = round(time_graph_us(
+                [lambda w=w, a=a: dequant_mm(x, w[0], w[1], a, n=n, k=k, out_dtype=torch.bfloat16)
+                 for w, a in zip(ws, alphas)]), 2)
             row["w4a4_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
                  for w, a in zip(ws, alphas44)]), 2)
@@ -94,7 +99,7 @@ def main():
             best_key = min(variants, key=variants.get)
             row["best"] = best_key[:-3]
             row["best_us"] = variants[best_key]
-            for key in ("w4a16_backend", "w4a4_backend", "wgmma_auto", "w4a4_wgmma", "best"):
+            for key in ("w4a16_backend", "dequant", "w4a4_backend", "wgmma_auto", "w4a4_wgmma", "best"):
                 row[f"{key}_x"] = round(row["bf16_us"] / row[f"{key}_us"], 2)
             row["best_bw"] = round(wbytes / (row["best_us"] * 1e-6) / 1e9 / bw, 2)
             row["best_tflops"] = round(2 * m * n * k / (row["best_us"] * 1e-6) / 1e12, 1)
@@ -103,7 +108,8 @@ def main():
         del ws, bf
         torch.cuda.empty_cache()
     path = write_json("bench_wgmma.json", {"env": info, "rows": rows})
-    cols = ["shape", "m", "bf16_us", "w4a16_backend_us", "w4a16_backend_x", "wgmma_auto_us", "auto", "wgmma_auto_x",
+    cols = ["shape", "m", "bf16_us", "w4a16_backend_us", "w4a16_backend_x", "dequant_x", "wgmma_auto_us", "auto",
+            "wgmma_auto_x",
             "best", "best_us", "best_x", "best_tflops", "w4a4_backend_x", "w4a4_wgmma_x", "auto_rel",
             "variants_worst_rel"]
     print_table(rows, cols, title=f"wgmma kernel (us per call, CUDA graphs; copy {bw:.0f} GB/s, "

@@ -85,9 +85,9 @@ if sm:
               f"{r['w4a16_backend_us']} | {r['w4a4_triton_us']} / {r['w4a4_backend_us']}")
 wg = load("bench_wgmma.json")
 if wg:
-    print("wgmma kernel, W4A16 x over bf16: backend dispatch / kernel auto config / best variant")
+    print("wgmma kernel, W4A16 x over bf16: backend dispatch / dequant+cuBLASLt / kernel auto config / best variant")
     for r in wg["rows"]:
-        print(f"  {r['shape']} M={r['m']}: {r['w4a16_backend_x']} / {r['wgmma_auto_x']} ({r['auto']}) / "
+        print(f"  {r['shape']} M={r['m']}: {r['w4a16_backend_x']} / {r['dequant_x']} / {r['wgmma_auto_x']} ({r['auto']}) / "
               f"{r['best_x']} ({r['best']}, {r['best_tflops']} TFLOP/s)")
 mo = load("bench_model.json")
 if mo:

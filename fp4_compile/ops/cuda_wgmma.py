@@ -17,7 +17,6 @@ import torch
 from ..format import check_same_device
 from . import nvcc
 from .nvcc import build_shared_library, shared_library_command
-from .triton_gemm import lock_buffer
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
 # wgmma needs the arch-specific sm_90a target: the kernel exists for Hopper only.
@@ -53,7 +52,7 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 10 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
     return lib
 
 
@@ -141,19 +140,12 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     bn, wm = tile if tile is not None else (auto_bn, auto_wm)
     splits = splits or auto_splits
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    partial = tickets = None
-    if splits > 1:  # fp32 slices per split; self-resetting tickets per output tile (shared with Triton's split K)
-        partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        tiles = math.ceil(n / (128 * wm)) * math.ceil(m / bn)
-        tickets = lock_buffer(x.device, tiles)
-        if tickets is None:  # first use inside a CUDA-graph capture
-            tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if splits > 1 else None  # zeroed by the launcher
     with torch.cuda.device(x.device):  # ctypes launches on the current device
         err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_wgmma_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
             weight_scale.stride(0), out.data_ptr(), out.stride(0),
-            partial.data_ptr() if partial is not None else None, tickets.data_ptr() if tickets is not None else None,
-            bias.data_ptr() if bias is not None else None,
+            partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
             bn, wm, splits, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:

@@ -28,8 +28,8 @@
 // [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
 // the word reads of a warp hit 32 distinct banks.
 //
-// K may be split over gridDim.z: each split then writes its fp32 tile to a workspace slice, and the
-// last split of a tile to finish (an atomic ticket) adds the others and writes the output.
+// K may be split over gridDim.z: each split then adds its fp32 tile into a zeroed workspace
+// (red.global.add) and a second kernel applies alpha and the bias.
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -72,8 +72,7 @@ struct Tile {
 struct Args {
   const uint8_t* ws;   // [Np, Kp/16] e4m3
   void* out;           // [M, N] OutT, row stride ldo
-  float* partial;      // [splits, M, N] fp32 slices (split K only, else null)
-  int* tickets;        // one zeroed int per output tile (split K only), left zeroed
+  float* partial;      // [M, N] fp32 workspace, zeroed (split K only, else null)
   const void* bias;    // [N] OutT or null
   const float* alpha;  // one element
   int64_t ldws, ldo;
@@ -410,46 +409,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
   constexpr int kRuns = T::kRows / 4;
-  const bool vec4 = args.N % 4 == 0;  // the fp32 slices have row stride N
-  if (gridDim.z > 1) {
-    // Split K: write this split's tile to its slice; the last split of the tile to arrive (ticket)
-    // adds the other slices and writes the output. No zeroing pass, no second kernel.
-    float* mine = args.partial + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
+  const bool vec4 = args.N % 4 == 0;  // the fp32 workspace has row stride N
+  if (args.partial != nullptr) {
+    // Split K: add this split's tile into the zeroed fp32 workspace (fire-and-forget reductions,
+    // four floats each where rows allow); finalize_kernel then applies alpha and the bias.
+    // (Measured: cheaper than fp32 slices reduced by the last split of a tile, whose serial L2
+    // reads cost more than the zeroing pass and the second launch; benchmarks/NOTES.md v7.)
     for (int q = tid; q < BN * kRuns; q += kConsumerThreads) {
       const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
       if (m >= args.M || n >= args.N) continue;
-      float* dst = mine + static_cast<int64_t>(m) * args.N + n;
+      float* dst = args.partial + static_cast<int64_t>(m) * args.N + n;
       const float* src = tile + r * kPitch + c;
-      if (vec4) {
-        *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+      if (vec4 && n + 4 <= args.N) {
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(src[0]), "f"(src[1]),
+                     "f"(src[2]), "f"(src[3])
+                     : "memory");
       } else {
-        for (int v = 0; v < 4 && n + v < args.N; ++v) dst[v] = src[v];
+        for (int v = 0; v < 4 && n + v < args.N; ++v) atomicAdd(dst + v, src[v]);
       }
     }
-    __threadfence();
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-    __shared__ int last;
-    int* ticket = args.tickets + blockIdx.y * gridDim.x + blockIdx.x;
-    if (tid == 0) last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-    if (!last) return;
-    __threadfence();
-    if (tid == 0) *ticket = 0;  // every split has arrived: ready for the next launch
-    for (int q = tid; q < BN * kRuns; q += kConsumerThreads) {
-      const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-      if (m >= args.M || n >= args.N) continue;
-      float* sum = tile + r * kPitch + c;
-      for (int z = 0; z < static_cast<int>(gridDim.z); ++z) {
-        if (z == static_cast<int>(blockIdx.z)) continue;
-        const float* src = args.partial + (static_cast<int64_t>(z) * args.M + m) * args.N + n;
-        if (vec4) {
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
-          sum[0] += v.x, sum[1] += v.y, sum[2] += v.z, sum[3] += v.w;
-        } else {
-          for (int v = 0; v < 4 && n + v < args.N; ++v) sum[v] += __ldcg(src + v);
-        }
-      }
-    }
+    return;
   }
 
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
@@ -476,6 +455,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       for (int u = 0; u < 4 && n + u < args.N; ++u) dst[u] = v[u];
     }
+  }
+}
+
+// Split K: out = partial * alpha * 2^8 + bias.
+template <typename OutT>
+__global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, const OutT* bias, const float* alpha,
+                                int M, int N) {
+  const float scale = __ldg(alpha) * 256.f;
+  const int64_t total = static_cast<int64_t>(M) * N;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int n = static_cast<int>(e % N);
+    float v = partial[e] * scale;
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+    out[(e / N) * ldo + n] = Convert<OutT>::to(v);
   }
 }
 
@@ -525,8 +519,19 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   static const cudaError_t attr =  // once per instantiation (C++ makes the initialisation thread-safe)
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (attr != cudaSuccess) return attr;
+  if (splits > 1) {
+    err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
+  if (splits > 1) {
+    const int64_t total = static_cast<int64_t>(args.M) * args.N;
+    const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
+    finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
+                                                      static_cast<const OutT*>(args.bias), args.alpha, args.M,
+                                                      args.N);
+  }
   return cudaGetLastError();
 }
 
@@ -547,22 +552,19 @@ extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
-// weight rows per CTA; bn 256 takes 1). splits > 1 needs partial, a [splits, M, N] fp32 workspace,
-// and tickets, one zeroed int per output tile (ceil(N / (128 wm)) * ceil(M / bn) of them), which
-// the kernel leaves zeroed.
+// weight rows per CTA; bn 256 takes 1). splits > 1 needs partial, an [M, N] fp32 workspace.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                          void* out, int64_t ldo, float* partial, int* tickets, const void* bias, const float* alpha,
-                          int M, int N,
+                          void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
-      (splits > 1 && (partial == nullptr || tickets == nullptr))) {
+      (splits > 1 && partial == nullptr)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const Args args{static_cast<const uint8_t*>(ws), out, partial, tickets, bias, alpha, ldws, ldo,
+  const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
                   M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
