@@ -35,3 +35,22 @@ def test_cpu_tensors_are_refused_clearly():
     assert not cuda_wgmma.supports(w) and not cuda_wgmma.use_wgmma(w, 32)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_wgmma.wgmma_gemm(x, w, s, torch.ones(1), n=64, out_dtype=torch.bfloat16)
+
+
+def test_dispatch_rules(monkeypatch):
+    """The measured dispatch (cuda_wgmma.py): M range, small weights at small M, whole waves at large M."""
+    monkeypatch.setattr(cuda_wgmma, "supports", lambda weight: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+
+    def weight(n, k):
+        return torch.empty(n, k // 2, dtype=torch.uint8)
+
+    assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
+    assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
+    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 128)
+    assert cuda_wgmma.use_wgmma(weight(4096, 4096), 512)       # split K is fine up to LARGE_M
+    assert cuda_wgmma.use_wgmma(weight(4096, 4096), 1024)      # 128 tiles: one whole wave
+    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)  # 192 tiles: 1.45 waves
+    assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 1024)  # would split K
+    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)  # dequantization + cuBLASLt

@@ -23,16 +23,19 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-# The backends dispatch M in [DISPATCH_MIN_M, DISPATCH_MAX_M] here (H100, bench_linear.py and
-# bench_wgmma.py, benchmarks/NOTES.md v7): below, the small-M kernel; above, cuBLASLt on the
-# dequantized weight is as fast. Up to M = SMALL_WEIGHT_MAX_M, weights of fewer than
-# SMALL_WEIGHT_ELEMENTS (4096x4096, 6144x4096) stay on the Triton kernel: their few weight tiles
-# need K split, whose extra launches (zeroing, finalize) cost more than the wgmma kernel saves.
+# Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
+# - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
+#   measured as fast or faster on every shape);
+# - up to SMALL_WEIGHT_MAX_M, not for weights of fewer than SMALL_WEIGHT_ELEMENTS (4096x4096,
+#   6144x4096: their few weight tiles need K split, and the Triton kernel was as fast or faster);
+# - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY) without
+#   splitting K: else dequantization + cuBLASLt was faster (6144x4096 and 1024x4096 at M = 1024).
 DISPATCH_MIN_M = 17
-DISPATCH_MAX_M = 2048
+DISPATCH_MAX_M = 1024
 SMALL_WEIGHT_MAX_M = 64
 SMALL_WEIGHT_ELEMENTS = 48 * 2**20
-K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
+LARGE_M = 512
+WAVE_EFFICIENCY = 0.8
 
 
 def nvcc_flags(capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -77,9 +80,18 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel?"""
     if not DISPATCH_MIN_M <= m <= DISPATCH_MAX_M:
         return False
-    if m <= SMALL_WEIGHT_MAX_M and weight.numel() * 2 < SMALL_WEIGHT_ELEMENTS:
+    n, k = weight.shape[0], weight.shape[1] * 2
+    if m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT_ELEMENTS:
         return False
-    return supports(weight)
+    if not supports(weight):
+        return False
+    if m > LARGE_M:
+        sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+        bn, wm, splits = launch_config(m, n, k, sms)
+        tiles = math.ceil(m / bn) * math.ceil(n / (128 * wm))
+        if splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
+            return False
+    return True
 
 
 def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
