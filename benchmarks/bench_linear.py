@@ -82,7 +82,8 @@ def main():
                 r["w4a4_eager_us"] = time_eager_us(w4a4)
                 r["w4a16_eager_us"] = time_eager_us(w4a16)
             if not args.no_emulation and m <= 128:
-                r["emul_eager_us"] = time_eager_us([lambda: emulation_linear(x, pw0, sw0, ws[0][2], gx)], reps=5)
+                gw0 = ws[0][2]
+                r["emul_eager_us"] = time_eager_us([lambda: emulation_linear(x, pw0, sw0, gw0, gx)], reps=5)
             wbytes = fp4_weight_bytes(n, k)
             flops = 2 * m * n * k
             for key in ("w4a4", "w4a16"):

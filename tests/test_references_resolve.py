@@ -46,3 +46,28 @@ def test_fp4_compile_attributes_exist(path):
             if not hasattr(module, node.attr):
                 missing.append(f"line {node.lineno}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
     assert not missing, missing
+
+
+def test_no_undefined_names():
+    """Names a module, test or benchmark uses but never defines (pyflakes): the GPU-only code paths
+    would otherwise first fail on the GPU machine (a constant lost in an edit did, in session 5)."""
+    from pyflakes import api, reporter
+
+    class Collect(reporter.Reporter):
+        def __init__(self):
+            self.messages = []
+
+        def flake(self, message):
+            self.messages.append(str(message))
+
+        def syntaxError(self, *args):
+            self.messages.append(f"syntax error: {args}")
+
+        def unexpectedError(self, filename, msg):
+            self.messages.append(f"{filename}: {msg}")
+
+    found = Collect()
+    paths = [ROOT / "fp4_compile", ROOT / "benchmarks", ROOT / "tests"]
+    api.checkRecursive([str(p) for p in paths], found)
+    bad = [m for m in found.messages if "undefined name" in m or "syntax error" in m or "problem decoding" in m]
+    assert not bad, "\n".join(bad)

@@ -23,6 +23,7 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
+K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured as fast or faster on every shape);
