@@ -1,12 +1,14 @@
-"""When the optional nvcc-built CUDA parts (small-M GEMM, quantization, cuBLASLt shim) are off:
-one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all three (no GPU needed)."""
+"""When the optional nvcc-built CUDA parts (small-M GEMM, wgmma GEMM, quantization, cuBLASLt shim)
+are off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all four (no GPU
+needed)."""
 
 import pytest
 import torch
 
-from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, nvcc
+from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, nvcc
 
-PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_quant, "FP4C_CUDA_QUANT"), (cublaslt, "FP4C_CUBLASLT")]
+PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_wgmma, "FP4C_WGMMA_KERNEL"), (cuda_quant, "FP4C_CUDA_QUANT"),
+         (cublaslt, "FP4C_CUBLASLT")]
 
 
 @pytest.fixture
@@ -52,3 +54,14 @@ def test_other_architectures_and_failed_builds_are_reasons(monkeypatch):
     assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, lambda cap: None) is None
     _cuda_device(monkeypatch, (12, 0))  # capabilities=None: any GPU
     assert nvcc.unavailable_reason("part", "FP4C_TEST_PART", 0, lambda cap: None, capabilities=None) is None
+
+
+def test_wgmma_kernel_is_hopper_only(monkeypatch):
+    """wgmma exists on sm_90a alone: an Ada GPU (which runs the small-M kernel) is a reason."""
+    monkeypatch.delenv("FP4C_WGMMA_KERNEL", raising=False)
+    _cuda_device(monkeypatch, (8, 9))
+    cuda_wgmma.unavailable_reason.cache_clear()
+    try:
+        assert cuda_wgmma.unavailable_reason(0) == "built for sm_90 only, this GPU is sm_89"
+    finally:
+        cuda_wgmma.unavailable_reason.cache_clear()

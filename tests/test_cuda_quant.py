@@ -24,7 +24,8 @@ from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
 @needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    kernels, spills, regs = compile_with_ptxas_report(cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0)))
+    report = compile_with_ptxas_report(cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0)))
+    kernels, spills, regs = report.kernels, report.spills, report.registers
     # {fp32, fp16, bf16} x {linear, swizzled}
     assert len(kernels) == 6 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
     assert len(spills) == 6 and all(s == ("0", "0") for s in spills), spills
