@@ -126,6 +126,24 @@ def env_info() -> dict:
     }
 
 
+def measured_env(tensor_core: bool = True) -> tuple[dict, float, float | None]:
+    """The run's environment with its measured floors, printed: (info, copy GB/s, bf16 TFLOP/s or None)."""
+    info = env_info()
+    bw = copy_bandwidth_gbs()
+    info["copy_GBps"] = round(bw, 1)
+    tf = None
+    if tensor_core:
+        tf = matmul_tflops()
+        info["bf16_8192_TFLOPs"] = round(tf, 1)
+    print(info, flush=True)
+    return info, bw, tf
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of a against the reference b (in float64)."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
 def make_fp4_weights(n: int, k: int, copies: int, kernels):
     """``copies`` independent NVFP4 weights [n, k] prepared for ``kernels``, + their global scales."""
     from fp4_compile import format as F

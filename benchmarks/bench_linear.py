@@ -19,9 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4_weight_bytes,  # noqa: E402
-                     kernel_resources, make_fp4_weights, matmul_tflops, print_table, time_eager_us,
-                     time_graph_us, write_json)
+from _common import (LLAMA_SHAPES, copies_for, fp4_weight_bytes, kernel_resources, make_fp4_weights,  # noqa: E402
+                     measured_env, print_table, time_eager_us, time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
@@ -53,11 +52,7 @@ def main():
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-emulation", action="store_true")
     args = ap.parse_args()
-    info = env_info()
-    bw = copy_bandwidth_gbs()
-    tf = matmul_tflops()
-    info.update(copy_GBps=round(bw, 1), bf16_8192_TFLOPs=round(tf, 1))
-    print(info, flush=True)
+    info, bw, tf = measured_env()
     rows = []
     for si in args.shapes.split(","):
         n, k = LLAMA_SHAPES[int(si)]

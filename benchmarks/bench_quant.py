@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_bandwidth_gbs, env_info, print_table, time_eager_us, time_graph_us, write_json  # noqa: E402
+from _common import measured_env, print_table, time_eager_us, time_graph_us, write_json  # noqa: E402
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_quant, triton_gemm  # noqa: E402,F401  (triton_gemm: the tuned quant config)
@@ -25,10 +25,7 @@ CTAS_PER_SM = (2, 4, 8, 16)
 
 
 def main():
-    info = env_info()
-    bw = copy_bandwidth_gbs()
-    info["copy_GBps"] = round(bw, 1)
-    print(info, flush=True)
+    info, bw, _ = measured_env(tensor_core=False)
     rows = []
     for m, k in ((4096, 4096), (4096, 14336), (1, 4096), (16, 4096), (64, 4096), (256, 4096)):
         nbytes_in = m * k * 2

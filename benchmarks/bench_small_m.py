@@ -21,8 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4_weight_bytes,  # noqa: E402
-                     make_fp4_weights, print_table, time_graph_us, write_json)
+from _common import (LLAMA_SHAPES, copies_for, fp4_weight_bytes, make_fp4_weights, measured_env,  # noqa: E402
+                     print_table, rel, time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
@@ -39,19 +39,13 @@ def variant_key(rpw: int, stages: int, warps: int, prefetch: int) -> str:
     return f"w4a16_cuda_r{rpw}s{stages}w{warps}p{prefetch}_us"
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,2,4,8,16")
     ap.add_argument("--shapes", default="0,1,2,3")
     args = ap.parse_args()
-    info = env_info()
-    bw = copy_bandwidth_gbs()
-    info["copy_GBps"] = round(bw, 1)
-    print(info, flush=True)
+    info, bw, _ = measured_env(tensor_core=False)
     rows = []
     for si in args.shapes.split(","):  # an index into LLAMA_SHAPES, or NxK
         n, k = map(int, si.split("x")) if "x" in si else LLAMA_SHAPES[int(si)]

@@ -19,8 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, copy_bandwidth_gbs, env_info, fp4_weight_bytes,  # noqa: E402
-                     make_fp4_weights, matmul_tflops, print_table, time_graph_us, write_json)
+from _common import (LLAMA_SHAPES, copies_for, fp4_weight_bytes, make_fp4_weights, measured_env,  # noqa: E402
+                     print_table, rel, time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
@@ -29,9 +29,6 @@ from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -39,11 +36,7 @@ def main():
     ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--splits", default="1,2,4,8", help="K splits timed for each tile (large M: 1 only)")
     args = ap.parse_args()
-    info = env_info()
-    bw = copy_bandwidth_gbs()
-    tf = matmul_tflops()
-    info.update(copy_GBps=round(bw, 1), bf16_8192_TFLOPs=round(tf, 1))
-    print(info, flush=True)
+    info, bw, tf = measured_env()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for si in args.shapes.split(","):  # an index into LLAMA_SHAPES, or NxK

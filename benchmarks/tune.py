@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (LLAMA_SHAPES, copies_for, env_info, fp4_weight_bytes, kernel_resources,  # noqa: E402
-                     make_fp4_weights, print_table, time_graph_us, write_json)
+                     make_fp4_weights, print_table, rel, time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
@@ -36,9 +36,6 @@ CANDS = {
 }
 DQ = "dequant+cuBLAS"
 
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def run_config(mode, cfg, x, gx, ws, n, k, prequant):

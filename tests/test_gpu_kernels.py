@@ -158,6 +158,17 @@ def test_small_m_kernel_is_built_on_hopper():
     assert cuda_small_m.unavailable_reason(torch.cuda.current_device()) is None
 
 
+def _cuda_gemm_case(n, k, m, dt):
+    """Operands of a CUDA GEMM kernel test: activations [m, k] in dt (scaled so that fp16 outputs
+    cannot overflow), the weight in the Hopper layout, alpha, a bias, and the float64 product."""
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
+    bias = torch.randn(n, device=DEV).to(dt)
+    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    return x, wt, wst, (1 / gw).float(), bias, ref
+
+
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (1024, 14336)])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
@@ -166,12 +177,7 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     16-bit output with bias: within output rounding. Outputs poisoned first."""
     if cuda_small_m.unavailable_reason(torch.cuda.current_device()) is not None:
         pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
-    pw, sw, gw = make_weight(n, k)
-    wt, wst = MARLIN.prepare_weight(pw, sw)
-    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)  # fp16 out: no overflow
-    bias = torch.randn(n, device=DEV).to(dt)
-    alpha = (1 / gw).float()
-    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
     deep = 4 if m <= 8 else 2  # (4 stages exist for one n-tile only)
     for rows_per_warp, stages, warps, prefetch in [(16, 2, 8, 0), (32, deep, 8, 0), (16, deep, 3, 0),
                                                    (32, 2, 1, 0), (16, 2, 4, 256)]:
@@ -206,12 +212,7 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
     """fp32 output: equal to the float64 product up to fp32 summation order, for every tile, with
     and without split K; 16-bit output with bias: within output rounding. Outputs poisoned first."""
     _need_wgmma()
-    pw, sw, gw = make_weight(n, k)
-    wt, wst = MARLIN.prepare_weight(pw, sw)
-    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)  # fp16 out: no overflow
-    bias = torch.randn(n, device=DEV).to(dt)
-    alpha = (1 / gw).float()
-    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
     for tile in cuda_wgmma.TILES:
         for splits in (1, 3):
             poison_allocator(m * n * 8 + (1 << 22))

@@ -15,7 +15,6 @@ import pathlib
 
 import torch
 
-from ..format import check_same_device
 from . import nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 
@@ -90,14 +89,9 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
     """
-    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
-    if x.device.type != "cuda":
-        raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
+    x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha, bias,
+                                                      out_dtype)
     m, k = x.shape
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
-    if out_dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     if prefetch not in (0, 64, 128, 256):
@@ -107,14 +101,6 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
-    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
-        x = x.contiguous()
-    if weight_scale.dtype != torch.uint8:
-        weight_scale = weight_scale.view(torch.uint8)
-    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
-        bias = bias.to(out_dtype).contiguous()
-    if alpha.dtype != torch.float32:
-        alpha = alpha.float()
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     default_rows, default_stages, default_warps = launch_config(m, n, k)
     rows_per_warp = rows_per_warp or default_rows

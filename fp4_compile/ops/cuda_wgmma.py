@@ -14,7 +14,6 @@ import pathlib
 
 import torch
 
-from ..format import check_same_device
 from . import nvcc
 from .nvcc import build_shared_library, shared_library_command
 
@@ -125,13 +124,8 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     this is the exact W4A4 product. ``tile`` (one of TILES) and ``splits`` override
     ``launch_config`` (benchmark variants).
     """
-    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
-    if x.device.type != "cuda":
-        raise RuntimeError(f"the CUDA wgmma kernel needs CUDA tensors, got {x.device}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
-    if out_dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
+    x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
+                                                      out_dtype)
     m, k = x.shape
     np_, kp = weight.shape[0], weight.shape[1] * 2
     if m < 1 or k % 16 or k > kp or kp % K_ALIGNMENT or n > np_:
@@ -141,14 +135,6 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError("the weight must be 16-byte aligned with contiguous rows (it is read by TMA)")
     if tile is not None and tuple(tile) not in TILES:
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
-    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
-        x = x.contiguous()
-    if weight_scale.dtype != torch.uint8:
-        weight_scale = weight_scale.view(torch.uint8)
-    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
-        bias = bias.to(out_dtype).contiguous()
-    if alpha.dtype != torch.float32:
-        alpha = alpha.float()
     auto_bn, auto_wm, auto_splits = launch_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
     bn, wm = tile if tile is not None else (auto_bn, auto_wm)
     splits = splits or auto_splits

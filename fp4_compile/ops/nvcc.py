@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..format import check_same_device
+
 log = logging.getLogger(__name__)
 
 # The Hopper kernels (small-M GEMM, quantization) use sm_89's e4m3 conversions; only sm_90 was run.
@@ -120,3 +122,27 @@ def unavailable_reason(what: str, env_var: str, device_index: int, load: Callabl
         log.warning("fp4_compile: the %s is off, its build or load failed: %s", what, error)
         return f"build or load failed: {error}"
     return None
+
+
+def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  alpha: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+    """Check and normalize the operands of the ctypes-launched Hopper GEMMs (small-M, wgmma):
+    CUDA tensors on one device, bf16/fp16 ``x`` with unit-stride, 16-byte aligned rows, the scales
+    as bytes, ``alpha`` float32, ``bias`` contiguous in ``out_dtype`` (x.dtype or float32).
+    Returns ``(x, weight_scale, alpha, bias)``."""
+    check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the {what} needs CUDA tensors, got {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
+    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
+        x = x.contiguous()
+    if weight_scale.dtype != torch.uint8:
+        weight_scale = weight_scale.view(torch.uint8)
+    if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
+        bias = bias.to(out_dtype).contiguous()
+    if alpha.dtype != torch.float32:
+        alpha = alpha.float()
+    return x, weight_scale, alpha, bias
