@@ -159,6 +159,19 @@ def make_fp4_weights(n: int, k: int, copies: int, kernels):
     return out
 
 
+def shape_of(spec: str) -> tuple[int, int]:
+    """N, K from a shape argument: an index into LLAMA_SHAPES, or "NxK"."""
+    return tuple(map(int, spec.split("x"))) if "x" in spec else LLAMA_SHAPES[int(spec)]
+
+
+def rotating_weights(n: int, k: int, kernels) -> tuple[list, list]:
+    """NVFP4 weights prepared for ``kernels`` and bf16 weights [n, k], enough copies of each to rotate
+    through more than L2 in a timed sweep."""
+    ws = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), kernels)
+    bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+    return ws, bf
+
+
 def fp4_weight_bytes(n: int, k: int) -> int:
     return n * k // 2 + n * k // 16
 

@@ -19,8 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, fp4_weight_bytes, make_fp4_weights, measured_env,  # noqa: E402
-                     print_table, rel, time_graph_us, write_json)
+from _common import (fp4_weight_bytes, measured_env, print_table, rel, rotating_weights, shape_of,  # noqa: E402
+                     time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
@@ -39,11 +39,9 @@ def main():
     info, bw, tf = measured_env()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for si in args.shapes.split(","):  # an index into LLAMA_SHAPES, or NxK
-        n, k = map(int, si.split("x")) if "x" in si else LLAMA_SHAPES[int(si)]
-        copies = copies_for(fp4_weight_bytes(n, k))
-        ws = make_fp4_weights(n, k, copies, MARLIN)
-        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
+    for si in args.shapes.split(","):
+        n, k = shape_of(si)
+        ws, bf = rotating_weights(n, k, MARLIN)
         wv0 = F.block_values(*MARLIN.restore_weight(ws[0][0], ws[0][1], n, k)).double()
         wbytes = fp4_weight_bytes(n, k)
         alphas = [(1 / gw).float() for _, _, gw in ws]
