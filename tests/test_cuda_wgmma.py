@@ -40,7 +40,7 @@ def test_cpu_tensors_are_refused_clearly():
 def test_dispatch_rules(monkeypatch):
     """The measured dispatch (cuda_wgmma.py): M range, small weights at small M, whole waves at large M."""
     monkeypatch.setattr(cuda_wgmma, "supports", lambda weight: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    monkeypatch.setattr(cuda_wgmma, "num_sms", lambda index: 132)
 
     def weight(n, k):
         return torch.empty(n, k // 2, dtype=torch.uint8)

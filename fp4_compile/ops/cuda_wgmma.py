@@ -16,6 +16,7 @@ import torch
 
 from . import nvcc
 from .nvcc import build_shared_library, shared_library_command
+from .triton_gemm import num_sms
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
 # wgmma needs the arch-specific sm_90a target: the kernel exists for Hopper only.
@@ -65,12 +66,24 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA wgmma kernel", "FP4C_WGMMA_KERNEL", device_index, _library, CAPABILITIES)
 
 
+def _weight_problem(weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot read this prepared weight (None: it can)."""
+    if (weight.shape[1] * 2) % K_ALIGNMENT:
+        return f"the weight's padded K ({weight.shape[1] * 2}) must be a multiple of {K_ALIGNMENT}"
+    if weight.data_ptr() % 16 or weight.stride(1) != 1:
+        return "the weight must be 16-byte aligned with contiguous rows (it is read by TMA)"
+    return None
+
+
+def _tiles(m: int, n: int, bn: int, wm: int) -> int:
+    """Output tiles (CTAs before any K split) of an [m, n] output with (bn, wm) tiles."""
+    return math.ceil(m / bn) * math.ceil(n / (128 * wm))
+
+
 def supports(weight: torch.Tensor) -> bool:
     """Can the kernel take this prepared weight (on a device where it runs, padded K a multiple of
     64, 16-byte aligned rows)? Its bf16/fp16 activations must live on the same device."""
-    if weight.device.type != "cuda":
-        return False
-    if (weight.shape[1] * 2) % K_ALIGNMENT or weight.data_ptr() % 16 or weight.stride(1) != 1:
+    if weight.device.type != "cuda" or _weight_problem(weight) is not None:
         return False
     index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
     return unavailable_reason(index) is None
@@ -86,9 +99,9 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     if not supports(weight):
         return False
     if m > LARGE_M:
-        sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+        sms = num_sms(weight.device.index or 0)
         bn, wm, splits = launch_config(m, n, k, sms)
-        tiles = math.ceil(m / bn) * math.ceil(n / (128 * wm))
+        tiles = _tiles(m, n, bn, wm)
         if splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
             return False
     return True
@@ -104,9 +117,8 @@ def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int
     k-steps of 64 per split.
     """
     bn = 32 if m <= 32 else 64 if m <= 64 else 128 if m <= 128 else 256
-    act_tiles = math.ceil(m / bn)
-    wm = 2 if bn <= 128 and act_tiles * math.ceil(n / 256) >= sms * 3 // 4 else 1
-    tiles = act_tiles * math.ceil(n / (128 * wm))
+    wm = 2 if bn <= 128 and _tiles(m, n, bn, 2) >= sms * 3 // 4 else 1
+    tiles = _tiles(m, n, bn, wm)
     splits = 1
     if tiles < sms * 3 // 4:
         splits = max(1, min(sms // tiles, math.ceil(k / 64) // 8))
@@ -131,11 +143,12 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if m < 1 or k % 16 or k > kp or kp % K_ALIGNMENT or n > np_:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n} "
                          f"(K a multiple of 16 within the weight's K, which must be a multiple of {K_ALIGNMENT})")
-    if weight.data_ptr() % 16 or weight.stride(1) != 1:
-        raise ValueError("the weight must be 16-byte aligned with contiguous rows (it is read by TMA)")
+    problem = _weight_problem(weight)
+    if problem is not None:
+        raise ValueError(problem)
     if tile is not None and tuple(tile) not in TILES:
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
-    auto_bn, auto_wm, auto_splits = launch_config(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    auto_bn, auto_wm, auto_splits = launch_config(m, n, k, num_sms(x.device.index or 0))
     bn, wm = tile if tile is not None else (auto_bn, auto_wm)
     splits = splits or auto_splits
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)

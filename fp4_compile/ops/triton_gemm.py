@@ -349,7 +349,8 @@ FUSED_QUANT_MAX_M = 16
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def num_sms(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (cached; NUM_SMS_DEFAULT without CUDA)."""
     try:
         return torch.cuda.get_device_properties(index).multi_processor_count
     except Exception:  # noqa: BLE001 - interpreter / no CUDA
@@ -358,7 +359,7 @@ def _num_sms(index: int) -> int:
 
 def pick_config(mode: str, m: int, n: int, k: int, device: torch.device | None = None) -> GemmConfig:
     """The config for a call: the tuned table entry, else the bucket default; split-K resolved."""
-    return _pick_config(mode, m_bucket(m), m, n, k, _num_sms(device.index or 0) if device is not None
+    return _pick_config(mode, m_bucket(m), m, n, k, num_sms(device.index or 0) if device is not None
                         and device.type == "cuda" else NUM_SMS_DEFAULT)
 
 
@@ -457,7 +458,7 @@ def fp4_gemm(
         use_asm = default_use_asm(dev)
     cfg = config if config is not None else pick_config(mode, m, n, k, dev)
     if cfg.SPLIT_K == 0:
-        cfg = resolve_split(cfg, m, n, k, NUM_SMS_DEFAULT if interp else _num_sms(dev.index or 0))
+        cfg = resolve_split(cfg, m, n, k, NUM_SMS_DEFAULT if interp else num_sms(dev.index or 0))
     if not cfg.DOT and m != 1:
         raise ValueError("the FMA (DOT=False) path handles one row only")
     bm = 1 if not cfg.DOT else cfg.BM
