@@ -1,7 +1,9 @@
-"""One W4A16 linear (28672x4096, M=1) or one quant call (4096x4096), for an ncu profile:
+"""One W4A16 linear (28672x4096, M=1), one quant call (4096x4096) or one call of the wgmma kernel
+(N K M given), for an ncu profile:
 
 ncu --kernel-name regex:_fp4_gemm_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy python3 benchmarks/profile_one.py gemm
+ncu --kernel-name regex:nvfp4_wgmma --launch-skip 2 --launch-count 1 ... profile_one.py wgmma 28672 4096 1024
 """
 
 import os
@@ -23,6 +25,16 @@ if what == "gemm":
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         MARLIN.linear(x, wt, wst, None, (1 / gw).float(), None, n)
+elif what == "wgmma":
+    from fp4_compile.ops.cuda_wgmma import wgmma_gemm
+
+    n, k, m = (int(v) for v in sys.argv[2:5])
+    w = torch.randn(n, k, device="cuda")
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    wt, wst = MARLIN.prepare_weight(*F.quantize_nvfp4(w, gw))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        wgmma_gemm(x, wt, wst, (1 / gw).float(), n=n, out_dtype=torch.bfloat16)
 else:
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     gs = torch.ones(1, device="cuda")
