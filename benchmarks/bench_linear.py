@@ -26,7 +26,7 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import launch_config as small_m_launch_config  # noqa: E402
 from fp4_compile.ops.cuda_small_m import use_small_m  # noqa: E402
-from fp4_compile.ops.cuda_wgmma import launch_config as wgmma_launch_config  # noqa: E402
+from fp4_compile.ops.cuda_wgmma import device_launch_config as wgmma_launch_config  # noqa: E402
 from fp4_compile.ops.cuda_wgmma import use_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
@@ -93,7 +93,7 @@ def main():
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
                     r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
                 elif use_wgmma(ws[0][0], m):
-                    r[f"{key}_cfg"] = "CUDA wgmma t{}x{} s{}".format(*wgmma_launch_config(m, n, k))
+                    r[f"{key}_cfg"] = "CUDA wgmma t{}x{} s{}".format(*wgmma_launch_config(m, n, k, 0))
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
                 else:

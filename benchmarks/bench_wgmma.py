@@ -37,7 +37,8 @@ def main():
     ap.add_argument("--splits", default="1,2,4,8", help="K splits timed for each tile (large M: 1 only)")
     args = ap.parse_args()
     info, bw, tf = measured_env()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    info["cluster_ctas"] = cuda_wgmma.cluster_ctas(0)
+    print("CTAs of the kernel that fit at once, per K split (cluster size):", info["cluster_ctas"], flush=True)
     rows = []
     for si in args.shapes.split(","):
         n, k = shape_of(si)
@@ -50,7 +51,7 @@ def main():
             gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
             alphas44 = [(1 / (gx * gw)).float() for _, _, gw in ws]
             ref = x.double() @ wv0.t() * alphas[0].double()
-            auto = cuda_wgmma.launch_config(m, n, k, sms)
+            auto = cuda_wgmma.device_launch_config(m, n, k, 0)
             row = {"shape": f"{n}x{k}", "m": m, "auto": "t{}x{}s{}".format(*auto)}
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
             row["w4a16_backend_us"] = round(time_graph_us(

@@ -24,6 +24,16 @@ CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
 K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
+SPLITS = (1, 2, 4, 8)  # K splits of a tile form one thread-block cluster: at most the portable cluster size
+MAX_SPLITS = SPLITS[-1]
+MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
+# Cost model of one launch that launch_config minimises, fitted to the bench_wgmma.py sweep of every tile
+# and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline fill, epilogue)
+# plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and STAGE_ROW_US per
+# activation row (tensor cores); CTAs beyond those that fit at once run in further waves.
+CTA_FIXED_US = 4.25
+STAGE_US = 0.248
+STAGE_ROW_US = 0.00196
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured as fast or faster on every shape);
@@ -56,7 +66,9 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p] + [i32] * 10 + [p]
+    lib.fp4c_nvfp4_wgmma_cluster_capacity.restype = ctypes.c_int
+    lib.fp4c_nvfp4_wgmma_cluster_capacity.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -99,30 +111,54 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     if not supports(weight):
         return False
     if m > LARGE_M:
-        sms = num_sms(weight.device.index or 0)
-        bn, wm, splits = launch_config(m, n, k, sms)
+        index = weight.device.index or 0
+        sms = num_sms(index)
+        bn, wm, splits = device_launch_config(m, n, k, index)
         tiles = _tiles(m, n, bn, wm)
         if splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
             return False
     return True
 
 
-def launch_config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int]:
-    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM.
+def estimated_us(m: int, n: int, k: int, bn: int, wm: int, splits: int, cluster_ctas: dict[int, int]) -> float:
+    """The cost model's time of one launch with (bn, wm) tiles and K split ``splits`` ways, where
+    ``cluster_ctas[splits]`` CTAs fit on the device at once."""
+    waves = math.ceil(_tiles(m, n, bn, wm) * splits / cluster_ctas[splits])
+    stages = math.ceil(math.ceil(k / 64) / splits)
+    return waves * (CTA_FIXED_US + stages * wm * (STAGE_US + STAGE_ROW_US * bn))
 
-    From the H100 sweep of bench_wgmma.py (benchmarks/NOTES.md, v7): the activation tile is the
-    power of two covering M up to 128, else 256 (one 64-row weight tile per warpgroup: the 256-wide
-    MMA); two weight tiles per warpgroup once that still leaves a CTA for most SMs; K split when
-    the tiles leave SMs idle, never into more CTAs than SMs (one CTA fits an SM) and never below 8
-    k-steps of 64 per split.
+
+def launch_config(m: int, n: int, k: int, sms: int = 132,
+                  cluster_ctas: dict[int, int] | None = None) -> tuple[int, int, int]:
+    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM: the built
+    tile and split with the least estimated time (``estimated_us``), splits keeping at least
+    MIN_STAGES_PER_SPLIT stages each. ``cluster_ctas``: CTAs that fit at once per split count
+    (``cluster_ctas()`` of the device; without one, every SM's worth in whole clusters).
     """
-    bn = 32 if m <= 32 else 64 if m <= 64 else 128 if m <= 128 else 256
-    wm = 2 if bn <= 128 and _tiles(m, n, bn, 2) >= sms * 3 // 4 else 1
-    tiles = _tiles(m, n, bn, wm)
-    splits = 1
-    if tiles < sms * 3 // 4:
-        splits = max(1, min(sms // tiles, math.ceil(k / 64) // 8))
-    return bn, wm, splits
+    if cluster_ctas is None:
+        cluster_ctas = {s: sms // s * s for s in SPLITS}
+    k_tiles = math.ceil(k / 64)
+    candidates = [(bn, wm, s) for bn, wm in TILES for s in SPLITS
+                  if cluster_ctas.get(s, 0) > 0 and (s == 1 or k_tiles // s >= MIN_STAGES_PER_SPLIT)]
+    return min(candidates, key=lambda c: (estimated_us(m, n, k, *c, cluster_ctas), c[2]))
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_ctas(device_index: int) -> dict[int, int]:
+    """CTAs of the kernel that fit on the device at once, per split count (the splits of a tile are
+    one cluster, and clusters must fit within one GPC)."""
+    lib = _library(torch.cuda.get_device_capability(device_index))
+    out = {1: num_sms(device_index)}
+    with torch.cuda.device(device_index):
+        for s in SPLITS[1:]:
+            clusters = lib.fp4c_nvfp4_wgmma_cluster_capacity(s)
+            out[s] = max(clusters, 0) * s  # an error: never split that way
+    return out
+
+
+def device_launch_config(m: int, n: int, k: int, device_index: int) -> tuple[int, int, int]:
+    """``launch_config`` for the device's SMs and cluster capacity."""
+    return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
@@ -148,16 +184,16 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError(problem)
     if tile is not None and tuple(tile) not in TILES:
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
-    auto_bn, auto_wm, auto_splits = launch_config(m, n, k, num_sms(x.device.index or 0))
+    if splits is not None and not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be 1..{MAX_SPLITS}, got {splits}")
+    auto_bn, auto_wm, auto_splits = device_launch_config(m, n, k, x.device.index or 0)
     bn, wm = tile if tile is not None else (auto_bn, auto_wm)
     splits = splits or auto_splits
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if splits > 1 else None  # zeroed by the launcher
     with torch.cuda.device(x.device):  # ctypes launches on the current device
         err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_wgmma_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-            weight_scale.stride(0), out.data_ptr(), out.stride(0),
-            partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
+            weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
             bn, wm, splits, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:

@@ -28,8 +28,12 @@
 // [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
 // the word reads of a warp hit 32 distinct banks.
 //
-// K may be split over gridDim.z: each split then adds its fp32 tile into a zeroed workspace
-// (red.global.add) and a second kernel applies alpha and the bias.
+// K may be split over gridDim.z (at most 8 splits): the splits of an output tile are then one thread-block
+// cluster, each CTA leaves its fp32 tile in its shared memory, and after a cluster barrier each
+// reduces a slice of the tile over the cluster's shared memories (distributed shared memory) and
+// stores it. One launch, no workspace, a fixed summation order. (Measured slower: an fp32
+// workspace zeroed by a memset, red.global.add and a finalize kernel; fp32 slices reduced by the
+// last split through L2. benchmarks/NOTES.md, v7 and v8.)
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -55,6 +59,7 @@ constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
+constexpr int kMaxSplits = 8;                      // the portable cluster size
 
 template <int BN, int WM>
 struct Tile {
@@ -72,7 +77,6 @@ struct Tile {
 struct Args {
   const uint8_t* ws;   // [Np, Kp/16] e4m3
   void* out;           // [M, N] OutT, row stride ldo
-  float* partial;      // [M, N] fp32 workspace, zeroed (split K only, else null)
   const void* bias;    // [N] OutT or null
   const float* alpha;  // one element
   int64_t ldws, ldo;
@@ -147,6 +151,25 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[WM][N]) {
   for (int i = 0; i < WM; ++i)
 #pragma unroll
     for (int e = 0; e < N; ++e) asm volatile("" : "+f"(acc[i][e])::"memory");
+}
+
+// Cluster barrier over every thread of the cluster's CTAs (a CTA launched alone is a cluster of one).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Four floats at the same shared-memory offset in cluster CTA `rank`.
+__device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank) {
+  uint32_t remote;
+  float4 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
+  return v;
 }
 
 // wgmma descriptor of a K-major tile of 128-byte rows in 128-byte-swizzled 8-row atoms:
@@ -302,9 +325,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  if (warp >= kConsumerThreads / 32) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (warp != kConsumerThreads / 32) return;
+  // The producer warp: per 64-k stage, the activation and weight tiles by TMA and each weight row's
+  // four scale bytes by cp.async, all completing on the stage's "full" mbarrier.
+  auto produce = [&] {
     for (int it = 0; it < nk; ++it) {
       const int s = it % S, kt = kt0 + it;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
@@ -322,6 +345,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       mbar_cp_async_arrive(full + 8 * s);
     }
+  };
+
+  // Every thread of the CTA (of the cluster, with K split) meets the epilogue's two barriers.
+  const bool clustered = gridDim.z > 1;
+  auto epilogue_sync = [&] {
+    if (clustered) {
+      cluster_sync();
+    } else {
+      __syncthreads();
+    }
+  };
+
+  if (warp >= kConsumerThreads / 32) {  // producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (warp == kConsumerThreads / 32) produce();
+    __syncwarp();
+    epilogue_sync();
+    epilogue_sync();
     return;
   }
 
@@ -405,40 +446,35 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  epilogue_sync();  // every split's tile is complete
 
-  // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
+  // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3). With K
+  // split, the CTA of cluster rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
+  // cluster's tiles in rank order.
   constexpr int kRuns = T::kRows / 4;
-  const bool vec4 = args.N % 4 == 0;  // the fp32 workspace has row stride N
-  if (args.partial != nullptr) {
-    // Split K: add this split's tile into the zeroed fp32 workspace (fire-and-forget reductions,
-    // four floats each where rows allow); finalize_kernel then applies alpha and the bias.
-    // (Measured: cheaper than fp32 slices reduced by the last split of a tile, whose serial L2
-    // reads cost more than the zeroing pass and the second launch; benchmarks/NOTES.md v7.)
-    for (int q = tid; q < BN * kRuns; q += kConsumerThreads) {
-      const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-      if (m >= args.M || n >= args.N) continue;
-      float* dst = args.partial + static_cast<int64_t>(m) * args.N + n;
-      const float* src = tile + r * kPitch + c;
-      if (vec4 && n + 4 <= args.N) {
-        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(src[0]), "f"(src[1]),
-                     "f"(src[2]), "f"(src[3])
-                     : "memory");
-      } else {
-        for (int v = 0; v < 4 && n + v < args.N; ++v) atomicAdd(dst + v, src[v]);
-      }
-    }
-    return;
-  }
-
+  constexpr int kQ = BN * kRuns;
+  const int splits = gridDim.z;
+  const int rank = clustered ? static_cast<int>(cluster_rank()) : 0;
+  const int q0 = kQ * rank / splits, q1 = kQ * (rank + 1) / splits;
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
   const OutT* bias = static_cast<const OutT*>(args.bias);
   OutT* out = static_cast<OutT*>(args.out);
   const bool vec_out = args.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % (4 * sizeof(OutT)) == 0;
-  for (int q = tid; q < BN * kRuns; q += kConsumerThreads) {
+  for (int q = q0 + tid; q < q1; q += kConsumerThreads) {
     const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
     if (m >= args.M || n >= args.N) continue;
-    const float* src = tile + r * kPitch + c;
+    float4 sum;
+    if (clustered) {
+      const uint32_t local = act_s + 4 * (r * kPitch + c);
+      sum = load_cluster_f4(local, 0);
+      for (int j = 1; j < splits; ++j) {
+        const float4 v = load_cluster_f4(local, j);
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+      }
+    } else {
+      sum = *reinterpret_cast<const float4*>(tile + r * kPitch + c);
+    }
+    const float src[4] = {sum.x, sum.y, sum.z, sum.w};
     OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
     OutT v[4];
 #pragma unroll
@@ -456,21 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int u = 0; u < 4 && n + u < args.N; ++u) dst[u] = v[u];
     }
   }
-}
-
-// Split K: out = partial * alpha * 2^8 + bias.
-template <typename OutT>
-__global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, const OutT* bias, const float* alpha,
-                                int M, int N) {
-  const float scale = __ldg(alpha) * 256.f;
-  const int64_t total = static_cast<int64_t>(M) * N;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int n = static_cast<int>(e % N);
-    float v = partial[e] * scale;
-    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
-    out[(e / N) * ldo + n] = Convert<OutT>::to(v);
-  }
+  epilogue_sync();  // no CTA of the cluster leaves while the others read its tile
 }
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no libcuda link).
@@ -504,6 +526,37 @@ cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType typ
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Launch configuration of a split-K grid: the `splits` CTAs of an output tile (grid z) form one
+// cluster, so they run at once (on one GPC) and can read each other's shared memory.
+struct SplitLaunch {
+  cudaLaunchAttribute cluster{};
+  cudaLaunchConfig_t config{};
+  SplitLaunch(dim3 grid, int smem, int splits, cudaStream_t stream) {
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
+  SplitLaunch(const SplitLaunch&) = delete;
+  SplitLaunch& operator=(const SplitLaunch&) = delete;
+};
+
+// Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
+// initialisation thread-safe).
+template <bool FP16, int BN, int WM, typename OutT>
+cudaError_t allow_smem() {
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                       Tile<BN, WM>::kSmemBytes);
+  return attr;
+}
+
 template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
                    cudaStream_t stream) {
@@ -516,23 +569,15 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
   auto kernel = nvfp4_wgmma_kernel<FP16, BN, WM, OutT>;
-  static const cudaError_t attr =  // once per instantiation (C++ makes the initialisation thread-safe)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
-  if (attr != cudaSuccess) return attr;
-  if (splits > 1) {
-    err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-  }
+  err = allow_smem<FP16, BN, WM, OutT>();
+  if (err != cudaSuccess) return err;
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
-  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
-  if (splits > 1) {
-    const int64_t total = static_cast<int64_t>(args.M) * args.N;
-    const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
-    finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
-                                                      static_cast<const OutT*>(args.bias), args.alpha, args.M,
-                                                      args.N);
+  if (splits == 1) {
+    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  const SplitLaunch split(grid, T::kSmemBytes, splits, stream);
+  return cudaLaunchKernelEx(&split.config, kernel, x_map, w_map, args);
 }
 
 template <bool FP16, typename OutT>
@@ -552,19 +597,19 @@ extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
-// weight rows per CTA; bn 256 takes 1). splits > 1 needs partial, an [M, N] fp32 workspace.
+// weight rows per CTA; bn 256 takes 1); splits: 1..8 (K split over a cluster of that many CTAs).
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                          void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
+                          void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
-      (splits > 1 && partial == nullptr)) {
+      splits > kMaxSplits) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
+  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo,
                   M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
@@ -575,6 +620,19 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
                    : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, stream);
   }
   return static_cast<int>(err);
+}
+
+// How many clusters of `splits` CTAs of the kernel fit on the current device at once (every tile
+// takes one SM: registers), or minus a cudaError_t. The launch configuration keeps split-K grids
+// within that: a cluster that does not fit waits for a whole earlier one to finish.
+int fp4c_nvfp4_wgmma_cluster_capacity(int splits) {
+  if (splits < 1 || splits > kMaxSplits) return -static_cast<int>(cudaErrorInvalidValue);
+  cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16>();
+  if (err != cudaSuccess) return -static_cast<int>(err);
+  const SplitLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, nullptr);
+  int clusters = 0;
+  err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16>, &split.config);
+  return err == cudaSuccess ? clusters : -static_cast<int>(err);
 }
 
 }  // extern "C"
