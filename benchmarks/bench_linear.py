@@ -93,7 +93,7 @@ def main():
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
                     r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
                 elif use_wgmma(ws[0][0], m):
-                    r[f"{key}_cfg"] = "CUDA wgmma t{}x{} s{}".format(*wgmma_launch_config(m, n, k, 0))
+                    r[f"{key}_cfg"] = "CUDA wgmma " + wgmma_launch_config(m, n, k, 0).label
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
                 else:

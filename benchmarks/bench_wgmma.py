@@ -4,7 +4,7 @@ For the Llama-3-8B shapes (and NxK given) at M = 16 .. 4096, in CUDA graphs over
 (each M's activations stay the same across the rotation, as in bench_linear): cuBLAS bf16; W4A16
 through the backends' dispatch; W4A16 as the weight dequantized to bf16 + cuBLASLt (the large-M
 path, "dequant"); W4A16 through the wgmma kernel at its own launch_config ("auto")
-and at each (tile, splits); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
+and at each (tile, splits, split reduction: "w" = through the workspace); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
 Each variant is checked against the float64 product before it is timed.
 
 python benchmarks/bench_wgmma.py [--ms 64,128] [--shapes 0,2,1024x4096] [--splits 1,2,4]
@@ -52,7 +52,7 @@ def main():
             alphas44 = [(1 / (gx * gw)).float() for _, _, gw in ws]
             ref = x.double() @ wv0.t() * alphas[0].double()
             auto = cuda_wgmma.device_launch_config(m, n, k, 0)
-            row = {"shape": f"{n}x{k}", "m": m, "auto": "t{}x{}s{}".format(*auto)}
+            row = {"shape": f"{n}x{k}", "m": m, "auto": auto.label}
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
             row["w4a16_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
@@ -72,20 +72,18 @@ def main():
                                                         a, n=n, out_dtype=torch.bfloat16)
                  for w, a in zip(ws, alphas44)]), 2)
             worst = 0.0
-            for tile in cuda_wgmma.TILES:
-                bn, wm = tile
-                if bn > max(32, 2 * m) or (m >= 512 and bn < 128):
+            splits_timed = [int(s) for s in args.splits.split(",")]
+            for cfg in cuda_wgmma.launch_configs(k, cuda_wgmma.cluster_ctas(0)):
+                if cfg.bn > max(32, 2 * m) or (m >= 512 and cfg.bn < 128) or cfg.splits not in splits_timed:
                     continue  # tiles far from M
-                for splits in [int(s) for s in args.splits.split(",")]:
-                    if m >= 512 and splits > 1:
-                        continue
-                    out = cuda_wgmma.wgmma_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, out_dtype=torch.float32,
-                                                tile=tile, splits=splits)
-                    worst = max(worst, rel(out, ref))
-                    row[f"t{bn}x{wm}s{splits}_us"] = round(time_graph_us(
-                        [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                                tile=tile, splits=splits)
-                         for w, a in zip(ws, alphas)]), 2)
+                if m >= 2048 and cfg.splits > 1:
+                    continue
+                opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
+                out = cuda_wgmma.wgmma_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, out_dtype=torch.float32, **opts)
+                worst = max(worst, rel(out, ref))
+                row[f"{cfg.label}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, **opts)
+                     for w, a in zip(ws, alphas)]), 2)
             row["variants_worst_rel"] = f"{worst:.1e}"
             variants = {key: v for key, v in row.items() if key.startswith("t") and key.endswith("_us")}
             best_key = min(variants, key=variants.get)

@@ -213,14 +213,18 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
     and without split K; 16-bit output with bias: within output rounding. Outputs poisoned first."""
     _need_wgmma()
     x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
+    # splits in a cluster and through the workspace; the largest leaves some splits empty where K is short
+    variants = [(1, False), (3, False), (cuda_wgmma.MAX_SPLITS, False), (3, True)]
     for tile in cuda_wgmma.TILES:
-        for splits in (1, 3, cuda_wgmma.MAX_SPLITS):  # the last leaves some splits empty where K is short
+        for splits, workspace in variants:
             poison_allocator(m * n * 8 + (1 << 22))
-            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits)
-            assert out.shape == (m, n) and torch.isfinite(out).all(), (tile, splits)
-            assert rel(out, ref) <= 1e-5, (tile, splits, rel(out, ref))
-    for splits in (1, 2):
-        out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, splits=splits)
+            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits,
+                                        workspace=workspace)
+            assert out.shape == (m, n) and torch.isfinite(out).all(), (tile, splits, workspace)
+            assert rel(out, ref) <= 1e-5, (tile, splits, workspace, rel(out, ref))
+    for splits, workspace in [(1, False), (2, False), (2, True)]:
+        out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, splits=splits,
+                                    workspace=workspace)
         assert out.dtype == dt and torch.isfinite(out).all()
         assert rel(out, ref + bias.double()) <= TOL[dt]
 
@@ -233,12 +237,14 @@ def test_wgmma_kernel_graph_replay(seed):
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     alpha = (1 / gw).float()
     wv = F.block_values(pw, sw).double()
-    for splits in (1, 4):
-        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits)  # build first
+    for splits, workspace in [(1, False), (4, False), (4, True)]:
+        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits,
+                              workspace=workspace)  # build first
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits)
+            out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits,
+                                        workspace=workspace)
         for _ in range(2):
             x.copy_(torch.randn_like(x))
             g.replay()

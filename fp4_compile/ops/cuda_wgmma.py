@@ -11,6 +11,7 @@ import ctypes
 import functools
 import math
 import pathlib
+from typing import NamedTuple
 
 import torch
 
@@ -24,16 +25,19 @@ CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
 K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
-SPLITS = (1, 2, 4, 8)  # K splits of a tile form one thread-block cluster: at most the portable cluster size
+# K splits: reduced in a thread-block cluster (at most the portable cluster size) or through a workspace.
+SPLITS = (1, 2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
 MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
-# Cost model of one launch that launch_config minimises, fitted to the bench_wgmma.py sweep of every tile
-# and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline fill, epilogue)
-# plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and STAGE_ROW_US per
-# activation row (tensor cores); CTAs beyond those that fit at once run in further waves.
-CTA_FIXED_US = 4.25
-STAGE_US = 0.248
-STAGE_ROW_US = 0.00196
+# Cost model of one launch that launch_config minimises, fitted to the H100 sweep of bench_wgmma.py
+# over every tile and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline
+# fill, epilogue) plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and
+# STAGE_ROW_US per activation row (tensor cores); CTAs beyond those that fit at once run in further
+# waves; a workspace reduction adds WORKSPACE_US (memset, reductions, finalize launch).
+CTA_FIXED_US = 5.84
+STAGE_US = 0.233
+STAGE_ROW_US = 0.00188
+WORKSPACE_US = 6.0
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured as fast or faster on every shape);
@@ -66,7 +70,7 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p] + [i32] * 10 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
     lib.fp4c_nvfp4_wgmma_cluster_capacity.restype = ctypes.c_int
     lib.fp4c_nvfp4_wgmma_cluster_capacity.argtypes = [ctypes.c_int]
     return lib
@@ -101,6 +105,17 @@ def supports(weight: torch.Tensor) -> bool:
     return unavailable_reason(index) is None
 
 
+class LaunchConfig(NamedTuple):
+    bn: int          # activation rows per CTA
+    wm: int          # weight rows per CTA / 128
+    splits: int      # K splits
+    workspace: bool  # splits reduced through an fp32 workspace (else within a cluster)
+
+    @property
+    def label(self) -> str:
+        return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "")
+
+
 def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel?"""
     if not DISPATCH_MIN_M <= m <= DISPATCH_MAX_M:
@@ -113,34 +128,49 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     if m > LARGE_M:
         index = weight.device.index or 0
         sms = num_sms(index)
-        bn, wm, splits = device_launch_config(m, n, k, index)
-        tiles = _tiles(m, n, bn, wm)
-        if splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
+        cfg = device_launch_config(m, n, k, index)
+        tiles = _tiles(m, n, cfg.bn, cfg.wm)
+        if cfg.splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
             return False
     return True
 
 
-def estimated_us(m: int, n: int, k: int, bn: int, wm: int, splits: int, cluster_ctas: dict[int, int]) -> float:
-    """The cost model's time of one launch with (bn, wm) tiles and K split ``splits`` ways, where
-    ``cluster_ctas[splits]`` CTAs fit on the device at once."""
-    waves = math.ceil(_tiles(m, n, bn, wm) * splits / cluster_ctas[splits])
-    stages = math.ceil(math.ceil(k / 64) / splits)
-    return waves * (CTA_FIXED_US + stages * wm * (STAGE_US + STAGE_ROW_US * bn))
+def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ctas: dict[int, int]) -> float:
+    """The cost model's time of one launch, where ``sms`` CTAs fit on the device at once alone and
+    ``cluster_ctas[s]`` in clusters of s."""
+    fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
+    waves = math.ceil(_tiles(m, n, cfg.bn, cfg.wm) * cfg.splits / fit)
+    stages = math.ceil(math.ceil(k / 64) / cfg.splits)
+    cta = CTA_FIXED_US + stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+    return waves * cta + (WORKSPACE_US if cfg.workspace else 0.0)
+
+
+def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
+    """Every built tile and split the kernel may run K with: splits keep at least
+    MIN_STAGES_PER_SPLIT stages each, and run in clusters only where such a cluster fits."""
+    k_tiles = math.ceil(k / 64)
+    out = []
+    for bn, wm in TILES:
+        out.append(LaunchConfig(bn, wm, 1, False))
+        for s in SPLITS[1:]:
+            if k_tiles // s < MIN_STAGES_PER_SPLIT:
+                continue
+            out.append(LaunchConfig(bn, wm, s, True))
+            if cluster_ctas.get(s, 0) > 0:
+                out.append(LaunchConfig(bn, wm, s, False))
+    return out
 
 
 def launch_config(m: int, n: int, k: int, sms: int = 132,
-                  cluster_ctas: dict[int, int] | None = None) -> tuple[int, int, int]:
-    """(activation rows, weight rows / 128, K splits) per CTA for an [m, k] x [n, k] GEMM: the built
-    tile and split with the least estimated time (``estimated_us``), splits keeping at least
-    MIN_STAGES_PER_SPLIT stages each. ``cluster_ctas``: CTAs that fit at once per split count
-    (``cluster_ctas()`` of the device; without one, every SM's worth in whole clusters).
-    """
+                  cluster_ctas: dict[int, int] | None = None) -> LaunchConfig:
+    """The tile, K splits and split reduction for an [m, k] x [n, k] GEMM: the one of
+    ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
+    fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
+    in whole clusters)."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
-    k_tiles = math.ceil(k / 64)
-    candidates = [(bn, wm, s) for bn, wm in TILES for s in SPLITS
-                  if cluster_ctas.get(s, 0) > 0 and (s == 1 or k_tiles // s >= MIN_STAGES_PER_SPLIT)]
-    return min(candidates, key=lambda c: (estimated_us(m, n, k, *c, cluster_ctas), c[2]))
+    return min(launch_configs(k, cluster_ctas),
+               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace))
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,21 +186,23 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
     return out
 
 
-def device_launch_config(m: int, n: int, k: int, device_index: int) -> tuple[int, int, int]:
+def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
     """``launch_config`` for the device's SMs and cluster capacity."""
     return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-               tile: tuple[int, int] | None = None, splits: int | None = None) -> torch.Tensor:
+               tile: tuple[int, int] | None = None, splits: int | None = None,
+               workspace: bool | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
-    this is the exact W4A4 product. ``tile`` (one of TILES) and ``splits`` override
-    ``launch_config`` (benchmark variants).
+    this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
+    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``
+    (benchmark variants).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -186,17 +218,21 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be 1..{MAX_SPLITS}, got {splits}")
-    auto_bn, auto_wm, auto_splits = device_launch_config(m, n, k, x.device.index or 0)
-    bn, wm = tile if tile is not None else (auto_bn, auto_wm)
-    splits = splits or auto_splits
+    auto = device_launch_config(m, n, k, x.device.index or 0)
+    bn, wm = tile if tile is not None else (auto.bn, auto.wm)
+    splits = splits or auto.splits
+    workspace = auto.workspace if workspace is None else workspace
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    # zeroed by the launcher
+    partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
     with torch.cuda.device(x.device):  # ctypes launches on the current device
         err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_wgmma_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-            weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
+            weight_scale.stride(0), out.data_ptr(), out.stride(0),
+            partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
             bn, wm, splits, torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
-                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits})")
+                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace})")
     return out

@@ -28,12 +28,15 @@
 // [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
 // the word reads of a warp hit 32 distinct banks.
 //
-// K may be split over gridDim.z (at most 8 splits): the splits of an output tile are then one thread-block
-// cluster, each CTA leaves its fp32 tile in its shared memory, and after a cluster barrier each
-// reduces a slice of the tile over the cluster's shared memories (distributed shared memory) and
-// stores it. One launch, no workspace, a fixed summation order. (Measured slower: an fp32
-// workspace zeroed by a memset, red.global.add and a finalize kernel; fp32 slices reduced by the
-// last split through L2. benchmarks/NOTES.md, v7 and v8.)
+// K may be split over gridDim.z (at most 8 splits), reduced one of two ways:
+// - in a cluster: the splits of an output tile are one thread-block cluster; each CTA leaves its
+//   fp32 tile in its shared memory and, after a cluster barrier, reduces a slice of the tile over
+//   the cluster's shared memories (distributed shared memory) and stores it. One launch, a fixed
+//   summation order; but clusters must fit in a GPC, so fewer CTAs run at once (H100: 120 in
+//   clusters of 4 or 8, against 132 SMs);
+// - through a workspace: each split adds its tile into a zeroed fp32 workspace (red.global.add)
+//   and finalize_kernel applies alpha and the bias: three launches, every SM.
+// launch_config (ops/cuda_wgmma.py) picks from measured costs (benchmarks/NOTES.md, v7 and v8).
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -77,6 +80,7 @@ struct Tile {
 struct Args {
   const uint8_t* ws;   // [Np, Kp/16] e4m3
   void* out;           // [M, N] OutT, row stride ldo
+  float* partial;      // [M, N] fp32 workspace, zeroed (split K through the workspace, else null)
   const void* bias;    // [N] OutT or null
   const float* alpha;  // one element
   int64_t ldws, ldo;
@@ -347,8 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  // Every thread of the CTA (of the cluster, with K split) meets the epilogue's two barriers.
-  const bool clustered = gridDim.z > 1;
+  // Every thread of the CTA (of the cluster, with K split there) meets the epilogue's two barriers.
+  const bool clustered = gridDim.z > 1 && args.partial == nullptr;
   auto epilogue_sync = [&] {
     if (clustered) {
       cluster_sync();
@@ -448,11 +452,30 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
   epilogue_sync();  // every split's tile is complete
 
-  // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3). With K
-  // split, the CTA of cluster rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
-  // cluster's tiles in rank order.
+  // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
   constexpr int kRuns = T::kRows / 4;
   constexpr int kQ = BN * kRuns;
+  if (args.partial != nullptr) {
+    // Split K through the workspace: fire-and-forget reductions, four floats each where rows allow.
+    const bool vec4 = args.N % 4 == 0;  // the workspace has row stride N
+    for (int q = tid; q < kQ; q += kConsumerThreads) {
+      const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
+      if (m >= args.M || n >= args.N) continue;
+      float* dst = args.partial + static_cast<int64_t>(m) * args.N + n;
+      const float* src = tile + r * kPitch + c;
+      if (vec4 && n + 4 <= args.N) {
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(src[0]), "f"(src[1]),
+                     "f"(src[2]), "f"(src[3])
+                     : "memory");
+      } else {
+        for (int v = 0; v < 4 && n + v < args.N; ++v) atomicAdd(dst + v, src[v]);
+      }
+    }
+    epilogue_sync();
+    return;
+  }
+  // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
+  // cluster's tiles in rank order.
   const int splits = gridDim.z;
   const int rank = clustered ? static_cast<int>(cluster_rank()) : 0;
   const int q0 = kQ * rank / splits, q1 = kQ * (rank + 1) / splits;
@@ -493,6 +516,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   epilogue_sync();  // no CTA of the cluster leaves while the others read its tile
+}
+
+// Split K through the workspace: out = partial * alpha * 2^8 + bias.
+template <typename OutT>
+__global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, const OutT* bias, const float* alpha,
+                                int M, int N) {
+  const float scale = __ldg(alpha) * 256.f;
+  const int64_t total = static_cast<int64_t>(M) * N;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int n = static_cast<int>(e % N);
+    float v = partial[e] * scale;
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+    out[(e / N) * ldo + n] = Convert<OutT>::to(v);
+  }
 }
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no libcuda link).
@@ -572,6 +610,17 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   err = allow_smem<FP16, BN, WM, OutT>();
   if (err != cudaSuccess) return err;
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
+  if (args.partial != nullptr) {
+    err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
+    const int64_t total = static_cast<int64_t>(args.M) * args.N;
+    const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
+    finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
+                                                      static_cast<const OutT*>(args.bias), args.alpha, args.M,
+                                                      args.N);
+    return cudaGetLastError();
+  }
   if (splits == 1) {
     kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
     return cudaGetLastError();
@@ -597,11 +646,12 @@ extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
-// weight rows per CTA; bn 256 takes 1); splits: 1..8 (K split over a cluster of that many CTAs).
+// weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
+// where partial (an [M, N] fp32 workspace) is given, through it.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                          void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N,
+                          void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
@@ -609,7 +659,7 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
       splits > kMaxSplits) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo,
+  const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
                   M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
