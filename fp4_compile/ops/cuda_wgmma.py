@@ -33,11 +33,14 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # over every tile and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline
 # fill, epilogue) plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and
 # STAGE_ROW_US per activation row (tensor cores); CTAs beyond those that fit at once run in further
-# waves; a workspace reduction adds WORKSPACE_US (memset, reductions, finalize launch).
-CTA_FIXED_US = 5.84
-STAGE_US = 0.233
-STAGE_ROW_US = 0.00188
-WORKSPACE_US = 6.0
+# waves; a workspace reduction adds WORKSPACE_US (memset and finalize launches) and
+# WORKSPACE_US_PER_MILLION per million partial sums (M x N x splits: zeroing, reductions, finalize).
+# Over the 30 (shape, M) cells of the fit, its picks ran 1.7% slower than the best variant measured (geomean).
+CTA_FIXED_US = 4.73
+STAGE_US = 0.230
+STAGE_ROW_US = 0.00221
+WORKSPACE_US = 2.45
+WORKSPACE_US_PER_MILLION = 0.427
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured as fast or faster on every shape);
@@ -142,7 +145,8 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     waves = math.ceil(_tiles(m, n, cfg.bn, cfg.wm) * cfg.splits / fit)
     stages = math.ceil(math.ceil(k / 64) / cfg.splits)
     cta = CTA_FIXED_US + stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
-    return waves * cta + (WORKSPACE_US if cfg.workspace else 0.0)
+    workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
+    return waves * cta + workspace
 
 
 def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
