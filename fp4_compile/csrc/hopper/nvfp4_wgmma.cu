@@ -351,22 +351,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  // Every thread of the CTA (of the cluster, with K split there) meets the epilogue's two barriers.
+  // K split within a cluster: every thread of the cluster's CTAs meets the epilogue's two cluster
+  // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
   const bool clustered = gridDim.z > 1 && args.partial == nullptr;
-  auto epilogue_sync = [&] {
-    if (clustered) {
-      cluster_sync();
-    } else {
-      __syncthreads();
-    }
-  };
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) produce();
-    __syncwarp();
-    epilogue_sync();
-    epilogue_sync();
+    if (clustered) {
+      __syncwarp();
+      cluster_sync();
+      cluster_sync();
+    }
     return;
   }
 
@@ -450,7 +446,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
-  epilogue_sync();  // every split's tile is complete
+  if (clustered) {
+    cluster_sync();  // every split's tile is complete
+  } else {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  }
 
   // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
   constexpr int kRuns = T::kRows / 4;
@@ -471,33 +471,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int v = 0; v < 4 && n + v < args.N; ++v) atomicAdd(dst + v, src[v]);
       }
     }
-    epilogue_sync();
     return;
   }
-  // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
-  // cluster's tiles in rank order.
-  const int splits = gridDim.z;
-  const int rank = clustered ? static_cast<int>(cluster_rank()) : 0;
-  const int q0 = kQ * rank / splits, q1 = kQ * (rank + 1) / splits;
+
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
   const OutT* bias = static_cast<const OutT*>(args.bias);
   OutT* out = static_cast<OutT*>(args.out);
   const bool vec_out = args.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % (4 * sizeof(OutT)) == 0;
-  for (int q = q0 + tid; q < q1; q += kConsumerThreads) {
-    const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-    if (m >= args.M || n >= args.N) continue;
-    float4 sum;
-    if (clustered) {
-      const uint32_t local = act_s + 4 * (r * kPitch + c);
-      sum = load_cluster_f4(local, 0);
-      for (int j = 1; j < splits; ++j) {
-        const float4 v = load_cluster_f4(local, j);
-        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-      }
-    } else {
-      sum = *reinterpret_cast<const float4*>(tile + r * kPitch + c);
-    }
-    const float src[4] = {sum.x, sum.y, sum.z, sum.w};
+  auto store_run = [&](int m, int n, const float (&src)[4]) {  // alpha, bias, output type, 4 columns
     OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
     OutT v[4];
 #pragma unroll
@@ -514,8 +495,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       for (int u = 0; u < 4 && n + u < args.N; ++u) dst[u] = v[u];
     }
+  };
+
+  if (!clustered) {
+    for (int q = tid; q < kQ; q += kConsumerThreads) {
+      const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
+      if (m >= args.M || n >= args.N) continue;
+      const float* src = tile + r * kPitch + c;
+      store_run(m, n, {src[0], src[1], src[2], src[3]});
+    }
+    return;
   }
-  epilogue_sync();  // no CTA of the cluster leaves while the others read its tile
+
+  // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
+  // cluster's tiles in rank order.
+  const int splits = gridDim.z;
+  const int rank = static_cast<int>(cluster_rank());
+  for (int q = kQ * rank / splits + tid; q < kQ * (rank + 1) / splits; q += kConsumerThreads) {
+    const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
+    if (m >= args.M || n >= args.N) continue;
+    const uint32_t local = act_s + 4 * (r * kPitch + c);
+    float4 sum = load_cluster_f4(local, 0);
+    for (int j = 1; j < splits; ++j) {
+      const float4 v = load_cluster_f4(local, j);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
+  }
+  cluster_sync();  // no CTA of the cluster leaves while the others read its tile
 }
 
 // Split K through the workspace: out = partial * alpha * 2^8 + bias.
