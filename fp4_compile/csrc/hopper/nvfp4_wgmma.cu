@@ -294,7 +294,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 }
 
 
-template <bool FP16, int BN, int WM, typename OutT>
+// CLUSTER: K split within a cluster (a separate instance: a runtime flag changed the main loop's
+// register allocation and cost the unsplit launches 1.5%, measured on an H100).
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                        const Args args) {
@@ -353,12 +355,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // K split within a cluster: every thread of the cluster's CTAs meets the epilogue's two cluster
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
-  const bool clustered = gridDim.z > 1 && args.partial == nullptr;
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) produce();
-    if (clustered) {
+    if constexpr (CLUSTER) {
       __syncwarp();
       cluster_sync();
       cluster_sync();
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
-  if (clustered) {
+  if constexpr (CLUSTER) {
     cluster_sync();  // every split's tile is complete
   } else {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
@@ -497,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  if (!clustered) {
+  if constexpr (!CLUSTER) {
     for (int q = tid; q < kQ; q += kConsumerThreads) {
       const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
       if (m >= args.M || n >= args.N) continue;
@@ -594,9 +595,9 @@ struct SplitLaunch {
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
-template <bool FP16, int BN, int WM, typename OutT>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT>,
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                        Tile<BN, WM>::kSmemBytes);
   return attr;
@@ -613,8 +614,10 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
-  auto kernel = nvfp4_wgmma_kernel<FP16, BN, WM, OutT>;
-  err = allow_smem<FP16, BN, WM, OutT>();
+  const bool clustered = splits > 1 && args.partial == nullptr;
+  auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true>
+                          : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false>;
+  err = clustered ? allow_smem<FP16, BN, WM, OutT, true>() : allow_smem<FP16, BN, WM, OutT, false>();
   if (err != cudaSuccess) return err;
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   if (args.partial != nullptr) {
@@ -628,7 +631,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                                                       args.N);
     return cudaGetLastError();
   }
-  if (splits == 1) {
+  if (!clustered) {
     kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
     return cudaGetLastError();
   }
@@ -684,11 +687,11 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
 // within that: a cluster that does not fit waits for a whole earlier one to finish.
 int fp4c_nvfp4_wgmma_cluster_capacity(int splits) {
   if (splits < 1 || splits > kMaxSplits) return -static_cast<int>(cudaErrorInvalidValue);
-  cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16>();
+  cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16, true>();
   if (err != cudaSuccess) return -static_cast<int>(err);
   const SplitLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, nullptr);
   int clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16>, &split.config);
+  err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16, true>, &split.config);
   return err == cudaSuccess ? clusters : -static_cast<int>(err);
 }
 
