@@ -63,7 +63,6 @@ constexpr int kConsumerRegs = 232;
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
 constexpr int kMaxSplits = 8;                      // the portable cluster size
-constexpr int kRasterCtas = 128;                   // CTAs per raster group: about one wave
 
 template <int BN, int WM>
 struct Tile {
@@ -315,24 +314,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
-  // Grouped raster: CTAs are launched in order of blockIdx.x + gridDim.x * blockIdx.y; that order
-  // walks groups of kRasterCtas / (activation tiles) weight tiles, within a group the weight tiles
-  // fastest and then every activation tile. So the CTAs resident at once read each of their weight
-  // tiles from DRAM once and share activation tiles through L2 (weight tiles fastest over the
-  // whole grid re-read every weight from DRAM for each activation tile).
-  int wt = blockIdx.x, at = blockIdx.y;
-  {
-    const int n_w = gridDim.x, n_a = gridDim.y;
-    const int group = kRasterCtas / n_a > 1 ? kRasterCtas / n_a : 1;
-    const int linear = blockIdx.y * n_w + blockIdx.x;
-    const int first = linear / (group * n_a) * group;
-    const int width = n_w - first < group ? n_w - first : group;
-    const int within = linear - first * n_a;
-    wt = first + within % width;
-    at = within / width;
-  }
-  const int row0 = wt * T::kRows;
-  const int m0 = at * BN;
+  // Weight tiles vary fastest: the CTAs resident at once share few activation tiles, which stay
+  // in L2 while every weight tile passes them.
+  const int row0 = blockIdx.x * T::kRows;
+  const int m0 = blockIdx.y * BN;
   const int kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
   const int kt1 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z);
   const int nk = kt1 - kt0;
