@@ -86,7 +86,6 @@ struct Args {
   int64_t ldws, ldo;
   int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
-  int tma_store;       // unsplit 16-bit output written by TMA through o_map (else vector stores)
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -129,13 +128,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
-}
-
-// 2D TMA store of one box from shared memory at (c0, c1); completes in the thread's bulk group.
-__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
-               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(src)
-               : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -307,7 +299,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                       const __grid_constant__ CUtensorMap o_map, const Args args) {
+                       const Args args) {
   using T = Tile<BN, WM>;
   constexpr int S = T::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -438,44 +430,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   wgmma_wait<0>();
   fence_accumulators(acc);
-
-  if constexpr (!CLUSTER && sizeof(OutT) == 2) {
-    if (args.tma_store) {
-      // alpha, bias and the output type in registers; the 16-bit tile goes to shared memory (the
-      // idle ring) as TMA boxes of 64 weight rows x BN activation rows, 128-byte swizzled (16-byte
-      // chunk q of row r at q ^ (r % 8): conflict-free), and the tensor memory accelerator writes
-      // it out asynchronously. The CTA leaves once the copy has read shared memory, so the stores
-      // drain under the next CTA's prologue (benchmarks/NOTES.md, v8).
-      const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
-      const OutT* bias = static_cast<const OutT*>(args.bias);
-      uint8_t* staging = smem_raw + (act_s - raw);
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // the ring is idle
-#pragma unroll
-      for (int i = 0; i < WM; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int c = wrow + 64 * i + 8 * h, n = row0 + c;  // weight row in the tile, in W
-          const float b = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
-          uint8_t* box = staging + (c / 64) * (BN * 128);
-#pragma unroll
-          for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int r = 8 * j + 2 * t + e;
-              *reinterpret_cast<OutT*>(box + r * 128 + ((((c % 64) / 8) ^ (r % 8)) << 4) + (c % 8) * 2) =
-                  Convert<OutT>::to(acc[i][4 * j + 2 * h + e] * scale + b);
-            }
-        }
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the TMA unit
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-      if (tid == 0) {
-#pragma unroll
-        for (int b = 0; b < 2 * WM; ++b) tma_store_2d(&o_map, act_s + b * (BN * 128), row0 + 64 * b, m0);
-        asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;\n" ::: "memory");
-      }
-      return;
-    }
-  }
 
   // Epilogue, through shared memory (the ring is idle: every stage was waited for), so that each
   // output row leaves in coalesced vector stores. Accumulator e of n8 block j of tile i holds
@@ -653,18 +607,13 @@ template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
                    cudaStream_t stream) {
   using T = Tile<BN, WM>;
-  CUtensorMap x_map, w_map, o_map{};
+  CUtensorMap x_map, w_map;
   cudaError_t err = make_map(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, K, ldx, kBK, BN,
                              CU_TENSOR_MAP_SWIZZLE_128B);
   if (err != cudaSuccess) return err;
   err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
-  if (args.tma_store) {
-    err = make_map(&o_map, args.out, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, args.N, args.ldo, 64, BN,
-                   CU_TENSOR_MAP_SWIZZLE_128B);
-    if (err != cudaSuccess) return err;
-  }
   const bool clustered = splits > 1 && args.partial == nullptr;
   auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true>
                           : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false>;
@@ -674,7 +623,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   if (args.partial != nullptr) {
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, o_map, args);
+    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
     const int64_t total = static_cast<int64_t>(args.M) * args.N;
     const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
     finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
@@ -683,11 +632,11 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     return cudaGetLastError();
   }
   if (!clustered) {
-    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, o_map, args);
+    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
     return cudaGetLastError();
   }
   const SplitLaunch split(grid, T::kSmemBytes, splits, stream);
-  return cudaLaunchKernelEx(&split.config, kernel, x_map, w_map, o_map, args);
+  return cudaLaunchKernelEx(&split.config, kernel, x_map, w_map, args);
 }
 
 template <bool FP16, typename OutT>
@@ -720,10 +669,8 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
       splits > kMaxSplits) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  // TMA writes the output of unsplit 16-bit launches where its rows are 16-byte aligned
-  const int tma_store = !out_fp32 && splits == 1 && ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
-                  M, N, Np, Kp, (K + kBK - 1) / kBK, tma_store};
+                  M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
     err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, stream)
