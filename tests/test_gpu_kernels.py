@@ -223,6 +223,7 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
             assert out.shape == (m, n) and torch.isfinite(out).all(), (tile, splits, workspace)
             assert rel(out, ref) <= 1e-5, (tile, splits, workspace, rel(out, ref))
     for splits, workspace in [(1, False), (2, False), (2, True)]:
+        poison_allocator(m * n * 8 + (1 << 22))
         out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, splits=splits,
                                     workspace=workspace)
         assert out.dtype == dt and torch.isfinite(out).all()
