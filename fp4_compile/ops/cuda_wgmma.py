@@ -44,14 +44,15 @@ WORKSPACE_US_PER_MILLION = 0.427
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured as fast or faster on every shape);
-# - up to SMALL_WEIGHT_MAX_M, not for weights of fewer than SMALL_WEIGHT_ELEMENTS (4096x4096,
-#   6144x4096: their few weight tiles need K split, and the Triton kernel was as fast or faster);
+# - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
+#   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
+#   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
 # - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY) without
 #   splitting K: else dequantization + cuBLASLt was faster (6144x4096 and 1024x4096 at M = 1024).
 DISPATCH_MIN_M = 17
 DISPATCH_MAX_M = 1024
 SMALL_WEIGHT_MAX_M = 64
-SMALL_WEIGHT_ELEMENTS = 48 * 2**20
+SMALL_WEIGHT_ELEMENTS = (8 * 2**20, 48 * 2**20)
 LARGE_M = 512
 WAVE_EFFICIENCY = 0.8
 
@@ -124,7 +125,7 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     if not DISPATCH_MIN_M <= m <= DISPATCH_MAX_M:
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
-    if m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT_ELEMENTS:
+    if m <= SMALL_WEIGHT_MAX_M and SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]:
         return False
     if not supports(weight):
         return False
