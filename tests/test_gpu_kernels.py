@@ -230,6 +230,31 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
         assert rel(out, ref + bias.double()) <= TOL[dt]
 
 
+@pytest.mark.parametrize("n,k,m", [(8192, 256, 1000), (8200, 320, 777)])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_wgmma_persistent_kernel(seed, n, k, m, dt):
+    """More unsplit tiles than SMs with a 16-bit output: the persistent kernel (one CTA per SM looping
+    over the tiles). Every tile size, bias, N with a scalar tail, poisoned outputs, graph replay."""
+    _need_wgmma()
+    x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
+    for tile in cuda_wgmma.TILES:
+        tiles = -(-m // tile[0]) * -(-n // (128 * tile[1]))
+        assert tiles > torch.cuda.get_device_properties(0).multi_processor_count
+        poison_allocator(m * n * 8 + (1 << 22))
+        out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
+        assert out.dtype == dt and torch.isfinite(out).all(), tile
+        assert rel(out, ref + bias.double()) <= TOL[dt], (tile, rel(out, ref + bias.double()))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=(64, 1), splits=1)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    expect = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=(64, 1), splits=2,
+                                   workspace=True) + bias.float()
+    assert rel(out, expect) <= TOL[dt]
+
+
 def test_wgmma_kernel_graph_replay(seed):
     _need_wgmma()
     n, k, m = 4096, 4096, 64

@@ -62,17 +62,22 @@ constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
+constexpr int kPersistentSmem = 222 * 1024;        // ring + output staging of the persistent kernel
 constexpr int kMaxSplits = 8;                      // the portable cluster size
 
-template <int BN, int WM>
+// PERSIST: the persistent kernel's own 16-bit output staging buffer comes out of the ring's budget.
+template <int BN, int WM, bool PERSIST = false>
 struct Tile {
   static constexpr int kRows = 128 * WM;             // weight rows per CTA: 2 warpgroups x WM x 64
   static constexpr int kActBytes = BN * kBK * 2;     // [BN][64] 16-bit, whole 1024-byte atoms
   static constexpr int kWBytes = kRows * kBK / 2;    // [kRows][32 bytes]
   static constexpr int kScaleBytes = kRows * kBK / 16;
   static constexpr int kStageBytes = kActBytes + kWBytes + kScaleBytes;
-  static constexpr int kStages = kSmemBudget / kStageBytes < 8 ? kSmemBudget / kStageBytes : 8;
-  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers, alignment
+  static constexpr int kStagingPitch = kRows + 8;    // 16-bit outputs per staged row (+16 bytes: no bank conflicts)
+  static constexpr int kStagingBytes = PERSIST ? BN * kStagingPitch * 2 : 0;
+  static constexpr int kRing = PERSIST ? kPersistentSmem - kStagingBytes : kSmemBudget;
+  static constexpr int kStages = kRing / kStageBytes < 8 ? kRing / kStageBytes : 8;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kStagingBytes + 2 * kStages * 8 + 1024;
   static constexpr int kAcc = BN / 2;                // fp32 accumulators per thread per m64 tile
   static_assert(BN % 32 == 0 && BN <= 256 && kStages >= 3, "unsupported tile");
 };
@@ -296,18 +301,23 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 
 // CLUSTER: K split within a cluster (a separate instance: a runtime flag changed the main loop's
 // register allocation and cost the unsplit launches 1.5%, measured on an H100).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER>
+// PERSIST (unsplit, 16-bit output): a 1D grid of at most one CTA per SM loops over the output
+// tiles, weight tiles fastest; the ring runs on across tiles, so the producer loads the next tile
+// while the consumers store the last, and the output is staged in a buffer of its own.
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                        const Args args) {
-  using T = Tile<BN, WM>;
+  static_assert(!(CLUSTER && PERSIST) && (!PERSIST || sizeof(OutT) == 2), "unsupported kernel variant");
+  using T = Tile<BN, WM, PERSIST>;
   constexpr int S = T::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t act_s = (raw + 1023u) & ~1023u;  // 128-byte swizzle atoms must be 1024-byte aligned
   const uint32_t w_s = act_s + S * T::kActBytes;
   const uint32_t sc_s = w_s + S * T::kWBytes;
-  const uint32_t full = sc_s + S * T::kScaleBytes;  // S mbarriers: stage s loaded
+  const uint32_t staging_s = sc_s + S * T::kScaleBytes;  // PERSIST: [BN][kStagingPitch] OutT
+  const uint32_t full = staging_s + T::kStagingBytes;   // S mbarriers: stage s loaded
   const uint32_t empty = full + 8 * S;              // S mbarriers: stage s consumed
   const uint8_t* w_p = smem_raw + (w_s - raw);
   const uint8_t* sc_p = smem_raw + (sc_s - raw);
@@ -332,33 +342,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   // The producer warp: per 64-k stage, the activation and weight tiles by TMA and each weight row's
-  // four scale bytes by cp.async, all completing on the stage's "full" mbarrier.
-  auto produce = [&] {
-    for (int it = 0; it < nk; ++it) {
-      const int s = it % S, kt = kt0 + it;
+  // four scale bytes by cp.async, all completing on the stage's "full" mbarrier. `it0`: the ring
+  // position of the tile's first stage.
+  auto produce = [&](int tile_row0, int tile_m0, int it0) {
+    for (int it = it0; it < it0 + nk; ++it) {
+      const int s = it % S, kt = kt0 + it - it0;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
       if (lane == 0) {
         mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes);
-        tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, m0, full + 8 * s);
-        tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), row0, full + 8 * s);
+        tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
+        tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), tile_row0, full + 8 * s);
       }
 #pragma unroll
       for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
         const int r = lane + 32 * p;
-        const bool ok = row0 + r < args.Np;
-        const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(row0 + r) * args.ldws + 4 * kt : 0);
+        const bool ok = tile_row0 + r < args.Np;
+        const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(tile_row0 + r) * args.ldws + 4 * kt : 0);
         cp_async4(sc_s + s * T::kScaleBytes + 4 * r, src, ok);
       }
       mbar_cp_async_arrive(full + 8 * s);
     }
   };
+  // PERSIST: tile `item` of the 1D grid's loop -> (first weight row, first activation row)
+  const int weight_tiles = (args.N + T::kRows - 1) / T::kRows;
+  const int items = weight_tiles * ((args.M + BN - 1) / BN);
+  auto item_rows = [&](int item) { return make_int2((item % weight_tiles) * T::kRows, (item / weight_tiles) * BN); };
 
   // K split within a cluster: every thread of the cluster's CTAs meets the epilogue's two cluster
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (warp == kConsumerThreads / 32) produce();
+    if (warp == kConsumerThreads / 32) {
+      if constexpr (PERSIST) {
+        for (int item = blockIdx.x, it0 = 0; item < items; item += gridDim.x, it0 += nk) {
+          const int2 rows = item_rows(item);
+          produce(rows.x, rows.y, it0);
+        }
+      } else {
+        produce(row0, m0, 0);
+      }
+    }
     if constexpr (CLUSTER) {
       __syncwarp();
       cluster_sync();
@@ -372,11 +396,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
   float acc[WM][T::kAcc];
-#pragma unroll
-  for (int i = 0; i < WM; ++i)
-#pragma unroll
-    for (int e = 0; e < T::kAcc; ++e) acc[i][e] = 0.f;
-  fence_accumulators(acc);
 
   // A fragments of one stage: [m64 tile][k16 step][register]
   auto decode_stage = [&](int s, uint32_t (&f)[WM][4][4]) {
@@ -411,25 +430,76 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   uint32_t frag[2][WM][4][4];
-  for (int it = 0; it < nk; ++it) {
-    const int s = it % S;
-    mbar_wait(full + 8 * s, (it / S) & 1);
-    if (it & 1) {
-      decode_stage(s, frag[1]);
-      mma_stage(s, frag[1]);
-      wgmma_wait<1>();
-      fence_fragments<WM>(frag[0]);
-    } else {
-      decode_stage(s, frag[0]);
-      mma_stage(s, frag[0]);
-      wgmma_wait<1>();
-      fence_fragments<WM>(frag[1]);
+  // One output tile's main loop, from ring position it0: acc = this tile's product.
+  auto consume = [&](int it0) {
+#pragma unroll
+    for (int i = 0; i < WM; ++i)
+#pragma unroll
+      for (int e = 0; e < T::kAcc; ++e) acc[i][e] = 0.f;
+    fence_accumulators(acc);
+    for (int it = it0; it < it0 + nk; ++it) {
+      const int s = it % S;
+      mbar_wait(full + 8 * s, (it / S) & 1);
+      if ((it - it0) & 1) {
+        decode_stage(s, frag[1]);
+        mma_stage(s, frag[1]);
+        wgmma_wait<1>();
+        fence_fragments<WM>(frag[0]);
+      } else {
+        decode_stage(s, frag[0]);
+        mma_stage(s, frag[0]);
+        wgmma_wait<1>();
+        fence_fragments<WM>(frag[1]);
+      }
+      // stage it - 1: its wgmmas have finished, its words were read before them
+      if (it > it0 && lane == 0) mbar_arrive(empty + 8 * ((it - 1) % S));
     }
-    // stage it - 1: its wgmmas have finished, its words were read before them
-    if (it > 0 && lane == 0) mbar_arrive(empty + 8 * ((it - 1) % S));
+    wgmma_wait<0>();
+    fence_accumulators(acc);
+  };
+
+  if constexpr (PERSIST) {
+    const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+    const OutT* bias = static_cast<const OutT*>(args.bias);
+    OutT* out = static_cast<OutT*>(args.out);
+    OutT* staging = reinterpret_cast<OutT*>(smem_raw + (staging_s - raw));
+    const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
+    for (int item = blockIdx.x, it0 = 0; item < items; item += gridDim.x, it0 += nk) {
+      const int2 rows = item_rows(item);
+      consume(it0);
+      if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
+      // alpha, bias, output type in registers, then staging[activation row][weight row]
+#pragma unroll
+      for (int i = 0; i < WM; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = wrow + 64 * i + 8 * h, n = rows.x + c;
+          const float b = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              staging[(8 * j + 2 * t + e) * T::kStagingPitch + c] = Convert<OutT>::to(acc[i][4 * j + 2 * h + e] * scale + b);
+        }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+      for (int q = tid; q < BN * kChunks; q += kConsumerThreads) {  // coalesced 16-byte row pieces
+        const int r = q / kChunks, c = 8 * (q % kChunks), m = rows.y + r, n = rows.x + c;
+        if (m >= args.M || n >= args.N) continue;
+        const OutT* src = staging + r * T::kStagingPitch + c;
+        OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
+        if (vec_out && n + 8 <= args.N) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int u = 0; u < 8 && n + u < args.N; ++u) dst[u] = src[u];
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // staging free again
+    }
+    return;
+  } else {
+    consume(0);
   }
-  wgmma_wait<0>();
-  fence_accumulators(acc);
 
   // Epilogue, through shared memory (the ring is idle: every stage was waited for), so that each
   // output row leaves in coalesced vector stores. Accumulator e of n8 block j of tile i holds
@@ -595,12 +665,21 @@ struct SplitLaunch {
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER>,
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       Tile<BN, WM>::kSmemBytes);
+                                                       Tile<BN, WM, PERSIST>::kSmemBytes);
   return attr;
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  return sms;
 }
 
 template <bool FP16, int BN, int WM, typename OutT>
@@ -614,12 +693,24 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
-  const bool clustered = splits > 1 && args.partial == nullptr;
-  auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true>
-                          : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false>;
-  err = clustered ? allow_smem<FP16, BN, WM, OutT, true>() : allow_smem<FP16, BN, WM, OutT, false>();
-  if (err != cudaSuccess) return err;
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
+  if constexpr (sizeof(OutT) == 2) {
+    // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
+    const int sms = sm_count();
+    if (splits == 1 && sms > 0 && static_cast<int64_t>(grid.x) * grid.y > sms) {
+      using P = Tile<BN, WM, true>;
+      err = allow_smem<FP16, BN, WM, OutT, false, true>();
+      if (err != cudaSuccess) return err;
+      nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true><<<sms, kThreads, P::kSmemBytes, stream>>>(x_map, w_map,
+                                                                                                    args);
+      return cudaGetLastError();
+    }
+  }
+  const bool clustered = splits > 1 && args.partial == nullptr;
+  auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true, false>
+                          : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false>;
+  err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
+  if (err != cudaSuccess) return err;
   if (args.partial != nullptr) {
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
@@ -687,11 +778,12 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
 // within that: a cluster that does not fit waits for a whole earlier one to finish.
 int fp4c_nvfp4_wgmma_cluster_capacity(int splits) {
   if (splits < 1 || splits > kMaxSplits) return -static_cast<int>(cudaErrorInvalidValue);
-  cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16, true>();
+  cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16, true, false>();
   if (err != cudaSuccess) return -static_cast<int>(err);
   const SplitLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, nullptr);
   int clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16, true>, &split.config);
+  err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16, true, false>,
+                                       &split.config);
   return err == cudaSuccess ? clusters : -static_cast<int>(err);
 }
 
