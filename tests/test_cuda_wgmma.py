@@ -57,7 +57,9 @@ def test_dispatch_rules(monkeypatch):
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 1024)      # 128 tiles: one whole wave
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)  # 192 tiles: 1.45 waves
     assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 1024)  # would split K
-    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)  # dequantization + cuBLASLt
+    assert cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)      # 256 tiles, persistent
+    assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 2048)  # 64 tiles: half the SMs
+    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)  # dequantization + cuBLASLt
 
 
 def test_launch_config_keeps_cluster_splits_within_one_wave():

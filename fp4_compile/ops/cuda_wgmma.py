@@ -36,21 +36,26 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # waves; a workspace reduction adds WORKSPACE_US (memset and finalize launches) and
 # WORKSPACE_US_PER_MILLION per million partial sums (M x N x splits: zeroing, reductions, finalize).
 # Over the 30 (shape, M) cells of the fit, its picks ran 1.7% slower than the best variant measured (geomean).
+# Unsplit launches with more tiles than SMs run persistent (16-bit outputs): CTA_FIXED_US once, then
+# PERSISTENT_TILE_US per tile a CTA takes on (A/B on an H100: 28672x4096 at M = 1024, 7 tiles per CTA,
+# 395 -> 366 us).
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
 WORKSPACE_US = 2.45
 WORKSPACE_US_PER_MILLION = 0.427
-# Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7):
+PERSISTENT_TILE_US = 0.7
+# Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7 and v8):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
-#   measured as fast or faster on every shape);
+#   measured faster on 4 of the 6 shapes at M = 4096; at M = 2048 the persistent kernel was as
+#   fast or faster on all but 1024x4096, which the wave rule below leaves to cuBLASLt);
 # - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
 #   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
 #   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
 # - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY) without
 #   splitting K: else dequantization + cuBLASLt was faster (6144x4096 and 1024x4096 at M = 1024).
 DISPATCH_MIN_M = 17
-DISPATCH_MAX_M = 1024
+DISPATCH_MAX_M = 2048
 SMALL_WEIGHT_MAX_M = 64
 SMALL_WEIGHT_ELEMENTS = (8 * 2**20, 48 * 2**20)
 LARGE_M = 512
@@ -143,9 +148,13 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     """The cost model's time of one launch, where ``sms`` CTAs fit on the device at once alone and
     ``cluster_ctas[s]`` in clusters of s."""
     fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
-    waves = math.ceil(_tiles(m, n, cfg.bn, cfg.wm) * cfg.splits / fit)
+    tiles = _tiles(m, n, cfg.bn, cfg.wm)
+    waves = math.ceil(tiles * cfg.splits / fit)
     stages = math.ceil(math.ceil(k / 64) / cfg.splits)
-    cta = CTA_FIXED_US + stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+    main_loop = stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+    if cfg.splits == 1 and tiles > sms:  # persistent
+        return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
+    cta = CTA_FIXED_US + main_loop
     workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
     return waves * cta + workspace
 

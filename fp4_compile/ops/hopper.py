@@ -11,7 +11,7 @@ to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). For M = 17..1024
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). For M = 17..2048
 on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel where it measured
 faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At larger M (``use_dequant``) the weight is
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
