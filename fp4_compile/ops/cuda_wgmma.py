@@ -200,8 +200,10 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
-    """``launch_config`` for the device's SMs and cluster capacity."""
+    """``launch_config`` for the device's SMs and cluster capacity (cached: the search over tiles
+    and splits costs about as much host time as an eager launch)."""
     return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
