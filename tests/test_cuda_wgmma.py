@@ -43,7 +43,8 @@ def test_dispatch_rules(monkeypatch):
     """The measured dispatch (cuda_wgmma.py): M range, small weights at small M, whole waves at large M."""
     monkeypatch.setattr(cuda_wgmma, "supports", lambda weight: True)
     monkeypatch.setattr(cuda_wgmma, "num_sms", lambda index: 132)
-    monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: {1: 132, 2: 132, 4: 112, 8: 96})
+    monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: {1: 132, 2: 132, 4: 120, 8: 120})
+    cuda_wgmma.device_launch_config.cache_clear()  # results under these stand-ins stay in this test
 
     def weight(n, k):
         return torch.empty(n, k // 2, dtype=torch.uint8)
@@ -60,6 +61,7 @@ def test_dispatch_rules(monkeypatch):
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)      # 256 tiles, persistent
     assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 2048)  # 64 tiles: half the SMs
     assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)  # dequantization + cuBLASLt
+    cuda_wgmma.device_launch_config.cache_clear()
 
 
 def test_launch_config_keeps_cluster_splits_within_one_wave():
