@@ -85,3 +85,16 @@ def test_launch_configs_cover_both_reductions():
     assert cuda_wgmma.LaunchConfig(64, 1, 8, False) not in configs  # no cluster of 8 fits
     assert all(c.splits == 1 for c in cuda_wgmma.launch_configs(64 * 15, {s: 132 for s in cuda_wgmma.SPLITS}))
     assert cuda_wgmma.LaunchConfig(32, 2, 4, True).label == "t32x2s4w"
+
+
+def test_cost_model_runs_many_tiles_persistent():
+    """More unsplit tiles than SMs: the persistent kernel's per-tile cost, so an unsplit launch beats
+    splitting K to even out waves (H100: 28672x4096 at M=512, t256x1 unsplit 199.9 us, split in
+    clusters of 2 221.1 us)."""
+    capacity = {1: 132, 2: 132, 4: 120, 8: 120}
+    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity) == (256, 1, 1, False)
+    many = cuda_wgmma.LaunchConfig(256, 1, 1, False)
+    tiles = 2 * 224
+    per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, capacity) / -(-tiles // 132)
+    alone = cuda_wgmma.estimated_us(256, 28672 // 4, 4096, many, 132, capacity)  # 56 tiles: one wave
+    assert per_tile < alone  # the fixed per-CTA cost is paid once
