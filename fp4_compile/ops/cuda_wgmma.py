@@ -200,7 +200,7 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)  # every M of every layer shape a server sees
 def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
     """``launch_config`` for the device's SMs and cluster capacity (cached: the search over tiles
     and splits costs about as much host time as an eager launch)."""
