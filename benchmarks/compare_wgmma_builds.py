@@ -5,14 +5,14 @@ revision), in one process on one GPU, alternating A and B so that clock drift hi
     taken from the working tree)
     python benchmarks/compare_wgmma_builds.py /tmp/old.cu [--cases 4096x14336x1024,28672x4096x1024]
 
-Both builds must share the C signature of fp4c_nvfp4_wgmma_gemm. Each case runs the working tree's
-launch_config (no K split unless it picks one; then the same split and reduction for both).
+Both builds must share the C signature of fp4c_nvfp4_wgmma_gemm; both run through
+cuda_wgmma.wgmma_gemm with the working tree's launch_config for the case (the same tile, split and
+reduction for both).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import pathlib
 import shutil
@@ -27,26 +27,6 @@ from _common import measured_env, print_table, rotating_weights, time_graph_us, 
 
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
-from fp4_compile.ops.nvcc import build_shared_library  # noqa: E402
-
-
-def load(source: pathlib.Path, stem: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_shared_library(source, cuda_wgmma.nvcc_flags(), stem)))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.fp4c_nvfp4_wgmma_gemm.restype = i32
-    lib.fp4c_nvfp4_wgmma_gemm.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
-    return lib
-
-
-def call(lib, x, w, ws, alpha, out, partial, n, cfg):
-    m, k = x.shape
-    err = lib.fp4c_nvfp4_wgmma_gemm(
-        x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), ws.data_ptr(), ws.stride(0), out.data_ptr(),
-        out.stride(0), partial.data_ptr() if partial is not None else None, None, alpha.data_ptr(), m, n,
-        w.shape[0], k, w.shape[1] * 2, 0, 0, cfg.bn, cfg.wm, cfg.splits,
-        torch.cuda.current_stream().cuda_stream)
-    if err:
-        raise RuntimeError(f"CUDA error {err} ({lib._name}, M={m}, N={n}, K={k}, {cfg})")
 
 
 def main():
@@ -63,7 +43,7 @@ def main():
         shutil.copy(args.baseline, b_src)
         for header in cuda_wgmma.SOURCE.parent.glob("*.cuh"):
             shutil.copy(header, pathlib.Path(tmp) / header.name)
-        libs = {"A": load(cuda_wgmma.SOURCE, "wgmma_a"), "B": load(b_src, "wgmma_b")}
+        libs = {"A": None, "B": cuda_wgmma.load_library(b_src, "wgmma_b")}  # A: the package's build
     rows = []
     for case in args.cases.split(","):
         n, k, m = (int(v) for v in case.split("x"))
@@ -71,13 +51,12 @@ def main():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         alphas = [(1 / gw).float() for _, _, gw in ws]
         cfg = cuda_wgmma.device_launch_config(m, n, k, 0)
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        partial = torch.empty(m, n, device="cuda") if cfg.workspace and cfg.splits > 1 else None
+        opts = dict(n=n, out_dtype=torch.bfloat16, tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
         times = {"A": [], "B": []}
         for _ in range(args.rounds):
             for name, lib in libs.items():
                 times[name].append(time_graph_us(
-                    [lambda w=w, a=a, lib=lib: call(lib, x, w[0], w[1], a, out, partial, n, cfg)
+                    [lambda w=w, a=a, lib=lib: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, library=lib, **opts)
                      for w, a in zip(ws, alphas)]))
         a, b = statistics.median(times["A"]), statistics.median(times["B"])
         rows.append({"case": case, "config": cfg.label, "A_us": round(a, 2), "B_us": round(b, 2),

@@ -72,14 +72,20 @@ def compile_command(output: str) -> list[str]:
     return shared_library_command(SOURCE, output, nvcc_flags() + ["-Xptxas", "-v"])
 
 
-@functools.lru_cache(maxsize=None)
-def _library(capability: tuple[int, int]) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability),
-                                               f"nvfp4_wgmma_sm{capability[0]}{capability[1]}a")))
+def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0)) -> ctypes.CDLL:
+    """Build (cached) and load ``source``, the kernel or a variant of it with the same C entry point
+    (benchmarks/compare_wgmma_builds.py times two builds against each other), with its signature."""
+    lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability), stem)))
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: tuple[int, int]) -> ctypes.CDLL:
+    lib = load_library(SOURCE, f"nvfp4_wgmma_sm{capability[0]}{capability[1]}a", capability)
     lib.fp4c_nvfp4_wgmma_cluster_capacity.restype = ctypes.c_int
     lib.fp4c_nvfp4_wgmma_cluster_capacity.argtypes = [ctypes.c_int]
     return lib
@@ -210,15 +216,15 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
-               workspace: bool | None = None) -> torch.Tensor:
+               workspace: bool | None = None, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
-    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``
-    (benchmark variants).
+    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``, and
+    ``library`` (from ``load_library``) the package's build (benchmark variants).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -242,7 +248,8 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # zeroed by the launcher
     partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
     with torch.cuda.device(x.device):  # ctypes launches on the current device
-        err = _library(torch.cuda.get_device_capability(x.device)).fp4c_nvfp4_wgmma_gemm(
+        lib = library or _library(torch.cuda.get_device_capability(x.device))
+        err = lib.fp4c_nvfp4_wgmma_gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
             weight_scale.stride(0), out.data_ptr(), out.stride(0),
             partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
