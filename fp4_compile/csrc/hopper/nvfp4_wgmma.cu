@@ -367,10 +367,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_cp_async_arrive(full + 8 * s);
     }
   };
-  // PERSIST: tile `item` of the 1D grid's loop -> (first weight row, first activation row)
-  const int weight_tiles = (args.N + T::kRows - 1) / T::kRows;
-  const int items = weight_tiles * ((args.M + BN - 1) / BN);
-  auto item_rows = [&](int item) { return make_int2((item % weight_tiles) * T::kRows, (item / weight_tiles) * BN); };
+  // PERSIST: the tiles of this CTA (every gridDim.x-th, weight tiles fastest), each with its first
+  // weight row, first activation row and ring position; one schedule for producer and consumers.
+  auto for_each_tile = [&](auto&& body) {
+    const int weight_tiles = (args.N + T::kRows - 1) / T::kRows;
+    const int tiles = weight_tiles * ((args.M + BN - 1) / BN);
+    for (int tile = blockIdx.x, it0 = 0; tile < tiles; tile += gridDim.x, it0 += nk)
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0);
+  };
 
   // K split within a cluster: every thread of the cluster's CTAs meets the epilogue's two cluster
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
@@ -379,10 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
-        for (int item = blockIdx.x, it0 = 0; item < items; item += gridDim.x, it0 += nk) {
-          const int2 rows = item_rows(item);
-          produce(rows.x, rows.y, it0);
-        }
+        for_each_tile(produce);
       } else {
         produce(row0, m0, 0);
       }
@@ -469,8 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     OutT* staging = reinterpret_cast<OutT*>(smem_raw + (staging_s - raw));
     const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
     constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
-    for (int item = blockIdx.x, it0 = 0; item < items; item += gridDim.x, it0 += nk) {
-      const int2 rows = item_rows(item);
+    for_each_tile([&](int tile_row0, int tile_m0, int it0) {
       consume(it0);
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
       // alpha, bias, output type in registers, then staging[activation row][weight row]
@@ -478,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < WM; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int c = wrow + 64 * i + 8 * h, n = rows.x + c;
+          const int c = wrow + 64 * i + 8 * h, n = tile_row0 + c;
           const float b = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
 #pragma unroll
           for (int j = 0; j < BN / 8; ++j)
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
       for (int q = tid; q < BN * kChunks; q += kConsumerThreads) {  // coalesced 16-byte row pieces
-        const int r = q / kChunks, c = 8 * (q % kChunks), m = rows.y + r, n = rows.x + c;
+        const int r = q / kChunks, c = 8 * (q % kChunks), m = tile_m0 + r, n = tile_row0 + c;
         if (m >= args.M || n >= args.N) continue;
         const OutT* src = staging + r * T::kStagingPitch + c;
         OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // staging free again
-    }
+    });
     return;
   } else {
     consume(0);
