@@ -67,6 +67,16 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     return _value_dtype(dtype)
 
 
+def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int):
+    """The CUDA C++ GEMM that takes an [m, K] x [n, K] call (the small-M kernel, else the wgmma
+    kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``."""
+    if use_small_m(x, m, n):
+        return small_m_gemm
+    if use_wgmma(weight, m):
+        return wgmma_gemm
+    return None
+
+
 class _HopperKernels:
     """Shared weight handling of the two backends."""
 
@@ -129,12 +139,10 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         n = weight.shape[0]
         alpha = alpha.reshape(1).float()
-        if use_small_m(a, m, n):
+        cuda_gemm = _cuda_gemm(a, weight, m, n)
+        if cuda_gemm is not None:
             vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
-            return small_m_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
-        if use_wgmma(weight, m):
-            vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
-            return wgmma_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
+            return cuda_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
         if m <= _G.FUSED_QUANT_MAX_M:
             return fp4_gemm(a, weight, weight_scale, alpha, n=n, k=ka, a_mode=2, out_dtype=out_dtype,
                             a_scale=a_scale.view(torch.uint8), compute_dtype=_compute_dtype(out_dtype, w4a4=True),
@@ -159,12 +167,10 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        if use_small_m(x2, m, out_features):
+        cuda_gemm = _cuda_gemm(x2, weight, m, out_features)
+        if cuda_gemm is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
-            out = small_m_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
-        elif use_wgmma(weight, m):
-            xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
-            out = wgmma_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
@@ -196,10 +202,9 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        if use_small_m(xa, xa.shape[0], out_features):
-            out = small_m_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
-        elif use_wgmma(weight, xa.shape[0]):
-            out = wgmma_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features)
+        if cuda_gemm is not None:
+            out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
