@@ -28,6 +28,7 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
+from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
 # (rows per warp, stages, warps, L2 prefetch bytes)
@@ -85,6 +86,18 @@ def main():
             row["w4a4_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
                  for w, a in zip(ws, alphas44)]), 2)
+            # programmatic dependent launch (ops/pdl.py) off and on: W4A4 = the quantization and
+            # the GEMM, W4A16 = GEMMs back to back
+            for pdl in ("0", "1"):
+                os.environ["FP4C_PDL"] = pdl
+                row[f"w4a4_pdl{pdl}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: small_m_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), w[0], w[1], a,
+                                                   n=n, out_dtype=torch.bfloat16)
+                     for w, a in zip(ws, alphas44)]), 2)
+                row[f"w4a16_pdl{pdl}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
+                     for w, a in zip(ws, alphas)]), 2)
+            os.environ.pop("FP4C_PDL")
             use = hopper.use_small_m
             hopper.use_small_m = lambda *a: False
             try:
@@ -104,7 +117,8 @@ def main():
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
     cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
             *[variant_key(*v) for v in VARIANTS], "w4a16_best_x", "w4a16_best_bw",
-            "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a16_cuda_vs_triton_rel"]
+            "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us",
+            "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 
 

@@ -17,6 +17,7 @@ import torch
 
 from . import nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
+from .pdl import use_pdl
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
@@ -49,7 +50,7 @@ def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ct
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -88,6 +89,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
+    Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -111,7 +113,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
             weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-            rows_per_warp, stages, warps, torch.cuda.current_stream(x.device).cuda_stream)
+            rows_per_warp, stages, warps, int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")

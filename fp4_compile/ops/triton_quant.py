@@ -21,9 +21,17 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..format import BLOCK_SIZE, swizzled_scale_shape
 from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+from .pdl import use_pdl
+
+try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``)?
+    from triton.backends.nvidia.compiler import CUDAOptions
+    TRITON_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:
+    TRITON_PDL = False
 
 
 def interpreting() -> bool:
@@ -133,8 +141,11 @@ def _quant_kernel(
     x_ptr, gs_ptr, q_ptr, s_ptr, v_ptr,
     M, KB, stride_xm, stride_qm, stride_sm, stride_vm,
     MP, KBP,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched with PDL (ops/pdl.py): let the GEMM after us launch, wait for the kernel before
+        gdc_launch_dependents()
+        gdc_wait()
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,6 +180,13 @@ def _quant_kernel(
 
 
 QUANT_CONFIG: dict[str, int] = {"BLOCK_M": 8, "BLOCK_G": 16, "num_warps": 4}  # H100, benchmarks/NOTES.md
+
+
+def _pdl_launch(device: torch.device) -> dict:
+    """Launch arguments of the quant kernel: PDL on where ops/pdl.py and this Triton allow it. (A
+    kernel launched after it without PDL is not affected by its early trigger.)"""
+    pdl = TRITON_PDL and not interpreting() and use_pdl(device)
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
@@ -213,7 +231,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
             m, kb, x2.stride(0), q.stride(0) if q.dim() == 2 else 0, s.stride(0) if s.dim() == 2 else 0,
             v.stride(0) if v.dim() == 2 else 0,
             mp, kbp,
-            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps,
+            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **_pdl_launch(dev),
         )
     if mode == MODE_VALUES:
         return v

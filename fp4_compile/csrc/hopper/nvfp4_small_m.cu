@@ -118,6 +118,17 @@ struct Args {
   int M, N, K, chunks;   // chunks = Kp / 32
 };
 
+// Programmatic dependent launch (sm_90). Launched with it, the kernel may start while the kernel
+// before it in the stream still runs; griddepcontrol.wait blocks until that grid has completed and
+// its writes are visible. Launched without it, the wait returns at once. Issuing the first weight
+// loads before the wait measured no faster than waiting first (benchmarks/NOTES.md, v9), and would
+// read a weight that the kernel before had not finished writing.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
 // (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
 template <bool FP16, int RT, int NT, int PF, typename OutT>
@@ -206,6 +217,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     }
   };
 
+  wait_for_prior_grid();
   Stage<RT, NT> buf[PF];
 #pragma unroll
   for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
@@ -249,33 +261,40 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT>
-cudaError_t launch(const Args& args, int warps, cudaStream_t stream) {
+cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
-  const dim3 grid((args.N + rows - 1) / rows);
-  const size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
-  nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT><<<grid, warps * kWarpSize, smem, stream>>>(args);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((args.N + rows - 1) / rows);
+  config.blockDim = dim3(warps * kWarpSize);
+  config.dynamicSmemBytes = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
+  config.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
-cudaError_t dispatch_stages(const Args& args, int stages, int warps, cudaStream_t stream) {
-  if (stages == 2) return launch<FP16, RT, NT, 2, OutT>(args, warps, stream);
+cudaError_t dispatch_stages(const Args& args, int stages, int warps, bool pdl, cudaStream_t stream) {
+  if (stages == 2) return launch<FP16, RT, NT, 2, OutT>(args, warps, pdl, stream);
   if constexpr (NT == 1) {  // four stages of two n-tiles would spill
-    if (stages == 4) return launch<FP16, RT, NT, 4, OutT>(args, warps, stream);
+    if (stages == 4) return launch<FP16, RT, NT, 4, OutT>(args, warps, pdl, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, cudaStream_t stream) {
+cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool pdl, cudaStream_t stream) {
   const bool two_n = args.M > 8;
   if (rt == 1) {
-    return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, stream)
-                 : dispatch_stages<FP16, 1, 1, OutT>(args, stages, warps, stream);
+    return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, pdl, stream)
+                 : dispatch_stages<FP16, 1, 1, OutT>(args, stages, warps, pdl, stream);
   }
   if (rt == 2) {
-    return two_n ? dispatch_stages<FP16, 2, 2, OutT>(args, stages, warps, stream)
-                 : dispatch_stages<FP16, 2, 1, OutT>(args, stages, warps, stream);
+    return two_n ? dispatch_stages<FP16, 2, 2, OutT>(args, stages, warps, pdl, stream)
+                 : dispatch_stages<FP16, 2, 1, OutT>(args, stages, warps, pdl, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -287,11 +306,13 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
+// pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                             void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
                             int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
-                            cudaStream_t stream) {
-  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8) {
+                            int pdl, cudaStream_t stream) {
+  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
+      pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
@@ -299,11 +320,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t l
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, stream)
-                   : dispatch_tiles<true, __half>(args, rt, stages, warps, stream);
+    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<true, __half>(args, rt, stages, warps, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, stream)
-                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, stream);
+    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }

@@ -1,0 +1,28 @@
+"""Programmatic dependent launch (PDL, sm_90): whether our kernels use it on a device.
+
+A kernel launched with PDL may start while the kernel before it in the stream still runs; it
+calls ``griddepcontrol.wait`` (Triton: ``gdc_wait``) before it touches memory, which blocks
+until that grid has completed and its writes are visible. What overlaps is the launch and
+ramp-up of one kernel with the tail of the other: 0.2-0.5 us per call at decode sizes on an
+H100 (benchmarks/NOTES.md, v9). The quantization kernel also lets its dependent (the small-M
+GEMM) launch as soon as it starts. ``FP4C_PDL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch our kernels on ``device`` with PDL?"""
+    if device.type != "cuda" or os.environ.get("FP4C_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
