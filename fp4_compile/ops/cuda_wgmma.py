@@ -17,6 +17,7 @@ import torch
 
 from . import nvcc
 from .nvcc import build_shared_library, shared_library_command
+from .pdl import use_pdl
 from .triton_gemm import num_sms
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
@@ -79,7 +80,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 10 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 11 + [p]
     return lib
 
 
@@ -254,7 +255,7 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             weight_scale.stride(0), out.data_ptr(), out.stride(0),
             partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-            bn, wm, splits, torch.cuda.current_stream(x.device).cuda_stream)
+            bn, wm, splits, int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace})")

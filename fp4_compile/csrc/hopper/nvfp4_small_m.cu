@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
 
 namespace {
@@ -38,6 +39,7 @@ using fp4c::Convert;
 using fp4c::ScalePair;
 using fp4c::decode_word;
 using fp4c::make_scales;
+using fp4c::wait_for_prior_grid;
 
 constexpr int kWarpSize = 32;
 
@@ -117,17 +119,6 @@ struct Args {
   int64_t ldx, ldw, ldws, ldo;
   int M, N, K, chunks;   // chunks = Kp / 32
 };
-
-// Programmatic dependent launch (sm_90). Launched with it, the kernel may start while the kernel
-// before it in the stream still runs; griddepcontrol.wait blocks until that grid has completed and
-// its writes are visible. Launched without it, the wait returns at once. Issuing the first weight
-// loads before the wait measured no faster than waiting first (benchmarks/NOTES.md, v9), and would
-// read a weight that the kernel before had not finished writing.
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
 
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
 // (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
@@ -217,6 +208,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     }
   };
 
+  // (Issuing the first weight loads before this wait measured no faster: benchmarks/NOTES.md, v9.)
   wait_for_prior_grid();
   Stage<RT, NT> buf[PF];
 #pragma unroll

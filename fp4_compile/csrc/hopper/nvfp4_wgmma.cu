@@ -49,6 +49,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
 
 namespace {
@@ -57,6 +58,7 @@ using fp4c::Convert;
 using fp4c::ScalePair;
 using fp4c::decode_word;
 using fp4c::make_scales;
+using fp4c::wait_for_prior_grid;
 
 constexpr int kConsumerThreads = 256;              // two warpgroups
 constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (one warp of it works)
@@ -344,6 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  wait_for_prior_grid();
 
   // The producer warp: per 64-k stage, the activation and weight tiles by TMA and each weight row's
   // four scale bytes by cp.async, all completing on the stage's "full" mbarrier. `it0`: the ring
@@ -646,25 +649,33 @@ cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType typ
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Launch configuration of a split-K grid: the `splits` CTAs of an output tile (grid z) form one
-// cluster, so they run at once (on one GPC) and can read each other's shared memory.
-struct SplitLaunch {
-  cudaLaunchAttribute cluster{};
+// cudaLaunchKernelEx configuration: optionally the `cluster` CTAs of an output tile (grid z) as one
+// thread-block cluster (split K in a cluster: they run at once, on one GPC, and can read each
+// other's shared memory), optionally programmatic dependent launch (grid_dependency.cuh).
+struct KernelLaunch {
+  cudaLaunchAttribute attrs[2]{};
   cudaLaunchConfig_t config{};
-  SplitLaunch(dim3 grid, int smem, int splits, cudaStream_t stream) {
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 1;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = static_cast<unsigned>(splits);
+  KernelLaunch(dim3 grid, int smem, int cluster, bool pdl, cudaStream_t stream) {
     config.gridDim = grid;
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
+    config.attrs = attrs;
+    if (cluster > 0) {
+      attrs[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attrs[config.numAttrs].val.clusterDim.x = 1;
+      attrs[config.numAttrs].val.clusterDim.y = 1;
+      attrs[config.numAttrs].val.clusterDim.z = static_cast<unsigned>(cluster);
+      ++config.numAttrs;
+    }
+    if (pdl) {
+      attrs[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attrs[config.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+      ++config.numAttrs;
+    }
   }
-  SplitLaunch(const SplitLaunch&) = delete;
-  SplitLaunch& operator=(const SplitLaunch&) = delete;
+  KernelLaunch(const KernelLaunch&) = delete;
+  KernelLaunch& operator=(const KernelLaunch&) = delete;
 };
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
@@ -688,7 +699,7 @@ int sm_count() {
 
 template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
-                   cudaStream_t stream) {
+                   bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
   CUtensorMap x_map, w_map;
   cudaError_t err = make_map(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, K, ldx, kBK, BN,
@@ -702,12 +713,11 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
     const int sms = sm_count();
     if (splits == 1 && sms > 0 && static_cast<int64_t>(grid.x) * grid.y > sms) {
-      using P = Tile<BN, WM, true>;
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
-      nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true><<<sms, kThreads, P::kSmemBytes, stream>>>(x_map, w_map,
-                                                                                                    args);
-      return cudaGetLastError();
+      const KernelLaunch persistent(dim3(sms), Tile<BN, WM, true>::kSmemBytes, 0, pdl, stream);
+      return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
+                                w_map, args);
     }
   }
   const bool clustered = splits > 1 && args.partial == nullptr;
@@ -715,7 +725,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                           : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false>;
   err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
   if (err != cudaSuccess) return err;
-  if (args.partial != nullptr) {
+  if (args.partial != nullptr) {  // (after a memset: no programmatic launch)
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
     kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
@@ -726,19 +736,15 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                                                       args.N);
     return cudaGetLastError();
   }
-  if (!clustered) {
-    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
-    return cudaGetLastError();
-  }
-  const SplitLaunch split(grid, T::kSmemBytes, splits, stream);
-  return cudaLaunchKernelEx(&split.config, kernel, x_map, w_map, args);
+  const KernelLaunch launch(grid, T::kSmemBytes, clustered ? splits : 0, pdl, stream);
+  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, args);
 }
 
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int bn,
-                          int wm, int splits, cudaStream_t stream) {
+                          int wm, int splits, bool pdl, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, ldw, K, args, splits, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, ldw, K, args, splits, pdl, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
   FP4C_TILE(256, 1)
 #undef FP4C_TILE
@@ -752,13 +758,14 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
-// where partial (an [M, N] fp32 workspace) is given, through it.
+// where partial (an [M, N] fp32 workspace) is given, through it. pdl: 1 = programmatic dependent
+// launch (not with a workspace), 0 = a plain launch.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
-                          cudaStream_t stream) {
+                          int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
       splits > kMaxSplits) {
@@ -768,11 +775,11 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
                   M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, stream)
-                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, stream);
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, stream);
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
@@ -784,7 +791,7 @@ int fp4c_nvfp4_wgmma_cluster_capacity(int splits) {
   if (splits < 1 || splits > kMaxSplits) return -static_cast<int>(cudaErrorInvalidValue);
   cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16, true, false>();
   if (err != cudaSuccess) return -static_cast<int>(err);
-  const SplitLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, nullptr);
+  const KernelLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, false, nullptr);
   int clusters = 0;
   err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16, true, false>,
                                        &split.config);

@@ -1,0 +1,16 @@
+// Programmatic dependent launch (sm_90), shared by the Hopper GEMMs. Launched with it
+// (cudaLaunchAttributeProgrammaticStreamSerialization), a kernel may start while the kernel before
+// it in the stream still runs; wait_for_prior_grid blocks until that grid has completed and its
+// writes are visible. Launched without it, the wait returns at once. Our kernels wait before
+// they touch global memory: what overlaps is one kernel's launch and set-up with the other's tail.
+#pragma once
+
+namespace fp4c {
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+}  // namespace fp4c
