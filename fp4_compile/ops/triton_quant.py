@@ -144,7 +144,9 @@ def _quant_kernel(
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # launched with PDL (ops/pdl.py): let the GEMM after us launch, wait for the kernel before
-        gdc_launch_dependents()  # (a kernel launched after us without PDL is not affected)
+        # (a kernel launched after us without PDL, such as the Triton GEMM, is not affected: with
+        # PDL the Triton GEMM measured up to 1.19x slower after this trigger, benchmarks/NOTES.md v9)
+        gdc_launch_dependents()
         gdc_wait()
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -182,10 +184,8 @@ def _quant_kernel(
 QUANT_CONFIG: dict[str, int] = {"BLOCK_M": 8, "BLOCK_G": 16, "num_warps": 4}  # H100, benchmarks/NOTES.md
 
 
-def pdl_launch_args(device: torch.device) -> dict:
-    """Launch arguments of a Triton kernel with a ``PDL: tl.constexpr`` that, when set, waits for the
-    kernel before (``gdc_wait``) before touching memory: PDL on where ops/pdl.py and this Triton
-    allow it."""
+def _pdl_launch_args(device: torch.device) -> dict:
+    """Launch arguments of the quant kernel: PDL on where ops/pdl.py and this Triton allow it."""
     pdl = TRITON_PDL and not interpreting() and use_pdl(device)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
@@ -232,7 +232,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
             m, kb, x2.stride(0), q.stride(0) if q.dim() == 2 else 0, s.stride(0) if s.dim() == 2 else 0,
             v.stride(0) if v.dim() == 2 else 0,
             mp, kbp,
-            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **pdl_launch_args(dev),
+            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **_pdl_launch_args(dev),
         )
     if mode == MODE_VALUES:
         return v
