@@ -78,7 +78,7 @@ def main():
                     continue  # tiles far from M
                 if m >= 2048 and cfg.splits > 1:
                     continue
-                opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace, pair=cfg.pair)
+                opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
                 out = cuda_wgmma.wgmma_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, out_dtype=torch.float32, **opts)
                 worst = max(worst, rel(out, ref))
                 row[f"{cfg.label}_us"] = round(time_graph_us(

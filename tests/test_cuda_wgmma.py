@@ -12,9 +12,8 @@ from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
 def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
     report = compile_with_ptxas_report(cuda_wgmma.compile_command(str(tmp_path / "k.so")))
     # per tile: {bf16, fp16} x {16-bit, fp32 out} x {K split in a cluster, not}, and the persistent
-    # kernel for the two 16-bit outputs; per pair tile the four unclustered ones again with two
-    # CTAs per SM; the workspace finalize kernel per output type
-    assert len(report.kernels) == 10 * len(cuda_wgmma.TILES) + 4 * len(cuda_wgmma.PAIR_TILES) + 3
+    # kernel for the two 16-bit outputs; the workspace finalize kernel per output type
+    assert len(report.kernels) == 10 * len(cuda_wgmma.TILES) + 3
     assert report.spills and all(s == ("0", "0") for s in report.spills), report
     assert max(report.registers) <= 255
     # ptxas serializes wgmma (and says so) when registers an in-flight wgmma reads could be overwritten
@@ -24,9 +23,8 @@ def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
 @pytest.mark.parametrize("m", [17, 32, 64, 128, 1000, 4096, 16384])
 @pytest.mark.parametrize("n,k", [(1024, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (64, 64)])
 def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
-    bn, wm, splits, workspace, pair = cuda_wgmma.launch_config(m, n, k, 132, {1: 132, 2: 132, 4: 120, 8: 120})
-    assert (bn, wm) in (cuda_wgmma.PAIR_TILES if pair else cuda_wgmma.TILES)
-    assert not pair or splits == 1 or workspace
+    bn, wm, splits, _ = cuda_wgmma.launch_config(m, n, k, 132, {1: 132, 2: 132, 4: 120, 8: 120})
+    assert (bn, wm) in cuda_wgmma.TILES
     k_tiles = -(-k // 64)
     assert splits == 1 or k_tiles // splits >= 8
     assert 1 <= splits <= cuda_wgmma.MAX_SPLITS
@@ -76,7 +74,7 @@ def test_launch_config_keeps_cluster_splits_within_one_wave():
         cfg = cuda_wgmma.launch_config(m, n, k, 132, capacity)
         tiles = -(-m // cfg.bn) * -(-n // (128 * cfg.wm))
         assert cfg.workspace or tiles * cfg.splits <= capacity[cfg.splits], (m, n, k, cfg)
-    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, capacity)[:3] == (128, 2, 1)  # enough tiles
+    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, capacity) == (128, 2, 1, False)  # enough tiles
     assert cuda_wgmma.launch_config(128, 4096, 14336, 132, capacity).workspace
 
 
@@ -87,12 +85,6 @@ def test_launch_configs_cover_both_reductions():
     assert cuda_wgmma.LaunchConfig(64, 1, 8, False) not in configs  # no cluster of 8 fits
     assert all(c.splits == 1 for c in cuda_wgmma.launch_configs(64 * 15, {s: 132 for s in cuda_wgmma.SPLITS}))
     assert cuda_wgmma.LaunchConfig(32, 2, 4, True).label == "t32x2s4w"
-    # two CTAs per SM: the pair tiles, unsplit or through the workspace, never in a cluster
-    pairs = [c for c in configs if c.pair]
-    assert {(c.bn, c.wm) for c in pairs} == set(cuda_wgmma.PAIR_TILES)
-    assert all(c.splits == 1 or c.workspace for c in pairs)
-    assert cuda_wgmma.LaunchConfig(64, 1, 4, True, True) in pairs
-    assert cuda_wgmma.LaunchConfig(64, 1, 1, False, True).label == "t64x1s1p"
 
 
 def test_cost_model_runs_many_tiles_persistent():
@@ -100,7 +92,7 @@ def test_cost_model_runs_many_tiles_persistent():
     splitting K to even out waves (H100: 28672x4096 at M=512, t256x1 unsplit 199.9 us, split in
     clusters of 2 221.1 us)."""
     capacity = {1: 132, 2: 132, 4: 120, 8: 120}
-    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity) == (256, 1, 1, False, False)
+    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity) == (256, 1, 1, False)
     many = cuda_wgmma.LaunchConfig(256, 1, 1, False)
     tiles = 2 * 224
     per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, capacity) / -(-tiles // 132)

@@ -259,16 +259,6 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
                                         workspace=workspace)
             assert out.shape == (m, n) and torch.isfinite(out).all(), (tile, splits, workspace)
             assert rel(out, ref) <= 1e-5, (tile, splits, workspace, rel(out, ref))
-    for tile in cuda_wgmma.PAIR_TILES:  # two CTAs per SM: unsplit and through the workspace
-        for splits, workspace in [(1, False), (3, True), (cuda_wgmma.MAX_SPLITS, True)]:
-            for out_dtype in (torch.float32, dt):
-                poison_allocator(m * n * 8 + (1 << 22))
-                out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=out_dtype, bias=bias, tile=tile,
-                                            splits=splits, workspace=workspace, pair=True)
-                assert out.dtype == out_dtype and torch.isfinite(out).all(), (tile, splits)
-                assert rel(out, ref + bias.double()) <= (1e-5 if out_dtype == torch.float32 else TOL[dt])
-    with pytest.raises(ValueError, match="two CTAs per SM"):
-        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, tile=(64, 1), splits=2, workspace=False, pair=True)
     for splits, workspace in [(1, False), (2, False), (2, True)]:
         poison_allocator(m * n * 8 + (1 << 22))
         out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, splits=splits,

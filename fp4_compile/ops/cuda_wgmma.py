@@ -25,8 +25,6 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-# Tiles also built to run two CTAs per SM (unsplit or through the workspace): "pair" launches.
-PAIR_TILES = ((32, 1), (64, 1))
 K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
 # K splits: reduced in a thread-block cluster (at most the portable cluster size) or through a workspace.
 SPLITS = (1, 2, 4, 8)
@@ -48,10 +46,6 @@ STAGE_ROW_US = 0.00221
 WORKSPACE_US = 2.45
 WORKSPACE_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
-# Two CTAs per SM (PAIR_TILES): each one's main loop runs PAIR_STAGE_FACTOR times slower than
-# alone, and its fixed cost is PAIR_CTA_FIXED_US.
-PAIR_STAGE_FACTOR = 2.0
-PAIR_CTA_FIXED_US = 2 * CTA_FIXED_US
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7 and v8):
 # - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
 #   measured faster on 4 of the 6 shapes at M = 4096; at M = 2048 the persistent kernel was as
@@ -86,7 +80,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 12 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 11 + [p]
     return lib
 
 
@@ -128,15 +122,14 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 class LaunchConfig(NamedTuple):
-    bn: int             # activation rows per CTA
-    wm: int             # weight rows per CTA / 128
-    splits: int         # K splits
-    workspace: bool     # splits reduced through an fp32 workspace (else within a cluster)
-    pair: bool = False  # two CTAs per SM (PAIR_TILES)
+    bn: int          # activation rows per CTA
+    wm: int          # weight rows per CTA / 128
+    splits: int      # K splits
+    workspace: bool  # splits reduced through an fp32 workspace (else within a cluster)
 
     @property
     def label(self) -> str:
-        return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "") + ("p" if self.pair else "")
+        return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "")
 
 
 def use_wgmma(weight: torch.Tensor, m: int) -> bool:
@@ -163,15 +156,12 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     ``cluster_ctas[s]`` in clusters of s."""
     fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
+    waves = math.ceil(tiles * cfg.splits / fit)
     stages = math.ceil(math.ceil(k / 64) / cfg.splits)
     main_loop = stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
-    if cfg.pair:  # two CTAs per SM, each slower than alone
-        fit *= 2
-        main_loop *= PAIR_STAGE_FACTOR
-    waves = math.ceil(tiles * cfg.splits / fit)
-    if cfg.splits == 1 and tiles > sms and not cfg.pair:  # persistent
+    if cfg.splits == 1 and tiles > sms:  # persistent
         return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
-    cta = (PAIR_CTA_FIXED_US if cfg.pair else CTA_FIXED_US) + main_loop
+    cta = CTA_FIXED_US + main_loop
     workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
     return waves * cta + workspace
 
@@ -182,16 +172,11 @@ def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
     k_tiles = math.ceil(k / 64)
     out = []
     for bn, wm in TILES:
-        pair = (bn, wm) in PAIR_TILES
         out.append(LaunchConfig(bn, wm, 1, False))
-        if pair:
-            out.append(LaunchConfig(bn, wm, 1, False, True))
         for s in SPLITS[1:]:
             if k_tiles // s < MIN_STAGES_PER_SPLIT:
                 continue
             out.append(LaunchConfig(bn, wm, s, True))
-            if pair:
-                out.append(LaunchConfig(bn, wm, s, True, True))
             if cluster_ctas.get(s, 0) > 0:
                 out.append(LaunchConfig(bn, wm, s, False))
     return out
@@ -206,7 +191,7 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
     return min(launch_configs(k, cluster_ctas),
-               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace, c.pair))
+               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace))
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,17 +217,15 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
-               workspace: bool | None = None, pair: bool | None = None,
-               library: ctypes.CDLL | None = None) -> torch.Tensor:
+               workspace: bool | None = None, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
-    this is the exact W4A4 product. ``tile`` (one of TILES), ``splits``, ``workspace`` (reduce
-    the splits through an fp32 workspace rather than in a cluster) and ``pair`` (two CTAs per SM:
-    PAIR_TILES, not in a cluster) override ``launch_config``, and ``library`` (from
-    ``load_library``) the package's build (benchmark variants).
+    this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
+    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``, and
+    ``library`` (from ``load_library``) the package's build (benchmark variants).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -262,11 +245,6 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     bn, wm = tile if tile is not None else (auto.bn, auto.wm)
     splits = splits or auto.splits
     workspace = auto.workspace if workspace is None else workspace
-    if pair is None:  # the automatic choice's, unless its tile or splits were overridden
-        pair = auto.pair and tile is None and splits is None and workspace is None
-    if pair and ((bn, wm) not in PAIR_TILES or (splits > 1 and not workspace)):
-        raise ValueError(f"two CTAs per SM take the tiles {PAIR_TILES}, unsplit or through the workspace; "
-                         f"got tile ({bn}, {wm}), splits={splits}, workspace={workspace}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     # zeroed by the launcher
     partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
@@ -277,8 +255,8 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             weight_scale.stride(0), out.data_ptr(), out.stride(0),
             partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
             alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-            bn, wm, splits, int(pair), int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+            bn, wm, splits, int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
-                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace}, pair={pair})")
+                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace})")
     return out

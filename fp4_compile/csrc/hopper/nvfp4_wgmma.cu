@@ -63,14 +63,9 @@ using fp4c::wait_for_prior_grid;
 constexpr int kConsumerThreads = 256;              // two warpgroups
 constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (one warp of it works)
 // Registers per thread after the role split (setmaxnreg): the launch gives 65536 / 384 = 168 to
-// every thread; the producer needs few, the consumers' accumulators and fragments many. PAIR: two
-// CTAs per SM (small tiles, whose consumers need fewer registers), so that one CTA's pipeline
-// fill, decode latency and epilogue overlap the other's main loop: 80 at launch, 24 / 104 after.
-template <bool PAIR>
-struct Regs {
-  static constexpr int kProducer = PAIR ? 24 : 40;
-  static constexpr int kConsumer = PAIR ? 104 : 232;
-};
+// every thread; the producer needs few, the consumers' accumulators and fragments many.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
 constexpr int kPersistentSmem = 222 * 1024;        // ring + output staging of the persistent kernel
@@ -315,13 +310,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 // PERSIST (unsplit, 16-bit output): a 1D grid of at most one CTA per SM loops over the output
 // tiles, weight tiles fastest; the ring runs on across tiles, so the producer loads the next tile
 // while the consumers store the last, and the output is staged in a buffer of its own.
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool PAIR = false>
-__global__ void __launch_bounds__(kThreads, PAIR ? 2 : 1)
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
+__global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                        const Args args) {
   static_assert(!(CLUSTER && PERSIST) && (!PERSIST || sizeof(OutT) == 2), "unsupported kernel variant");
-  static_assert(!PAIR || (!CLUSTER && !PERSIST && WM == 1 && BN <= 64 && 2 * Tile<BN, WM>::kSmemBytes <= 226 * 1024),
-                "two CTAs per SM: small unsplit or workspace tiles only");
   using T = Tile<BN, WM, PERSIST>;
   constexpr int S = T::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -390,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, PAIR ? 2 : 1)
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs<PAIR>::kProducer));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
         for_each_tile(produce);
@@ -407,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, PAIR ? 2 : 1)
   }
 
   // consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs<PAIR>::kConsumer));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
   const int g = lane / 4, t = lane % 4;
   const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
   float acc[WM][T::kAcc];
@@ -687,9 +680,9 @@ struct KernelLaunch {
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool PAIR = false>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST, PAIR>,
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                        Tile<BN, WM, PERSIST>::kSmemBytes);
   return attr;
@@ -704,7 +697,7 @@ int sm_count() {
   return sms;
 }
 
-template <bool FP16, int BN, int WM, typename OutT, bool PAIR>
+template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
                    bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
@@ -716,7 +709,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
-  if constexpr (sizeof(OutT) == 2 && !PAIR) {
+  if constexpr (sizeof(OutT) == 2) {
     // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
     const int sms = sm_count();
     if (splits == 1 && sms > 0 && static_cast<int64_t>(grid.x) * grid.y > sms) {
@@ -728,12 +721,9 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     }
   }
   const bool clustered = splits > 1 && args.partial == nullptr;
-  if (PAIR && clustered) return cudaErrorInvalidValue;
-  // (PAIR has no cluster instance: its clustered branch is the unsplit one, never taken)
-  auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, !PAIR, false, PAIR>
-                          : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false, PAIR>;
-  err = clustered ? allow_smem<FP16, BN, WM, OutT, !PAIR, false, PAIR>()
-                  : allow_smem<FP16, BN, WM, OutT, false, false, PAIR>();
+  auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true, false>
+                          : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false>;
+  err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
   if (err != cudaSuccess) return err;
   if (args.partial != nullptr) {  // (after a memset: no programmatic launch)
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
@@ -752,15 +742,12 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
 
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int bn,
-                          int wm, int splits, bool pair, bool pdl, cudaStream_t stream) {
+                          int wm, int splits, bool pdl, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_ && !pair) return launch<FP16, BN_, WM_, OutT, false>(x, ldx, w, ldw, K, args, splits, pdl, stream);
-#define FP4C_PAIR_TILE(BN_) \
-  if (bn == BN_ && wm == 1 && pair) return launch<FP16, BN_, 1, OutT, true>(x, ldx, w, ldw, K, args, splits, pdl, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, ldw, K, args, splits, pdl, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
-  FP4C_TILE(256, 1) FP4C_PAIR_TILE(32) FP4C_PAIR_TILE(64)
+  FP4C_TILE(256, 1)
 #undef FP4C_TILE
-#undef FP4C_PAIR_TILE
   return cudaErrorInvalidValue;
 }
 
@@ -772,14 +759,13 @@ extern "C" {
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
 // where partial (an [M, N] fp32 workspace) is given, through it. pdl: 1 = programmatic dependent
-// launch (not with a workspace), 0 = a plain launch. pair: 1 = the variant that runs two CTAs per SM
-// (bn 32 or 64, wm 1; unsplit or through the workspace).
+// launch (not with a workspace), 0 = a plain launch.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
-                          int pair, int pdl, cudaStream_t stream) {
+                          int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
       splits > kMaxSplits) {
@@ -789,11 +775,11 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
                   M, N, Np, Kp, (K + kBK - 1) / kBK};
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pair != 0, pdl != 0, stream)
-                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, pair != 0, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pair != 0, pdl != 0, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, pair != 0, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
