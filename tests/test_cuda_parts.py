@@ -1,6 +1,6 @@
 """When the optional nvcc-built CUDA parts (small-M GEMM, wgmma GEMM, quantization, cuBLASLt shim)
-are off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all four (no GPU
-needed)."""
+are off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all four, and
+one helper, ``nvcc.launch_on``, launches them (no GPU needed)."""
 
 import pytest
 import torch
@@ -65,3 +65,29 @@ def test_wgmma_kernel_is_hopper_only(monkeypatch):
         assert cuda_wgmma.unavailable_reason(0) == "built for sm_90 only, this GPU is sm_89"
     finally:
         cuda_wgmma.unavailable_reason.cache_clear()
+
+
+def test_launch_on_switches_device_only_when_needed(monkeypatch):
+    """nvcc.launch_on: the launch gets the device's capability and current raw stream; the current
+    device is switched (a context manager, host time on every eager call) only for another device."""
+    switched = []
+
+    class Switch:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switched.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    monkeypatch.setattr(nvcc, "device_capability", lambda index: (9, index))
+    seen = []
+    assert nvcc.launch_on(torch.device("cuda", 0), lambda cap, stream: seen.append((cap, stream)) or 0) == 0
+    assert seen == [((9, 0), 1000)] and switched == []
+    assert nvcc.launch_on(torch.device("cuda", 1), lambda cap, stream: seen.append((cap, stream)) or 7) == 7
+    assert seen[-1] == ((9, 1), 1001) and switched == [1]

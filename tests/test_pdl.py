@@ -18,12 +18,10 @@ def test_env_turns_it_off(monkeypatch):
 
 
 def test_only_from_sm90(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
-    pdl._capable.cache_clear()
-    try:
-        assert not pdl.use_pdl(torch.device("cuda", 0))
-    finally:
-        pdl._capable.cache_clear()
+    monkeypatch.setattr(pdl, "device_capability", lambda index: (8, 9))
+    assert not pdl.use_pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(pdl, "device_capability", lambda index: (9, 0))
+    assert pdl.use_pdl(torch.device("cuda", 0))
 
 
 def test_quant_kernel_launch_arguments(monkeypatch):

@@ -251,13 +251,11 @@ def gemm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, *, out_dty
         raise RuntimeError(f"cuBLASLt alpha GEMM unavailable: {reason}")
     lib = _library()
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    with torch.cuda.device(a.device):  # ctypes launches on the current device
-        state = _state(index)
-        err = lib.fp4c_cublaslt_gemm(
-            index, a.data_ptr(), lda, b.data_ptr(), ldb, out.data_ptr(), n,
-            bias.data_ptr() if bias is not None else None, alpha.data_ptr(), state.beta.data_ptr(),
-            m, n, k, _DATA_TYPE[a.dtype], _DATA_TYPE[out_dtype], state.workspace.data_ptr(), WORKSPACE_BYTES,
-            torch.cuda.current_stream(a.device).cuda_stream)
+    state = _state(index)
+    err = nvcc.launch_on(a.device, lambda capability, stream: lib.fp4c_cublaslt_gemm(
+        index, a.data_ptr(), lda, b.data_ptr(), ldb, out.data_ptr(), n,
+        bias.data_ptr() if bias is not None else None, alpha.data_ptr(), state.beta.data_ptr(),
+        m, n, k, _DATA_TYPE[a.dtype], _DATA_TYPE[out_dtype], state.workspace.data_ptr(), WORKSPACE_BYTES, stream))
     if err != 0:
         message = lib.fp4c_cublaslt_last_error().decode(errors="replace")
         raise RuntimeError(f"fp4c_cublaslt_gemm failed: {message} (M={m}, N={n}, K={k}, lda={lda}, ldb={ldb}, "

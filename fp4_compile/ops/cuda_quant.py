@@ -113,11 +113,9 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
     s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
                     dtype=torch.uint8, device=dev)
     if s.numel():  # M == 0 or K == 0: nothing to write
-        with torch.cuda.device(dev):  # ctypes launches on the current device
-            err = _library(torch.cuda.get_device_capability(dev)).fp4c_nvfp4_quant(
-                x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
-                s.stride(0), global_scale.data_ptr(), m, k, mode, ctas_per_sm,
-                torch.cuda.current_stream(dev).cuda_stream)
+        err = nvcc.launch_on(dev, lambda capability, stream: _library(capability).fp4c_nvfp4_quant(
+            x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
+            s.stride(0), global_scale.data_ptr(), m, k, mode, ctas_per_sm, stream))
         if err != 0:
             raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, x {x2.dtype})")
     return q, s.view(torch.float8_e4m3fn)

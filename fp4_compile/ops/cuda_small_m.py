@@ -108,12 +108,11 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps
-    with torch.cuda.device(x.device):  # ctypes launches on the current device
-        err = _library(torch.cuda.get_device_capability(x.device), prefetch).fp4c_nvfp4_small_m_gemm(
-            x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-            weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
-            alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-            rows_per_warp, stages, warps, int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+    err = nvcc.launch_on(x.device, lambda capability, stream: _library(capability, prefetch).fp4c_nvfp4_small_m_gemm(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+        weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
+        alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+        rows_per_warp, stages, warps, int(use_pdl(x.device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")

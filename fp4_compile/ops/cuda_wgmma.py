@@ -248,14 +248,12 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     # zeroed by the launcher
     partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
-    with torch.cuda.device(x.device):  # ctypes launches on the current device
-        lib = library or _library(torch.cuda.get_device_capability(x.device))
-        err = lib.fp4c_nvfp4_wgmma_gemm(
-            x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-            weight_scale.stride(0), out.data_ptr(), out.stride(0),
-            partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
-            alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-            bn, wm, splits, int(use_pdl(x.device)), torch.cuda.current_stream(x.device).cuda_stream)
+    err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+        weight_scale.stride(0), out.data_ptr(), out.stride(0),
+        partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
+        alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+        bn, wm, splits, int(use_pdl(x.device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace})")

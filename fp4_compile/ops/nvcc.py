@@ -124,6 +124,23 @@ def unavailable_reason(what: str, env_var: str, device_index: int, load: Callabl
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int]) -> int:
+    """Run ``launch(capability, stream)``, a ctypes launch onto the current CUDA device and the raw
+    stream handle it is given, for ``device``: its capability and its current stream. The current
+    device is switched only when it is not ``device`` already: with the stream lookup, that took
+    most of the host time of an eager call (benchmarks/profile_host.py)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index == torch.cuda.current_device():
+        return launch(device_capability(index), torch._C._cuda_getCurrentRawStream(index))
+    with torch.cuda.device(index):
+        return launch(device_capability(index), torch._C._cuda_getCurrentRawStream(index))
+
+
 def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   alpha: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
     """Check and normalize the operands of the ctypes-launched Hopper GEMMs (small-M, wgmma):

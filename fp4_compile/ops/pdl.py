@@ -10,15 +10,15 @@ GEMM) launch as soon as it starts. ``FP4C_PDL=0`` turns it off.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
+from .nvcc import device_capability
 
-@functools.lru_cache(maxsize=None)
+
 def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+    return device_capability(device_index) >= (9, 0)
 
 
 def use_pdl(device: torch.device) -> bool:
