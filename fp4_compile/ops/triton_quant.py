@@ -211,13 +211,12 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
     if gs.dtype != torch.float32:
         raise TypeError(f"global_scale must be float32, got {gs.dtype}")
     bm, bg, warps = _quant_blocks(m, kb)
-    dummy = torch.empty(1, dtype=torch.uint8, device=dev)
-    q = s = v = dummy
     mp, kbp = m, kb
+    # the outputs a mode does not write are passed as one it does (never dereferenced: MODE is constexpr)
     if mode == MODE_VALUES:
-        v = torch.empty((m, k), dtype=out_dtype or x2.dtype, device=dev)
+        q = s = v = torch.empty((m, k), dtype=out_dtype or x2.dtype, device=dev)
     else:
-        q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
+        q = v = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
         if mode == MODE_SWIZZLED:
             mp, kbp = swizzled_scale_shape(m, k)
             s = torch.empty((mp, kbp), dtype=torch.uint8, device=dev)
@@ -229,8 +228,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
     if grid[0] > 0 and grid[1] > 0:
         _quant_kernel[grid](
             x2, gs, q, s, v,
-            m, kb, x2.stride(0), q.stride(0) if q.dim() == 2 else 0, s.stride(0) if s.dim() == 2 else 0,
-            v.stride(0) if v.dim() == 2 else 0,
+            m, kb, x2.stride(0), q.stride(0), s.stride(0), v.stride(0),
             mp, kbp,
             BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **_pdl_launch_args(dev),
         )
