@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma" (any subset): the whole script
-# needs about 12-14 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, wgmma ~1.5, model ~3,
-# quant ~0.5); with a 10-minute command limit, run it as two calls, e.g. RUN_GPU_SKIP="model small_m"
-# then RUN_GPU_SKIP="tests quant linear wgmma". Each stage has its own timeout (RUN_GPU_T_TESTS, _QUANT,
-# _LINEAR, _SMALL_M, _WGMMA, _MODEL seconds).
+# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma pdl" (any subset): the whole
+# script needs about 13-15 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, wgmma ~1.5,
+# model ~3, quant ~0.5, pdl ~0.7); with a 10-minute command limit, run it as two calls, e.g.
+# RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma". Each stage has its own
+# timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _SMALL_M, _WGMMA, _MODEL, _PDL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -48,6 +48,9 @@ fi
 if ! skip wgmma; then
   timeout "${RUN_GPU_T_WGMMA:-240}" python3 benchmarks/bench_wgmma.py --ms "${RUN_GPU_WGMMA_MS:-32,64,128,256,1024,2048,4096}" --splits 1,2,4 2>&1 | tee "$OUTDIR/bench_wgmma.log" | tail -31
 fi
+if ! skip pdl; then
+  timeout "${RUN_GPU_T_PDL:-120}" python3 benchmarks/bench_pdl.py --ms 1,16,64 2>&1 | tee "$OUTDIR/bench_pdl.log" | tail -15
+fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
 fi
@@ -89,6 +92,12 @@ if wg:
     for r in wg["rows"]:
         print(f"  {r['shape']} M={r['m']}: {r['w4a16_backend_x']} / {r['dequant_x']} / {r['wgmma_auto_x']} ({r['auto']}) / "
               f"{r['best_x']} ({r['best']}, {r['best_tflops']} TFLOP/s)")
+pd = load("bench_pdl.json")
+if pd:
+    print("programmatic dependent launch, us per linear off -> on (W4A4 | W4A16):")
+    for r in pd["rows"]:
+        print(f"  {r['shape']} M={r['m']}: {r['w4a4_pdl0_us']} -> {r['w4a4_pdl1_us']} | "
+              f"{r['w4a16_pdl0_us']} -> {r['w4a16_pdl1_us']}")
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:
