@@ -287,6 +287,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
                              ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt)):
             reason = module.unavailable_reason(index)  # builds it on first use (seconds)
             print(f"{what}: {'ready' if reason is None else reason}")
+        from .ops.pdl import use_pdl
+
+        print("programmatic dependent launch of these kernels: "
+              + ("on (FP4C_PDL=0 turns it off)" if use_pdl(torch.device("cuda", index)) else "off (sm_90 and FP4C_PDL != 0)"))
     return 0
 
 
