@@ -80,24 +80,21 @@ if lin:
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']} | {r['w4a4_us']} ({r['w4a4_x']}x) | {r['w4a16_us']} ({r['w4a16_x']}x) |")
     for k, v in (lin.get("summary") or {}).items():
         print(k, v)
-sm = load("bench_small_m.json")
-if sm:
-    print("small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)")
-    for r in sm["rows"]:
-        print(f"  {r['shape']} M={r['m']}: {r['bf16_us']} / {r['read_floor_us']} / {r['w4a16_triton_us']} / "
-              f"{r['w4a16_backend_us']} | {r['w4a4_triton_us']} / {r['w4a4_backend_us']}")
-wg = load("bench_wgmma.json")
-if wg:
-    print("wgmma kernel, W4A16 x over bf16: backend dispatch / dequant+cuBLASLt / kernel auto config / best variant")
-    for r in wg["rows"]:
-        print(f"  {r['shape']} M={r['m']}: {r['w4a16_backend_x']} / {r['dequant_x']} / {r['wgmma_auto_x']} ({r['auto']}) / "
-              f"{r['best_x']} ({r['best']}, {r['best_tflops']} TFLOP/s)")
-pd = load("bench_pdl.json")
-if pd:
-    print("programmatic dependent launch, us per linear off -> on (W4A4 | W4A16):")
-    for r in pd["rows"]:
-        print(f"  {r['shape']} M={r['m']}: {r['w4a4_pdl0_us']} -> {r['w4a4_pdl1_us']} | "
-              f"{r['w4a16_pdl0_us']} -> {r['w4a16_pdl1_us']}")
+def rows(name, title, line):
+    """One summary line per row of a benchmark's JSON (``line``: a format string over its fields)."""
+    data = load(name)
+    if data:
+        print(title)
+        for r in data["rows"]:
+            print("  " + line.format(**r))
+rows("bench_small_m.json",
+     "small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)",
+     "{shape} M={m}: {bf16_us} / {read_floor_us} / {w4a16_triton_us} / {w4a16_backend_us} | {w4a4_triton_us} / {w4a4_backend_us}")
+rows("bench_wgmma.json",
+     "wgmma kernel, W4A16 x over bf16: backend dispatch / dequant+cuBLASLt / kernel auto config / best variant",
+     "{shape} M={m}: {w4a16_backend_x} / {dequant_x} / {wgmma_auto_x} ({auto}) / {best_x} ({best}, {best_tflops} TFLOP/s)")
+rows("bench_pdl.json", "programmatic dependent launch, us per linear off -> on (W4A4 | W4A16):",
+     "{shape} M={m}: {w4a4_pdl0_us} -> {w4a4_pdl1_us} | {w4a16_pdl0_us} -> {w4a16_pdl1_us}")
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:
