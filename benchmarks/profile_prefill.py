@@ -50,7 +50,38 @@ def profile(fn, label: str) -> int:
     print(f"\n{label}: {launches} kernel launches per call; top kernels by GPU time (us):")
     for e in sorted(events, key=lambda e: -getattr(e, key))[:10]:
         print(f"  {getattr(e, key):9.1f}  x{e.count:<3d} {e.key[:100]}")
+    # where the GPU waits for the host: idle time between consecutive kernels of the eager call
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(kernels, kernels[1:]) if b[0] > a[1]]
+    print(f"GPU idle between kernels: {sum(g for g, _, _ in gaps):.0f} us in {len(gaps)} gaps; the largest (us, after -> before):")
+    for g, after, before in sorted(gaps, reverse=True)[:8]:
+        print(f"  {g:8.1f}  {after[:60]} -> {before[:60]}")
     return launches
+
+
+def host_profile(fn, label: str) -> None:
+    """Host time of one eager call (until it returns, before the GPU finishes) and its top Python
+    functions: where an eager prefill is bound by launch overhead."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    host = (time.perf_counter() - t0) * 1e6
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+    print(f"{label}: host {host:.0f} us per call (without the profiler); top Python functions by own time:")
+    print("\n".join(line for line in out.getvalue().splitlines()[6:24] if line.strip()))
 
 
 def main() -> None:
@@ -77,6 +108,7 @@ def main() -> None:
             eager = eager_us(lambda: model(x))
             graph = graph_time_us(model, (x,), replays=10)
             launches = profile(lambda: model(x), label)
+            host_profile(lambda: model(x), label)
             rows.append((label, eager, graph, launches))
             torch._dynamo.reset()
     print(f"\nprefill of {args.tokens} tokens through {args.layers} layers, {torch.cuda.get_device_name()}")
