@@ -225,7 +225,8 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
     the splits through an fp32 workspace rather than in a cluster) override ``launch_config``, and
-    ``library`` (from ``load_library``) the package's build (benchmark variants).
+    ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
+    programmatic dependent launch where ``pdl.use_pdl`` says so (not with the workspace).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
