@@ -3,7 +3,7 @@
 A kernel launched with PDL may start while the kernel before it in the stream still runs; it
 calls ``griddepcontrol.wait`` (Triton: ``gdc_wait``) before it touches memory, which blocks
 until that grid has completed and its writes are visible. What overlaps is the launch and
-ramp-up of one kernel with the tail of the other: 0.2-0.5 us per call at decode sizes on an
+ramp-up of one kernel with the tail of the other: 0.2-1 us per call at decode sizes on an
 H100 (benchmarks/NOTES.md, v9). The quantization kernel also lets its dependent (the small-M
 GEMM) launch as soon as it starts. ``FP4C_PDL=0`` turns it off.
 """
