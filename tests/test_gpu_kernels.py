@@ -194,22 +194,26 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (1000, 1040, 7), (6144, 4096, 16), (4096, 4096, 64),
                                    (2048, 4096, 200)])
 def test_programmatic_dependent_launch(seed, n, k, m, monkeypatch):
-    """The W4A4 linear with PDL (ops/pdl.py) on each GEMM it dispatches to (small-M, Triton, wgmma):
-    the quantization kernel lets the GEMM launch at once, and both wait for the kernel before them.
-    Fresh activations on every replay of a graph in which each quantization follows a GEMM that
-    reads the previous activations: reading anything early would show as a wrong result."""
+    """Both linears with PDL (ops/pdl.py) on each GEMM they dispatch to (small-M, Triton, wgmma):
+    W4A4's quantization kernel lets the GEMM launch at once, and every PDL kernel waits for the
+    kernel before it. Fresh activations on every replay of a graph in which each call follows a
+    GEMM that reads the previous activations: reading anything early would show as a wrong result."""
     pw, sw, gw = make_weight(n, k)
     wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
     x = torch.randn(m, k, device=DEV)
+    x16 = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     gx = torch.ones(1, device=DEV)
     alpha = (1 / gw).float()
 
+    def calls():
+        return [TRITON_W4A4.linear(x, wt, wst, gx, alpha, None, n), MARLIN.linear(x16, wt, wst, None, alpha, None, n)]
+
     def capture():
-        TRITON_W4A4.linear(x, wt, wst, gx, alpha, None, n)  # compile outside capture
+        calls()  # compile outside capture
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            outs = [TRITON_W4A4.linear(x, wt, wst, gx, alpha, None, n) for _ in range(4)]
+            outs = [calls() for _ in range(3)]
         return g, outs
 
     monkeypatch.setenv("FP4C_PDL", "0")
@@ -217,15 +221,19 @@ def test_programmatic_dependent_launch(seed, n, k, m, monkeypatch):
     monkeypatch.setenv("FP4C_PDL", "1")
     assert pdl.use_pdl(x.device) == (torch.cuda.get_device_capability() >= (9, 0))
     with_pdl = capture()
+    wv = F.block_values(pw, sw).double()
     for _ in range(5):
         x.copy_(torch.randn_like(x) * 10)
+        x16.copy_(torch.randn_like(x16))
         gx.copy_(F.global_scale_from_amax(x.abs().amax()).reshape(1))
         for g, _ in (plain, with_pdl):
             g.replay()
         torch.cuda.synchronize()
-        ref = fake_quantize_nvfp4_gpu(x, gx, torch.float32).double() @ F.block_values(pw, sw).double().t() / gw.double()
-        for out in plain[1] + with_pdl[1]:
-            assert rel(out, ref) <= 1e-5
+        ref44 = fake_quantize_nvfp4_gpu(x, gx, torch.float32).double() @ wv.t() / gw.double()
+        ref16 = x16.double() @ wv.t() / gw.double()
+        for out44, out16 in plain[1] + with_pdl[1]:
+            assert rel(out44, ref44) <= 1e-5
+            assert rel(out16, ref16) <= TOL[torch.bfloat16]
 
 
 def test_wgmma_kernel_is_built_on_hopper():

@@ -28,9 +28,9 @@ def test_quant_kernel_launch_arguments(monkeypatch):
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
     monkeypatch.setattr(triton_quant, "TRITON_PDL", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert triton_quant._pdl_launch_args(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    assert triton_quant.pdl_launch_args(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no grid dependencies
-    assert triton_quant._pdl_launch_args(torch.device("cuda", 0)) == {"PDL": False}
+    assert triton_quant.pdl_launch_args(torch.device("cuda", 0)) == {"PDL": False}
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(triton_quant, "TRITON_PDL", False)  # a Triton without launch_pdl
-    assert triton_quant._pdl_launch_args(torch.device("cuda", 0)) == {"PDL": False}
+    assert triton_quant.pdl_launch_args(torch.device("cuda", 0)) == {"PDL": False}

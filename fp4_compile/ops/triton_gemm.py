@@ -31,9 +31,10 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from . import cublaslt
-from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, interpreting
+from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, interpreting, pdl_launch_args
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
 
@@ -147,8 +148,10 @@ def _fp4_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     IS_SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
     DOT: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr, BMQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_FP16: tl.constexpr, W_EVICT: tl.constexpr, BMQ: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched with programmatic dependent launch (ops/pdl.py): wait for the kernel before
+        gdc_wait()
     G: tl.constexpr = BK // 16
     if IS_FP16:
         cdt = tl.float16
@@ -494,6 +497,9 @@ def fp4_gemm(
         DOT=cfg.DOT, SWAP=cfg.SWAP, USE_ASM=use_asm, EVEN_K=even_k, HAS_BIAS=bias is not None,
         IS_FP16=compute_dtype == torch.float16, W_EVICT="evict_first" if m <= 64 else "", BMQ=bmq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # PDL for W4A16 only: 0.97-0.99x at M = 16..64 on an H100, but after the quantization kernel
+        # (which lets its dependents launch at once) 1.10-1.19x slower (benchmarks/NOTES.md, v9)
+        **(pdl_launch_args(dev) if mode == "w4a16" else {"PDL": False}),
     )
     if return_kernel:
         return out, kernel

@@ -144,8 +144,8 @@ def _quant_kernel(
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # launched with PDL (ops/pdl.py): let the GEMM after us launch, wait for the kernel before
-        # (a kernel launched after us without PDL, such as the Triton GEMM, is not affected: with
-        # PDL the Triton GEMM measured up to 1.19x slower after this trigger, benchmarks/NOTES.md v9)
+        # (a kernel launched after us without PDL is not affected; the Triton GEMM, which measured
+        # up to 1.19x slower after this trigger with PDL, launches plainly here: triton_gemm.py)
         gdc_launch_dependents()
         gdc_wait()
     pid_m = tl.program_id(0)
@@ -184,8 +184,9 @@ def _quant_kernel(
 QUANT_CONFIG: dict[str, int] = {"BLOCK_M": 8, "BLOCK_G": 16, "num_warps": 4}  # H100, benchmarks/NOTES.md
 
 
-def _pdl_launch_args(device: torch.device) -> dict:
-    """Launch arguments of the quant kernel: PDL on where ops/pdl.py and this Triton allow it."""
+def pdl_launch_args(device: torch.device) -> dict:
+    """Launch arguments of a Triton kernel whose ``PDL: tl.constexpr`` makes it wait for the kernel
+    before (``gdc_wait``) before it touches memory: PDL on where ops/pdl.py and this Triton allow it."""
     pdl = TRITON_PDL and not interpreting() and use_pdl(device)
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": False}
 
@@ -230,7 +231,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
             x2, gs, q, s, v,
             m, kb, x2.stride(0), q.stride(0), s.stride(0), v.stride(0),
             mp, kbp,
-            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **_pdl_launch_args(dev),
+            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **pdl_launch_args(dev),
         )
     if mode == MODE_VALUES:
         return v
