@@ -190,3 +190,22 @@ def print_table(rows, cols, title=None):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) + " |")
+
+
+def python_profile(fn, calls: int = 1, sort: str = "cumulative", lines: int = 18) -> str:
+    """The top ``lines`` Python functions (cProfile, sorted by ``sort``) of ``calls`` calls of ``fn``,
+    the GPU synchronised before and after: where an eager call spends its host time."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(lines)
+    return "\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip())

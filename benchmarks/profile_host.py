@@ -10,17 +10,14 @@ python benchmarks/profile_host.py [--n 4096] [--k 4096] [--ms 1,2048] [--calls 2
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import make_fp4_weights  # noqa: E402
+from _common import make_fp4_weights, python_profile  # noqa: E402
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
@@ -53,16 +50,8 @@ def main():
             host = (time.perf_counter() - t0) / n * 1e6
             torch.cuda.synchronize()
             gpu = (time.perf_counter() - t0) / n * 1e6
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(min(n, 500)):
-                fn()
-            prof.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(18)
             print(f"=== {name} M={m}: host {host:.1f} us per call, host+GPU {gpu:.1f} us per call")
-            print("\n".join(s.getvalue().splitlines()[6:28]))
+            print(python_profile(fn, calls=min(n, 500)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import python_profile  # noqa: E402
 from bench_model import D, Stack, compile_fp4, graph_time_us  # noqa: E402
 
 import fp4_compile  # noqa: E402
@@ -63,25 +64,14 @@ def profile(fn, label: str) -> int:
 def host_profile(fn, label: str) -> None:
     """Host time of one eager call (until it returns, before the GPU finishes) and its top Python
     functions: where an eager prefill is bound by launch overhead."""
-    import cProfile
-    import io
-    import pstats
     import time
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     host = (time.perf_counter() - t0) * 1e6
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
     print(f"{label}: host {host:.0f} us per call (without the profiler); top Python functions by own time:")
-    print("\n".join(line for line in out.getvalue().splitlines()[6:24] if line.strip()))
+    print(python_profile(fn, sort="tottime", lines=15))
 
 
 def main() -> None:
