@@ -31,10 +31,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from . import cublaslt
-from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, interpreting, pdl_launch_args
+from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, gdc_wait, interpreting, pdl_launch_args
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
 

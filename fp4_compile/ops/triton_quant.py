@@ -21,16 +21,17 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..format import BLOCK_SIZE, swizzled_scale_shape
 from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
 from .pdl import use_pdl
 
-try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``)?
+try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``, gdc_*)?
     from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     TRITON_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-except ImportError:
+except ImportError:  # then the kernels' PDL branches are never compiled (PDL=False)
+    gdc_launch_dependents = gdc_wait = None
     TRITON_PDL = False
 
 
