@@ -146,7 +146,7 @@ def _quant_kernel(
 ):
     if PDL:  # launched with PDL (ops/pdl.py): let the GEMM after us launch, wait for the kernel before
         # (a kernel launched after us without PDL is not affected; the Triton GEMM, which measured
-        # up to 1.19x slower after this trigger with PDL, launches plainly here: triton_gemm.py)
+        # up to 1.19x slower after this trigger with PDL, launches plainly after this kernel)
         gdc_launch_dependents()
         gdc_wait()
     pid_m = tl.program_id(0)

@@ -5,7 +5,18 @@
 // they touch global memory: what overlaps is one kernel's launch and set-up with the other's tail.
 #pragma once
 
+#include <cuda_runtime.h>
+
 namespace fp4c {
+
+// The launch attribute (cudaLaunchKernelEx) that makes a launch programmatic: only for kernels that
+// call wait_for_prior_grid before they touch global memory.
+inline cudaLaunchAttribute programmatic_launch() {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return attr;
+}
 
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -260,9 +260,7 @@ cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   config.blockDim = dim3(warps * kWarpSize);
   config.dynamicSmemBytes = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
   config.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr = fp4c::programmatic_launch();
   config.attrs = &attr;
   config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, args);

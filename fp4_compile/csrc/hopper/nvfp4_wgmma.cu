@@ -668,11 +668,7 @@ struct KernelLaunch {
       attrs[config.numAttrs].val.clusterDim.z = static_cast<unsigned>(cluster);
       ++config.numAttrs;
     }
-    if (pdl) {
-      attrs[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attrs[config.numAttrs].val.programmaticStreamSerializationAllowed = 1;
-      ++config.numAttrs;
-    }
+    if (pdl) attrs[config.numAttrs++] = fp4c::programmatic_launch();
   }
   KernelLaunch(const KernelLaunch&) = delete;
   KernelLaunch& operator=(const KernelLaunch&) = delete;
