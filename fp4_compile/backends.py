@@ -8,6 +8,7 @@ names so that ``import fp4_compile`` never imports Triton, FlashInfer or FBGEMM.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import importlib.util
 import os
@@ -236,7 +237,13 @@ def resolve_backend(backend: Backend | str | None, device: torch.device | str | 
 
 def kernels_for(backend: Backend | str) -> BackendKernels:
     """The kernels object of ``backend`` (imports its module on first use)."""
-    module, attr = SPECS[parse_backend(backend)].kernels.split(":")
+    return _kernels(SPECS[parse_backend(backend)].kernels)
+
+
+@functools.cache
+def _kernels(location: str) -> BackendKernels:
+    """The object at ``"module:attr"`` (cached: a lookup per call cost host time)."""
+    module, attr = location.split(":")
     return getattr(importlib.import_module(module), attr)
 
 

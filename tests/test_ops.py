@@ -80,6 +80,17 @@ def test_mm_and_linear_equal_float64_reference(seed):
     assert torch.equal(mm + bias, out)
 
 
+def test_backward_raises_with_a_clear_error(seed):
+    x, wq, ws, gs_x, _, alpha = _operands(4, 32, 64, dtype=torch.float32)
+    x.requires_grad_(True)
+    out = torch.ops.fp4.linear(x, wq, ws, gs_x, alpha, None, 32, "emulation")
+    assert out.requires_grad  # the forward runs; only the backward is missing
+    with pytest.raises(RuntimeError, match="fp4::linear has no backward"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not torch.ops.fp4.linear(x, wq, ws, gs_x, alpha, None, 32, "emulation").requires_grad
+
+
 def test_fake_kernels_symbolic_m():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv

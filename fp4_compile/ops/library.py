@@ -4,15 +4,68 @@ All ops are functional (no mutation), so the Inductor pattern matcher sees them 
 plain nodes. Implementations dispatch on the ``backend`` argument through
 :func:`fp4_compile.backends.kernels_for`; fake kernels only compute shapes and work
 with a symbolic M.
+
+Why ``torch.library.Library`` rather than ``torch.library.custom_op``: an eager call of a
+``custom_op`` passes through three Python wrappers (dynamo guard, autograd, aliasing check)
+that cost about 20 us of host time per call on the GPU machines, against about 4 us here
+(``benchmarks/profile_host.py``); eager prefill is bound by that host time (NOTES.md, v10).
+The ops are for inference: where an input needs a gradient, the outputs get a backward that raises
+(as a ``custom_op`` without a registered backward does).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .. import format as fmt
 from ..backends import kernels_for, parse_backend
+
+_LIB = torch.library.Library("fp4", "DEF")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Runs an op below autograd and gives its outputs a backward that raises."""
+
+    @staticmethod
+    def forward(ctx, op: torch._ops.OpOverload, keyset, *args):
+        ctx.op = op
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op._schema.name} has no backward: the NVFP4 layers are for inference "
+                           "(run them under torch.no_grad() or torch.inference_mode())")
+
+
+def _inference_autograd(name: str) -> Callable:
+    """The op's Autograd kernel: below autograd straight away when no input needs a gradient."""
+    def kernel(keyset, *args):
+        op = getattr(torch.ops.fp4, name).default
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _NoBackward.apply(op, keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return kernel
+
+
+def _define(schema: str, fake: Callable) -> Callable:
+    """Define ``fp4::<schema>`` with the decorated function as its kernel on every device and
+    ``fake`` as its fake (meta) kernel. Every op has the inference Autograd kernel, the integer-output
+    ones too: with an autograd fallthrough instead, AOT autograd lost the requires-grad of a layer's
+    output (its backward silently absent rather than raising)."""
+    name = schema.split("(", 1)[0]
+
+    def register(fn: Callable) -> Callable:
+        _LIB.define(schema)
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        _LIB.impl(name, _inference_autograd(name), "Autograd", with_keyset=True)
+        torch.library.register_fake(f"fp4::{name}", fake, lib=_LIB)
+        return fn
+    return register
 
 
 def _check_activation(x: Tensor, global_scale: Tensor) -> None:
@@ -31,7 +84,17 @@ def _check_weight(weight: Tensor, weight_scale: Tensor, alpha: Tensor) -> None:
     fmt.check_global_scale(alpha, "alpha", check_value=False)
 
 
-@torch.library.custom_op("fp4::quantize", mutates_args=())
+def _quantize_fake(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    packed = x.new_empty((m, k // 2), dtype=torch.uint8)
+    if swizzle:
+        shape = ((m + 127) // 128 * 128, (k // fmt.BLOCK_SIZE + 3) // 4 * 4)
+    else:
+        shape = (m, k // fmt.BLOCK_SIZE)
+    return packed, x.new_empty(shape, dtype=torch.float8_e4m3fn)
+
+
+@_define("quantize(Tensor x, Tensor global_scale, bool swizzle=False) -> (Tensor, Tensor)", _quantize_fake)
 def quantize(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Tensor, Tensor]:
     """x [M, K] -> packed uint8 [M, K/2], scales fp8 (linear [M, K/16] or 128x4 swizzled)."""
     _check_activation(x, global_scale)
@@ -44,18 +107,11 @@ def quantize(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Te
     return quantize_reference(x, global_scale, swizzle)
 
 
-@quantize.register_fake
-def _(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Tensor, Tensor]:
-    m, k = x.shape
-    packed = x.new_empty((m, k // 2), dtype=torch.uint8)
-    if swizzle:
-        shape = ((m + 127) // 128 * 128, (k // fmt.BLOCK_SIZE + 3) // 4 * 4)
-    else:
-        shape = (m, k // fmt.BLOCK_SIZE)
-    return packed, x.new_empty(shape, dtype=torch.float8_e4m3fn)
+def _pad_k_fake(packed: Tensor, k_padded: int) -> Tensor:
+    return packed.new_empty((packed.shape[0], k_padded // 2))
 
 
-@torch.library.custom_op("fp4::pad_k", mutates_args=())
+@_define("pad_k(Tensor packed, int k_padded) -> Tensor", _pad_k_fake)
 def pad_k(packed: Tensor, k_padded: int) -> Tensor:
     """Zero-pad packed activations [M, K/2] to K = k_padded elements."""
     if k_padded // 2 < packed.shape[1] or k_padded % 2:
@@ -64,12 +120,12 @@ def pad_k(packed: Tensor, k_padded: int) -> Tensor:
     return padded.clone() if padded is packed else padded  # ops must not return an alias
 
 
-@pad_k.register_fake
-def _(packed: Tensor, k_padded: int) -> Tensor:
-    return packed.new_empty((packed.shape[0], k_padded // 2))
+def _mm_fake(a, a_scale, weight, weight_scale, alpha, out_dtype, backend):
+    return a.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("fp4::mm", mutates_args=())
+@_define("mm(Tensor a, Tensor a_scale, Tensor weight, Tensor weight_scale, Tensor alpha, ScalarType out_dtype, "
+         "str backend) -> Tensor", _mm_fake)
 def mm(
     a: Tensor,
     a_scale: Tensor,
@@ -87,12 +143,12 @@ def mm(
     return kernels_for(backend).mm(a, a_scale, weight, weight_scale, alpha, out_dtype)
 
 
-@mm.register_fake
-def _(a, a_scale, weight, weight_scale, alpha, out_dtype, backend):
-    return a.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
+def _linear_fake(x, weight, weight_scale, input_global_scale, alpha, bias, out_features, backend):
+    return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("fp4::linear", mutates_args=())
+@_define("linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor input_global_scale, Tensor alpha, "
+         "Tensor? bias, SymInt out_features, str backend) -> Tensor", _linear_fake)
 def linear(
     x: Tensor,
     weight: Tensor,
@@ -112,8 +168,3 @@ def linear(
     parse_backend(backend)
     out = kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
     return out.contiguous()  # the fake kernel promises a contiguous [M, N] (a sliced GEMM output is not)
-
-
-@linear.register_fake
-def _(x, weight, weight_scale, input_global_scale, alpha, bias, out_features, backend):
-    return x.new_empty((x.shape[0], out_features))

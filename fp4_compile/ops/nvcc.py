@@ -144,9 +144,10 @@ def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int
 def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   alpha: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
     """Check and normalize the operands of the ctypes-launched Hopper GEMMs (small-M, wgmma):
-    CUDA tensors on one device, bf16/fp16 ``x`` with unit-stride, 16-byte aligned rows, the scales
-    as bytes, ``alpha`` float32, ``bias`` contiguous in ``out_dtype`` (x.dtype or float32).
-    Returns ``(x, weight_scale, alpha, bias)``."""
+    CUDA tensors on one device, bf16/fp16 ``x`` with unit-stride, 16-byte aligned rows, e4m3 (or
+    uint8) scales, ``alpha`` float32, ``bias`` contiguous in ``out_dtype`` (x.dtype or float32).
+    Returns ``(x, weight_scale, alpha, bias)``; the scales as they came (the kernels read their bytes:
+    a uint8 view per call cost host time)."""
     check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
     if x.device.type != "cuda":
         raise RuntimeError(f"the {what} needs CUDA tensors, got {x.device}")
@@ -156,8 +157,8 @@ def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale
         raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
         x = x.contiguous()
-    if weight_scale.dtype != torch.uint8:
-        weight_scale = weight_scale.view(torch.uint8)
+    if weight_scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
+        raise TypeError(f"weight_scale must be float8_e4m3fn or uint8, got {weight_scale.dtype}")
     if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
         bias = bias.to(out_dtype).contiguous()
     if alpha.dtype != torch.float32:
