@@ -6,9 +6,9 @@ plain nodes. Implementations dispatch on the ``backend`` argument through
 with a symbolic M.
 
 Why ``torch.library.Library`` rather than ``torch.library.custom_op``: an eager call of a
-``custom_op`` passes through three Python wrappers (dynamo guard, autograd, aliasing check)
-that cost about 20 us of host time per call on the GPU machines, against about 4 us here
-(``benchmarks/profile_host.py``); eager prefill is bound by that host time (NOTES.md, v10).
+``custom_op`` passes through more Python wrappers (dynamo guard, autograd, aliasing check): the
+same kernel behind one took 15-20 us more host time per call on the GPU machines
+(``benchmarks/profile_host.py``, NOTES.md v10), and eager prefill is bound by host time.
 The ops are for inference: where an input needs a gradient, the outputs get a backward that raises
 (as a ``custom_op`` without a registered backward does).
 """
