@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import cublaslt
-from .triton_quant import _e2m1_value, _e4m3_value, _fake_quant, check_device, gdc_wait, interpreting, pdl_launch_args
+from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
+                           next_power_of_2, pdl_launch_args)
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
 
@@ -383,8 +384,8 @@ def resolve_split(cfg: GemmConfig, m: int, n: int, k: int, sms: int = NUM_SMS_DE
     if cfg.SPLIT_K:
         return cfg
     bm = cfg.BM if cfg.DOT else 1
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, cfg.BN)
-    k_tiles = triton.cdiv(k, cfg.BK)
+    tiles = cdiv(m, bm) * cdiv(n, cfg.BN)
+    k_tiles = cdiv(k, cfg.BK)
     # fp32 partials (split * M * N * 4 bytes, written and read back) stay under the weight
     # bytes (N * K * 9/16): on H100 larger splits at M = 64..128 cost more than the idle SMs
     # they fill (benchmarks/NOTES.md: S4 best at M = 64 and 128 on 4096x4096, S8/S16 slower)
@@ -464,10 +465,10 @@ def fp4_gemm(
     if not cfg.DOT and m != 1:
         raise ValueError("the FMA (DOT=False) path handles one row only")
     bm = 1 if not cfg.DOT else cfg.BM
-    bmq = bm if m > bm else min(bm, triton.next_power_of_2(m))
+    bmq = bm if m > bm else min(bm, next_power_of_2(m))
     split = cfg.SPLIT_K
-    m_tiles = triton.cdiv(m, bm)
-    n_tiles = triton.cdiv(n, cfg.BN)
+    m_tiles = cdiv(m, bm)
+    n_tiles = cdiv(n, cfg.BN)
     dummy = out
     part = locks = dummy
     if split > 1:
@@ -555,7 +556,7 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, 
         weight_scale = weight_scale.view(torch.uint8).view(torch.int16)
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
     bn, bk = (16, 64) if interpreting() else (64, 256)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    grid = (cdiv(n, bn), cdiv(k, bk))
     _dequant_weight_kernel[grid](weight, weight_scale, out, n, k, weight.stride(0), weight_scale.stride(0),
                                  out.stride(0), BN=bn, BK=bk, USE_ASM=use_asm, IS_FP16=dtype == torch.float16,
                                  num_warps=4)

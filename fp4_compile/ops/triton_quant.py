@@ -39,6 +39,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Host-side integer helpers for launch grids: triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects whose calls cost about 2 us each (measured), a few per launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def check_device(*tensors: torch.Tensor, what: str = "this kernel") -> None:
     """Triton kernels run on CUDA tensors (or any tensor under TRITON_INTERPRET=1)."""
     if interpreting():
@@ -197,8 +207,8 @@ def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
     if interpreting():
         return 4, 4, 1
     cfg = QUANT_CONFIG
-    block_g = cfg["BLOCK_G"] if kb >= cfg["BLOCK_G"] else triton.next_power_of_2(kb)
-    block_m = cfg["BLOCK_M"] if m >= cfg["BLOCK_M"] else triton.next_power_of_2(max(m, 1))
+    block_g = cfg["BLOCK_G"] if kb >= cfg["BLOCK_G"] else next_power_of_2(kb)
+    block_m = cfg["BLOCK_M"] if m >= cfg["BLOCK_M"] else next_power_of_2(m)
     return block_m, block_g, cfg["num_warps"]
 
 
@@ -224,7 +234,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
             s = torch.empty((mp, kbp), dtype=torch.uint8, device=dev)
         else:
             s = torch.empty((m, kb), dtype=torch.uint8, device=dev)
-    grid = (triton.cdiv(mp, bm), triton.cdiv(kbp, bg))
+    grid = (cdiv(mp, bm), cdiv(kbp, bg))
     if m == 0 or k == 0:
         grid = (0, 0) if mode != MODE_SWIZZLED else grid
     if grid[0] > 0 and grid[1] > 0:
@@ -294,7 +304,7 @@ def dequantize_codes_triton(packed: torch.Tensor, scales: torch.Tensor, dtype: t
     out = torch.empty((m, k), dtype=dtype, device=packed.device)
     bm, bg = (4, 4) if interpreting() else (8, 16)
     if m and k:
-        _dequant_codes_kernel[(triton.cdiv(m, bm), triton.cdiv(kb, bg))](
+        _dequant_codes_kernel[(cdiv(m, bm), cdiv(kb, bg))](
             packed, scales, out, m, kb, packed.stride(0), scales.stride(0), out.stride(0),
             BLOCK_M=bm, BLOCK_G=bg, num_warps=4)
     return out
