@@ -1,9 +1,11 @@
 """NVFP4 activation quantization kernel: GB/s vs measured copy bandwidth (M=4096, K=4096 / 14336).
 
-Bytes = read x (bf16) + write codes (K/2) + write scales (K/16). CUDA graph over rotating inputs.
-Each variant through the library's dispatch ("dispatch": the CUDA kernel of ``cuda_quant.py`` for
-codes at M >= 64, else Triton), through the Triton kernel ("triton"), and at M >= 1024 through the
-CUDA kernel at each grid size ("cudaN": N CTAs per SM).
+Bytes = read x (bf16) + write codes (K/2) + write scales (K/16), or + write the bf16 block values.
+CUDA graph over rotating inputs; "eager_us" also times back-to-back eager calls. Each variant
+through the library's dispatch ("dispatch": the CUDA kernel of ``cuda_quant.py`` for codes at
+M >= 1024 and for eager block values, so its graph time of block values is Triton's and its eager
+time the CUDA kernel's; else Triton), through the Triton kernel ("triton"), and at M >= 1024 through
+the CUDA kernel at each grid size ("cudaN": N CTAs per SM; block values at every M).
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ def main():
         gs = F.global_scale_from_amax(xs[0].float().abs().amax()).reshape(1)
         moved = m * k * 2 + m * k // 2 + m * k // 16
         cuda = cuda_quant.unavailable_reason(torch.cuda.current_device()) is None
-        impls = ["dispatch", "triton"] + ([f"cuda{c}" for c in CTAS_PER_SM] if cuda and m >= 1024 else [])
+        impls = ["dispatch", "triton"] + ([f"cuda{c}" for c in CTAS_PER_SM] if cuda else [])
         for impl, variant in [(i, v) for i in impls for v in ("linear", "swizzled", "values")]:
+            if impl.startswith("cuda") and m < 1024 and (variant != "values" or impl != "cuda16"):
+                continue  # small M: the block values at the default grid only
             if variant == "values" and impl.startswith("cuda"):
-                continue  # (Triton only)
-            if variant == "values":
+                calls = [lambda x=x, c=int(impl[4:]): cuda_quant.quantize(
+                    x, gs, cuda_quant.MODE_VALUES, ctas_per_sm=c, out_dtype=torch.bfloat16) for x in xs]
+                vbytes = m * k * 4
+            elif variant == "values":
                 calls = [lambda x=x: fake_quantize_nvfp4_gpu(x, gs, torch.bfloat16) for x in xs]
                 vbytes = m * k * 4
             elif impl.startswith("cuda"):
@@ -50,7 +56,7 @@ def main():
                 vbytes = moved
             use = cuda_quant.use_cuda_quant
             if impl == "triton":
-                cuda_quant.use_cuda_quant = lambda x, mode: False
+                cuda_quant.use_cuda_quant = lambda *args: False
             try:
                 t = time_graph_us(calls)
                 te = time_eager_us(calls)

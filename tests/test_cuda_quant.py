@@ -2,12 +2,13 @@
 
 On any machine with nvcc: it compiles for sm_90 without spills, the build is cached, and the
 argument checks and dispatch behave without a GPU. On a GPU (sm_89/90): bit-exact with
-``format.quantize_nvfp4`` (codes, linear and swizzled scales, padding included) on fresh random
-data with tiny and huge rows (subnormal and clamped scales), zero blocks, +-Inf and NaN; strided
-rows; every grid size; CUDA-graph capture.
+``format.quantize_nvfp4`` (codes, linear and swizzled scales, padding included) and the block
+values bit-exact with the Triton kernel's, on fresh random data with tiny and huge rows (subnormal
+and clamped scales), zero blocks, +-Inf and NaN; strided rows; every grid size; CUDA-graph capture.
 """
 
 import ctypes
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from fp4_compile import format as F
 from fp4_compile.ops import cuda_quant
 from fp4_compile.ops.cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+from fp4_compile.ops.triton_quant import launch_quant_triton
 from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
 
@@ -26,11 +28,11 @@ from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     report = compile_with_ptxas_report(cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0)))
     kernels, spills, regs = report.kernels, report.spills, report.registers
-    # {fp32, fp16, bf16} x {linear, swizzled}
-    assert len(kernels) == 6 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
-    assert len(spills) == 6 and all(s == ("0", "0") for s in spills), spills
+    # {fp32, fp16, bf16} x {linear, swizzled, block values in bf16, block values in fp16}
+    assert len(kernels) == 12 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
+    assert len(spills) == 12 and all(s == ("0", "0") for s in spills), spills
     # <= 64 registers: 4 CTAs of 256 threads resident per SM at least
-    assert len(regs) == 6 and max(regs) <= 64, regs
+    assert len(regs) == 12 and max(regs) <= 64, regs
 
 
 @needs_nvcc
@@ -53,7 +55,7 @@ def test_cpu_tensors_are_refused_clearly():
     (torch.zeros(2, 32), torch.ones(1, dtype=torch.float64), MODE_LINEAR, TypeError, "global_scale must be float32"),
     (torch.zeros(2, 32), torch.ones(2), MODE_LINEAR, ValueError, "one element"),
     (torch.zeros(2, 32), torch.ones(1), 3, ValueError, "mode"),
-    (torch.zeros(2, 32), torch.ones(1), MODE_VALUES, ValueError, "triton_quant"),
+    (torch.zeros(2, 32), torch.ones(1), MODE_VALUES, TypeError, "bf16 or fp16"),  # fp32 values: Triton
 ])
 def test_bad_arguments_are_refused_clearly(x, gs, mode, error, match):
     with pytest.raises(error, match=match):
@@ -65,10 +67,23 @@ def test_bad_grid_size_is_refused():
         cuda_quant.quantize(torch.zeros(2, 32), torch.ones(1), MODE_LINEAR, ctas_per_sm=0)
 
 
-def test_dispatch_leaves_small_m_and_block_values_to_triton():
-    x = torch.zeros(cuda_quant.MIN_M, 32)
-    assert not cuda_quant.use_cuda_quant(x[:1], MODE_LINEAR)
-    assert not cuda_quant.use_cuda_quant(x, MODE_VALUES)
+@pytest.mark.parametrize("capturing", [False, True])
+def test_dispatch_leaves_small_m_codes_and_fp32_values_to_triton(monkeypatch, capturing):
+    monkeypatch.setattr(cuda_quant, "unavailable_reason", lambda index: None)  # as on a GPU that runs it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+
+    def x(m, dtype=torch.float32):  # what use_cuda_quant reads of a CUDA tensor
+        return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(m, 32))
+
+    assert not cuda_quant.use_cuda_quant(x(1), MODE_LINEAR)
+    assert cuda_quant.use_cuda_quant(x(cuda_quant.MIN_M), MODE_LINEAR)
+    # block values at any M in eager calls; in a graph capture, Triton's (faster on the GPU)
+    assert cuda_quant.use_cuda_quant(x(1), MODE_VALUES, torch.bfloat16) is not capturing
+    assert cuda_quant.use_cuda_quant(x(4096), MODE_VALUES, torch.float16) is not capturing
+    assert cuda_quant.use_cuda_quant(x(1, torch.bfloat16), MODE_VALUES) is not capturing  # x's type
+    assert cuda_quant.use_cuda_quant(x(cuda_quant.MIN_M), MODE_LINEAR)  # codes: captured or not
+    assert not cuda_quant.use_cuda_quant(x(4096), MODE_VALUES, torch.float32)
+    assert not cuda_quant.use_cuda_quant(x(4096), MODE_VALUES)  # fp32 x: values in fp32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +148,51 @@ def test_codes_and_scales_bit_exact(seed, dt, m, k, swizzle, strided):
     assert torch.equal(s.view(torch.uint8), sr.view(torch.uint8))  # padding included (zeros)
     bad = (q != qr).nonzero()
     assert bad.numel() == 0, f"{bad.shape[0]} code bytes differ, first at {bad[0].tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_block_values_bit_exact(seed, dt, m, k, out_dtype, strided):
+    """The block values e2m1 * sf equal the Triton kernel's bit for bit (signed zeros included) and the
+    reference's block values; blocks holding Inf/NaN are NaN in both kernels."""
+    _skip_without_kernel()
+    x, gs = _make_input(m, k, dt, pad=16 if strided else 0)
+    _poison(4 * m * k + (1 << 20))
+    v = cuda_quant.quantize(x, gs, MODE_VALUES, out_dtype=out_dtype)
+    vt = launch_quant_triton(x, gs, MODE_VALUES, out_dtype)
+    assert v.dtype == out_dtype and v.shape == (m, k)
+    nan = v.isnan()
+    assert torch.equal(nan, vt.isnan())
+    bits, tbits = v.view(torch.int16)[~nan], vt.view(torch.int16)[~nan]
+    bad = (bits != tbits).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} values differ from the Triton kernel's"
+    ref = F.block_values(*F.quantize_nvfp4(x, gs))
+    assert torch.equal(v.float()[~nan], ref[~nan])
+
+
+@pytest.mark.gpu
+def test_block_values_in_a_cuda_graph(seed):
+    _skip_without_kernel()
+    m, k = 5, 4096
+    x, gs = _make_input(m, k, torch.bfloat16)
+    gs = gs.clone()
+    cuda_quant.quantize(x, gs, MODE_VALUES)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v = cuda_quant.quantize(x, gs, MODE_VALUES)
+        assert not cuda_quant.use_cuda_quant(x, MODE_VALUES)  # the library's calls take Triton's here
+    assert cuda_quant.use_cuda_quant(x, MODE_VALUES)
+    for factor in (1.0, 0.25, 64.0):
+        x.copy_(_make_input(m, k, torch.bfloat16)[0])
+        gs.copy_(F.global_scale_from_amax(x.float().abs().nan_to_num(0, 0, 0).amax()).reshape(1) * factor)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(v.view(torch.int16), launch_quant_triton(x, gs, MODE_VALUES, torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.gpu

@@ -50,7 +50,7 @@ def quant_impl(request, monkeypatch):
         if reason is not None:
             pytest.skip(reason)
     else:
-        monkeypatch.setattr(cuda_quant, "use_cuda_quant", lambda x, mode: False)
+        monkeypatch.setattr(cuda_quant, "use_cuda_quant", lambda *args: False)
     return request.param
 
 

@@ -2,12 +2,13 @@
 
 ``quantize(x2, global_scale, mode)`` returns exactly what ``triton_quant.launch_quant_triton`` returns for
 the same mode (the function of ``fp4_compile.format.quantize_nvfp4``, bit for bit): packed codes
-and linear or swizzled (zero-padded) e4m3 scales. Why a CUDA kernel: the Triton kernel is bound
-by integer ALU work (~27 SASS per element); this one rounds E2M1 on the FP32 pipe, tabulates the
-per-scale-byte reciprocal once per CTA and uses the sm_89 fp8 conversion (H100, M=4096: 91% of
-copy bandwidth at K=4096 against Triton's 66%). The block values ``e2m1 * sf`` of the Hopper W4A4
-GEMMs (MODE_VALUES) stay with Triton, which measured faster for them (NOTES.md, v5), and so does
-small M, where the launch dominates (``MIN_M``).
+and linear or swizzled (zero-padded) e4m3 scales, or the block values ``e2m1 * sf`` (bf16/fp16) that
+the Hopper W4A4 GEMMs take. Why a CUDA kernel: the Triton kernel is bound by integer ALU work
+(~27 SASS per element); this one rounds E2M1 on the FP32 pipe, tabulates the per-scale-byte
+reciprocal once per CTA and uses the sm_89 fp8 conversion (H100, M=4096: 91% of copy bandwidth at
+K=4096 against Triton's 66%). For the block values, the reason is host time: its ctypes launch
+costs about half of Triton's launcher (NOTES.md, v10), and eager W4A4 calls pay it each time
+(``use_cuda_quant``: eager calls only; on the GPU it is slower than Triton's for them).
 
 Built on first use with nvcc into a plain shared library (no torch headers, one binary for every
 torch version) and called through ctypes on the current stream, so CUDA graphs capture it.
@@ -26,21 +27,23 @@ import torch
 from ..format import BLOCK_SIZE, check_same_device, swizzled_scale_shape
 from . import nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
+from .pdl import use_pdl
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_quant.cu"
 # The same mode numbers as triton_quant.py (not imported: this module must load without Triton).
 MODE_LINEAR = 0  # codes + linear scales [M, K/16]
 MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales, padding written as zeros
-MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype (Triton only)
-# H100 (bench_quant.py, K=4096): the Triton kernel is faster at M = 64 (2.9 vs 3.4 us), equal at
-# M = 256; at M = 4096 this one takes 16 us against 23.
+MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype (fp32: Triton only)
+# Codes: H100 (bench_quant.py, K=4096): the Triton kernel is faster at M = 64 (2.9 vs 3.4 us), equal
+# at M = 256; at M = 4096 this one takes 16 us against 23.
 MIN_M = 1024
 # The grid's CTAs per SM (each thread loops over the rows beyond it). H100, M=4096: 16 gave 93% /
 # 82% of copy bandwidth at K = 4096 / 14336, 4 gave 91% / 75% (bench_quant.py sweeps 2..16).
 CTAS_PER_SM = 16
 # dtype codes of the C launcher
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+VALUE_DTYPES = (torch.bfloat16, torch.float16)  # the block values it writes (fp32: Triton)
 
 
 def nvcc_flags(capability: tuple[int, int]) -> list[str]:
@@ -59,8 +62,8 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     fn = lib.fp4c_nvfp4_quant
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    # x, ldx, x_dtype, q, ldq, s, lds, gs, M, K, mode, ctas_per_sm, stream
-    fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i32, i32, i32, i32, p]
+    # x, ldx, x_dtype, q, ldq, s, lds, v, ldv, v_fp16, gs, M, K, mode, ctas_per_sm, pdl, stream
+    fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i64, i32, p, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -70,23 +73,40 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA quantization kernel", "FP4C_CUDA_QUANT", device_index, _library)
 
 
-def use_cuda_quant(x2: torch.Tensor, mode: int) -> bool:
-    """Quantize ``x2 [M, K]`` (on its device) in ``mode`` with the CUDA kernel rather than the Triton one?"""
-    if mode == MODE_VALUES or x2.shape[0] < MIN_M or x2.device.type != "cuda" or x2.dtype not in DTYPE_CODES:
+def use_cuda_quant(x2: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None) -> bool:
+    """Quantize ``x2 [M, K]`` (on its device) in ``mode`` (block values: to ``out_dtype``) with the CUDA
+    kernel rather than the Triton one?
+
+    Codes and scales: from MIN_M rows, where it is faster on the GPU. Block values: in eager calls
+    only. There its launch costs about half the host time of Triton's (H100 host: 18 against 33-48 us
+    per call, benchmarks/profile_host.py), and eager W4A4 layers are bound by host time; on the GPU
+    it is slower (bench_quant.py, H100: 66-68% of copy bandwidth at M=4096 against 87-91%, 0.7-1 us
+    more at M <= 256), so calls captured in a CUDA graph, where host time is gone, take Triton's.
+    """
+    if x2.device.type != "cuda" or x2.dtype not in DTYPE_CODES:
         return False
-    return unavailable_reason(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) is None
+    if mode == MODE_VALUES:
+        if (out_dtype or x2.dtype) not in VALUE_DTYPES:
+            return False
+    elif x2.shape[0] < MIN_M:
+        return False
+    if unavailable_reason(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) is not None:
+        return False
+    return mode != MODE_VALUES or not torch.cuda.is_current_stream_capturing()
 
 
-def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
-             ctas_per_sm: int = CTAS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_sm: int = CTAS_PER_SM,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """NVFP4-quantize ``x2 [M, K]`` (fp32/fp16/bf16, K a multiple of 16) on its CUDA device.
 
     ``global_scale``: float32, one element, on the same device (read there: no host sync, and a
     captured CUDA graph follows later changes of its value). Returns, like ``launch_quant_triton``:
     ``MODE_LINEAR``: (codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16]);
-    ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0).
+    ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0);
+    ``MODE_VALUES``: the block values e2m1 * sf [M, K] in ``out_dtype`` (bf16 or fp16; default x's).
     Rows may be strided (the last dimension must be contiguous, else x2 is copied).
-    ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant).
+    ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant). Launched with programmatic
+    dependent launch where ``pdl.use_pdl`` says so.
     """
     if x2.dtype not in DTYPE_CODES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")
@@ -96,8 +116,11 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
         raise TypeError(f"global_scale must be float32, got {global_scale.dtype}")
     if global_scale.numel() != 1:
         raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
-    if mode not in (MODE_LINEAR, MODE_SWIZZLED):
-        raise ValueError(f"mode must be MODE_LINEAR or MODE_SWIZZLED (block values: triton_quant), got {mode}")
+    if mode not in (MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES):
+        raise ValueError(f"mode must be MODE_LINEAR, MODE_SWIZZLED or MODE_VALUES, got {mode}")
+    out_dtype = out_dtype or x2.dtype
+    if mode == MODE_VALUES and out_dtype not in VALUE_DTYPES:
+        raise TypeError(f"the block values are written in bf16 or fp16 (float32: triton_quant), got {out_dtype}")
     if not 1 <= ctas_per_sm <= 16:
         raise ValueError(f"ctas_per_sm must be 1..16, got {ctas_per_sm}")
     check_same_device(x=x2, global_scale=global_scale)
@@ -109,15 +132,22 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int,
     # The kernel reads each row in 16-byte vectors.
     if x2.stride(1) != 1 or x2.data_ptr() % 16 or (m > 1 and (x2.stride(0) * x2.element_size()) % 16):
         x2 = x2.contiguous()
-    q = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
-    s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
-                    dtype=torch.uint8, device=dev)
+    if mode == MODE_VALUES:
+        v = torch.empty((m, k), dtype=out_dtype, device=dev)
+        q = s = v  # not written
+    else:
+        q = v = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
+        s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
+                        dtype=torch.uint8, device=dev)
     if s.numel():  # M == 0 or K == 0: nothing to write
         err = nvcc.launch_on(dev, lambda capability, stream: _library(capability).fp4c_nvfp4_quant(
             x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
-            s.stride(0), global_scale.data_ptr(), m, k, mode, ctas_per_sm, stream))
+            s.stride(0), v.data_ptr(), v.stride(0), int(out_dtype == torch.float16), global_scale.data_ptr(),
+            m, k, mode, ctas_per_sm, int(use_pdl(dev)), stream))
         if err != 0:
             raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, x {x2.dtype})")
+    if mode == MODE_VALUES:
+        return v
     return q, s.view(torch.float8_e4m3fn)
 
 

@@ -1,9 +1,9 @@
 """NVFP4 activation quantization on the GPU: the public entry points.
 
-Codes and scales come from the CUDA kernel (``cuda_quant.py``: sm_89/sm_90 with nvcc, M >= 1024,
-memory-bound) where it can run, else from the Triton kernel (``triton_quant.py``: any sm_80+ GPU,
-and Triton's interpreter on the CPU), which also writes the block values. Both compute
-``fp4_compile.format.quantize_nvfp4`` bit for bit.
+Codes and scales (M >= 1024, where it is faster) and, in eager calls, bf16/fp16 block values (its
+launch costs less host time) come from the CUDA kernel (``cuda_quant.py``: sm_89/sm_90 with nvcc)
+where it can run, else from the Triton kernel (``triton_quant.py``: any sm_80+ GPU, and Triton's
+interpreter on the CPU). Both compute ``fp4_compile.format.quantize_nvfp4`` bit for bit.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from .triton_quant import check_device, launch_quant_triton
 
 
 def _quantize(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
-    if cuda_quant.use_cuda_quant(x2, mode):
-        return cuda_quant.quantize(x2, gs, mode)
+    if cuda_quant.use_cuda_quant(x2, mode, out_dtype):
+        return cuda_quant.quantize(x2, gs, mode, out_dtype=out_dtype)
     return launch_quant_triton(x2, gs, mode, out_dtype)
 
 

@@ -24,4 +24,12 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #endif
 }
 
+// Lets the kernel after this one (launched with PDL) start now; it still waits for this grid's
+// completion in its own wait_for_prior_grid.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 }  // namespace fp4c

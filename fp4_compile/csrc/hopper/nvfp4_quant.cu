@@ -1,6 +1,6 @@
 // NVFP4 activation quantization on sm_89/sm_90: x [M, K] (bf16/fp16/fp32) -> packed E2M1 codes
-// + e4m3 block scales (linear or 128x4 swizzled). (The exact block values e2m1 * sf that the
-// Hopper W4A4 GEMMs take come from the Triton kernel: a CUDA version measured slower, NOTES.md v5.)
+// + e4m3 block scales (linear or 128x4 swizzled), or the exact block values e2m1 * sf (bf16/fp16)
+// that the Hopper W4A4 GEMMs take.
 //
 // The function is fp4_compile.format.quantize_nvfp4, bit for bit (shared NVFP4.md), in the same
 // order of float32 operations as triton_quant.py's _block_scales / _scaled / _e2m1_code:
@@ -33,11 +33,14 @@
 
 #include <type_traits>
 
+#include "grid_dependency.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kModeLinear = 0;
 constexpr int kModeSwizzled = 1;
+constexpr int kModeValues = 2;
 constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // input dtype codes
 
 constexpr float kMagic = 8388608.0f;  // 2^23: the float adder rounds to integers in [2^23, 2^24)
@@ -55,6 +58,9 @@ struct Args {
   int kbp;       // swizzled: round_up(kb, 4)
   int log_tx;    // threads of a CTA along the pairs of a row: 1 << log_tx
   int q16;       // 1: every row of q is 16-byte aligned (one 16-byte store per pair)
+  void* v;       // block values [M, K] (kModeValues), row stride ldv elements, fp16 if v_fp16 else bf16
+  int64_t ldv;
+  int v16;       // 1: every row of v is 16-byte aligned (16-byte stores)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -211,9 +217,67 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
   }
 }
 
-template <int DT, int MODE>
+// The block values of one pair of blocks: sign(x) * e2m1(code) * sf, written to v (exact in bf16 and
+// fp16). From the magic float r = 2^23 + code, |e2m1| = max(code / 2, code - 2, 2 code - 8) (the
+// E2M1 values 0, 0.5, 1, 1.5, 2, 3, 4, 6), each term exact; the sign is x's (as the Triton kernel's,
+// which takes it from x * out_scale, out_scale >= 0); a block holding Inf/NaN has sf = NaN.
+template <int DT, bool SAT, bool FP16_OUT>
+__device__ __forceinline__ void values_pair(const Args& a, const uint32_t* w, const float* os, const float* sf,
+                                            int64_t row, int pair, bool valid1) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {  // 16-byte chunk c: elements 8c .. 8c+7 (block c / 2), stored once computed
+    if (c >= 2 && !valid1) break;
+    uint32_t out[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int e = 8 * c + 2 * k;  // elements e, e+1
+      float lo, hi;
+      uint32_t signs;
+      if constexpr (DT == kF32) {
+        lo = __uint_as_float(w[e]);
+        hi = __uint_as_float(w[e + 1]);
+        signs = __byte_perm(w[e], w[e + 1], 0x7632);
+      } else {
+        const float2 p = unpack<DT>(w[e / 2]);
+        lo = p.x;
+        hi = p.y;
+        signs = w[e / 2];
+      }
+      const float o = os[c / 2], f = sf[c / 2];
+      const float r[2] = {e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o)), e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o))};
+      float v[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float mag = fmaxf(fmaxf(__fmaf_rn(r[h], 0.5f, -0.5f * kMagic), __fadd_rn(r[h], -(kMagic + 2.0f))),
+                                __fmaf_rn(r[h], 2.0f, -(2.0f * kMagic + 8.0f)));
+        const uint32_t sign = h == 0 ? (signs << 16) & 0x80000000u : signs & 0x80000000u;
+        v[h] = __uint_as_float(__float_as_uint(__fmul_rn(mag, f)) | sign);
+      }
+      if constexpr (FP16_OUT) {
+        const __half2 p = __floats2half2_rn(v[0], v[1]);
+        out[k] = *reinterpret_cast<const uint32_t*>(&p);
+      } else {
+        const __nv_bfloat162 p = __floats2bfloat162_rn(v[0], v[1]);
+        out[k] = *reinterpret_cast<const uint32_t*>(&p);
+      }
+    }
+    if (a.v16) {
+      *reinterpret_cast<uint4*>(dst + 4 * c) = make_uint4(out[0], out[1], out[2], out[3]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) dst[4 * c + k] = out[k];
+    }
+  }
+}
+
+template <int DT, int MODE, bool FP16_OUT = false>
 __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
   __shared__ float s_os[256];  // out_scale of each scale byte
+  // Launched with PDL: the GEMM after us may launch now; we wait for the kernel before us (it may
+  // have written x and the global scale).
+  fp4c::allow_dependents();
+  fp4c::wait_for_prior_grid();
   {
     // The reference's float ops, once per byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
     const float gs = __ldg(a.gs);
@@ -272,7 +336,15 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
       byte_pair = b0 | ((valid1 ? b1 : 0u) << 8);
       // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
       const bool sat = __fmul_rn(amax[0], os[0]) >= 7.0f || __fmul_rn(amax[1], os[1]) >= 7.0f;
-      if (__any_sync(__activemask(), sat)) {
+      const bool any_sat = __any_sync(__activemask(), sat);
+      if constexpr (MODE == kModeValues) {
+        const float sf[2] = {e4m3_value(b0), e4m3_value(b1)};
+        if (any_sat) {
+          values_pair<DT, true, FP16_OUT>(a, w, os, sf, row, pair, valid1);
+        } else {
+          values_pair<DT, false, FP16_OUT>(a, w, os, sf, row, pair, valid1);
+        }
+      } else if (any_sat) {
         encode_pair<DT, true>(a, w, os, bad, row, pair, valid1);
       } else {
         encode_pair<DT, false>(a, w, os, bad, row, pair, valid1);
@@ -292,14 +364,28 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
   }
 }
 
+template <int DT, int MODE, bool FP16_OUT = false>
+cudaError_t launch_kernel(const Args& a, dim3 grid, bool pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr = fp4c::programmatic_launch();
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, nvfp4_quant_kernel<DT, MODE, FP16_OUT>, a);
+}
+
 template <int DT>
-cudaError_t launch_mode(const Args& a, int mode, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, dim3 grid, bool pdl, cudaStream_t stream) {
   switch (mode) {
-    case kModeLinear: nvfp4_quant_kernel<DT, kModeLinear><<<grid, kThreads, 0, stream>>>(a); break;
-    case kModeSwizzled: nvfp4_quant_kernel<DT, kModeSwizzled><<<grid, kThreads, 0, stream>>>(a); break;
+    case kModeLinear: return launch_kernel<DT, kModeLinear>(a, grid, pdl, stream);
+    case kModeSwizzled: return launch_kernel<DT, kModeSwizzled>(a, grid, pdl, stream);
+    case kModeValues:
+      return fp16_out ? launch_kernel<DT, kModeValues, true>(a, grid, pdl, stream)
+                      : launch_kernel<DT, kModeValues, false>(a, grid, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 int multiprocessors() {
@@ -323,11 +409,15 @@ extern "C" {
 //   x_dtype: 0 = float32, 1 = float16, 2 = bfloat16;
 //   mode 0: q uint8 [M, K/2] (row stride ldq), s e4m3 [M, K/16] (row stride lds);
 //   mode 1: q as mode 0, s the whole swizzled [round_up(M,128), round_up(K/16,4)] (padding zeroed);
+//   mode 2: v [M, K] (row stride ldv elements) the block values e2m1 * sf, fp16 if v_fp16 else bf16
+//     (q and s unused);
 //   gs: device pointer to the float32 global scale (read on the device: graph-safe);
-//   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that.
+//   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that;
+//   pdl: 1 = programmatic dependent launch (sm_90; grid_dependency.cuh), 0 = a plain launch.
 int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds,
-                     const float* gs, int M, int K, int mode, int ctas_per_sm, cudaStream_t stream) {
-  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 1 || x_dtype < 0 || x_dtype > 2 || ctas_per_sm < 1 ||
+                     void* v, int64_t ldv, int v_fp16, const float* gs, int M, int K, int mode, int ctas_per_sm,
+                     int pdl, cudaStream_t stream) {
+  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 2 || x_dtype < 0 || x_dtype > 2 || ctas_per_sm < 1 ||
       ctas_per_sm > 16) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -351,6 +441,9 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   }
   if (a.mg == 0 || a.pg == 0) return static_cast<int>(cudaSuccess);
   a.q16 = (ldq % 16 == 0) && (reinterpret_cast<uintptr_t>(q) % 16 == 0);
+  a.v = v;
+  a.ldv = ldv;
+  a.v16 = (ldv % 8 == 0) && (reinterpret_cast<uintptr_t>(v) % 16 == 0);
   // Threads along a row: a power of two (the row index is a shift), 32..256 of them chosen to waste
   // the fewest threads past the row's end (K = 14336: 448 pairs = 7 x 64), fewer for short rows.
   int log_tx = 0;
@@ -379,9 +472,9 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   cudaError_t err;
   switch (x_dtype) {
-    case kF32: err = launch_mode<kF32>(a, mode, grid, stream); break;
-    case kF16: err = launch_mode<kF16>(a, mode, grid, stream); break;
-    default: err = launch_mode<kBF16>(a, mode, grid, stream); break;
+    case kF32: err = launch_mode<kF32>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
+    case kF16: err = launch_mode<kF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
+    default: err = launch_mode<kBF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
   }
   return static_cast<int>(err);
 }
