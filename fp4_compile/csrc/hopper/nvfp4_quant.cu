@@ -177,6 +177,21 @@ struct Elem<kF32> {
 // ---------------------------------------------------------------------------------------------
 // one pair of blocks
 
+// Elements e, e+1 of a pair of blocks as float32, with their sign bits at bits 15 (e) and 31 (e+1).
+struct ElementPair {
+  float lo, hi;
+  uint32_t signs;
+};
+template <int DT>
+__device__ __forceinline__ ElementPair element_pair(const uint32_t* w, int e) {
+  if constexpr (DT == kF32) {
+    return {__uint_as_float(w[e]), __uint_as_float(w[e + 1]), __byte_perm(w[e], w[e + 1], 0x7632)};
+  } else {
+    const float2 p = unpack<DT>(w[e / 2]);
+    return {p.x, p.y, w[e / 2]};
+  }
+}
+
 // 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
 // fp32 inputs: f[32]; signs and values come from the floats directly.
 template <int DT, bool SAT>
@@ -188,23 +203,11 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
     uint32_t bytes[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int e = 8 * j + 2 * k;  // elements e, e+1
-      float lo, hi;
-      uint32_t signs;
-      if constexpr (DT == kF32) {
-        lo = __uint_as_float(w[e]);
-        hi = __uint_as_float(w[e + 1]);
-        signs = __byte_perm(w[e], w[e + 1], 0x7632);  // bit 15: sign of lo, bit 31: sign of hi
-      } else {
-        const float2 p = unpack<DT>(w[e / 2]);
-        lo = p.x;
-        hi = p.y;
-        signs = w[e / 2];
-      }
+      const ElementPair x = element_pair<DT>(w, 8 * j + 2 * k);
       const float o = os[j / 2];
-      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o));
-      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o));
-      bytes[k] = pack_pair(rl, rh, signs);
+      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
+      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
+      bytes[k] = pack_pair(rl, rh, x.signs);
     }
     out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
   }
@@ -231,27 +234,15 @@ __device__ __forceinline__ void values_pair(const Args& a, const uint32_t* w, co
     uint32_t out[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int e = 8 * c + 2 * k;  // elements e, e+1
-      float lo, hi;
-      uint32_t signs;
-      if constexpr (DT == kF32) {
-        lo = __uint_as_float(w[e]);
-        hi = __uint_as_float(w[e + 1]);
-        signs = __byte_perm(w[e], w[e + 1], 0x7632);
-      } else {
-        const float2 p = unpack<DT>(w[e / 2]);
-        lo = p.x;
-        hi = p.y;
-        signs = w[e / 2];
-      }
+      const ElementPair x = element_pair<DT>(w, 8 * c + 2 * k);
       const float o = os[c / 2], f = sf[c / 2];
-      const float r[2] = {e2m1_magic<SAT>(__fmul_rn(fabsf(lo), o)), e2m1_magic<SAT>(__fmul_rn(fabsf(hi), o))};
+      const float r[2] = {e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o)), e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o))};
       float v[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float mag = fmaxf(fmaxf(__fmaf_rn(r[h], 0.5f, -0.5f * kMagic), __fadd_rn(r[h], -(kMagic + 2.0f))),
                                 __fmaf_rn(r[h], 2.0f, -(2.0f * kMagic + 8.0f)));
-        const uint32_t sign = h == 0 ? (signs << 16) & 0x80000000u : signs & 0x80000000u;
+        const uint32_t sign = h == 0 ? (x.signs << 16) & 0x80000000u : x.signs & 0x80000000u;
         v[h] = __uint_as_float(__float_as_uint(__fmul_rn(mag, f)) | sign);
       }
       if constexpr (FP16_OUT) {
