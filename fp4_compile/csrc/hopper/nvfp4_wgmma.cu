@@ -12,9 +12,11 @@
 // shared memory. The activations are the B operand: K-major, 64 k (128 bytes) per row, in
 // 128-byte-swizzled 8-row atoms, as the tensor memory accelerator (TMA) writes them.
 //
-// Warp-specialized: one producer warp (of a third warpgroup) streams (activation tile, weight tile, scales) per 64 k into
-// a STAGES-deep ring (TMA for the two tiles, cp.async for the scale bytes, whose rows are too
-// short for TMA), signalling a "full" mbarrier per stage; two consumer warpgroups wait on it,
+// Warp-specialized: one producer warp (of a third warpgroup) streams (activation tile, weight tile) per 64 k into
+// a STAGES-deep ring by TMA, and the scale bytes in groups of 4 stages (16 bytes a row: one TMA box
+// where the scale rows are 16-byte aligned, else 4-byte cp.async per row and stage; the 4-byte
+// copies cost 5-10% at M = 64..2048, NOTES.md v10e), signalling a "full" mbarrier per stage; two
+// consumer warpgroups wait on it,
 // decode, issue wgmma, and release the stage on an "empty" mbarrier once their wgmmas that read it
 // have finished. No CTA-wide barrier in the main loop: the first version (all threads loading with
 // cp.async, one __syncthreads per stage) spent about 660 cycles per stage outside the tensor
@@ -77,15 +79,21 @@ struct Tile {
   static constexpr int kRows = 128 * WM;             // weight rows per CTA: 2 warpgroups x WM x 64
   static constexpr int kActBytes = BN * kBK * 2;     // [BN][64] 16-bit, whole 1024-byte atoms
   static constexpr int kWBytes = kRows * kBK / 2;    // [kRows][32 bytes]
-  static constexpr int kScaleBytes = kRows * kBK / 16;
+  static constexpr int kScaleBytes = kRows * kBK / 16;  // per stage (sizes the ring: kStages)
   static constexpr int kStageBytes = kActBytes + kWBytes + kScaleBytes;
+  // Scale bytes come in groups of 4 stages, [kRows][16 bytes] (one TMA box where the scale rows are
+  // 16-byte aligned): a 4-byte copy per row and stage made the loads a fifth of the M = 64 time.
+  static constexpr int kScaleGroupBytes = kRows * 16;
   static constexpr int kStagingPitch = kRows + 8;    // 16-bit outputs per staged row (+16 bytes: no bank conflicts)
   static constexpr int kStagingBytes = PERSIST ? BN * kStagingPitch * 2 : 0;
   static constexpr int kRing = PERSIST ? kPersistentSmem - kStagingBytes : kSmemBudget;
   static constexpr int kStages = kRing / kStageBytes < 8 ? kRing / kStageBytes : 8;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kStagingBytes + 2 * kStages * 8 + 1024;
+  static constexpr int kScaleGroups = (kStages + 6) / 4;  // as many 4-stage groups as the ring spans, + 1
+  static constexpr int kRingBytes = kStages * (kActBytes + kWBytes) + kScaleGroups * kScaleGroupBytes;
+  static constexpr int kSmemBytes = kRingBytes + kStagingBytes + (2 * kStages + kScaleGroups) * 8 + 1024;
   static constexpr int kAcc = BN / 2;                // fp32 accumulators per thread per m64 tile
   static_assert(BN % 32 == 0 && BN <= 256 && kStages >= 3, "unsupported tile");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 
 struct Args {
@@ -97,6 +105,7 @@ struct Args {
   int64_t ldws, ldo;
   int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
+  int scale_tma;       // 1: the scale rows are 16-byte aligned, read by TMA (s_map); 0: by cp.async
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -313,18 +322,20 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                       const Args args) {
+                       const __grid_constant__ CUtensorMap s_map, const Args args) {
   static_assert(!(CLUSTER && PERSIST) && (!PERSIST || sizeof(OutT) == 2), "unsupported kernel variant");
   using T = Tile<BN, WM, PERSIST>;
   constexpr int S = T::kStages;
+  constexpr int G = T::kScaleGroups;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t act_s = (raw + 1023u) & ~1023u;  // 128-byte swizzle atoms must be 1024-byte aligned
   const uint32_t w_s = act_s + S * T::kActBytes;
   const uint32_t sc_s = w_s + S * T::kWBytes;
-  const uint32_t staging_s = sc_s + S * T::kScaleBytes;  // PERSIST: [BN][kStagingPitch] OutT
+  const uint32_t staging_s = sc_s + G * T::kScaleGroupBytes;  // PERSIST: [BN][kStagingPitch] OutT
   const uint32_t full = staging_s + T::kStagingBytes;   // S mbarriers: stage s loaded
   const uint32_t empty = full + 8 * S;              // S mbarriers: stage s consumed
+  const uint32_t scales_free = empty + 8 * S;       // G mbarriers: scale group slot g decoded
   const uint8_t* w_p = smem_raw + (w_s - raw);
   const uint8_t* sc_p = smem_raw + (sc_s - raw);
 
@@ -343,6 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full + 8 * s, 1 + 32);  // the TMA issue (expect_tx) + the producer lanes' scale copies
       mbar_init(empty + 8 * s, kConsumerThreads / 32);  // one arrival per consumer warp
     }
+    for (int g = 0; g < G; ++g) mbar_init(scales_free + 8 * g, kConsumerThreads / 32);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -351,21 +363,36 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The producer warp: per 64-k stage, the activation and weight tiles by TMA and each weight row's
   // four scale bytes by cp.async, all completing on the stage's "full" mbarrier. `it0`: the ring
   // position of the tile's first stage.
+  // Scale groups: the 4 stages kt = 4q .. 4q+3 (a tile's or split's first group may begin later), into
+  // slot group % G once the consumers have decoded the group G before; stage kt's byte of row r at
+  // 16 r + 4 (kt % 4). The group's bytes complete on its first stage's "full" mbarrier (TMA: one
+  // 16-byte-aligned box), or each stage's 4 bytes per row on that stage's (cp.async).
+  int group = 0;  // scale groups begun (producer and consumers each count, over all tiles)
   auto produce = [&](int tile_row0, int tile_m0, int it0) {
     for (int it = it0; it < it0 + nk; ++it) {
-      const int s = it % S, kt = kt0 + it - it0;
+      const int s = it % S, kt = kt0 + it - it0, pos = kt % 4;
+      const bool begins = pos == 0 || it == it0;
+      if (begins) {
+        if (group >= G) mbar_wait(scales_free + 8 * (group % G), ((group / G) + 1) & 1);
+        ++group;
+      }
+      const uint32_t slot = sc_s + ((group - 1) % G) * T::kScaleGroupBytes;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
       if (lane == 0) {
-        mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes);
+        const bool scales = args.scale_tma && begins;
+        mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes + (scales ? T::kScaleGroupBytes : 0));
         tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
         tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), tile_row0, full + 8 * s);
+        if (scales) tma_load_2d(slot, &s_map, 4 * (kt - pos), tile_row0, full + 8 * s);  // 16 bytes a row
       }
+      if (!args.scale_tma) {
 #pragma unroll
-      for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
-        const int r = lane + 32 * p;
-        const bool ok = tile_row0 + r < args.Np;
-        const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(tile_row0 + r) * args.ldws + 4 * kt : 0);
-        cp_async4(sc_s + s * T::kScaleBytes + 4 * r, src, ok);
+        for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
+          const int r = lane + 32 * p;
+          const bool ok = tile_row0 + r < args.Np;
+          const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(tile_row0 + r) * args.ldws + 4 * kt : 0);
+          cp_async4(slot + 16 * r + 4 * pos, src, ok);
+        }
       }
       mbar_cp_async_arrive(full + 8 * s);
     }
@@ -406,12 +433,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[WM][T::kAcc];
 
   // A fragments of one stage: [m64 tile][k16 step][register]
-  auto decode_stage = [&](int s, uint32_t (&f)[WM][4][4]) {
+  // sc: this stage's scale bytes, row r at sc[16 r .. 16 r + 3]
+  auto decode_stage = [&](int s, const uint8_t* sc, uint32_t (&f)[WM][4][4]) {
 #pragma unroll
     for (int i = 0; i < WM; ++i) {
       const int r0 = wrow + 64 * i, r1 = r0 + 8;
-      const uint32_t sw0 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r0);
-      const uint32_t sw1 = *reinterpret_cast<const uint32_t*>(sc_p + s * T::kScaleBytes + 4 * r1);
+      const uint32_t sw0 = *reinterpret_cast<const uint32_t*>(sc + 16 * r0);
+      const uint32_t sw1 = *reinterpret_cast<const uint32_t*>(sc + 16 * r1);
       const int swz = (g >> 2) & 1;  // = (r >> 2) & 1 for both rows: TMA's 32-byte swizzle
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -446,15 +474,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < T::kAcc; ++e) acc[i][e] = 0.f;
     fence_accumulators(acc);
     for (int it = it0; it < it0 + nk; ++it) {
-      const int s = it % S;
+      const int s = it % S, pos = (kt0 + it - it0) % 4;
+      if (pos == 0 || it == it0) ++group;
+      const int slot = (group - 1) % G;
+      const uint8_t* sc = sc_p + slot * T::kScaleGroupBytes + 4 * pos;
+      // after the group's last stage is decoded, its scales live in registers: the slot is free
+      const bool frees_slot = (pos == 3 || it == it0 + nk - 1) && lane == 0;
       mbar_wait(full + 8 * s, (it / S) & 1);
       if ((it - it0) & 1) {
-        decode_stage(s, frag[1]);
+        decode_stage(s, sc, frag[1]);
+        if (frees_slot) mbar_arrive(scales_free + 8 * slot);
         mma_stage(s, frag[1]);
         wgmma_wait<1>();
         fence_fragments<WM>(frag[0]);
       } else {
-        decode_stage(s, frag[0]);
+        decode_stage(s, sc, frag[0]);
+        if (frees_slot) mbar_arrive(scales_free + 8 * slot);
         mma_stage(s, frag[0]);
         wgmma_wait<1>();
         fence_fragments<WM>(frag[1]);
@@ -513,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // weight row wrow + 64 i + 8 (e / 2), activation row 8 j + 2 t + (e % 2) of the tile; it goes
   // to tile[activation row][weight row], fp32, rows padded by 16 bytes (no bank conflicts).
   constexpr int kPitch = T::kRows + 4;
-  static_assert(BN * kPitch * sizeof(float) <= static_cast<size_t>(S) * T::kStageBytes, "epilogue tile > ring");
+  static_assert(BN * kPitch * sizeof(float) <= static_cast<size_t>(T::kRingBytes), "epilogue tile > ring");
   float* tile = reinterpret_cast<float*>(smem_raw + (act_s - raw));
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // both warpgroups are done with the ring
 #pragma unroll
@@ -697,13 +732,18 @@ template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
                    bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
-  CUtensorMap x_map, w_map;
+  CUtensorMap x_map, w_map, s_map{};
   cudaError_t err = make_map(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, K, ldx, kBK, BN,
                              CU_TENSOR_MAP_SWIZZLE_128B);
   if (err != cudaSuccess) return err;
   err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
                  CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess) return err;
+  if (args.scale_tma) {  // [Np, Kp/16] scale bytes in boxes of 16 bytes (4 stages) x the tile's rows
+    err = make_map(&s_map, args.ws, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 16, args.ldws, 16,
+                   T::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
+    if (err != cudaSuccess) return err;
+  }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   if constexpr (sizeof(OutT) == 2) {
     // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
@@ -713,7 +753,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
       if (err != cudaSuccess) return err;
       const KernelLaunch persistent(dim3(sms), Tile<BN, WM, true>::kSmemBytes, 0, pdl, stream);
       return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
-                                w_map, args);
+                                w_map, s_map, args);
     }
   }
   const bool clustered = splits > 1 && args.partial == nullptr;
@@ -724,7 +764,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   if (args.partial != nullptr) {  // (after a memset: no programmatic launch)
     err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, args);
+    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, s_map, args);
     const int64_t total = static_cast<int64_t>(args.M) * args.N;
     const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
     finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
@@ -733,7 +773,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     return cudaGetLastError();
   }
   const KernelLaunch launch(grid, T::kSmemBytes, clustered ? splits : 0, pdl, stream);
-  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, args);
+  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args);
 }
 
 template <bool FP16, typename OutT>
@@ -767,8 +807,9 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
       splits > kMaxSplits) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
+  const int scale_tma = ldws % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // TMA strides, base
   const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
-                  M, N, Np, Kp, (K + kBK - 1) / kBK};
+                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma};
   cudaError_t err;
   if (x_fp16) {
     err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
