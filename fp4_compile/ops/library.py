@@ -41,10 +41,9 @@ class _NoBackward(torch.autograd.Function):
                            "(run them under torch.no_grad() or torch.inference_mode())")
 
 
-def _inference_autograd(name: str) -> Callable:
+def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
     """The op's Autograd kernel: below autograd straight away when no input needs a gradient."""
     def kernel(keyset, *args):
-        op = getattr(torch.ops.fp4, name).default
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return _NoBackward.apply(op, keyset, *args)
         with torch._C._AutoDispatchBelowAutograd():
@@ -62,7 +61,7 @@ def _define(schema: str, fake: Callable) -> Callable:
     def register(fn: Callable) -> Callable:
         _LIB.define(schema)
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
-        _LIB.impl(name, _inference_autograd(name), "Autograd", with_keyset=True)
+        _LIB.impl(name, _inference_autograd(getattr(torch.ops.fp4, name).default), "Autograd", with_keyset=True)
         torch.library.register_fake(f"fp4::{name}", fake, lib=_LIB)
         return fn
     return register
