@@ -357,14 +357,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
 
 template <int DT, int MODE, bool FP16_OUT = false>
 cudaError_t launch_kernel(const Args& a, dim3 grid, bool pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attr = fp4c::programmatic_launch();
-  config.attrs = &attr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, nvfp4_quant_kernel<DT, MODE, FP16_OUT>, a);
+  return fp4c::launch(nvfp4_quant_kernel<DT, MODE, FP16_OUT>, grid, dim3(kThreads), 0, pdl, stream, a);
 }
 
 template <int DT>

@@ -255,15 +255,9 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
 template <bool FP16, int RT, int NT, int PF, typename OutT>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3((args.N + rows - 1) / rows);
-  config.blockDim = dim3(warps * kWarpSize);
-  config.dynamicSmemBytes = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
-  config.stream = stream;
-  cudaLaunchAttribute attr = fp4c::programmatic_launch();
-  config.attrs = &attr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, args);
+  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, dim3((args.N + rows - 1) / rows),
+                      dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
+                      stream, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
