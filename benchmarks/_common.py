@@ -164,12 +164,16 @@ def shape_of(spec: str) -> tuple[int, int]:
     return tuple(map(int, spec.split("x"))) if "x" in spec else LLAMA_SHAPES[int(spec)]
 
 
+def rotating_fp4_weights(n: int, k: int, kernels) -> list:
+    """NVFP4 weights [n, k] prepared for ``kernels``, enough copies to rotate through more than L2
+    in a timed sweep (``make_fp4_weights`` items)."""
+    return make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), kernels)
+
+
 def rotating_weights(n: int, k: int, kernels) -> tuple[list, list]:
-    """NVFP4 weights prepared for ``kernels`` and bf16 weights [n, k], enough copies of each to rotate
-    through more than L2 in a timed sweep."""
-    ws = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), kernels)
+    """``rotating_fp4_weights`` and as many bf16 weights [n, k] as rotate through more than L2."""
     bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
-    return ws, bf
+    return rotating_fp4_weights(n, k, kernels), bf
 
 
 def fp4_weight_bytes(n: int, k: int) -> int:

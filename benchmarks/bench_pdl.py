@@ -18,8 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (copies_for, fp4_weight_bytes, make_fp4_weights, measured_env, print_table, shape_of,  # noqa: E402
-                     time_graph_us, write_json)
+from _common import (measured_env, print_table, rotating_fp4_weights, shape_of, time_graph_us,  # noqa: E402
+                     write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
@@ -35,7 +35,7 @@ def main():
     rows = []
     for si in args.shapes.split(","):
         n, k = shape_of(si)
-        ws = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), MARLIN)
+        ws = rotating_fp4_weights(n, k, MARLIN)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)

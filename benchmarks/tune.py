@@ -16,8 +16,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, env_info, fp4_weight_bytes, kernel_resources,  # noqa: E402
-                     make_fp4_weights, print_table, rel, time_graph_us, write_json)
+from _common import (LLAMA_SHAPES, copies_for, env_info, kernel_resources, make_fp4_weights,  # noqa: E402
+                     print_table, rel, rotating_fp4_weights, time_graph_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
@@ -108,7 +108,7 @@ def main():
     ms = [int(v) for v in args.ms.split(",")]
     weights = {}
     for n, k in shapes:
-        weights[(n, k)] = make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), TRITON_W4A4)
+        weights[(n, k)] = rotating_fp4_weights(n, k, TRITON_W4A4)
     done = False
     for m in ms:
         bucket = G.m_bucket(m)
