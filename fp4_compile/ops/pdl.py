@@ -4,9 +4,9 @@ A kernel launched with PDL may start while the kernel before it in the stream st
 calls ``griddepcontrol.wait`` (Triton: ``gdc_wait``) before it touches memory, which blocks
 until that grid has completed and its writes are visible. What overlaps is the launch and
 ramp-up of one kernel with the tail of the other: 0.2-1 us per call at decode sizes on an
-H100 (benchmarks/NOTES.md, v9). Used by the small-M and wgmma kernels, the Triton quantization
-kernel (which also lets its dependent GEMM launch as soon as it starts) and, for W4A16, the Triton
-GEMM. ``FP4C_PDL=0`` turns it off.
+H100 (benchmarks/NOTES.md, v9). Used by the small-M and wgmma kernels, the Triton and CUDA
+quantization kernels (which also let their dependent GEMM launch as soon as they start) and, for
+W4A16, the Triton GEMM. ``FP4C_PDL=0`` turns it off.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@
 // Warp-specialized: one producer warp (of a third warpgroup) streams (activation tile, weight tile) per 64 k into
 // a STAGES-deep ring by TMA, and the scale bytes in groups of 4 stages (16 bytes a row: one TMA box
 // where the scale rows are 16-byte aligned, else 4-byte cp.async per row and stage; the 4-byte
-// copies cost 5-10% at M = 64..2048, NOTES.md v10e), signalling a "full" mbarrier per stage; two
+// copies cost 3-10% at M = 64..2048, NOTES.md v10e), signalling a "full" mbarrier per stage; two
 // consumer warpgroups wait on it,
 // decode, issue wgmma, and release the stage on an "empty" mbarrier once their wgmmas that read it
 // have finished. No CTA-wide barrier in the main loop: the first version (all threads loading with
@@ -82,7 +82,7 @@ struct Tile {
   static constexpr int kScaleBytes = kRows * kBK / 16;  // per stage (sizes the ring: kStages)
   static constexpr int kStageBytes = kActBytes + kWBytes + kScaleBytes;
   // Scale bytes come in groups of 4 stages, [kRows][16 bytes] (one TMA box where the scale rows are
-  // 16-byte aligned): a 4-byte copy per row and stage made the loads a fifth of the M = 64 time.
+  // 16-byte aligned): 4-byte copies per row and stage took 14% of the time at M = 64 (NOTES.md v10e).
   static constexpr int kScaleGroupBytes = kRows * 16;
   static constexpr int kStagingPitch = kRows + 8;    // 16-bit outputs per staged row (+16 bytes: no bank conflicts)
   static constexpr int kStagingBytes = PERSIST ? BN * kStagingPitch * 2 : 0;
@@ -360,9 +360,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   wait_for_prior_grid();
 
-  // The producer warp: per 64-k stage, the activation and weight tiles by TMA and each weight row's
-  // four scale bytes by cp.async, all completing on the stage's "full" mbarrier. `it0`: the ring
-  // position of the tile's first stage.
+  // The producer warp: per 64-k stage, the activation and weight tiles by TMA, completing on the
+  // stage's "full" mbarrier. `it0`: the ring position of the tile's first stage.
   // Scale groups: the 4 stages kt = 4q .. 4q+3 (a tile's or split's first group may begin later), into
   // slot group % G once the consumers have decoded the group G before; stage kt's byte of row r at
   // 16 r + 4 (kt % 4). The group's bytes complete on its first stage's "full" mbarrier (TMA: one
