@@ -282,7 +282,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
         index = where.index if where.index is not None else torch.cuda.current_device()
         for what, module in (("CUDA decode kernel of triton-w4a4/marlin (small M)", cuda_small_m),
-                             ("CUDA wgmma kernel of triton-w4a4/marlin (M = 17..2048)", cuda_wgmma),
+                             ("CUDA wgmma kernel of triton-w4a4/marlin (M >= 17)", cuda_wgmma),
                              ("CUDA activation quantization (codes at M >= 1024, eager block values)", cuda_quant),
                              ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt)):
             reason = module.unavailable_reason(index)  # builds it on first use (seconds)

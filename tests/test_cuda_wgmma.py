@@ -56,11 +56,12 @@ def test_dispatch_rules(monkeypatch):
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 128)
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 512)       # split K is fine up to LARGE_M
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 1024)      # 128 tiles: one whole wave
-    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)  # 192 tiles: 1.45 waves
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)      # 192 tiles: 1.45 waves, the tail split 2 ways
     assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 1024)  # would split K
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)      # 256 tiles, persistent
     assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 2048)  # 64 tiles: half the SMs
-    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)  # dequantization + cuBLASLt
+    assert cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)      # no upper bound on M
+    assert cuda_wgmma.use_wgmma(weight(28672, 4096), 16384)
     cuda_wgmma.device_launch_config.cache_clear()
 
 
@@ -98,3 +99,26 @@ def test_cost_model_runs_many_tiles_persistent():
     per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, capacity) / -(-tiles // 132)
     alone = cuda_wgmma.estimated_us(256, 28672 // 4, 4096, many, 132, capacity)  # 56 tiles: one wave
     assert per_tile < alone  # the fixed per-CTA cost is paid once
+
+
+def test_tail_plan():
+    """A persistent launch's last wave is split along K where it would leave half the SMs or more
+    idle, into slices of at least MIN_STAGES_PER_SPLIT stages that fit the SMs."""
+    plan = cuda_wgmma.tail_plan
+    assert plan(128, 132, 4096) == (0, 1)    # one wave, not persistent
+    assert plan(264, 132, 4096) == (0, 1)    # whole waves
+    assert plan(192, 132, 4096) == (60, 2)   # 6144x4096 at M = 1024 (256x128 tiles)
+    assert plan(144, 132, 4096) == (12, 4)   # at most MAX_TAIL_SPLITS
+    assert plan(256, 132, 4096) == (0, 1)    # a tail of 124: nearly a whole wave
+    assert plan(192, 132, 1024) == (60, 2)   # 16 stages: 2 slices of 8
+    assert plan(192, 132, 960) == (0, 1)     # 15 stages: slices would be shorter than 8
+    for tiles in range(133, 1000):
+        tail, splits = plan(tiles, 132, 4096)
+        assert (tail, splits) == (0, 1) or (tail == tiles % 132 and 2 <= splits and tail * splits <= 132)
+    # the cost model counts the split tail as the fraction of a wave it takes
+    cap = {1: 132, 2: 132, 4: 120, 8: 120}
+    cfg = cuda_wgmma.LaunchConfig(256, 1, 1, False)
+    one_wave = cuda_wgmma.estimated_us(1024, 4096, 4096, cfg, 132, cap)
+    with_tail = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg, 132, cap)
+    two_waves = cuda_wgmma.estimated_us(2048, 4096, 4096, cfg, 132, cap)
+    assert one_wave < with_tail < two_waves

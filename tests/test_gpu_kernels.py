@@ -300,6 +300,40 @@ def test_wgmma_persistent_kernel(seed, n, k, m, dt):
     assert rel(out, expect) <= TOL[dt]
 
 
+# tail_plan on 132 SMs: 192 tiles -> 60 split 2 ways; 140 -> 8 split 4 ways; 172 -> 40 split 3 ways
+@pytest.mark.parametrize("n,k,m,tile", [(6144, 4096, 1024, (256, 1)), (8960 - 37, 2000, 64, (32, 1)),
+                                        (11008 - 5, 2048, 50, (32, 1))])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_wgmma_split_tail(seed, n, k, m, tile, dt):
+    """A persistent launch whose last wave of tiles is split along K (cuda_wgmma.tail_plan): the
+    slices' fp32 sums meet in the tile's last slice. Within output rounding of the float64 product,
+    bias, poisoned outputs and fixup buffer, graph replay; the same as the unsplit tail's output but
+    for fp32 summation order."""
+    _need_wgmma()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tail, splits = cuda_wgmma.tail_plan(cuda_wgmma._tiles(m, n, *tile), sms, k)
+    if tail == 0:
+        pytest.skip(f"no split tail with {sms} SMs")
+    x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
+    poison_allocator(m * n * 8 + (1 << 24))
+    out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
+    assert out.dtype == dt and torch.isfinite(out).all()
+    assert rel(out, ref + bias.double()) <= TOL[dt], rel(out, ref + bias.double())
+    whole = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1,
+                                  split_tail=False)
+    assert rel(out, whole) <= TOL[dt] / 4
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        replayed = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
+    for _ in range(2):  # the flags start from zero on every replay
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        expect = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=2,
+                                       workspace=True) + bias.float()
+        assert rel(replayed, expect) <= TOL[dt]
+
+
 def test_wgmma_kernel_graph_replay(seed):
     _need_wgmma()
     n, k, m = 4096, 4096, 64

@@ -39,24 +39,28 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # Over the 30 (shape, M) cells of the fit, its picks ran 1.7% slower than the best variant measured (geomean).
 # Unsplit launches with more tiles than SMs run persistent (16-bit outputs): CTA_FIXED_US once, then
 # PERSISTENT_TILE_US per tile a CTA takes on (A/B on an H100: 28672x4096 at M = 1024, 7 tiles per CTA,
-# 395 -> 366 us).
+# 395 -> 366 us). Where their last wave would leave half the SMs or more idle, its tiles are split
+# along K over them (``tail_plan``, at most MAX_TAIL_SPLITS ways), at TAIL_FIXUP_US for the flags'
+# memset and the partial tiles' round trip through L2.
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
 WORKSPACE_US = 2.45
 WORKSPACE_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
+MAX_TAIL_SPLITS = 4
+TAIL_FIXUP_US = 2.0
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7 and v8):
-# - M = DISPATCH_MIN_M..DISPATCH_MAX_M (below: the small-M kernel; above, dequantization + cuBLASLt
-#   measured faster on 4 of the 6 shapes at M = 4096; at M = 2048 the persistent kernel was as
-#   fast or faster on all but 1024x4096, which the wave rule below leaves to cuBLASLt);
+# - M >= DISPATCH_MIN_M (below: the small-M kernel). Session 9's sweep, after the scale groups of
+#   v10e, found the kernel as fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096
+#   on the four Llama shapes (it had lost on 4 of 6 shapes at M = 4096 before), so M has no upper bound;
 # - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
 #   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
 #   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
-# - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY) without
-#   splitting K: else dequantization + cuBLASLt was faster (6144x4096 and 1024x4096 at M = 1024).
+# - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY, a split tail
+#   counting as the fraction of a wave it takes) without splitting K: else dequantization + cuBLASLt
+#   was faster (1024x4096 at M = 1024 and 2048).
 DISPATCH_MIN_M = 17
-DISPATCH_MAX_M = 2048
 SMALL_WEIGHT_MAX_M = 64
 SMALL_WEIGHT_ELEMENTS = (8 * 2**20, 48 * 2**20)
 LARGE_M = 512
@@ -80,7 +84,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 11 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 13 + [p]
     return lib
 
 
@@ -132,9 +136,26 @@ class LaunchConfig(NamedTuple):
         return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "")
 
 
+def tail_plan(tiles: int, sms: int, k: int) -> tuple[int, int]:
+    """(tail tiles, K slices each) of a persistent launch of ``tiles`` unsplit tiles on ``sms`` SMs:
+    where the last wave's tiles would leave half the SMs or more idle, they are split along K so
+    that their slices fill it (each slice at least MIN_STAGES_PER_SPLIT stages); else (0, 1)."""
+    tail = tiles % sms
+    if tiles <= sms or tail == 0:
+        return 0, 1
+    splits = min(sms // tail, MAX_TAIL_SPLITS, math.ceil(k / 64) // MIN_STAGES_PER_SPLIT)
+    return (tail, splits) if splits >= 2 else (0, 1)
+
+
+def _waves(tiles: int, sms: int, k: int) -> float:
+    """Waves of an unsplit launch, a split tail counting as the fraction of a wave its slices take."""
+    tail, splits = tail_plan(tiles, sms, k)
+    return tiles // sms + 1 / splits if tail else math.ceil(tiles / sms)
+
+
 def use_wgmma(weight: torch.Tensor, m: int) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel?"""
-    if not DISPATCH_MIN_M <= m <= DISPATCH_MAX_M:
+    if m < DISPATCH_MIN_M:
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
     if m <= SMALL_WEIGHT_MAX_M and SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]:
@@ -146,7 +167,7 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
         sms = num_sms(index)
         cfg = device_launch_config(m, n, k, index)
         tiles = _tiles(m, n, cfg.bn, cfg.wm)
-        if cfg.splits > 1 or tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY:
+        if cfg.splits > 1 or tiles / sms / _waves(tiles, sms, k) < WAVE_EFFICIENCY:
             return False
     return True
 
@@ -160,6 +181,11 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     stages = math.ceil(math.ceil(k / 64) / cfg.splits)
     main_loop = stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
     if cfg.splits == 1 and tiles > sms:  # persistent
+        tail, tail_splits = tail_plan(tiles, sms, k)
+        if tail:
+            tail_loop = math.ceil(math.ceil(k / 64) / tail_splits) * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+            return (CTA_FIXED_US + tiles // sms * (PERSISTENT_TILE_US + main_loop) + PERSISTENT_TILE_US + tail_loop
+                    + TAIL_FIXUP_US)
         return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
     cta = CTA_FIXED_US + main_loop
     workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
@@ -217,16 +243,18 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
-               workspace: bool | None = None, library: ctypes.CDLL | None = None) -> torch.Tensor:
+               workspace: bool | None = None, split_tail: bool = True,
+               library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
-    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``, and
+    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``,
+    ``split_tail=False`` keeps a persistent launch's last wave whole (``tail_plan``), and
     ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
-    programmatic dependent launch where ``pdl.use_pdl`` says so (not with the workspace).
+    programmatic dependent launch where ``pdl.use_pdl`` says so (not with a workspace or a split tail).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -249,13 +277,18 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     # zeroed by the launcher
     partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
+    tail, tail_splits = 0, 1
+    if split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
+        tail, tail_splits = tail_plan(_tiles(m, n, bn, wm), num_sms(x.device.index or 0), k)
+    if tail:  # the partial tiles of every slice but a tile's last, then an int flag per tile (zeroed by the launcher)
+        partial = torch.empty(tail * ((tail_splits - 1) * bn * 128 * wm + 1), dtype=torch.float32, device=x.device)
     err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0),
         partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-        bn, wm, splits, int(use_pdl(x.device)), stream))
+        bn, wm, splits, tail, tail_splits, int(use_pdl(x.device)), stream))
     if err != 0:
-        raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} "
-                           f"(M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, workspace={workspace})")
+        raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} (M={m}, N={n}, K={k}, tile=({bn}, {wm}), "
+                           f"splits={splits}, workspace={workspace}, tail={tail}x{tail_splits})")
     return out

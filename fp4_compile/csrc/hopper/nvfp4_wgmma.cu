@@ -106,6 +106,10 @@ struct Args {
   int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
   int scale_tma;       // 1: the scale rows are 16-byte aligned, read by TMA (s_map); 0: by cp.async
+  // PERSIST: the last tail_tiles tiles are split along K into tail_splits slices each (1: none);
+  // fixup holds the fp32 partial tiles of every slice but a tile's last, then tail_tiles int flags.
+  int tail_tiles, tail_splits;
+  float* fixup;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -345,9 +349,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // in L2 while every weight tile passes them.
   const int row0 = blockIdx.x * T::kRows;
   const int m0 = blockIdx.y * BN;
-  const int kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
-  const int kt1 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z);
-  const int nk = kt1 - kt0;
+  const int split_kt0 = static_cast<int>(static_cast<int64_t>(args.k_tiles) * blockIdx.z / gridDim.z);
+  const int split_nk =
+      static_cast<int>(static_cast<int64_t>(args.k_tiles) * (blockIdx.z + 1) / gridDim.z) - split_kt0;
 
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
@@ -361,13 +365,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   wait_for_prior_grid();
 
   // The producer warp: per 64-k stage, the activation and weight tiles by TMA, completing on the
-  // stage's "full" mbarrier. `it0`: the ring position of the tile's first stage.
+  // stage's "full" mbarrier. `it0`: the ring position of the tile's first stage, kt0 and nk its
+  // first 64-k stage and their number.
   // Scale groups: the 4 stages kt = 4q .. 4q+3 (a tile's or split's first group may begin later), into
   // slot group % G once the consumers have decoded the group G before; stage kt's byte of row r at
   // 16 r + 4 (kt % 4). The group's bytes complete on its first stage's "full" mbarrier (TMA: one
   // 16-byte-aligned box), or each stage's 4 bytes per row on that stage's (cp.async).
   int group = 0;  // scale groups begun (producer and consumers each count, over all tiles)
-  auto produce = [&](int tile_row0, int tile_m0, int it0) {
+  auto produce = [&](int tile_row0, int tile_m0, int it0, int kt0, int nk) {
     for (int it = it0; it < it0 + nk; ++it) {
       const int s = it % S, kt = kt0 + it - it0, pos = kt % 4;
       const bool begins = pos == 0 || it == it0;
@@ -396,13 +401,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_cp_async_arrive(full + 8 * s);
     }
   };
-  // PERSIST: the tiles of this CTA (every gridDim.x-th, weight tiles fastest), each with its first
-  // weight row, first activation row and ring position; one schedule for producer and consumers.
-  auto for_each_tile = [&](auto&& body) {
+  // PERSIST: the work of this CTA, one schedule for producer and consumers: every gridDim.x-th of
+  // the whole tiles (weight tiles fastest), then, where the last wave would leave SMs idle (a split
+  // tail), K slice u % tail_splits of tail tile u / tail_splits, u = blockIdx.x: a tile's last
+  // slice has the highest CTA index of its slices, so its peers started no later than it did.
+  // body(first weight row, first activation row, ring position, first stage, stages, tail tile or
+  // -1, slice).
+  auto for_each_unit = [&](auto&& body) {
     const int weight_tiles = (args.N + T::kRows - 1) / T::kRows;
-    const int tiles = weight_tiles * ((args.M + BN - 1) / BN);
-    for (int tile = blockIdx.x, it0 = 0; tile < tiles; tile += gridDim.x, it0 += nk)
-      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0);
+    const int whole = weight_tiles * ((args.M + BN - 1) / BN) - args.tail_tiles;
+    int it0 = 0;
+    for (int tile = blockIdx.x; tile < whole; tile += gridDim.x, it0 += args.k_tiles)
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, 0, args.k_tiles, -1, 0);
+    const int s = args.tail_splits, u = blockIdx.x;
+    if (u < args.tail_tiles * s) {
+      const int tile = whole + u / s, j = u % s;
+      const int kt0 = args.k_tiles * j / s, kt1 = args.k_tiles * (j + 1) / s;
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, kt0, kt1 - kt0, u / s, j);
+    }
   };
 
   // K split within a cluster: every thread of the cluster's CTAs meets the epilogue's two cluster
@@ -412,9 +428,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
-        for_each_tile(produce);
+        for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int, int) {
+          produce(tile_row0, tile_m0, it0, kt0, nk);
+        });
       } else {
-        produce(row0, m0, 0);
+        produce(row0, m0, 0, split_kt0, split_nk);
       }
     }
     if constexpr (CLUSTER) {
@@ -465,8 +483,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   uint32_t frag[2][WM][4][4];
-  // One output tile's main loop, from ring position it0: acc = this tile's product.
-  auto consume = [&](int it0) {
+  // One output tile's main loop over stages kt0 .. kt0 + nk - 1, from ring position it0: acc = their product.
+  auto consume = [&](int it0, int kt0, int nk) {
 #pragma unroll
     for (int i = 0; i < WM; ++i)
 #pragma unroll
@@ -507,9 +525,49 @@ __global__ void __launch_bounds__(kThreads, 1)
     OutT* staging = reinterpret_cast<OutT*>(smem_raw + (staging_s - raw));
     const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
     constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
-    for_each_tile([&](int tile_row0, int tile_m0, int it0) {
-      consume(it0);
+    for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int tail, int slice) {
+      consume(it0, kt0, nk);
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
+      if (tail >= 0) {
+        // A split tail tile: every slice but the last leaves its fp32 sums in the fixup buffer
+        // (float4 v of thread tid at [v][tid]: coalesced) and counts itself in the tile's flag; the
+        // last slice waits for them and adds them in slice order (a fixed summation order).
+        const int s = args.tail_splits;
+        constexpr int kVec = WM * T::kAcc / 4;
+        float4* part = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(tail) * (s - 1) * kVec * kConsumerThreads;
+        int* flag = reinterpret_cast<int*>(args.fixup + static_cast<int64_t>(args.tail_tiles) * (s - 1) * kVec * 4 *
+                                           kConsumerThreads) + tail;
+        if (slice < s - 1) {
+          float4* dst = part + static_cast<int64_t>(slice) * kVec * kConsumerThreads + tid;
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
+            dst[v * kConsumerThreads] = make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
+          }
+          __threadfence();
+          asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+          if (tid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(flag) : "memory");
+          return;  // a CTA's tail slice is its last unit
+        }
+        if (tid == 0) {
+          int done = 0;
+          for (;;) {
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(done) : "l"(flag) : "memory");
+            if (done >= s - 1) break;
+            __nanosleep(128);
+          }
+        }
+        asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+        for (int j = 0; j < s - 1; ++j) {
+          const float4* src = part + static_cast<int64_t>(j) * kVec * kConsumerThreads + tid;
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
+            const float4 p = __ldcg(src + v * kConsumerThreads);
+            acc[i][e] += p.x, acc[i][e + 1] += p.y, acc[i][e + 2] += p.z, acc[i][e + 3] += p.w;
+          }
+        }
+      }
       // alpha, bias, output type in registers, then staging[activation row][weight row]
 #pragma unroll
       for (int i = 0; i < WM; ++i)
@@ -539,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
     return;
   } else {
-    consume(0);
+    consume(0, split_kt0, split_nk);
   }
 
   // Epilogue, through shared memory (the ring is idle: every stage was waited for), so that each
@@ -744,12 +802,23 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
     if (err != cudaSuccess) return err;
   }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
+  const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y;
+  const int sms = sizeof(OutT) == 2 && splits == 1 ? sm_count() : 0;
+  if (args.tail_tiles > 0 &&
+      (sms == 0 || tiles <= sms || args.tail_tiles >= tiles || args.tail_tiles * args.tail_splits > sms)) {
+    return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
+  }
   if constexpr (sizeof(OutT) == 2) {
     // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
-    const int sms = sm_count();
-    if (splits == 1 && sms > 0 && static_cast<int64_t>(grid.x) * grid.y > sms) {
+    if (sms > 0 && tiles > sms) {
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
+      if (args.tail_tiles > 0) {  // the tail tiles' flags, after their partial tiles (no programmatic launch after a memset)
+        const size_t partials = static_cast<size_t>(args.tail_tiles) * (args.tail_splits - 1) * BN * T::kRows;
+        err = cudaMemsetAsync(args.fixup + partials, 0, args.tail_tiles * sizeof(int), stream);
+        if (err != cudaSuccess) return err;
+        pdl = false;
+      }
       const KernelLaunch persistent(dim3(sms), Tile<BN, WM, true>::kSmemBytes, 0, pdl, stream);
       return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
                                 w_map, s_map, args);
@@ -794,21 +863,27 @@ extern "C" {
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
 // where partial (an [M, N] fp32 workspace) is given, through it. pdl: 1 = programmatic dependent
-// launch (not with a workspace), 0 = a plain launch.
+// launch (not with a workspace), 0 = a plain launch. tail_tiles > 0 (unsplit 16-bit launches with more
+// tiles than SMs, which run persistent): the last tail_tiles tiles are split along K into tail_splits
+// slices (tail_tiles x tail_splits at most the SM count), reduced in partial, which then holds
+// tail_tiles x (tail_splits - 1) x bn x 128 wm floats and tail_tiles ints.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
-                          int pdl, cudaStream_t stream) {
+                          int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
-      splits > kMaxSplits) {
+      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 ||
+      (tail_tiles > 0 && (splits > 1 || tail_splits < 2 || partial == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int scale_tma = ldws % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // TMA strides, base
+  const bool tail = tail_tiles > 0;
   const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
-                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma};
+                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma, tail ? tail_tiles : 0, tail ? tail_splits : 1,
+                  tail ? partial : nullptr};
   cudaError_t err;
   if (x_fp16) {
     err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
