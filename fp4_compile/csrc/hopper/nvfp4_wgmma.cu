@@ -404,11 +404,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // PERSIST: the work of this CTA, one schedule for producer and consumers: every gridDim.x-th of
   // the whole tiles (weight tiles fastest), then its equal share of the stages of the last
   // stream_tiles tiles (stream-K: where whole tiles would leave SMs idle, in a last wave or in a grid
-  // of fewer tiles than SMs), cut at tile boundaries into pieces, taken last piece first: that one
-  // begins a tile whose last piece another CTA holds and waits for, so its sums are published
-  // first (in stage order, each CTA's owned piece would wait for its predecessor's whole share:
-  // measured 4-30x slower). body(first weight row, first activation row, ring position, first
-  // stage, stages, stream tile index or -1).
+  // of fewer tiles than SMs), cut at tile boundaries into pieces. body(first weight row, first
+  // activation row, ring position, first stage, stages, stream tile index or -1).
   // (32-bit: the launcher checks that stream stages x CTAs fit)
   const int stream_stages = args.stream_tiles * args.k_tiles;
   auto share_end = [&](int cta) { return stream_stages * (cta + 1) / static_cast<int>(gridDim.x); };  // CTA cta's share: [end(cta - 1), end(cta))
@@ -419,12 +416,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     int it0 = 0;
     for (int tile = blockIdx.x; tile < whole; tile += gridDim.x, it0 += args.k_tiles)
       body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, 0, args.k_tiles, -1);
-    const int begin = blockIdx.x > 0 ? share_end(blockIdx.x - 1) : 0;
-    for (int q = share_end(blockIdx.x); q > begin;) {  // the piece that ends at stage q
-      const int st = (q - 1) / args.k_tiles, tile = whole + st, tile_first = st * args.k_tiles;
-      const int p = begin > tile_first ? begin : tile_first;
-      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, p - tile_first, q - p, st);
-      it0 += q - p, q = p;
+    const int end = share_end(blockIdx.x);
+    for (int p = blockIdx.x > 0 ? share_end(blockIdx.x - 1) : 0; p < end;) {
+      const int st = p / args.k_tiles, tile = whole + st, kt0 = p - st * args.k_tiles;
+      const int nk = end - p < args.k_tiles - kt0 ? end - p : args.k_tiles - kt0;
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, kt0, nk, st);
+      it0 += nk, p += nk;
     }
   };
 
@@ -544,7 +541,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         constexpr int kVec = WM * T::kAcc / 4;
         const float4* slots = reinterpret_cast<const float4*>(args.fixup);
         int* flags = reinterpret_cast<int*>(args.fixup + static_cast<int64_t>(gridDim.x) * 4 * kVec * kConsumerThreads);
-        if (kt0 + nk < args.k_tiles) {  // not the tile's last piece: this CTA's first, it ends the share
+        if (kt0 + nk < args.k_tiles) {  // not the tile's last piece, so this CTA's last
           float4* dst = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(blockIdx.x) * kVec * kConsumerThreads + tid;
 #pragma unroll
           for (int v = 0; v < kVec; ++v) {
