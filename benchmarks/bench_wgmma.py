@@ -4,8 +4,7 @@ For the Llama-3-8B shapes (and NxK given) at M = 16 .. 4096, in CUDA graphs over
 (each M's activations stay the same across the rotation, as in bench_linear): cuBLAS bf16; W4A16
 through the backends' dispatch; W4A16 as the weight dequantized to bf16 + cuBLASLt (the large-M
 path, "dequant"); W4A16 through the wgmma kernel at its own launch_config ("auto")
-and at each (tile, splits, split reduction: "w" = through the workspace, "k" = stream-K), and at
-its best configuration without stream-K ("no_stream"); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
+and at each (tile, splits, split reduction: "w" = through the workspace); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
 Each variant is checked against the float64 product before it is timed.
 
 python benchmarks/bench_wgmma.py [--ms 64,128] [--shapes 0,2,1024x4096] [--splits 1,2,4]
@@ -53,8 +52,7 @@ def main():
             alphas44 = [(1 / (gx * gw)).float() for _, _, gw in ws]
             ref = x.double() @ wv0.t() * alphas[0].double()
             auto = cuda_wgmma.device_launch_config(m, n, k, 0)
-            plain = cuda_wgmma.device_launch_config(m, n, k, 0, stream=False)  # the best choice without stream-K
-            row = {"shape": f"{n}x{k}", "m": m, "auto": auto.label, "auto_no_stream": plain.label}
+            row = {"shape": f"{n}x{k}", "m": m, "auto": auto.label}
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
             row["w4a16_backend_us"] = round(time_graph_us(
                 [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, alphas)]), 2)
@@ -69,11 +67,6 @@ def main():
             row["wgmma_auto_us"] = round(time_graph_us(
                 [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
                  for w, a in zip(ws, alphas)]), 2)
-            row["wgmma_no_stream_us"] = round(time_graph_us(
-                [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                        tile=(plain.bn, plain.wm), splits=plain.splits,
-                                                        workspace=plain.workspace, stream=False)
-                 for w, a in zip(ws, alphas)]), 2)
             row["w4a4_wgmma_us"] = round(time_graph_us(
                 [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), w[0], w[1],
                                                         a, n=n, out_dtype=torch.bfloat16)
@@ -85,12 +78,8 @@ def main():
                     continue  # tiles far from M
                 if m >= 2048 and cfg.splits > 1:
                     continue
-                if cfg.stream and not cuda_wgmma.stream_tiles(cuda_wgmma._tiles(m, n, cfg.bn, cfg.wm),
-                                                              cuda_wgmma.num_sms(0), k):
-                    continue
-                opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace, stream=cfg.stream)
-                out = cuda_wgmma.wgmma_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n,  # (stream-K: 16-bit outputs)
-                                            out_dtype=torch.bfloat16 if cfg.stream else torch.float32, **opts)
+                opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
+                out = cuda_wgmma.wgmma_gemm(x, ws[0][0], ws[0][1], alphas[0], n=n, out_dtype=torch.float32, **opts)
                 worst = max(worst, rel(out, ref))
                 row[f"{cfg.label}_us"] = round(time_graph_us(
                     [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, **opts)
@@ -100,8 +89,7 @@ def main():
             best_key = min(variants, key=variants.get)
             row["best"] = best_key[:-3]
             row["best_us"] = variants[best_key]
-            for key in ("w4a16_backend", "dequant", "w4a4_backend", "wgmma_auto", "wgmma_no_stream", "w4a4_wgmma",
-                        "best"):
+            for key in ("w4a16_backend", "dequant", "w4a4_backend", "wgmma_auto", "w4a4_wgmma", "best"):
                 row[f"{key}_x"] = round(row["bf16_us"] / row[f"{key}_us"], 2)
             row["best_bw"] = round(wbytes / (row["best_us"] * 1e-6) / 1e9 / bw, 2)
             row["best_tflops"] = round(2 * m * n * k / (row["best_us"] * 1e-6) / 1e12, 1)
@@ -111,7 +99,7 @@ def main():
         torch.cuda.empty_cache()
     path = write_json("bench_wgmma.json", {"env": info, "rows": rows})
     cols = ["shape", "m", "bf16_us", "w4a16_backend_us", "w4a16_backend_x", "dequant_x", "wgmma_auto_us", "auto",
-            "wgmma_auto_x", "wgmma_no_stream_us", "auto_no_stream",
+            "wgmma_auto_x",
             "best", "best_us", "best_x", "best_tflops", "w4a4_backend_x", "w4a4_wgmma_x", "auto_rel",
             "variants_worst_rel"]
     print_table(rows, cols, title=f"wgmma kernel (us per call, CUDA graphs; copy {bw:.0f} GB/s, "

@@ -51,8 +51,7 @@ def main():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         alphas = [(1 / gw).float() for _, _, gw in ws]
         cfg = cuda_wgmma.device_launch_config(m, n, k, 0)
-        opts = dict(n=n, out_dtype=torch.bfloat16, tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace,
-                    stream=cfg.stream)
+        opts = dict(n=n, out_dtype=torch.bfloat16, tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
         times = {"A": [], "B": []}
         for _ in range(args.rounds):
             for name, lib in libs.items():

@@ -23,10 +23,8 @@ def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
 @pytest.mark.parametrize("m", [17, 32, 64, 128, 1000, 4096, 16384])
 @pytest.mark.parametrize("n,k", [(1024, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (64, 64)])
 def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
-    cfg = cuda_wgmma.launch_config(m, n, k, 132, {1: 132, 2: 132, 4: 120, 8: 120})
-    bn, wm, splits = cfg.bn, cfg.wm, cfg.splits
+    bn, wm, splits, _ = cuda_wgmma.launch_config(m, n, k, 132, {1: 132, 2: 132, 4: 120, 8: 120})
     assert (bn, wm) in cuda_wgmma.TILES
-    assert not cfg.stream or (splits == 1 and cuda_wgmma.stream_tiles(cuda_wgmma._tiles(m, n, bn, wm), 132, k))
     k_tiles = -(-k // 64)
     assert splits == 1 or k_tiles // splits >= 8
     assert 1 <= splits <= cuda_wgmma.MAX_SPLITS
@@ -58,9 +56,10 @@ def test_dispatch_rules(monkeypatch):
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 128)
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 512)       # split K is fine up to LARGE_M
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 1024)      # 128 tiles: one whole wave
-    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)      # 192 tiles: 1.45 waves, the last shared out (stream-K)
-    assert cuda_wgmma.use_wgmma(weight(1024, 4096), 1024)      # 32 tiles: stream-K over every SM
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 1024)      # 192 tiles: 1.45 waves, the tail split 2 ways
+    assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 1024)  # would split K
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 2048)      # 256 tiles, persistent
+    assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 2048)  # 64 tiles: half the SMs
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)      # no upper bound on M
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 16384)
     cuda_wgmma.device_launch_config.cache_clear()
@@ -76,9 +75,8 @@ def test_launch_config_keeps_cluster_splits_within_one_wave():
         cfg = cuda_wgmma.launch_config(m, n, k, 132, capacity)
         tiles = -(-m // cfg.bn) * -(-n // (128 * cfg.wm))
         assert cfg.workspace or tiles * cfg.splits <= capacity[cfg.splits], (m, n, k, cfg)
-    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, capacity)[:3] == (128, 2, 1)  # enough tiles to share
-    cfg = cuda_wgmma.launch_config(128, 4096, 14336, 132, capacity)
-    assert cfg.workspace or cfg.stream
+    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, capacity) == (128, 2, 1, False)  # enough tiles
+    assert cuda_wgmma.launch_config(128, 4096, 14336, 132, capacity).workspace
 
 
 def test_launch_configs_cover_both_reductions():
@@ -95,7 +93,7 @@ def test_cost_model_runs_many_tiles_persistent():
     splitting K to even out waves (H100: 28672x4096 at M=512, t256x1 unsplit 199.9 us, split in
     clusters of 2 221.1 us)."""
     capacity = {1: 132, 2: 132, 4: 120, 8: 120}
-    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity)[:3] == (256, 1, 1)
+    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity) == (256, 1, 1, False)
     many = cuda_wgmma.LaunchConfig(256, 1, 1, False)
     tiles = 2 * 224
     per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, capacity) / -(-tiles // 132)
@@ -103,24 +101,24 @@ def test_cost_model_runs_many_tiles_persistent():
     assert per_tile < alone  # the fixed per-CTA cost is paid once
 
 
-def test_stream_tiles():
-    """Stream-K shares out the tiles of a partial last wave, or all of them where they are no more
-    than the SMs, when each SM gets MIN_STAGES_PER_SPLIT stages or more."""
-    shared = cuda_wgmma.stream_tiles
-    assert shared(192, 132, 4096) == 60     # 6144x4096 at M = 1024 (256x128 tiles): the last wave
-    assert shared(264, 132, 4096) == 0      # whole waves
-    assert shared(112, 132, 4096) == 112    # 28672x4096 at M = 64 (64x256 tiles): fewer tiles than SMs
-    assert shared(140, 132, 4096) == 0      # 8 tiles x 64 stages: under 8 stages per SM
-    assert shared(32, 132, 4096) == 32      # 4096x4096 at M = 128 (128x128 tiles): 15.5 stages per SM
-    assert shared(16, 132, 4096) == 0       # 7.8 stages per SM
-    # the cost model: a stream-K launch of a partial wave costs less than the whole wave
+def test_tail_plan():
+    """A persistent launch's last wave is split along K where it would leave half the SMs or more
+    idle, into slices of at least MIN_STAGES_PER_SPLIT stages that fit the SMs."""
+    plan = cuda_wgmma.tail_plan
+    assert plan(128, 132, 4096) == (0, 1)    # one wave, not persistent
+    assert plan(264, 132, 4096) == (0, 1)    # whole waves
+    assert plan(192, 132, 4096) == (60, 2)   # 6144x4096 at M = 1024 (256x128 tiles)
+    assert plan(144, 132, 4096) == (12, 4)   # at most MAX_TAIL_SPLITS
+    assert plan(256, 132, 4096) == (0, 1)    # a tail of 124: nearly a whole wave
+    assert plan(192, 132, 1024) == (60, 2)   # 16 stages: 2 slices of 8
+    assert plan(192, 132, 960) == (0, 1)     # 15 stages: slices would be shorter than 8
+    for tiles in range(133, 1000):
+        tail, splits = plan(tiles, 132, 4096)
+        assert (tail, splits) == (0, 1) or (tail == tiles % 132 and 2 <= splits and tail * splits <= 132)
+    # the cost model counts the split tail as the fraction of a wave it takes
     cap = {1: 132, 2: 132, 4: 120, 8: 120}
     cfg = cuda_wgmma.LaunchConfig(256, 1, 1, False)
     one_wave = cuda_wgmma.estimated_us(1024, 4096, 4096, cfg, 132, cap)
-    streamed = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg._replace(stream=True), 132, cap)
-    two_waves = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg, 132, cap)
-    assert one_wave < streamed < two_waves
-    assert cuda_wgmma.estimated_us(2048, 8448, 4096, cfg._replace(stream=True), 132, cap) == float("inf")  # 4 waves
-    assert cfg._replace(stream=True).label == "t256x1s1k"
-    # fp32 outputs (no persistent kernel) never get a stream-K configuration
-    assert not cuda_wgmma.launch_config(1024, 6144, 4096, 132, cap, stream=False).stream
+    with_tail = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg, 132, cap)
+    two_waves = cuda_wgmma.estimated_us(2048, 4096, 4096, cfg, 132, cap)
+    assert one_wave < with_tail < two_waves

@@ -300,31 +300,31 @@ def test_wgmma_persistent_kernel(seed, n, k, m, dt):
     assert rel(out, expect) <= TOL[dt]
 
 
-# stream_tiles on 132 SMs: the last wave's 60 tiles; 64 tiles over 132 SMs (31 stages each: a
-# tile's pieces on up to 4 CTAs); the last wave's 40 tiles, N and K not multiples of the tile
-@pytest.mark.parametrize("n,k,m,tile", [(6144, 4096, 1024, (256, 1)), (4000, 4080, 77, (64, 1)),
-                                        (8960 - 37, 2544, 300, (32, 1))])
+# tail_plan on 132 SMs: 192 tiles -> 60 split 2 ways; 140 -> 8 split 4 ways; 172 -> 40 split 3 ways
+@pytest.mark.parametrize("n,k,m,tile", [(6144, 4096, 1024, (256, 1)), (8960 - 37, 2544, 64, (32, 1)),
+                                        (11008 - 5, 2048, 50, (32, 1))])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-def test_wgmma_stream_k(seed, n, k, m, tile, dt):
-    """Stream-K (cuda_wgmma.stream_tiles): the stages of the shared tiles are split over every SM,
-    and a tile's pieces meet in its last piece. Within output rounding of the float64 product,
-    bias, poisoned outputs and fixup buffer, graph replay; the same as without stream-K but for
-    fp32 summation order."""
+def test_wgmma_split_tail(seed, n, k, m, tile, dt):
+    """A persistent launch whose last wave of tiles is split along K (cuda_wgmma.tail_plan): the
+    slices' fp32 sums meet in the tile's last slice. Within output rounding of the float64 product,
+    bias, poisoned outputs and fixup buffer, graph replay; the same as the unsplit tail's output but
+    for fp32 summation order."""
     _need_wgmma()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if not cuda_wgmma.stream_tiles(cuda_wgmma._tiles(m, n, *tile), sms, k):
-        pytest.skip(f"no stream-K tiles with {sms} SMs")
+    tail, splits = cuda_wgmma.tail_plan(cuda_wgmma._tiles(m, n, *tile), sms, k)
+    if tail == 0:
+        pytest.skip(f"no split tail with {sms} SMs")
     x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
     poison_allocator(m * n * 8 + (1 << 24))
-    out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1, stream=True)
+    out = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt], rel(out, ref + bias.double())
-    plain = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1, stream=False)
-    assert rel(out, plain) <= TOL[dt] / 4
+    whole = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1,
+                                  split_tail=False)
+    assert rel(out, whole) <= TOL[dt] / 4
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        replayed = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1,
-                                         stream=True)
+        replayed = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
     for _ in range(2):  # the flags start from zero on every replay
         x.copy_(torch.randn_like(x))
         g.replay()
@@ -332,8 +332,6 @@ def test_wgmma_stream_k(seed, n, k, m, tile, dt):
         expect = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=2,
                                        workspace=True) + bias.float()
         assert rel(replayed, expect) <= TOL[dt]
-    with pytest.raises(ValueError, match="no stream-K"):
-        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=1, stream=True)
 
 
 def test_wgmma_kernel_graph_replay(seed):

@@ -39,17 +39,17 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # Over the 30 (shape, M) cells of the fit, its picks ran 1.7% slower than the best variant measured (geomean).
 # Unsplit launches with more tiles than SMs run persistent (16-bit outputs): CTA_FIXED_US once, then
 # PERSISTENT_TILE_US per tile a CTA takes on (A/B on an H100: 28672x4096 at M = 1024, 7 tiles per CTA,
-# 395 -> 366 us). Stream-K (``stream_tiles``): the persistent kernel shares the stages of the tiles
-# of a partial last wave (or of a grid of fewer tiles than SMs) out equally over all SMs, each
-# CTA taking at most 2 pieces, at STREAM_FIXUP_US for the flags' memset and the partial tiles'
-# round trip through L2.
+# 395 -> 366 us). Where their last wave would leave half the SMs or more idle, its tiles are split
+# along K over them (``tail_plan``, at most MAX_TAIL_SPLITS ways), at TAIL_FIXUP_US for the flags'
+# memset and the partial tiles' round trip through L2.
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
 WORKSPACE_US = 2.45
 WORKSPACE_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
-STREAM_FIXUP_US = 2.0
+MAX_TAIL_SPLITS = 4
+TAIL_FIXUP_US = 2.0
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7 and v8):
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). Session 9's sweep, after the scale groups of
 #   v10e, found the kernel as fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096
@@ -57,9 +57,9 @@ STREAM_FIXUP_US = 2.0
 # - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
 #   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
 #   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
-# - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY) or stream-K
-#   shares them out, without splitting K: else dequantization + cuBLASLt was faster (1024x4096 at
-#   M = 1024 and 2048).
+# - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY, a split tail
+#   counting as the fraction of a wave it takes) without splitting K: else dequantization + cuBLASLt
+#   was faster (1024x4096 at M = 1024 and 2048).
 DISPATCH_MIN_M = 17
 SMALL_WEIGHT_MAX_M = 64
 SMALL_WEIGHT_ELEMENTS = (8 * 2**20, 48 * 2**20)
@@ -84,7 +84,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 12 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 13 + [p]
     return lib
 
 
@@ -126,23 +126,31 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 class LaunchConfig(NamedTuple):
-    bn: int              # activation rows per CTA
-    wm: int              # weight rows per CTA / 128
-    splits: int          # K splits
-    workspace: bool      # splits reduced through an fp32 workspace (else within a cluster)
-    stream: bool = False  # unsplit, stream-K (``stream_tiles``; 16-bit outputs)
+    bn: int          # activation rows per CTA
+    wm: int          # weight rows per CTA / 128
+    splits: int      # K splits
+    workspace: bool  # splits reduced through an fp32 workspace (else within a cluster)
 
     @property
     def label(self) -> str:
-        return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "") + ("k" if self.stream else "")
+        return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "")
 
 
-def stream_tiles(tiles: int, sms: int, k: int) -> int:
-    """The tiles that a stream-K launch shares out along K over ``sms`` CTAs: all of them where
-    they are no more than the SMs, else those of the partial last wave; 0 where there are none or a
-    CTA's share would be shorter than MIN_STAGES_PER_SPLIT 64-k stages."""
-    shared = tiles if tiles <= sms else tiles % sms
-    return shared if shared * math.ceil(k / 64) >= MIN_STAGES_PER_SPLIT * sms else 0
+def tail_plan(tiles: int, sms: int, k: int) -> tuple[int, int]:
+    """(tail tiles, K slices each) of a persistent launch of ``tiles`` unsplit tiles on ``sms`` SMs:
+    where the last wave's tiles would leave half the SMs or more idle, they are split along K so
+    that their slices fill it (each slice at least MIN_STAGES_PER_SPLIT stages); else (0, 1)."""
+    tail = tiles % sms
+    if tiles <= sms or tail == 0:
+        return 0, 1
+    splits = min(sms // tail, MAX_TAIL_SPLITS, math.ceil(k / 64) // MIN_STAGES_PER_SPLIT)
+    return (tail, splits) if splits >= 2 else (0, 1)
+
+
+def _waves(tiles: int, sms: int, k: int) -> float:
+    """Waves of an unsplit launch, a split tail counting as the fraction of a wave its slices take."""
+    tail, splits = tail_plan(tiles, sms, k)
+    return tiles // sms + 1 / splits if tail else math.ceil(tiles / sms)
 
 
 def use_wgmma(weight: torch.Tensor, m: int) -> bool:
@@ -159,7 +167,7 @@ def use_wgmma(weight: torch.Tensor, m: int) -> bool:
         sms = num_sms(index)
         cfg = device_launch_config(m, n, k, index)
         tiles = _tiles(m, n, cfg.bn, cfg.wm)
-        if cfg.splits > 1 or (not cfg.stream and tiles / (math.ceil(tiles / sms) * sms) < WAVE_EFFICIENCY):
+        if cfg.splits > 1 or tiles / sms / _waves(tiles, sms, k) < WAVE_EFFICIENCY:
             return False
     return True
 
@@ -170,35 +178,27 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
     waves = math.ceil(tiles * cfg.splits / fit)
-    k_tiles = math.ceil(k / 64)
-
-    def loop(stages: int) -> float:
-        return stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
-
-    main_loop = loop(math.ceil(k_tiles / cfg.splits))
-    if cfg.stream:
-        shared = stream_tiles(tiles, sms, k)
-        if not shared:
-            return math.inf
-        return (CTA_FIXED_US + (tiles - shared) // sms * (PERSISTENT_TILE_US + main_loop) + 2 * PERSISTENT_TILE_US
-                + loop(math.ceil(shared * k_tiles / sms)) + STREAM_FIXUP_US)
+    stages = math.ceil(math.ceil(k / 64) / cfg.splits)
+    main_loop = stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
     if cfg.splits == 1 and tiles > sms:  # persistent
+        tail, tail_splits = tail_plan(tiles, sms, k)
+        if tail:
+            tail_loop = math.ceil(math.ceil(k / 64) / tail_splits) * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+            return (CTA_FIXED_US + tiles // sms * (PERSISTENT_TILE_US + main_loop) + PERSISTENT_TILE_US + tail_loop
+                    + TAIL_FIXUP_US)
         return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
     cta = CTA_FIXED_US + main_loop
     workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
     return waves * cta + workspace
 
 
-def launch_configs(k: int, cluster_ctas: dict[int, int], stream: bool = True) -> list[LaunchConfig]:
+def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
     """Every built tile and split the kernel may run K with: splits keep at least
-    MIN_STAGES_PER_SPLIT stages each, and run in clusters only where such a cluster fits; with
-    ``stream``, each tile's stream-K schedule too."""
+    MIN_STAGES_PER_SPLIT stages each, and run in clusters only where such a cluster fits."""
     k_tiles = math.ceil(k / 64)
     out = []
     for bn, wm in TILES:
         out.append(LaunchConfig(bn, wm, 1, False))
-        if stream:
-            out.append(LaunchConfig(bn, wm, 1, False, True))
         for s in SPLITS[1:]:
             if k_tiles // s < MIN_STAGES_PER_SPLIT:
                 continue
@@ -209,15 +209,15 @@ def launch_configs(k: int, cluster_ctas: dict[int, int], stream: bool = True) ->
 
 
 def launch_config(m: int, n: int, k: int, sms: int = 132,
-                  cluster_ctas: dict[int, int] | None = None, stream: bool = True) -> LaunchConfig:
+                  cluster_ctas: dict[int, int] | None = None) -> LaunchConfig:
     """The tile, K splits and split reduction for an [m, k] x [n, k] GEMM: the one of
     ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
-    in whole clusters). ``stream=False``: no stream-K (fp32 outputs)."""
+    in whole clusters)."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
-    return min(launch_configs(k, cluster_ctas, stream),
-               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace, c.stream))
+    return min(launch_configs(k, cluster_ctas),
+               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace))
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,26 +234,27 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
 
 
 @functools.lru_cache(maxsize=1 << 16)  # every M of every layer shape a server sees
-def device_launch_config(m: int, n: int, k: int, device_index: int, stream: bool = True) -> LaunchConfig:
+def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
     """``launch_config`` for the device's SMs and cluster capacity (cached: the search over tiles
     and splits costs about as much host time as an eager launch)."""
-    return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index), stream)
+    return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
-               workspace: bool | None = None, stream: bool | None = None,
+               workspace: bool | None = None, split_tail: bool = True,
                library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
-    this is the exact W4A4 product. ``tile`` (one of TILES), ``splits``, ``workspace`` (reduce the
-    splits through an fp32 workspace rather than in a cluster) and ``stream`` (stream-K over
-    ``stream_tiles``: unsplit, 16-bit outputs) override ``launch_config``, and ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
-    programmatic dependent launch where ``pdl.use_pdl`` says so (not with a workspace or stream-K).
+    this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
+    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``,
+    ``split_tail=False`` keeps a persistent launch's last wave whole (``tail_plan``), and
+    ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
+    programmatic dependent launch where ``pdl.use_pdl`` says so (not with a workspace or a split tail).
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -269,29 +270,25 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be 1..{MAX_SPLITS}, got {splits}")
-    index = x.device.index or 0
-    auto = device_launch_config(m, n, k, index, out_dtype != torch.float32)
+    auto = device_launch_config(m, n, k, x.device.index or 0)
     bn, wm = tile if tile is not None else (auto.bn, auto.wm)
     splits = splits or auto.splits
     workspace = auto.workspace if workspace is None else workspace
-    shared = 0
-    if stream or (stream is None and auto.stream and splits == 1):
-        shared = stream_tiles(_tiles(m, n, bn, wm), num_sms(index), k)
-        if stream and (splits > 1 or out_dtype == torch.float32 or not shared):
-            raise ValueError(f"no stream-K for M={m}, N={n}, K={k}, tile=({bn}, {wm}), splits={splits}, {out_dtype} "
-                             "(unsplit 16-bit outputs whose shared tiles give each SM 8 stages or more)")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     # zeroed by the launcher
     partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
-    if shared:  # a partial tile, then a flag, per CTA (the flags zeroed by the launcher)
-        partial = torch.empty(num_sms(index) * (bn * 128 * wm + 1), dtype=torch.float32, device=x.device)
-    err = nvcc.launch_on(x.device, lambda capability, cuda_stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
+    tail, tail_splits = 0, 1
+    if split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
+        tail, tail_splits = tail_plan(_tiles(m, n, bn, wm), num_sms(x.device.index or 0), k)
+    if tail:  # the partial tiles of every slice but a tile's last, then an int flag per tile (zeroed by the launcher)
+        partial = torch.empty(tail * ((tail_splits - 1) * bn * 128 * wm + 1), dtype=torch.float32, device=x.device)
+    err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0),
         partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-        bn, wm, splits, shared, int(use_pdl(x.device)), cuda_stream))
+        bn, wm, splits, tail, tail_splits, int(use_pdl(x.device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm failed: CUDA error {err} (M={m}, N={n}, K={k}, tile=({bn}, {wm}), "
-                           f"splits={splits}, workspace={workspace}, stream-K tiles={shared})")
+                           f"splits={splits}, workspace={workspace}, tail={tail}x{tail_splits})")
     return out

@@ -106,9 +106,9 @@ struct Args {
   int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
   int scale_tma;       // 1: the scale rows are 16-byte aligned, read by TMA (s_map); 0: by cp.async
-  // PERSIST: the last stream_tiles tiles are shared out along K over all CTAs (stream-K); fixup
-  // holds a partial fp32 tile per CTA, then an int flag per CTA.
-  int stream_tiles;
+  // PERSIST: the last tail_tiles tiles are split along K into tail_splits slices each (1: none);
+  // fixup holds the fp32 partial tiles of every slice but a tile's last, then tail_tiles int flags.
+  int tail_tiles, tail_splits;
   float* fixup;
 };
 
@@ -402,26 +402,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   // PERSIST: the work of this CTA, one schedule for producer and consumers: every gridDim.x-th of
-  // the whole tiles (weight tiles fastest), then its equal share of the stages of the last
-  // stream_tiles tiles (stream-K: where whole tiles would leave SMs idle, in a last wave or in a grid
-  // of fewer tiles than SMs), cut at tile boundaries into pieces. body(first weight row, first
-  // activation row, ring position, first stage, stages, stream tile index or -1).
-  // (32-bit: the launcher checks that stream stages x CTAs fit)
-  const int stream_stages = args.stream_tiles * args.k_tiles;
-  auto share_end = [&](int cta) { return stream_stages * (cta + 1) / static_cast<int>(gridDim.x); };  // CTA cta's share: [end(cta - 1), end(cta))
-  auto share_empty = [&](int cta) { return share_end(cta) == (cta > 0 ? share_end(cta - 1) : 0); };
+  // the whole tiles (weight tiles fastest), then, where the last wave would leave SMs idle (a split
+  // tail), K slice u % tail_splits of tail tile u / tail_splits, u = blockIdx.x: a tile's last
+  // slice has the highest CTA index of its slices, so its peers started no later than it did.
+  // body(first weight row, first activation row, ring position, first stage, stages, tail tile or
+  // -1, slice).
   auto for_each_unit = [&](auto&& body) {
     const int weight_tiles = (args.N + T::kRows - 1) / T::kRows;
-    const int whole = weight_tiles * ((args.M + BN - 1) / BN) - args.stream_tiles;
+    const int whole = weight_tiles * ((args.M + BN - 1) / BN) - args.tail_tiles;
     int it0 = 0;
     for (int tile = blockIdx.x; tile < whole; tile += gridDim.x, it0 += args.k_tiles)
-      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, 0, args.k_tiles, -1);
-    const int end = share_end(blockIdx.x);
-    for (int p = blockIdx.x > 0 ? share_end(blockIdx.x - 1) : 0; p < end;) {
-      const int st = p / args.k_tiles, tile = whole + st, kt0 = p - st * args.k_tiles;
-      const int nk = end - p < args.k_tiles - kt0 ? end - p : args.k_tiles - kt0;
-      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, kt0, nk, st);
-      it0 += nk, p += nk;
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, 0, args.k_tiles, -1, 0);
+    const int s = args.tail_splits, u = blockIdx.x;
+    if (u < args.tail_tiles * s) {
+      const int tile = whole + u / s, j = u % s;
+      const int kt0 = args.k_tiles * j / s, kt1 = args.k_tiles * (j + 1) / s;
+      body((tile % weight_tiles) * T::kRows, (tile / weight_tiles) * BN, it0, kt0, kt1 - kt0, u / s, j);
     }
   };
 
@@ -432,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
-        for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int) {
+        for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int, int) {
           produce(tile_row0, tile_m0, it0, kt0, nk);
         });
       } else {
@@ -529,20 +525,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     OutT* staging = reinterpret_cast<OutT*>(smem_raw + (staging_s - raw));
     const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
     constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
-    for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int stream_tile) {
+    for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int tail, int slice) {
       consume(it0, kt0, nk);
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
-      if (stream_tile >= 0 && (kt0 > 0 || nk < args.k_tiles)) {
-        // A piece of a stream-K tile. The pieces of a tile belong to consecutive CTAs, and the one
-        // with its last stage has the highest index (its peers started no later than it did): the
-        // others leave their fp32 sums in their own fixup slot (float4 v of thread tid at [v][tid]:
-        // coalesced) and raise their flag; it waits for them and adds them in CTA order (a fixed
-        // summation order), then stores the tile.
+      if (tail >= 0) {
+        // A split tail tile: every slice but the last leaves its fp32 sums in the fixup buffer
+        // (float4 v of thread tid at [v][tid]: coalesced) and counts itself in the tile's flag; the
+        // last slice waits for them and adds them in slice order (a fixed summation order).
+        const int s = args.tail_splits;
         constexpr int kVec = WM * T::kAcc / 4;
-        const float4* slots = reinterpret_cast<const float4*>(args.fixup);
-        int* flags = reinterpret_cast<int*>(args.fixup + static_cast<int64_t>(gridDim.x) * 4 * kVec * kConsumerThreads);
-        if (kt0 + nk < args.k_tiles) {  // not the tile's last piece, so this CTA's last
-          float4* dst = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(blockIdx.x) * kVec * kConsumerThreads + tid;
+        float4* part = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(tail) * (s - 1) * kVec * kConsumerThreads;
+        int* flag = reinterpret_cast<int*>(args.fixup + static_cast<int64_t>(args.tail_tiles) * (s - 1) * kVec * 4 *
+                                           kConsumerThreads) + tail;
+        if (slice < s - 1) {
+          float4* dst = part + static_cast<int64_t>(slice) * kVec * kConsumerThreads + tid;
 #pragma unroll
           for (int v = 0; v < kVec; ++v) {
             const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
@@ -550,23 +546,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           __threadfence();
           asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-          if (tid == 0) asm volatile("st.release.gpu.global.s32 [%0], 1;\n" ::"l"(flags + blockIdx.x) : "memory");
-          return;
+          if (tid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(flag) : "memory");
+          return;  // a CTA's tail slice is its last unit
         }
-        // CTA b holds a piece of this tile while its share ends after the tile's first stage (and is not empty)
-        const int tile_start = stream_tile * args.k_tiles;
         if (tid == 0) {
-          for (int b = blockIdx.x - 1; b >= 0 && share_end(b) > tile_start; --b) {
-            for (int done = share_empty(b); !done;) {
-              asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(done) : "l"(flags + b) : "memory");
-              if (!done) __nanosleep(64);
-            }
+          int done = 0;
+          for (;;) {
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(done) : "l"(flag) : "memory");
+            if (done >= s - 1) break;
+            __nanosleep(128);
           }
         }
         asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-        for (int b = blockIdx.x - 1; b >= 0 && share_end(b) > tile_start; --b) {
-          if (share_empty(b)) continue;
-          const float4* src = slots + static_cast<int64_t>(b) * kVec * kConsumerThreads + tid;
+        for (int j = 0; j < s - 1; ++j) {
+          const float4* src = part + static_cast<int64_t>(j) * kVec * kConsumerThreads + tid;
 #pragma unroll
           for (int v = 0; v < kVec; ++v) {
             const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
@@ -811,17 +804,18 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y;
   const int sms = sizeof(OutT) == 2 && splits == 1 ? sm_count() : 0;
-  if (args.stream_tiles > tiles || (args.stream_tiles > 0 && (sms == 0 || static_cast<int64_t>(args.stream_tiles) *
-                                                                             args.k_tiles * sms >= (1ll << 31)))) {
-    return cudaErrorInvalidValue;  // stream-K is a schedule of the persistent kernel (16-bit output, unsplit)
+  if (args.tail_tiles > 0 &&
+      (sms == 0 || tiles <= sms || args.tail_tiles >= tiles || args.tail_tiles * args.tail_splits > sms)) {
+    return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
   }
   if constexpr (sizeof(OutT) == 2) {
-    // more unsplit tiles than SMs, or stream-K: the persistent kernel, one CTA per SM
-    if (sms > 0 && (tiles > sms || args.stream_tiles > 0)) {
+    // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
+    if (sms > 0 && tiles > sms) {
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
-      if (args.stream_tiles > 0) {  // the CTAs' flags, after their partial tiles (no programmatic launch after a memset)
-        err = cudaMemsetAsync(args.fixup + static_cast<size_t>(sms) * BN * T::kRows, 0, sms * sizeof(int), stream);
+      if (args.tail_tiles > 0) {  // the tail tiles' flags, after their partial tiles (no programmatic launch after a memset)
+        const size_t partials = static_cast<size_t>(args.tail_tiles) * (args.tail_splits - 1) * BN * T::kRows;
+        err = cudaMemsetAsync(args.fixup + partials, 0, args.tail_tiles * sizeof(int), stream);
         if (err != cudaSuccess) return err;
         pdl = false;
       }
@@ -869,24 +863,27 @@ extern "C" {
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
 // where partial (an [M, N] fp32 workspace) is given, through it. pdl: 1 = programmatic dependent
-// launch (not with a workspace), 0 = a plain launch. stream_tiles > 0 (unsplit, 16-bit output): the
-// persistent kernel shares the stages of the last stream_tiles tiles out over one CTA per SM
-// (stream-K), reduced in partial, which then holds SMs x bn x 128 wm floats and SMs ints.
+// launch (not with a workspace), 0 = a plain launch. tail_tiles > 0 (unsplit 16-bit launches with more
+// tiles than SMs, which run persistent): the last tail_tiles tiles are split along K into tail_splits
+// slices (tail_tiles x tail_splits at most the SM count), reduced in partial, which then holds
+// tail_tiles x (tail_splits - 1) x bn x 128 wm floats and tail_tiles ints.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
                           int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
-                          int stream_tiles, int pdl, cudaStream_t stream) {
+                          int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
-      splits > kMaxSplits || stream_tiles < 0 || (stream_tiles > 0 && (splits > 1 || out_fp32 || partial == nullptr))) {
+      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 ||
+      (tail_tiles > 0 && (splits > 1 || tail_splits < 2 || partial == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int scale_tma = ldws % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // TMA strides, base
+  const bool tail = tail_tiles > 0;
   const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
-                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma, stream_tiles,
-                  stream_tiles > 0 ? partial : nullptr};
+                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma, tail ? tail_tiles : 0, tail ? tail_splits : 1,
+                  tail ? partial : nullptr};
   cudaError_t err;
   if (x_fp16) {
     err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
