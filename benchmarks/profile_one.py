@@ -1,5 +1,5 @@
-"""One W4A16 linear (28672x4096, M=1), one quant call (4096x4096) or one call of the wgmma kernel
-(N K M given), for an ncu profile:
+"""One W4A16 linear (28672x4096, M=1), one quant call (4096x4096), or one call of the wgmma kernel
+or of cuBLAS bf16 (N K M given), for an ncu profile:
 
 ncu --kernel-name regex:_fp4_gemm_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight \
     --section WarpStateStats --section Occupancy python3 benchmarks/profile_one.py gemm
@@ -35,6 +35,12 @@ elif what == "wgmma":
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         wgmma_gemm(x, wt, wst, (1 / gw).float(), n=n, out_dtype=torch.bfloat16)
+elif what == "bf16":  # cuBLAS bf16 of the same shape (N K M), the reference for the wgmma profiles
+    n, k, m = (int(v) for v in sys.argv[2:5])
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ w.t()
 else:
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     gs = torch.ones(1, device="cuda")
