@@ -50,10 +50,10 @@ WORKSPACE_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
 MAX_TAIL_SPLITS = 4
 TAIL_FIXUP_US = 2.0
-# Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7 and v8):
-# - M >= DISPATCH_MIN_M (below: the small-M kernel). Session 9's sweep, after the scale groups of
-#   v10e, found the kernel as fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096
-#   on the four Llama shapes (it had lost on 4 of 6 shapes at M = 4096 before), so M has no upper bound;
+# Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7, v8 and v11):
+# - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
+#   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
+#   (v11a; it had lost on 4 of 6 shapes at M = 4096 in v7), so M has no upper bound;
 # - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
 #   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
 #   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
