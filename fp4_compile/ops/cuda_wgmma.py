@@ -178,14 +178,17 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
     waves = math.ceil(tiles * cfg.splits / fit)
-    stages = math.ceil(math.ceil(k / 64) / cfg.splits)
-    main_loop = stages * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+    k_tiles = math.ceil(k / 64)
+
+    def loop(slices: int) -> float:  # the main loop over 1 / slices of K
+        return math.ceil(k_tiles / slices) * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+
+    main_loop = loop(cfg.splits)
     if cfg.splits == 1 and tiles > sms:  # persistent
         tail, tail_splits = tail_plan(tiles, sms, k)
         if tail:
-            tail_loop = math.ceil(math.ceil(k / 64) / tail_splits) * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
-            return (CTA_FIXED_US + tiles // sms * (PERSISTENT_TILE_US + main_loop) + PERSISTENT_TILE_US + tail_loop
-                    + TAIL_FIXUP_US)
+            return (CTA_FIXED_US + tiles // sms * (PERSISTENT_TILE_US + main_loop) + PERSISTENT_TILE_US
+                    + loop(tail_splits) + TAIL_FIXUP_US)
         return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
     cta = CTA_FIXED_US + main_loop
     workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
