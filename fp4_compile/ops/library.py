@@ -26,14 +26,19 @@ from ..backends import kernels_for, parse_backend
 _LIB = torch.library.Library("fp4", "DEF")
 
 
+def _below_autograd(op: torch._ops.OpOverload, keyset, args: tuple):
+    """The op's kernels past the Autograd key, from its Autograd kernel."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
 class _NoBackward(torch.autograd.Function):
     """Runs an op below autograd and gives its outputs a backward that raises."""
 
     @staticmethod
     def forward(ctx, op: torch._ops.OpOverload, keyset, *args):
         ctx.op = op
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return _below_autograd(op, keyset, args)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -46,8 +51,7 @@ def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
     def kernel(keyset, *args):
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return _NoBackward.apply(op, keyset, *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return _below_autograd(op, keyset, args)
     return kernel
 
 
