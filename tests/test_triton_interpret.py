@@ -76,7 +76,7 @@ def test_restore_weight_inverse_on_cpu():
     import torch
 
     from fp4_compile import format as F
-    from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4, permute_nibbles
+    from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4
 
     n, k = 45, 112
     pw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
@@ -89,7 +89,6 @@ def test_restore_weight_inverse_on_cpu():
         p2, s2 = kern.restore_weight(wt, wst, n, k)
         assert torch.equal(p2, pw)
         assert torch.equal(s2.view(torch.uint8), sw.view(torch.uint8))
-    assert torch.equal(permute_nibbles(permute_nibbles(pw[:, :48]), inverse=True), pw[:, :48])
 
 
 def test_cpu_tensors_raise_clear_error_without_interpreter():

@@ -17,8 +17,8 @@ faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At la
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
 device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
 
-All of them share one weight layout (see ``triton_gemm.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
-32) with the nibbles of each 4-byte word permuted for the in-register decode, and linear fp8
+All of them share one weight layout (``weight_layout.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
+32) with the code bits of each 4-byte word placed for the in-register decode, and linear fp8
 scales ``[Np, Kp/16]``. ``restore_weight`` is its exact inverse (pure torch, runs on CPU).
 On CPU tensors ``mm``/``linear`` raise unless TRITON_INTERPRET=1 (Triton's interpreter, for CI).
 """
@@ -27,29 +27,17 @@ from __future__ import annotations
 
 import torch
 
-from ..format import BLOCK_SIZE, check_linear_weight, pack_e2m1, pad_weight_for_alignment, unpack_e2m1
+from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt
 from . import triton_gemm as _G
 from .cuda_small_m import small_m_gemm, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
-from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant, word_layout
+from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
+from .weight_layout import from_kernel_layout, to_kernel_layout
 
 WEIGHT_ALIGNMENT = 32
-
-_LAYOUT = torch.tensor(word_layout())  # stored position p of a 32-element chunk holds element _LAYOUT[p]
-_INV_LAYOUT = torch.argsort(_LAYOUT)
-
-
-def permute_nibbles(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Natural packed codes ``[R, C]`` (C a multiple of 16 bytes) <-> the kernels' word layout."""
-    rows, cols = packed.shape
-    if cols % 16:
-        raise ValueError(f"the packed row length ({cols} bytes) must be a multiple of 16")
-    codes = unpack_e2m1(packed).reshape(rows, cols // 16, 32)
-    idx = (_INV_LAYOUT if inverse else _LAYOUT).to(packed.device)
-    return pack_e2m1(codes.index_select(2, idx).reshape(rows, cols * 2)).contiguous()
 
 
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +74,7 @@ class _HopperKernels:
     def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_linear_weight(packed, scales)
         packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT)
-        weight = permute_nibbles(packed)
+        weight = to_kernel_layout(packed)
         if weight.device.type == "cuda":
             lock_buffer(weight.device)  # split-K tickets, allocated here, outside graph capture
             if cublaslt.available(weight.device):
@@ -98,7 +86,7 @@ class _HopperKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] % 16:
             raise TypeError(f"weight must be uint8 [Np, Kp/2] in {self.name} layout, got {tuple(weight.shape)}")
-        packed = permute_nibbles(weight, inverse=True)
+        packed = from_kernel_layout(weight)
         return (
             packed[:out_features, : in_features // 2].contiguous(),
             weight_scale[:out_features, : in_features // BLOCK_SIZE].contiguous(),
@@ -216,4 +204,4 @@ class MarlinKernels(_HopperKernels):
 TRITON_W4A4 = TritonW4A4Kernels()
 MARLIN = MarlinKernels()
 
-__all__ = ["TRITON_W4A4", "MARLIN", "WEIGHT_ALIGNMENT", "permute_nibbles"]
+__all__ = ["TRITON_W4A4", "MARLIN", "WEIGHT_ALIGNMENT"]

@@ -7,15 +7,12 @@ values ``e2m1 * sf * 2^-8`` (bf16 or fp16; the 2^8 goes into alpha) and ``a`` is
   A_MODE 1: float activations quantized to NVFP4 block values inside the kernel (W4A4, small M),
   A_MODE 2: NVFP4 activation codes + linear block scales (``fp4::mm``).
 
-Weight layout (``prepare_weight`` in hopper.py): uint8 ``[Np, Kp/2]`` with N and K padded to
-multiples of 32, and within every 4-byte word the 8 nibbles hold the elements
-``k = [0, 4, 1, 5, 2, 6, 3, 7]`` of that word, so that shifting the word by 12, 8, 4 and 0
-bits puts element pairs (0,2), (4,6), (1,3), (5,7) at the top nibble of each 16-bit lane: the
-Marlin bit placement ``(p & 0x80008000) | ((p >> 6) & 0x01C001C0)`` then gives two bf16 values
-``e2m1 * 2^-126`` per ALU op pair, and one ``fma.rn.bf16x2`` applies ``sf * 2^118`` (no LUT,
-no overflow: 448 * 2^118 < 2^128). Scales: fp8 e4m3 ``[Np, Kp/16]`` linear, zero padded.
-Under TRITON_INTERPRET=1 (no inline asm) the same layout is decoded with gather loads and
-arithmetic; both paths give identical values.
+Weight layout (``prepare_weight`` in hopper.py, ``weight_layout.py``): uint8 ``[Np, Kp/2]`` with N
+and K padded to multiples of 32; each 4-byte word holds 8 codes with their bits placed so that 8
+integer instructions turn the word into four bf16x2 patterns ``e2m1 * 2^-126``, and one
+``fma.rn.bf16x2`` per pair applies ``sf * 2^118`` (no LUT, no overflow: 448 * 2^118 < 2^128).
+Scales: fp8 e4m3 ``[Np, Kp/16]`` linear, zero padded. Under TRITON_INTERPRET=1 (no inline asm) the
+same placement is computed in int64 and read back as codes; both paths give identical values.
 
 Small M (<= 16) runs weights as the MMA's M side (``tl.dot(w, x^T)``, tokens padded to 16)
 with split-K; partial tiles go to an fp32 workspace and the last program of each tile (an
@@ -33,42 +30,24 @@ import triton
 import triton.language as tl
 
 from . import cublaslt
+from . import weight_layout as WL
 from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
                            next_power_of_2, pdl_launch_args)
 
 W_SHIFT = 8  # decoded weights are e2m1 * sf * 2^-W_SHIFT (keeps sf * 2^(126-8) inside bf16)
 
 
-def word_layout() -> list[int]:
-    """Storage order inside each 32-element (16-byte) chunk of a weight row.
-
-    Position p = 8*t + i (word t = 0..3, nibble i = 0..7 of that little-endian 32-bit word) holds
-    the element k = 2t + (i // 4) + 8 * (i % 2) + 16 * ((i % 4) // 2) of the chunk: word t carries
-    exactly the k-columns {2t, 2t+1, 2t+8, 2t+9, 2t+16, 2t+17, 2t+24, 2t+25} that thread t%4 of an
-    MMA quad holds in its A/B fragments (Marlin's idea), and shifting the word left by 12, 8, 4, 0
-    bits puts the pairs (2t, 2t+1), (+8, +9), (+16, +17), (+24, +25) in the top nibble of each
-    16-bit lane.
-    """
-    out = []
-    for t in range(4):
-        for i in range(8):
-            out.append(2 * t + (i // 4) + 8 * (i % 2) + 16 * ((i % 4) // 2))
-    return out
-
-
 def _asm_word(fp16: bool) -> str:
     """PTX: one 32-bit word ($4, 8 codes) + its two block scales ($5: e4m3 bytes lo | hi << 8) -> 4 x2 pairs.
 
     Scales: ``cvt.rn.f16x2.e4m3x2`` (exact, subnormals and NaN included), then sf * 2^6 in fp16, or
-    sf * 2^118 in bf16 (through fp32), broadcast to both lanes. Codes: Marlin bit placement, the sign
-    to bit 15 of a lane and the 3 magnitude bits to the lowest exponent bits / top mantissa bit,
-    giving e2m1 * 2^-14 (fp16) or * 2^-126 (bf16); one x2 multiply (fma with -0) by the scale makes
-    the exact value e2m1 * sf * 2^-8. No LUT, no integer-to-float conversion.
+    sf * 2^118 in bf16 (through fp32), broadcast to both lanes. Codes: the bit placement of
+    ``weight_layout.place_bf16`` (the sign to bit 15 of a lane, the 3 magnitude bits to the lowest
+    exponent bits / top mantissa bit: e2m1 * 2^-126 in bf16; fp16 moves the magnitude up 3 bits:
+    e2m1 * 2^-14); one x2 multiply (fma with -0) by the scale makes the exact value e2m1 * sf * 2^-8.
     """
-    mag_to = 6 if not fp16 else 9  # lowest bit of the 3 magnitude bits in a 16-bit lane
-    mask = "0x01C001C0" if not fp16 else "0x0E000E00"
     fma = "fma.rn.f16x2" if fp16 else "fma.rn.bf16x2"
-    lines = ["{", ".reg .b32 s0, s1, z, p, t, h;", ".reg .b16 sl, sh;", ".reg .f32 f0, f1;",
+    lines = ["{", ".reg .b32 s0, s1, z, t, lo, hi, h;", ".reg .b64 p;", ".reg .b16 sl, sh;", ".reg .f32 f0, f1;",
              "mov.b32 {sl, sh}, $5;", "cvt.rn.f16x2.e4m3x2 h, sl;", "mov.b32 z, 0x80008000;"]
     if fp16:
         lines += ["mov.b32 t, 0x54005400;", "mul.rn.f16x2 h, h, t;",  # * 64
@@ -77,13 +56,21 @@ def _asm_word(fp16: bool) -> str:
         lines += ["mov.b32 {sl, sh}, h;", "cvt.f32.f16 f0, sl;", "cvt.f32.f16 f1, sh;",
                   "mul.rn.f32 f0, f0, 0f7A800000;", "mul.rn.f32 f1, f1, 0f7A800000;",  # * 2^118
                   "cvt.rn.bf16x2.f32 s0, f0, f0;", "cvt.rn.bf16x2.f32 s1, f1, f1;"]
-    for out, sh, sc in (("$0", 12, "s0"), ("$1", 8, "s0"), ("$2", 4, "s1"), ("$3", 0, "s1")):
-        # sign: bit 3 of the nibble at (12 - sh) must land on bit 15 -> shift left by sh
-        lines.append(f"shl.b32 p, $4, {sh};" if sh else "mov.b32 p, $4;")
-        d = sh - (12 - mag_to)  # magnitude bits sit at (12 - sh) .. +2, must go to mag_to
-        lines.append(f"shl.b32 t, $4, {d};" if d > 0 else (f"shr.b32 t, $4, {-d};" if d < 0 else "mov.b32 t, $4;"))
-        lines += [f"and.b32 t, t, {mask};", "and.b32 p, p, 0x80008000;", "or.b32 p, p, t;",
-                  f"{fma} {out}, p, {sc}, z;"]
+    for j, (out, sc) in enumerate((("$0", "s0"), ("$1", "s0"), ("$2", "s1"), ("$3", "s1"))):
+        if j == 3:
+            lines += [f"and.b32 t, $4, {WL.GROUP3_BITS:#010x};", f"mul.wide.u32 p, t, {WL.GROUP3_MULT};",
+                      "mov.b64 {lo, hi}, p;", "or.b32 t, lo, hi;", f"and.b32 t, t, {WL.BF16_BITS:#010x};"]
+            if fp16:
+                lines.append(f"mul.lo.u32 t, t, {WL.FP16_MULT};")
+        elif fp16:  # isolate, then one multiply shifts by s and adds the << 3 copy
+            shift = WL.GROUP_SHIFTS[j]
+            lines += [f"and.b32 t, $4, {WL.BF16_BITS >> shift:#010x};",
+                      f"mul.lo.u32 t, t, {WL.FP16_MULT << shift};"]
+        else:
+            lines += [f"shl.b32 t, $4, {WL.GROUP_SHIFTS[j]};", f"and.b32 t, t, {WL.BF16_BITS:#010x};"]
+        if fp16:
+            lines.append(f"and.b32 t, t, {WL.FP16_BITS:#010x};")
+        lines.append(f"{fma} {out}, t, {sc}, z;")
     lines.append("}")
     return "\n".join(lines)
 
@@ -98,6 +85,19 @@ def _split16(r, cdt: tl.constexpr):
     lo = (r & 0xFFFF).to(tl.int16).to(cdt, bitcast=True)
     hi = (r >> 16).to(tl.int16).to(cdt, bitcast=True)
     return lo, hi
+
+
+_BF16_BITS = tl.constexpr(WL.BF16_BITS)
+_SHIFT1 = tl.constexpr(WL.GROUP_SHIFTS[1])
+_SHIFT2 = tl.constexpr(WL.GROUP_SHIFTS[2])
+_GROUP3_BITS = tl.constexpr(WL.GROUP3_BITS)
+_GROUP3_MULT = tl.constexpr(WL.GROUP3_MULT)
+
+
+@triton.jit
+def _placed_codes(v):
+    """A placed bf16x2 bit pattern (int64, weight_layout.place_bf16) -> the two e2m1 codes (low, high lane)."""
+    return ((v >> 6) & 7) | ((v >> 12) & 8), ((v >> 22) & 7) | ((v >> 28) & 8)
 
 
 @triton.jit
@@ -123,14 +123,16 @@ def _decode_words(wq, sp, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.conste
     else:
         scl_lo = _e4m3_value(sp & 0xFF) * 0.00390625  # 2^-8
         scl_hi = _e4m3_value((sp >> 8) & 0xFF) * 0.00390625
-        l0 = (_e2m1_value(wq & 15) * scl_lo).to(cdt)
-        l1 = (_e2m1_value((wq >> 4) & 15) * scl_lo).to(cdt)
-        l2 = (_e2m1_value((wq >> 8) & 15) * scl_hi).to(cdt)
-        l3 = (_e2m1_value((wq >> 12) & 15) * scl_hi).to(cdt)
-        h0 = (_e2m1_value((wq >> 16) & 15) * scl_lo).to(cdt)
-        h1 = (_e2m1_value((wq >> 20) & 15) * scl_lo).to(cdt)
-        h2 = (_e2m1_value((wq >> 24) & 15) * scl_hi).to(cdt)
-        h3 = (_e2m1_value((wq >> 28) & 15) * scl_hi).to(cdt)
+        w = wq.to(tl.int64) & 0xFFFFFFFF
+        l0, h0 = _placed_codes(w & _BF16_BITS)
+        l1, h1 = _placed_codes((w << _SHIFT1) & _BF16_BITS)
+        l2, h2 = _placed_codes((w << _SHIFT2) & _BF16_BITS)
+        p = (w & _GROUP3_BITS) * _GROUP3_MULT
+        l3, h3 = _placed_codes(((p & 0xFFFFFFFF) | (p >> 32)) & _BF16_BITS)
+        l0, h0 = (_e2m1_value(l0) * scl_lo).to(cdt), (_e2m1_value(h0) * scl_lo).to(cdt)
+        l1, h1 = (_e2m1_value(l1) * scl_lo).to(cdt), (_e2m1_value(h1) * scl_lo).to(cdt)
+        l2, h2 = (_e2m1_value(l2) * scl_hi).to(cdt), (_e2m1_value(h2) * scl_hi).to(cdt)
+        l3, h3 = (_e2m1_value(l3) * scl_hi).to(cdt), (_e2m1_value(h3) * scl_hi).to(cdt)
     # pair (lo, hi) = columns (2t, 2t+1); r0..r3 = offsets 0, 8, 16, 24
     u01 = tl.join(tl.join(l0, h0), tl.join(l1, h1))  # [BN, J, 4(t), 2(e0), 2(e3)]
     u23 = tl.join(tl.join(l2, h2), tl.join(l3, h3))

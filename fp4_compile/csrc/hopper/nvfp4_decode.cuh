@@ -53,25 +53,42 @@ __device__ __forceinline__ ScalePair<FP16> make_scales(uint32_t pair) {
 }
 
 // One word (8 codes) -> 4 x2 values e2m1 * sf * 2^-8; r[j] holds k = 8j + 2w + {0, 1} of the chunk.
-// Bit placement: the sign to bit 15 of each 16-bit lane, the 3 magnitude bits to the lowest
-// exponent bits and the top mantissa bit, which reads as e2m1 * 2^-126 (bf16) or * 2^-14 (fp16),
-// subnormal 0.5 included; one x2 fma by the scale (sf * 2^118 or sf * 2^6) gives the value.
+// Bit placement (ops/weight_layout.py, which checks these constants): each code's sign goes to bit
+// 15 of its 16-bit lane and its 3 magnitude bits to the lowest exponent bits and the top mantissa
+// bit, which reads as e2m1 * 2^-126 (bf16), subnormal 0.5 included. The layout stores r[0..2] at
+// shifts 0, 3, 6 of that mask, and r[3] in the 8 bits left over, gathered by one 32x32->64 multiply
+// (three carry-free shifted copies; the high word brings back the wrapped ones): 8 integer
+// instructions per word. fp16 moves the magnitude up 3 bits (v * 9 = v | v << 3) for e2m1 * 2^-14.
+// One x2 fma by the scale (sf * 2^118 or sf * 2^6) gives the value.
+constexpr uint32_t kBf16Bits = 0x81C081C0u;
+constexpr uint32_t kFp16Bits = 0x8E008E00u;
+constexpr uint32_t kFp16Mult = 9u;  // v * 9 = v | v << 3: magnitude bits 8..6 -> 11..9
+constexpr uint32_t kGroup3Bits = 0x6C006C00u;
+constexpr uint32_t kGroup3Mult = 8452u;  // (1 << 2) | (1 << 8) | (1 << 13)
+
 template <bool FP16>
 __device__ __forceinline__ void decode_word(uint32_t w, const ScalePair<FP16>& s, uint32_t (&r)[4]) {
-  constexpr uint32_t kMag = FP16 ? 0x0E000E00u : 0x01C001C0u;
-  constexpr int kMagBit = FP16 ? 9 : 6;
+  const uint64_t p = uint64_t(w & kGroup3Bits) * kGroup3Mult;
+  const uint32_t v3 = (uint32_t(p) | uint32_t(p >> 32)) & kBf16Bits;
+  uint32_t v[4];
+  if constexpr (FP16) {  // r[0..2]: isolate, then one multiply shifts by s and adds the << 3 copy
+    v[0] = ((w & kBf16Bits) * kFp16Mult) & kFp16Bits;
+    v[1] = ((w & (kBf16Bits >> 3)) * (kFp16Mult << 3)) & kFp16Bits;
+    v[2] = ((w & (kBf16Bits >> 6)) * (kFp16Mult << 6)) & kFp16Bits;
+    v[3] = (v3 * kFp16Mult) & kFp16Bits;
+  } else {
+    v[0] = w & kBf16Bits;
+    v[1] = (w << 3) & kBf16Bits;
+    v[2] = (w << 6) & kBf16Bits;
+    v[3] = v3;
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int sh = 12 - 4 * j;             // brings nibble j (and j + 4) to the top of its lane
-    const int d = sh - (12 - kMagBit);     // where the magnitude bits must move
-    const uint32_t p = w << sh;
-    const uint32_t t = d >= 0 ? (w << d) : (w >> -d);
-    const uint32_t v = (p & 0x80008000u) | (t & kMag);
     const uint32_t sc = j < 2 ? s.lo : s.hi;
     if constexpr (FP16) {
-      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v[j]), "r"(sc), "r"(0x80008000u));
     } else {
-      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v), "r"(sc), "r"(0x80008000u));
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r[j]) : "r"(v[j]), "r"(sc), "r"(0x80008000u));
     }
   }
 }

@@ -6,7 +6,7 @@
 // are exact in the tensor core, sums in fp32. Fed the activation block values of an NVFP4
 // quantization (exact in bf16/fp16), it is the W4A4 product; fed bf16/fp16 activations, W4A16.
 //
-// Weight layout (shared with the Triton kernels, see ops/triton_gemm.py word_layout): uint8
+// Weight layout (shared with the Triton kernels, see ops/weight_layout.py): uint8
 // [Np, Kp/2] rows, each 16-byte chunk (32 k) holding in word w (0..3) the k-columns
 // {2w, 2w+1} + {0, 8, 16, 24}; scales e4m3 [Np, Kp/16] linear, so a chunk's two scales are one
 // 16-bit load.

@@ -25,7 +25,7 @@
 //
 // The weight fragment: thread (g, t) of warp q of a warpgroup holds rows g and g + 8 of its 16
 // rows; the m64k16 A fragment wants k = 2t + {0, 1} and 2t + 8 + {0, 1}, which is exactly what
-// word t of a 16-byte chunk decodes to (chunk k-order of ops/triton_gemm.py word_layout): the
+// word t of a 16-byte chunk decodes to (chunk k-order of ops/weight_layout.py): the
 // chunk's first k16 step is decoded pairs 0 and 1, its second pairs 2 and 3. The weight tile is
 // [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
 // the word reads of a warp hit 32 distinct banks.

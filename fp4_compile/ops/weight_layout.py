@@ -1,0 +1,126 @@
+"""The Hopper kernels' weight word: where each bit of the 8 e2m1 codes of a 32-bit word lives.
+
+The kernels turn a word into four x2 registers of 16-bit values (``r[0..3]``, two codes each) and
+multiply each by its block scale with one x2 fma. The bit placement that precedes the fma is the
+issue-bound part of every Hopper kernel (the M <= 16 kernel is bound by instruction issue), so
+the bits are stored where the placement is cheapest. bf16 wants a code's sign at bit 15 of its
+lane and its 3 magnitude bits at 8..6 (they then read as ``e2m1 * 2^-126``, subnormal 0.5
+included): that is the mask ``BF16_BITS`` over both lanes.
+
+- ``r[0]``, ``r[1]``, ``r[2]``: ``(w << s) & BF16_BITS`` for s = 0, 3, 6: the three shifted copies
+  of the mask are disjoint, and no other code's bit lands on a mask bit.
+- ``r[3]`` takes the 8 bits left over, which no single shift can place (they hold no 3 adjacent
+  bits): ``(lo | hi)((w & GROUP3_BITS) * GROUP3_MULT) & BF16_BITS``, one 32x32->64 multiply that
+  adds three shifted copies without carries, the high word bringing the wrapped bits back.
+
+That is 8 integer instructions per word where a nibble layout needs 16 (two shifts and two masks per
+pair; no nibble or bit layout lets one shift serve all four pairs: NOTES v8). fp16 reuses the bf16
+placement and moves the magnitude to bits 11..9 with ``(v * 9) & FP16_BITS`` (v + v << 3).
+
+The codes of a word are the k-columns an MMA quad's thread ``t`` holds (Marlin's idea): word ``t``
+of each 32-element chunk carries k = 2t + h + 8 * (j % 2) + 16 * (j // 2) in lane h of ``r[j]``.
+``nvfp4_decode.cuh`` (CUDA) and ``triton_gemm._asm_word`` (Triton) implement ``place_bf16``;
+``tests/test_weight_layout.py`` checks that their constants are these.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..format import pack_e2m1, unpack_e2m1
+
+BF16_BITS = 0x81C081C0  # sign -> bit 15, magnitude -> bits 8..6 of each 16-bit lane
+FP16_BITS = 0x8E008E00  # sign -> bit 15, magnitude -> bits 11..9
+FP16_MULT = 9  # v * 9 = v | v << 3 for a placed bf16 pair (disjoint bits)
+GROUP_SHIFTS = (0, 3, 6)  # r[0..2] = (w << s) & BF16_BITS
+GROUP3_BITS = 0x6C006C00  # r[3]'s bits: 10, 11, 13, 14 of each lane
+GROUP3_MULT = (1 << 2) | (1 << 8) | (1 << 13)  # = 8452: copies shifted by 2, 8 and 13
+CHUNK = 32  # elements per 16-byte chunk (4 words)
+_MASK32 = 0xFFFFFFFF
+
+
+def place_bf16(words: torch.Tensor) -> list[torch.Tensor]:
+    """int64 tensor of 32-bit words -> the four placed bf16x2 bit patterns r[0..3] (before the scale),
+    computed with the kernels' instruction sequence."""
+    out = [((words << s) & _MASK32) & BF16_BITS for s in GROUP_SHIFTS]
+    product = (words & GROUP3_BITS) * GROUP3_MULT  # < 2^46: exact in int64
+    out.append(((product & _MASK32) | (product >> 32)) & BF16_BITS)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def code_bit_positions() -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """``[j][h][b]``: the word bit that holds bit b (0 = mantissa, 1, 2 = exponent, 3 = sign) of the
+    code in lane h of ``r[j]``; derived by running ``place_bf16`` on every single-bit word."""
+    lane_bits = (6, 7, 8, 15)  # where bit b of a code lands in its placed bf16 lane
+    where: dict[tuple[int, int, int], int] = {}
+    placed = place_bf16(torch.tensor([1 << p for p in range(32)], dtype=torch.int64))
+    for p in range(32):
+        hits = [(j, h, b) for j in range(4) for h in range(2) for b in range(4)
+                if int(placed[j][p]) >> (lane_bits[b] + 16 * h) & 1]
+        if len(hits) != 1 or int(sum(placed[j][p] for j in range(4))).bit_count() != 1:
+            raise AssertionError(f"word bit {p} is placed {len(hits)} times")
+        where[hits[0]] = p
+    if len(where) != 32:
+        raise AssertionError("the placement does not cover all 32 code bits")
+    return tuple(tuple(tuple(where[(j, h, b)] for b in range(4)) for h in range(2)) for j in range(4))
+
+
+def chunk_k(t: int, j: int, h: int) -> int:
+    """Element of a 32-element chunk held by word t, register r[j], lane h."""
+    return 2 * t + h + 8 * (j % 2) + 16 * (j // 2)
+
+
+def _word_fields() -> list[tuple[torch.Tensor, int, int]]:
+    """(k of words t = 0..3, code bit b, word bit) for every code bit of a word."""
+    pos = code_bit_positions()
+    return [(torch.tensor([chunk_k(t, j, h) for t in range(4)]), b, pos[j][h][b])
+            for j in range(4) for h in range(2) for b in range(4)]
+
+
+def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 codes ``[R, C]`` (uint8, two per byte in k order, C a multiple of 16) -> the same
+    codes as ``[R, C]`` bytes of the kernels' words."""
+    rows, cols = _check_packed(packed)
+    chunks = unpack_e2m1(packed).reshape(rows, cols // 16, CHUNK).to(torch.int32)
+    words = torch.zeros(rows, cols // 16, 4, dtype=torch.int32, device=packed.device)
+    for k, b, bit in _word_fields():
+        words |= ((chunks[:, :, k.to(packed.device)] >> b) & 1) << bit  # int32 wraps at bit 31, as intended
+    return _words_to_bytes(words).reshape(rows, cols)
+
+
+def from_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_kernel_layout`` (exact)."""
+    rows, cols = _check_packed(weight)
+    words = _bytes_to_words(weight.reshape(rows, cols // 16, 16))
+    chunks = torch.zeros(rows, cols // 16, CHUNK, dtype=torch.int32, device=weight.device)
+    for k, b, bit in _word_fields():
+        chunks[:, :, k.to(weight.device)] |= ((words >> bit) & 1) << b
+    return pack_e2m1(chunks.to(torch.uint8).reshape(rows, cols * 2)).contiguous()
+
+
+def _check_packed(packed: torch.Tensor) -> tuple[int, int]:
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"packed codes must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    rows, cols = packed.shape
+    if cols % 16:
+        raise ValueError(f"the packed row length ({cols} bytes) must be a multiple of 16")
+    return rows, cols
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., 4] words -> uint8 [..., 16], little-endian."""
+    parts = [((words >> (8 * q)) & 0xFF) for q in range(4)]
+    return torch.stack(parts, dim=-1).reshape(*words.shape[:-1], 16).to(torch.uint8)
+
+
+def _bytes_to_words(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 16] -> int32 [..., 4] words, little-endian."""
+    b = data.reshape(*data.shape[:-1], 4, 4).to(torch.int32)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+__all__ = ["BF16_BITS", "FP16_BITS", "FP16_MULT", "GROUP_SHIFTS", "GROUP3_BITS", "GROUP3_MULT",
+           "place_bf16", "code_bit_positions", "chunk_k", "to_kernel_layout", "from_kernel_layout"]

@@ -1,0 +1,129 @@
+"""The Hopper kernels' weight word (ops/weight_layout.py): a bijection of code bits, exact round trip,
+the placement decodes every code to its e2m1 value, and the CUDA / Triton decoders use its constants."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from fp4_compile import format as F
+from fp4_compile.ops import weight_layout as WL
+from fp4_compile.ops.triton_gemm import _asm_word
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+DECODE_CUH = pathlib.Path(F.__file__).parent / "csrc" / "hopper" / "nvfp4_decode.cuh"
+
+
+def e2m1(code: int) -> float:
+    return (-1.0 if code & 8 else 1.0) * E2M1[code & 7]
+
+
+def test_code_bits_are_a_bijection():
+    pos = WL.code_bit_positions()
+    flat = [p for j in pos for h in j for p in h]
+    assert sorted(flat) == list(range(32))
+    # r[0..2] are the shifted copies of the bf16 mask
+    for j, s in enumerate(WL.GROUP_SHIFTS):
+        assert pos[j] == tuple(tuple(b - s for b in (6 + 16 * h, 7 + 16 * h, 8 + 16 * h, 15 + 16 * h))
+                               for h in range(2))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 16), (3, 48), (45, 112), (64, 2048)])
+def test_round_trip(rows, cols):
+    packed = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    words = WL.to_kernel_layout(packed)
+    assert words.shape == packed.shape and words.dtype == torch.uint8
+    assert torch.equal(WL.from_kernel_layout(words), packed)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        WL.to_kernel_layout(torch.zeros(2, 24, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        WL.to_kernel_layout(torch.zeros(2, 32, dtype=torch.int32))
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.reshape(-1, 4).to(torch.int64)
+    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+
+
+def test_placement_decodes_every_word_to_its_codes():
+    """place_bf16 on the stored words gives, in lane h of r[j] of word t, the bf16 pattern of
+    e2m1(code k) * 2^-126 for k = chunk_k(t, j, h); fp16's (v * 9) & FP16_BITS gives * 2^-14."""
+    rows, cols = 8, 256
+    packed = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    codes = F.unpack_e2m1(packed).reshape(rows, cols // 16, 32)
+    words = _words(WL.to_kernel_layout(packed)).reshape(rows, cols // 16, 4)
+    placed = WL.place_bf16(words)
+    for j in range(4):
+        v = placed[j]
+        v16 = (v * WL.FP16_MULT) & 0xFFFFFFFF & WL.FP16_BITS
+        for h in range(2):
+            bf16 = ((v >> (16 * h)) & 0xFFFF).to(torch.int16).view(torch.bfloat16).double() * 2.0**126
+            fp16 = ((v16 >> (16 * h)) & 0xFFFF).to(torch.int16).view(torch.float16).double() * 2.0**14
+            for t in range(4):
+                want = torch.tensor([[e2m1(int(c)) for c in row] for row in codes[:, :, WL.chunk_k(t, j, h)]],
+                                    dtype=torch.float64)
+                assert torch.equal(bf16[:, :, t], want)
+                assert torch.equal(fp16[:, :, t], want)
+
+
+def test_every_code_in_every_slot():
+    """All 16 codes in each of the 8 slots of a word, the other slots random."""
+    pos = WL.code_bit_positions()
+    for j in range(4):
+        for h in range(2):
+            for code in range(16):
+                word = int(torch.randint(0, 2**32, (1,), dtype=torch.int64))
+                for b in range(4):
+                    bit = pos[j][h][b]
+                    word = (word & ~(1 << bit)) | (((code >> b) & 1) << bit)
+                v = int(WL.place_bf16(torch.tensor([word]))[j])
+                lane = (v >> (16 * h)) & 0xFFFF
+                got = torch.tensor([lane], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()
+                assert float(got) * 2.0**126 == e2m1(code)
+
+
+def _cuh_constant(name: str) -> int:
+    match = re.search(rf"constexpr uint32_t {name} = (0x[0-9A-Fa-f]+|\d+)u;", DECODE_CUH.read_text())
+    assert match, name
+    return int(match.group(1), 0)
+
+
+def test_cuda_decoder_uses_these_constants():
+    assert _cuh_constant("kBf16Bits") == WL.BF16_BITS
+    assert _cuh_constant("kFp16Bits") == WL.FP16_BITS
+    assert _cuh_constant("kFp16Mult") == WL.FP16_MULT
+    assert _cuh_constant("kGroup3Bits") == WL.GROUP3_BITS
+    assert _cuh_constant("kGroup3Mult") == WL.GROUP3_MULT
+    text = DECODE_CUH.read_text()
+    assert WL.GROUP_SHIFTS[0] == 0 and "v[0] = w & kBf16Bits;" in text
+    for j, s in enumerate(WL.GROUP_SHIFTS[1:], 1):
+        assert f"v[{j}] = (w << {s}) & kBf16Bits;" in text
+        assert f"v[{j}] = ((w & (kBf16Bits >> {s})) * (kFp16Mult << {s})) & kFp16Bits;" in text
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_triton_decoder_uses_these_constants(fp16):
+    asm = _asm_word(fp16)
+    assert f"and.b32 t, $4, {WL.GROUP3_BITS:#010x};" in asm and f"mul.wide.u32 p, t, {WL.GROUP3_MULT};" in asm
+    for s in WL.GROUP_SHIFTS:
+        if fp16:
+            assert f"and.b32 t, $4, {WL.BF16_BITS >> s:#010x};" in asm
+            assert f"mul.lo.u32 t, t, {WL.FP16_MULT << s};" in asm
+        else:
+            assert f"shl.b32 t, $4, {s};" in asm
+    assert asm.count(f"and.b32 t, t, {WL.BF16_BITS:#010x};") == (1 if fp16 else 4)
+    assert asm.count(f"and.b32 t, t, {WL.FP16_BITS:#010x};") == (4 if fp16 else 0)
+
+
+def test_fp16_shortcut_equals_placement_times_nine():
+    """The decoders' fp16 form of r[0..2], ((w & (BF16_BITS >> s)) * (9 << s)) & FP16_BITS, equals
+    (place_bf16(w)[j] * 9) & FP16_BITS: the two copies never overlap, so no carries."""
+    words = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
+    placed = WL.place_bf16(words)
+    for j, s in enumerate(WL.GROUP_SHIFTS):
+        short = ((words & (WL.BF16_BITS >> s)) * (WL.FP16_MULT << s)) & 0xFFFFFFFF & WL.FP16_BITS
+        assert torch.equal(short, (placed[j] * WL.FP16_MULT) & 0xFFFFFFFF & WL.FP16_BITS)
