@@ -97,7 +97,9 @@ def test_cuda_decoder_uses_these_constants():
     assert _cuh_constant("kFp16Bits") == WL.FP16_BITS
     assert _cuh_constant("kFp16Mult") == WL.FP16_MULT
     assert _cuh_constant("kGroup3Bits") == WL.GROUP3_BITS
-    assert _cuh_constant("kGroup3Mult") == WL.GROUP3_MULT
+    rot = re.search(r"constexpr int kGroup3Rot0 = (\d+), kGroup3Rot1 = (\d+), kGroup3Rot2 = (\d+);",
+                    DECODE_CUH.read_text())
+    assert rot and sum(1 << int(r) for r in rot.groups()) == WL.GROUP3_MULT
     text = DECODE_CUH.read_text()
     assert WL.GROUP_SHIFTS[0] == 0 and "v[0] = w & kBf16Bits;" in text
     for j, s in enumerate(WL.GROUP_SHIFTS[1:], 1):
@@ -127,3 +129,14 @@ def test_fp16_shortcut_equals_placement_times_nine():
     for j, s in enumerate(WL.GROUP_SHIFTS):
         short = ((words & (WL.BF16_BITS >> s)) * (WL.FP16_MULT << s)) & 0xFFFFFFFF & WL.FP16_BITS
         assert torch.equal(short, (placed[j] * WL.FP16_MULT) & 0xFFFFFFFF & WL.FP16_BITS)
+
+
+def test_rotations_equal_the_multiply():
+    """The wgmma kernel gathers r[3] with three rotations (kGroup3Rot), the others with one multiply."""
+    words = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
+    u = words & WL.GROUP3_BITS
+    rotations = [s for s in range(32) if WL.GROUP3_MULT >> s & 1]
+    rotated = 0
+    for s in rotations:
+        rotated = rotated | (((u << s) | (u >> (32 - s))) & 0xFFFFFFFF)
+    assert len(rotations) == 3 and torch.equal(rotated & WL.BF16_BITS, WL.place_bf16(words)[3])

@@ -56,20 +56,35 @@ __device__ __forceinline__ ScalePair<FP16> make_scales(uint32_t pair) {
 // Bit placement (ops/weight_layout.py, which checks these constants): each code's sign goes to bit
 // 15 of its 16-bit lane and its 3 magnitude bits to the lowest exponent bits and the top mantissa
 // bit, which reads as e2m1 * 2^-126 (bf16), subnormal 0.5 included. The layout stores r[0..2] at
-// shifts 0, 3, 6 of that mask, and r[3] in the 8 bits left over, gathered by one 32x32->64 multiply
-// (three carry-free shifted copies; the high word brings back the wrapped ones): 8 integer
-// instructions per word. fp16 moves the magnitude up 3 bits (v * 9 = v | v << 3) for e2m1 * 2^-14.
-// One x2 fma by the scale (sf * 2^118 or sf * 2^6) gives the value.
+// shifts 0, 3, 6 of that mask, and r[3] in the 8 bits left over, gathered by three carry-free
+// rotated copies (one 32x32->64 multiply whose high word brings back the wrapped bits: 8 integer
+// instructions per word; or three rotations: 10). fp16 moves the magnitude up 3 bits
+// (v * 9 = v | v << 3) for e2m1 * 2^-14. One x2 fma by the scale (sf * 2^118 or sf * 2^6) gives
+// the value.
 constexpr uint32_t kBf16Bits = 0x81C081C0u;
 constexpr uint32_t kFp16Bits = 0x8E008E00u;
 constexpr uint32_t kFp16Mult = 9u;  // v * 9 = v | v << 3: magnitude bits 8..6 -> 11..9
 constexpr uint32_t kGroup3Bits = 0x6C006C00u;
-constexpr uint32_t kGroup3Mult = 8452u;  // (1 << 2) | (1 << 8) | (1 << 13)
+constexpr int kGroup3Rot0 = 2, kGroup3Rot1 = 8, kGroup3Rot2 = 13;  // r[3]: copies rotated left by these
+constexpr uint32_t kGroup3Mult = (1u << kGroup3Rot0) | (1u << kGroup3Rot1) | (1u << kGroup3Rot2);
 
-template <bool FP16>
+// How r[3]'s bits are gathered (same result): one 32x32->64 multiply, the fewest instructions, for
+// the small-M kernel, bound by issue; or three funnel-shift rotations on the ALU pipe for the wgmma
+// kernel, where the multiply's time on the FMA pipe made the kernel 8-14% slower at M >= 1024
+// (benchmarks/NOTES.md v12).
+enum class Gather { kMultiply, kRotate };
+
+template <bool FP16, Gather G = Gather::kMultiply>
 __device__ __forceinline__ void decode_word(uint32_t w, const ScalePair<FP16>& s, uint32_t (&r)[4]) {
-  const uint64_t p = uint64_t(w & kGroup3Bits) * kGroup3Mult;
-  const uint32_t v3 = (uint32_t(p) | uint32_t(p >> 32)) & kBf16Bits;
+  uint32_t v3;
+  if constexpr (G == Gather::kMultiply) {
+    const uint64_t p = uint64_t(w & kGroup3Bits) * kGroup3Mult;
+    v3 = (uint32_t(p) | uint32_t(p >> 32)) & kBf16Bits;
+  } else {
+    const uint32_t u = w & kGroup3Bits;
+    v3 = (__funnelshift_l(u, u, kGroup3Rot0) | __funnelshift_l(u, u, kGroup3Rot1) |
+          __funnelshift_l(u, u, kGroup3Rot2)) & kBf16Bits;
+  }
   uint32_t v[4];
   if constexpr (FP16) {  // r[0..2]: isolate, then one multiply shifts by s and adds the << 3 copy
     v[0] = ((w & kBf16Bits) * kFp16Mult) & kFp16Bits;

@@ -59,6 +59,7 @@ namespace {
 using fp4c::Convert;
 using fp4c::ScalePair;
 using fp4c::decode_word;
+using fp4c::Gather;
 using fp4c::make_scales;
 using fp4c::wait_for_prior_grid;
 
@@ -464,8 +465,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t w0 = *reinterpret_cast<const uint32_t*>(wb + 32 * r0);
         const uint32_t w1 = *reinterpret_cast<const uint32_t*>(wb + 32 * r1);
         uint32_t v0[4], v1[4];
-        decode_word<FP16>(w0, make_scales<FP16>(sw0 >> (16 * c)), v0);
-        decode_word<FP16>(w1, make_scales<FP16>(sw1 >> (16 * c)), v1);
+        decode_word<FP16, Gather::kRotate>(w0, make_scales<FP16>(sw0 >> (16 * c)), v0);
+        decode_word<FP16, Gather::kRotate>(w1, make_scales<FP16>(sw1 >> (16 * c)), v1);
         f[i][2 * c][0] = v0[0], f[i][2 * c][1] = v1[0], f[i][2 * c][2] = v0[1], f[i][2 * c][3] = v1[1];
         f[i][2 * c + 1][0] = v0[2], f[i][2 * c + 1][1] = v1[2], f[i][2 * c + 1][2] = v0[3], f[i][2 * c + 1][3] = v1[3];
       }
