@@ -30,8 +30,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <type_traits>
-
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
 
@@ -165,11 +163,8 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
   }
 
-  // FULL: the group lies inside [gb, ge) and inside K, so nothing needs a bounds check; activation
-  // rows past M read row 0 (their products land in output columns that are never stored).
-  auto load = [&](Stage<RT, NT>& st, int group, auto full) {
-    constexpr bool kFull = decltype(full)::value;
-    const bool ok = kFull || (group < ge && 4 * group + t < args.chunks);
+  auto load = [&](Stage<RT, NT>& st, int group) {
+    const bool ok = group < ge && 4 * group + t < args.chunks;
     const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int i = 0; i < RT; ++i)
@@ -182,11 +177,9 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        st.x[j][q] = (kFull || (ok && x_ok[j] && 8 * q < k_left)) ? load_keep(x_col[j] + 128 * group + 8 * q)
-                                                                   : make_uint4(0, 0, 0, 0);
+        st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+                                                          : make_uint4(0, 0, 0, 0);
   };
-  using Full = std::true_type;
-  using Checked = std::false_type;
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
   // two B registers are adjacent words of one activation load (no register moves).
@@ -219,23 +212,12 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   wait_for_prior_grid();
   Stage<RT, NT> buf[PF];
 #pragma unroll
-  for (int p = 0; p < PF; ++p) load(buf[p], gb + p, Checked{});
-  // Steady state without bounds checks (a third fewer instructions per group at M = 1, where the
-  // kernel is bound by issue), then the last groups with them.
-  const int full_end = min(ge, min(args.chunks / 4, args.K / 128));
-  int s = gb;
-  for (; s + 2 * PF <= full_end; s += PF) {
-#pragma unroll
-    for (int p = 0; p < PF; ++p) {
-      compute(buf[p]);
-      load(buf[p], s + p + PF, Full{});
-    }
-  }
-  for (; s < ge; s += PF) {
+  for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
+  for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
       if (s + p < ge) compute(buf[p]);
-      load(buf[p], s + p + PF, Checked{});
+      load(buf[p], s + p + PF);
     }
   }
 
