@@ -40,8 +40,8 @@ def _events():
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
-def time_graph_us(calls, replays: int = 20, warmup: int = 3) -> float:
-    """Median time per call (us) of ``calls`` (a list of 0-arg callables) captured in one CUDA graph."""
+def _capture(calls) -> torch.cuda.CUDAGraph:
+    """``calls`` run once on a side stream (compiling and allocating), then captured in one graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -53,19 +53,37 @@ def time_graph_us(calls, replays: int = 20, warmup: int = 3) -> float:
     with torch.cuda.graph(g):
         for c in calls:
             c()
-    for _ in range(warmup):
-        g.replay()
+    return g
+
+
+def time_graphs_us(named_calls: dict, rounds: int = 4, replays: int = 5, warmup: int = 3) -> dict:
+    """Median time per call (us) of each list of 0-arg callables, each captured in its own CUDA graph.
+
+    The graphs are replayed in turns (``rounds`` times ``replays`` each), so that the clock drift of
+    a GPU under sustained load (up to 12% at M >= 1024 within a run) hits every entry alike instead
+    of whichever was timed last."""
+    graphs = {name: (_capture(calls), len(calls)) for name, calls in named_calls.items()}
+    for g, _ in graphs.values():
+        for _ in range(warmup):
+            g.replay()
     torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = _events()
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / len(calls))
-    del g
-    return statistics.median(ts)
+    samples = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, (g, n) in graphs.items():
+            for _ in range(replays):
+                a, b = _events()
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                samples[name].append(a.elapsed_time(b) * 1000.0 / n)
+    del graphs
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def time_graph_us(calls, replays: int = 20, warmup: int = 3) -> float:
+    """Median time per call (us) of ``calls`` (a list of 0-arg callables) captured in one CUDA graph."""
+    return time_graphs_us({"calls": calls}, rounds=1, replays=replays, warmup=warmup)["calls"]
 
 
 def time_eager_us(calls, reps: int = 10, warmup: int = 2) -> float:
