@@ -43,15 +43,21 @@ def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[s
     return shared_library_command(SOURCE, output, nvcc_flags(capability) + ["-Xptxas", "-v"])
 
 
-@functools.lru_cache(maxsize=None)
-def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ctypes.CDLL:
-    stem = f"nvfp4_small_m_sm{capability[0]}{capability[1]}"
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability, prefetch), stem)))
+def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0),
+                 prefetch: int = WEIGHT_PREFETCH) -> ctypes.CDLL:
+    """Build (cached) and load ``source``, the kernel or a variant of it with the same C entry point
+    (benchmarks/compare_builds.py times builds against each other), with its signature."""
+    lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability, prefetch), stem)))
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: tuple[int, int], prefetch: int = WEIGHT_PREFETCH) -> ctypes.CDLL:
+    return load_library(SOURCE, f"nvfp4_small_m_sm{capability[0]}{capability[1]}", capability, prefetch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,14 +87,16 @@ def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                  rows_per_warp: int | None = None, stages: int | None = None,
-                 warps: int | None = None, prefetch: int = WEIGHT_PREFETCH) -> torch.Tensor:
+                 warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
+                 library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
-    the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build).
+    the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build);
+    ``library`` (from ``load_library``) the package's build.
     Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha, bias,
@@ -108,7 +116,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps
-    err = nvcc.launch_on(x.device, lambda capability, stream: _library(capability, prefetch).fp4c_nvfp4_small_m_gemm(
+    err = nvcc.launch_on(x.device, lambda capability, stream: (
+        library or _library(capability, prefetch)).fp4c_nvfp4_small_m_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),

@@ -79,7 +79,7 @@ def compile_command(output: str) -> list[str]:
 
 def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0)) -> ctypes.CDLL:
     """Build (cached) and load ``source``, the kernel or a variant of it with the same C entry point
-    (benchmarks/compare_wgmma_builds.py times two builds against each other), with its signature."""
+    (benchmarks/compare_builds.py times builds against each other), with its signature."""
     lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability), stem)))
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
