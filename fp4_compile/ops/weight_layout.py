@@ -1,11 +1,11 @@
 """The Hopper kernels' weight word: where each bit of the 8 e2m1 codes of a 32-bit word lives.
 
 The kernels turn a word into four x2 registers of 16-bit values (``r[0..3]``, two codes each) and
-multiply each by its block scale with one x2 fma. The bit placement that precedes the fma is the
-issue-bound part of every Hopper kernel (the M <= 16 kernel is bound by instruction issue), so
-the bits are stored where the placement is cheapest. bf16 wants a code's sign at bit 15 of its
-lane and its 3 magnitude bits at 8..6 (they then read as ``e2m1 * 2^-126``, subnormal 0.5
-included): that is the mask ``BF16_BITS`` over both lanes.
+multiply each by its block scale with one x2 fma. The bit placement that precedes the fma is most
+of the integer work per weight in every Hopper kernel, so the bits are stored where placing them is
+cheapest (at M = 1 that took 2-19% off the decode kernel's time: benchmarks/NOTES.md, v12). bf16
+wants a code's sign at bit 15 of its lane and its 3 magnitude bits at 8..6 (they then read as
+``e2m1 * 2^-126``, subnormal 0.5 included): that is the mask ``BF16_BITS`` over both lanes.
 
 - ``r[0]``, ``r[1]``, ``r[2]``: ``(w << s) & BF16_BITS`` for s = 0, 3, 6: the three shifted copies
   of the mask are disjoint, and no other code's bit lands on a mask bit.
@@ -14,8 +14,9 @@ included): that is the mask ``BF16_BITS`` over both lanes.
   adds three shifted copies without carries, the high word bringing the wrapped bits back.
 
 That is 8 integer instructions per word where a nibble layout needs 16 (two shifts and two masks per
-pair; no nibble or bit layout lets one shift serve all four pairs: NOTES v8). fp16 reuses the bf16
-placement and moves the magnitude to bits 11..9 with ``(v * 9) & FP16_BITS`` (v + v << 3).
+pair; no layout lets one shift serve all four pairs: NOTES v8, v12). The wgmma kernel gathers r[3]
+with three rotations instead (same bits; the multiply's FMA-pipe time slowed it there). fp16 reuses
+the bf16 placement and moves the magnitude to bits 11..9 with ``(v * 9) & FP16_BITS`` (v + v << 3).
 
 The codes of a word are the k-columns an MMA quad's thread ``t`` holds (Marlin's idea): word ``t``
 of each 32-element chunk carries k = 2t + h + 8 * (j % 2) + 16 * (j // 2) in lane h of ``r[j]``.
