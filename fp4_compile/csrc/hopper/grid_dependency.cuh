@@ -1,4 +1,4 @@
-// Programmatic dependent launch (sm_90), shared by the Hopper GEMMs. Launched with it
+// Kernel launches and programmatic dependent launch (sm_90), shared by the Hopper kernels. Launched with it
 // (cudaLaunchAttributeProgrammaticStreamSerialization), a kernel may start while the kernel before
 // it in the stream still runs; wait_for_prior_grid blocks until that grid has completed and its
 // writes are visible. Launched without it, the wait returns at once. Our kernels wait before
@@ -9,28 +9,42 @@
 
 namespace fp4c {
 
-// The launch attribute (cudaLaunchKernelEx) that makes a launch programmatic: only for kernels that
-// call wait_for_prior_grid before they touch global memory.
-inline cudaLaunchAttribute programmatic_launch() {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  return attr;
-}
+// A cudaLaunchKernelEx configuration: grid, block, dynamic shared memory and stream, with a
+// cluster of `cluster_z` CTAs along z (0: none) and programmatic dependent launch where `pdl` (only
+// for kernels that call wait_for_prior_grid before they touch global memory). Not copyable: the
+// configuration points at its own attributes.
+struct LaunchConfig {
+  cudaLaunchAttribute attrs[2]{};
+  cudaLaunchConfig_t config{};
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, bool pdl, cudaStream_t stream, unsigned cluster_z = 0) {
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attrs;
+    if (cluster_z > 0) {
+      attrs[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attrs[config.numAttrs].val.clusterDim.x = 1;
+      attrs[config.numAttrs].val.clusterDim.y = 1;
+      attrs[config.numAttrs].val.clusterDim.z = cluster_z;
+      ++config.numAttrs;
+    }
+    if (pdl) {
+      attrs[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attrs[config.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+      ++config.numAttrs;
+    }
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
 
 // cudaLaunchKernelEx of `kernel` on `stream`, with programmatic dependent launch where `pdl`.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, bool pdl, cudaStream_t stream,
                    Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr = programmatic_launch();
-  config.attrs = &attr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+  const LaunchConfig launch(grid, block, smem, pdl, stream);
+  return cudaLaunchKernelEx(&launch.config, kernel, static_cast<Args&&>(args)...);
 }
 
 __device__ __forceinline__ void wait_for_prior_grid() {

@@ -742,31 +742,6 @@ cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType typ
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// cudaLaunchKernelEx configuration: optionally the `cluster` CTAs of an output tile (grid z) as one
-// thread-block cluster (split K in a cluster: they run at once, on one GPC, and can read each
-// other's shared memory), optionally programmatic dependent launch (grid_dependency.cuh).
-struct KernelLaunch {
-  cudaLaunchAttribute attrs[2]{};
-  cudaLaunchConfig_t config{};
-  KernelLaunch(dim3 grid, int smem, int cluster, bool pdl, cudaStream_t stream) {
-    config.gridDim = grid;
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = attrs;
-    if (cluster > 0) {
-      attrs[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
-      attrs[config.numAttrs].val.clusterDim.x = 1;
-      attrs[config.numAttrs].val.clusterDim.y = 1;
-      attrs[config.numAttrs].val.clusterDim.z = static_cast<unsigned>(cluster);
-      ++config.numAttrs;
-    }
-    if (pdl) attrs[config.numAttrs++] = fp4c::programmatic_launch();
-  }
-  KernelLaunch(const KernelLaunch&) = delete;
-  KernelLaunch& operator=(const KernelLaunch&) = delete;
-};
-
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
 template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
@@ -820,7 +795,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
         if (err != cudaSuccess) return err;
         pdl = false;
       }
-      const KernelLaunch persistent(dim3(sms), Tile<BN, WM, true>::kSmemBytes, 0, pdl, stream);
+      const fp4c::LaunchConfig persistent(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
       return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
                                 w_map, s_map, args);
     }
@@ -841,7 +816,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
                                                       args.N);
     return cudaGetLastError();
   }
-  const KernelLaunch launch(grid, T::kSmemBytes, clustered ? splits : 0, pdl, stream);
+  const fp4c::LaunchConfig launch(grid, dim3(kThreads), T::kSmemBytes, pdl, stream, clustered ? splits : 0);
   return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args);
 }
 
@@ -903,7 +878,8 @@ int fp4c_nvfp4_wgmma_cluster_capacity(int splits) {
   if (splits < 1 || splits > kMaxSplits) return -static_cast<int>(cudaErrorInvalidValue);
   cudaError_t err = allow_smem<false, 256, 1, __nv_bfloat16, true, false>();
   if (err != cudaSuccess) return -static_cast<int>(err);
-  const KernelLaunch split(dim3(1, 1, splits), Tile<256, 1>::kSmemBytes, splits, false, nullptr);
+  const fp4c::LaunchConfig split(dim3(1, 1, splits), dim3(kThreads), Tile<256, 1>::kSmemBytes, false, nullptr,
+                                 splits);
   int clusters = 0;
   err = cudaOccupancyMaxActiveClusters(&clusters, nvfp4_wgmma_kernel<false, 256, 1, __nv_bfloat16, true, false>,
                                        &split.config);
