@@ -89,12 +89,8 @@ def _check_weight(weight: Tensor, weight_scale: Tensor, alpha: Tensor) -> None:
 
 def _quantize_fake(x: Tensor, global_scale: Tensor, swizzle: bool = False) -> tuple[Tensor, Tensor]:
     m, k = x.shape
-    packed = x.new_empty((m, k // 2), dtype=torch.uint8)
-    if swizzle:
-        shape = ((m + 127) // 128 * 128, (k // fmt.BLOCK_SIZE + 3) // 4 * 4)
-    else:
-        shape = (m, k // fmt.BLOCK_SIZE)
-    return packed, x.new_empty(shape, dtype=torch.float8_e4m3fn)
+    shape = fmt.swizzled_scale_shape(m, k) if swizzle else (m, k // fmt.BLOCK_SIZE)
+    return x.new_empty((m, k // 2), dtype=torch.uint8), x.new_empty(shape, dtype=torch.float8_e4m3fn)
 
 
 @_define("quantize(Tensor x, Tensor global_scale, bool swizzle=False) -> (Tensor, Tensor)", _quantize_fake)
