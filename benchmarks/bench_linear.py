@@ -20,8 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (LLAMA_SHAPES, copies_for, fp4_weight_bytes, kernel_resources, measured_env,  # noqa: E402
-                     print_table, rotating_fp4_weights, time_eager_us, time_graphs_us, write_json)
+from _common import (LLAMA_SHAPES, fp4_weight_bytes, kernel_resources, measured_env, print_table,  # noqa: E402
+                     rotating_weights, time_eager_us, time_graphs_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
@@ -57,9 +57,7 @@ def main():
     rows = []
     for si in args.shapes.split(","):
         n, k = LLAMA_SHAPES[int(si)]
-        ws = rotating_fp4_weights(n, k, TRITON_W4A4)
-        nb = copies_for(n * k * 2)
-        wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
+        ws, wb = rotating_weights(n, k, TRITON_W4A4)
         pw0, sw0 = TRITON_W4A4.restore_weight(ws[0][0], ws[0][1], n, k)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
