@@ -69,9 +69,9 @@ constexpr int kGroup3Rot0 = 2, kGroup3Rot1 = 8, kGroup3Rot2 = 13;  // r[3]: copi
 constexpr uint32_t kGroup3Mult = (1u << kGroup3Rot0) | (1u << kGroup3Rot1) | (1u << kGroup3Rot2);
 
 // How r[3]'s bits are gathered (same result): one 32x32->64 multiply, the fewest instructions, for
-// the small-M kernel, bound by issue; or three funnel-shift rotations on the ALU pipe for the wgmma
-// kernel, where the multiply's time on the FMA pipe made the kernel 8-14% slower at M >= 1024
-// (benchmarks/NOTES.md v12).
+// the small-M kernel (up to 5% faster there at M = 1); or three funnel-shift rotations on the ALU pipe
+// for the wgmma kernel, where the multiply's time on the FMA pipe made the kernel 10-15% slower at
+// M >= 128 (benchmarks/NOTES.md v12b).
 enum class Gather { kMultiply, kRotate };
 
 template <bool FP16, Gather G = Gather::kMultiply>
