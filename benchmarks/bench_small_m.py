@@ -31,21 +31,14 @@ from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
-# (rows per warp, K split over a cluster, stages, warps, L2 prefetch bytes)
-VARIANTS = [(16, 1, 2, 4, 128), (16, 1, 2, 8, 128), (16, 1, 4, 4, 128), (16, 1, 2, 4, 256), (16, 2, 2, 8, 128),
-            (16, 4, 2, 4, 128), (32, 1, 2, 4, 128), (32, 1, 2, 8, 128), (32, 2, 2, 8, 128), (32, 4, 2, 4, 128),
-            (64, 1, 2, 4, 128), (64, 1, 2, 8, 128), (64, 2, 2, 4, 128), (64, 2, 2, 8, 128), (64, 4, 2, 4, 128),
-            (64, 4, 2, 8, 128)]
+# (rows per warp, stages, warps, L2 prefetch bytes)
+VARIANTS = [(16, 2, 4, 0), (16, 2, 8, 0), (16, 2, 4, 64), (16, 2, 8, 64), (16, 2, 4, 128), (16, 2, 8, 128),
+            (16, 2, 6, 128), (16, 4, 4, 128), (16, 2, 4, 256)]
 
 
-def variant_key(rpw: int, split: int, stages: int, warps: int, prefetch: int) -> str:
-    return f"w4a16_cuda_r{rpw}k{split}s{stages}w{warps}p{prefetch}_us"
+def variant_key(rpw: int, stages: int, warps: int, prefetch: int) -> str:
+    return f"w4a16_cuda_r{rpw}s{stages}w{warps}p{prefetch}_us"
 
-
-def variant_runs(m: int, rpw: int, split: int, stages: int, warps: int, prefetch: int) -> bool:
-    if rpw == 64 and split == 1 and m > 8:
-        return False
-    return stages == 2 or (m <= 8 and rpw <= 32 and split == 1)
 
 
 def main():
@@ -79,13 +72,12 @@ def main():
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
                  for w, a in zip(ws, alphas)]), 2)
-            for variant in VARIANTS:
-                if not variant_runs(m, *variant):
+            for rpw, stages, warps, prefetch in VARIANTS:
+                if stages == 4 and m > 8:
                     continue
-                rpw, split, stages, warps, prefetch = variant
-                row[variant_key(*variant)] = round(time_graph_us(
+                row[variant_key(rpw, stages, warps, prefetch)] = round(time_graph_us(
                     [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                   rows_per_warp=rpw, k_split=split, stages=stages, warps=warps,
+                                                   rows_per_warp=rpw, stages=stages, warps=warps,
                                                    prefetch=prefetch)
                      for w, a in zip(ws, alphas)]), 2)
             # the backends' own dispatch (CUDA kernel where it wins, else Triton)

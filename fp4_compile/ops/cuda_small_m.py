@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import pathlib
-from typing import NamedTuple
 
 import torch
 
@@ -52,7 +51,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -79,27 +78,15 @@ def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
 
-class LaunchConfig(NamedTuple):
-    rows_per_warp: int  # 16, 32 or 64 weight rows per warp (one CTA: that many rows)
-    k_split: int  # CTAs of a cluster that split K (1: no cluster; 2 and 4 on sm_90)
-    stages: int  # k-groups of loads in flight per warp
-    warps: int  # per CTA; they split the CTA's share of K
-
-    @property
-    def label(self) -> str:
-        split = f" k{self.k_split}" if self.k_split > 1 else ""
-        return f"r{self.rows_per_warp}{split} s{self.stages} w{self.warps}"
-
-
-def launch_config(m: int, n: int, k: int) -> LaunchConfig:
-    """One 16-row CTA per weight tile; 8 warps split K while there are few CTAs (N <= 4096: 256),
-    4 when there are many (H100, bench_small_m.py)."""
-    return LaunchConfig(16, 1, 2, 8 if n <= 4096 else 4)
+def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
+    while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
+    return 16, 2, (8 if n <= 4096 else 4)
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-                 rows_per_warp: int | None = None, k_split: int | None = None, stages: int | None = None,
+                 rows_per_warp: int | None = None, stages: int | None = None,
                  warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
                  library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
@@ -107,9 +94,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
-    ``rows_per_warp``, ``k_split``, ``stages``, ``warps`` and ``prefetch`` override the launch
-    configuration and the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a
-    second build);
+    ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
+    the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build);
     ``library`` (from ``load_library``) the package's build.
     Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
@@ -120,33 +106,23 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
-    if rows_per_warp not in (None, 16, 32, 64):
-        raise ValueError(f"rows_per_warp must be 16, 32 or 64, got {rows_per_warp}")
-    if k_split not in (None, 1, 2, 4):
-        raise ValueError(f"k_split must be 1, 2 or 4, got {k_split}")
+    if stages not in (None, 2, 4) or (stages == 4 and m > 8):
+        raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    default = launch_config(m, n, k)
-    rows_per_warp = rows_per_warp or default.rows_per_warp
-    k_split = k_split or default.k_split
-    stages = stages or default.stages
-    warps = warps or default.warps
-    if stages not in (2, 4) or (stages == 4 and (m > 8 or rows_per_warp > 32 or k_split > 1)):
-        raise ValueError(f"stages must be 2, or 4 for M <= 8 with at most 32 rows per warp and no k_split "
-                         f"(got {stages} at M={m}, rows_per_warp={rows_per_warp}, k_split={k_split})")
-    if rows_per_warp == 64 and k_split == 1 and m > 8:
-        raise ValueError("64 rows per warp at M > 8 needs k_split 2 or 4 (the unsplit build would spill)")
-    if k_split > 1 and nvcc.device_capability(x.device.index) < (9, 0):
-        raise ValueError("k_split > 1 runs in a thread-block cluster: sm_90 only")
+    default_rows, default_stages, default_warps = launch_config(m, n, k)
+    rows_per_warp = rows_per_warp or default_rows
+    stages = stages or default_stages
+    warps = warps or default_warps
     err = nvcc.launch_on(x.device, lambda capability, stream: (
         library or _library(capability, prefetch)).fp4c_nvfp4_small_m_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
-        rows_per_warp, k_split, stages, warps, int(use_pdl(x.device)), stream))
+        rows_per_warp, stages, warps, int(use_pdl(x.device)), stream))
     if err != 0:
-        raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} (M={m}, N={n}, K={k}, "
-                           f"rows_per_warp={rows_per_warp}, k_split={k_split}, stages={stages}, warps={warps})")
+        raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
+                           f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out

@@ -25,7 +25,6 @@
 // row per 32 weights, one scale pair per 32 weights, and the activation pairs it needs are the
 // 32-bit words of four 128-bit loads of the same 32 k.
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -121,16 +120,9 @@ struct Args {
   int M, N, K, chunks;   // chunks = Kp / 32
 };
 
-// Grid: one CTA per 16*RT weight rows along x; along z, CS CTAs of one cluster share those rows
-// and split K (CS = 1: no cluster). Block: WARPS warps; the cluster's CS * WARPS warps each take a
-// slice of the k-groups (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
-//
-// Why rows per warp (RT) and the cluster split: every warp reads the activation columns of its
-// k-slice for its own 16*RT rows, 16 B per lane from 8 token rows per load, so at M = 9..16 the
-// activation loads take 4x the weight bytes through L1/L2 per 16-row tile. More rows per warp
-// share them; the split along K inside a cluster keeps enough CTAs for N = 4096 and reduces the
-// partial sums through distributed shared memory (no workspace, one launch, a fixed order).
-template <bool FP16, int RT, int NT, int PF, int CS, typename OutT>
+// Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
+// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
+template <bool FP16, int RT, int NT, int PF, typename OutT>
 __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
@@ -138,12 +130,10 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   const int warps = blockDim.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int row0 = blockIdx.x * 16 * RT;
-  const int rank = CS > 1 ? static_cast<int>(blockIdx.z) : 0;  // in the cluster
-  const int split_warp = rank * warps + warp;
 
   const int groups = (args.chunks + 3) / 4;
-  const int gb = static_cast<int>(static_cast<int64_t>(groups) * split_warp / (warps * CS));
-  const int ge = static_cast<int>(static_cast<int64_t>(groups) * (split_warp + 1) / (warps * CS));
+  const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
+  const int ge = static_cast<int>(static_cast<int64_t>(groups) * (warp + 1) / warps);
 
   float acc[RT][NT][4];
 #pragma unroll
@@ -160,9 +150,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int64_t r = row0 + 16 * i + 8 * h + g;
-      // rows are padded to 32 only: a 64-row tile past them reads the last padded row (unused)
-      if constexpr (RT > 2) r = min(r, static_cast<int64_t>((args.N + 31) / 32 * 32 - 1));
+      const int64_t r = row0 + 16 * i + 8 * h + g;
       w_row[i][h] = args.w + r * args.ldw + 16 * t;
       s_row[i][h] = args.ws + r * args.ldws + 2 * t;
     }
@@ -246,101 +234,53 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
         const int col = 8 * j + 2 * t + (e % 2);
         mine[col * kRows + r] = acc[i][j][e];
       }
+  __syncthreads();
+
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
   OutT* out = static_cast<OutT*>(args.out);
   const OutT* bias = static_cast<const OutT*>(args.bias);
   const int m_tile = args.M < kCols ? args.M : kCols;
-  // each CTA of the cluster finishes every CS-th element, summing the partials in rank order
-  auto finish = [&](auto&& partials_of) {
-    for (int e = rank * blockDim.x + threadIdx.x; e < m_tile * kRows; e += CS * blockDim.x) {
-      const int col = e / kRows, r = e % kRows;
-      const int n = row0 + r;
-      if (n >= args.N) continue;
-      float v = 0.f;
-      for (int c = 0; c < CS; ++c) {
-        const float* part = partials_of(c);
-        for (int wp = 0; wp < warps; ++wp) v += part[(wp * kCols + col) * kRows + r];
-      }
-      v *= scale;
-      if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
-      out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(v);
-    }
-  };
-  if constexpr (CS == 1) {
-    __syncthreads();
-    finish([&](int) { return static_cast<const float*>(reduce_smem); });
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-    __trap();  // clusters need sm_90; the host launches CS > 1 there only
-#else
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every CTA's partials are in its shared memory
-    finish([&](int c) { return static_cast<const float*>(cluster.map_shared_rank(reduce_smem, c)); });
-    cluster.sync();  // no CTA leaves while another still reads its shared memory
-#endif
+  for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
+    const int col = e / kRows, r = e % kRows;
+    const int n = row0 + r;
+    if (n >= args.N) continue;
+    float v = 0.f;
+    for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
+    v *= scale;
+    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+    out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(v);
   }
 }
 
-template <bool FP16, int RT, int NT, int PF, int CS, typename OutT>
+template <bool FP16, int RT, int NT, int PF, typename OutT>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
-  const size_t smem = static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float);
-  auto* kernel = nvfp4_small_m_kernel<FP16, RT, NT, PF, CS, OutT>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const fp4c::LaunchConfig config(dim3((args.N + rows - 1) / rows, 1, CS), dim3(warps * kWarpSize), smem, pdl,
-                                  stream, CS > 1 ? CS : 0);
-  return cudaLaunchKernelEx(&config.config, kernel, args);
+  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, dim3((args.N + rows - 1) / rows),
+                      dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
+                      stream, args);
 }
 
-template <bool FP16, int RT, int NT, int CS, typename OutT>
+template <bool FP16, int RT, int NT, typename OutT>
 cudaError_t dispatch_stages(const Args& args, int stages, int warps, bool pdl, cudaStream_t stream) {
-  if constexpr (RT == 4 && NT == 2 && CS == 1) {
-    return cudaErrorInvalidValue;  // spills (ptxas); the cluster-split instances do not
-  } else {
-    if (stages == 2) return launch<FP16, RT, NT, 2, CS, OutT>(args, warps, pdl, stream);
-  }
-  if constexpr (NT == 1 && RT <= 2 && CS == 1) {  // four stages of more tiles would spill
-    if (stages == 4) return launch<FP16, RT, NT, 4, CS, OutT>(args, warps, pdl, stream);
+  if (stages == 2) return launch<FP16, RT, NT, 2, OutT>(args, warps, pdl, stream);
+  if constexpr (NT == 1) {  // four stages of two n-tiles would spill
+    if (stages == 4) return launch<FP16, RT, NT, 4, OutT>(args, warps, pdl, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-template <bool FP16, int RT, typename OutT>
-cudaError_t dispatch_split(const Args& args, int split, int stages, int warps, bool pdl, cudaStream_t stream) {
-  const bool two_n = args.M > 8;
-  switch (split) {
-    case 1:
-      return two_n ? dispatch_stages<FP16, RT, 2, 1, OutT>(args, stages, warps, pdl, stream)
-                   : dispatch_stages<FP16, RT, 1, 1, OutT>(args, stages, warps, pdl, stream);
-    case 2:
-      return two_n ? dispatch_stages<FP16, RT, 2, 2, OutT>(args, stages, warps, pdl, stream)
-                   : dispatch_stages<FP16, RT, 1, 2, OutT>(args, stages, warps, pdl, stream);
-    case 4:
-      return two_n ? dispatch_stages<FP16, RT, 2, 4, OutT>(args, stages, warps, pdl, stream)
-                   : dispatch_stages<FP16, RT, 1, 4, OutT>(args, stages, warps, pdl, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tiles(const Args& args, int rt, int split, int stages, int warps, bool pdl,
-                           cudaStream_t stream) {
-  switch (rt) {
-    case 1:
-      return dispatch_split<FP16, 1, OutT>(args, split, stages, warps, pdl, stream);
-    case 2:
-      return dispatch_split<FP16, 2, OutT>(args, split, stages, warps, pdl, stream);
-    case 4:
-      return dispatch_split<FP16, 4, OutT>(args, split, stages, warps, pdl, stream);
-    default:
-      return cudaErrorInvalidValue;
+cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool pdl, cudaStream_t stream) {
+  const bool two_n = args.M > 8;
+  if (rt == 1) {
+    return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, pdl, stream)
+                 : dispatch_stages<FP16, 1, 1, OutT>(args, stages, warps, pdl, stream);
   }
+  if (rt == 2) {
+    return two_n ? dispatch_stages<FP16, 2, 2, OutT>(args, stages, warps, pdl, stream)
+                 : dispatch_stages<FP16, 2, 1, OutT>(args, stages, warps, pdl, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -348,15 +288,13 @@ cudaError_t dispatch_tiles(const Args& args, int rt, int split, int stages, int 
 extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
-// x's type, 1 = float32. rows_per_warp: 16, 32 or 64 (the weight rows, padded to 32, must cover N
-// rounded up to it). k_split: 1, 2 or 4 CTAs of a cluster that split K (sm_90; 2 or 4 with 64 rows per
-// warp at M > 8). stages: 2, or 4 for M <= 8 with at most 32 rows per warp and no split: k-groups of
-// loads in flight per warp. warps: 1..8.
+// x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
+// rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                             void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
-                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int k_split, int stages,
-                            int warps, int pdl, cudaStream_t stream) {
+                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
+                            int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
       pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
@@ -366,11 +304,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t l
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, k_split, stages, warps, pdl != 0, stream)
-                   : dispatch_tiles<true, __half>(args, rt, k_split, stages, warps, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<true, __half>(args, rt, stages, warps, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, k_split, stages, warps, pdl != 0, stream)
-                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, k_split, stages, warps, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
