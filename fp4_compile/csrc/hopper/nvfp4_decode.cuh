@@ -116,15 +116,24 @@ struct Convert<float> {
   static __device__ __forceinline__ float to(float v) { return v; }
   static __device__ __forceinline__ float from(float v) { return v; }
 };
+// (16-bit types: pack(lo, hi) rounds two floats into one 32-bit pair, lo in the low half)
 template <>
 struct Convert<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 to(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ float from(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
 };
 template <>
 struct Convert<__half> {
   static __device__ __forceinline__ __half to(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ float from(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
 };
 
 }  // namespace fp4c

@@ -182,6 +182,15 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[WM][N]) {
     for (int e = 0; e < N; ++e) asm volatile("" : "+f"(acc[i][e])::"memory");
 }
 
+// Four 8x8 16-bit matrices from registers in the mma fragment layout (lane l: row l / 4, columns
+// 2 (l % 4) + {0, 1}), each stored transposed: row q of matrix m goes to the 16 bytes at the address
+// of lane 8 m + q, and holds the matrix's column q.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // Cluster barrier over every thread of the cluster's CTAs (a CTA launched alone is a cluster of one).
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -569,19 +578,33 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      // alpha, bias, output type in registers, then staging[activation row][weight row]
+      // alpha, bias and the output type in registers, then staging[activation row][weight row] by
+      // stmatrix .trans (one instruction per 4 x 64 outputs of a warp, not one per output): the
+      // accumulators of n8 block j, half h of m64 tile i are an 8x8 fragment (weight rows c0 + 8h + g,
+      // activation rows 8j + 2t + {0, 1}); stored transposed, its row q goes to staged row 8j + q.
+      // Lane l addresses row l % 8 of matrix l / 8 = (j - 2 jj, h) of each group of four.
 #pragma unroll
-      for (int i = 0; i < WM; ++i)
+      for (int i = 0; i < WM; ++i) {
+        float b[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int c = wrow + 64 * i + 8 * h, n = tile_row0 + c;
-          const float b = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
-#pragma unroll
-          for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              staging[(8 * j + 2 * t + e) * T::kStagingPitch + c] = Convert<OutT>::to(acc[i][4 * j + 2 * h + e] * scale + b);
+          const int n = tile_row0 + wrow + 64 * i + 8 * h;
+          b[h] = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
         }
+        const int c0 = wrow - g + 64 * i;  // the warp's first weight row in m64 tile i
+        const int mat = lane / 8;
+        const uint32_t lane_row = staging_s + 2 * ((8 * (mat / 2) + lane % 8) * T::kStagingPitch + c0 + 8 * (mat % 2));
+#pragma unroll
+        for (int jj = 0; jj < BN / 16; ++jj) {
+          uint32_t r[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int j = 2 * jj + q / 2, h = q % 2;
+            r[q] = Convert<OutT>::pack(acc[i][4 * j + 2 * h] * scale + b[h], acc[i][4 * j + 2 * h + 1] * scale + b[h]);
+          }
+          stmatrix_x4_trans(lane_row + 2 * 16 * jj * T::kStagingPitch, r);
+        }
+      }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
       for (int q = tid; q < BN * kChunks; q += kConsumerThreads) {  // coalesced 16-byte row pieces
         const int r = q / kChunks, c = 8 * (q % kChunks), m = tile_m0 + r, n = tile_row0 + c;
