@@ -102,23 +102,11 @@ __device__ __forceinline__ uint4 load_keep(const void* p) {
   return v;
 }
 
-// Activations of this lane for one k-group: its column of every n8-tile, the same 32 k (4 x 8 values).
-template <int NT>
-struct Activations {
-  uint4 x[NT][4];
-};
-template <>
-struct Activations<0> {};
-
-// One k-group's loads in flight. With two n8-tiles the activations are not staged: the 32
-// registers a stage would take cost a CTA per SM (151 registers against 110; NOTES.md v13), so they
-// are loaded (from L1/L2: every CTA reads them) as the group's compute begins, under its decode.
-template <int NT>
-constexpr bool kStageActivations = NT == 1;
 template <int RT, int NT>
-struct Stage : Activations<kStageActivations<NT> ? NT : 0> {
+struct Stage {
   uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
   uint32_t sc[RT][2];   // their two scale bytes
+  uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
 };
 
 struct Args {
@@ -175,19 +163,9 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
   }
 
-  auto group_ok = [&](int group) { return group < ge && 4 * group + t < args.chunks; };
-  auto load_activations = [&](Activations<NT>& a, int group) {
-    const bool ok = group_ok(group);
-    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        a.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
-                                                         : make_uint4(0, 0, 0, 0);
-  };
   auto load = [&](Stage<RT, NT>& st, int group) {
-    const bool ok = group_ok(group);
+    const bool ok = group < ge && 4 * group + t < args.chunks;
+    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
@@ -195,21 +173,17 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
         st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
         st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
       }
-    if constexpr (kStageActivations<NT>) load_activations(st, group);
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+                                                          : make_uint4(0, 0, 0, 0);
   };
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
   // two B registers are adjacent words of one activation load (no register moves).
-  auto compute = [&](const Stage<RT, NT>& st, int group) {
-    Activations<NT> late;
-    if constexpr (!kStageActivations<NT>) load_activations(late, group);
-    const Activations<NT>& act = [&]() -> const Activations<NT>& {
-      if constexpr (kStageActivations<NT>) {
-        return st;
-      } else {
-        return late;
-      }
-    }();
+  auto compute = [&](const Stage<RT, NT>& st) {
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
@@ -227,7 +201,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
       for (int q = 0; q < 4; ++q)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const uint4& xq = act.x[j][q];
+          const uint4& xq = st.x[j][q];
           mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
           mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
         }
@@ -242,7 +216,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
-      if (s + p < ge) compute(buf[p], s + p);
+      if (s + p < ge) compute(buf[p]);
       load(buf[p], s + p + PF);
     }
   }
