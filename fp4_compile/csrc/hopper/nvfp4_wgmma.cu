@@ -528,13 +528,60 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_accumulators(acc);
   };
 
+  // A tile's 16-bit output: alpha, bias and the rounding of two accumulators at a time in
+  // registers, staged [activation row][weight row] at `staging_at` (pitch kStagingPitch) by
+  // stmatrix .trans (one instruction per 4 x 64 outputs of a warp, not one per output), then
+  // stored in coalesced 16-byte row pieces. The accumulators of n8 block j, half h of m64 tile i
+  // are an 8x8 fragment (weight rows c0 + 8h + g, activation rows 8j + 2t + {0, 1}); stored
+  // transposed, its row q goes to staged row 8j + q. Lane l addresses row l % 8 of matrix l / 8
+  // = (j - 2 jj, h) of each group of four. Ends with the staging free again.
+  auto store_tile_16bit = [&](uint32_t staging_at, int tile_row0, int tile_m0) {
+    if constexpr (sizeof(OutT) == 2) {
+      const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+      const OutT* bias = static_cast<const OutT*>(args.bias);
+      OutT* out = static_cast<OutT*>(args.out);
+      const OutT* staging = reinterpret_cast<const OutT*>(smem_raw + (staging_at - raw));
+      const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+      constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
+#pragma unroll
+      for (int i = 0; i < WM; ++i) {
+        float b[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = tile_row0 + wrow + 64 * i + 8 * h;
+          b[h] = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
+        }
+        const int c0 = wrow - g + 64 * i;  // the warp's first weight row in m64 tile i
+        const int mat = lane / 8;
+        const uint32_t lane_row = staging_at + 2 * ((8 * (mat / 2) + lane % 8) * T::kStagingPitch + c0 + 8 * (mat % 2));
+#pragma unroll
+        for (int jj = 0; jj < BN / 16; ++jj) {
+          uint32_t r[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int j = 2 * jj + q / 2, h = q % 2;
+            r[q] = Convert<OutT>::pack(acc[i][4 * j + 2 * h] * scale + b[h], acc[i][4 * j + 2 * h + 1] * scale + b[h]);
+          }
+          stmatrix_x4_trans(lane_row + 2 * 16 * jj * T::kStagingPitch, r);
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+      for (int q = tid; q < BN * kChunks; q += kConsumerThreads) {  // coalesced 16-byte row pieces
+        const int r = q / kChunks, c = 8 * (q % kChunks), m = tile_m0 + r, n = tile_row0 + c;
+        if (m >= args.M || n >= args.N) continue;
+        const OutT* src = staging + r * T::kStagingPitch + c;
+        OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
+        if (vec_out && n + 8 <= args.N) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int u = 0; u < 8 && n + u < args.N; ++u) dst[u] = src[u];
+        }
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+    }
+  };
+
   if constexpr (PERSIST) {
-    const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
-    const OutT* bias = static_cast<const OutT*>(args.bias);
-    OutT* out = static_cast<OutT*>(args.out);
-    OutT* staging = reinterpret_cast<OutT*>(smem_raw + (staging_s - raw));
-    const bool vec_out = args.ldo % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-    constexpr int kChunks = T::kRows / 8;  // 16-byte chunks of a staged row
     for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int tail, int slice) {
       consume(it0, kt0, nk);
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
@@ -578,46 +625,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      // alpha, bias and the output type in registers, then staging[activation row][weight row] by
-      // stmatrix .trans (one instruction per 4 x 64 outputs of a warp, not one per output): the
-      // accumulators of n8 block j, half h of m64 tile i are an 8x8 fragment (weight rows c0 + 8h + g,
-      // activation rows 8j + 2t + {0, 1}); stored transposed, its row q goes to staged row 8j + q.
-      // Lane l addresses row l % 8 of matrix l / 8 = (j - 2 jj, h) of each group of four.
-#pragma unroll
-      for (int i = 0; i < WM; ++i) {
-        float b[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = tile_row0 + wrow + 64 * i + 8 * h;
-          b[h] = (bias != nullptr && n < args.N) ? Convert<OutT>::from(bias[n]) : 0.f;
-        }
-        const int c0 = wrow - g + 64 * i;  // the warp's first weight row in m64 tile i
-        const int mat = lane / 8;
-        const uint32_t lane_row = staging_s + 2 * ((8 * (mat / 2) + lane % 8) * T::kStagingPitch + c0 + 8 * (mat % 2));
-#pragma unroll
-        for (int jj = 0; jj < BN / 16; ++jj) {
-          uint32_t r[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int j = 2 * jj + q / 2, h = q % 2;
-            r[q] = Convert<OutT>::pack(acc[i][4 * j + 2 * h] * scale + b[h], acc[i][4 * j + 2 * h + 1] * scale + b[h]);
-          }
-          stmatrix_x4_trans(lane_row + 2 * 16 * jj * T::kStagingPitch, r);
-        }
-      }
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-      for (int q = tid; q < BN * kChunks; q += kConsumerThreads) {  // coalesced 16-byte row pieces
-        const int r = q / kChunks, c = 8 * (q % kChunks), m = tile_m0 + r, n = tile_row0 + c;
-        if (m >= args.M || n >= args.N) continue;
-        const OutT* src = staging + r * T::kStagingPitch + c;
-        OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
-        if (vec_out && n + 8 <= args.N) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          for (int u = 0; u < 8 && n + u < args.N; ++u) dst[u] = src[u];
-        }
-      }
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // staging free again
+      store_tile_16bit(staging_s, tile_row0, tile_m0);
     });
     return;
   } else {
@@ -625,13 +633,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Epilogue, through shared memory (the ring is idle: every stage was waited for), so that each
-  // output row leaves in coalesced vector stores. Accumulator e of n8 block j of tile i holds
-  // weight row wrow + 64 i + 8 (e / 2), activation row 8 j + 2 t + (e % 2) of the tile; it goes
-  // to tile[activation row][weight row], fp32, rows padded by 16 bytes (no bank conflicts).
+  // output row leaves in coalesced vector stores: one split with a 16-bit output staged as 16-bit
+  // (store_tile_16bit); split K or an fp32 output as an fp32 tile. Accumulator e of n8 block j of
+  // tile i holds weight row wrow + 64 i + 8 (e / 2), activation row 8 j + 2 t + (e % 2) of the
+  // tile; it goes to tile[activation row][weight row], rows padded by 16 bytes (no bank conflicts).
   constexpr int kPitch = T::kRows + 4;
   static_assert(BN * kPitch * sizeof(float) <= static_cast<size_t>(T::kRingBytes), "epilogue tile > ring");
   float* tile = reinterpret_cast<float*>(smem_raw + (act_s - raw));
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // both warpgroups are done with the ring
+  if constexpr (!CLUSTER && sizeof(OutT) == 2) {
+    static_assert(BN * T::kStagingPitch * 2 <= T::kRingBytes, "16-bit staging > ring");
+    if (args.partial == nullptr) {  // one split: the 16-bit output staged in the ring
+      store_tile_16bit(act_s, row0, m0);
+      return;
+    }
+  }
 #pragma unroll
   for (int i = 0; i < WM; ++i)
 #pragma unroll
