@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import measured_env, print_table, rotating_weights, time_graphs_us, write_json  # noqa: E402
+from _common import measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
 
 from fp4_compile.ops import cuda_small_m, cuda_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
@@ -76,7 +76,7 @@ def main():
     rows = []
     for case in (args.cases or DEFAULT_CASES[args.kernel]).split(","):
         n, k, m = (int(v) for v in case.split("x"))
-        ws, _ = rotating_weights(n, k, MARLIN)
+        ws = rotating_fp4_weights(n, k, MARLIN)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         alphas = [(1 / gw).float() for _, _, gw in ws]
         times = time_graphs_us({name: gemm_calls(args.kernel, lib, x, ws, alphas, n) for name, lib in libraries.items()},
