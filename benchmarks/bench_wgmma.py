@@ -4,7 +4,7 @@ For the Llama-3-8B shapes (and NxK given) at M = 16 .. 4096, in CUDA graphs over
 (each M's activations stay the same across the rotation, as in bench_linear): cuBLAS bf16; W4A16
 through the backends' dispatch; W4A16 as the weight dequantized to bf16 + cuBLASLt (the large-M
 path, "dequant"); W4A16 through the wgmma kernel at its own launch_config ("auto")
-and at each (tile, splits, split reduction: "w" = through the workspace); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
+and at each (tile, splits, split reduction: "w" = through global memory); W4A4 as the quantization kernel's block values fed to the wgmma kernel.
 Each variant is checked against the float64 product before it is timed.
 
 python benchmarks/bench_wgmma.py [--ms 64,128] [--shapes 0,2,1024x4096] [--splits 1,2,4]

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma, hopper, nvcc, pdl  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma, hopper, nvcc, pdl, split_tickets  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
@@ -243,6 +243,12 @@ def test_wgmma_kernel_is_built_on_hopper():
     assert cuda_wgmma.unavailable_reason(torch.cuda.current_device()) is None
 
 
+def _tickets_are_zero() -> bool:
+    """The split-K tickets of the device are all back at zero (after a synchronize)."""
+    torch.cuda.synchronize()
+    return all(int(buf.abs().sum()) == 0 for buf in split_tickets._buffers.values())
+
+
 def _need_wgmma():
     reason = cuda_wgmma.unavailable_reason(torch.cuda.current_device())
     if reason is not None:
@@ -258,7 +264,7 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
     and without split K; 16-bit output with bias: within output rounding. Outputs poisoned first."""
     _need_wgmma()
     x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
-    # splits in a cluster and through the workspace; the largest leaves some splits empty where K is short
+    # splits in a cluster and through global memory; the largest leaves some splits empty where K is short
     variants = [(1, False), (3, False), (cuda_wgmma.MAX_SPLITS, False), (3, True)]
     for tile in cuda_wgmma.TILES:
         for splits, workspace in variants:
@@ -273,6 +279,7 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
                                     workspace=workspace)
         assert out.dtype == dt and torch.isfinite(out).all()
         assert rel(out, ref + bias.double()) <= TOL[dt]
+    assert _tickets_are_zero()
 
 
 @pytest.mark.parametrize("n,k,m", [(8192, 256, 1000), (8200, 320, 777)])
@@ -325,13 +332,14 @@ def test_wgmma_split_tail(seed, n, k, m, tile, dt):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         replayed = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, tile=tile, splits=1)
-    for _ in range(2):  # the flags start from zero on every replay
+    for _ in range(2):  # the tickets are zero again after every replay
         x.copy_(torch.randn_like(x))
         g.replay()
         torch.cuda.synchronize()
         expect = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=2,
                                        workspace=True) + bias.float()
         assert rel(replayed, expect) <= TOL[dt]
+    assert _tickets_are_zero()
 
 
 def test_wgmma_kernel_graph_replay(seed):
@@ -355,6 +363,11 @@ def test_wgmma_kernel_graph_replay(seed):
             g.replay()
             torch.cuda.synchronize()
             assert rel(out, x.double() @ wv.t() / gw.double()) <= 1e-5
+            # a fixed summation order: the eager call gives the same bits
+            again = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, splits=splits,
+                                          workspace=workspace)
+            assert torch.equal(out, again), (splits, workspace)
+        assert _tickets_are_zero()
 
 
 def test_wgmma_kernel_rejects_bad_input():
@@ -416,6 +429,7 @@ def test_configs_and_decode_paths(seed, cfg, use_asm):
                    global_scale=gx, config=cfg, use_asm=use_asm, out=out, mode="w4a4")
         assert torch.isfinite(out).all()
         assert rel(out, ref44) <= 1e-5
+    assert _tickets_are_zero()
 
 
 @pytest.mark.parametrize("gemm", ["cublaslt", "torch.mm"])

@@ -18,6 +18,7 @@ import torch
 from . import nvcc
 from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
+from .split_tickets import split_tickets
 from .triton_gemm import num_sms
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
@@ -26,7 +27,7 @@ CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
 K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
-# K splits: reduced in a thread-block cluster (at most the portable cluster size) or through a workspace.
+# K splits: reduced in a thread-block cluster (at most the portable cluster size) or through global memory.
 SPLITS = (1, 2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
 MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
@@ -34,19 +35,22 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # over every tile and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline
 # fill, epilogue) plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and
 # STAGE_ROW_US per activation row (tensor cores); CTAs beyond those that fit at once run in further
-# waves; a workspace reduction adds WORKSPACE_US (memset and finalize launches) and
-# WORKSPACE_US_PER_MILLION per million partial sums (M x N x splits: zeroing, reductions, finalize).
+# waves; a split through global memory adds FIXUP_US (each tile's last split waits for the others
+# and reads their partial tiles back from L2) and FIXUP_US_PER_MILLION per million partial sums
+# (M x N x splits). These are the constants fitted to the zeroed workspace (memset, red.add,
+# finalize kernel) that the fixup replaced: in an A/B on an H100 the two took the same time with
+# W4A16 (4096x4096 at M = 128: 18.95 / 19.63 us against 19.28 / 19.02, NOTES.md v14).
 # Over the 30 (shape, M) cells of the fit, its picks ran 1.7% slower than the best variant measured (geomean).
 # Unsplit launches with more tiles than SMs run persistent (16-bit outputs): CTA_FIXED_US once, then
 # PERSISTENT_TILE_US per tile a CTA takes on (A/B on an H100: 28672x4096 at M = 1024, 7 tiles per CTA,
 # 395 -> 366 us). Where their last wave would leave half the SMs or more idle, its tiles are split
-# along K over them (``tail_plan``, at most MAX_TAIL_SPLITS ways), at TAIL_FIXUP_US for the flags'
-# memset and the partial tiles' round trip through L2.
+# along K over them (``tail_plan``, at most MAX_TAIL_SPLITS ways), at TAIL_FIXUP_US for the partial
+# tiles' round trip through L2.
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
-WORKSPACE_US = 2.45
-WORKSPACE_US_PER_MILLION = 0.427
+FIXUP_US = 2.45
+FIXUP_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
 MAX_TAIL_SPLITS = 4
 TAIL_FIXUP_US = 2.0
@@ -84,7 +88,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p] + [i32] * 13 + [p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 13 + [p]
     return lib
 
 
@@ -129,7 +133,7 @@ class LaunchConfig(NamedTuple):
     bn: int          # activation rows per CTA
     wm: int          # weight rows per CTA / 128
     splits: int      # K splits
-    workspace: bool  # splits reduced through an fp32 workspace (else within a cluster)
+    workspace: bool  # splits reduced through global memory (else within a cluster)
 
     @property
     def label(self) -> str:
@@ -191,8 +195,8 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
                     + loop(tail_splits) + TAIL_FIXUP_US)
         return CTA_FIXED_US + waves * (PERSISTENT_TILE_US + main_loop)
     cta = CTA_FIXED_US + main_loop
-    workspace = WORKSPACE_US + WORKSPACE_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
-    return waves * cta + workspace
+    fixup = FIXUP_US + FIXUP_US_PER_MILLION * m * n * cfg.splits / 1e6 if cfg.workspace else 0.0
+    return waves * cta + fixup
 
 
 def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
@@ -254,10 +258,9 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
-    the splits through an fp32 workspace rather than in a cluster) override ``launch_config``,
-    ``split_tail=False`` keeps a persistent launch's last wave whole (``tail_plan``), and
-    ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
-    programmatic dependent launch where ``pdl.use_pdl`` says so (not with a workspace or a split tail).
+    the splits through global memory rather than in a cluster) override ``launch_config``, ``split_tail=False`` keeps a persistent launch's
+    last wave whole (``tail_plan``), and ``library`` (from ``load_library``) the package's build
+    (benchmark variants). Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -273,22 +276,27 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be 1..{MAX_SPLITS}, got {splits}")
-    auto = device_launch_config(m, n, k, x.device.index or 0)
+    index = x.device.index or 0
+    auto = device_launch_config(m, n, k, index)
     bn, wm = tile if tile is not None else (auto.bn, auto.wm)
     splits = splits or auto.splits
     workspace = auto.workspace if workspace is None else workspace
+    tiles = _tiles(m, n, bn, wm)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    # zeroed by the launcher
-    partial = torch.empty((m, n), dtype=torch.float32, device=x.device) if workspace and splits > 1 else None
+    fixup = tickets = None
     tail, tail_splits = 0, 1
-    if split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
-        tail, tail_splits = tail_plan(_tiles(m, n, bn, wm), num_sms(x.device.index or 0), k)
-    if tail:  # the partial tiles of every slice but a tile's last, then an int flag per tile (zeroed by the launcher)
-        partial = torch.empty(tail * ((tail_splits - 1) * bn * 128 * wm + 1), dtype=torch.float32, device=x.device)
+    if workspace and splits > 1:  # the tiles of every slice but a tile's last; a count per tile
+        fixup = torch.empty(tiles * (splits - 1) * bn * 128 * wm, dtype=torch.float32, device=x.device)
+        tickets = split_tickets(x.device, tiles)
+    elif split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
+        tail, tail_splits = tail_plan(tiles, num_sms(index), k)
+        if tail:  # the partial tiles of every slice but a tile's last; a count per tile
+            fixup = torch.empty(tail * (tail_splits - 1) * bn * 128 * wm, dtype=torch.float32, device=x.device)
+            tickets = split_tickets(x.device, tail)
     err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
-        weight_scale.stride(0), out.data_ptr(), out.stride(0),
-        partial.data_ptr() if partial is not None else None, bias.data_ptr() if bias is not None else None,
+        weight_scale.stride(0), out.data_ptr(), out.stride(0), fixup.data_ptr() if fixup is not None else None,
+        tickets.data_ptr() if tickets is not None else None, bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
         bn, wm, splits, tail, tail_splits, int(use_pdl(x.device)), stream))
     if err != 0:

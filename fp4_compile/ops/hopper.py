@@ -28,11 +28,11 @@ from __future__ import annotations
 import torch
 
 from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
-from . import cublaslt
+from . import cublaslt, split_tickets
 from . import triton_gemm as _G
 from .cuda_small_m import small_m_gemm, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
-from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, lock_buffer, use_dequant
+from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
 from .weight_layout import from_kernel_layout, to_kernel_layout
@@ -76,7 +76,7 @@ class _HopperKernels:
         packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT)
         weight = to_kernel_layout(packed)
         if weight.device.type == "cuda":
-            lock_buffer(weight.device)  # split-K tickets, allocated here, outside graph capture
+            split_tickets.reserve(weight.device)  # allocated here, outside graph capture
             if cublaslt.available(weight.device):
                 cublaslt.prepare(weight.device)  # the large-M GEMM's workspace, also outside capture
         return weight, scales.contiguous()

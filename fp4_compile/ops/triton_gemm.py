@@ -31,6 +31,7 @@ import triton.language as tl
 
 from . import cublaslt
 from . import weight_layout as WL
+from .split_tickets import split_tickets
 from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
                            next_power_of_2, pdl_launch_args)
 
@@ -401,26 +402,6 @@ def resolve_split(cfg: GemmConfig, m: int, n: int, k: int, sms: int = NUM_SMS_DE
 # ---------------------------------------------------------------------------------------
 # launcher
 
-_LOCKS: dict[tuple[str, int | None], torch.Tensor] = {}
-_LOCK_ENTRIES = 1 << 16
-
-
-def lock_buffer(device: torch.device, entries: int = _LOCK_ENTRIES) -> torch.Tensor | None:
-    """The self-resetting split-K ticket counters of a device (zeroed once, then reused).
-
-    Allocated outside CUDA-graph capture (``prepare_weight`` calls this at load time); during
-    capture, when none exists yet, None is returned and the caller uses a fresh zeroed buffer.
-    """
-    key = (device.type, device.index)
-    buf = _LOCKS.get(key)
-    if buf is None or buf.numel() < entries:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(entries, _LOCK_ENTRIES), dtype=torch.int32, device=device)
-        _LOCKS[key] = buf
-    return buf
-
-
 MODES = ("w4a4", "w4a16", "mm")
 
 
@@ -475,9 +456,7 @@ def fp4_gemm(
     part = locks = dummy
     if split > 1:
         part = torch.empty((split, m, n), dtype=torch.float32, device=dev)
-        locks = lock_buffer(dev, m_tiles * n_tiles)
-        if locks is None:
-            locks = torch.zeros(m_tiles * n_tiles, dtype=torch.int32, device=dev)
+        locks = split_tickets(dev, m_tiles * n_tiles)
     if a.stride(-1) != 1:
         a = a.contiguous()
     if weight.dtype != torch.int32:

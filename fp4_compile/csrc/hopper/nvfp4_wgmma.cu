@@ -30,14 +30,16 @@
 // [rows][32 bytes] with TMA's 32-byte swizzle (chunk c of row r at c ^ (r / 4 % 2)), which makes
 // the word reads of a warp hit 32 distinct banks.
 //
-// K may be split over gridDim.z (at most 8 splits), reduced one of two ways:
-// - in a cluster: the splits of an output tile are one thread-block cluster; each CTA leaves its
-//   fp32 tile in its shared memory and, after a cluster barrier, reduces a slice of the tile over
-//   the cluster's shared memories (distributed shared memory) and stores it. One launch, a fixed
-//   summation order; but clusters must fit in a GPC, so fewer CTAs run at once (H100: 120 in
-//   clusters of 4 or 8, against 132 SMs);
-// - through a workspace: each split adds its tile into a zeroed fp32 workspace (red.global.add)
-//   and finalize_kernel applies alpha and the bias: three launches, every SM.
+// K may be split over gridDim.z (at most 8 splits), summed in split order (a fixed summation
+// order) in one launch, one of two ways:
+// - in a cluster: the splits of an output tile are one thread-block cluster; the tiles stay in
+//   the CTAs' shared memories and each CTA sums and stores a slice of the tile (distributed shared
+//   memory, a cluster barrier); but clusters must fit in a GPC, so fewer CTAs run at once (H100:
+//   120 in clusters of 4 or 8, against 132 SMs);
+// - through global memory (every SM): the tiles go to a fixup buffer in L2, each CTA counts
+//   itself in a self-resetting ticket, and the tile's last split adds them up. (It replaced a
+//   zeroed workspace that took red.global.add: a memset, the kernel and a finalize kernel, and no
+//   programmatic launch after the memset.)
 // launch_config (ops/cuda_wgmma.py) picks from measured costs (benchmarks/NOTES.md, v7 and v8).
 //
 // Unsplit launches with a 16-bit output and more tiles than SMs run persistent: one CTA per SM
@@ -100,21 +102,38 @@ struct Tile {
 struct Args {
   const uint8_t* ws;   // [Np, Kp/16] e4m3
   void* out;           // [M, N] OutT, row stride ldo
-  float* partial;      // [M, N] fp32 workspace, zeroed (split K through the workspace, else null)
   const void* bias;    // [N] OutT or null
   const float* alpha;  // one element
   int64_t ldws, ldo;
   int M, N, Np, Kp;
   int k_tiles;         // ceil(K / 64)
   int scale_tma;       // 1: the scale rows are 16-byte aligned, read by TMA (s_map); 0: by cp.async
-  // PERSIST: the last tail_tiles tiles are split along K into tail_splits slices each (1: none);
-  // fixup holds the fp32 partial tiles of every slice but a tile's last, then tail_tiles int flags.
+  // PERSIST: the last tail_tiles tiles are split along K into tail_splits slices each (1: none).
   int tail_tiles, tail_splits;
+  // K split through global memory (a split grid without a cluster, or a split tail): the slices'
+  // fp32 partial tiles, and int counters that are zero at launch and zero again when it ends (the
+  // kernel sets them back: no memset per call, so the launch may be programmatic). Null otherwise.
   float* fixup;
+  int* tickets;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The split-K counters (Args::tickets), at GPU scope.
+__device__ __forceinline__ void count_release(int* counter) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+// Spins until the counter reaches `target`, then sets it back to zero where `reset` (its last reader).
+__device__ __forceinline__ void wait_count(int* counter, int target, bool reset) {
+  int seen = 0;
+  for (;;) {
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    if (seen >= target) break;
+    __nanosleep(64);
+  }
+  if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
@@ -587,13 +606,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
       if (tail >= 0) {
         // A split tail tile: every slice but the last leaves its fp32 sums in the fixup buffer
-        // (float4 v of thread tid at [v][tid]: coalesced) and counts itself in the tile's flag; the
-        // last slice waits for them and adds them in slice order (a fixed summation order).
+        // (float4 v of thread tid at [v][tid]: coalesced) and counts itself in the tile's ticket; the
+        // last slice waits for them, sets the ticket back to zero and adds them in slice order (a
+        // fixed summation order).
         const int s = args.tail_splits;
         constexpr int kVec = WM * T::kAcc / 4;
         float4* part = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(tail) * (s - 1) * kVec * kConsumerThreads;
-        int* flag = reinterpret_cast<int*>(args.fixup + static_cast<int64_t>(args.tail_tiles) * (s - 1) * kVec * 4 *
-                                           kConsumerThreads) + tail;
+        int* ticket = args.tickets + tail;
         if (slice < s - 1) {
           float4* dst = part + static_cast<int64_t>(slice) * kVec * kConsumerThreads + tid;
 #pragma unroll
@@ -603,17 +622,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           __threadfence();
           asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-          if (tid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(flag) : "memory");
+          if (tid == 0) count_release(ticket);
           return;  // a CTA's tail slice is its last unit
         }
-        if (tid == 0) {
-          int done = 0;
-          for (;;) {
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(done) : "l"(flag) : "memory");
-            if (done >= s - 1) break;
-            __nanosleep(128);
-          }
-        }
+        if (tid == 0) wait_count(ticket, s - 1, true);
         asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
         for (int j = 0; j < s - 1; ++j) {
           const float4* src = part + static_cast<int64_t>(j) * kVec * kConsumerThreads + tid;
@@ -640,10 +652,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kPitch = T::kRows + 4;
   static_assert(BN * kPitch * sizeof(float) <= static_cast<size_t>(T::kRingBytes), "epilogue tile > ring");
   float* tile = reinterpret_cast<float*>(smem_raw + (act_s - raw));
+  const int splits = gridDim.z;
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // both warpgroups are done with the ring
   if constexpr (!CLUSTER && sizeof(OutT) == 2) {
     static_assert(BN * T::kStagingPitch * 2 <= T::kRingBytes, "16-bit staging > ring");
-    if (args.partial == nullptr) {  // one split: the 16-bit output staged in the ring
+    if (splits == 1) {  // the 16-bit output staged in the ring
       store_tile_16bit(act_s, row0, m0);
       return;
     }
@@ -665,25 +678,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
   constexpr int kRuns = T::kRows / 4;
   constexpr int kQ = BN * kRuns;
-  if (args.partial != nullptr) {
-    // Split K through the workspace: fire-and-forget reductions, four floats each where rows allow.
-    const bool vec4 = args.N % 4 == 0;  // the workspace has row stride N
-    for (int q = tid; q < kQ; q += kConsumerThreads) {
-      const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-      if (m >= args.M || n >= args.N) continue;
-      float* dst = args.partial + static_cast<int64_t>(m) * args.N + n;
-      const float* src = tile + r * kPitch + c;
-      if (vec4 && n + 4 <= args.N) {
-        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(src[0]), "f"(src[1]),
-                     "f"(src[2]), "f"(src[3])
-                     : "memory");
-      } else {
-        for (int v = 0; v < 4 && n + v < args.N; ++v) atomicAdd(dst + v, src[v]);
-      }
-    }
-    return;
-  }
-
   const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
   const OutT* bias = static_cast<const OutT*>(args.bias);
   OutT* out = static_cast<OutT*>(args.out);
@@ -707,7 +701,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  if constexpr (!CLUSTER) {
+  if (!CLUSTER && splits == 1) {
     for (int q = tid; q < kQ; q += kConsumerThreads) {
       const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
       if (m >= args.M || n >= args.N) continue;
@@ -717,9 +711,58 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
+  if constexpr (!CLUSTER) {
+    // Split K through global memory: every slice but the last copies its tile to its slot of the
+    // fixup buffer ([tile][slice][row][weight row]) and counts itself in the tile's ticket; the
+    // last slice (the highest CTA index of the tile's, so its peers were scheduled no later and
+    // none of them waits: no CTA needs another to be resident) waits for them, sets the ticket back
+    // to zero and stores the tile, summed in slice order (a fixed summation order).
+    const int64_t unit = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    const float4* slots = reinterpret_cast<const float4*>(args.fixup) + unit * (splits - 1) * kQ;
+    int* ticket = args.tickets + unit;
+    const int slice = static_cast<int>(blockIdx.z);
+    if (slice < splits - 1) {
+      float4* mine = const_cast<float4*>(slots) + slice * kQ;
+      for (int q = tid; q < kQ; q += kConsumerThreads) {
+        mine[q] = *reinterpret_cast<const float4*>(tile + (q / kRuns) * kPitch + 4 * (q % kRuns));
+      }
+      __threadfence();
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+      if (tid == 0) count_release(ticket);
+      return;
+    }
+    if (tid == 0) wait_count(ticket, splits - 1, true);
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+    // kBatch runs of every slice loaded at once: one L2 round trip per batch, not per run and slice
+    // (a loop that loaded them in turn took 1.3x the time of the whole GEMM at 4096x4096, M = 128)
+    constexpr int kPer = kQ / kConsumerThreads, kBatch = kPer < 4 ? kPer : 4;
+    static_assert(kQ % kConsumerThreads == 0 && kPer % kBatch == 0, "runs per thread");
+#pragma unroll 1
+    for (int b = 0; b < kPer; b += kBatch) {
+      float4 v[kMaxSplits - 1][kBatch];
+#pragma unroll
+      for (int j = 0; j < kMaxSplits - 1; ++j)
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          if (j < splits - 1) v[j][u] = __ldcg(slots + j * kQ + tid + (b + u) * kConsumerThreads);
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int q = tid + (b + u) * kConsumerThreads;
+        const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
+        float4 sum = v[0][u];
+#pragma unroll
+        for (int j = 1; j < kMaxSplits - 1; ++j) {
+          if (j < splits - 1) sum.x += v[j][u].x, sum.y += v[j][u].y, sum.z += v[j][u].z, sum.w += v[j][u].w;
+        }
+        const float* own = tile + r * kPitch + c;
+        if (m < args.M && n < args.N) store_run(m, n, {sum.x + own[0], sum.y + own[1], sum.z + own[2], sum.w + own[3]});
+      }
+    }
+    return;
+  }
+
   // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
   // cluster's tiles in rank order.
-  const int splits = gridDim.z;
   const int rank = static_cast<int>(cluster_rank());
   for (int q = kQ * rank / splits + tid; q < kQ * (rank + 1) / splits; q += kConsumerThreads) {
     const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
@@ -733,21 +776,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
   }
   cluster_sync();  // no CTA of the cluster leaves while the others read its tile
-}
-
-// Split K through the workspace: out = partial * alpha * 2^8 + bias.
-template <typename OutT>
-__global__ void finalize_kernel(const float* partial, OutT* out, int64_t ldo, const OutT* bias, const float* alpha,
-                                int M, int N) {
-  const float scale = __ldg(alpha) * 256.f;
-  const int64_t total = static_cast<int64_t>(M) * N;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int n = static_cast<int>(e % N);
-    float v = partial[e] * scale;
-    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
-    out[(e / N) * ldo + n] = Convert<OutT>::to(v);
-  }
 }
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no libcuda link).
@@ -818,43 +846,26 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y;
-  const int sms = sizeof(OutT) == 2 && splits == 1 ? sm_count() : 0;
-  if (args.tail_tiles > 0 &&
-      (sms == 0 || tiles <= sms || args.tail_tiles >= tiles || args.tail_tiles * args.tail_splits > sms)) {
+  const int sms = sm_count();
+  if (args.tail_tiles > 0 && (sizeof(OutT) != 2 || splits > 1 || sms == 0 || tiles <= sms ||
+                              args.tail_tiles >= tiles || args.tail_tiles * args.tail_splits > sms)) {
     return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
   }
+  const bool clustered = splits > 1 && args.fixup == nullptr;
   if constexpr (sizeof(OutT) == 2) {
     // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
-    if (sms > 0 && tiles > sms) {
+    if (splits == 1 && sms > 0 && tiles > sms) {
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
-      if (args.tail_tiles > 0) {  // the tail tiles' flags, after their partial tiles (no programmatic launch after a memset)
-        const size_t partials = static_cast<size_t>(args.tail_tiles) * (args.tail_splits - 1) * BN * T::kRows;
-        err = cudaMemsetAsync(args.fixup + partials, 0, args.tail_tiles * sizeof(int), stream);
-        if (err != cudaSuccess) return err;
-        pdl = false;
-      }
       const fp4c::LaunchConfig persistent(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
       return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
                                 w_map, s_map, args);
     }
   }
-  const bool clustered = splits > 1 && args.partial == nullptr;
   auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true, false>
                           : nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false>;
   err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
   if (err != cudaSuccess) return err;
-  if (args.partial != nullptr) {  // (after a memset: no programmatic launch)
-    err = cudaMemsetAsync(args.partial, 0, static_cast<size_t>(args.M) * args.N * sizeof(float), stream);
-    if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(x_map, w_map, s_map, args);
-    const int64_t total = static_cast<int64_t>(args.M) * args.N;
-    const int blocks = static_cast<int>(total / 256 + 1 < 4096 ? total / 256 + 1 : 4096);
-    finalize_kernel<OutT><<<blocks, 256, 0, stream>>>(args.partial, static_cast<OutT*>(args.out), args.ldo,
-                                                      static_cast<const OutT*>(args.bias), args.alpha, args.M,
-                                                      args.N);
-    return cudaGetLastError();
-  }
   const fp4c::LaunchConfig launch(grid, dim3(kThreads), T::kSmemBytes, pdl, stream, clustered ? splits : 0);
   return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args);
 }
@@ -877,28 +888,29 @@ extern "C" {
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
-// where partial (an [M, N] fp32 workspace) is given, through it. pdl: 1 = programmatic dependent
-// launch (not with a workspace), 0 = a plain launch. tail_tiles > 0 (unsplit 16-bit launches with more
-// tiles than SMs, which run persistent): the last tail_tiles tiles are split along K into tail_splits
-// slices (tail_tiles x tail_splits at most the SM count), reduced in partial, which then holds
-// tail_tiles x (tail_splits - 1) x bn x 128 wm floats and tail_tiles ints.
+// where fixup is given, through global memory: fixup then holds tiles x (splits - 1) x bn x 128 wm
+// floats and tickets one int per tile (tiles = ceil(N / (128 wm)) x ceil(M / bn)). tail_tiles > 0 (unsplit 16-bit launches with more tiles than SMs, which run
+// persistent): the last tail_tiles tiles are split along K into tail_splits slices (tail_tiles x
+// tail_splits at most the SM count); fixup holds tail_tiles x (tail_splits - 1) x bn x 128 wm floats,
+// tickets tail_tiles ints. Tickets must be zero at launch; the kernel leaves them zero. pdl: 1 =
+// programmatic dependent launch, 0 = a plain launch.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                          void* out, int64_t ldo, float* partial, const void* bias, const float* alpha, int M, int N,
-                          int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
+                          void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
+                          int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
       reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
-      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 ||
-      (tail_tiles > 0 && (splits > 1 || tail_splits < 2 || partial == nullptr))) {
+      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
+      reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int scale_tma = ldws % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // TMA strides, base
-  const bool tail = tail_tiles > 0;
-  const Args args{static_cast<const uint8_t*>(ws), out, splits > 1 ? partial : nullptr, bias, alpha, ldws, ldo,
-                  M, N, Np, Kp, (K + kBK - 1) / kBK, scale_tma, tail ? tail_tiles : 0, tail ? tail_splits : 1,
-                  tail ? partial : nullptr};
+  const bool through_memory = tail_tiles > 0 || splits > 1;
+  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
+                  (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
+                  through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
   cudaError_t err;
   if (x_fp16) {
     err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
