@@ -90,7 +90,7 @@ def main():
                 if use_small_m(x, m, n):
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
                     r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
-                elif use_wgmma(ws[0][0], m):
+                elif use_wgmma(ws[0][0], m, after_quantization=key == "w4a4"):
                     r[f"{key}_cfg"] = "CUDA wgmma " + wgmma_launch_config(m, n, k, 0).label
                 elif G.use_dequant(kmode, m, n, k):
                     r[f"{key}_cfg"] = "dequant+cuBLAS"
@@ -104,7 +104,8 @@ def main():
             for key in ("w4a4", "w4a16"):
                 fused = key == "w4a4" and m <= G.FUSED_QUANT_MAX_M
                 kmode = key if (key == "w4a16" or fused) else "w4a4+pq"
-                if G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n) or use_wgmma(ws[0][0], m):
+                if (G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n)
+                        or use_wgmma(ws[0][0], m, after_quantization=key == "w4a4")):
                     continue  # (the CUDA kernels' registers: nvcc -Xptxas -v, tests/test_cuda_*.py)
                 cdt = torch.float16 if key == "w4a4" else torch.bfloat16
                 _, kh = G.fp4_gemm(x if fused else x.to(cdt), ws[0][0], ws[0][1], alphas[0], n=n, k=k,

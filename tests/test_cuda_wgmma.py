@@ -52,6 +52,9 @@ def test_dispatch_rules(monkeypatch):
     assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 64, after_quantization=True)  # W4A4: the kernel (PDL)
+    assert cuda_wgmma.use_wgmma(weight(4096, 4096), 17, after_quantization=True)
+    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 16, after_quantization=True)
     assert cuda_wgmma.use_wgmma(weight(1024, 4096), 32)        # smaller: K split 8 ways beats Triton
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 128)
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 512)       # split K is fine up to LARGE_M

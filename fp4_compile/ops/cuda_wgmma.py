@@ -58,9 +58,12 @@ TAIL_FIXUP_US = 2.0
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
 #   (v11a; it had lost on 4 of 6 shapes at M = 4096 in v7), so M has no upper bound;
-# - up to SMALL_WEIGHT_MAX_M, not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
+# - up to SMALL_WEIGHT_MAX_M, W4A16 not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
 #   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
-#   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8);
+#   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8).
+#   W4A4 takes the kernel there too: after the activation quantization kernel it launches
+#   programmatically, the Triton GEMM does not (that measured slower, v9c and v14c), and it was
+#   1.03-1.17x faster at M = 32 and 64 (NOTES.md v14d);
 # - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY, a split tail
 #   counting as the fraction of a wave it takes) without splitting K: else dequantization + cuBLASLt
 #   was faster (1024x4096 at M = 1024 and 2048).
@@ -157,12 +160,14 @@ def _waves(tiles: int, sms: int, k: int) -> float:
     return tiles // sms + 1 / splits if tail else math.ceil(tiles / sms)
 
 
-def use_wgmma(weight: torch.Tensor, m: int) -> bool:
-    """Route an [m, K] activation times this prepared weight to the kernel?"""
+def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False) -> bool:
+    """Route an [m, K] activation times this prepared weight to the kernel? ``after_quantization``:
+    the activations are the block values that the quantization kernel just wrote (W4A4)."""
     if m < DISPATCH_MIN_M:
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
-    if m <= SMALL_WEIGHT_MAX_M and SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]:
+    small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
+    if m <= SMALL_WEIGHT_MAX_M and small_weight and not after_quantization:
         return False
     if not supports(weight):
         return False

@@ -55,12 +55,13 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     return _value_dtype(dtype)
 
 
-def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int):
+def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool):
     """The CUDA C++ GEMM that takes an [m, K] x [n, K] call (the small-M kernel, else the wgmma
-    kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``."""
+    kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``.
+    ``w4a4``: ``x`` will be the activations' block values, written by a kernel just before."""
     if use_small_m(x, m, n):
         return small_m_gemm
-    if use_wgmma(weight, m):
+    if use_wgmma(weight, m, after_quantization=w4a4):
         return wgmma_gemm
     return None
 
@@ -127,7 +128,7 @@ class TritonW4A4Kernels(_HopperKernels):
             )
         n = weight.shape[0]
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(a, weight, m, n)
+        cuda_gemm = _cuda_gemm(a, weight, m, n, w4a4=True)
         if cuda_gemm is not None:
             vals = dequantize_codes_triton(a, a_scale, _value_dtype(out_dtype))
             return cuda_gemm(vals, weight, weight_scale, alpha, n=n, out_dtype=out_dtype)
@@ -155,7 +156,7 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(x2, weight, m, out_features)
+        cuda_gemm = _cuda_gemm(x2, weight, m, out_features, w4a4=True)
         if cuda_gemm is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
@@ -190,7 +191,7 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features)
+        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, w4a4=False)
         if cuda_gemm is not None:
             out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
