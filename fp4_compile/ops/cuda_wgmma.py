@@ -263,9 +263,10 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
-    the splits through global memory rather than in a cluster) override ``launch_config``, ``split_tail=False`` keeps a persistent launch's
-    last wave whole (``tail_plan``), and ``library`` (from ``load_library``) the package's build
-    (benchmark variants). Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
+    the splits through global memory rather than in a cluster) override ``launch_config``,
+    ``split_tail=False`` keeps a persistent launch's last wave whole (``tail_plan``), and
+    ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
+    programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)

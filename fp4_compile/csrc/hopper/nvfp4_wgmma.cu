@@ -600,182 +600,144 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // K split through global memory (a split tail, or a split grid without a cluster): every slice
+  // but a tile's last leaves its fp32 sums in the fixup buffer (float4 v of thread tid at [v][tid]:
+  // coalesced) and counts itself in the tile's ticket; the last slice (the highest CTA index of the
+  // tile's, so its peers were scheduled no later and none of them waits: no CTA needs another to be
+  // resident) waits for them, sets the ticket back to zero and adds them to its own sums in slice
+  // order (a fixed summation order), a slice's loads issued together. True in the last slice,
+  // whose acc then holds the tile's sum.
+  auto sum_slices = [&](int64_t unit, int slice, int slices) -> bool {
+    constexpr int kVec = WM * T::kAcc / 4;
+    float4* part = reinterpret_cast<float4*>(args.fixup) + unit * (slices - 1) * kVec * kConsumerThreads;
+    int* ticket = args.tickets + unit;
+    if (slice < slices - 1) {
+      float4* dst = part + static_cast<int64_t>(slice) * kVec * kConsumerThreads + tid;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
+        dst[v * kConsumerThreads] = make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
+      }
+      __threadfence();
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+      if (tid == 0) count_release(ticket);
+      return false;
+    }
+    if (tid == 0) wait_count(ticket, slices - 1, true);
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+    constexpr int kChunk = kVec < 16 ? kVec : 16;  // loads in flight per slice (32 spill beside 128 acc)
+#pragma unroll
+    for (int v0 = 0; v0 < kVec; v0 += kChunk) {
+      for (int j = 0; j < slices - 1; ++j) {
+        const float4* src = part + static_cast<int64_t>(j) * kVec * kConsumerThreads + tid;
+#pragma unroll
+        for (int v = v0; v < v0 + kChunk; ++v) {
+          const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
+          const float4 p = __ldcg(src + v * kConsumerThreads);
+          acc[i][e] += p.x, acc[i][e + 1] += p.y, acc[i][e + 2] += p.z, acc[i][e + 3] += p.w;
+        }
+      }
+    }
+    return true;
+  };
+
   if constexpr (PERSIST) {
     for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int tail, int slice) {
       consume(it0, kt0, nk);
       if (nk > 0 && lane == 0) mbar_arrive(empty + 8 * ((it0 + nk - 1) % S));  // the producer is on the next tile
-      if (tail >= 0) {
-        // A split tail tile: every slice but the last leaves its fp32 sums in the fixup buffer
-        // (float4 v of thread tid at [v][tid]: coalesced) and counts itself in the tile's ticket; the
-        // last slice waits for them, sets the ticket back to zero and adds them in slice order (a
-        // fixed summation order).
-        const int s = args.tail_splits;
-        constexpr int kVec = WM * T::kAcc / 4;
-        float4* part = reinterpret_cast<float4*>(args.fixup) + static_cast<int64_t>(tail) * (s - 1) * kVec * kConsumerThreads;
-        int* ticket = args.tickets + tail;
-        if (slice < s - 1) {
-          float4* dst = part + static_cast<int64_t>(slice) * kVec * kConsumerThreads + tid;
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) {
-            const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
-            dst[v * kConsumerThreads] = make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
-          }
-          __threadfence();
-          asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-          if (tid == 0) count_release(ticket);
-          return;  // a CTA's tail slice is its last unit
-        }
-        if (tid == 0) wait_count(ticket, s - 1, true);
-        asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-        for (int j = 0; j < s - 1; ++j) {
-          const float4* src = part + static_cast<int64_t>(j) * kVec * kConsumerThreads + tid;
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) {
-            const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
-            const float4 p = __ldcg(src + v * kConsumerThreads);
-            acc[i][e] += p.x, acc[i][e + 1] += p.y, acc[i][e + 2] += p.z, acc[i][e + 3] += p.w;
-          }
-        }
-      }
+      if (tail >= 0 && !sum_slices(tail, slice, args.tail_splits)) return;  // a CTA's tail slice is its last unit
       store_tile_16bit(staging_s, tile_row0, tile_m0);
     });
     return;
   } else {
     consume(0, split_kt0, split_nk);
+    if (!CLUSTER && gridDim.z > 1 &&
+        !sum_slices(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x, blockIdx.z, gridDim.z)) {
+      return;
+    }
   }
 
   // Epilogue, through shared memory (the ring is idle: every stage was waited for), so that each
-  // output row leaves in coalesced vector stores: one split with a 16-bit output staged as 16-bit
-  // (store_tile_16bit); split K or an fp32 output as an fp32 tile. Accumulator e of n8 block j of
-  // tile i holds weight row wrow + 64 i + 8 (e / 2), activation row 8 j + 2 t + (e % 2) of the
-  // tile; it goes to tile[activation row][weight row], rows padded by 16 bytes (no bank conflicts).
+  // output row leaves in coalesced vector stores: a 16-bit output staged as 16-bit
+  // (store_tile_16bit), an fp32 output or a split in a cluster as an fp32 tile. Accumulator e of
+  // n8 block j of tile i holds weight row wrow + 64 i + 8 (e / 2), activation row 8 j + 2 t +
+  // (e % 2) of the tile; it goes to tile[activation row][weight row], rows padded by 16 bytes (no
+  // bank conflicts).
   constexpr int kPitch = T::kRows + 4;
   static_assert(BN * kPitch * sizeof(float) <= static_cast<size_t>(T::kRingBytes), "epilogue tile > ring");
   float* tile = reinterpret_cast<float*>(smem_raw + (act_s - raw));
-  const int splits = gridDim.z;
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");  // both warpgroups are done with the ring
   if constexpr (!CLUSTER && sizeof(OutT) == 2) {
     static_assert(BN * T::kStagingPitch * 2 <= T::kRingBytes, "16-bit staging > ring");
-    if (splits == 1) {  // the 16-bit output staged in the ring
-      store_tile_16bit(act_s, row0, m0);
+    store_tile_16bit(act_s, row0, m0);  // (the 16-bit output staged in the ring)
+  } else {
+#pragma unroll
+    for (int i = 0; i < WM; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
+    if constexpr (CLUSTER) {
+      cluster_sync();  // every split's tile is complete
+    } else {
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+    }
+
+    // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
+    constexpr int kRuns = T::kRows / 4;
+    constexpr int kQ = BN * kRuns;
+    const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+    const OutT* bias = static_cast<const OutT*>(args.bias);
+    OutT* out = static_cast<OutT*>(args.out);
+    const bool vec_out = args.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % (4 * sizeof(OutT)) == 0;
+    auto store_run = [&](int m, int n, const float (&src)[4]) {  // alpha, bias, output type, 4 columns
+      OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
+      OutT v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float b = (bias != nullptr && n + u < args.N) ? Convert<OutT>::from(bias[n + u]) : 0.f;
+        v[u] = Convert<OutT>::to(src[u] * scale + b);
+      }
+      if (vec_out && n + 4 <= args.N) {
+        if constexpr (sizeof(OutT) == 4) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+        } else {
+          *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
+        }
+      } else {
+        for (int u = 0; u < 4 && n + u < args.N; ++u) dst[u] = v[u];
+      }
+    };
+
+    if constexpr (!CLUSTER) {
+      for (int q = tid; q < kQ; q += kConsumerThreads) {
+        const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
+        if (m >= args.M || n >= args.N) continue;
+        const float* src = tile + r * kPitch + c;
+        store_run(m, n, {src[0], src[1], src[2], src[3]});
+      }
       return;
     }
-  }
-#pragma unroll
-  for (int i = 0; i < WM; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
-  if constexpr (CLUSTER) {
-    cluster_sync();  // every split's tile is complete
-  } else {
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-  }
 
-  // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
-  constexpr int kRuns = T::kRows / 4;
-  constexpr int kQ = BN * kRuns;
-  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
-  const OutT* bias = static_cast<const OutT*>(args.bias);
-  OutT* out = static_cast<OutT*>(args.out);
-  const bool vec_out = args.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % (4 * sizeof(OutT)) == 0;
-  auto store_run = [&](int m, int n, const float (&src)[4]) {  // alpha, bias, output type, 4 columns
-    OutT* dst = out + static_cast<int64_t>(m) * args.ldo + n;
-    OutT v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const float b = (bias != nullptr && n + u < args.N) ? Convert<OutT>::from(bias[n + u]) : 0.f;
-      v[u] = Convert<OutT>::to(src[u] * scale + b);
-    }
-    if (vec_out && n + 4 <= args.N) {
-      if constexpr (sizeof(OutT) == 4) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-      } else {
-        *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
-      }
-    } else {
-      for (int u = 0; u < 4 && n + u < args.N; ++u) dst[u] = v[u];
-    }
-  };
-
-  if (!CLUSTER && splits == 1) {
-    for (int q = tid; q < kQ; q += kConsumerThreads) {
+    // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
+    // cluster's tiles in rank order.
+    const int splits = gridDim.z;
+    const int rank = static_cast<int>(cluster_rank());
+    for (int q = kQ * rank / splits + tid; q < kQ * (rank + 1) / splits; q += kConsumerThreads) {
       const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
       if (m >= args.M || n >= args.N) continue;
-      const float* src = tile + r * kPitch + c;
-      store_run(m, n, {src[0], src[1], src[2], src[3]});
-    }
-    return;
-  }
-
-  if constexpr (!CLUSTER) {
-    // Split K through global memory: every slice but the last copies its tile to its slot of the
-    // fixup buffer ([tile][slice][row][weight row]) and counts itself in the tile's ticket; the
-    // last slice (the highest CTA index of the tile's, so its peers were scheduled no later and
-    // none of them waits: no CTA needs another to be resident) waits for them, sets the ticket back
-    // to zero and stores the tile, summed in slice order (a fixed summation order).
-    const int64_t unit = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    const float4* slots = reinterpret_cast<const float4*>(args.fixup) + unit * (splits - 1) * kQ;
-    int* ticket = args.tickets + unit;
-    const int slice = static_cast<int>(blockIdx.z);
-    if (slice < splits - 1) {
-      float4* mine = const_cast<float4*>(slots) + slice * kQ;
-      for (int q = tid; q < kQ; q += kConsumerThreads) {
-        mine[q] = *reinterpret_cast<const float4*>(tile + (q / kRuns) * kPitch + 4 * (q % kRuns));
+      const uint32_t local = act_s + 4 * (r * kPitch + c);
+      float4 sum = load_cluster_f4(local, 0);
+      for (int j = 1; j < splits; ++j) {
+        const float4 v = load_cluster_f4(local, j);
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
       }
-      __threadfence();
-      asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-      if (tid == 0) count_release(ticket);
-      return;
+      store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
     }
-    if (tid == 0) wait_count(ticket, splits - 1, true);
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-    // kBatch runs of every slice loaded at once: one L2 round trip per batch, not per run and slice
-    // (a loop that loaded them in turn took 1.3x the time of the whole GEMM at 4096x4096, M = 128)
-    constexpr int kPer = kQ / kConsumerThreads, kBatch = kPer < 4 ? kPer : 4;
-    static_assert(kQ % kConsumerThreads == 0 && kPer % kBatch == 0, "runs per thread");
-#pragma unroll 1
-    for (int b = 0; b < kPer; b += kBatch) {
-      float4 v[kMaxSplits - 1][kBatch];
-#pragma unroll
-      for (int j = 0; j < kMaxSplits - 1; ++j)
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-          if (j < splits - 1) v[j][u] = __ldcg(slots + j * kQ + tid + (b + u) * kConsumerThreads);
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int q = tid + (b + u) * kConsumerThreads;
-        const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-        float4 sum = v[0][u];
-#pragma unroll
-        for (int j = 1; j < kMaxSplits - 1; ++j) {
-          if (j < splits - 1) sum.x += v[j][u].x, sum.y += v[j][u].y, sum.z += v[j][u].z, sum.w += v[j][u].w;
-        }
-        const float* own = tile + r * kPitch + c;
-        if (m < args.M && n < args.N) store_run(m, n, {sum.x + own[0], sum.y + own[1], sum.z + own[2], sum.w + own[3]});
-      }
-    }
-    return;
+    cluster_sync();  // no CTA of the cluster leaves while the others read its tile
   }
-
-  // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
-  // cluster's tiles in rank order.
-  const int rank = static_cast<int>(cluster_rank());
-  for (int q = kQ * rank / splits + tid; q < kQ * (rank + 1) / splits; q += kConsumerThreads) {
-    const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
-    if (m >= args.M || n >= args.N) continue;
-    const uint32_t local = act_s + 4 * (r * kPitch + c);
-    float4 sum = load_cluster_f4(local, 0);
-    for (int j = 1; j < splits; ++j) {
-      const float4 v = load_cluster_f4(local, j);
-      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-    }
-    store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
-  }
-  cluster_sync();  // no CTA of the cluster leaves while the others read its tile
 }
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no libcuda link).
