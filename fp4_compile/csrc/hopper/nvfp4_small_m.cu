@@ -79,36 +79,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #else
 #error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
 #endif
-// The copy lands in shared memory past L1 (.cg); `bytes` 0 fills the 16 bytes with zeros.
-__device__ __forceinline__ void copy_stream_async(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global" FP4C_PREFETCH_QUALIFIER " [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ uint4 load_shared(uint32_t addr) {
+__device__ __forceinline__ uint4 load_stream(const void* p) {
   uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
+  asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
 }
-
-// k-groups of weight chunks that each warp keeps in flight, in a ring of shared memory: a
-// register stage per group in flight (v12g: the kernel waited on its loads with two) would cost
-// occupancy (NOTES.md v4: four register stages ran slower).
-#ifndef FP4C_WEIGHT_RING
-#define FP4C_WEIGHT_RING 8
-#endif
-constexpr int kRing = FP4C_WEIGHT_RING;
 
 // A lane's scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
 // the next three groups' pairs come from the same 32-byte sector.
@@ -125,18 +102,12 @@ __device__ __forceinline__ uint4 load_keep(const void* p) {
   return v;
 }
 
-// What a k-group needs besides its weight chunks (those wait in the ring).
 template <int RT, int NT>
 struct Stage {
-  uint32_t sc[RT][2];   // the two scale bytes of rows g and g + 8 of each 16-row tile
+  uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
+  uint32_t sc[RT][2];   // their two scale bytes
   uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
 };
-
-// Bytes of one warp's ring slot: rows g and g + 8 of each 16-row tile, a 16-byte chunk per lane.
-template <int RT>
-__host__ __device__ constexpr int ring_slot_bytes() {
-  return RT * 2 * kWarpSize * 16;
-}
 
 struct Args {
   const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements
@@ -153,8 +124,7 @@ struct Args {
 // (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
 template <bool FP16, int RT, int NT, int PF, typename OutT>
 __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  float* reduce_smem = reinterpret_cast<float*>(smem);
+  extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -193,27 +163,16 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
     x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
   }
 
-  // This lane's chunks of k-group `group` into ring slot `slot` (chunks past K: zeros).
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
-                        warp * kRing * ring_slot_bytes<RT>() + 16 * lane;
-  auto issue_weights = [&](int slot, int group) {
-    if (group >= ge) return;
-    const int bytes = 4 * group + t < args.chunks ? 16 : 0;
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        copy_stream_async(ring + slot * ring_slot_bytes<RT>() + (2 * i + h) * kWarpSize * 16,
-                          w_row[i][h] + (bytes ? 64 * group : 0), bytes);
-  };
-
   auto load = [&](Stage<RT, NT>& st, int group) {
     const bool ok = group < ge && 4 * group + t < args.chunks;
     const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
+      for (int h = 0; h < 2; ++h) {
+        st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
+      }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -224,22 +183,20 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
   // two B registers are adjacent words of one activation load (no register moves).
-  auto compute = [&](const Stage<RT, NT>& st, int slot) {
+  auto compute = [&](const Stage<RT, NT>& st) {
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
-      const uint32_t chunk = ring + slot * ring_slot_bytes<RT>() + 2 * i * kWarpSize * 16;
-      const uint4 w0 = load_shared(chunk), w1 = load_shared(chunk + kWarpSize * 16);
       const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
       const ScalePair<FP16> s1 = make_scales<FP16>(st.sc[i][1]);
       uint32_t r0[4][4], r1[4][4];  // [word][pair] of rows g and g + 8
-      decode_word<FP16>(w0.x, s0, r0[0]);
-      decode_word<FP16>(w0.y, s0, r0[1]);
-      decode_word<FP16>(w0.z, s0, r0[2]);
-      decode_word<FP16>(w0.w, s0, r0[3]);
-      decode_word<FP16>(w1.x, s1, r1[0]);
-      decode_word<FP16>(w1.y, s1, r1[1]);
-      decode_word<FP16>(w1.z, s1, r1[2]);
-      decode_word<FP16>(w1.w, s1, r1[3]);
+      decode_word<FP16>(st.w[i][0].x, s0, r0[0]);
+      decode_word<FP16>(st.w[i][0].y, s0, r0[1]);
+      decode_word<FP16>(st.w[i][0].z, s0, r0[2]);
+      decode_word<FP16>(st.w[i][0].w, s0, r0[3]);
+      decode_word<FP16>(st.w[i][1].x, s1, r1[0]);
+      decode_word<FP16>(st.w[i][1].y, s1, r1[1]);
+      decode_word<FP16>(st.w[i][1].z, s1, r1[2]);
+      decode_word<FP16>(st.w[i][1].w, s1, r1[3]);
 #pragma unroll
       for (int q = 0; q < 4; ++q)
 #pragma unroll
@@ -253,33 +210,16 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
 
   // (Issuing the first weight loads before this wait measured no faster: benchmarks/NOTES.md, v9.)
   wait_for_prior_grid();
-  // One copy group per k-group, committed even when empty, so that "all but the newest kRing - 1
-  // groups have landed" always means the oldest slot is ready.
-#pragma unroll
-  for (int p = 0; p < kRing; ++p) {
-    issue_weights(p, gb + p);
-    commit_copies();
-  }
   Stage<RT, NT> buf[PF];
 #pragma unroll
   for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
-  int slot = 0;
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
-      if (s + p < ge) {
-        wait_copies<kRing - 1>();
-        compute(buf[p], slot);
-        // the slot's chunks are in registers and decoded: refill it (this thread's own bytes)
-        issue_weights(slot, s + p + kRing);
-        commit_copies();
-        slot = slot + 1 == kRing ? 0 : slot + 1;
-      }
+      if (s + p < ge) compute(buf[p]);
       load(buf[p], s + p + PF);
     }
   }
-  wait_copies<0>();
-  __syncthreads();  // the reduction below reuses the ring
 
   // reduce the warps' partial sums: smem [warps][8 * NT cols][16 * RT rows]
   constexpr int kRows = 16 * RT, kCols = 8 * NT;
@@ -312,26 +252,12 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   }
 }
 
-constexpr int kMaxWarps = 8;
-
-// Dynamic shared memory of a CTA: the weight rings, reused by the reduction of the warps' sums.
-template <int RT, int NT>
-constexpr size_t smem_bytes(int warps) {
-  const size_t ring = static_cast<size_t>(warps) * kRing * ring_slot_bytes<RT>();
-  const size_t reduce = static_cast<size_t>(warps) * 16 * RT * 8 * NT * sizeof(float);
-  return ring > reduce ? ring : reduce;
-}
-
 template <bool FP16, int RT, int NT, int PF, typename OutT>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
-  const auto kernel = nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>;
-  // once per instantiation (thread-safe initialisation), for the largest CTA
-  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       static_cast<int>(smem_bytes<RT, NT>(kMaxWarps)));
-  if (attr != cudaSuccess) return attr;
   const int rows = 16 * RT;
-  return fp4c::launch(kernel, dim3((args.N + rows - 1) / rows), dim3(warps * kWarpSize),
-                      smem_bytes<RT, NT>(warps), pdl, stream, args);
+  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, dim3((args.N + rows - 1) / rows),
+                      dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
+                      stream, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
@@ -369,7 +295,7 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t l
                             void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
                             int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
                             int pdl, cudaStream_t stream) {
-  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > kMaxWarps || pdl < 0 ||
+  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
       pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
