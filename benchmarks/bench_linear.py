@@ -26,7 +26,7 @@ from _common import (LLAMA_SHAPES, fp4_weight_bytes, kernel_resources, measured_
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import launch_config as small_m_launch_config  # noqa: E402
-from fp4_compile.ops.cuda_small_m import use_small_m  # noqa: E402
+from fp4_compile.ops.cuda_small_m import use_codes, use_small_m  # noqa: E402
 from fp4_compile.ops.cuda_wgmma import device_launch_config as wgmma_launch_config  # noqa: E402
 from fp4_compile.ops.cuda_wgmma import use_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
@@ -87,9 +87,10 @@ def main():
                 r[f"{key}_TFLOPs"] = round(flops / (t * 1e-6) / 1e12, 1)
                 r[f"{key}_tc_frac"] = round(flops / (t * 1e-6) / 1e12 / tf, 3)
                 kmode = key if (key == "w4a16" or m <= G.FUSED_QUANT_MAX_M) else "w4a4+pq"
-                if use_small_m(x, m, n):
+                codes = key == "w4a4" and use_codes(x, m, n)
+                if codes or use_small_m(x, m, n):
                     rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
-                    r[f"{key}_cfg"] = f"CUDA small-M r{rows_per_warp} s{stages} w{warps}"
+                    r[f"{key}_cfg"] = f"CUDA small-M{' codes' if codes else ''} r{rows_per_warp} s{stages} w{warps}"
                 elif use_wgmma(ws[0][0], m, after_quantization=key == "w4a4"):
                     r[f"{key}_cfg"] = "CUDA wgmma " + wgmma_launch_config(m, n, k, 0).label
                 elif G.use_dequant(kmode, m, n, k):
@@ -104,7 +105,7 @@ def main():
             for key in ("w4a4", "w4a16"):
                 fused = key == "w4a4" and m <= G.FUSED_QUANT_MAX_M
                 kmode = key if (key == "w4a16" or fused) else "w4a4+pq"
-                if (G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n)
+                if (G.use_dequant(kmode, m, n, k) or use_small_m(x, m, n) or (key == "w4a4" and use_codes(x, m, n))
                         or use_wgmma(ws[0][0], m, after_quantization=key == "w4a4")):
                     continue  # (the CUDA kernels' registers: nvcc -Xptxas -v, tests/test_cuda_*.py)
                 cdt = torch.float16 if key == "w4a4" else torch.bfloat16

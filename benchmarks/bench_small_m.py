@@ -5,11 +5,11 @@ For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating we
 - a plain read of the weight bytes (row amax): the streaming floor of this machine;
 - W4A16 through Triton, through the CUDA kernel at each variant (rows per warp, stages, warps per
   CTA, L2 prefetch bytes of the weight loads), and through the backend's own dispatch;
-- W4A4 linear (quantization included) through Triton and through the backend (the CUDA kernel
-  at M <= 8).
+- W4A4 linear (quantization included) through Triton, through the backend, and through the CUDA
+  kernel on the activations' block values (bf16) or on their codes (``MODE_KERNEL_CODES``).
 Checks that the CUDA and Triton outputs agree before timing.
 
-python benchmarks/bench_small_m.py [--ms 1,16] [--shapes 0,2,1024x4096]
+python benchmarks/bench_small_m.py [--ms 1,16] [--shapes 0,2,1024x4096] [--no-variants]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
+from fp4_compile.ops import cuda_quant  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
@@ -45,7 +46,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,2,4,8,16")
     ap.add_argument("--shapes", default="0,1,2,3")
+    ap.add_argument("--no-variants", action="store_true", help="skip the W4A16 launch-configuration variants")
     args = ap.parse_args()
+    variants = [] if args.no_variants else VARIANTS
     info, bw, _ = measured_env(tensor_core=False)
     rows = []
     for si in args.shapes.split(","):
@@ -72,7 +75,7 @@ def main():
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
                  for w, a in zip(ws, alphas)]), 2)
-            for rpw, stages, warps, prefetch in VARIANTS:
+            for rpw, stages, warps, prefetch in variants:
                 if stages == 4 and m > 8:
                     continue
                 row[variant_key(rpw, stages, warps, prefetch)] = round(time_graph_us(
@@ -98,15 +101,26 @@ def main():
                     [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
                      for w, a in zip(ws, alphas)]), 2)
             os.environ.pop("FP4C_PDL")
-            use = hopper.use_small_m
-            hopper.use_small_m = lambda *a: False
+            # W4A4 on the activations' codes: equal to the block-value path (the same products, scaled
+            # by 2^-8, summed in the same order)
+            def w4a4_codes(w, a):
+                xq, xs = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+                return small_m_gemm(xq, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=xs, k=k)
+            o_values = small_m_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), wt, wst, alphas44[0], n=n,
+                                    out_dtype=torch.bfloat16)
+            row["w4a4_codes_equal_values"] = bool(torch.equal(w4a4_codes(ws[0], alphas44[0]), o_values))
+            row["w4a4_codes_us"] = round(time_graph_us(
+                [lambda w=w, a=a: w4a4_codes(w, a) for w, a in zip(ws, alphas44)]), 2)
+            use, use_codes = hopper.use_small_m, hopper.use_codes
+            hopper.use_small_m = hopper.use_codes = lambda *a: False
             try:
                 row["w4a4_triton_us"] = round(time_graph_us(
                     [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
                      for w, a in zip(ws, alphas44)]), 2)
             finally:
-                hopper.use_small_m = use
-            best = min(v for key, v in row.items() if key.startswith("w4a16_cuda_r") and key.endswith("_us"))
+                hopper.use_small_m, hopper.use_codes = use, use_codes
+            best = min([v for key, v in row.items() if key.startswith("w4a16_cuda_r") and key.endswith("_us")]
+                       + [row["w4a16_backend_us"]])
             row["w4a16_best_x"] = round(row["bf16_us"] / best, 2)
             row["w4a16_best_bw"] = round(wbytes / (best * 1e-6) / 1e9 / bw, 2)
             row["w4a4_backend_x"] = round(row["bf16_us"] / row["w4a4_backend_us"], 2)
@@ -116,8 +130,9 @@ def main():
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
     cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
-            *[variant_key(*v) for v in VARIANTS], "w4a16_best_x", "w4a16_best_bw",
-            "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us",
+            *[variant_key(*v) for v in variants], "w4a16_best_x", "w4a16_best_bw",
+            "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us", "w4a4_codes_us",
+            "w4a4_codes_equal_values",
             "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

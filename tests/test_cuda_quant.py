@@ -15,7 +15,8 @@ import torch
 
 from fp4_compile import format as F
 from fp4_compile.ops import cuda_quant
-from fp4_compile.ops.cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+from fp4_compile.ops.cuda_quant import MODE_KERNEL_CODES, MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+from fp4_compile.ops.weight_layout import to_kernel_layout
 from fp4_compile.ops.triton_quant import launch_quant_triton
 from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
@@ -28,11 +29,27 @@ from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     report = compile_with_ptxas_report(cuda_quant.compile_command(str(tmp_path / "k.so"), (9, 0)))
     kernels, spills, regs = report.kernels, report.spills, report.registers
-    # {fp32, fp16, bf16} x {linear, swizzled, block values in bf16, block values in fp16}
-    assert len(kernels) == 12 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
-    assert len(spills) == 12 and all(s == ("0", "0") for s in spills), spills
+    # {fp32, fp16, bf16} x {linear, swizzled, kernel-layout codes, block values in bf16 and in fp16}
+    assert len(kernels) == 15 and all("nvfp4_quant_kernel" in k for k in kernels), kernels
+    assert len(spills) == 15 and all(s == ("0", "0") for s in spills), spills
     # <= 64 registers: 4 CTAs of 256 threads resident per SM at least
-    assert len(regs) == 12 and max(regs) <= 64, regs
+    assert len(regs) == 15 and max(regs) <= 64, regs
+
+
+def test_kernel_layout_placement_matches_weight_layout():
+    """nvfp4_quant.cu places r[3]'s code bits where weight_layout.code_bit_positions says (r[0..2]
+    follow from the shifts that test_weight_layout checks)."""
+    import re
+
+    from fp4_compile.ops.weight_layout import code_bit_positions
+    text = cuda_quant.SOURCE.read_text()
+    match = re.search(r"kPlaced3\[2\]\[4\] = \{\{([\d, ]+)\}, \{([\d, ]+)\}\};", text)
+    placed = tuple(tuple(int(v) for v in group.split(",")) for group in match.groups())
+    assert placed == code_bit_positions()[3]
+    for j in range(3):
+        for h in range(2):
+            assert code_bit_positions()[j][h] == (6 - 3 * j + 16 * h, 7 - 3 * j + 16 * h, 8 - 3 * j + 16 * h,
+                                                   15 - 3 * j + 16 * h)
 
 
 @needs_nvcc
@@ -54,7 +71,7 @@ def test_cpu_tensors_are_refused_clearly():
     (torch.zeros(2, 2, 32), torch.ones(1), MODE_LINEAR, ValueError, "2-D"),
     (torch.zeros(2, 32), torch.ones(1, dtype=torch.float64), MODE_LINEAR, TypeError, "global_scale must be float32"),
     (torch.zeros(2, 32), torch.ones(2), MODE_LINEAR, ValueError, "one element"),
-    (torch.zeros(2, 32), torch.ones(1), 3, ValueError, "mode"),
+    (torch.zeros(2, 32), torch.ones(1), 4, ValueError, "mode"),
     (torch.zeros(2, 32), torch.ones(1), MODE_VALUES, TypeError, "bf16 or fp16"),  # fp32 values: Triton
 ])
 def test_bad_arguments_are_refused_clearly(x, gs, mode, error, match):
@@ -172,6 +189,36 @@ def test_block_values_bit_exact(seed, dt, m, k, out_dtype, strided):
     assert bad.numel() == 0, f"{bad.shape[0]} values differ from the Triton kernel's"
     ref = F.block_values(*F.quantize_nvfp4(x, gs))
     assert torch.equal(v.float()[~nan], ref[~nan])
+
+
+def kernel_codes_reference(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What MODE_KERNEL_CODES writes: the reference's codes and linear scales, K padded to 32 with
+    zeros, the codes in the kernel word layout."""
+    q, s = F.quantize_nvfp4(x, gs)
+    pad = -x.shape[1] % 32
+    q = torch.nn.functional.pad(q, (0, pad // 2))
+    s = torch.nn.functional.pad(s.view(torch.uint8), (0, pad // 16))
+    return to_kernel_layout(q), s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("strided", [False, True])
+def test_kernel_layout_codes_bit_exact(seed, dt, m, k, strided):
+    """Codes in the GEMMs' word layout and linear scales, K padded to 32 (K = 16, 48: a half chunk of
+    zeros written), every byte equal to the reference's."""
+    _skip_without_kernel()
+    x, gs = _make_input(m, k, dt, pad=16 if strided else 0)
+    _poison(4 * m * k + (1 << 20))
+    q, s = cuda_quant.quantize(x, gs, MODE_KERNEL_CODES)
+    qr, sr = kernel_codes_reference(x, gs)
+    kc = -(-k // 32) * 32
+    assert q.dtype == torch.uint8 and q.shape == (m, kc // 2) and s.shape == (m, kc // 16)
+    assert torch.equal(s.view(torch.uint8), sr)
+    bad = (q != qr).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} code bytes differ, first at {bad[0].tolist()}"
 
 
 @pytest.mark.gpu

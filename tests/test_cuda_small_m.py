@@ -14,7 +14,9 @@ from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 @needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     report = compile_with_ptxas_report(cuda_small_m.compile_command(str(tmp_path / "k.so"), (9, 0)))
-    assert len(report.kernels) == 24  # {bf16, fp16} x {16, 32 rows} x {16-bit, fp32 out} x (M <= 8: 2 or 4 stages, M <= 16: 2)
+    # {bf16, fp16} x {16-bit, fp32 out} x (activation values: {16, 32 rows} x (M <= 8: 2 or 4 stages,
+    # M <= 16: 2); activation codes: 16 rows, 2 stages, M <= 8 or 16)
+    assert len(report.kernels) == 32
     assert report.spills and all(s == ("0", "0") for s in report.spills), report
     assert max(report.registers) <= 255
 
@@ -56,6 +58,31 @@ def test_build_timeout_is_a_build_failure(tmp_path, monkeypatch):
 def test_cpu_tensors_never_take_the_kernel():
     x = torch.randn(1, 64)
     assert not cuda_small_m.use_small_m(x, 1, 4096)
+    assert not cuda_small_m.use_codes(torch.randn(8, 64), 8, 4096)
+
+
+def test_w4a4_takes_activation_codes_where_measured_faster():
+    """M = 8 at every N; M = 9..16 (two n8-tiles) up to CODES_TWO_TILES_MAX_N; never below M = 8."""
+    for n in (1024, 4096, 6144, 28672):
+        assert not cuda_small_m.dispatches_codes(4, n) and not cuda_small_m.dispatches_codes(7, n)
+        assert cuda_small_m.dispatches_codes(8, n)
+        assert cuda_small_m.dispatches_codes(16, n) == (n <= cuda_small_m.CODES_TWO_TILES_MAX_N)
+        assert not cuda_small_m.dispatches_codes(17, n)
+
+
+def test_activation_codes_are_checked():
+    w = torch.zeros(32, 32, dtype=torch.uint8)
+    s = torch.zeros(32, 4, dtype=torch.uint8)
+    codes, scales = torch.zeros(2, 32, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.uint8)
+    gemm = cuda_small_m.small_m_gemm
+    with pytest.raises(ValueError, match="need k"):
+        gemm(codes, w, s, torch.ones(1), n=32, out_dtype=torch.bfloat16, x_scale=scales)
+    with pytest.raises(TypeError, match="uint8 with e4m3 scales"):
+        gemm(codes.float(), w, s, torch.ones(1), n=32, out_dtype=torch.bfloat16, x_scale=scales, k=64)
+    with pytest.raises(ValueError, match=r"\[M, >= 48\]"):  # K = 80: rounded up to 96
+        gemm(codes, w, s, torch.ones(1), n=32, out_dtype=torch.bfloat16, x_scale=scales, k=80)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        gemm(codes, w, s, torch.ones(1), n=32, out_dtype=torch.bfloat16, x_scale=scales, k=64)
 
 
 def test_cpu_tensors_are_refused_clearly():

@@ -98,11 +98,12 @@ def small_m_path(request, monkeypatch):
     """M <= 16 runs through the CUDA small-M kernel where it is built (sm_89/90), else Triton: test both."""
     if request.param == "triton":
         monkeypatch.setattr(hopper, "use_small_m", lambda *args: False)
+        monkeypatch.setattr(hopper, "use_codes", lambda *args: False)
     return request.param
 
 
 def _skip_duplicate(path, m, n):
-    if path == "triton" and not cuda_small_m.dispatches(m, n):
+    if path == "triton" and not (cuda_small_m.dispatches(m, n) or cuda_small_m.dispatches_codes(m, n)):
         pytest.skip("this call never takes the small-M kernel: covered by the 'cuda' case")
 
 
@@ -189,6 +190,40 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
     out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias)
     assert out.dtype == dt and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[dt]
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (1024, 14336)])
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
+def test_small_m_kernel_on_activation_codes(seed, n, k, m, dt):
+    """W4A4 with the activations as codes (cuda_quant MODE_KERNEL_CODES, K = 48 and 1040: a half chunk
+    of padding): bit-equal to the kernel on the activations' block values (the same products scaled
+    by 2^-8, summed in the same order), fp32 output within summation order of the float64 W4A4
+    product, 16-bit output with bias within its rounding. Outputs poisoned first."""
+    for module in (cuda_small_m, cuda_quant):
+        if module.unavailable_reason(torch.cuda.current_device()) is not None:
+            pytest.skip(module.unavailable_reason(torch.cuda.current_device()))
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    alpha = (1 / (gx * gw)).float()
+    ref = F.block_values(*F.quantize_nvfp4(x, gx)).double() @ F.block_values(pw, sw).double().t() * alpha.double()
+    out_dtype = torch.bfloat16 if dt == torch.float32 else dt
+    codes, scales = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+    values = fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16)  # the operand type of a float32 output
+    for warps in (8, 3):
+        poison_allocator(m * n * 8 + (1 << 22))
+        out = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=torch.float32, x_scale=scales, k=k,
+                                        warps=warps)
+        assert out.shape == (m, n) and torch.isfinite(out).all()
+        assert rel(out, ref) <= 1e-5, (warps, rel(out, ref))
+        on_values = cuda_small_m.small_m_gemm(values, wt, wst, alpha, n=n, out_dtype=torch.float32, warps=warps)
+        assert torch.equal(out, on_values)
+    bias = torch.randn(n, device=DEV).to(out_dtype)
+    out = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=out_dtype, bias=bias, x_scale=scales, k=k)
+    assert out.dtype == out_dtype and torch.isfinite(out).all()
+    assert rel(out, ref + bias.double()) <= TOL[out_dtype]
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (1000, 1040, 7), (6144, 4096, 16), (4096, 4096, 64),

@@ -35,6 +35,10 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 MODE_LINEAR = 0  # codes + linear scales [M, K/16]
 MODE_SWIZZLED = 1  # codes + 128x4 swizzled scales, padding written as zeros
 MODE_VALUES = 2  # exact block values e2m1 * sf in the output dtype (fp32: Triton only)
+# Codes in the Hopper GEMMs' weight word layout (weight_layout.to_kernel_layout) with linear scales,
+# K rounded up to 32 (the padding written as zero codes and scales): what the CUDA small-M GEMM
+# decodes as W4A4 activations. This kernel only (no Triton counterpart).
+MODE_KERNEL_CODES = 3
 # Codes: H100 (bench_quant.py, K=4096): the Triton kernel is faster at M = 64 (2.9 vs 3.4 us), equal
 # at M = 256; at M = 4096 this one takes 16 us against 23.
 MIN_M = 1024
@@ -103,7 +107,9 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     captured CUDA graph follows later changes of its value). Returns, like ``launch_quant_triton``:
     ``MODE_LINEAR``: (codes uint8 [M, K/2], scales float8_e4m3fn [M, K/16]);
     ``MODE_SWIZZLED``: (codes, scales float8_e4m3fn [round_up(M,128), round_up(K/16,4)], padding 0);
-    ``MODE_VALUES``: the block values e2m1 * sf [M, K] in ``out_dtype`` (bf16 or fp16; default x's).
+    ``MODE_VALUES``: the block values e2m1 * sf [M, K] in ``out_dtype`` (bf16 or fp16; default x's);
+    ``MODE_KERNEL_CODES``: (codes uint8 [M, Kc/2] in the kernel word layout, scales float8_e4m3fn
+    [M, Kc/16]), Kc = K rounded up to 32, the padding zero.
     Rows may be strided (the last dimension must be contiguous, else x2 is copied).
     ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant). Launched with programmatic
     dependent launch where ``pdl.use_pdl`` says so.
@@ -116,8 +122,8 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
         raise TypeError(f"global_scale must be float32, got {global_scale.dtype}")
     if global_scale.numel() != 1:
         raise ValueError(f"global_scale must have one element, got shape {tuple(global_scale.shape)}")
-    if mode not in (MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES):
-        raise ValueError(f"mode must be MODE_LINEAR, MODE_SWIZZLED or MODE_VALUES, got {mode}")
+    if mode not in (MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES, MODE_KERNEL_CODES):
+        raise ValueError(f"mode must be MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES or MODE_KERNEL_CODES, got {mode}")
     out_dtype = out_dtype or x2.dtype
     if mode == MODE_VALUES and out_dtype not in VALUE_DTYPES:
         raise TypeError(f"the block values are written in bf16 or fp16 (float32: triton_quant), got {out_dtype}")
@@ -135,6 +141,10 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     if mode == MODE_VALUES:
         v = torch.empty((m, k), dtype=out_dtype, device=dev)
         q = s = v  # not written
+    elif mode == MODE_KERNEL_CODES:
+        kc = -(-k // 32) * 32
+        q = v = torch.empty((m, kc // 2), dtype=torch.uint8, device=dev)
+        s = torch.empty((m, kc // BLOCK_SIZE), dtype=torch.uint8, device=dev)
     else:
         q = v = torch.empty((m, k // 2), dtype=torch.uint8, device=dev)
         s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
@@ -151,4 +161,5 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     return q, s.view(torch.float8_e4m3fn)
 
 
-__all__ = ["MODE_LINEAR", "MODE_SWIZZLED", "MODE_VALUES", "quantize", "use_cuda_quant", "unavailable_reason"]
+__all__ = ["MODE_LINEAR", "MODE_SWIZZLED", "MODE_VALUES", "MODE_KERNEL_CODES", "quantize", "use_cuda_quant",
+           "unavailable_reason"]

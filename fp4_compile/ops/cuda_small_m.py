@@ -15,7 +15,8 @@ import pathlib
 
 import torch
 
-from . import nvcc
+from ..format import check_same_device
+from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 
@@ -28,6 +29,14 @@ MAX_M = 16
 DISPATCH_MAX_M = 8
 DISPATCH_MAX_M_SMALL_N = 16
 SMALL_N = 1024
+# W4A4 gives the kernel the activations as codes (cuda_quant.MODE_KERNEL_CODES: 0.5625 bytes per value
+# instead of 2) from M = 8: each CTA reads all M x K activations from L2, which from there on costs
+# more than the decode of the codes. H100 (bench_small_m.py, NOTES.md v15), us against the kernel on
+# block values at M = 8: 28672x4096 32.0 / 36.4, 4096x4096 8.4 / 8.8; at M = 4 the block values are
+# faster (7.8 / 8.3 at 4096x4096). At M = 9..16 (two n8-tiles) against Triton: faster at N = 4096 and
+# 6144 (M=16: 9.7 / 12.3, 12.1 / 14.5), slower at N = 28672 (40.2 / 38.9): up to CODES_TWO_TILES_MAX_N.
+CODES_MIN_M = 8
+CODES_TWO_TILES_MAX_N = 8192
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
 # 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
 # M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).
@@ -51,7 +60,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -78,6 +87,19 @@ def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
 
 
+def dispatches_codes(m: int, n: int) -> bool:
+    """Is a W4A4 [m, K] x [n, K] call one that the backend gives to this kernel on activation codes?"""
+    return CODES_MIN_M <= m <= MAX_M and (m <= 8 or n <= CODES_TWO_TILES_MAX_N)
+
+
+def use_codes(x: torch.Tensor, m: int, n: int) -> bool:
+    """Route a W4A4 [m, K] x [n, K] call on ``x.device`` to this kernel on activation codes?"""
+    if not dispatches_codes(m, n) or x.device.type != "cuda":
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return unavailable_reason(index) is None and cuda_quant.unavailable_reason(index) is None
+
+
 def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
     """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
     while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
@@ -86,6 +108,7 @@ def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 x_scale: torch.Tensor | None = None, k: int | None = None,
                  rows_per_warp: int | None = None, stages: int | None = None,
                  warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
                  library: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -94,20 +117,32 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
     Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]); ``alpha`` one float32 on the device;
     ``out_dtype`` x.dtype or float32. Fed NVFP4 block values, this is the exact W4A4 product.
+    W4A4 on codes instead: ``x`` uint8 [M, >= Kc/2] and ``x_scale`` e4m3 [M, >= Kc/16] as
+    ``cuda_quant.quantize(..., MODE_KERNEL_CODES)`` writes them (Kc = ``k`` rounded up to 32, its padding
+    zero), ``k`` the activations' K, ``out_dtype`` bf16, fp16 (the MMA operand type) or float32 (bf16).
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build);
     ``library`` (from ``load_library``) the package's build.
     Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
-    x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha, bias,
-                                                      out_dtype)
-    m, k = x.shape
+    if x_scale is None:
+        x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
+                                                          bias, out_dtype)
+        m, k = x.shape
+        fp16 = x.dtype == torch.float16
+    else:
+        x, x_scale, weight_scale, alpha, bias, k = _code_operands(x, x_scale, weight, weight_scale, alpha, bias,
+                                                                 out_dtype, k)
+        m = x.shape[0]
+        fp16 = out_dtype == torch.float16
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
     if stages not in (None, 2, 4) or (stages == 4 and m > 8):
         raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
+    if x_scale is not None and (rows_per_warp not in (None, 16) or stages not in (None, 2)):
+        raise ValueError("activation codes run with 16 rows per warp and 2 stages only")
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
@@ -118,11 +153,36 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     warps = warps or default_warps
     err = nvcc.launch_on(x.device, lambda capability, stream: (
         library or _library(capability, prefetch)).fp4c_nvfp4_small_m_gemm(
-        x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+        x.data_ptr(), x.stride(0), x_scale.data_ptr() if x_scale is not None else None,
+        x_scale.stride(0) if x_scale is not None else 0, weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
-        alpha.data_ptr(), m, n, k, kp, int(x.dtype == torch.float16), int(out_dtype == torch.float32),
+        alpha.data_ptr(), m, n, k, kp, int(fp16), int(out_dtype == torch.float32),
         rows_per_warp, stages, warps, int(use_pdl(x.device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out
+
+
+def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):
+    """``gemm_operands`` for activation codes: uint8 codes and e4m3 scales whose rows cover ``k``
+    rounded up to 32, 16-byte aligned code rows."""
+    if k is None:
+        raise ValueError("activation codes need k, the activations' K")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bf16, fp16 or float32, got {out_dtype}")
+    if x.dtype != torch.uint8 or x_scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
+        raise TypeError(f"activation codes must be uint8 with e4m3 scales, got {x.dtype} and {x_scale.dtype}")
+    kc = -(-k // 32) * 32
+    if x.dim() != 2 or x_scale.dim() != 2 or x.shape[0] != x_scale.shape[0] or x.shape[1] < kc // 2 \
+            or x_scale.shape[1] < kc // 16:
+        raise ValueError(f"activation codes [M, >= {kc // 2}] and scales [M, >= {kc // 16}] for K={k}, "
+                         f"got {tuple(x.shape)} and {tuple(x_scale.shape)}")
+    check_same_device(x=x, x_scale=x_scale, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
+    if x.device.type != "cuda":
+        raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
+    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 16:
+        x = x.contiguous()
+    if x_scale.stride(1) != 1 or x_scale.data_ptr() % 2 or x_scale.stride(0) % 2:
+        x_scale = x_scale.contiguous()
+    return (x, x_scale, *nvcc.weight_operands(weight_scale, alpha, bias, out_dtype), k)

@@ -11,7 +11,8 @@ to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). For M = 17..2048
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4); W4A4 at M = 9..16
+feeds it the activations' codes in the weight word layout (``cuda_small_m.use_codes``). For M = 17..2048
 on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel where it measured
 faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At larger M (``use_dequant``) the weight is
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
@@ -30,7 +31,8 @@ import torch
 from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt, split_tickets
 from . import triton_gemm as _G
-from .cuda_small_m import small_m_gemm, use_small_m
+from .cuda_quant import MODE_KERNEL_CODES, quantize as quantize_cuda
+from .cuda_small_m import small_m_gemm, use_codes, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -157,7 +159,11 @@ class TritonW4A4Kernels(_HopperKernels):
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
         cuda_gemm = _cuda_gemm(x2, weight, m, out_features, w4a4=True)
-        if cuda_gemm is not None:
+        if use_codes(x2, m, out_features):
+            codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
+            out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
+                               x_scale=scales, k=k)
+        elif cuda_gemm is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:

@@ -157,10 +157,16 @@ def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale
         raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
     if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
         x = x.contiguous()
+    return (x, *weight_operands(weight_scale, alpha, bias, out_dtype))
+
+
+def weight_operands(weight_scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The weight-side part of ``gemm_operands``: ``(weight_scale, alpha, bias)``."""
     if weight_scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
         raise TypeError(f"weight_scale must be float8_e4m3fn or uint8, got {weight_scale.dtype}")
     if bias is not None and (bias.dtype != out_dtype or not bias.is_contiguous()):
         bias = bias.to(out_dtype).contiguous()
     if alpha.dtype != torch.float32:
         alpha = alpha.float()
-    return x, weight_scale, alpha, bias
+    return weight_scale, alpha, bias

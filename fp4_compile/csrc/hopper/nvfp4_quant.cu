@@ -1,6 +1,7 @@
 // NVFP4 activation quantization on sm_89/sm_90: x [M, K] (bf16/fp16/fp32) -> packed E2M1 codes
-// + e4m3 block scales (linear or 128x4 swizzled), or the exact block values e2m1 * sf (bf16/fp16)
-// that the Hopper W4A4 GEMMs take.
+// + e4m3 block scales (linear or 128x4 swizzled), the exact block values e2m1 * sf (bf16/fp16)
+// that the Hopper W4A4 GEMMs take, or the codes in the Hopper GEMMs' weight word layout
+// (ops/weight_layout.py) with linear scales, which the small-M GEMM decodes like its weights.
 //
 // The function is fp4_compile.format.quantize_nvfp4, bit for bit (shared NVFP4.md), in the same
 // order of float32 operations as triton_quant.py's _block_scales / _scaled / _e2m1_code:
@@ -41,6 +42,7 @@ constexpr int kThreads = 256;
 constexpr int kModeLinear = 0;
 constexpr int kModeSwizzled = 1;
 constexpr int kModeValues = 2;
+constexpr int kModeKernelCodes = 3;
 constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // input dtype codes
 
 constexpr float kMagic = 8388608.0f;  // 2^23: the float adder rounds to integers in [2^23, 2^24)
@@ -194,7 +196,34 @@ __device__ __forceinline__ ElementPair element_pair(const uint32_t* w, int e) {
 
 // 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
 // fp32 inputs: f[32]; signs and values come from the floats directly.
-template <int DT, bool SAT>
+// Linear packed words (word i: elements 8i .. 8i+7, element e in bits 4(e % 8) .. 4(e % 8) + 3) ->
+// the GEMMs' word layout (ops/weight_layout.py): word t holds the code of element
+// 8j + 2t + h of the chunk (placed register j, lane h) with its bits where the decode wants them:
+// for j < 3 the magnitude at bits 6 - 3j .. 8 - 3j and the sign at 15 - 3j (+16 for lane 1); j = 3
+// in the bits left over (kPlaced3, from weight_layout.code_bit_positions; tests check both).
+__device__ constexpr int kPlaced3[2][4] = {{30, 26, 27, 13}, {14, 10, 11, 29}};  // [lane][mantissa, e0, e1, sign]
+__device__ __forceinline__ void to_kernel_words(const uint32_t (&lin)[4], uint32_t (&kw)[4]) {
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int e = 8 * j + 2 * t + h;
+        const uint32_t c = (lin[e >> 3] >> (4 * (e & 7))) & 0xFu;
+        if (j < 3) {
+          w |= (c & 7u) << (6 - 3 * j + 16 * h) | (c >> 3) << (15 - 3 * j + 16 * h);
+        } else {
+#pragma unroll
+          for (int b = 0; b < 4; ++b) w |= ((c >> b) & 1u) << kPlaced3[h][b];
+        }
+      }
+    kw[t] = w;
+  }
+}
+
+template <int DT, bool SAT, bool KERNEL_LAYOUT = false>
 __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, const float* os, const bool* bad,
                                             int64_t row, int pair, bool valid1) {
   uint32_t out[4];
@@ -212,7 +241,16 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
     out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
   }
   uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
-  if (valid1 && a.q16) {
+  if constexpr (KERNEL_LAYOUT) {  // the whole 16-byte chunk: a missing second block is zero codes
+    uint32_t kw[4];
+    to_kernel_words(out, kw);
+    if (a.q16) {
+      *reinterpret_cast<uint4*>(q) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
+    } else {
+      *reinterpret_cast<uint2*>(q) = make_uint2(kw[0], kw[1]);
+      *reinterpret_cast<uint2*>(q + 8) = make_uint2(kw[2], kw[3]);
+    }
+  } else if (valid1 && a.q16) {
     *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
   } else {
     *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
@@ -336,9 +374,9 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
           values_pair<DT, false, FP16_OUT>(a, w, os, sf, row, pair, valid1);
         }
       } else if (any_sat) {
-        encode_pair<DT, true>(a, w, os, bad, row, pair, valid1);
+        encode_pair<DT, true, MODE == kModeKernelCodes>(a, w, os, bad, row, pair, valid1);
       } else {
-        encode_pair<DT, false>(a, w, os, bad, row, pair, valid1);
+        encode_pair<DT, false, MODE == kModeKernelCodes>(a, w, os, bad, row, pair, valid1);
       }
     }
     if constexpr (MODE == kModeLinear) {
@@ -347,6 +385,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
         s[0] = static_cast<uint8_t>(byte_pair);
         if (valid1) s[1] = static_cast<uint8_t>(byte_pair >> 8);
       }
+    } else if constexpr (MODE == kModeKernelCodes) {
+      if (valid0) *reinterpret_cast<uint16_t*>(a.s + row * a.lds + g0) = static_cast<uint16_t>(byte_pair);
     } else if constexpr (MODE == kModeSwizzled) {
       // 128x4 tiles of 512 bytes; g0 is even, so the pair is one aligned 16-bit store
       const int64_t off = ((row >> 7) * (a.kbp >> 2) + (g0 >> 2)) * 512 + (r & 31) * 16 + ((r >> 5) & 3) * 4 + (g0 & 3);
@@ -365,6 +405,7 @@ cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, dim3 grid, bool 
   switch (mode) {
     case kModeLinear: return launch_kernel<DT, kModeLinear>(a, grid, pdl, stream);
     case kModeSwizzled: return launch_kernel<DT, kModeSwizzled>(a, grid, pdl, stream);
+    case kModeKernelCodes: return launch_kernel<DT, kModeKernelCodes>(a, grid, pdl, stream);
     case kModeValues:
       return fp16_out ? launch_kernel<DT, kModeValues, true>(a, grid, pdl, stream)
                       : launch_kernel<DT, kModeValues, false>(a, grid, pdl, stream);
@@ -395,14 +436,16 @@ extern "C" {
 //   mode 1: q as mode 0, s the whole swizzled [round_up(M,128), round_up(K/16,4)] (padding zeroed);
 //   mode 2: v [M, K] (row stride ldv elements) the block values e2m1 * sf, fp16 if v_fp16 else bf16
 //     (q and s unused);
+//   mode 3: q uint8 [M, Kc/2] in the GEMMs' word layout, s e4m3 [M, Kc/16] linear, Kc = round_up(K, 32):
+//     every byte written (a missing last block: zero codes and scale), 2-byte aligned scale rows;
 //   gs: device pointer to the float32 global scale (read on the device: graph-safe);
 //   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that;
 //   pdl: 1 = programmatic dependent launch (sm_90; grid_dependency.cuh), 0 = a plain launch.
 int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds,
                      void* v, int64_t ldv, int v_fp16, const float* gs, int M, int K, int mode, int ctas_per_sm,
                      int pdl, cudaStream_t stream) {
-  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > 2 || x_dtype < 0 || x_dtype > 2 || ctas_per_sm < 1 ||
-      ctas_per_sm > 16) {
+  if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > kModeKernelCodes || x_dtype < 0 || x_dtype > 2 ||
+      ctas_per_sm < 1 || ctas_per_sm > 16) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args a{};

@@ -5,6 +5,9 @@
 // Exact: the weight values e2m1 * sf are built in registers (exact in bf16 and fp16), products
 // are exact in the tensor core, sums in fp32. Fed the activation block values of an NVFP4
 // quantization (exact in bf16/fp16), it is the W4A4 product; fed bf16/fp16 activations, W4A16.
+// W4A4 can also take the activations as NVFP4 codes in the weights' word layout with linear
+// scales (nvfp4_quant.cu mode 3), decoded like the weights: 0.5625 bytes per activation instead of
+// 2, which matters at M = 9..16, where every CTA reads all M x K activations from L2.
 //
 // Weight layout (shared with the Triton kernels, see ops/weight_layout.py): uint8
 // [Np, Kp/2] rows, each 16-byte chunk (32 k) holding in word w (0..3) the k-columns
@@ -102,15 +105,17 @@ __device__ __forceinline__ uint4 load_keep(const void* p) {
   return v;
 }
 
-template <int RT, int NT>
+template <int RT, int NT, bool A4>
 struct Stage {
-  uint4 w[RT][2];       // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
-  uint32_t sc[RT][2];   // their two scale bytes
-  uint4 x[NT][4];       // activation column of this lane, the same 32 k (4 x 8 values)
+  uint4 w[RT][2];          // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
+  uint32_t sc[RT][2];      // their two scale bytes
+  uint4 x[NT][A4 ? 1 : 4];  // activation column of this lane, the same 32 k: 4 x 8 values, or 32 codes
+  uint32_t xsc[NT];        // A4: the codes' two scale bytes
 };
 
 struct Args {
-  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements
+  const uint16_t* x;     // [M, K] bf16/fp16 bits, row stride ldx elements; A4: codes [M, Kc/2], ldx bytes
+                         // (typed: as void*, the unsplit kernel's SASS changed and ran 1-4% slower)
   const uint8_t* w;      // [Np, Kp/2]
   const uint8_t* ws;     // [Np, Kp/16]
   void* out;             // [M, N] OutT, row stride ldo
@@ -118,11 +123,13 @@ struct Args {
   const float* alpha;    // one element
   int64_t ldx, ldw, ldws, ldo;
   int M, N, K, chunks;   // chunks = Kp / 32
+  const uint8_t* xs;     // A4: e4m3 [M, Kc/16], row stride ldxs (Kc = K rounded up to 32)
+  int64_t ldxs;
 };
 
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
-// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT.
-template <bool FP16, int RT, int NT, int PF, typename OutT>
+// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4: activation codes.
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
 __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
@@ -154,16 +161,23 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
       w_row[i][h] = args.w + r * args.ldw + 16 * t;
       s_row[i][h] = args.ws + r * args.ldws + 2 * t;
     }
-  const uint16_t* x_col[NT];
+  const uint16_t* x_col[NT];  // (A4: codes, 16 bytes per chunk)
+  const uint8_t* xs_col[NT];
   bool x_ok[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int m = 8 * j + g;
     x_ok[j] = m < args.M;
-    x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
+    if constexpr (A4) {
+      const int64_t row = x_ok[j] ? m : 0;
+      x_col[j] = reinterpret_cast<const uint16_t*>(reinterpret_cast<const uint8_t*>(args.x) + row * args.ldx + 16 * t);
+      xs_col[j] = args.xs + row * args.ldxs + 2 * t;
+    } else {
+      x_col[j] = args.x + (x_ok[j] ? m : 0) * args.ldx + 32 * t;
+    }
   }
 
-  auto load = [&](Stage<RT, NT>& st, int group) {
+  auto load = [&](Stage<RT, NT, A4>& st, int group) {
     const bool ok = group < ge && 4 * group + t < args.chunks;
     const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
@@ -174,16 +188,35 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
         st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
       }
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int j = 0; j < NT; ++j) {
+      if constexpr (A4) {  // a chunk half past K holds zero codes and scale (nvfp4_quant.cu mode 3)
+        const bool in = ok && x_ok[j] && k_left > 0;
+        st.x[j][0] = in ? load_keep(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
+        st.xsc[j] = in ? load_u16_keep(xs_col[j] + 8 * group) : 0u;
+      } else {
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
-                                                          : make_uint4(0, 0, 0, 0);
+        for (int q = 0; q < 4; ++q)
+          st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+                                                            : make_uint4(0, 0, 0, 0);
+      }
+    }
   };
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
-  // two B registers are adjacent words of one activation load (no register moves).
-  auto compute = [&](const Stage<RT, NT>& st) {
+  // two B registers are adjacent words of one activation load (no register moves); decoded
+  // activation codes give the same pairs: word w's r[q] holds k = 8q + 2w + {0, 1}.
+  auto compute = [&](const Stage<RT, NT, A4>& st) {
+    uint32_t xd[A4 ? NT : 1][4][4];  // A4: decoded activations, the B registers [n-tile][word][pair]
+    if constexpr (A4) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const ScalePair<FP16> xs = make_scales<FP16>(st.xsc[j]);
+        decode_word<FP16>(st.x[j][0].x, xs, xd[j][0]);
+        decode_word<FP16>(st.x[j][0].y, xs, xd[j][1]);
+        decode_word<FP16>(st.x[j][0].z, xs, xd[j][2]);
+        decode_word<FP16>(st.x[j][0].w, xs, xd[j][3]);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       const ScalePair<FP16> s0 = make_scales<FP16>(st.sc[i][0]);
@@ -201,16 +234,21 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
       for (int q = 0; q < 4; ++q)
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-          const uint4& xq = st.x[j][q];
-          mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
-          mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
+          if constexpr (A4) {
+            mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xd[j][0][q], xd[j][1][q]);
+            mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xd[j][2][q], xd[j][3][q]);
+          } else {
+            const uint4& xq = st.x[j][q];
+            mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
+            mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
+          }
         }
     }
   };
 
   // (Issuing the first weight loads before this wait measured no faster: benchmarks/NOTES.md, v9.)
   wait_for_prior_grid();
-  Stage<RT, NT> buf[PF];
+  Stage<RT, NT, A4> buf[PF];
 #pragma unroll
   for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
   for (int s = gb; s < ge; s += PF) {
@@ -236,7 +274,8 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
       }
   __syncthreads();
 
-  const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+  // the 2^-8 of the decoded weight values (and of the decoded activations)
+  const float scale = __ldg(args.alpha) * (A4 ? 65536.f : 256.f);
   OutT* out = static_cast<OutT*>(args.out);
   const OutT* bias = static_cast<const OutT*>(args.bias);
   const int m_tile = args.M < kCols ? args.M : kCols;
@@ -252,10 +291,10 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   }
 }
 
-template <bool FP16, int RT, int NT, int PF, typename OutT>
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
-  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT>, dim3((args.N + rows - 1) / rows),
+  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4>, dim3((args.N + rows - 1) / rows),
                       dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
                       stream, args);
 }
@@ -272,6 +311,11 @@ cudaError_t dispatch_stages(const Args& args, int stages, int warps, bool pdl, c
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool pdl, cudaStream_t stream) {
   const bool two_n = args.M > 8;
+  if (args.xs != nullptr) {  // activation codes: one configuration, 16 rows per warp, 2 stages
+    if (rt != 1 || stages != 2) return cudaErrorInvalidValue;
+    return two_n ? launch<FP16, 1, 2, 2, OutT, true>(args, warps, pdl, stream)
+                 : launch<FP16, 1, 1, 2, OutT, true>(args, warps, pdl, stream);
+  }
   if (rt == 1) {
     return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, pdl, stream)
                  : dispatch_stages<FP16, 1, 1, OutT>(args, stages, warps, pdl, stream);
@@ -288,19 +332,22 @@ cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool
 extern "C" {
 
 // Returns a cudaError_t (0 = success). x_fp16: 1 if x is fp16, 0 if bf16. out_fp32: 0 = output in
-// x's type, 1 = float32. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
+// x's type, 1 = float32. xs non-null: x holds W4A4 activation codes (uint8 [M, Kc/2] in the weight
+// word layout, row stride ldx bytes; a chunk half past K zero) with e4m3 scales xs [M, Kc/16] (row
+// stride ldxs), and x_fp16 picks the MMA operand type, also the output's unless out_fp32 (then bf16);
+// rows_per_warp 16, stages 2. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
-int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
-                            void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
+int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
+                            const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
                             int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
                             int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
       pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws),
-            out, bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32};
+  Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws), out,
+            bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32, static_cast<const uint8_t*>(xs), ldxs};
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
