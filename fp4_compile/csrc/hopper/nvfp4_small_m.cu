@@ -104,13 +104,17 @@ __device__ __forceinline__ uint32_t load_u16_keep(const void* p) {
   return v;
 }
 
-// Activation codes, which other CTAs of the kernel may have written (so not through the
-// non-coherent path), kept in L1 like the activations: every CTA of an SM reads them all. Read
-// after an acquire of their count, which drops stale L1 lines. (Through L2 only, .cg, the codes
-// path took 1.5-1.75x the time: NOTES.md v15.)
-__device__ __forceinline__ uint4 load_codes(const void* p) { return __ldca(static_cast<const uint4*>(p)); }
-__device__ __forceinline__ uint32_t load_code_scales(const void* p) {
-  return __ldca(static_cast<const unsigned short*>(p));
+// Activation codes, which the kernel may have written itself (other CTAs: not through the
+// non-coherent path), from L2.
+__device__ __forceinline__ uint4 load_l2(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_u16_l2(const void* p) {
+  unsigned short v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
 }
 
 // The activations are re-read by every CTA: keep them in L1/L2.
@@ -257,8 +261,8 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
     for (int j = 0; j < NT; ++j) {
       if constexpr (A4) {  // a chunk half past K holds zero codes and scale (nvfp4_quant.cu mode 3)
         const bool in = ok && x_ok[j] && k_left > 0;
-        st.x[j][0] = in ? load_codes(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
-        st.xsc[j] = in ? load_code_scales(xs_col[j] + 8 * group) : 0u;
+        st.x[j][0] = in ? load_l2(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
+        st.xsc[j] = in ? load_u16_l2(xs_col[j] + 8 * group) : 0u;
       } else {
 #pragma unroll
         for (int q = 0; q < 4; ++q)
