@@ -111,12 +111,6 @@ def main():
             row["w4a4_codes_equal_values"] = bool(torch.equal(w4a4_codes(ws[0], alphas44[0]), o_values))
             row["w4a4_codes_us"] = round(time_graph_us(
                 [lambda w=w, a=a: w4a4_codes(w, a) for w, a in zip(ws, alphas44)]), 2)
-            # ... and quantized by the GEMM's first CTAs (one launch)
-            row["w4a4_in_kernel_equal_values"] = bool(torch.equal(small_m_gemm(
-                x, wt, wst, alphas44[0], n=n, out_dtype=torch.bfloat16, quantize_scale=gx), o_values))
-            row["w4a4_in_kernel_us"] = round(time_graph_us(
-                [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, quantize_scale=gx)
-                 for w, a in zip(ws, alphas44)]), 2)
             use, use_codes = hopper.use_small_m, hopper.use_codes
             hopper.use_small_m = hopper.use_codes = lambda *a: False
             try:
@@ -138,7 +132,7 @@ def main():
     cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
             *[variant_key(*v) for v in variants], "w4a16_best_x", "w4a16_best_bw",
             "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us", "w4a4_codes_us",
-            "w4a4_in_kernel_us", "w4a4_codes_equal_values", "w4a4_in_kernel_equal_values",
+            "w4a4_codes_equal_values",
             "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

@@ -37,12 +37,12 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
 
 
 def test_kernel_layout_placement_matches_weight_layout():
-    """nvfp4_quantize.cuh (the quantization kernel's and the small-M GEMM's) places r[3]'s code bits
-    where weight_layout.code_bit_positions says, r[0..2] at the shifts of the decode."""
+    """nvfp4_quant.cu places r[3]'s code bits where weight_layout.code_bit_positions says (r[0..2]
+    follow from the shifts that test_weight_layout checks)."""
     import re
 
     from fp4_compile.ops.weight_layout import code_bit_positions
-    text = (cuda_quant.SOURCE.parent / "nvfp4_quantize.cuh").read_text()
+    text = cuda_quant.SOURCE.read_text()
     match = re.search(r"kPlaced3\[2\]\[4\] = \{\{([\d, ]+)\}, \{([\d, ]+)\}\};", text)
     placed = tuple(tuple(int(v) for v in group.split(",")) for group in match.groups())
     assert placed == code_bit_positions()[3]

@@ -224,42 +224,6 @@ def test_small_m_kernel_on_activation_codes(seed, n, k, m, dt):
     out = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=out_dtype, bias=bias, x_scale=scales, k=k)
     assert out.dtype == out_dtype and torch.isfinite(out).all()
     assert rel(out, ref + bias.double()) <= TOL[out_dtype]
-    if dt != torch.float32:  # the kernel quantizing the activations itself: the same bits
-        for warps in (8, 3):
-            poison_allocator(m * n * 8 + (1 << 22))
-            fused = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=dt, bias=bias, quantize_scale=gx,
-                                              warps=warps)
-            assert torch.equal(fused, cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=dt, bias=bias,
-                                                                x_scale=scales, k=k, warps=warps))
-        assert _tickets_are_zero()
-
-
-@pytest.mark.parametrize("n,k,m", [(4096, 4096, 16), (28672, 4096, 8), (72, 14336, 9)])
-def test_in_kernel_quantization_in_a_cuda_graph(seed, n, k, m):
-    """W4A4 through the small-M kernel that quantizes its own activations, captured once and replayed
-    on fresh activations and global scales: every replay equals the two-kernel path (quantization
-    kernel, then the GEMM on codes), and the counters are back at zero after each."""
-    for module in (cuda_small_m, cuda_quant):
-        if module.unavailable_reason(torch.cuda.current_device()) is not None:
-            pytest.skip(module.unavailable_reason(torch.cuda.current_device()))
-    pw, sw, gw = make_weight(n, k)
-    wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    alpha = (1 / (gx * gw)).float()
-    cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.bfloat16, quantize_scale=gx)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.bfloat16, quantize_scale=gx)
-    for factor in (1.0, 0.125, 8.0):
-        x.copy_(torch.randn(m, k, device=DEV) * factor)
-        gx.copy_(F.global_scale_from_amax(x.float().abs().amax()).reshape(1) * torch.rand((), device=DEV).add(0.5))
-        graph.replay()
-        codes, scales = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
-        want = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=torch.bfloat16, x_scale=scales, k=k)
-        assert torch.equal(out, want)
-        assert _tickets_are_zero()
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (1000, 1040, 7), (6144, 4096, 16), (4096, 4096, 64),

@@ -16,7 +16,7 @@ import pathlib
 import torch
 
 from ..format import check_same_device
-from . import cuda_quant, nvcc, split_tickets
+from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 
@@ -60,8 +60,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn = lib.fp4c_nvfp4_small_m_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32,
-                   p, i64, p, p, p]
+    fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -110,7 +109,7 @@ def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                  x_scale: torch.Tensor | None = None, k: int | None = None,
-                 quantize_scale: torch.Tensor | None = None, rows_per_warp: int | None = None, stages: int | None = None,
+                 rows_per_warp: int | None = None, stages: int | None = None,
                  warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
                  library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
@@ -121,27 +120,16 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     W4A4 on codes instead: ``x`` uint8 [M, >= Kc/2] and ``x_scale`` e4m3 [M, >= Kc/16] as
     ``cuda_quant.quantize(..., MODE_KERNEL_CODES)`` writes them (Kc = ``k`` rounded up to 32, its padding
     zero), ``k`` the activations' K, ``out_dtype`` bf16, fp16 (the MMA operand type) or float32 (bf16).
-    W4A4 in one launch: ``x`` the bf16/fp16 activations and ``quantize_scale`` their global scale (one
-    float32 on the device): the kernel's first CTAs quantize them to codes that all CTAs then read.
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build);
     ``library`` (from ``load_library``) the package's build.
     Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
     """
-    xin = flags = None
     if x_scale is None:
         x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
                                                           bias, out_dtype)
         m, k = x.shape
         fp16 = x.dtype == torch.float16
-        if quantize_scale is not None:  # codes and scales written by the kernel, counted in two tickets
-            check_same_device(x=x, quantize_scale=quantize_scale)
-            if quantize_scale.dtype != torch.float32 or quantize_scale.numel() != 1:
-                raise TypeError("quantize_scale must be one float32 (the activations' global scale)")
-            xin, kc = x, -(-k // 32) * 32
-            x = torch.empty((m, kc // 2), dtype=torch.uint8, device=xin.device)
-            x_scale = torch.empty((m, kc // 16), dtype=torch.uint8, device=xin.device)
-            flags = split_tickets.split_tickets(xin.device, 2)
     else:
         x, x_scale, weight_scale, alpha, bias, k = _code_operands(x, x_scale, weight, weight_scale, alpha, bias,
                                                                  out_dtype, k)
@@ -169,9 +157,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         x_scale.stride(0) if x_scale is not None else 0, weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, k, kp, int(fp16), int(out_dtype == torch.float32),
-        rows_per_warp, stages, warps, int(use_pdl(x.device)), xin.data_ptr() if xin is not None else None,
-        xin.stride(0) if xin is not None else 0, quantize_scale.data_ptr() if xin is not None else None,
-        flags.data_ptr() if xin is not None else None, stream))
+        rows_per_warp, stages, warps, int(use_pdl(x.device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")

@@ -61,21 +61,4 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// Counters between the CTAs of one grid (split-K tickets, published activations), at GPU scope:
-// count_release after this CTA's writes are fenced; wait_count spins until `target`, then sets the
-// counter back to zero where `reset` (its last reader). A CTA only waits for CTAs of lower index,
-// which are dispatched no later, so no CTA needs one that is not resident.
-__device__ __forceinline__ void count_release(int* counter) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
-}
-__device__ __forceinline__ void wait_count(int* counter, int target, bool reset) {
-  int seen = 0;
-  for (;;) {
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-    if (seen >= target) break;
-    __nanosleep(64);
-  }
-  if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
-}
-
 }  // namespace fp4c

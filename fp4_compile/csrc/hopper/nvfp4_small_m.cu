@@ -7,10 +7,7 @@
 // quantization (exact in bf16/fp16), it is the W4A4 product; fed bf16/fp16 activations, W4A16.
 // W4A4 can also take the activations as NVFP4 codes in the weights' word layout with linear
 // scales (nvfp4_quant.cu mode 3), decoded like the weights: 0.5625 bytes per activation instead of
-// 2, which matters at M = 8..16, where every CTA reads all M x K activations from L2. The kernel
-// can quantize them itself: its first CTAs write the codes (nvfp4_quantize.cuh, the quantization
-// kernel's functions) and count themselves in a counter; every CTA issues its first weight loads,
-// then waits for the count before it reads codes. One launch instead of two.
+// 2, which matters at M = 9..16, where every CTA reads all M x K activations from L2.
 //
 // Weight layout (shared with the Triton kernels, see ops/weight_layout.py): uint8
 // [Np, Kp/2] rows, each 16-byte chunk (32 k) holding in word w (0..3) the k-columns
@@ -38,16 +35,13 @@
 
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
-#include "nvfp4_quantize.cuh"
 
 namespace {
 
 using fp4c::Convert;
 using fp4c::ScalePair;
 using fp4c::decode_word;
-using fp4c::count_release;
 using fp4c::make_scales;
-using fp4c::wait_count;
 using fp4c::wait_for_prior_grid;
 
 constexpr int kWarpSize = 32;
@@ -104,19 +98,6 @@ __device__ __forceinline__ uint32_t load_u16_keep(const void* p) {
   return v;
 }
 
-// Activation codes, which the kernel may have written itself (other CTAs: not through the
-// non-coherent path), from L2.
-__device__ __forceinline__ uint4 load_l2(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint32_t load_u16_l2(const void* p) {
-  unsigned short v;
-  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
-
 // The activations are re-read by every CTA: keep them in L1/L2.
 __device__ __forceinline__ uint4 load_keep(const void* p) {
   uint4 v;
@@ -146,58 +127,10 @@ struct Args {
   int64_t ldxs;
 };
 
-// A4 with in-kernel quantization (xin non-null): the bf16/fp16 activations [M, K] (row stride
-// ldxin), their global scale, and a zeroed counter pair [published, done] (set back to zero by the
-// kernel); the first `producers` CTAs write Args::x (codes) and Args::xs. A parameter of its own:
-// grown past 128 bytes, Args changed the other instances' SASS (5% more instructions).
-struct QuantizeArgs {
-  const uint16_t* xin;
-  int64_t ldxin;
-  const float* gs;
-  int* flags;
-  int producers;
-};
-
-// The producers' part of in-kernel quantization: chunk i (32 activations of one row) per thread,
-// written in the weight word layout (nvfp4_quant.cu mode 3, bit for bit), then counted.
-template <bool FP16>
-__device__ __forceinline__ void quantize_activations(const Args& args, const QuantizeArgs& quant) {
-  namespace q = fp4c::quantize;
-  constexpr int DT = FP16 ? q::kF16 : q::kBF16;
-  const float gs = __ldg(quant.gs);
-  const int kc = (args.K + 31) / 32;
-  const int total = args.M * kc;
-  uint8_t* codes = reinterpret_cast<uint8_t*>(const_cast<uint16_t*>(args.x));
-  uint8_t* scales = const_cast<uint8_t*>(args.xs);
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += quant.producers * blockDim.x) {
-    const int r = i / kc, c = i % kc;
-    const bool valid1 = 32 * c + 16 < args.K;
-    const uint16_t* src = quant.xin + r * quant.ldxin + 32 * c;
-    uint32_t w[16];
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      const uint4 v = (l < 2 || valid1) ? load_keep(src + 8 * l) : make_uint4(0, 0, 0, 0);
-      w[4 * l] = v.x, w[4 * l + 1] = v.y, w[4 * l + 2] = v.z, w[4 * l + 3] = v.w;
-    }
-    const float amax[2] = {q::block_amax<DT>(w, 0), q::block_amax<DT>(w, 1)};
-    bool bad[2];
-    const uint32_t bytes = q::scale_bytes(amax, gs, bad) & (valid1 ? 0xFFFFu : 0xFFu);
-    const float os[2] = {q::out_scale(bytes & 0xFFu, gs), q::out_scale(bytes >> 8, gs)};
-    uint32_t lin[4], kw[4];
-    q::encode_words<DT, true>(w, os, bad, lin);
-    q::to_kernel_words(lin, kw);
-    *reinterpret_cast<uint4*>(codes + r * args.ldx + 16 * c) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
-    *reinterpret_cast<uint16_t*>(scales + r * args.ldxs + 2 * c) = static_cast<uint16_t>(bytes);
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) count_release(quant.flags);
-}
-
 // Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
 // (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4: activation codes.
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
-__global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, const QuantizeArgs quant) {
+__global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -244,8 +177,9 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
     }
   }
 
-  auto load_weights = [&](Stage<RT, NT, A4>& st, int group) {
+  auto load = [&](Stage<RT, NT, A4>& st, int group) {
     const bool ok = group < ge && 4 * group + t < args.chunks;
+    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
@@ -253,16 +187,12 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
         st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
         st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
       }
-  };
-  auto load_activations = [&](Stage<RT, NT, A4>& st, int group) {
-    const bool ok = group < ge && 4 * group + t < args.chunks;
-    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       if constexpr (A4) {  // a chunk half past K holds zero codes and scale (nvfp4_quant.cu mode 3)
         const bool in = ok && x_ok[j] && k_left > 0;
-        st.x[j][0] = in ? load_l2(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
-        st.xsc[j] = in ? load_u16_l2(xs_col[j] + 8 * group) : 0u;
+        st.x[j][0] = in ? load_keep(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
+        st.xsc[j] = in ? load_u16_keep(xs_col[j] + 8 * group) : 0u;
       } else {
 #pragma unroll
         for (int q = 0; q < 4; ++q)
@@ -270,10 +200,6 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
                                                             : make_uint4(0, 0, 0, 0);
       }
     }
-  };
-  auto load = [&](Stage<RT, NT, A4>& st, int group) {
-    load_weights(st, group);
-    load_activations(st, group);
   };
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
@@ -323,34 +249,13 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
   // (Issuing the first weight loads before this wait measured no faster: benchmarks/NOTES.md, v9.)
   wait_for_prior_grid();
   Stage<RT, NT, A4> buf[PF];
-  if constexpr (A4) {
-    const bool quantize = quant.xin != nullptr;
-    if (quantize && blockIdx.x < quant.producers) quantize_activations<FP16>(args, quant);
 #pragma unroll
-    for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p);
-    if (quantize) {
-      if (threadIdx.x == 0) wait_count(quant.flags, quant.producers, false);
-      __syncthreads();
-    }
-#pragma unroll
-    for (int p = 0; p < PF; ++p) load_activations(buf[p], gb + p);
-  } else {
-#pragma unroll
-    for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
-  }
+  for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
       if (s + p < ge) compute(buf[p]);
       load(buf[p], s + p + PF);
-    }
-  }
-
-  if constexpr (A4) {
-    // the last CTA past the wait sets the counters back to zero for the next call
-    if (quant.xin != nullptr && threadIdx.x == 0 && atomicAdd(quant.flags + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-      quant.flags[0] = 0;
-      quant.flags[1] = 0;
     }
   }
 
@@ -387,11 +292,11 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args, con
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
-cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream, const QuantizeArgs& quant = {}) {
+cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
   return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4>, dim3((args.N + rows - 1) / rows),
                       dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
-                      stream, args, quant);
+                      stream, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
@@ -404,13 +309,12 @@ cudaError_t dispatch_stages(const Args& args, int stages, int warps, bool pdl, c
 }
 
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tiles(const Args& args, const QuantizeArgs& quant, int rt, int stages, int warps, bool pdl,
-                           cudaStream_t stream) {
+cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool pdl, cudaStream_t stream) {
   const bool two_n = args.M > 8;
   if (args.xs != nullptr) {  // activation codes: one configuration, 16 rows per warp, 2 stages
     if (rt != 1 || stages != 2) return cudaErrorInvalidValue;
-    return two_n ? launch<FP16, 1, 2, 2, OutT, true>(args, warps, pdl, stream, quant)
-                 : launch<FP16, 1, 1, 2, OutT, true>(args, warps, pdl, stream, quant);
+    return two_n ? launch<FP16, 1, 2, 2, OutT, true>(args, warps, pdl, stream)
+                 : launch<FP16, 1, 1, 2, OutT, true>(args, warps, pdl, stream);
   }
   if (rt == 1) {
     return two_n ? dispatch_stages<FP16, 1, 2, OutT>(args, stages, warps, pdl, stream)
@@ -431,37 +335,27 @@ extern "C" {
 // x's type, 1 = float32. xs non-null: x holds W4A4 activation codes (uint8 [M, Kc/2] in the weight
 // word layout, row stride ldx bytes; a chunk half past K zero) with e4m3 scales xs [M, Kc/16] (row
 // stride ldxs), and x_fp16 picks the MMA operand type, also the output's unless out_fp32 (then bf16);
-// rows_per_warp 16, stages 2. xin non-null (with xs): the kernel quantizes xin (bf16/fp16 as x_fp16,
-// [M, K], row stride ldxin) into x and xs itself with global scale *gs; flags: two zeroed int32
-// counters, zero again after the kernel. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
+// rows_per_warp 16, stages 2. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
                             int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
-                            int pdl, const void* xin, int64_t ldxin, const float* gs, int* flags,
-                            cudaStream_t stream) {
+                            int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
       pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws), out,
             bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32, static_cast<const uint8_t*>(xs), ldxs};
-  QuantizeArgs quant{static_cast<const uint16_t*>(xin), ldxin, gs, flags, 0};
-  if (xin != nullptr) {
-    if (xs == nullptr || gs == nullptr || flags == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-    const int threads = warps * kWarpSize;
-    const int grid = (N + rows_per_warp - 1) / rows_per_warp, per_cta = (M * ((K + 31) / 32) + threads - 1) / threads;
-    quant.producers = per_cta < grid ? per_cta : grid;
-  }
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tiles<true, float>(args, quant, rt, stages, warps, pdl != 0, stream)
-                   : dispatch_tiles<true, __half>(args, quant, rt, stages, warps, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tiles<true, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<true, __half>(args, rt, stages, warps, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tiles<false, float>(args, quant, rt, stages, warps, pdl != 0, stream)
-                   : dispatch_tiles<false, __nv_bfloat16>(args, quant, rt, stages, warps, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, pdl != 0, stream)
+                   : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }

@@ -63,8 +63,6 @@ using fp4c::ScalePair;
 using fp4c::decode_word;
 using fp4c::Gather;
 using fp4c::make_scales;
-using fp4c::count_release;
-using fp4c::wait_count;
 using fp4c::wait_for_prior_grid;
 
 constexpr int kConsumerThreads = 256;              // two warpgroups
@@ -121,6 +119,21 @@ struct Args {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The split-K counters (Args::tickets), at GPU scope.
+__device__ __forceinline__ void count_release(int* counter) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+}
+// Spins until the counter reaches `target`, then sets it back to zero where `reset` (its last reader).
+__device__ __forceinline__ void wait_count(int* counter, int target, bool reset) {
+  int seen = 0;
+  for (;;) {
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    if (seen >= target) break;
+    __nanosleep(64);
+  }
+  if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
