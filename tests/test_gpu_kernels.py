@@ -133,6 +133,27 @@ def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, small_m_path):
         assert rel(out, ref) <= TOL[dt], (kern.name, rel(out, ref))
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (33, 48), (28672, 256)])
+@pytest.mark.parametrize("m", [8, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
+def test_w4a4_linear_at_m_8_to_16(seed, n, k, m, dt):
+    """The W4A4 linear where it quantizes the activations to codes for the small-M kernel (M = 8, and
+    M = 16 up to N = 8192; else Triton): against the float64 reference, bias included, on a
+    [2, M/2, K] input (leading dimensions kept)."""
+    pw, sw, gw = make_weight(n, k)
+    x = torch.randn(2, m // 2, k, device=DEV).to(dt)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    bias = torch.randn(n, device=DEV).to(dt)
+    ref44, _ = _refs(x.reshape(m, k), pw, sw, gx, gw)
+    wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+    assert hopper.use_codes(x.reshape(m, k), m, n) == (cuda_small_m.dispatches_codes(m, n) and all(
+        mod.unavailable_reason(torch.cuda.current_device()) is None for mod in (cuda_small_m, cuda_quant)))
+    poison_allocator(m * n * 8 + (1 << 22))
+    out = TRITON_W4A4.linear(x, wt, wst, gx, (1 / (gx * gw)).float(), bias, n)
+    assert out.shape == (2, m // 2, n) and out.dtype == dt and torch.isfinite(out).all()
+    assert rel(out.reshape(m, n), ref44 + bias.double()) <= TOL[dt]
+
+
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208)])
 @pytest.mark.parametrize("m", MS)
 def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
