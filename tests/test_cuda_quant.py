@@ -37,19 +37,36 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
 
 
 def test_kernel_layout_placement_matches_weight_layout():
-    """nvfp4_quant.cu places r[3]'s code bits where weight_layout.code_bit_positions says (r[0..2]
-    follow from the shifts that test_weight_layout checks)."""
+    """nvfp4_quant.cu's encoder of the kernel word layout (shifts of the magnitudes, rotations for
+    register 3, shifts of the sign bits), modelled bit by bit, places every code bit where
+    weight_layout.code_bit_positions says."""
     import re
 
     from fp4_compile.ops.weight_layout import code_bit_positions
     text = cuda_quant.SOURCE.read_text()
-    match = re.search(r"kPlaced3\[2\]\[4\] = \{\{([\d, ]+)\}, \{([\d, ]+)\}\};", text)
-    placed = tuple(tuple(int(v) for v in group.split(",")) for group in match.groups())
-    assert placed == code_bit_positions()[3]
-    for j in range(3):
-        for h in range(2):
-            assert code_bit_positions()[j][h] == (6 - 3 * j + 16 * h, 7 - 3 * j + 16 * h, 8 - 3 * j + 16 * h,
-                                                   15 - 3 * j + 16 * h)
+    mag_shift = [int(v) for v in re.search(r"kMagShift\[3\] = \{([\d, ]+)\};", text).group(1).split(",")]
+    rot_exp, rot_mant, sign3 = (int(v) for v in re.search(
+        r"kRot3Exp = (\d+), kRot3Mant = (\d+), kSign3Shift = (\d+);", text).groups())
+
+    def rotl(v, r):
+        return ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF
+
+    def encode(j, h, b):
+        """Where bit b (0 mantissa, 1 e0, 2 e1, 3 sign) of the code in lane h of register j lands."""
+        if b == 3:  # the sign, at bit 15 (lane 0) or 31 (lane 1) of the pair's sign word
+            bit = 1 << (15 + 16 * h)
+            placed = bit >> (3 * j if j < 3 else sign3)
+        else:  # the magnitude bits, at 0..2 (lane 0) or 16..18 (lane 1) of m
+            bit = 1 << (b + 16 * h)
+            if j < 3:
+                placed = bit << mag_shift[j]
+            else:
+                placed = (rotl(bit, rot_exp) & 0x0C000C00) | (rotl(bit, rot_mant) & 0x40004000)
+        assert placed and placed & (placed - 1) == 0, (j, h, b, hex(placed))
+        return placed.bit_length() - 1
+
+    assert tuple(tuple(tuple(encode(j, h, b) for b in range(4)) for h in range(2)) for j in range(4)) == \
+        code_bit_positions()
 
 
 @needs_nvcc

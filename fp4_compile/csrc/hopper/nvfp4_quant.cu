@@ -196,36 +196,56 @@ __device__ __forceinline__ ElementPair element_pair(const uint32_t* w, int e) {
 
 // 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
 // fp32 inputs: f[32]; signs and values come from the floats directly.
-// Linear packed words (word i: elements 8i .. 8i+7, element e in bits 4(e % 8) .. 4(e % 8) + 3) ->
-// the GEMMs' word layout (ops/weight_layout.py): word t holds the code of element
-// 8j + 2t + h of the chunk (placed register j, lane h) with its bits where the decode wants them:
-// for j < 3 the magnitude at bits 6 - 3j .. 8 - 3j and the sign at 15 - 3j (+16 for lane 1); j = 3
-// in the bits left over (kPlaced3, from weight_layout.code_bit_positions; tests check both).
-__device__ constexpr int kPlaced3[2][4] = {{30, 26, 27, 13}, {14, 10, 11, 29}};  // [lane][mantissa, e0, e1, sign]
-__device__ __forceinline__ void to_kernel_words(const uint32_t (&lin)[4], uint32_t (&kw)[4]) {
+// The codes of a pair of blocks in the GEMMs' word layout (ops/weight_layout.py), built from the
+// rounded pairs: word t, placed register j takes elements 8j + 2t + {0, 1} (lanes 0, 1), a pair that
+// element_pair gives as it is. With m = both codes' magnitudes (lane 0 at bits 0..2, lane 1 at
+// 16..18, one byte_perm) and s = both sign bits (15, 31): registers j < 3 take m << kMagShift[j]
+// and s >> 3j; register 3 takes the bits left over, reached by rotations of m (e0, e1: kRot3Exp;
+// mantissa: kRot3Mant) and s >> kSign3Shift. tests/test_cuda_quant.py checks these constants against
+// weight_layout.code_bit_positions. A bad block (Inf/NaN) is zero codes.
+__device__ constexpr int kMagShift[3] = {6, 3, 0};
+constexpr int kRot3Exp = 25, kRot3Mant = 30, kSign3Shift = 2;
+template <int DT, bool SAT>
+__device__ __forceinline__ void encode_kernel_words(const uint32_t* w, const float* os, const bool* bad,
+                                                    uint32_t (&kw)[4]) {
 #pragma unroll
-  for (int t = 0; t < 4; ++t) {
-    uint32_t w = 0;
+  for (int t = 0; t < 4; ++t) kw[t] = 0u;
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < 4; ++j) {
+    if (bad[j / 2]) continue;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int e = 8 * j + 2 * t + h;
-        const uint32_t c = (lin[e >> 3] >> (4 * (e & 7))) & 0xFu;
-        if (j < 3) {
-          w |= (c & 7u) << (6 - 3 * j + 16 * h) | (c >> 3) << (15 - 3 * j + 16 * h);
-        } else {
-#pragma unroll
-          for (int b = 0; b < 4; ++b) w |= ((c >> b) & 1u) << kPlaced3[h][b];
-        }
+    for (int t = 0; t < 4; ++t) {
+      const ElementPair x = element_pair<DT>(w, 8 * j + 2 * t);
+      const float o = os[j / 2];
+      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
+      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
+      const uint32_t m = __byte_perm(__float_as_uint(rl), __float_as_uint(rh), 0x5410) & 0x00070007u;
+      const uint32_t sg = x.signs & 0x80008000u;
+      if (j < 3) {
+        kw[t] |= (m << kMagShift[j]) | (sg >> (3 * j));
+      } else {
+        kw[t] |= (__funnelshift_l(m, m, kRot3Exp) & 0x0C000C00u) | (__funnelshift_l(m, m, kRot3Mant) & 0x40004000u) |
+                 (sg >> kSign3Shift);
       }
-    kw[t] = w;
+    }
   }
 }
 
 template <int DT, bool SAT, bool KERNEL_LAYOUT = false>
 __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, const float* os, const bool* bad,
                                             int64_t row, int pair, bool valid1) {
+  uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
+  if constexpr (KERNEL_LAYOUT) {  // the whole 16-byte chunk: a missing second block is zero codes
+    uint32_t kw[4];
+    encode_kernel_words<DT, SAT>(w, os, bad, kw);
+    if (a.q16) {
+      *reinterpret_cast<uint4*>(q) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
+    } else {
+      *reinterpret_cast<uint2*>(q) = make_uint2(kw[0], kw[1]);
+      *reinterpret_cast<uint2*>(q + 8) = make_uint2(kw[2], kw[3]);
+    }
+    return;
+  }
   uint32_t out[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
@@ -240,17 +260,7 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
     }
     out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
   }
-  uint8_t* q = a.q + row * a.ldq + 16 * static_cast<int64_t>(pair);
-  if constexpr (KERNEL_LAYOUT) {  // the whole 16-byte chunk: a missing second block is zero codes
-    uint32_t kw[4];
-    to_kernel_words(out, kw);
-    if (a.q16) {
-      *reinterpret_cast<uint4*>(q) = make_uint4(kw[0], kw[1], kw[2], kw[3]);
-    } else {
-      *reinterpret_cast<uint2*>(q) = make_uint2(kw[0], kw[1]);
-      *reinterpret_cast<uint2*>(q + 8) = make_uint2(kw[2], kw[3]);
-    }
-  } else if (valid1 && a.q16) {
+  if (valid1 && a.q16) {
     *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
   } else {
     *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
