@@ -244,27 +244,27 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
       *reinterpret_cast<uint2*>(q) = make_uint2(kw[0], kw[1]);
       *reinterpret_cast<uint2*>(q + 8) = make_uint2(kw[2], kw[3]);
     }
-    return;
-  }
-  uint32_t out[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
-    uint32_t bytes[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const ElementPair x = element_pair<DT>(w, 8 * j + 2 * k);
-      const float o = os[j / 2];
-      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
-      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
-      bytes[k] = pack_pair(rl, rh, x.signs);
-    }
-    out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
-  }
-  if (valid1 && a.q16) {
-    *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
   } else {
-    *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
-    if (valid1) *reinterpret_cast<uint2*>(q + 8) = make_uint2(out[2], out[3]);
+    uint32_t out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // output word j: elements 8j .. 8j+7 (block j / 2)
+      uint32_t bytes[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const ElementPair x = element_pair<DT>(w, 8 * j + 2 * k);
+        const float o = os[j / 2];
+        const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
+        const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
+        bytes[k] = pack_pair(rl, rh, x.signs);
+      }
+      out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
+    }
+    if (valid1 && a.q16) {
+      *reinterpret_cast<uint4*>(q) = make_uint4(out[0], out[1], out[2], out[3]);
+    } else {
+      *reinterpret_cast<uint2*>(q) = make_uint2(out[0], out[1]);
+      if (valid1) *reinterpret_cast<uint2*>(q + 8) = make_uint2(out[2], out[3]);
+    }
   }
 }
 
@@ -310,21 +310,28 @@ __device__ __forceinline__ void values_pair(const Args& a, const uint32_t* w, co
   }
 }
 
+// The reference's float ops for a scale byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
+__device__ __forceinline__ float out_scale(uint32_t byte, float gs) {
+  const float sf = e4m3_value(byte);
+  const float safe = __fmul_rn(sf, __frcp_rn(gs));
+  return sf == 0.0f ? 0.0f : __frcp_rn(safe);
+}
+
 template <int DT, int MODE, bool FP16_OUT = false>
 __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
-  __shared__ float s_os[256];  // out_scale of each scale byte
+  // out_scale of each scale byte, tabulated once per CTA where threads loop over many rows; mode 3
+  // serves decode-sized M (a row or two per thread), where the table's barrier sat on the path
+  // from the launch to the GEMM after it: each thread computes its two instead.
+  constexpr bool kTable = MODE != kModeKernelCodes;
+  __shared__ float s_os[kTable ? 256 : 1];
   // Launched with PDL: the GEMM after us may launch now; we wait for the kernel before us (it may
   // have written x and the global scale).
   fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
-  {
-    // The reference's float ops, once per byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
-    const float gs = __ldg(a.gs);
-    const float sf = e4m3_value(threadIdx.x);
-    const float safe = __fmul_rn(sf, __frcp_rn(gs));
-    s_os[threadIdx.x] = sf == 0.0f ? 0.0f : __frcp_rn(safe);
+  if constexpr (kTable) {
+    s_os[threadIdx.x] = out_scale(threadIdx.x, __ldg(a.gs));
+    __syncthreads();
   }
-  __syncthreads();
   const float gs = __ldg(a.gs);
 
   const int tx = threadIdx.x & ((1 << a.log_tx) - 1);
@@ -371,7 +378,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
       const uint32_t cv = e4m3x2(v0, v1);
       const uint32_t b0 = bad[0] ? 0x7Fu : (cv & 0xFFu);
       const uint32_t b1 = bad[1] ? 0x7Fu : (cv >> 8);
-      const float os[2] = {s_os[b0], s_os[b1]};
+      const float os[2] = {kTable ? s_os[b0] : out_scale(b0, gs), kTable ? s_os[b1] : out_scale(b1, gs)};
       byte_pair = b0 | ((valid1 ? b1 : 0u) << 8);
       // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
       const bool sat = __fmul_rn(amax[0], os[0]) >= 7.0f || __fmul_rn(amax[1], os[1]) >= 7.0f;
