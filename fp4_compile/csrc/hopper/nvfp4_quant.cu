@@ -194,6 +194,19 @@ __device__ __forceinline__ ElementPair element_pair(const uint32_t* w, int e) {
   }
 }
 
+// Elements e, e+1 rounded: the magic floats 2^23 + code magnitude (e2m1_magic) and x's sign bits
+// (15: e, 31: e+1). os: the two blocks' out_scale.
+struct RoundedPair {
+  float lo, hi;
+  uint32_t signs;
+};
+template <int DT, bool SAT>
+__device__ __forceinline__ RoundedPair round_pair(const uint32_t* w, const float* os, int e) {
+  const ElementPair x = element_pair<DT>(w, e);
+  const float o = os[e / 16];
+  return {e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o)), e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o)), x.signs};
+}
+
 // 16-bit inputs: w[16] = the 32 elements as x2 words (block b: w[8b .. 8b+7]).
 // fp32 inputs: f[32]; signs and values come from the floats directly.
 // The codes of a pair of blocks in the GEMMs' word layout (ops/weight_layout.py), built from the
@@ -215,12 +228,9 @@ __device__ __forceinline__ void encode_kernel_words(const uint32_t* w, const flo
     if (bad[j / 2]) continue;
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      const ElementPair x = element_pair<DT>(w, 8 * j + 2 * t);
-      const float o = os[j / 2];
-      const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
-      const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
-      const uint32_t m = __byte_perm(__float_as_uint(rl), __float_as_uint(rh), 0x5410) & 0x00070007u;
-      const uint32_t sg = x.signs & 0x80008000u;
+      const RoundedPair r = round_pair<DT, SAT>(w, os, 8 * j + 2 * t);
+      const uint32_t m = __byte_perm(__float_as_uint(r.lo), __float_as_uint(r.hi), 0x5410) & 0x00070007u;
+      const uint32_t sg = r.signs & 0x80008000u;
       if (j < 3) {
         kw[t] |= (m << kMagShift[j]) | (sg >> (3 * j));
       } else {
@@ -251,11 +261,8 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
       uint32_t bytes[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const ElementPair x = element_pair<DT>(w, 8 * j + 2 * k);
-        const float o = os[j / 2];
-        const float rl = e2m1_magic<SAT>(__fmul_rn(fabsf(x.lo), o));
-        const float rh = e2m1_magic<SAT>(__fmul_rn(fabsf(x.hi), o));
-        bytes[k] = pack_pair(rl, rh, x.signs);
+        const RoundedPair r = round_pair<DT, SAT>(w, os, 8 * j + 2 * k);
+        bytes[k] = pack_pair(r.lo, r.hi, r.signs);
       }
       out[j] = bad[j / 2] ? 0u : bytes4(bytes[0], bytes[1], bytes[2], bytes[3]);
     }
