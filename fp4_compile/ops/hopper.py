@@ -11,8 +11,9 @@ to bf16), weights decoded as above, ``out = acc * alpha + bias`` with ``alpha = 
 
 At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C++ small-M kernel
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
-(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4); W4A4 at M = 9..16
-feeds it the activations' codes in the weight word layout (``cuda_small_m.use_codes``). For M = 17..2048
+(W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). W4A4 from M = 8
+(M = 9..16 up to N = 8192) feeds it the activations' codes in the weight word layout instead
+(``cuda_small_m.use_codes``: 0.5625 bytes per activation read from L2, not 2). For M = 17..2048
 on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel where it measured
 faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At larger M (``use_dequant``) the weight is
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
@@ -158,8 +159,9 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(x2, weight, m, out_features, w4a4=True)
-        if use_codes(x2, m, out_features):
+        codes = use_codes(x2, m, out_features)
+        cuda_gemm = None if codes else _cuda_gemm(x2, weight, m, out_features, w4a4=True)
+        if codes:
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)

@@ -339,9 +339,9 @@ extern "C" {
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
-                            const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha, int M, int N, int K,
-                            int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages, int warps,
-                            int pdl, cudaStream_t stream) {
+                            const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
+                            int M, int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages,
+                            int warps, int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
       pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
