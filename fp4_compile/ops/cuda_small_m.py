@@ -80,11 +80,18 @@ def dispatches(m: int, n: int) -> bool:
     return 1 <= m <= (DISPATCH_MAX_M_SMALL_N if n <= SMALL_N else DISPATCH_MAX_M)
 
 
+def _runs_on(x: torch.Tensor, *other_kernels) -> bool:
+    """Can this kernel, and the kernels a path also needs (their ``unavailable_reason``), run on
+    ``x.device``?"""
+    if x.device.type != "cuda":
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return all(reason(index) is None for reason in (unavailable_reason, *other_kernels))
+
+
 def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
     """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel?"""
-    if not dispatches(m, n) or x.device.type != "cuda":
-        return False
-    return unavailable_reason(x.device.index if x.device.index is not None else torch.cuda.current_device()) is None
+    return dispatches(m, n) and _runs_on(x)
 
 
 def dispatches_codes(m: int, n: int) -> bool:
@@ -93,11 +100,9 @@ def dispatches_codes(m: int, n: int) -> bool:
 
 
 def use_codes(x: torch.Tensor, m: int, n: int) -> bool:
-    """Route a W4A4 [m, K] x [n, K] call on ``x.device`` to this kernel on activation codes?"""
-    if not dispatches_codes(m, n) or x.device.type != "cuda":
-        return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return unavailable_reason(index) is None and cuda_quant.unavailable_reason(index) is None
+    """Route a W4A4 [m, K] x [n, K] call on ``x.device`` to this kernel on activation codes (written by
+    the CUDA quantization kernel)?"""
+    return dispatches_codes(m, n) and _runs_on(x, cuda_quant.unavailable_reason)
 
 
 def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:

@@ -159,9 +159,9 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        codes = use_codes(x2, m, out_features)
-        cuda_gemm = None if codes else _cuda_gemm(x2, weight, m, out_features, w4a4=True)
-        if codes:
+        on_codes = use_codes(x2, m, out_features)
+        cuda_gemm = None if on_codes else _cuda_gemm(x2, weight, m, out_features, w4a4=True)
+        if on_codes:
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)

@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace fp4c {
 
 // A cudaLaunchKernelEx configuration: grid, block, dynamic shared memory and stream, with a
@@ -38,6 +40,22 @@ struct LaunchConfig {
   LaunchConfig(const LaunchConfig&) = delete;
   LaunchConfig& operator=(const LaunchConfig&) = delete;
 };
+
+// The current device's SM count (0 if it cannot be read), cached per device: launchers size their
+// grids with it on every call.
+inline int sm_count() {
+  static std::atomic<int> cache[64];  // (zero: static storage)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 0;
+  if (device < 64) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) return 0;
+  if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
 
 // cudaLaunchKernelEx of `kernel` on `stream`, with programmatic dependent launch where `pdl`.
 template <typename... Params, typename... Args>

@@ -437,18 +437,6 @@ cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, dim3 grid, bool 
   }
 }
 
-int multiprocessors() {
-  // cached per device: cudaDeviceGetAttribute is cheap but not free, and this runs per call
-  static int cache[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
-  if (dev < 64 && cache[dev] > 0) return cache[dev];
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
-  if (dev < 64) cache[dev] = n;
-  return n;
-}
-
 }  // namespace
 
 extern "C" {
@@ -515,7 +503,8 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   const int64_t rows = (a.mg + ty - 1) / ty;
   // ctas_per_sm CTAs per SM (their loads keep HBM busy), each thread looping over the rows beyond that,
   // so the per-CTA out_scale table is amortized.
-  const int64_t cap = static_cast<int64_t>(ctas_per_sm) * multiprocessors();
+  const int sms = fp4c::sm_count();
+  const int64_t cap = static_cast<int64_t>(ctas_per_sm) * (sms > 0 ? sms : 132);
   int64_t gy = gx >= cap ? 1 : (cap + gx - 1) / gx;
   if (gy > rows) gy = rows;
   if (gy > 65535) gy = 65535;

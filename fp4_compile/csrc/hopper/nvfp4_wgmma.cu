@@ -781,15 +781,6 @@ cudaError_t allow_smem() {
   return attr;
 }
 
-int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 0;
-  }
-  return sms;
-}
-
 template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
                    bool pdl, cudaStream_t stream) {
@@ -808,7 +799,7 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
   }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y;
-  const int sms = sm_count();
+  const int sms = fp4c::sm_count();
   if (args.tail_tiles > 0 && (sizeof(OutT) != 2 || splits > 1 || sms == 0 || tiles <= sms ||
                               args.tail_tiles >= tiles || args.tail_tiles * args.tail_splits > sms)) {
     return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
@@ -851,11 +842,12 @@ extern "C" {
 // x's type, 1 = float32. bn (activation rows per CTA): 32, 64, 128 or 256; wm: 1 or 2 (128 or 256
 // weight rows per CTA; bn 256 takes 1); splits: 1..8, reduced in a cluster of that many CTAs, or,
 // where fixup is given, through global memory: fixup then holds tiles x (splits - 1) x bn x 128 wm
-// floats and tickets one int per tile (tiles = ceil(N / (128 wm)) x ceil(M / bn)). tail_tiles > 0 (unsplit 16-bit launches with more tiles than SMs, which run
-// persistent): the last tail_tiles tiles are split along K into tail_splits slices (tail_tiles x
-// tail_splits at most the SM count); fixup holds tail_tiles x (tail_splits - 1) x bn x 128 wm floats,
-// tickets tail_tiles ints. Tickets must be zero at launch; the kernel leaves them zero. pdl: 1 =
-// programmatic dependent launch, 0 = a plain launch.
+// floats and tickets one int per tile (tiles = ceil(N / (128 wm)) x ceil(M / bn)). tail_tiles > 0
+// (unsplit 16-bit launches with more tiles than SMs, which run persistent): the last tail_tiles
+// tiles are split along K into tail_splits slices (tail_tiles x tail_splits at most the SM count);
+// fixup holds tail_tiles x (tail_splits - 1) x bn x 128 wm floats, tickets tail_tiles ints.
+// Tickets must be zero at launch; the kernel leaves them zero. pdl: 1 = programmatic dependent
+// launch, 0 = a plain launch.
 // Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
 // ldx a multiple of 8 (TMA).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
