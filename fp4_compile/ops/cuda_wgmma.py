@@ -84,10 +84,12 @@ def compile_command(output: str) -> list[str]:
     return shared_library_command(SOURCE, output, nvcc_flags() + ["-Xptxas", "-v"])
 
 
-def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0)) -> ctypes.CDLL:
+def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0),
+                 extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (cached) and load ``source``, the kernel or a variant of it with the same C entry point
-    (benchmarks/compare_builds.py times builds against each other), with its signature."""
-    lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability), stem)))
+    (benchmarks/compare_builds.py times builds against each other), with its signature;
+    ``extra_flags`` go to nvcc (``-DFP4C_TIMELINE``: benchmarks/timeline_wgmma.py)."""
+    lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability) + list(extra_flags), stem)))
     fn = lib.fp4c_nvfp4_wgmma_gemm
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

@@ -117,13 +117,43 @@ struct Args {
   int* tickets;
 };
 
+// Timeline of a launch (benchmarks/timeline_wgmma.py): built with -DFP4C_TIMELINE, one thread per
+// CTA records %globaltimer (ns) at these events, read back by fp4c_nvfp4_wgmma_timeline; built
+// without it, FP4C_EVENT compiles to nothing (the same SASS).
+enum TimelineEvent {
+  kEntry,       // the CTA starts
+  kSetUp,       // barriers initialised, the kernel before has completed (wait_for_prior_grid)
+  kFirstLoad,   // the producer has issued the first stage's loads
+  kFirstData,   // the consumers see the first stage landed
+  kLoopEnd,     // the consumers' last wgmma has finished (not persistent)
+  kPublished,   // a K split: partial tile published (slices but the last), or the others' seen (the last)
+  kSummed,      // the last slice has added the others' partial tiles
+  kEnd,         // the CTA's output is stored
+  kTimelineEvents
+};
+#ifdef FP4C_TIMELINE
+constexpr int kTimelineCtas = 4096;
+__device__ unsigned long long g_timeline[kTimelineCtas][kTimelineEvents];
+__device__ __forceinline__ void timeline_event(int e) {
+  const unsigned cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  if (cta < kTimelineCtas) g_timeline[cta][e] = t;
+}
+#define FP4C_EVENT(e) timeline_event(e)
+#else
+#define FP4C_EVENT(e) ((void)0)
+#endif
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// The split-K counters (Args::tickets), at GPU scope.
+// The split-K counters (Args::tickets), at GPU scope. Called by one thread after a barrier of the
+// threads whose writes it publishes: the fence releases their writes too (CUTLASS's pattern; a
+// __threadfence in every thread before the barrier took 1-4% longer at M = 32..128, NOTES.md v16).
 __device__ __forceinline__ void count_release(int* counter) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+  asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
 }
 // Spins until the counter reaches `target`, then sets it back to zero where `reset` (its last reader).
 __device__ __forceinline__ void wait_count(int* counter, int target, bool reset) {
@@ -374,6 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
+  if (tid == 0) FP4C_EVENT(kEntry);
   // Weight tiles vary fastest: the CTAs resident at once share few activation tiles, which stay
   // in L2 while every weight tile passes them.
   const int row0 = blockIdx.x * T::kRows;
@@ -392,6 +423,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   wait_for_prior_grid();
+  if (tid == 0) FP4C_EVENT(kSetUp);
 
   // The producer warp: per 64-k stage, the activation and weight tiles by TMA, completing on the
   // stage's "full" mbarrier. `it0`: the ring position of the tile's first stage, kt0 and nk its
@@ -417,6 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
         tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), tile_row0, full + 8 * s);
         if (scales) tma_load_2d(slot, &s_map, 4 * (kt - pos), tile_row0, full + 8 * s);  // 16 bytes a row
+        if (it == 0) FP4C_EVENT(kFirstLoad);
       }
       if (!args.scale_tma) {
 #pragma unroll
@@ -527,6 +560,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // after the group's last stage is decoded, its scales live in registers: the slot is free
       const bool frees_slot = (pos == 3 || it == it0 + nk - 1) && lane == 0;
       mbar_wait(full + 8 * s, (it / S) & 1);
+      if (it == 0 && tid == 0) FP4C_EVENT(kFirstData);
       if ((it - it0) & 1) {
         decode_stage(s, sc, frag[1]);
         if (frees_slot) mbar_arrive(scales_free + 8 * slot);
@@ -618,12 +652,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int i = 4 * v / T::kAcc, e = 4 * v % T::kAcc;
         dst[v * kConsumerThreads] = make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
       }
-      __threadfence();
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-      if (tid == 0) count_release(ticket);
+      if (tid == 0) {
+        count_release(ticket);
+        FP4C_EVENT(kPublished);
+        FP4C_EVENT(kEnd);
+      }
       return false;
     }
-    if (tid == 0) wait_count(ticket, slices - 1, true);
+    if (tid == 0) {
+      wait_count(ticket, slices - 1, true);
+      FP4C_EVENT(kPublished);
+    }
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
     constexpr int kChunk = kVec < 16 ? kVec : 16;  // loads in flight per slice (32 spill beside 128 acc)
 #pragma unroll
@@ -638,6 +678,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if (tid == 0) FP4C_EVENT(kSummed);
     return true;
   };
 
@@ -648,9 +689,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tail >= 0 && !sum_slices(tail, slice, args.tail_splits)) return;  // a CTA's tail slice is its last unit
       store_tile_16bit(staging_s, tile_row0, tile_m0);
     });
+    if (tid == 0) FP4C_EVENT(kEnd);
     return;
   } else {
     consume(0, split_kt0, split_nk);
+    if (tid == 0) FP4C_EVENT(kLoopEnd);
     if (!CLUSTER && gridDim.z > 1 &&
         !sum_slices(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x, blockIdx.z, gridDim.z)) {
       return;
@@ -670,6 +713,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (!CLUSTER && sizeof(OutT) == 2) {
     static_assert(BN * T::kStagingPitch * 2 <= T::kRingBytes, "16-bit staging > ring");
     store_tile_16bit(act_s, row0, m0);  // (the 16-bit output staged in the ring)
+    if (tid == 0) FP4C_EVENT(kEnd);
   } else {
 #pragma unroll
     for (int i = 0; i < WM; ++i)
@@ -681,6 +725,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 2; ++e) tile[(8 * j + 2 * t + e) * kPitch + wrow + 64 * i + 8 * h] = acc[i][4 * j + 2 * h + e];
     if constexpr (CLUSTER) {
       cluster_sync();  // every split's tile is complete
+      if (tid == 0) FP4C_EVENT(kPublished);
     } else {
       asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
     }
@@ -718,6 +763,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float* src = tile + r * kPitch + c;
         store_run(m, n, {src[0], src[1], src[2], src[3]});
       }
+      if (tid == 0) FP4C_EVENT(kEnd);
       return;
     }
 
@@ -737,6 +783,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
     }
     cluster_sync();  // no CTA of the cluster leaves while the others read its tile
+    if (tid == 0) FP4C_EVENT(kEnd);
   }
 }
 
@@ -875,6 +922,18 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
   }
   return static_cast<int>(err);
 }
+
+#ifdef FP4C_TIMELINE
+// Copies the events of the CTAs of the last launches ([4096][kTimelineEvents] uint64 ns, CTA
+// blockIdx.x + gridDim.x (blockIdx.y + gridDim.y blockIdx.z)) to `dst` and zeroes them; a cudaError_t.
+int fp4c_nvfp4_wgmma_timeline(void* dst) {
+  void* events = nullptr;
+  cudaError_t err = cudaMemcpyFromSymbol(dst, g_timeline, sizeof(g_timeline));
+  if (err == cudaSuccess) err = cudaGetSymbolAddress(&events, g_timeline);
+  if (err == cudaSuccess) err = cudaMemset(events, 0, sizeof(g_timeline));
+  return static_cast<int>(err);
+}
+#endif
 
 // How many clusters of `splits` CTAs of the kernel fit on the current device at once (every tile
 // takes one SM: registers), or minus a cudaError_t. The launch configuration keeps split-K grids
