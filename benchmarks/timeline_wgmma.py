@@ -89,9 +89,9 @@ def main():
         label = cuda_wgmma.LaunchConfig(*opts["tile"], opts["splits"], opts["workspace"]).label if opts else \
             cuda_wgmma.device_launch_config(m, n, k, 0).label
 
-        def calls(library):
+        def calls(library, weights=ws):
             return [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                                         library=library, **opts) for w, a in zip(ws, alphas)]
+                                                         library=library, **opts) for w, a in zip(weights, alphas)]
 
         times = time_graphs_us({"package": calls(None), "timeline": calls(lib)})
         graph = _capture(calls(lib))
