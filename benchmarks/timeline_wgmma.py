@@ -12,9 +12,11 @@ A case is NxKxM, optionally :BNxWMsS[w] (tile, K splits, w: reduced through glob
 instead of the launch configuration's choice. Phases: ``launch`` (the graph's time per call minus
 the launch's span: launch and the gap between kernels), ``set_up`` (CTA start to barriers set and
 the kernel before complete), ``to_first_load``, ``first_data`` (first stage's loads to landed),
-``main_loop``, ``publish`` (a K split's slices but the last: partial tile stored and counted),
+``main_loop`` (not recorded by the persistent kernel), ``publish`` (a K split's slices but the
+last: partial tile stored and counted; in a cluster: tile staged, cluster barrier passed),
 ``wait_peers`` and ``sum_peers`` (the last slice: waiting for the others, adding their tiles),
-``store`` (the output), ``span`` (first CTA start to last CTA end).
+``store`` (the output; in a cluster from the main loop's end, the reduction included), ``span``
+(first CTA start to last CTA end).
 """
 
 from __future__ import annotations
