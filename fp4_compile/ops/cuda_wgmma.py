@@ -59,8 +59,9 @@ TAIL_FIXUP_US = 2.0
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
 #   (v11a; it had lost on 4 of 6 shapes at M = 4096 in v7), so M has no upper bound;
 # - up to SMALL_WEIGHT_MAX_M, W4A16 not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
-#   (4096x4096, 6144x4096: the Triton kernel was as fast or faster); smaller ones (1024x4096)
-#   are the kernel's again, 1.5x faster than Triton at M = 32 and 64 with K split 8 ways (NOTES.md v8).
+#   (6144x4096: the Triton kernel was as fast or faster at M = 48 and 64, NOTES.md v16g); smaller ones
+#   are the kernel's: 4096x4096 3-8% faster than Triton at M = 17..64 since v16a, 1024x4096 1.5x
+#   at M = 32 and 64 with K split 8 ways (NOTES.md v8).
 #   W4A4 takes the kernel there too: after the activation quantization kernel it launches
 #   programmatically, the Triton GEMM does not (that measured slower, v9c and v14c), and it was
 #   1.03-1.17x faster at M = 32 and 64 (NOTES.md v14d);
@@ -69,7 +70,7 @@ TAIL_FIXUP_US = 2.0
 #   was faster (1024x4096 at M = 1024 and 2048).
 DISPATCH_MIN_M = 17
 SMALL_WEIGHT_MAX_M = 64
-SMALL_WEIGHT_ELEMENTS = (8 * 2**20, 48 * 2**20)
+SMALL_WEIGHT_ELEMENTS = (20 * 2**20, 48 * 2**20)
 LARGE_M = 512
 WAVE_EFFICIENCY = 0.8
 
@@ -227,11 +228,13 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     """The tile, K splits and split reduction for an [m, k] x [n, k] GEMM: the one of
     ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
-    in whole clusters)."""
+    in whole clusters). Of equal estimates (the same CTAs, each with 256 weight rows and half the
+    stages, or 128 rows and all of them) the 256-row tile: its CTAs decode a weight in 0.79x the
+    time (NOTES.md v16), which the model's per-row stage cost does not see; then fewer splits."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
     return min(launch_configs(k, cluster_ctas),
-               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), c.splits, c.workspace))
+               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), -c.wm, c.splits, c.workspace))
 
 
 @functools.lru_cache(maxsize=None)
