@@ -128,11 +128,14 @@ def test_tail_plan():
     assert one_wave < with_tail < two_waves
 
 
-def test_equal_estimates_take_the_256_row_tile():
-    """6144x4096 at M = 17..128: 128-row tiles split 2 ways and 256-row tiles split 4 ways are the
-    same CTAs and stages to the cost model; the 256-row tiles measured faster on an H100 (NOTES.md
-    v16g: M=32 15.73 against 17.85 us, M=64 18.43 against 19.92)."""
+def test_equal_estimates_take_the_256_row_tile_at_small_m():
+    """128-row tiles split s ways and 256-row tiles split 2s ways are the same CTAs and stages to the
+    cost model; on an H100 the 256-row tiles won at M <= 64 with up to 4 splits and lost at M = 128
+    or with 8 splits (NOTES.md v16g)."""
     capacity = {1: 132, 2: 132, 4: 120, 8: 120}
-    assert cuda_wgmma.launch_config(32, 6144, 4096, 132, capacity) == (32, 2, 4, False)
-    assert cuda_wgmma.launch_config(64, 6144, 4096, 132, capacity) == (64, 2, 4, False)
+    assert cuda_wgmma.launch_config(32, 6144, 4096, 132, capacity) == (32, 2, 4, False)  # 15.2 against 17.2 us
+    assert cuda_wgmma.launch_config(64, 6144, 4096, 132, capacity) == (64, 2, 4, False)  # 17.4 against 18.1
+    assert cuda_wgmma.launch_config(32, 14336, 4096, 132, capacity) == (32, 2, 2, False)  # 24.8 against 26.5
+    assert cuda_wgmma.launch_config(128, 14336, 4096, 132, capacity) == (128, 1, 1, False)  # 33.7 against 36.1
+    assert cuda_wgmma.launch_config(64, 3072, 4096, 132, capacity) == (64, 1, 4, False)  # 11.9 against 12.7 (s8)
     assert cuda_wgmma.launch_config(64, 4096, 4096, 132, capacity) == (64, 1, 4, True)  # no tie there

@@ -229,12 +229,22 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
     in whole clusters). Of equal estimates (the same CTAs, each with 256 weight rows and half the
-    stages, or 128 rows and all of them) the 256-row tile: its CTAs decode a weight in 0.79x the
-    time (NOTES.md v16), which the model's per-row stage cost does not see; then fewer splits."""
+    stages, or 128 rows and all of them), the 256-row tile where ``_prefers_256_rows``; then fewer
+    splits."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
     return min(launch_configs(k, cluster_ctas),
-               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), -c.wm, c.splits, c.workspace))
+               key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), not _prefers_256_rows(c), c.splits,
+                              c.workspace))
+
+
+def _prefers_256_rows(cfg: LaunchConfig) -> bool:
+    """A 256-row tile of at most 64 activation rows and 4 splits: it decoded a weight in 0.79x the
+    time of a 128-row tile, which the cost model's per-row stage cost does not see, and won the
+    ties measured on an H100 at 6144x4096 and 14336x4096 (M = 32, 64: 2-13% faster); with 128
+    activation rows or 8 splits it lost them (3072x4096 and 14336x4096 at M = 64, 128: 1.07-1.15x
+    slower; NOTES.md v16g)."""
+    return cfg.wm == 2 and cfg.bn <= 64 and cfg.splits <= 4
 
 
 @functools.lru_cache(maxsize=None)
