@@ -241,9 +241,9 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
 def _prefers_256_rows(cfg: LaunchConfig) -> bool:
     """A 256-row tile of at most 64 activation rows and 4 splits: it decoded a weight in 0.79x the
     time of a 128-row tile, which the cost model's per-row stage cost does not see, and won the
-    ties measured on an H100 at 6144x4096 and 14336x4096 (M = 32, 64: 2-13% faster); with 128
-    activation rows or 8 splits it lost them (3072x4096 and 14336x4096 at M = 64, 128: 1.07-1.15x
-    slower; NOTES.md v16g)."""
+    ties measured on an H100 at 6144x4096 and 14336x4096 (M = 32, 64: up to 13% faster); with 128
+    activation rows or 8 splits it lost them (14336x4096 at M = 128, 3072x4096 at M = 64 and 128:
+    1.07-1.15x slower; NOTES.md v16g)."""
     return cfg.wm == 2 and cfg.bn <= 64 and cfg.splits <= 4
 
 
