@@ -52,6 +52,8 @@ def test_dispatch_rules(monkeypatch):
     assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
+    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 33)
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 32)        # but the kernel up to M = 32
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 64, after_quantization=True)  # W4A4: the kernel (PDL)
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 17, after_quantization=True)
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 64)        # smaller than the Triton range

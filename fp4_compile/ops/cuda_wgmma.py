@@ -58,10 +58,10 @@ TAIL_FIXUP_US = 2.0
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
 #   (v11a; it had lost on 4 of 6 shapes at M = 4096 in v7), so M has no upper bound;
-# - up to SMALL_WEIGHT_MAX_M, W4A16 not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
-#   (6144x4096: the Triton kernel was as fast or faster at M = 48 and 64, NOTES.md v16g); smaller ones
-#   are the kernel's: 4096x4096 3-8% faster than Triton at M = 17..64 since v16a, 1024x4096 1.5x
-#   at M = 32 and 64 with K split 8 ways (NOTES.md v8).
+# - at M in SMALL_WEIGHT_M, W4A16 not for weights whose element count is in [SMALL_WEIGHT_ELEMENTS)
+#   (6144x4096: the Triton kernel was as fast or faster at M = 48 and 64, the kernel 3-6% faster at
+#   M = 17..32, NOTES.md v16g); smaller ones are the kernel's: 4096x4096 3-8% faster than Triton at
+#   M = 17..64 since v16a, 1024x4096 1.5x at M = 32 and 64 with K split 8 ways (NOTES.md v8).
 #   W4A4 takes the kernel there too: after the activation quantization kernel it launches
 #   programmatically, the Triton GEMM does not (that measured slower, v9c and v14c), and it was
 #   1.03-1.17x faster at M = 32 and 64 (NOTES.md v14d);
@@ -69,7 +69,7 @@ TAIL_FIXUP_US = 2.0
 #   counting as the fraction of a wave it takes) without splitting K: else dequantization + cuBLASLt
 #   was faster (1024x4096 at M = 1024 and 2048).
 DISPATCH_MIN_M = 17
-SMALL_WEIGHT_MAX_M = 64
+SMALL_WEIGHT_M = (33, 64)
 SMALL_WEIGHT_ELEMENTS = (20 * 2**20, 48 * 2**20)
 LARGE_M = 512
 WAVE_EFFICIENCY = 0.8
@@ -170,7 +170,7 @@ def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False) ->
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
     small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
-    if m <= SMALL_WEIGHT_MAX_M and small_weight and not after_quantization:
+    if SMALL_WEIGHT_M[0] <= m <= SMALL_WEIGHT_M[1] and small_weight and not after_quantization:
         return False
     if not supports(weight):
         return False
