@@ -24,8 +24,9 @@ import pathlib
 
 import torch
 
-from ..format import BLOCK_SIZE, check_same_device, swizzled_scale_shape
+from ..format import BLOCK_SIZE, check_same_device, round_up, swizzled_scale_shape
 from . import nvcc
+from .weight_layout import CHUNK
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 
@@ -142,7 +143,7 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
         v = torch.empty((m, k), dtype=out_dtype, device=dev)
         q = s = v  # not written
     elif mode == MODE_KERNEL_CODES:
-        kc = -(-k // 32) * 32
+        kc = round_up(k, CHUNK)
         q = v = torch.empty((m, kc // 2), dtype=torch.uint8, device=dev)
         s = torch.empty((m, kc // BLOCK_SIZE), dtype=torch.uint8, device=dev)
     else:

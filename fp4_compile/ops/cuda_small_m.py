@@ -15,10 +15,11 @@ import pathlib
 
 import torch
 
-from ..format import check_same_device
+from ..format import check_same_device, round_up
 from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
+from .weight_layout import CHUNK
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
@@ -178,7 +179,7 @@ def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):
         raise TypeError(f"out_dtype must be bf16, fp16 or float32, got {out_dtype}")
     if x.dtype != torch.uint8 or x_scale.dtype not in (torch.uint8, torch.float8_e4m3fn):
         raise TypeError(f"activation codes must be uint8 with e4m3 scales, got {x.dtype} and {x_scale.dtype}")
-    kc = -(-k // 32) * 32
+    kc = round_up(k, CHUNK)
     if x.dim() != 2 or x_scale.dim() != 2 or x.shape[0] != x_scale.shape[0] or x.shape[1] < kc // 2 \
             or x_scale.shape[1] < kc // 16:
         raise ValueError(f"activation codes [M, >= {kc // 2}] and scales [M, >= {kc // 16}] for K={k}, "

@@ -267,6 +267,13 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
     return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
+def _split_buffers(device: torch.device, tiles: int, slices: int, tile_elements: int):
+    """A K split through global memory: the fp32 partial tiles of every slice but a tile's last,
+    and a ticket per tile."""
+    return (torch.empty(tiles * (slices - 1) * tile_elements, dtype=torch.float32, device=device),
+            split_tickets(device, tiles))
+
+
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
@@ -306,14 +313,12 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     fixup = tickets = None
     tail, tail_splits = 0, 1
-    if workspace and splits > 1:  # the tiles of every slice but a tile's last; a count per tile
-        fixup = torch.empty(tiles * (splits - 1) * bn * 128 * wm, dtype=torch.float32, device=x.device)
-        tickets = split_tickets(x.device, tiles)
+    if workspace and splits > 1:
+        fixup, tickets = _split_buffers(x.device, tiles, splits, bn * 128 * wm)
     elif split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
         tail, tail_splits = tail_plan(tiles, num_sms(index), k)
-        if tail:  # the partial tiles of every slice but a tile's last; a count per tile
-            fixup = torch.empty(tail * (tail_splits - 1) * bn * 128 * wm, dtype=torch.float32, device=x.device)
-            tickets = split_tickets(x.device, tail)
+        if tail:
+            fixup, tickets = _split_buffers(x.device, tail, tail_splits, bn * 128 * wm)
     err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), fixup.data_ptr() if fixup is not None else None,

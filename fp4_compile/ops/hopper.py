@@ -159,13 +159,11 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        on_codes = use_codes(x2, m, out_features)
-        cuda_gemm = None if on_codes else _cuda_gemm(x2, weight, m, out_features, w4a4=True)
-        if on_codes:
+        if use_codes(x2, m, out_features):
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)
-        elif cuda_gemm is not None:
+        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, w4a4=True)) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
         elif m <= _G.FUSED_QUANT_MAX_M:
