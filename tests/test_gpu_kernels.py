@@ -292,6 +292,34 @@ def test_programmatic_dependent_launch(seed, n, k, m, monkeypatch):
             assert rel(out16, ref16) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("n,k,m,trials", [(28672, 4096, 1, 6), (4096, 4096, 16, 3), (4096, 14336, 64, 3)])
+def test_first_call_on_fresh_weights(seed, n, k, m, trials):
+    """The first linear on weights just written (into memory freed by the previous weights) equals
+    the same call after a sync. Guards the rule that a PDL kernel touches no global memory, not even
+    by an L2 prefetch of its weights, before griddepcontrol.wait: a build that prefetched the
+    small-M kernel's weight rows into L2 first read stale bytes at 28672x4096, M=1 (W4A4, in 11 of
+    12 trials on an H100; benchmarks/NOTES.md v17a)."""
+    for _ in range(trials):
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+        del pw, sw
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+        alpha4, alpha16 = (1 / (gx * gw)).float(), (1 / gw).float()
+
+        def calls():
+            return (TRITON_W4A4.linear(x, wt, wst, gx, alpha4, None, n),
+                    MARLIN.linear(x, wt, wst, None, alpha16, None, n))
+
+        first = calls()
+        torch.cuda.synchronize()
+        settled = calls()
+        torch.cuda.synchronize()
+        for a, b in zip(first, settled):
+            assert torch.equal(a, b), f"first call differs: rel {rel(a, b):.3g}"
+        del wt, wst
+
+
 def test_wgmma_kernel_is_built_on_hopper():
     cap = torch.cuda.get_device_capability()
     if cap != (9, 0) or nvcc.nvcc_path() is None:
