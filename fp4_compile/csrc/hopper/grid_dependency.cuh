@@ -3,6 +3,8 @@
 // it in the stream still runs; wait_for_prior_grid blocks until that grid has completed and its
 // writes are visible. Launched without it, the wait returns at once. Our kernels wait before
 // they touch global memory: what overlaps is one kernel's launch and set-up with the other's tail.
+// Not even an L2 prefetch of the weights, which the kernel before cannot write, may come first: on
+// an H100 it made later loads read stale bytes (benchmarks/NOTES.md v17a; test_first_call_on_fresh_weights).
 #pragma once
 
 #include <cuda_runtime.h>
