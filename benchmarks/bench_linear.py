@@ -89,7 +89,7 @@ def main():
                 kmode = key if (key == "w4a16" or m <= G.FUSED_QUANT_MAX_M) else "w4a4+pq"
                 codes = key == "w4a4" and use_codes(x, m, n)
                 if codes or use_small_m(x, m, n):
-                    rows_per_warp, stages, warps = small_m_launch_config(m, n, k)
+                    rows_per_warp, stages, warps = small_m_launch_config(m, n, k, codes=codes)
                     r[f"{key}_cfg"] = f"CUDA small-M{' codes' if codes else ''} r{rows_per_warp} s{stages} w{warps}"
                 elif use_wgmma(ws[0][0], m, after_quantization=key == "w4a4"):
                     r[f"{key}_cfg"] = "CUDA wgmma " + wgmma_launch_config(m, n, k, 0).label

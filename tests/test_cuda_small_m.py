@@ -93,6 +93,20 @@ def test_cpu_tensors_are_refused_clearly():
                                   out_dtype=torch.bfloat16)
 
 
+def test_launch_config_keeps_the_grid_one_wave_of_warps():
+    """Warps per CTA: the largest of 8, 4, 2, 1 whose grid (one CTA per 16 weight rows) fits 16 warps per
+    SM at once, never more than the K groups (128 k each); the H100 picks that measured fastest."""
+    picks = {(n, k): cuda_small_m.launch_config(1, n, k, 132)[2]
+             for n, k in ((28672, 4096), (14336, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (1024, 4096))}
+    assert picks == {(28672, 4096): 1, (14336, 4096): 2, (6144, 4096): 4, (4096, 4096): 8, (4096, 14336): 8,
+                     (1024, 4096): 8}
+    assert cuda_small_m.launch_config(1, 4096, 256, 132)[2] == 2  # two K groups
+    assert cuda_small_m.launch_config(1, 8192, 4096, 114)[2] == 2  # fewer SMs (H100 PCIe): 512 CTAs x 2 <= 1824
+    assert cuda_small_m.launch_config(1, 10**6, 4096, 132)[2] == 1
+    # on activation codes: 8 warps up to N = 4096, else 4
+    assert [cuda_small_m.launch_config(8, n, 4096, 132, codes=True)[2] for n in (4096, 6144, 28672)] == [8, 4, 4]
+
+
 def test_launch_config_covers_the_weight_padding():
     # rows per CTA (16 or 32) must divide the weight's row padding (32)
     for m in (1, 8, 16):

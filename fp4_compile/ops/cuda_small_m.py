@@ -19,6 +19,7 @@ from ..format import check_same_device, round_up
 from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
+from .triton_gemm import NUM_SMS_DEFAULT, num_sms
 from .weight_layout import CHUNK
 
 
@@ -38,6 +39,16 @@ SMALL_N = 1024
 # 6144 (M=16: 9.7 / 12.3, 12.1 / 14.5), slower at N = 28672 (40.2 / 38.9): up to CODES_TWO_TILES_MAX_N.
 CODES_MIN_M = 8
 CODES_TWO_TILES_MAX_N = 8192
+# Warps per CTA (they split K): the fastest count measured was the largest that keeps the grid one wave
+# of resident warps, 16 per SM at the kernel's ~110 registers (H100, M = 1, 4, 8, NOTES.md v18e:
+# 28672x4096 1 warp, 28.7 us against 29.1 with 4 and 32.5 with 8; 14336x4096 2 warps, 15.2 against
+# 15.8 with 4; 6144x4096 4; 4096x4096 and 4096x14336 8 (256 CTAs)). More warps per CTA shorten each
+# warp's stream of loads; more CTAs than fit run in waves whose last one idles SMs. On activation codes
+# (where each warp also decodes the activations) that rule lost at 28672x4096 M=8 (1 warp 34.6 us, 4
+# warps 32.3): there 8 warps up to N = 4096, else 4, the best or within 1.3% of it on six shapes.
+RESIDENT_WARPS_PER_SM = 16
+WARP_CHOICES = (8, 4, 2, 1)
+CODES_8_WARPS_MAX_N = 4096
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
 # 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
 # M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).
@@ -106,10 +117,16 @@ def use_codes(x: torch.Tensor, m: int, n: int) -> bool:
     return dispatches_codes(m, n) and _runs_on(x, cuda_quant.unavailable_reason)
 
 
-def launch_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(rows per warp, stages, warps per CTA). One 16-row CTA per weight tile; 8 warps split K
-    while there are few CTAs (N <= 4096: 256), 4 when there are many (H100, bench_small_m.py)."""
-    return 16, 2, (8 if n <= 4096 else 4)
+def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: bool = False) -> tuple[int, int, int]:
+    """(rows per warp, stages, warps per CTA) on a GPU of ``sms`` SMs; ``codes``: on activation codes.
+    One 16-row CTA per weight tile, its warps splitting K: as many warps (8, 4, 2 or 1, at most one per
+    128-k group) as keep the whole grid one wave of resident warps (RESIDENT_WARPS_PER_SM per SM); on
+    codes 8 up to N = CODES_8_WARPS_MAX_N, else 4."""
+    if codes:
+        return 16, 2, (8 if n <= CODES_8_WARPS_MAX_N else 4)
+    ctas, groups = -(-n // 16), -(-k // 128)
+    warps = next((w for w in WARP_CHOICES if w <= groups and ctas * w <= RESIDENT_WARPS_PER_SM * sms), 1)
+    return 16, 2, warps
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
@@ -153,7 +170,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    default_rows, default_stages, default_warps = launch_config(m, n, k)
+    default_rows, default_stages, default_warps = launch_config(m, n, k, _sms(x.device), codes=x_scale is not None)
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps
@@ -168,6 +185,10 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out
+
+
+def _sms(device: torch.device) -> int:
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):
