@@ -82,7 +82,7 @@ def main():
         gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
         alpha44, alpha16 = (1 / (gx * gw)).float(), (1 / gw).float()
         xq = fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16)
-        cuda_gemm = _cuda_gemm(xq, wt, m, n)
+        cuda_gemm = _cuda_gemm(xq, wt, m, n, w4a4=True)
         if cuda_gemm is not None:
             gemm = lambda: cuda_gemm(xq, wt, wst, alpha44, n=n, out_dtype=torch.bfloat16)  # noqa: E731
         else:
@@ -110,7 +110,7 @@ def main():
             f"  GEMM ({getattr(cuda_gemm, '__name__', 'dequant_mm')})": gemm,
             "  torch.empty [M, N]": lambda: torch.empty((m, n), dtype=torch.bfloat16, device="cuda"),
             "  backend checks (_check_linear_args)": lambda: TRITON_W4A4._check_linear_args(x, wt, wst, n),
-            "  GEMM choice (_cuda_gemm)": lambda: _cuda_gemm(xq, wt, m, n),
+            "  GEMM choice (_cuda_gemm)": lambda: _cuda_gemm(xq, wt, m, n, w4a4=True),
             "  GEMM operand checks (gemm_operands)": lambda: nvcc.gemm_operands("x", xq, wt, wst, alpha44, None,
                                                                                torch.bfloat16),
             "  launch_on with a no-op launch": lambda: nvcc.launch_on(x.device, lambda c, s: 0),
