@@ -3,8 +3,9 @@
 Per layer: RMSNorm, q/k/v/o projections, SDPA (GQA 32/8 heads) over a 1024-token KV cache
 (decode) or causal over the prompt (prefill), RMSNorm, gate/up, SiLU*mul, down. Decode steps of
 1 and 16 sequences (one token each) run inside CUDA graphs (captured around the compiled model);
-a 2048-token prefill runs eagerly through the compiled model, and also inside a CUDA graph (the
-GPU time alone). Medians of CUDA-event timings.
+a 2048-token prefill runs eagerly through the compiled model (under torch.no_grad, and under
+torch.inference_mode as vLLM runs models), and also inside a CUDA graph (the GPU time alone).
+Medians of CUDA-event timings.
 
 python benchmarks/bench_model.py [--layers 4] [--backends triton-w4a4,marlin]
 """
@@ -148,6 +149,12 @@ def main():
                     if key == "prefill":
                         model(x, caches)
                         r[f"{key}_us"] = round(time_eager_us([lambda: model(x, caches)], reps=10, warmup=2), 1)
+                        # as vLLM runs a model: under inference_mode, ops skip the autograd keys (for the
+                        # fp4 ops, a Python Autograd kernel and a redispatch per call)
+                        with torch.inference_mode():
+                            model(x, caches)
+                            r[f"{key}_inference_mode_us"] = round(
+                                time_eager_us([lambda: model(x, caches)], reps=10, warmup=2), 1)
                         try:  # the GPU time alone (eager adds the host's launch overhead)
                             r[f"{key}_graph_us"] = round(graph_time_us(model, (x, caches), replays=10), 1)
                         except Exception as e:  # noqa: BLE001
@@ -188,13 +195,14 @@ def main():
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     for r in rows[1:]:
-        for key in ("decode1", "decode16", "prefill", "prefill_graph"):
+        for key in ("decode1", "decode16", "prefill", "prefill_inference_mode", "prefill_graph"):
             if isinstance(r.get(f"{key}_us"), float) and isinstance(rows[0].get(f"{key}_us"), float):
                 r[f"{key}_x"] = round(rows[0][f"{key}_us"] / r[f"{key}_us"], 3)
     path = write_json("bench_model.json", results)
     print(f"wrote {path}")
     print_table(rows, ["model", "compile", "weights_MB", "decode1_us", "decode1_x", "decode16_us", "decode16_x",
-                       "prefill_us", "prefill_x", "prefill_graph_us", "prefill_graph_x", "decode16_rel_err_vs_bf16"],
+                       "prefill_us", "prefill_x", "prefill_inference_mode_us", "prefill_inference_mode_x",
+                       "prefill_graph_us", "prefill_graph_x", "decode16_rel_err_vs_bf16"],
                 f"{args.layers} Llama-3-8B-shaped layers, {info['gpu']} (decode in CUDA graphs, us per step)")
 
 
