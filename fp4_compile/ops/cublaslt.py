@@ -158,7 +158,7 @@ def _device_index(device: torch.device | int | str | None) -> int:
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.type != "cuda":
         raise RuntimeError(f"cuBLASLt needs a CUDA device, got {device}")
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return nvcc.device_index(device)
 
 
 def prepare(device: torch.device | int | str | None = None) -> None:
@@ -242,7 +242,7 @@ def gemm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, *, out_dty
     for name, t in (("a", a), ("b", b)):
         if t.numel() and t.data_ptr() % 16:
             raise ValueError(f"{name}'s data pointer must be 16-byte aligned (address % 16 = {t.data_ptr() % 16})")
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    index = nvcc.device_index(a.device)
     if m == 0 or n == 0 or k == 0:
         out = torch.zeros((m, n), dtype=out_dtype, device=a.device)
         return out + bias if bias is not None else out

@@ -95,7 +95,7 @@ def use_cuda_quant(x2: torch.Tensor, mode: int, out_dtype: torch.dtype | None = 
             return False
     elif x2.shape[0] < MIN_M:
         return False
-    if unavailable_reason(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) is not None:
+    if unavailable_reason(nvcc.device_index(x2.device)) is not None:
         return False
     return mode != MODE_VALUES or not torch.cuda.is_current_stream_capturing()
 

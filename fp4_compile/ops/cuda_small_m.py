@@ -20,6 +20,7 @@ from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 from .triton_gemm import NUM_SMS_DEFAULT, num_sms
+from .triton_quant import cdiv
 from .weight_layout import CHUNK
 
 
@@ -97,7 +98,7 @@ def _runs_on(x: torch.Tensor, *other_kernels) -> bool:
     ``x.device``?"""
     if x.device.type != "cuda":
         return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = nvcc.device_index(x.device)
     return all(reason(index) is None for reason in (unavailable_reason, *other_kernels))
 
 
@@ -124,7 +125,7 @@ def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: boo
     codes 8 up to N = CODES_8_WARPS_MAX_N, else 4."""
     if codes:
         return 16, 2, (8 if n <= CODES_8_WARPS_MAX_N else 4)
-    ctas, groups = -(-n // 16), -(-k // 128)
+    ctas, groups = cdiv(n, 16), cdiv(k, 128)
     warps = next((w for w in WARP_CHOICES if w <= groups and ctas * w <= RESIDENT_WARPS_PER_SM * sms), 1)
     return 16, 2, warps
 
@@ -170,7 +171,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    default_rows, default_stages, default_warps = launch_config(m, n, k, _sms(x.device), codes=x_scale is not None)
+    default_rows, default_stages, default_warps = launch_config(m, n, k, num_sms(nvcc.device_index(x.device)),
+                                                                codes=x_scale is not None)
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps
@@ -185,10 +187,6 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out
-
-
-def _sms(device: torch.device) -> int:
-    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):

@@ -131,7 +131,7 @@ def supports(weight: torch.Tensor) -> bool:
     64, 16-byte aligned rows)? Its bf16/fp16 activations must live on the same device."""
     if weight.device.type != "cuda" or _weight_problem(weight) is not None:
         return False
-    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    index = nvcc.device_index(weight.device)
     return unavailable_reason(index) is None
 
 

@@ -125,6 +125,11 @@ def unavailable_reason(what: str, env_var: str, device_index: int, load: Callabl
 
 
 @functools.lru_cache(maxsize=None)
+def device_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (the current device where it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -134,7 +139,7 @@ def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int
     stream handle it is given, for ``device``: its capability and its current stream. The current
     device is switched only when it is not ``device`` already: with the stream lookup, that took
     most of the host time of an eager call (benchmarks/profile_host.py)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index == torch.cuda.current_device():
         return launch(device_capability(index), torch._C._cuda_getCurrentRawStream(index))
     with torch.cuda.device(index):

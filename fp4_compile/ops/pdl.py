@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .nvcc import device_capability
+from .nvcc import device_capability, device_index
 
 
 def _capable(device_index: int) -> bool:
@@ -26,4 +26,4 @@ def use_pdl(device: torch.device) -> bool:
     """Launch our kernels on ``device`` with PDL?"""
     if device.type != "cuda" or os.environ.get("FP4C_PDL", "1") == "0":
         return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+    return _capable(device_index(device))

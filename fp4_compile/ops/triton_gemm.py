@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cublaslt
+from . import cublaslt, nvcc
 from . import weight_layout as WL
 from .split_tickets import split_tickets
 from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
@@ -523,7 +523,7 @@ def default_use_asm(device: torch.device) -> bool:
     """The inline-PTX decode needs ``cvt.rn.f16x2.e4m3x2`` (sm_89+); sm_80/86 use the arithmetic one."""
     if interpreting() or os.environ.get("FP4_TRITON_NO_ASM", "0") == "1":
         return False
-    return _has_e4m3_cvt(device.index if device.index is not None else torch.cuda.current_device())
+    return _has_e4m3_cvt(nvcc.device_index(device))
 
 
 def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, k: int,
