@@ -3,7 +3,7 @@
 Llama-3-8B shapes N x K at M = 1, 16, 64, 128, 1024, 4096. Each method runs inside one CUDA
 graph over rotating weight copies (> 200 MB, nothing stays in L2), median of replays, time per
 call; the three graphs of a cell are replayed in turns, so that clock drift under sustained load
-hits them alike; eager time (Python launches, same rotation) too. Weight-byte bandwidth is NVFP4 weight +
+hits them alike; eager time too (through torch.ops.fp4.linear, as the layers call it; same rotation). Weight-byte bandwidth is NVFP4 weight +
 scale bytes over time, against the measured device copy bandwidth (bytes read + written).
 
 python benchmarks/bench_linear.py [--ms 1,16,...] [--shapes 0,1,2,3] [--quick]
@@ -70,10 +70,14 @@ def main():
             r = {"shape": f"{n}x{k}", "n": n, "k": k, "m": m}
             times = time_graphs_us({"bf16": bf16, "w4a4": w4a4, "w4a16": w4a16})  # in turns: same clocks
             r.update({f"{key}_us": t for key, t in times.items()})
-            if not args.no_eager:
+            if not args.no_eager:  # through the op, as layers call it (its eager fast path included)
                 r["bf16_eager_us"] = time_eager_us(bf16)
-                r["w4a4_eager_us"] = time_eager_us(w4a4)
-                r["w4a16_eager_us"] = time_eager_us(w4a16)
+                r["w4a4_eager_us"] = time_eager_us(
+                    [lambda w=w, a=a: torch.ops.fp4.linear(x, w[0], w[1], gx, a, None, n, TRITON_W4A4.name)
+                     for w, a in zip(ws, alphas)])
+                r["w4a16_eager_us"] = time_eager_us(
+                    [lambda w=w, a=a: torch.ops.fp4.linear(x, w[0], w[1], w[2], a, None, n, MARLIN.name)
+                     for w, a in zip(ws, inv_gw)])
             if not args.no_emulation and m <= 128:
                 gw0 = ws[0][2]
                 r["emul_eager_us"] = time_eager_us([lambda: emulation_linear(x, pw0, sw0, gw0, gx)], reps=5)

@@ -17,6 +17,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_fast_linear_plans():
+    """Each test starts without the eager fast path's recorded plans (ops/fast_linear.py): a plan left
+    by an earlier test would replay CUDA kernels where a test steers the Python path elsewhere."""
+    from fp4_compile.ops import fast_linear
+
+    fast_linear.forget_plans()
+
+
 @pytest.fixture
 def seed():
     """A fresh seed per test run (printed on failure), never a fixed one."""

@@ -267,11 +267,36 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
     return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
 
 
-def _split_buffers(device: torch.device, tiles: int, slices: int, tile_elements: int):
-    """A K split through global memory: the fp32 partial tiles of every slice but a tile's last,
-    and a ticket per tile."""
-    return (torch.empty(tiles * (slices - 1) * tile_elements, dtype=torch.float32, device=device),
-            split_tickets(device, tiles))
+class LaunchParams(NamedTuple):
+    """One launch's tile, K split and split tail, and the buffers a split through memory needs."""
+    bn: int
+    wm: int
+    splits: int
+    workspace: bool
+    tail: int          # persistent launches: the last tail tiles split along K ...
+    tail_splits: int   # ... into this many slices
+    fixup_floats: int  # fp32 partial tiles of every slice but a tile's last (0: no split through memory)
+    tickets: int       # one per tile split through memory
+
+
+def launch_params(m: int, n: int, k: int, device_index: int, out_dtype: torch.dtype,
+                  tile: tuple[int, int] | None = None, splits: int | None = None, workspace: bool | None = None,
+                  split_tail: bool = True) -> LaunchParams:
+    """The launch of an [m, k] x [n, k] call (``wgmma_gemm``'s overrides applied to
+    ``device_launch_config``), with what its K split through global memory needs."""
+    auto = device_launch_config(m, n, k, device_index)
+    bn, wm = tile if tile is not None else (auto.bn, auto.wm)
+    splits = splits or auto.splits
+    workspace = auto.workspace if workspace is None else workspace
+    tiles = _tiles(m, n, bn, wm)
+    tail, tail_splits, split_tiles, slices = 0, 1, 0, 1
+    if workspace and splits > 1:
+        split_tiles, slices = tiles, splits
+    elif split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
+        tail, tail_splits = tail_plan(tiles, num_sms(device_index), k)
+        split_tiles, slices = tail, tail_splits
+    fixup_floats = split_tiles * (slices - 1) * bn * 128 * wm
+    return LaunchParams(bn, wm, splits, workspace, tail, tail_splits, fixup_floats, split_tiles if fixup_floats else 0)
 
 
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
@@ -304,21 +329,14 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"splits must be 1..{MAX_SPLITS}, got {splits}")
-    index = x.device.index or 0
-    auto = device_launch_config(m, n, k, index)
-    bn, wm = tile if tile is not None else (auto.bn, auto.wm)
-    splits = splits or auto.splits
-    workspace = auto.workspace if workspace is None else workspace
-    tiles = _tiles(m, n, bn, wm)
+    launch = launch_params(m, n, k, x.device.index or 0, out_dtype, tile, splits, workspace, split_tail)
+    bn, wm, splits, workspace, tail, tail_splits = (launch.bn, launch.wm, launch.splits, launch.workspace,
+                                                    launch.tail, launch.tail_splits)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     fixup = tickets = None
-    tail, tail_splits = 0, 1
-    if workspace and splits > 1:
-        fixup, tickets = _split_buffers(x.device, tiles, splits, bn * 128 * wm)
-    elif split_tail and splits == 1 and out_dtype != torch.float32:  # (the persistent kernel's cases)
-        tail, tail_splits = tail_plan(tiles, num_sms(index), k)
-        if tail:
-            fixup, tickets = _split_buffers(x.device, tail, tail_splits, bn * 128 * wm)
+    if launch.fixup_floats:
+        fixup = torch.empty(launch.fixup_floats, dtype=torch.float32, device=x.device)
+        tickets = split_tickets(x.device, launch.tickets)
     err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), fixup.data_ptr() if fixup is not None else None,

@@ -30,9 +30,9 @@ from __future__ import annotations
 import torch
 
 from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
-from . import cublaslt, split_tickets
+from . import cublaslt, fast_linear, split_tickets
 from . import triton_gemm as _G
-from .cuda_quant import MODE_KERNEL_CODES, quantize as quantize_cuda
+from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
 from .cuda_small_m import small_m_gemm, use_codes, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
@@ -56,6 +56,10 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     if interpreting() or w4a4:
         return torch.float16  # (bf16 is not usable in Triton's interpreter)
     return _value_dtype(dtype)
+
+
+# The fast path's name for each CUDA GEMM (fast_linear.remember).
+_GEMM_KINDS = {small_m_gemm: fast_linear.GEMM_SMALL_M, wgmma_gemm: fast_linear.GEMM_WGMMA}
 
 
 def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool):
@@ -163,9 +167,12 @@ class TritonW4A4Kernels(_HopperKernels):
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)
+            fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
+                                 fast_linear.GEMM_SMALL_M)
         elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, w4a4=True)) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_VALUES, _GEMM_KINDS[cuda_gemm])
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
                            global_scale=gs, bias=bias, compute_dtype=cdt, mode="w4a4")
@@ -200,6 +207,7 @@ class MarlinKernels(_HopperKernels):
         cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, w4a4=False)
         if cuda_gemm is not None:
             out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            fast_linear.remember(self.name, xa, weight, out_features, bias, 0, _GEMM_KINDS[cuda_gemm])
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:

@@ -146,8 +146,11 @@ def _linear_fake(x, weight, weight_scale, input_global_scale, alpha, bias, out_f
     return x.new_empty((x.shape[0], out_features))
 
 
-@_define("linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor input_global_scale, Tensor alpha, "
-         "Tensor? bias, SymInt out_features, str backend) -> Tensor", _linear_fake)
+_LINEAR_ARGS = ("(Tensor x, Tensor weight, Tensor weight_scale, Tensor input_global_scale, Tensor alpha, "
+                "Tensor? bias, SymInt out_features, str backend) -> Tensor")
+
+
+@_define("linear" + _LINEAR_ARGS, _linear_fake)
 def linear(
     x: Tensor,
     weight: Tensor,
@@ -167,3 +170,8 @@ def linear(
     parse_backend(backend)
     out = kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
     return out.contiguous()  # the fake kernel promises a contiguous [M, N] (a sliced GEMM output is not)
+
+
+# The same implementation under a second name: on Hopper, fp4::linear's CUDA kernel may be the eager
+# fast path (ops/fast_linear.py), which calls this for every call it does not replay itself.
+_define("_linear_python" + _LINEAR_ARGS, _linear_fake)(linear)

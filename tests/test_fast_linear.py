@@ -1,0 +1,236 @@
+"""The eager fast path of fp4::linear (ops/fast_linear.py, csrc/hopper/fast_linear.cpp).
+
+On the GPU: every plan kind (block values or codes into the small-M kernel, block values into the
+wgmma kernel with a K split through memory or a split tail, W4A16 on both kernels; with and without
+bias; bf16 and fp16) gives bit for bit what the Python implementation gives, on fresh random data,
+and within the exact W4A4 / W4A16 tolerance of the float64 reference; calls it must not replay
+(strided rows, CUDA-graph capture, fp32 activations, bad operands) take the Python path, with its
+errors. On the CPU: the C++ source compiles against this torch's headers, and the plan layout is
+the same on both sides.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fp4_compile import format as F
+from fp4_compile.ops import fast_linear
+
+DEV = "cuda"
+TOL = {torch.float16: 1.5e-3, torch.bfloat16: 6e-3}  # output rounding dominates
+
+
+def test_plan_fields_match_the_cpp_struct():
+    text = fast_linear.SOURCE.read_text()
+    body = re.search(r"struct Plan \{(.*?)\};", text, re.S).group(1)
+    fields = [name for line in body.splitlines() if line.strip().startswith("int64_t")
+              for name in re.findall(r"(\w+)\s*[,;]", line.split("//")[0])]
+    assert tuple(fields) == fast_linear.Plan._fields
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_cpp_source_compiles_against_this_torch(tmp_path):
+    """A syntax-and-types check of the extension with g++ (the CPU wheel lacks c10_cuda's generated
+    macros header and library, so this stops short of linking)."""
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
+    if not pathlib.Path(cuda_home, "include", "cuda_runtime_api.h").exists():
+        pytest.skip("no CUDA runtime headers")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [f"-I{d}" for d in cpp_extension.include_paths()] + [f"-I{cuda_home}/include", f"-I{tmp_path}"]
+    done = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type", *includes,
+                           str(fast_linear.SOURCE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if "fast_linear.cpp:" in line and "warning" in line]
+    assert not ours, ours
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+def _need_fast_path():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = fast_linear.unavailable_reason(torch.cuda.current_device())
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _layer(backend: str, n: int, k: int, dt: torch.dtype, with_bias: bool):
+    """A prepared weight of ``backend``, its operands and a bias, from fresh random data."""
+    from fp4_compile.backends import kernels_for
+
+    w = torch.randn(n, k, device=DEV)
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    pw, sw = F.quantize_nvfp4(w, gw)
+    wt, wst = kernels_for(backend).prepare_weight(pw, sw)
+    bias = torch.randn(n, device=DEV).to(dt) if with_bias else None
+    return pw, sw, gw, wt, wst, bias
+
+
+def _operands(backend, x, gw, gx):
+    """(input global scale, alpha) of the op for ``backend``."""
+    if backend == "marlin":
+        return gw, (1 / gw).float()
+    return gx, (1 / (gx * gw)).float()
+
+
+def _reference(backend, x, pw, sw, gx, gw, bias):
+    wv = F.block_values(pw, sw).double()
+    if backend == "marlin":
+        ref = x.double() @ wv.t() / gw.double()
+    else:
+        px, sx = F.quantize_nvfp4(x, gx)
+        ref = F.block_values(px, sx).double() @ wv.t() / (gx.double() * gw.double())
+    return ref + bias.double() if bias is not None else ref
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# (backend, M, N, K): W4A4 block values + small-M (M=1, 5), codes + small-M (M=8, 12), block values +
+# wgmma with a K split through memory (4096x4096 at M=64) and unsplit (M=40, odd N and K), W4A16 on
+# both kernels; the plan each takes is checked in the test.
+CASES = [
+    ("triton-w4a4", 1, 1000, 1040),
+    ("triton-w4a4", 5, 256, 4096),
+    ("triton-w4a4", 8, 4096, 4096),
+    ("triton-w4a4", 12, 1000, 1040),
+    ("triton-w4a4", 64, 4096, 4096),
+    ("triton-w4a4", 40, 1000, 1088),
+    ("marlin", 1, 4096, 4096),
+    ("marlin", 3, 1000, 1040),
+    ("marlin", 64, 4096, 4096),
+    ("marlin", 24, 6144, 4096),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,m,n,k", CASES)
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fast_path_replays_the_python_path_bit_for_bit(seed, backend, m, n, k, dt, with_bias):
+    _need_fast_path()
+    pw, sw, gw, wt, wst, bias = _layer(backend, n, k, dt, with_bias)
+    x = torch.randn(m, k, device=DEV).to(dt)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    gs, alpha = _operands(backend, x, gw, gx)
+    args = (wt, wst, gs, alpha, bias, n, backend)
+    python = torch.ops.fp4._linear_python(x, *args)  # (records the key's plan)
+    before = fast_linear.replayed_calls()
+    outs = [torch.ops.fp4.linear(torch.randn(m, k, device=DEV).to(dt), *args) for _ in range(2)]
+    out = torch.ops.fp4.linear(x, *args)
+    assert fast_linear.replayed_calls() == before + 3, "the calls did not take the fast path"
+    assert out.shape == (m, n) and out.dtype == dt and out.is_contiguous()
+    assert torch.equal(out, python)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert rel(out, _reference(backend, x, pw, sw, gx, gw, bias)) <= TOL[dt]
+
+
+@pytest.mark.gpu
+def test_plans_cover_every_kernel_path():
+    """The cases above reach each plan kind, by the backends' own choices (hopper.py)."""
+    _need_fast_path()
+    from fp4_compile.ops import hopper
+
+    kinds = set()
+    for backend, m, n, k in CASES:
+        _, _, _, wt, _, _ = _layer(backend, n, k, torch.bfloat16, False)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        w4a4 = backend != "marlin"
+        if w4a4 and hopper.use_codes(x, m, n):
+            quant, gemm = fast_linear.cuda_quant.MODE_KERNEL_CODES, fast_linear.GEMM_SMALL_M
+        else:
+            quant = fast_linear.cuda_quant.MODE_VALUES if w4a4 else 0
+            gemm = hopper._GEMM_KINDS[hopper._cuda_gemm(x, wt, m, n, w4a4=w4a4)]
+        kinds.add((quant, gemm, fast_linear.plan(x, wt, n, quant, gemm).fixup_floats > 0))
+    assert {(q, g) for q, g, _ in kinds} == {(2, 0), (3, 0), (2, 1), (0, 0), (0, 1)}, kinds
+    assert any(split for _, _, split in kinds), kinds
+
+
+@pytest.mark.gpu
+def test_calls_it_cannot_replay_take_the_python_path(seed):
+    _need_fast_path()
+    n, k, m = 1000, 1040, 3
+    pw, sw, gw, wt, wst, bias = _layer("triton-w4a4", n, k, torch.bfloat16, True)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    gs, alpha = _operands("triton-w4a4", x, gw, gx)
+    ref = torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias, n, "triton-w4a4")  # records the plan
+    before = fast_linear.replayed_calls()
+    # rows 8 bytes apart: not 16-byte vectors
+    wide = torch.zeros(m, k + 4, device=DEV, dtype=torch.bfloat16)
+    wide[:, :k] = x
+    assert torch.equal(torch.ops.fp4.linear(wide[:, :k], wt, wst, gs, alpha, bias, n, "triton-w4a4"), ref)
+    # a bias in another dtype
+    out = torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias.float(), n, "triton-w4a4")
+    assert torch.equal(out, ref)
+    # fp32 activations (their own key, never recorded)
+    torch.ops.fp4.linear(x.float(), wt, wst, gs, alpha, bias.float(), n, "triton-w4a4")
+    assert fast_linear.replayed_calls() == before
+    # an input that needs a gradient: the Python path, whose output's backward raises
+    out = torch.ops.fp4.linear(x.clone().requires_grad_(), wt, wst, gs, alpha, bias, n, "triton-w4a4")
+    assert torch.equal(out.detach(), ref)
+    with pytest.raises(RuntimeError, match="no backward"):
+        out.sum().backward()
+    # bad operands of a recorded key: the Python path's errors
+    with pytest.raises(TypeError, match="weight_scale"):
+        torch.ops.fp4.linear(x, wt, wst.float(), gs, alpha, bias, n, "triton-w4a4")
+    with pytest.raises(TypeError, match="alpha"):
+        torch.ops.fp4.linear(x, wt, wst, gs, alpha.double(), bias, n, "triton-w4a4")
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias[:-1], n, "triton-w4a4")
+    assert fast_linear.replayed_calls() == before
+
+
+@pytest.mark.gpu
+def test_captured_calls_take_the_python_path(seed):
+    """Inside a CUDA-graph capture the Python path runs (its graph-time kernel choices); replays match
+    the eager result."""
+    _need_fast_path()
+    n, k, m = 4096, 4096, 64
+    pw, sw, gw, wt, wst, _ = _layer("triton-w4a4", n, k, torch.bfloat16, False)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    gs, alpha = _operands("triton-w4a4", x, gw, gx)
+    eager = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
+    torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
+    before = fast_linear.replayed_calls()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
+    assert fast_linear.replayed_calls() == before
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+def test_compiled_model_runs_on_the_fast_path(seed):
+    """A layer compiled with backend="fp4" calls fp4::linear eagerly from Inductor's wrapper: after its
+    first call the fast path runs it, with the same result."""
+    _need_fast_path()
+    import fp4_compile
+    from fp4_compile.layer import NVFP4Linear
+
+    lin = torch.nn.Linear(1040, 1000, bias=True, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(5, 1040, device=DEV, dtype=torch.bfloat16)
+    layer = NVFP4Linear.from_linear(lin, backend="triton-w4a4",
+                                    input_global_scale=F.global_scale_from_amax(x.float().abs().amax()))
+    compiled = torch.compile(layer, backend=fp4_compile.fp4_backend)
+    with torch.no_grad():
+        first = compiled(x)
+        before = fast_linear.replayed_calls()
+        again = compiled(x)
+    assert fast_linear.replayed_calls() == before + 1
+    assert torch.equal(first, again)
