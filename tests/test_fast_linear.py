@@ -100,7 +100,7 @@ def rel(a, b):
 
 # (backend, M, N, K): W4A4 block values + small-M (M=1, 5), codes + small-M (M=8, 12), block values +
 # wgmma with a K split through memory (4096x4096 at M=64) and unsplit (M=40, odd N and K), W4A16 on
-# both kernels; the plan each takes is checked in the test.
+# both kernels; the plan kinds are checked by test_plans_cover_every_kernel_path.
 CASES = [
     ("triton-w4a4", 1, 1000, 1040),
     ("triton-w4a4", 5, 256, 4096),
@@ -112,6 +112,8 @@ CASES = [
     ("marlin", 3, 1000, 1040),
     ("marlin", 64, 4096, 4096),
     ("marlin", 24, 6144, 4096),
+    ("triton-w4a4", 1024, 1024, 4096),  # eager calls take the kernel where graphs take cuBLASLt
+    ("marlin", 1024, 1024, 4096),
 ]
 
 
@@ -152,7 +154,7 @@ def test_plans_cover_every_kernel_path():
             quant, gemm = fast_linear.cuda_quant.MODE_KERNEL_CODES, fast_linear.GEMM_SMALL_M
         else:
             quant = fast_linear.cuda_quant.MODE_VALUES if w4a4 else 0
-            gemm = hopper._GEMM_KINDS[hopper._cuda_gemm(x, wt, m, n, w4a4=w4a4)]
+            gemm = hopper._GEMM_KINDS[hopper._cuda_gemm(x, wt, m, n, w4a4=w4a4, host_bound=True)]
         kinds.add((quant, gemm, fast_linear.plan(x, wt, n, quant, gemm).fixup_floats > 0))
     assert {(q, g) for q, g, _ in kinds} == {(2, 0), (3, 0), (2, 1), (0, 0), (0, 1)}, kinds
     assert any(split for _, _, split in kinds), kinds
@@ -234,3 +236,33 @@ def test_compiled_model_runs_on_the_fast_path(seed):
         again = compiled(x)
     assert fast_linear.replayed_calls() == before + 1
     assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
+def test_eager_and_captured_large_m_calls_agree(seed, backend):
+    """At M > 512 with few output tiles an eager call takes the wgmma kernel (replayed by the fast
+    path) where a captured one takes dequantization + cuBLASLt: both within the exact product's
+    tolerance, and within fp32 summation order of each other."""
+    _need_fast_path()
+    from fp4_compile.ops import cublaslt
+
+    if not cublaslt.available(torch.device(DEV)):
+        pytest.skip("no cuBLASLt")
+    n, k, m = 1024, 4096, 1024
+    pw, sw, gw, wt, wst, _ = _layer(backend, n, k, torch.bfloat16, False)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    gs, alpha = _operands(backend, x, gw, gx)
+    eager = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend)
+    before = fast_linear.replayed_calls()
+    assert torch.equal(torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend), eager)
+    assert fast_linear.replayed_calls() == before + 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _reference(backend, x, pw, sw, gx, gw, None)
+    assert rel(eager, ref) <= TOL[torch.bfloat16] and rel(captured, ref) <= TOL[torch.bfloat16]
+    assert rel(eager, captured) <= TOL[torch.bfloat16]

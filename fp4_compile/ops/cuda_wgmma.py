@@ -163,9 +163,13 @@ def _waves(tiles: int, sms: int, k: int) -> float:
     return tiles // sms + 1 / splits if tail else math.ceil(tiles / sms)
 
 
-def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False) -> bool:
+def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, host_bound: bool = False) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel? ``after_quantization``:
-    the activations are the block values that the quantization kernel just wrote (W4A4)."""
+    the activations are the block values that the quantization kernel just wrote (W4A4).
+    ``host_bound``: an eager call that the fast path of ``fast_linear`` will replay; above LARGE_M it
+    takes the kernel even where dequantization + cuBLASLt is faster on the GPU, because that path's
+    eager calls stay in Python, at about 100-300 us of host time each on the H100 hosts against the
+    replay's 15-20 (NOTES.md v19)."""
     if m < DISPATCH_MIN_M:
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
@@ -174,7 +178,7 @@ def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False) ->
         return False
     if not supports(weight):
         return False
-    if m > LARGE_M:
+    if m > LARGE_M and not host_bound:
         index = weight.device.index or 0
         sms = num_sms(index)
         cfg = device_launch_config(m, n, k, index)

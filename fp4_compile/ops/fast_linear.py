@@ -98,18 +98,21 @@ def plan(x2: torch.Tensor, weight: torch.Tensor, n: int, quant_mode: int, gemm_k
                 launch.tickets, pdl)
 
 
+def replays(x2: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Will the fast path replay later calls like this eager one (on the CUDA kernels)?"""
+    if x2.dtype not in DTYPE_CODES or (bias is not None and bias.dtype != x2.dtype) or x2.device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing() and unavailable_reason(nvcc.device_index(x2.device)) is None
+
+
 def remember(backend: str, x2: torch.Tensor, weight: torch.Tensor, n: int, bias: torch.Tensor | None,
              quant_mode: int, gemm_kind: int) -> None:
     """After an eager Python call of ``backend`` that ran the CUDA quantization kernel in ``quant_mode``
     (0: none) and the GEMM ``gemm_kind``: record its plan, so that later calls with the same key take
     the fast path. Calls the extension would not replay the same way are not recorded."""
-    if x2.dtype not in DTYPE_CODES or (bias is not None and bias.dtype != x2.dtype):
-        return
-    if torch.cuda.is_current_stream_capturing():  # (captured calls may take other kernels)
+    if not replays(x2, bias):  # (captured calls may take other kernels)
         return
     index = nvcc.device_index(x2.device)
-    if unavailable_reason(index) is not None:
-        return
     if quant_mode and cuda_quant.unavailable_reason(index) is not None:
         return
     m, k = x2.shape
@@ -133,5 +136,5 @@ def replayed_calls() -> int:
     return torch.ops.fp4_fast.replayed_calls() if loaded() else 0
 
 
-__all__ = ["Plan", "plan", "remember", "unavailable_reason", "loaded", "forget_plans", "replayed_calls",
+__all__ = ["Plan", "plan", "replays", "remember", "unavailable_reason", "loaded", "forget_plans", "replayed_calls",
            "GEMM_SMALL_M", "GEMM_WGMMA"]

@@ -62,13 +62,14 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
 _GEMM_KINDS = {small_m_gemm: fast_linear.GEMM_SMALL_M, wgmma_gemm: fast_linear.GEMM_WGMMA}
 
 
-def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool):
+def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool, host_bound: bool = False):
     """The CUDA C++ GEMM that takes an [m, K] x [n, K] call (the small-M kernel, else the wgmma
     kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``.
-    ``w4a4``: ``x`` will be the activations' block values, written by a kernel just before."""
+    ``w4a4``: ``x`` will be the activations' block values, written by a kernel just before;
+    ``host_bound``: see ``use_wgmma``."""
     if use_small_m(x, m, n):
         return small_m_gemm
-    if use_wgmma(weight, m, after_quantization=w4a4):
+    if use_wgmma(weight, m, after_quantization=w4a4, host_bound=host_bound):
         return wgmma_gemm
     return None
 
@@ -169,7 +170,8 @@ class TritonW4A4Kernels(_HopperKernels):
                                x_scale=scales, k=k)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
                                  fast_linear.GEMM_SMALL_M)
-        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, w4a4=True)) is not None:
+        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, w4a4=True,
+                                      host_bound=fast_linear.replays(x2, bias))) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_VALUES, _GEMM_KINDS[cuda_gemm])
@@ -204,10 +206,11 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, w4a4=False)
+        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, w4a4=False,
+                               host_bound=fast_linear.replays(x2, bias))
         if cuda_gemm is not None:
             out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
-            fast_linear.remember(self.name, xa, weight, out_features, bias, 0, _GEMM_KINDS[cuda_gemm])
+            fast_linear.remember(self.name, x2, weight, out_features, bias, 0, _GEMM_KINDS[cuda_gemm])
         elif use_dequant("w4a16", xa.shape[0], out_features, k, x.dtype, x.device):
             out = dequant_mm(xa, weight, weight_scale, alpha, n=out_features, k=k, out_dtype=x.dtype, bias=bias)
         else:
