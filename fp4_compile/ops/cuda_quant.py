@@ -6,9 +6,10 @@ and linear or swizzled (zero-padded) e4m3 scales, or the block values ``e2m1 * s
 the Hopper W4A4 GEMMs take. Why a CUDA kernel: the Triton kernel is bound by integer ALU work
 (~27 SASS per element); this one rounds E2M1 on the FP32 pipe, tabulates the per-scale-byte
 reciprocal once per CTA and uses the sm_89 fp8 conversion (H100, M=4096: 91% of copy bandwidth at
-K=4096 against Triton's 66%). For the block values, the reason is host time: its ctypes launch
-costs about half of Triton's launcher (NOTES.md, v10), and eager W4A4 calls pay it each time
-(``use_cuda_quant``: eager calls only; on the GPU it is slower than Triton's for them).
+K=4096 against Triton's 66%). For the block values, the reason is host time: eager W4A4 calls run
+this kernel, through ctypes (about half of Triton's launcher's host time, NOTES.md v10) or from the
+C++ fast path of ``fast_linear`` (which cannot launch Triton kernels); graphs take Triton's, which is
+0.7-1 us faster at M <= 256 (``use_cuda_quant``).
 
 Built on first use with nvcc into a plain shared library (no torch headers, one binary for every
 torch version) and called through ctypes on the current stream, so CUDA graphs capture it.
@@ -85,8 +86,9 @@ def use_cuda_quant(x2: torch.Tensor, mode: int, out_dtype: torch.dtype | None = 
     Codes and scales: from MIN_M rows, where it is faster on the GPU. Block values: in eager calls
     only. There its launch costs about half the host time of Triton's (H100 host: 18 against 33-48 us
     per call, benchmarks/profile_host.py), and eager W4A4 layers are bound by host time; on the GPU
-    it is slower (bench_quant.py, H100: 66-68% of copy bandwidth at M=4096 against 87-91%, 0.7-1 us
-    more at M <= 256), so calls captured in a CUDA graph, where host time is gone, take Triton's.
+    it matches Triton's at M=4096 (bench_quant.py, H100: 86% / 89% of copy bandwidth at K = 4096 /
+    14336 against 88% / 91%, NOTES.md v19) but takes 0.7-1 us more at M <= 256, so calls captured in a
+    CUDA graph, where host time is gone, take Triton's.
     """
     if x2.device.type != "cuda" or x2.dtype not in DTYPE_CODES:
         return False

@@ -279,12 +279,12 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
 // fp16). From the magic float r = 2^23 + code, |e2m1| = max(code / 2, code - 2, 2 code - 8) (the
 // E2M1 values 0, 0.5, 1, 1.5, 2, 3, 4, 6), each term exact; the sign is x's (as the Triton kernel's,
 // which takes it from x * out_scale, out_scale >= 0); a block holding Inf/NaN has sf = NaN.
+// Chunk c of `chunks` holds elements 8c .. 8c+7 (block c / 2); chunks 2, 3 only where valid1.
 template <int DT, bool SAT, bool FP16_OUT>
-__device__ __forceinline__ void values_pair(const Args& a, const uint32_t* w, const float* os, const float* sf,
-                                            int64_t row, int pair, bool valid1) {
-  uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+__device__ __forceinline__ void values_pair(const uint32_t* w, const float* os, const float* sf, bool valid1,
+                                            uint4 (&chunks)[4]) {
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {  // 16-byte chunk c: elements 8c .. 8c+7 (block c / 2), stored once computed
+  for (int c = 0; c < 4; ++c) {
     if (c >= 2 && !valid1) break;
     uint32_t out[4];
 #pragma unroll
@@ -308,11 +308,44 @@ __device__ __forceinline__ void values_pair(const Args& a, const uint32_t* w, co
         out[k] = *reinterpret_cast<const uint32_t*>(&p);
       }
     }
-    if (a.v16) {
-      *reinterpret_cast<uint4*>(dst + 4 * c) = make_uint4(out[0], out[1], out[2], out[3]);
-    } else {
+    chunks[c] = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+
+// Stores a pair's block values. Where the 32 lanes of a warp hold 32 whole consecutive pairs of one
+// row (`staged`, warp-uniform), their 2 KB go out through shared memory so that each store
+// instruction writes 512 contiguous bytes: stored straight from registers, each lane's 64 bytes sat
+// 64 bytes from the next lane's, every instruction half of each sector it touched, and the kernel
+// wrote at 66-68% of the copy bandwidth (benchmarks/NOTES.md v10d, v19). The staging slots of chunk
+// c of lane L are XOR-swizzled (4 L + (c ^ (L >> 1 & 3))) so that neither side has bank conflicts.
+__device__ __forceinline__ void store_values(const Args& a, const uint4 (&chunks)[4], int64_t row, int pair,
+                                             bool valid1, bool staged, uint4* stage) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+  if (staged) {
+    const int lane = threadIdx.x & 31;
+    uint4* warp_stage = stage + (threadIdx.x & ~31) * 4;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) dst[4 * c + k] = out[k];
+    for (int c = 0; c < 4; ++c) warp_stage[4 * lane + (c ^ ((lane >> 1) & 3))] = chunks[c];
+    __syncwarp();
+    uint4* warp_dst = reinterpret_cast<uint4*>(dst - 16 * lane);  // the warp's first pair
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int from = 8 * i + (lane >> 2), c = lane & 3;
+      warp_dst[32 * i + lane] = warp_stage[4 * from + (c ^ ((from >> 1) & 3))];
+    }
+    __syncwarp();
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (c >= 2 && !valid1) break;
+    if (a.v16) {
+      *reinterpret_cast<uint4*>(dst + 4 * c) = chunks[c];
+    } else {
+      dst[4 * c] = chunks[c].x;
+      dst[4 * c + 1] = chunks[c].y;
+      dst[4 * c + 2] = chunks[c].z;
+      dst[4 * c + 3] = chunks[c].w;
     }
   }
 }
@@ -324,13 +357,16 @@ __device__ __forceinline__ float out_scale(uint32_t byte, float gs) {
   return sf == 0.0f ? 0.0f : __frcp_rn(safe);
 }
 
+// The block values (staging four 16-byte chunks per thread) are held to 64 registers, 4 CTAs per SM
+// (fp32 input took 70); the other modes need fewer unbounded (0: no minimum).
 template <int DT, int MODE, bool FP16_OUT = false>
-__global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_quant_kernel(const Args a) {
   // out_scale of each scale byte, tabulated once per CTA where threads loop over many rows; mode 3
   // serves decode-sized M (a row or two per thread), where the table's barrier sat on the path
   // from the launch to the GEMM after it: each thread computes its two instead.
   constexpr bool kTable = MODE != kModeKernelCodes;
   __shared__ float s_os[kTable ? 256 : 1];
+  __shared__ uint4 s_stage[MODE == kModeValues ? kThreads * 4 : 1];  // store_values
   // Launched with PDL: the GEMM after us may launch now; we wait for the kernel before us (it may
   // have written x and the global scale).
   fp4c::allow_dependents();
@@ -392,11 +428,15 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quant_kernel(const Args a) {
       const bool any_sat = __any_sync(__activemask(), sat);
       if constexpr (MODE == kModeValues) {
         const float sf[2] = {e4m3_value(b0), e4m3_value(b1)};
+        uint4 chunks[4];
         if (any_sat) {
-          values_pair<DT, true, FP16_OUT>(a, w, os, sf, row, pair, valid1);
+          values_pair<DT, true, FP16_OUT>(w, os, sf, valid1, chunks);
         } else {
-          values_pair<DT, false, FP16_OUT>(a, w, os, sf, row, pair, valid1);
+          values_pair<DT, false, FP16_OUT>(w, os, sf, valid1, chunks);
         }
+        // (the warp's lanes share the row from 32 threads per row on; all 64 blocks in the row)
+        const bool staged = a.v16 && a.log_tx >= 5 && 2 * (pair - (threadIdx.x & 31) + 32) <= a.kb;
+        store_values(a, chunks, row, pair, valid1, staged, s_stage);
       } else if (any_sat) {
         encode_pair<DT, true, MODE == kModeKernelCodes>(a, w, os, bad, row, pair, valid1);
       } else {
