@@ -112,7 +112,11 @@ CASES = [
     ("marlin", 3, 1000, 1040),
     ("marlin", 64, 4096, 4096),
     ("marlin", 24, 6144, 4096),
-    ("triton-w4a4", 1024, 1024, 4096),  # eager calls take the kernel where graphs take cuBLASLt
+    # eager calls take the CUDA kernels where graphs take Triton or cuBLASLt
+    ("triton-w4a4", 16, 9216, 256),
+    ("marlin", 16, 4096, 4096),
+    ("marlin", 48, 6144, 4096),
+    ("triton-w4a4", 1024, 1024, 4096),
     ("marlin", 1024, 1024, 4096),
 ]
 
@@ -150,11 +154,11 @@ def test_plans_cover_every_kernel_path():
         _, _, _, wt, _, _ = _layer(backend, n, k, torch.bfloat16, False)
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         w4a4 = backend != "marlin"
-        if w4a4 and hopper.use_codes(x, m, n):
+        if w4a4 and hopper.use_codes(x, m, n, True):
             quant, gemm = fast_linear.cuda_quant.MODE_KERNEL_CODES, fast_linear.GEMM_SMALL_M
         else:
             quant = fast_linear.cuda_quant.MODE_VALUES if w4a4 else 0
-            gemm = hopper._GEMM_KINDS[hopper._cuda_gemm(x, wt, m, n, w4a4=w4a4, host_bound=True)]
+            gemm = hopper._GEMM_KINDS[hopper._cuda_gemm(x, wt, m, n, w4a4, True)]
         kinds.add((quant, gemm, fast_linear.plan(x, wt, n, quant, gemm).fixup_floats > 0))
     assert {(q, g) for q, g, _ in kinds} == {(2, 0), (3, 0), (2, 1), (0, 0), (0, 1)}, kinds
     assert any(split for _, _, split in kinds), kinds

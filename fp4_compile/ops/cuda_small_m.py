@@ -88,9 +88,11 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA small-M kernel", "FP4C_SMALL_M_KERNEL", device_index, _library)
 
 
-def dispatches(m: int, n: int) -> bool:
-    """Is an [m, K] x [n, K] call one that the backends give to this kernel (where it can run)?"""
-    return 1 <= m <= (DISPATCH_MAX_M_SMALL_N if n <= SMALL_N else DISPATCH_MAX_M)
+def dispatches(m: int, n: int, host_bound: bool = False) -> bool:
+    """Is an [m, K] x [n, K] call one that the backends give to this kernel (where it can run)?
+    ``host_bound``: an eager call that ``fast_linear`` will replay takes every M up to MAX_M, where the
+    Triton kernel's eager calls cost 100-200 us of host time each (NOTES.md v19)."""
+    return 1 <= m <= (MAX_M if host_bound else DISPATCH_MAX_M_SMALL_N if n <= SMALL_N else DISPATCH_MAX_M)
 
 
 def _runs_on(x: torch.Tensor, *other_kernels) -> bool:
@@ -102,20 +104,21 @@ def _runs_on(x: torch.Tensor, *other_kernels) -> bool:
     return all(reason(index) is None for reason in (unavailable_reason, *other_kernels))
 
 
-def use_small_m(x: torch.Tensor, m: int, n: int) -> bool:
-    """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel?"""
-    return dispatches(m, n) and _runs_on(x)
+def use_small_m(x: torch.Tensor, m: int, n: int, host_bound: bool = False) -> bool:
+    """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel? (``host_bound``: see ``dispatches``)"""
+    return dispatches(m, n, host_bound) and _runs_on(x)
 
 
-def dispatches_codes(m: int, n: int) -> bool:
-    """Is a W4A4 [m, K] x [n, K] call one that the backend gives to this kernel on activation codes?"""
-    return CODES_MIN_M <= m <= MAX_M and (m <= 8 or n <= CODES_TWO_TILES_MAX_N)
+def dispatches_codes(m: int, n: int, host_bound: bool = False) -> bool:
+    """Is a W4A4 [m, K] x [n, K] call one that the backend gives to this kernel on activation codes?
+    (``host_bound``: see ``dispatches``; at N = 28672, M = 16 codes tied Triton on the GPU, NOTES.md v18f)"""
+    return CODES_MIN_M <= m <= MAX_M and (m <= 8 or n <= CODES_TWO_TILES_MAX_N or host_bound)
 
 
-def use_codes(x: torch.Tensor, m: int, n: int) -> bool:
+def use_codes(x: torch.Tensor, m: int, n: int, host_bound: bool = False) -> bool:
     """Route a W4A4 [m, K] x [n, K] call on ``x.device`` to this kernel on activation codes (written by
     the CUDA quantization kernel)?"""
-    return dispatches_codes(m, n) and _runs_on(x, cuda_quant.unavailable_reason)
+    return dispatches_codes(m, n, host_bound) and _runs_on(x, cuda_quant.unavailable_reason)
 
 
 def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: bool = False) -> tuple[int, int, int]:

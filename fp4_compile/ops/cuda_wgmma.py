@@ -166,15 +166,15 @@ def _waves(tiles: int, sms: int, k: int) -> float:
 def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, host_bound: bool = False) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel? ``after_quantization``:
     the activations are the block values that the quantization kernel just wrote (W4A4).
-    ``host_bound``: an eager call that the fast path of ``fast_linear`` will replay; above LARGE_M it
-    takes the kernel even where dequantization + cuBLASLt is faster on the GPU, because that path's
-    eager calls stay in Python, at about 100-300 us of host time each on the H100 hosts against the
-    replay's 15-20 (NOTES.md v19)."""
+    ``host_bound``: an eager call that the fast path of ``fast_linear`` will replay; it takes the kernel
+    even where Triton (small weights at M = 33..64) or dequantization + cuBLASLt (above LARGE_M) is
+    faster on the GPU, because those paths' eager calls stay in Python, at 100-300 us of host time
+    each on the H100 hosts against the replay's 10-20 (NOTES.md v19)."""
     if m < DISPATCH_MIN_M:
         return False
     n, k = weight.shape[0], weight.shape[1] * 2
     small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
-    if SMALL_WEIGHT_M[0] <= m <= SMALL_WEIGHT_M[1] and small_weight and not after_quantization:
+    if SMALL_WEIGHT_M[0] <= m <= SMALL_WEIGHT_M[1] and small_weight and not (after_quantization or host_bound):
         return False
     if not supports(weight):
         return False

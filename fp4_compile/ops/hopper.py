@@ -67,7 +67,7 @@ def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool
     kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``.
     ``w4a4``: ``x`` will be the activations' block values, written by a kernel just before;
     ``host_bound``: see ``use_wgmma``."""
-    if use_small_m(x, m, n):
+    if use_small_m(x, m, n, host_bound):
         return small_m_gemm
     if use_wgmma(weight, m, after_quantization=w4a4, host_bound=host_bound):
         return wgmma_gemm
@@ -164,14 +164,14 @@ class TritonW4A4Kernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype, w4a4=True)
         gs = input_global_scale.reshape(1).float()
         alpha = alpha.reshape(1).float()
-        if use_codes(x2, m, out_features):
+        host_bound = fast_linear.replays(x2, bias)
+        if use_codes(x2, m, out_features, host_bound):
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
                                  fast_linear.GEMM_SMALL_M)
-        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, w4a4=True,
-                                      host_bound=fast_linear.replays(x2, bias))) is not None:
+        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, True, host_bound)) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_VALUES, _GEMM_KINDS[cuda_gemm])
@@ -206,8 +206,7 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x.dtype)
         xa = x2 if x2.dtype == cdt else x2.to(cdt)
         alpha = alpha.reshape(1).float()
-        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, w4a4=False,
-                               host_bound=fast_linear.replays(x2, bias))
+        cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, False, fast_linear.replays(x2, bias))
         if cuda_gemm is not None:
             out = cuda_gemm(xa, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
             fast_linear.remember(self.name, x2, weight, out_features, bias, 0, _GEMM_KINDS[cuda_gemm])
