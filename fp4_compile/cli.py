@@ -278,13 +278,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
     where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nselected on {where}: {chosen.value} (override with FP4_GEMM_BACKEND=name or --backend)")
     if where.type == "cuda":
-        from .ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, nvcc
+        from .ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, fast_linear, nvcc
 
         index = nvcc.device_index(where)
         for what, module in (("CUDA decode kernel of triton-w4a4/marlin (small M)", cuda_small_m),
                              ("CUDA wgmma kernel of triton-w4a4/marlin (M >= 17)", cuda_wgmma),
                              ("CUDA activation quantization (codes at M >= 1024, eager block values)", cuda_quant),
-                             ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt)):
+                             ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt),
+                             ("C++ eager fast path of fp4::linear", fast_linear)):
             reason = module.unavailable_reason(index)  # builds it on first use (seconds)
             print(f"{what}: {'ready' if reason is None else reason}")
         from .ops.pdl import use_pdl

@@ -1,14 +1,14 @@
-"""When the optional nvcc-built CUDA parts (small-M GEMM, wgmma GEMM, quantization, cuBLASLt shim)
-are off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for all four, and
-one helper, ``nvcc.launch_on``, launches them (no GPU needed)."""
+"""When the optional built CUDA parts (small-M GEMM, wgmma GEMM, quantization, cuBLASLt shim, the
+eager fast path) are off: one mechanism, ``fp4_compile.ops.nvcc.unavailable_reason``, decides it for
+all five, and one helper, ``nvcc.launch_on``, launches the kernels (no GPU needed)."""
 
 import pytest
 import torch
 
-from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, nvcc
+from fp4_compile.ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, fast_linear, nvcc
 
 PARTS = [(cuda_small_m, "FP4C_SMALL_M_KERNEL"), (cuda_wgmma, "FP4C_WGMMA_KERNEL"), (cuda_quant, "FP4C_CUDA_QUANT"),
-         (cublaslt, "FP4C_CUBLASLT")]
+         (cublaslt, "FP4C_CUBLASLT"), (fast_linear, "FP4C_FAST_LINEAR")]
 
 
 @pytest.fixture
