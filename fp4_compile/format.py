@@ -63,7 +63,7 @@ def check_global_scale(gs: torch.Tensor, name: str = "global_scale", *, check_va
         raise TypeError(f"{name} must be float32, got {gs.dtype}")
     if gs.numel() != 1:
         raise ValueError(f"{name} must have exactly one element, got shape {tuple(gs.shape)}")
-    if check_value and not _is_traced(gs):
+    if check_value and not is_traced(gs):
         v = float(gs.detach().reshape(()).cpu())
         if not (v > 0.0 and v != float("inf")):
             raise ValueError(f"{name} must be positive and finite, got {v}")
@@ -92,7 +92,8 @@ def check_linear_weight(packed: torch.Tensor, scales: torch.Tensor) -> None:
         )
 
 
-def _is_traced(t: torch.Tensor) -> bool:
+def is_traced(t: torch.Tensor) -> bool:
+    """Is ``t`` a tracing stand-in (fake or meta tensor, or inside torch.compile) rather than data?"""
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor) or t.device.type == "meta" or torch.compiler.is_compiling()

@@ -123,16 +123,19 @@ class NVFP4Linear(nn.Module):
             return x.new_zeros(*lead, self.out_features)
         backend = self.backend.value
         if self.semantics == "W4A16":
-            out = torch.ops.fp4.linear(
-                x2, self.weight, self.weight_scale, self.weight_global_scale, self.alpha, self.bias,
-                self.out_features, backend,
-            )
-            return out.reshape(*lead, self.out_features)
-        if self.input_global_scale is None:
+            global_scale, alpha = self.weight_global_scale, self.alpha
+        elif self.input_global_scale is None:
             global_scale = fmt.dynamic_global_scale(x2)
             alpha = torch.reciprocal(global_scale * self.weight_global_scale)
         else:
             global_scale, alpha = self.input_global_scale, self.alpha
+        if self.semantics == "W4A16" or (x2.device.type == "cuda" and not fmt.is_traced(x2)):
+            # W4A16 has the fused op only. W4A4 run eagerly on a GPU takes it too (what
+            # torch.compile(backend="fp4") makes of the chain below): the Hopper fast path replays its
+            # eager calls in C++ (ops/fast_linear.py).
+            out = torch.ops.fp4.linear(x2, self.weight, self.weight_scale, global_scale, alpha, self.bias,
+                                       self.out_features, backend)
+            return out.reshape(*lead, self.out_features)
         # The unfused chain; torch.compile(backend="fp4") fuses it into one fp4::linear.
         a, a_scale = torch.ops.fp4.quantize(x2, global_scale, SPECS[self.backend].swizzled_scales)
         k_padded = self.weight.shape[1] * 2

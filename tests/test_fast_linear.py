@@ -222,24 +222,32 @@ def test_captured_calls_take_the_python_path(seed):
 
 
 @pytest.mark.gpu
-def test_compiled_model_runs_on_the_fast_path(seed):
-    """A layer compiled with backend="fp4" calls fp4::linear eagerly from Inductor's wrapper: after its
-    first call the fast path runs it, with the same result."""
+def test_layers_run_on_the_fast_path_eager_and_compiled(seed):
+    """A W4A4 layer run eagerly on a GPU calls the fused fp4::linear, and compiled with backend="fp4"
+    Inductor's wrapper calls it eagerly: after the first call of the key the fast path runs both,
+    with the same result, within the exact product's tolerance."""
     _need_fast_path()
     import fp4_compile
     from fp4_compile.layer import NVFP4Linear
 
     lin = torch.nn.Linear(1040, 1000, bias=True, device=DEV, dtype=torch.bfloat16)
     x = torch.randn(5, 1040, device=DEV, dtype=torch.bfloat16)
-    layer = NVFP4Linear.from_linear(lin, backend="triton-w4a4",
-                                    input_global_scale=F.global_scale_from_amax(x.float().abs().amax()))
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    layer = NVFP4Linear.from_linear(lin, backend="triton-w4a4", input_global_scale=gx)
     compiled = torch.compile(layer, backend=fp4_compile.fp4_backend)
     with torch.no_grad():
-        first = compiled(x)
+        first = layer(x)
+        before = fast_linear.replayed_calls()
+        eager = layer(x)
+        assert fast_linear.replayed_calls() == before + 1
+        compiled(x)
         before = fast_linear.replayed_calls()
         again = compiled(x)
-    assert fast_linear.replayed_calls() == before + 1
-    assert torch.equal(first, again)
+        assert fast_linear.replayed_calls() == before + 1
+    assert torch.equal(first, eager) and torch.equal(eager, again)
+    pw, sw = layer.linear_weight()
+    ref = _reference("triton-w4a4", x, pw, sw, gx, layer.weight_global_scale, layer.bias)
+    assert rel(eager, ref) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
