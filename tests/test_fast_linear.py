@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -84,6 +85,25 @@ def _operands(backend, x, gw, gx):
     return gx, (1 / (gx * gw)).float()
 
 
+class Problem(NamedTuple):
+    x: torch.Tensor
+    gx: torch.Tensor
+    pw: torch.Tensor
+    sw: torch.Tensor
+    gw: torch.Tensor
+    args: tuple  # fp4::linear's arguments after x
+
+
+def _problem(backend: str, m: int, n: int, k: int, dt: torch.dtype = torch.bfloat16,
+             with_bias: bool = False) -> Problem:
+    """A prepared layer of ``backend`` and fresh activations, with the op's arguments."""
+    _need_fast_path()
+    pw, sw, gw, wt, wst, bias = _layer(backend, n, k, dt, with_bias)
+    x = torch.randn(m, k, device=DEV).to(dt)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    return Problem(x, gx, pw, sw, gw, (wt, wst, *_operands(backend, x, gw, gx), bias, n, backend))
+
+
 def _reference(backend, x, pw, sw, gx, gw, bias):
     wv = F.block_values(pw, sw).double()
     if backend == "marlin":
@@ -126,21 +146,16 @@ CASES = [
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fast_path_replays_the_python_path_bit_for_bit(seed, backend, m, n, k, dt, with_bias):
-    _need_fast_path()
-    pw, sw, gw, wt, wst, bias = _layer(backend, n, k, dt, with_bias)
-    x = torch.randn(m, k, device=DEV).to(dt)
-    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    gs, alpha = _operands(backend, x, gw, gx)
-    args = (wt, wst, gs, alpha, bias, n, backend)
-    python = torch.ops.fp4._linear_python(x, *args)  # (records the key's plan)
+    p = _problem(backend, m, n, k, dt, with_bias)
+    python = torch.ops.fp4._linear_python(p.x, *p.args)  # (records the key's plan)
     before = fast_linear.replayed_calls()
-    outs = [torch.ops.fp4.linear(torch.randn(m, k, device=DEV).to(dt), *args) for _ in range(2)]
-    out = torch.ops.fp4.linear(x, *args)
+    outs = [torch.ops.fp4.linear(torch.randn(m, k, device=DEV).to(dt), *p.args) for _ in range(2)]
+    out = torch.ops.fp4.linear(p.x, *p.args)
     assert fast_linear.replayed_calls() == before + 3, "the calls did not take the fast path"
     assert out.shape == (m, n) and out.dtype == dt and out.is_contiguous()
     assert torch.equal(out, python)
     assert all(torch.isfinite(o).all() for o in outs)
-    assert rel(out, _reference(backend, x, pw, sw, gx, gw, bias)) <= TOL[dt]
+    assert rel(out, _reference(backend, p.x, p.pw, p.sw, p.gx, p.gw, p.args[4])) <= TOL[dt]
 
 
 @pytest.mark.gpu
@@ -166,36 +181,31 @@ def test_plans_cover_every_kernel_path():
 
 @pytest.mark.gpu
 def test_calls_it_cannot_replay_take_the_python_path(seed):
-    _need_fast_path()
-    n, k, m = 1000, 1040, 3
-    pw, sw, gw, wt, wst, bias = _layer("triton-w4a4", n, k, torch.bfloat16, True)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    gs, alpha = _operands("triton-w4a4", x, gw, gx)
-    ref = torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias, n, "triton-w4a4")  # records the plan
+    p = _problem("triton-w4a4", 3, 1000, 1040, with_bias=True)
+    x, (wt, wst, gs, alpha, bias, n, backend) = p.x, p.args
+    ref = torch.ops.fp4.linear(x, *p.args)  # records the plan
     before = fast_linear.replayed_calls()
     # rows 8 bytes apart: not 16-byte vectors
-    wide = torch.zeros(m, k + 4, device=DEV, dtype=torch.bfloat16)
-    wide[:, :k] = x
-    assert torch.equal(torch.ops.fp4.linear(wide[:, :k], wt, wst, gs, alpha, bias, n, "triton-w4a4"), ref)
+    wide = torch.zeros(x.shape[0], x.shape[1] + 4, device=DEV, dtype=torch.bfloat16)
+    wide[:, :x.shape[1]] = x
+    assert torch.equal(torch.ops.fp4.linear(wide[:, :x.shape[1]], *p.args), ref)
     # a bias in another dtype
-    out = torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias.float(), n, "triton-w4a4")
-    assert torch.equal(out, ref)
+    assert torch.equal(torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias.float(), n, backend), ref)
     # fp32 activations (their own key, never recorded)
-    torch.ops.fp4.linear(x.float(), wt, wst, gs, alpha, bias.float(), n, "triton-w4a4")
+    torch.ops.fp4.linear(x.float(), wt, wst, gs, alpha, bias.float(), n, backend)
     assert fast_linear.replayed_calls() == before
     # an input that needs a gradient: the Python path, whose output's backward raises
-    out = torch.ops.fp4.linear(x.clone().requires_grad_(), wt, wst, gs, alpha, bias, n, "triton-w4a4")
+    out = torch.ops.fp4.linear(x.clone().requires_grad_(), *p.args)
     assert torch.equal(out.detach(), ref)
     with pytest.raises(RuntimeError, match="no backward"):
         out.sum().backward()
     # bad operands of a recorded key: the Python path's errors
     with pytest.raises(TypeError, match="weight_scale"):
-        torch.ops.fp4.linear(x, wt, wst.float(), gs, alpha, bias, n, "triton-w4a4")
+        torch.ops.fp4.linear(x, wt, wst.float(), gs, alpha, bias, n, backend)
     with pytest.raises(TypeError, match="alpha"):
-        torch.ops.fp4.linear(x, wt, wst, gs, alpha.double(), bias, n, "triton-w4a4")
+        torch.ops.fp4.linear(x, wt, wst, gs, alpha.double(), bias, n, backend)
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias[:-1], n, "triton-w4a4")
+        torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias[:-1], n, backend)
     assert fast_linear.replayed_calls() == before
 
 
@@ -203,18 +213,13 @@ def test_calls_it_cannot_replay_take_the_python_path(seed):
 def test_captured_calls_take_the_python_path(seed):
     """Inside a CUDA-graph capture the Python path runs (its graph-time kernel choices); replays match
     the eager result."""
-    _need_fast_path()
-    n, k, m = 4096, 4096, 64
-    pw, sw, gw, wt, wst, _ = _layer("triton-w4a4", n, k, torch.bfloat16, False)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    gs, alpha = _operands("triton-w4a4", x, gw, gx)
-    eager = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
-    torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
+    p = _problem("triton-w4a4", 64, 4096, 4096)
+    eager = torch.ops.fp4.linear(p.x, *p.args)
+    torch.ops.fp4.linear(p.x, *p.args)
     before = fast_linear.replayed_calls()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, "triton-w4a4")
+        out = torch.ops.fp4.linear(p.x, *p.args)
     assert fast_linear.replayed_calls() == before
     graph.replay()
     torch.cuda.synchronize()
@@ -256,25 +261,20 @@ def test_eager_and_captured_large_m_calls_agree(seed, backend):
     """At M > 512 with few output tiles an eager call takes the wgmma kernel (replayed by the fast
     path) where a captured one takes dequantization + cuBLASLt: both within the exact product's
     tolerance, and within fp32 summation order of each other."""
-    _need_fast_path()
     from fp4_compile.ops import cublaslt
 
+    p = _problem(backend, 1024, 1024, 4096)
     if not cublaslt.available(torch.device(DEV)):
         pytest.skip("no cuBLASLt")
-    n, k, m = 1024, 4096, 1024
-    pw, sw, gw, wt, wst, _ = _layer(backend, n, k, torch.bfloat16, False)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-    gs, alpha = _operands(backend, x, gw, gx)
-    eager = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend)
+    eager = torch.ops.fp4.linear(p.x, *p.args)
     before = fast_linear.replayed_calls()
-    assert torch.equal(torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend), eager)
+    assert torch.equal(torch.ops.fp4.linear(p.x, *p.args), eager)
     assert fast_linear.replayed_calls() == before + 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = torch.ops.fp4.linear(x, wt, wst, gs, alpha, None, n, backend)
+        captured = torch.ops.fp4.linear(p.x, *p.args)
     graph.replay()
     torch.cuda.synchronize()
-    ref = _reference(backend, x, pw, sw, gx, gw, None)
+    ref = _reference(backend, p.x, p.pw, p.sw, p.gx, p.gw, None)
     assert rel(eager, ref) <= TOL[torch.bfloat16] and rel(captured, ref) <= TOL[torch.bfloat16]
     assert rel(eager, captured) <= TOL[torch.bfloat16]
