@@ -33,6 +33,11 @@ def test_plan_fields_match_the_cpp_struct():
     fields = [name for line in body.splitlines() if line.strip().startswith("int64_t")
               for name in re.findall(r"(\w+)\s*[,;]", line.split("//")[0])]
     assert tuple(fields) == fast_linear.Plan._fields
+    constants = dict(re.findall(r"(k\w+) = (\d+)", text))
+    assert int(constants["kQuantValues"]) == fast_linear.cuda_quant.MODE_VALUES
+    assert int(constants["kQuantCodes"]) == fast_linear.cuda_quant.MODE_KERNEL_CODES
+    assert int(constants["kGemmSmallM"]) == fast_linear.GEMM_SMALL_M
+    assert int(constants["kGemmWgmma"]) == fast_linear.GEMM_WGMMA
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")

@@ -17,7 +17,9 @@ At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C+
 on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel where it measured
 faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At larger M (``use_dequant``) the weight is
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
-device scalar) and the bias in its fp32 epilogue (``cublaslt.py``).
+device scalar) and the bias in its fp32 epilogue (``cublaslt.py``). Eager calls that the C++ fast path
+will replay (``fast_linear``: later calls of the same shape skip this module) take the CUDA kernels at
+every M they run, where host time outweighs the GPU time the other kernels would save.
 
 All of them share one weight layout (``weight_layout.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
 32) with the code bits of each 4-byte word placed for the in-register decode, and linear fp8
