@@ -70,6 +70,17 @@ def test_w4a4_takes_activation_codes_where_measured_faster():
         assert not cuda_small_m.dispatches_codes(17, n)
 
 
+def test_eager_calls_the_fast_path_replays_take_every_m_up_to_16():
+    """host_bound (an eager call that fast_linear will replay): the kernel at M = 1..16 on values, and
+    on codes from M = 8, at every N; graph-time choices otherwise."""
+    for n in (1024, 4096, 28672):
+        assert all(cuda_small_m.dispatches(m, n, host_bound=True) for m in range(1, 17))
+        assert not cuda_small_m.dispatches(17, n, host_bound=True)
+        assert cuda_small_m.dispatches_codes(16, n, host_bound=True)
+        assert not cuda_small_m.dispatches_codes(7, n, host_bound=True)
+    assert not cuda_small_m.dispatches(16, 4096) and cuda_small_m.dispatches(16, 1024)
+
+
 def test_activation_codes_are_checked():
     w = torch.zeros(32, 32, dtype=torch.uint8)
     s = torch.zeros(32, 4, dtype=torch.uint8)

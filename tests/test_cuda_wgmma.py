@@ -68,6 +68,10 @@ def test_dispatch_rules(monkeypatch):
     assert not cuda_wgmma.use_wgmma(weight(1024, 4096), 2048)  # 64 tiles: half the SMs
     assert cuda_wgmma.use_wgmma(weight(4096, 4096), 4096)      # no upper bound on M
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 16384)
+    # eager calls the fast path replays: the kernel wherever it runs (host time decides there)
+    assert cuda_wgmma.use_wgmma(weight(6144, 4096), 64, host_bound=True)
+    assert cuda_wgmma.use_wgmma(weight(1024, 4096), 2048, host_bound=True)
+    assert not cuda_wgmma.use_wgmma(weight(4096, 4096), 16, host_bound=True)  # still the small-M kernel's
     cuda_wgmma.device_launch_config.cache_clear()
 
 
