@@ -124,12 +124,13 @@ def unavailable_reason(what: str, env_var: str, device_index: int, load: Callabl
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def device_index(device: torch.device) -> int:
-    """The CUDA device index of ``device`` (the current device where it names none)."""
+    """The CUDA device index of ``device`` (the current device where it names none: not cached, the
+    current device may change)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=None)
 def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
