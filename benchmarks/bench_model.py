@@ -7,7 +7,11 @@ a 2048-token prefill runs eagerly through the compiled model (under torch.no_gra
 torch.inference_mode as vLLM runs models), and also inside a CUDA graph (the GPU time alone).
 Medians of CUDA-event timings.
 
-python benchmarks/bench_model.py [--layers 4] [--backends triton-w4a4,marlin]
+With ``--merged`` the layers hold q/k/v as one projection and gate/up as one, as vLLM's model
+definitions do (``QKVParallelLinear``, ``MergedColumnParallelLinear``): fewer, larger GEMMs for both
+models (results in ``bench_model_merged.json``).
+
+python benchmarks/bench_model.py [--layers 4] [--backends triton-w4a4,marlin] [--merged] [--no-prefill]
 """
 
 from __future__ import annotations
@@ -41,23 +45,32 @@ class RMSNorm(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self):
+    def __init__(self, merged: bool = False):
         super().__init__()
+        self.merged = merged
         self.ln1, self.ln2 = RMSNorm(D), RMSNorm(D)
-        self.q_proj = nn.Linear(D, H * HD, bias=False)
-        self.k_proj = nn.Linear(D, KVH * HD, bias=False)
-        self.v_proj = nn.Linear(D, KVH * HD, bias=False)
+        if merged:
+            self.qkv_proj = nn.Linear(D, (H + 2 * KVH) * HD, bias=False)
+            self.gate_up_proj = nn.Linear(D, 2 * FF, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * HD, bias=False)
+            self.k_proj = nn.Linear(D, KVH * HD, bias=False)
+            self.v_proj = nn.Linear(D, KVH * HD, bias=False)
+            self.gate_proj = nn.Linear(D, FF, bias=False)
+            self.up_proj = nn.Linear(D, FF, bias=False)
         self.o_proj = nn.Linear(H * HD, D, bias=False)
-        self.gate_proj = nn.Linear(D, FF, bias=False)
-        self.up_proj = nn.Linear(D, FF, bias=False)
         self.down_proj = nn.Linear(FF, D, bias=False)
 
     def forward(self, x, k_cache=None, v_cache=None):
         b, t, _ = x.shape
         h = self.ln1(x)
-        q = self.q_proj(h).view(b, t, H, HD).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, KVH, HD).transpose(1, 2)
-        v = self.v_proj(h).view(b, t, KVH, HD).transpose(1, 2)
+        if self.merged:
+            q, k, v = self.qkv_proj(h).split([H * HD, KVH * HD, KVH * HD], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(b, t, H, HD).transpose(1, 2)
+        k = k.reshape(b, t, KVH, HD).transpose(1, 2)
+        v = v.reshape(b, t, KVH, HD).transpose(1, 2)
         if k_cache is not None:
             k = torch.cat([k_cache, k], dim=2)
             v = torch.cat([v_cache, v], dim=2)
@@ -66,13 +79,17 @@ class Layer(nn.Module):
             a = Fn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, H * HD))
         h = self.ln2(x)
-        return x + self.down_proj(Fn.silu(self.gate_proj(h)) * self.up_proj(h))
+        if self.merged:
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return x + self.down_proj(Fn.silu(gate) * up)
 
 
 class Stack(nn.Module):
-    def __init__(self, n):
+    def __init__(self, n, merged: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(Layer() for _ in range(n))
+        self.layers = nn.ModuleList(Layer(merged) for _ in range(n))
 
     def forward(self, x, caches=None):
         for i, layer in enumerate(self.layers):
@@ -118,12 +135,15 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--backends", default="triton-w4a4,marlin")
     ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--merged", action="store_true", help="q/k/v and gate/up as one projection each (as vLLM)")
+    ap.add_argument("--no-prefill", action="store_true", help="decode steps only")
     args = ap.parse_args()
+    json_name = "bench_model_merged.json" if args.merged else "bench_model.json"
     info = env_info()
     print(info, flush=True)
     torch.manual_seed(0)
     dev = "cuda"
-    base = Stack(args.layers).to(dev, torch.bfloat16).eval()
+    base = Stack(args.layers, args.merged).to(dev, torch.bfloat16).eval()
     for p in base.parameters():
         if p.dim() == 2:
             nn.init.normal_(p, std=0.02)
@@ -136,8 +156,10 @@ def main():
                       for _ in range(args.layers)]),
         "prefill": (torch.randn(1, args.prefill, D, device=dev, dtype=torch.bfloat16), None),
     }
+    if args.no_prefill:
+        del inputs["prefill"]
     rows = []
-    results = {"env": info, "layers": args.layers, "rows": rows}
+    results = {"env": info, "layers": args.layers, "merged": args.merged, "rows": rows}
 
     def bench(name, model, how):
         r = {"model": name, "compile": how, "weights_MB": round(weight_bytes(model) / 2**20, 1)}
@@ -169,7 +191,7 @@ def main():
         r["compile_and_bench_s"] = round(time.time() - t0, 1)
         rows.append(r)
         print(r, flush=True)
-        write_json("bench_model.json", results)
+        write_json(json_name, results)
         return ref
 
     ref_bf16 = bench("bf16", torch.compile(base, backend="inductor"), "inductor")
@@ -198,12 +220,13 @@ def main():
         for key in ("decode1", "decode16", "prefill", "prefill_inference_mode", "prefill_graph"):
             if isinstance(r.get(f"{key}_us"), float) and isinstance(rows[0].get(f"{key}_us"), float):
                 r[f"{key}_x"] = round(rows[0][f"{key}_us"] / r[f"{key}_us"], 3)
-    path = write_json("bench_model.json", results)
+    path = write_json(json_name, results)
     print(f"wrote {path}")
     print_table(rows, ["model", "compile", "weights_MB", "decode1_us", "decode1_x", "decode16_us", "decode16_x",
                        "prefill_us", "prefill_x", "prefill_inference_mode_us", "prefill_inference_mode_x",
                        "prefill_graph_us", "prefill_graph_x", "decode16_rel_err_vs_bf16"],
-                f"{args.layers} Llama-3-8B-shaped layers, {info['gpu']} (decode in CUDA graphs, us per step)")
+                f"{args.layers} Llama-3-8B-shaped layers{' (merged projections)' if args.merged else ''}, "
+                f"{info['gpu']} (decode in CUDA graphs, us per step)")
 
 
 if __name__ == "__main__":
