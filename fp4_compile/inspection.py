@@ -19,6 +19,7 @@ import functools
 import glob
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from .passes.manager import GraphResult, LinearInfo, record_results
 
 FUSED_OP_TEXT = "torch.ops.fp4.linear.default"
+GROUP_OP_TEXT = "torch.ops.fp4.linear_group.default"
 
 
 @dataclass
@@ -39,7 +41,8 @@ class GraphReport:
     direct: list[LinearInfo]  # fp4.linear called directly (W4A16 backends): nothing to fuse
     unfused: list[LinearInfo]  # chains left unfused, with the reason in .note
     post_grad_file: str | None  # <dump_dir>/<name>.AFTER_POST_GRAD.*.py
-    linears_in_file: int | None  # fp4.linear calls counted in that file
+    linears_in_file: int | None  # fp4.linear calls counted in that file (members of fp4.linear_group too)
+    groups: int = 0  # fp4.linear_group nodes (linears of one activation, grouped at decode sizes)
 
     @property
     def linears(self) -> int:
@@ -79,7 +82,9 @@ class InspectReport:
         for g in self.graphs:
             where = os.path.relpath(g.post_grad_file, self.dump_dir) if g.post_grad_file else "(no post-grad file)"
             check = "" if g.linears_in_file in (None, g.linears) else f" (the file has {g.linears_in_file})"
-            lines.append(f"{g.name or 'graph'}: {g.linears} fp4.linear{check}, {len(g.unfused)} unfused   [{where}]")
+            grouped = f" ({g.groups} fp4.linear_group)" if g.groups else ""
+            lines.append(f"{g.name or 'graph'}: {g.linears} fp4.linear{check}{grouped}, {len(g.unfused)} unfused   "
+                         f"[{where}]")
             rows = [("fused", i) for i in g.fused] + [("direct", i) for i in g.direct] + [("unfused", i) for i in g.unfused]
             width = max((len(info.module or info.node) for _, info in rows), default=0)
             for kind, info in rows:
@@ -141,7 +146,10 @@ def _count_in_file(path: str | None) -> int | None:
     if path is None:
         return None
     with open(path) as f:
-        return f.read().count(FUSED_OP_TEXT + "(")
+        text = f.read()
+    # a group's weights are its second argument, a list: one member per weight
+    members = re.findall(re.escape(GROUP_OP_TEXT) + r"\([^,]+, \[([^\]]*)\]", text)
+    return text.count(FUSED_OP_TEXT + "(") + sum(m.count(",") + 1 for m in members)
 
 
 def inspect_compiled(
@@ -196,5 +204,5 @@ def _graph_report(result: GraphResult, dump_dir: str) -> GraphReport:
     files = sorted(glob.glob(os.path.join(dump_dir, f"{glob.escape(result.name)}.AFTER_POST_GRAD*.py")))
     post_grad = files[-1] if files else None
     return GraphReport(
-        result.name, result.fused, result.direct, result.unfused, post_grad, _count_in_file(post_grad)
+        result.name, result.fused, result.direct, result.unfused, post_grad, _count_in_file(post_grad), result.groups
     )

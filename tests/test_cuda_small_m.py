@@ -15,8 +15,8 @@ from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     report = compile_with_ptxas_report(cuda_small_m.compile_command(str(tmp_path / "k.so"), (9, 0)))
     # {bf16, fp16} x {16-bit, fp32 out} x (activation values: {16, 32 rows} x (M <= 8: 2 or 4 stages,
-    # M <= 16: 2); activation codes: 16 rows, 2 stages, M <= 8 or 16)
-    assert len(report.kernels) == 32
+    # M <= 16: 2); activation codes: 16 rows, 2 stages, M <= 8 or 16; grouped launches: M <= 8 or 16)
+    assert len(report.kernels) == 40
     assert report.spills and all(s == ("0", "0") for s in report.spills), report
     assert max(report.registers) <= 255
 
@@ -26,6 +26,7 @@ def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
     lib = build_twice(cuda_small_m.SOURCE, cuda_small_m.nvcc_flags((9, 0)), "small_m_test", tmp_path)
     assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_small_m_gemm")
+    assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_small_m_gemm_group")
 
 
 def test_build_failure_names_the_command(tmp_path, monkeypatch):
@@ -102,6 +103,19 @@ def test_cpu_tensors_are_refused_clearly():
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_small_m.small_m_gemm(torch.randn(1, 64, dtype=torch.bfloat16), w, s, torch.ones(1), n=32,
                                   out_dtype=torch.bfloat16)
+
+
+def test_group_is_checked():
+    w = torch.zeros(32, 32, dtype=torch.uint8)
+    s = torch.zeros(32, 4, dtype=torch.uint8)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    member = (w, s, torch.ones(1), 32, None)
+    with pytest.raises(ValueError, match="2..4 GEMMs"):
+        cuda_small_m.small_m_gemm_group([x], [member], out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="2..4 GEMMs"):
+        cuda_small_m.small_m_gemm_group([x] * 5, [member] * 5, out_dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        cuda_small_m.small_m_gemm_group([x] * 2, [member] * 2, out_dtype=torch.bfloat16)
 
 
 def test_launch_config_keeps_the_grid_one_wave_of_warps():

@@ -191,6 +191,60 @@ def _cuda_gemm_case(n, k, m, dt):
     return x, wt, wst, (1 / gw).float(), bias, ref
 
 
+@pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((72, 33, 1000, 40), 208)])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_small_m_kernel_group_exact(seed, ns, k, m, dt):
+    """One grouped launch of several weights on the same activations: each member equal to the float64
+    product up to fp32 summation order (fp32 out) and bit-equal to its own launch at the same warps;
+    with biases and 16-bit outputs within output rounding. Outputs poisoned first."""
+    if cuda_small_m.unavailable_reason(torch.cuda.current_device()) is not None:
+        pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
+    members, refs = [], []
+    for n in ns:
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = MARLIN.prepare_weight(pw, sw)
+        members.append((wt, wst, (1 / gw).float(), n, torch.randn(n, device=DEV).to(dt)))
+        refs.append(x.double() @ F.block_values(pw, sw).double().t() / gw.double())
+    warps = cuda_small_m.launch_config(m, sum(-(-n // 16) * 16 for n in ns), k,
+                                       torch.cuda.get_device_properties(0).multi_processor_count)[2]
+    poison_allocator(m * sum(ns) * 8 + (1 << 22))
+    outs = cuda_small_m.small_m_gemm_group([x] * len(ns), [(*mb[:4], None) for mb in members],
+                                           out_dtype=torch.float32)
+    biased = cuda_small_m.small_m_gemm_group([x] * len(ns), members, out_dtype=dt)
+    for out, out_b, (wt, wst, alpha, n, bias), ref in zip(outs, biased, members, refs):
+        assert out.shape == (m, n) and torch.isfinite(out).all()
+        assert rel(out, ref) <= 1e-5
+        assert torch.equal(out, cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, warps=warps))
+        assert out_b.dtype == dt and torch.isfinite(out_b).all() and rel(out_b, ref + bias.double()) <= TOL[dt]
+
+
+@pytest.mark.parametrize("backend", [MARLIN, TRITON_W4A4])
+@pytest.mark.parametrize("m", [1, 5, 8, 16])
+def test_linear_group_equals_linears(seed, backend, m):
+    """The backends' linear_group (one launch where every member takes the small-M kernel on values,
+    else None) against each member's own linear: within the exact product's tolerance."""
+    k, ns = 4096, (4096, 1024, 1024)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    members = []
+    for i, n in enumerate(ns):
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = backend.prepare_weight(pw, sw)
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1) * (1 + i)
+        members.append((wt, wst, gx, (1 / (gx * gw)).float() if backend is TRITON_W4A4 else (1 / gw).float(),
+                        torch.randn(n, device=DEV, dtype=torch.bfloat16) if i != 1 else None, n))
+    outs = backend.linear_group(x, members)
+    grouped = all(cuda_small_m.dispatches(m, n) and not (backend is TRITON_W4A4 and cuda_small_m.dispatches_codes(m, n))
+                  for n in ns)
+    assert (outs is not None) == (grouped and cuda_small_m.unavailable_reason(torch.cuda.current_device()) is None)
+    if outs is None:
+        return
+    for out, member in zip(outs, members):
+        own = backend.linear(x, *member)
+        assert out.shape == own.shape and rel(out, own) <= TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208), (33, 48), (1024, 14336)])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])

@@ -74,6 +74,9 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
+    group = lib.fp4c_nvfp4_small_m_gemm_group
+    group.restype = ctypes.c_int
+    group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -190,6 +193,53 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out
+
+
+# Members of one grouped launch (the C entry's kMaxGroup).
+MAX_GROUP = 4
+
+
+def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
+    ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations (bf16/fp16 [M, K], one
+    tensor per member, the same tensor where they share it: W4A16, or W4A4 block values of one global
+    scale). One launch instead of one per member saves each member's launch, ramp and tail: a layer's
+    q/k/v or gate/up projections at decode M. Warps per CTA come from ``launch_config`` for all the
+    members' rows together, so the K split (hence the fp32 summation order) can differ from separate
+    calls. Block values and W4A16 only (no activation codes)."""
+    if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members):
+        raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
+                         f"got {len(members)} GEMMs and {len(xs)} activations")
+    table, outs, keep = [], [], []
+    m = k = kp = None
+    for x, (weight, weight_scale, alpha, n, bias) in zip(xs, members):
+        x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
+                                                          bias, out_dtype)
+        if (m, k, kp) != (None, None, None) and (x.shape[0], x.shape[1], weight.shape[1] * 2) != (m, k, kp):
+            raise ValueError("the members of a group must share M, K and the weights' padded K")
+        m, k, kp = x.shape[0], x.shape[1], weight.shape[1] * 2
+        if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
+            raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        outs.append(out)
+        keep += [x, weight_scale, alpha, bias]
+        table += [x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
+                  weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else 0,
+                  alpha.data_ptr(), n]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
+    if len({x.dtype for x in xs}) != 1:
+        raise TypeError("the members' activations must share one dtype")
+    device = xs[0].device
+    _, _, warps = launch_config(m, sum(cdiv(n, 16) * 16 for *_, n, _ in members), k, num_sms(nvcc.device_index(device)))
+    members_arg = (ctypes.c_int64 * len(table))(*table)
+    err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
+        len(members), members_arg, m, k, kp, int(xs[0].dtype == torch.float16), int(out_dtype == torch.float32),
+        warps, int(use_pdl(device)), stream))
+    if err != 0:
+        raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
+                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps})")
+    return outs
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):

@@ -35,7 +35,7 @@ from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt, fast_linear, split_tickets
 from . import triton_gemm as _G
 from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
-from .cuda_small_m import small_m_gemm, use_codes, use_small_m
+from .cuda_small_m import MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -102,6 +102,27 @@ class _HopperKernels:
             packed[:out_features, : in_features // 2].contiguous(),
             weight_scale[:out_features, : in_features // BLOCK_SIZE].contiguous(),
         )
+
+    def linear_group(self, x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
+        """``fp4::linear_group``: the linears of ``x`` (``members``: weight, weight_scale, input_global_scale,
+        alpha, bias, out_features each) in one launch of the small-M kernel where each member's own
+        call would run that kernel on the same kind of operands; None otherwise (the op then calls
+        ``linear`` per member). Graph-captured decode is where it pays: a separate launch costs each
+        member its launch, ramp and tail (NOTES.md v20)."""
+        if not 2 <= len(members) <= MAX_GROUP:
+            return None
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        for weight, weight_scale, _, _, _, n in members:
+            self._check_linear_args(x, weight, weight_scale, n)
+        if len({weight.shape[1] for weight, *_ in members}) != 1 or not all(
+                self._groups(x2, m, n) for *_, n in members):
+            return None
+        xs = self._group_activations(x2, [gs for _, _, gs, *_ in members])
+        outs = small_m_gemm_group(xs, [(weight, weight_scale, alpha.reshape(1).float(), n, bias)
+                                       for weight, weight_scale, _, alpha, bias, n in members], out_dtype=x.dtype)
+        return [out.reshape(*lead, out.shape[1]) for out in outs]
 
     @staticmethod
     def _check_linear_args(x, weight, weight_scale, out_features):
@@ -190,9 +211,38 @@ class TritonW4A4Kernels(_HopperKernels):
         return out.reshape(*lead, out_features)
 
 
+    @staticmethod
+    def _groups(x2: torch.Tensor, m: int, n: int) -> bool:
+        """Would this member's own call run the small-M kernel on block values?"""
+        return not use_codes(x2, m, n) and use_small_m(x2, m, n)
+
+    @staticmethod
+    def _group_activations(x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's activation block values, quantized once per global-scale tensor."""
+        values = {}
+        for gs in global_scales:
+            if gs is None:
+                raise ValueError("triton-w4a4 linear needs the activation global scale (a float32 tensor of one element)")
+            if id(gs) not in values:
+                values[id(gs)] = fake_quantize_nvfp4_gpu(x2, gs.reshape(1).float(), _value_dtype(x2.dtype))
+        return [values[id(gs)] for gs in global_scales]
+
+
 class MarlinKernels(_HopperKernels):
     name = "marlin"
     semantics = "W4A16"
+
+    @staticmethod
+    def _groups(x2: torch.Tensor, m: int, n: int) -> bool:
+        """Would this member's own call run the small-M kernel?"""
+        return use_small_m(x2, m, n)
+
+    @staticmethod
+    def _group_activations(x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        """W4A16: the activations themselves, in the MMA's type."""
+        cdt = _compute_dtype(x2.dtype)
+        xa = x2 if x2.dtype == cdt else x2.to(cdt)
+        return [xa] * len(global_scales)
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(

@@ -47,10 +47,20 @@ class _NoBackward(torch.autograd.Function):
 
 
 def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
-    """The op's Autograd kernel: below autograd straight away when no input needs a gradient."""
+    """The op's Autograd kernel: below autograd straight away when no input needs a gradient. An op
+    with tensor-list arguments or outputs (``fp4::linear_group``) raises at once where one does:
+    an ``autograd.Function`` would not see the tensors inside a list."""
+    lists = any(isinstance(a.type, torch.ListType) for a in (*op._schema.arguments, *op._schema.returns))
+
     def kernel(keyset, *args):
-        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return _NoBackward.apply(op, keyset, *args)
+        if torch._C.is_grad_enabled():
+            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
+                    if isinstance(t, torch.Tensor)]
+            if torch._C._any_requires_grad(*flat):
+                if lists:
+                    raise RuntimeError(f"{op._schema.name} has no backward: the NVFP4 layers are for inference "
+                                       "(run them under torch.no_grad() or torch.inference_mode())")
+                return _NoBackward.apply(op, keyset, *args)
         return _below_autograd(op, keyset, args)
     return kernel
 
@@ -162,16 +172,54 @@ def linear(
     backend: str,
 ) -> Tensor:
     """The fused NVFP4 linear: quantize x + pad + GEMM * alpha + slice + bias -> [M, out_features]."""
+    _check_linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features, backend)
+    out = kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
+    return out.contiguous()  # the fake kernel promises a contiguous [M, N] (a sliced GEMM output is not)
+
+
+def _check_linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features, backend) -> None:
     _check_activation(x, input_global_scale)
     _check_weight(weight, weight_scale, alpha)
     fmt.check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     parse_backend(backend)
-    out = kernels_for(backend).linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_features)
-    return out.contiguous()  # the fake kernel promises a contiguous [M, N] (a sliced GEMM output is not)
 
 
 # The same implementation under a second name: on Hopper, fp4::linear's CUDA kernel may be the eager
 # fast path (ops/fast_linear.py), which calls this for every call it does not replay itself.
 _define("_linear_python" + _LINEAR_ARGS, _linear_fake)(linear)
+
+
+def _linear_group_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend):
+    return [x.new_empty((x.shape[0], n)) for n in out_features]
+
+
+@_define("linear_group(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
+         "Tensor[] alphas, Tensor?[] biases, SymInt[] out_features, str backend) -> Tensor[]", _linear_group_fake)
+def linear_group(
+    x: Tensor,
+    weights: list[Tensor],
+    weight_scales: list[Tensor],
+    input_global_scales: list[Tensor],
+    alphas: list[Tensor],
+    biases: list[Tensor | None],
+    out_features: list[int],
+    backend: str,
+) -> list[Tensor]:
+    """``[fp4::linear(x, weights[i], ...) for i]``: several linears of the same activations (a layer's
+    q/k/v or gate/up projections), which a backend may compute in one launch (``linear_group`` of its
+    kernels, returning None where it can't; each member's result is then its own ``linear``). The
+    ``fp4`` compile pass groups the linears of one input at decode sizes (passes/group_linear.py)."""
+    members = list(zip(weights, weight_scales, input_global_scales, alphas, biases, out_features, strict=True))
+    if not members:
+        raise ValueError("linear_group needs at least one linear")
+    for weight, weight_scale, gs, alpha, bias, n in members:
+        _check_linear(x, weight, weight_scale, gs, alpha, bias, n, backend)
+    kernels = kernels_for(backend)
+    group = getattr(kernels, "linear_group", None)
+    outs = group(x, members) if group is not None else None
+    if outs is None:
+        outs = [kernels.linear(x, weight, weight_scale, gs, alpha, bias, n)
+                for weight, weight_scale, gs, alpha, bias, n in members]
+    return [out.contiguous() for out in outs]

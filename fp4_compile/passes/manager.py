@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import fuse_linear
+from . import fuse_linear, group_linear
 from .fuse_linear import LINEAR, MM
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 SOURCE_FILES = (
     _PACKAGE / "passes" / "__init__.py",
     _PACKAGE / "passes" / "fuse_linear.py",
+    _PACKAGE / "passes" / "group_linear.py",
     _PACKAGE / "passes" / "manager.py",
     _PACKAGE / "ops" / "library.py",
     _PACKAGE / "backends.py",
@@ -77,6 +78,7 @@ class GraphResult:
     fused: list[LinearInfo] = field(default_factory=list)  # chains rewritten into fp4.linear
     direct: list[LinearInfo] = field(default_factory=list)  # fp4.linear already there (W4A16)
     unfused: list[LinearInfo] = field(default_factory=list)  # fp4.mm chains left, with the reason
+    groups: int = 0  # fp4.linear_group nodes made of those fp4.linear nodes (group_linear.py)
     graph_code: str = ""  # the post-grad graph after the pass (readable FX code)
     name: str = ""  # set by whoever records (e.g. depyf's __compiled_fn_N)
 
@@ -132,7 +134,8 @@ def _mm_info(node: torch.fx.Node, module: str | None, note: str) -> LinearInfo:
 
 
 class FP4PostGradPass(CustomGraphPass):
-    """Fuses every NVFP4 linear chain into ``fp4.linear``; optionally runs a user pass after.
+    """Fuses every NVFP4 linear chain into ``fp4.linear``, groups the linears of one activation at
+    decode sizes (``fp4.linear_group``); optionally runs a user pass after.
 
     ``extra`` is a post-grad pass the user gave in ``options`` under
     ``post_grad_custom_post_pass``; its uuid (if any) joins ours.
@@ -160,6 +163,7 @@ class FP4PostGradPass(CustomGraphPass):
             logger.debug("fp4 fusion: left %s (%s) unfused: %s", mm.name, _module_path(mm) or "?", reason)
             result.unfused.append(_mm_info(mm, _module_path(mm), reason))
         logger.debug("fp4 fusion: %d chain(s) fused, %d left", matched, len(result.unfused))
+        result.groups = group_linear.group_linears(graph)
         if self.extra is not None:
             self.extra(graph)
         self.last = result

@@ -127,16 +127,17 @@ struct Args {
   int64_t ldxs;
 };
 
-// Grid: one CTA per 16*RT weight rows. Block: WARPS warps, each a slice of the k-groups
-// (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4: activation codes.
+// One CTA's work: weight rows [16*RT*tile, 16*RT*(tile + 1)). Block: WARPS warps, each a slice of
+// the k-groups (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4:
+// activation codes.
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
-__global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
+__device__ __forceinline__ void small_m_tile(const Args& args, int tile) {
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = blockIdx.x * 16 * RT;
+  const int row0 = tile * 16 * RT;
 
   const int groups = (args.chunks + 3) / 4;
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
@@ -291,6 +292,29 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
   }
 }
 
+// Grid: one CTA per 16*RT weight rows.
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
+__global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
+  small_m_tile<FP16, RT, NT, PF, OutT, A4>(args, blockIdx.x);
+}
+
+// Several GEMMs of the same activations (a layer's q/k/v or gate/up projections) in one launch:
+// member i takes CTAs [first_cta[i], first_cta[i + 1]). One launch instead of one per member saves
+// each member's launch, ramp and tail (several us each at decode sizes).
+constexpr int kMaxGroup = 4;
+struct GroupArgs {
+  Args member[kMaxGroup];
+  int first_cta[kMaxGroup + 1];
+  int count;
+};
+
+template <bool FP16, int RT, int NT, int PF, typename OutT>
+__global__ void __launch_bounds__(256) nvfp4_small_m_group_kernel(const __grid_constant__ GroupArgs group) {
+  int i = 0;
+  while (i + 1 < group.count && static_cast<int>(blockIdx.x) >= group.first_cta[i + 1]) ++i;
+  small_m_tile<FP16, RT, NT, PF, OutT, false>(group.member[i], blockIdx.x - group.first_cta[i]);
+}
+
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
@@ -327,6 +351,15 @@ cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool
   return cudaErrorInvalidValue;
 }
 
+template <bool FP16, typename OutT>
+cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream_t stream) {
+  const dim3 grid(group.first_cta[group.count]), block(warps * kWarpSize);
+  const bool two_n = group.member[0].M > 8;
+  const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
+  return two_n ? fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 2, 2, OutT>, grid, block, smem, pdl, stream, group)
+               : fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 1, 2, OutT>, grid, block, smem, pdl, stream, group);
+}
+
 }  // namespace
 
 extern "C" {
@@ -356,6 +389,40 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
   } else {
     err = out_fp32 ? dispatch_tiles<false, float>(args, rt, stages, warps, pdl != 0, stream)
                    : dispatch_tiles<false, __nv_bfloat16>(args, rt, stages, warps, pdl != 0, stream);
+  }
+  return static_cast<int>(err);
+}
+
+// The GEMMs of `count` (2..4) weights with the same M, K and activation dtype, each on its own
+// activations, in one launch (16 rows per warp, 2 stages). `members`: count rows of 11 int64 each,
+// {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N}, as in fp4c_nvfp4_small_m_gemm
+// (block values or bf16/fp16 activations; no codes).
+int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
+                                  int out_fp32, int warps, int pdl, cudaStream_t stream) {
+  if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 ||
+      warps > 8 || pdl < 0 || pdl > 1) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  GroupArgs group{};
+  group.count = count;
+  group.first_cta[0] = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t* f = members + 11 * i;
+    const int n = static_cast<int>(f[10]);
+    if (n < 1) return static_cast<int>(cudaErrorInvalidValue);
+    group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
+                           reinterpret_cast<const uint8_t*>(f[4]), reinterpret_cast<void*>(f[6]),
+                           reinterpret_cast<const void*>(f[8]), reinterpret_cast<const float*>(f[9]), f[1], f[3],
+                           f[5], f[7], M, n, K, Kp / 32, nullptr, 0};
+    group.first_cta[i + 1] = group.first_cta[i] + (n + 15) / 16;
+  }
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? launch_group<true, float>(group, warps, pdl != 0, stream)
+                   : launch_group<true, __half>(group, warps, pdl != 0, stream);
+  } else {
+    err = out_fp32 ? launch_group<false, float>(group, warps, pdl != 0, stream)
+                   : launch_group<false, __nv_bfloat16>(group, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }

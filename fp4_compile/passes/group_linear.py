@@ -1,0 +1,84 @@
+"""Group the ``fp4::linear`` nodes of one activation into one ``fp4::linear_group`` node (decode sizes).
+
+A transformer layer applies several linears to the same activations: q, k and v to the normed
+hidden state, gate and up to the second one. At decode sizes each GEMM is short (a few us) and
+a separate launch costs each one its own launch, ramp and tail; vLLM's model definitions merge
+those weights for that reason (``QKVParallelLinear``, ``MergedColumnParallelLinear``). Models
+written the Hugging Face way keep them apart, so this pass groups them in the graph instead::
+
+    q = fp4.linear(x, wq, ...); k = fp4.linear(x, wk, ...); v = fp4.linear(x, wv, ...)
+
+becomes ``q, k, v = fp4.linear_group(x, [wq, wk, wv], ..., backend)``: the weights stay where they
+are (no copy), and a backend that can (Hopper: the CUDA small-M kernel) computes the group in one
+launch; others compute each member as ``fp4.linear`` would. Only graphs whose M is a known
+constant of at most ``MAX_M`` rows are grouped (the small-M kernel's range at any N; a prefill's
+linears gain nothing from it), at most ``MAX_GROUP`` linears a group, and only where every
+member's inputs exist before the first member (a dynamic activation scale computed between two
+members keeps them apart).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import defaultdict
+
+import torch
+
+from .. import ops  # noqa: F401  (registers torch.ops.fp4)
+
+logger = logging.getLogger(__name__)
+
+LINEAR = torch.ops.fp4.linear.default
+LINEAR_GROUP = torch.ops.fp4.linear_group.default
+MAX_M = 8  # cuda_small_m.DISPATCH_MAX_M: the small-M kernel takes every N up to here
+MAX_GROUP = 4  # cuda_small_m.MAX_GROUP
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _rows(node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val")
+    size = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == 2 else None
+    return size if isinstance(size, int) else None
+
+
+def _source(x: torch.fx.Node):
+    """One key for an activation and every flattening view of the same node (each layer call's
+    ``x.reshape(-1, K)`` is a view node of its own where CSE has not merged them)."""
+    if x.op == "call_function" and x.target in _VIEWS:
+        return ("view", x.args[0], tuple(x.args[1]))
+    return x
+
+
+def group_linears(graph: torch.fx.Graph) -> int:
+    """Rewrite the groups in ``graph``; returns how many ``fp4.linear_group`` nodes it made."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    by_input: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.find_nodes(op="call_function", target=LINEAR):
+        rows = _rows(node.args[0])
+        if rows is not None and rows <= MAX_M:
+            by_input[(_source(node.args[0]), node.args[7])].append(node)
+    made = 0
+    for (_, backend), nodes in by_input.items():
+        nodes.sort(key=order.__getitem__)
+        for start in range(0, len(nodes), MAX_GROUP):
+            members = nodes[start:start + MAX_GROUP]
+            first = members[0]
+            inputs = [a for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node)]
+            if len(members) < 2 or any(order[a] > order[first] for a in inputs):
+                if len(members) >= 2:
+                    logger.debug("fp4 grouping: %s: an input is computed after the first member", first.name)
+                continue
+            with graph.inserting_before(first):
+                group = graph.call_function(LINEAR_GROUP, (
+                    first.args[0], *([n.args[i] for n in members] for i in range(1, 7)), backend))
+                group.meta["val"] = [n.meta["val"] for n in members]
+                for i, node in enumerate(members):
+                    item = graph.call_function(operator.getitem, (group, i))
+                    item.meta["val"] = node.meta["val"]
+                    node.replace_all_uses_with(item)
+            for node in members:
+                graph.erase_node(node)
+            made += 1
+            logger.debug("fp4 grouping: %s <- %s", group.name, ", ".join(n.name for n in members))
+    return made
