@@ -283,3 +283,40 @@ def test_eager_and_captured_large_m_calls_agree(seed, backend):
     ref = _reference(backend, p.x, p.pw, p.sw, p.gx, p.gw, None)
     assert rel(eager, ref) <= TOL[torch.bfloat16] and rel(captured, ref) <= TOL[torch.bfloat16]
     assert rel(eager, captured) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
+def test_linear_group_replays_members_eagerly_and_groups_under_capture(seed, backend):
+    """fp4::linear_group eagerly: each member as fp4::linear (the first call records the plans, the second
+    replays them, bit-equal to fp4::linear); captured in a CUDA graph: one grouped launch, within the
+    exact product's tolerance of the eager result."""
+    m, k = 1, 4096
+    problems = [_problem(backend, m, n, k) for n in (4096, 1024, 1024)]
+    x = problems[0].x
+    if backend == "triton-w4a4":  # one activation global scale for the group (as calibration gives)
+        problems = [p._replace(args=(*p.args[:2], problems[0].gx, (1 / (problems[0].gx * p.gw)).float(), *p.args[4:]))
+                    for p in problems]
+    lists = [list(t) for t in zip(*(p.args[:-1] for p in problems))]
+    args = (x, *lists, backend)
+    torch.ops.fp4.linear_group(*args)  # records the members' plans
+    before = fast_linear.replayed_calls()
+    eager = torch.ops.fp4.linear_group(*args)
+    assert fast_linear.replayed_calls() == before + 3
+    for out, p in zip(eager, problems):
+        assert torch.equal(out, torch.ops.fp4.linear(x, *p.args))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.fp4.linear_group(*args)
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.fp4.linear_group(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, ref, p in zip(captured, eager, problems):
+        assert out.shape == ref.shape and rel(out, ref) <= 6e-3
+        assert rel(out, _reference(backend, x, p.pw, p.sw, p.args[2], p.gw, None)) <= 6e-3
+    with pytest.raises(RuntimeError, match="linear_group has no backward"):
+        torch.ops.fp4.linear_group(x.clone().requires_grad_(), *lists, backend)

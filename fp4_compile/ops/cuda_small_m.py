@@ -74,9 +74,10 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p]
-    group = lib.fp4c_nvfp4_small_m_gemm_group
-    group.restype = ctypes.c_int
-    group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, p]
+    if hasattr(lib, "fp4c_nvfp4_small_m_gemm_group"):  # (older sources that compare_builds times lack it)
+        group = lib.fp4c_nvfp4_small_m_gemm_group
+        group.restype = ctypes.c_int
+        group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 

@@ -195,8 +195,11 @@ def _linear_group_fake(x, weights, weight_scales, input_global_scales, alphas, b
     return [x.new_empty((x.shape[0], n)) for n in out_features]
 
 
-@_define("linear_group(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
-         "Tensor[] alphas, Tensor?[] biases, SymInt[] out_features, str backend) -> Tensor[]", _linear_group_fake)
+_LINEAR_GROUP_ARGS = ("(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
+                      "Tensor[] alphas, Tensor?[] biases, SymInt[] out_features, str backend) -> Tensor[]")
+
+
+@_define("linear_group" + _LINEAR_GROUP_ARGS, _linear_group_fake)
 def linear_group(
     x: Tensor,
     weights: list[Tensor],
@@ -223,3 +226,8 @@ def linear_group(
         outs = [kernels.linear(x, weight, weight_scale, gs, alpha, bias, n)
                 for weight, weight_scale, gs, alpha, bias, n in members]
     return [out.contiguous() for out in outs]
+
+
+# As _linear_python: the eager fast path's CUDA kernel of fp4::linear_group replays the members one by
+# one and calls this under CUDA-graph capture (where the grouped launch pays).
+_define("_linear_group_python" + _LINEAR_GROUP_ARGS, _linear_group_fake)(linear_group)

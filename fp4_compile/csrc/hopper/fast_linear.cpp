@@ -8,6 +8,8 @@
 // prefill and decode without CUDA graphs. The decisions stay in Python (fp4_compile/ops/fast_linear.py
 // records each key's plan after its first call); this file only executes plans.
 //
+// fp4::linear_group runs its members through the same replay eagerly (the grouped launch is for graphs).
+//
 // Any call it cannot replay exactly (an unseen key, a stream being captured, strided or misaligned
 // rows, other dtypes or devices) goes to fp4::_linear_python, the Python implementation, which
 // validates, raises the package's errors and may record a plan.
@@ -215,6 +217,68 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// fp4::linear_group (several linears of one activation, grouped by the compile pass at decode sizes):
+// eagerly, each member as fp4::linear, so that each replays its plan here (one grouped launch saves GPU
+// time, which only pays where the host is not the bound); a captured call takes the Python
+// implementation, which launches the group at once.
+using LinearGroupSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                     at::TensorList, at::TensorList,
+                                                     const c10::List<std::optional<at::Tensor>>&,
+                                                     c10::SymIntArrayRef, c10::string_view);
+
+std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList weight_scales,
+                                          at::TensorList gss, at::TensorList alphas,
+                                          const c10::List<std::optional<at::Tensor>>& biases,
+                                          c10::SymIntArrayRef out_features, c10::string_view backend) {
+  const size_t count = weights.size();
+  bool capturing = true;
+  if (x.is_cuda()) {
+    const c10::cuda::OptionalCUDAGuard guard(x.device());
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    capturing = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), &capture) !=
+                    cudaSuccess || capture != cudaStreamCaptureStatusNone;
+  }
+  if (capturing || weight_scales.size() != count || gss.size() != count || alphas.size() != count ||
+      biases.size() != count || out_features.size() != count) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fp4::_linear_group_python", "")
+                               .typed<LinearGroupSignature>();
+    return op.call(x, weights, weight_scales, gss, alphas, biases, out_features, backend);
+  }
+  std::vector<at::Tensor> outs;
+  outs.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    outs.push_back(linear_cuda(x, weights[i], weight_scales[i], gss[i], alphas[i], biases.get(i), out_features[i],
+                               backend));
+  }
+  return outs;
+}
+
+// fp4::linear_group's Autograd kernel for CUDA tensors: below autograd at once; an input that needs a
+// gradient is refused as the Python kernel refuses it (library.py).
+std::vector<at::Tensor> linear_group_autograd(c10::DispatchKeySet keys, const at::Tensor& x, at::TensorList weights,
+                                              at::TensorList weight_scales, at::TensorList gss, at::TensorList alphas,
+                                              const c10::List<std::optional<at::Tensor>>& biases,
+                                              c10::SymIntArrayRef out_features, c10::string_view backend) {
+  if (at::GradMode::is_enabled()) {
+    bool needs_grad = x.requires_grad();
+    for (const at::TensorList list : {weights, weight_scales, gss, alphas}) {
+      for (const at::Tensor& t : list) needs_grad = needs_grad || t.requires_grad();
+    }
+    for (size_t i = 0; i < biases.size(); ++i) {
+      const std::optional<at::Tensor> bias = biases.get(i);
+      needs_grad = needs_grad || (bias.has_value() && bias->requires_grad());
+    }
+    TORCH_CHECK(!needs_grad, "fp4::linear_group has no backward: the NVFP4 layers are for inference (run them under "
+                "torch.no_grad() or torch.inference_mode())");
+  }
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fp4::linear_group", "").typed<LinearGroupSignature>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.redispatch(keys & c10::after_autograd_keyset, x, weights, weight_scales, gss, alphas, biases,
+                       out_features, backend);
+}
+
 // fp4::linear's Autograd kernel for CUDA tensors, in place of the Python one (library.py) that would
 // cost an eager call a Python hop: below autograd at once unless an input needs a gradient; then
 // fp4::_linear_python with its Python Autograd kernel, whose outputs get a backward that raises.
@@ -271,6 +335,12 @@ TORCH_LIBRARY(fp4_fast, m) {
   m.def("replayed_calls() -> int", &replayed_calls);
 }
 
-TORCH_LIBRARY_IMPL(fp4, CUDA, m) { m.impl("linear", &linear_cuda); }
+TORCH_LIBRARY_IMPL(fp4, CUDA, m) {
+  m.impl("linear", &linear_cuda);
+  m.impl("linear_group", &linear_group_cuda);
+}
 
-TORCH_LIBRARY_IMPL(fp4, AutogradCUDA, m) { m.impl("linear", &linear_autograd); }
+TORCH_LIBRARY_IMPL(fp4, AutogradCUDA, m) {
+  m.impl("linear", &linear_autograd);
+  m.impl("linear_group", &linear_group_autograd);
+}
