@@ -60,6 +60,13 @@ def _compute_dtype(dtype: torch.dtype, w4a4: bool = False) -> torch.dtype:
     return _value_dtype(dtype)
 
 
+def _activation_scale(input_global_scale: torch.Tensor | None) -> torch.Tensor:
+    """W4A4's activation global scale as the kernels take it: float32 [1]."""
+    if input_global_scale is None:
+        raise ValueError("triton-w4a4 linear needs the activation global scale (a float32 tensor of one element)")
+    return input_global_scale.reshape(1).float()
+
+
 # The fast path's name for each CUDA GEMM (fast_linear.remember).
 _GEMM_KINDS = {small_m_gemm: fast_linear.GEMM_SMALL_M, wgmma_gemm: fast_linear.GEMM_WGMMA}
 
@@ -179,13 +186,11 @@ class TritonW4A4Kernels(_HopperKernels):
     def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
         """Fused: quantize x (exact NVFP4) + GEMM * alpha + bias, output [..., out_features] in x.dtype."""
         self._check_linear_args(x, weight, weight_scale, out_features)
-        if input_global_scale is None:
-            raise ValueError("triton-w4a4 linear needs the activation global scale (a float32 tensor of one element)")
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
         cdt = _compute_dtype(x.dtype, w4a4=True)
-        gs = input_global_scale.reshape(1).float()
+        gs = _activation_scale(input_global_scale)
         alpha = alpha.reshape(1).float()
         host_bound = fast_linear.replays(x2, bias)
         if use_codes(x2, m, out_features, host_bound):
@@ -210,7 +215,6 @@ class TritonW4A4Kernels(_HopperKernels):
                            bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)
 
-
     @staticmethod
     def _groups(x2: torch.Tensor, m: int, n: int) -> bool:
         """Would this member's own call run the small-M kernel on block values?"""
@@ -221,10 +225,8 @@ class TritonW4A4Kernels(_HopperKernels):
         """Each member's activation block values, quantized once per global-scale tensor."""
         values = {}
         for gs in global_scales:
-            if gs is None:
-                raise ValueError("triton-w4a4 linear needs the activation global scale (a float32 tensor of one element)")
             if id(gs) not in values:
-                values[id(gs)] = fake_quantize_nvfp4_gpu(x2, gs.reshape(1).float(), _value_dtype(x2.dtype))
+                values[id(gs)] = fake_quantize_nvfp4_gpu(x2, _activation_scale(gs), _value_dtype(x2.dtype))
         return [values[id(gs)] for gs in global_scales]
 
 
