@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from .layer import NVFP4Linear, quantize_model
+from .layer import NVFP4Linear, quantize_model, share_equal_activation_scales
 
 logger = logging.getLogger(__name__)
 
@@ -710,6 +710,7 @@ def load_nvfp4(
         if value.device.type == "meta":
             raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {path}")
     model.to(device)
+    share_equal_activation_scales(model)
     if dtype is not None:
         model.config.dtype = dtype
     model.fp4_checkpoint = {"path": str(path), "format": scheme.format, "quantized": len(plan.quantized)}

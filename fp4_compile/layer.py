@@ -228,4 +228,21 @@ def quantize_model(
                                       weight_global_scale=weight_gs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    share_equal_activation_scales(model)
     return model
+
+
+def share_equal_activation_scales(model: nn.Module) -> None:
+    """Give the NVFP4 layers of ``model`` whose static activation global scales are equal (same value,
+    device and dtype) one scale tensor. The linears of one input (q/k/v, gate/up) calibrate equal
+    scales, and ``fp4::linear_group`` quantizes their shared activations once per scale tensor
+    (passes/group_linear.py). Nothing changes numerically. ``model.to(...)`` afterwards copies each
+    layer's buffers apart again (correct, only without the saving): call this again after a move."""
+    shared: dict[tuple, torch.Tensor] = {}
+    for module in model.modules():
+        gs = getattr(module, "input_global_scale", None) if isinstance(module, NVFP4Linear) else None
+        if gs is None:
+            continue
+        key = (gs.device, gs.dtype, tuple(gs.shape), gs.detach().cpu().numpy().tobytes())
+        if shared.setdefault(key, gs) is not gs:
+            module.input_global_scale = shared[key]

@@ -172,3 +172,35 @@ def test_compiled_prefill_is_not_grouped():
         out = torch.compile(model, backend="fp4", fullgraph=True, options={"fx_graph_cache": False})(x)
         expected = model(x)
     assert sum(r.groups for r in results) == 0 and torch.equal(out, expected)
+
+
+def test_calibrated_linears_of_one_input_share_one_activation_scale():
+    """quantize_model gives equal calibrated activation scales one tensor (q/k/v and gate/up see the same
+    input), so that a group quantizes once; the compiled group then takes one scale node, and the
+    results do not change."""
+    from fp4_compile import quantize_model
+    from fp4_compile.passes.manager import record_results
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(K, 64), nn.Linear(K, 32), nn.Linear(K, 32)
+            self.o = nn.Linear(K, K)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.q(x) + torch.cat([self.k(x), self.v(x)], -1)))
+
+    torch.manual_seed(2)
+    model = Plain().eval()
+    x = torch.randn(1, 3, K)
+    quantize_model(model, calibration_data=[x, x * 3], progress=False)
+    assert model.q.input_global_scale is model.k.input_global_scale is model.v.input_global_scale
+    assert model.o.input_global_scale is not model.q.input_global_scale
+    with torch.no_grad(), record_results() as results:
+        out = torch.compile(model, backend="fp4", fullgraph=True, options={"fx_graph_cache": False})(x)
+        expected = model(x)
+    assert torch.equal(out, expected)
+    assert sum(g.groups for g in results) == 1
+    (scales,) = [line for g in results for line in g.graph_code.splitlines() if "linear_group.default(" in line]
+    scale_args = scales.split("[")[3].split("]")[0].split(", ")
+    assert len(scale_args) == 3 and len(set(scale_args)) == 1
