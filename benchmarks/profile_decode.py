@@ -5,9 +5,11 @@ and each NVFP4 model (calibrated scales) with backend="fp4", captures one decode
 1024-token KV cache) in a CUDA graph, and profiles replays of it (torch.profiler: CUPTI reports
 the kernels of a graph replay). Prints, per model: the replay time, the sum of its kernels' times
 and the idle time between them, the kernels of the first layer in order (us each, and the gap
-before each), and the time per kernel class summed over the step (the GEMMs, the quantization,
-attention, the other Inductor kernels). The step time minus the GEMMs is what bench_model.py's
-decode ratio cannot shrink by faster GEMMs.
+before each), the host time of the replay call (``launch_us``: the GPU waits that long before a
+step when the host launches it only after the last one finished, as bench_model.py does), and the
+time per kernel class summed over the step (the GEMMs, the quantization, attention, the other
+Inductor kernels). The step time minus the GEMMs is what bench_model.py's decode ratio cannot
+shrink by faster GEMMs.
 
 python benchmarks/profile_decode.py [--layers 4] [--merged] [--backends triton-w4a4,marlin] [--tokens 1]
 """
@@ -80,10 +82,25 @@ def capture(model: nn.Module, x: torch.Tensor, caches) -> torch.cuda.CUDAGraph:
     return g
 
 
+def launch_us(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """Host time of ``graph.replay()`` (cudaGraphLaunch), the GPU idle before each replay."""
+    import time
+
+    times = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int, replays: int) -> dict:
     with torch.no_grad():
         step_us = graph_time_us(model, (x, caches))
         graph = capture(model, x, caches)
+        launch = launch_us(graph)
         runs = replay_kernels(graph, replays)
     if not runs:
         print(f"\n{label}: step {step_us:.1f} us; the profiler reported no kernels inside the graph replays")
@@ -102,6 +119,7 @@ def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int
            "span_us": round(med([p[0] for p in per_run]), 1), "busy_us": round(med([p[1] for p in per_run]), 1),
            **{f"{c}_us": round(med([p[2].get(c, 0.0) for p in per_run]), 1) for c in classes}}
     row["idle_us"] = round(row["span_us"] - row["busy_us"], 1)
+    row["launch_us"] = round(launch, 1)
     print(f"\n{label}: step {row['step_us']} us (graph replay, events); under the profiler: span {row['span_us']} us, "
           f"kernels {row['busy_us']} us busy, {row['idle_us']} us idle between them, {row['kernels']} kernels; "
           + ", ".join(f"{c} {row[f'{c}_us']}" for c in classes))
