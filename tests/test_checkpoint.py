@@ -96,6 +96,10 @@ def test_compressed_tensors_round_trip_is_exact(quantized, tmp_path, shard):
         assert torch.equal(layer.bias, other.bias) if layer.bias is not None else other.bias is None
     assert isinstance(loaded.lm_head, nn.Linear) and loaded.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+    # the linears of one input calibrated one activation scale: one tensor, in the model and once loaded
+    for m in (model, loaded):
+        attn = m.model.layers[0].self_attn
+        assert attn.q_proj.input_global_scale is attn.k_proj.input_global_scale is attn.v_proj.input_global_scale
 
 
 def test_tied_embeddings_and_dynamic_scales_round_trip(tmp_path, seed):
