@@ -204,3 +204,16 @@ def test_calibrated_linears_of_one_input_share_one_activation_scale():
     (scales,) = [line for g in results for line in g.graph_code.splitlines() if "linear_group.default(" in line]
     scale_args = scales.split("[")[3].split("]")[0].split(", ")
     assert len(scale_args) == 3 and len(set(scale_args)) == 1
+
+
+def test_dynamic_m_is_not_grouped():
+    """With a symbolic M the pass cannot tell decode from prefill: it leaves the linears apart."""
+    from fp4_compile.passes.manager import record_results
+
+    torch.manual_seed(3)
+    model = QKV("emulation").eval()
+    x = torch.randn(1, 4, K)
+    with torch.no_grad(), record_results() as results:
+        out = torch.compile(model, backend="fp4", dynamic=True, options={"fx_graph_cache": False})(x)
+        expected = model(x)
+    assert results and sum(r.groups for r in results) == 0 and torch.equal(out, expected)

@@ -46,7 +46,12 @@ def _source(x: torch.fx.Node):
     """One key for an activation and every flattening view of the same node (each layer call's
     ``x.reshape(-1, K)`` is a view node of its own where CSE has not merged them)."""
     if x.op == "call_function" and x.target in _VIEWS:
-        return ("view", x.args[0], tuple(x.args[1]))
+        key = ("view", x.args[0], tuple(x.args[1]))
+        try:
+            hash(key)
+        except TypeError:  # a symbolic size: no merging of views then
+            return x
+        return key
     return x
 
 
