@@ -143,10 +143,18 @@ class QKV(nn.Module):
         return self.down(torch.relu(self.gate(h)) * self.up(h))
 
 
-@pytest.mark.parametrize("backend", ["emulation", "marlin"])
-def test_compiled_decode_groups_and_equals_eager(backend):
+def _compile_and_run(model: nn.Module, x: torch.Tensor, **compile_args):
+    """(compiled output, eager output, the pass's GraphResults); no FX graph cache (a hit skips the pass)."""
     from fp4_compile.passes.manager import record_results
 
+    with torch.no_grad(), record_results() as results:
+        out = torch.compile(model, backend="fp4", options={"fx_graph_cache": False}, **compile_args)(x)
+        expected = model(x)
+    return out, expected, results
+
+
+@pytest.mark.parametrize("backend", ["emulation", "marlin"])
+def test_compiled_decode_groups_and_equals_eager(backend):
     if backend == "marlin":  # W4A16 layers emit fp4.linear directly; the Hopper kernels need a GPU
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
@@ -154,23 +162,14 @@ def test_compiled_decode_groups_and_equals_eager(backend):
     torch.manual_seed(1)
     device = "cuda" if backend == "marlin" else "cpu"
     model = QKV(backend, device).eval()
-    x = torch.randn(1, 2, K, device=device)
-    with torch.no_grad(), record_results() as results:
-        out = torch.compile(model, backend="fp4", fullgraph=True, options={"fx_graph_cache": False})(x)
-        expected = model(x)
+    out, expected, results = _compile_and_run(model, torch.randn(1, 2, K, device=device), fullgraph=True)
     assert sum(r.groups for r in results) == 2
     assert torch.equal(out, expected) if device == "cpu" else torch.allclose(out, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_compiled_prefill_is_not_grouped():
-    from fp4_compile.passes.manager import record_results
-
     torch.manual_seed(1)
-    model = QKV("emulation").eval()
-    x = torch.randn(2, 16, K)
-    with torch.no_grad(), record_results() as results:
-        out = torch.compile(model, backend="fp4", fullgraph=True, options={"fx_graph_cache": False})(x)
-        expected = model(x)
+    out, expected, results = _compile_and_run(QKV("emulation").eval(), torch.randn(2, 16, K), fullgraph=True)
     assert sum(r.groups for r in results) == 0 and torch.equal(out, expected)
 
 
@@ -179,7 +178,6 @@ def test_calibrated_linears_of_one_input_share_one_activation_scale():
     input), so that a group quantizes once; the compiled group then takes one scale node, and the
     results do not change."""
     from fp4_compile import quantize_model
-    from fp4_compile.passes.manager import record_results
 
     class Plain(nn.Module):
         def __init__(self):
@@ -196,9 +194,7 @@ def test_calibrated_linears_of_one_input_share_one_activation_scale():
     quantize_model(model, calibration_data=[x, x * 3], progress=False)
     assert model.q.input_global_scale is model.k.input_global_scale is model.v.input_global_scale
     assert model.o.input_global_scale is not model.q.input_global_scale
-    with torch.no_grad(), record_results() as results:
-        out = torch.compile(model, backend="fp4", fullgraph=True, options={"fx_graph_cache": False})(x)
-        expected = model(x)
+    out, expected, results = _compile_and_run(model, x, fullgraph=True)
     assert torch.equal(out, expected)
     assert sum(g.groups for g in results) == 1
     (scales,) = [line for g in results for line in g.graph_code.splitlines() if "linear_group.default(" in line]
@@ -208,12 +204,6 @@ def test_calibrated_linears_of_one_input_share_one_activation_scale():
 
 def test_dynamic_m_is_not_grouped():
     """With a symbolic M the pass cannot tell decode from prefill: it leaves the linears apart."""
-    from fp4_compile.passes.manager import record_results
-
     torch.manual_seed(3)
-    model = QKV("emulation").eval()
-    x = torch.randn(1, 4, K)
-    with torch.no_grad(), record_results() as results:
-        out = torch.compile(model, backend="fp4", dynamic=True, options={"fx_graph_cache": False})(x)
-        expected = model(x)
+    out, expected, results = _compile_and_run(QKV("emulation").eval(), torch.randn(1, 4, K), dynamic=True)
     assert results and sum(r.groups for r in results) == 0 and torch.equal(out, expected)
