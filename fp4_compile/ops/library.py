@@ -54,13 +54,13 @@ def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
 
     def kernel(keyset, *args):
         if torch._C.is_grad_enabled():
-            flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
-                    if isinstance(t, torch.Tensor)]
-            if torch._C._any_requires_grad(*flat):
-                if lists:
-                    raise RuntimeError(f"{op._schema.name} has no backward: the NVFP4 layers are for inference "
-                                       "(run them under torch.no_grad() or torch.inference_mode())")
-                return _NoBackward.apply(op, keyset, *args)
+            if not lists:
+                if torch._C._any_requires_grad(*args):
+                    return _NoBackward.apply(op, keyset, *args)
+            elif torch._C._any_requires_grad(*(t for a in args for t in (a if isinstance(a, list) else (a,))
+                                               if isinstance(t, torch.Tensor))):
+                raise RuntimeError(f"{op._schema.name} has no backward: the NVFP4 layers are for inference "
+                                   "(run them under torch.no_grad() or torch.inference_mode())")
         return _below_autograd(op, keyset, args)
     return kernel
 
