@@ -166,8 +166,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                                                                  out_dtype, k)
         m = x.shape[0]
         fp16 = out_dtype == torch.float16
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
+    _check_shapes(x, weight, m, n, k)
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
     if stages not in (None, 2, 4) or (stages == 4 and m > 8):
@@ -175,8 +174,6 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if x_scale is not None and (rows_per_warp not in (None, 16) or stages not in (None, 2)):
         raise ValueError("activation codes run with 16 rows per warp and 2 stages only")
     kp = weight.shape[1] * 2
-    if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
-        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     default_rows, default_stages, default_warps = launch_config(m, n, k, num_sms(nvcc.device_index(x.device)),
                                                                 codes=x_scale is not None)
@@ -219,16 +216,13 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
         if (m, k, kp) != (None, None, None) and (x.shape[0], x.shape[1], weight.shape[1] * 2) != (m, k, kp):
             raise ValueError("the members of a group must share M, K and the weights' padded K")
         m, k, kp = x.shape[0], x.shape[1], weight.shape[1] * 2
-        if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
-            raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
+        _check_shapes(x, weight, m, n, k)
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
         outs.append(out)
         keep += [x, weight_scale, alpha, bias]
         table += [x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
                   weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else 0,
                   alpha.data_ptr(), n]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     if len({x.dtype for x in xs}) != 1:
         raise TypeError("the members' activations must share one dtype")
     device = xs[0].device
@@ -241,6 +235,16 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
                            f"N={[n for *_, n, _ in members]}, K={k}, warps={warps})")
     return outs
+
+
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, k: int) -> None:
+    """M in the kernel's range; K a multiple of 16 within the weight's padded K (a multiple of 32); the
+    weight's rows padded to 32 and covering N."""
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
+    kp = weight.shape[1] * 2
+    if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
+        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):

@@ -240,11 +240,13 @@ class MarlinKernels(_HopperKernels):
         return use_small_m(x2, m, n)
 
     @staticmethod
-    def _group_activations(x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _activations(x2: torch.Tensor) -> torch.Tensor:
         """W4A16: the activations themselves, in the MMA's type."""
         cdt = _compute_dtype(x2.dtype)
-        xa = x2 if x2.dtype == cdt else x2.to(cdt)
-        return [xa] * len(global_scales)
+        return x2 if x2.dtype == cdt else x2.to(cdt)
+
+    def _group_activations(self, x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._activations(x2)] * len(global_scales)
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(
@@ -258,7 +260,7 @@ class MarlinKernels(_HopperKernels):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         cdt = _compute_dtype(x.dtype)
-        xa = x2 if x2.dtype == cdt else x2.to(cdt)
+        xa = self._activations(x2)
         alpha = alpha.reshape(1).float()
         cuda_gemm = _cuda_gemm(xa, weight, xa.shape[0], out_features, False, fast_linear.replays(x2, bias))
         if cuda_gemm is not None:
