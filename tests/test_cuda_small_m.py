@@ -29,6 +29,10 @@ def test_build_is_cached_and_exports_the_launcher(tmp_path, monkeypatch):
     assert hasattr(ctypes.CDLL(str(lib)), "fp4c_nvfp4_small_m_gemm_group")
 
 
+def test_group_size_matches_the_kernel():
+    assert f"constexpr int kMaxGroup = {cuda_small_m.MAX_GROUP};" in cuda_small_m.SOURCE.read_text()
+
+
 def test_build_failure_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
     bad = tmp_path / "bad.cu"

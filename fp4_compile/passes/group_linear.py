@@ -26,13 +26,13 @@ from collections import defaultdict
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
+from ..ops.cuda_small_m import DISPATCH_MAX_M as MAX_M  # the small-M kernel takes every N up to here
+from ..ops.cuda_small_m import MAX_GROUP
 
 logger = logging.getLogger(__name__)
 
 LINEAR = torch.ops.fp4.linear.default
 LINEAR_GROUP = torch.ops.fp4.linear_group.default
-MAX_M = 8  # cuda_small_m.DISPATCH_MAX_M: the small-M kernel takes every N up to here
-MAX_GROUP = 4  # cuda_small_m.MAX_GROUP
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
@@ -68,11 +68,11 @@ def group_linears(graph: torch.fx.Graph) -> int:
         nodes.sort(key=order.__getitem__)
         for start in range(0, len(nodes), MAX_GROUP):
             members = nodes[start:start + MAX_GROUP]
+            if len(members) < 2:
+                continue
             first = members[0]
-            inputs = [a for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node)]
-            if len(members) < 2 or any(order[a] > order[first] for a in inputs):
-                if len(members) >= 2:
-                    logger.debug("fp4 grouping: %s: an input is computed after the first member", first.name)
+            if any(order[a] > order[first] for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node)):
+                logger.debug("fp4 grouping: %s: an input is computed after the first member", first.name)
                 continue
             with graph.inserting_before(first):
                 group = graph.call_function(LINEAR_GROUP, (

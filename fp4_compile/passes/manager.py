@@ -40,6 +40,7 @@ SOURCE_FILES = (
     _PACKAGE / "passes" / "group_linear.py",
     _PACKAGE / "passes" / "manager.py",
     _PACKAGE / "ops" / "library.py",
+    _PACKAGE / "ops" / "cuda_small_m.py",  # the grouping's M and size limits (group_linear.py)
     _PACKAGE / "backends.py",
 )
 
