@@ -101,7 +101,25 @@ def weight_bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def graph_time_us(fn, args, replays=20):
+def random_stack(layers: int, merged: bool = False) -> Stack:
+    """The bf16 layers on the GPU with seeded random weights (std 0.02)."""
+    torch.manual_seed(0)
+    model = Stack(layers, merged).to("cuda", torch.bfloat16).eval()
+    for p in model.parameters():
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def decode_inputs(tokens: int, layers: int) -> tuple[torch.Tensor, list]:
+    """A decode step's input (``tokens`` sequences, one token each) and the layers' KV caches."""
+    x = torch.randn(tokens, 1, D, device="cuda", dtype=torch.bfloat16)
+    caches = [(torch.randn(tokens, KVH, CACHE, HD, device="cuda", dtype=torch.bfloat16),) * 2 for _ in range(layers)]
+    return x, caches
+
+
+def capture_graph(fn, args) -> torch.cuda.CUDAGraph:
+    """``fn(*args)`` captured in a CUDA graph, after three warm-up calls on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -112,6 +130,11 @@ def graph_time_us(fn, args, replays=20):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn(*args)
+    return g
+
+
+def graph_time_us(fn, args, replays=20):
+    g = capture_graph(fn, args)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
@@ -141,20 +164,11 @@ def main():
     json_name = "bench_model_merged.json" if args.merged else "bench_model.json"
     info = env_info()
     print(info, flush=True)
-    torch.manual_seed(0)
-    dev = "cuda"
-    base = Stack(args.layers, args.merged).to(dev, torch.bfloat16).eval()
-    for p in base.parameters():
-        if p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
+    base = random_stack(args.layers, args.merged)
     inputs = {
-        "decode1": (torch.randn(1, 1, D, device=dev, dtype=torch.bfloat16),
-                    [(torch.randn(1, KVH, CACHE, HD, device=dev, dtype=torch.bfloat16),) * 2
-                     for _ in range(args.layers)]),
-        "decode16": (torch.randn(16, 1, D, device=dev, dtype=torch.bfloat16),
-                     [(torch.randn(16, KVH, CACHE, HD, device=dev, dtype=torch.bfloat16),) * 2
-                      for _ in range(args.layers)]),
-        "prefill": (torch.randn(1, args.prefill, D, device=dev, dtype=torch.bfloat16), None),
+        "decode1": decode_inputs(1, args.layers),
+        "decode16": decode_inputs(16, args.layers),
+        "prefill": (torch.randn(1, args.prefill, D, device="cuda", dtype=torch.bfloat16), None),
     }
     if args.no_prefill:
         del inputs["prefill"]

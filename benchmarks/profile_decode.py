@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
-from bench_model import CACHE, D, HD, KVH, Stack, compile_fp4, graph_time_us  # noqa: E402
+from bench_model import capture_graph, compile_fp4, decode_inputs, graph_time_us, random_stack  # noqa: E402
 
 import fp4_compile  # noqa: E402
 
@@ -68,20 +68,6 @@ def replay_kernels(graph: torch.cuda.CUDAGraph, replays: int) -> list[list[tuple
     return out
 
 
-def capture(model: nn.Module, x: torch.Tensor, caches) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            model(x, caches)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model(x, caches)
-    return g
-
-
 def launch_us(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
     """Host time of ``graph.replay()`` (cudaGraphLaunch), the GPU idle before each replay."""
     import time
@@ -99,7 +85,7 @@ def launch_us(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
 def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int, replays: int) -> dict:
     with torch.no_grad():
         step_us = graph_time_us(model, (x, caches))
-        graph = capture(model, x, caches)
+        graph = capture_graph(model, (x, caches))
         launch = launch_us(graph)
         runs = replay_kernels(graph, replays)
     if not runs:
@@ -141,14 +127,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1, help="sequences in the decode step (one token each)")
     ap.add_argument("--replays", type=int, default=5)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    base = Stack(args.layers, args.merged).to("cuda", torch.bfloat16).eval()
-    for p in base.parameters():
-        if p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
-    x = torch.randn(args.tokens, 1, D, device="cuda", dtype=torch.bfloat16)
-    caches = [(torch.randn(args.tokens, KVH, CACHE, HD, device="cuda", dtype=torch.bfloat16),) * 2
-              for _ in range(args.layers)]
+    base = random_stack(args.layers, args.merged)
+    x, caches = decode_inputs(args.tokens, args.layers)
     rows = [summarize("bf16 (inductor)", torch.compile(base, backend="inductor"), x, caches, args.layers, args.replays)]
     torch._dynamo.reset()
     for backend in args.backends.split(","):

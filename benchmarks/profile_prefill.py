@@ -16,11 +16,10 @@ import statistics
 import sys
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import python_profile  # noqa: E402
-from bench_model import D, Stack, compile_fp4, graph_time_us  # noqa: E402
+from bench_model import D, compile_fp4, graph_time_us, random_stack  # noqa: E402
 
 import fp4_compile  # noqa: E402
 
@@ -79,11 +78,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    base = Stack(args.layers).to("cuda", torch.bfloat16).eval()
-    for p in base.parameters():
-        if p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
+    base = random_stack(args.layers)
     x = torch.randn(1, args.tokens, D, device="cuda", dtype=torch.bfloat16)
     rows = []
     with torch.no_grad():
