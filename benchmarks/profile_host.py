@@ -4,7 +4,8 @@ Eager prefill and decode without CUDA graphs are bound by host launch overhead w
 per call is short. For each M: microseconds of host time per call (many calls, no
 synchronisation) of the whole call through ``torch.ops.fp4.linear`` and through the backend, and of
 its parts on their own (the op dispatch, the checks, the quantization launch, the GEMM launch,
-an allocation), then the top functions of a cProfile run of the op call.
+an allocation), an eager ``fp4.linear_group`` of three linears (what the compile pass makes of a
+layer's q/k/v at decode M), then the top functions of a cProfile run of the op call.
 
 python benchmarks/profile_host.py [--n 4096] [--k 4096] [--ms 1,2048] [--calls 2000] [--no-profile]
 """
@@ -94,6 +95,12 @@ def main():
             "op w4a4 (torch.ops.fp4.linear)": lambda: torch.ops.fp4.linear(x, wt, wst, gx, alpha44, None, n,
                                                                            "triton-w4a4"),
             "op w4a16": lambda: torch.ops.fp4.linear(x, wt, wst, gw, alpha16, None, n, "marlin"),
+            # three linears of one input (a layer's q/k/v), as the compile pass groups them at decode M;
+            # against three times the rows above
+            "op w4a4 group of 3 (torch.ops.fp4.linear_group)": lambda: torch.ops.fp4.linear_group(
+                x, [wt] * 3, [wst] * 3, [gx] * 3, [alpha44] * 3, [None] * 3, [n] * 3, "triton-w4a4"),
+            "op w4a16 group of 3": lambda: torch.ops.fp4.linear_group(
+                x, [wt] * 3, [wst] * 3, [gw] * 3, [alpha16] * 3, [None] * 3, [n] * 3, "marlin"),
             "backend w4a4 (TRITON_W4A4.linear)": lambda: TRITON_W4A4.linear(x, wt, wst, gx, alpha44, None, n),
             "backend w4a16 (MARLIN.linear)": lambda: MARLIN.linear(x, wt, wst, None, alpha16, None, n),
             "custom op around the backend (w4a4)": lambda: torch.ops.fp4_profile.backend_linear(
