@@ -5,7 +5,9 @@ Per layer: RMSNorm, q/k/v/o projections, SDPA (GQA 32/8 heads) over a 1024-token
 1 and 16 sequences (one token each) run inside CUDA graphs (captured around the compiled model);
 a 2048-token prefill runs eagerly through the compiled model (under torch.no_grad, and under
 torch.inference_mode as vLLM runs models), and also inside a CUDA graph (the GPU time alone).
-Medians of CUDA-event timings.
+Medians of CUDA-event timings. A decode step is timed two ways: one replay on an idle GPU (``decode1_us``:
+the graph launch's host time is partly on the clock) and replays queued back to back (``decode1_queued_us``:
+each launch hidden behind the step before, as in a decode loop whose host runs ahead).
 
 With ``--merged`` the layers hold q/k/v as one projection and gate/up as one, as vLLM's model
 definitions do (``QKVParallelLinear``, ``MergedColumnParallelLinear``): fewer, larger GEMMs for both
@@ -21,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -133,20 +136,35 @@ def capture_graph(fn, args) -> torch.cuda.CUDAGraph:
     return g
 
 
-def graph_time_us(fn, args, replays=20):
+class GraphTimes(NamedTuple):
+    isolated_us: float  # one replay on an idle GPU: the host's graph launch is partly on the clock
+    queued_us: float  # replays queued back to back: each launch hidden behind the step before (a decode loop)
+
+
+def graph_time_us(fn, args, replays=20) -> GraphTimes:
+    """Medians of a replay of ``fn(*args)`` captured in a CUDA graph, timed two ways (see GraphTimes)."""
     g = capture_graph(fn, args)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    ts = []
+    isolated = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000)
-    return statistics.median(ts)
+        isolated.append(a.elapsed_time(b) * 1000)
+    queued = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            g.replay()
+        b.record()
+        b.synchronize()
+        queued.append(a.elapsed_time(b) * 1000 / replays)
+    return GraphTimes(statistics.median(isolated), statistics.median(queued))
 
 
 def compile_fp4(model):
@@ -192,11 +210,13 @@ def main():
                             r[f"{key}_inference_mode_us"] = round(
                                 time_eager_us([lambda: model(x, caches)], reps=10, warmup=2), 1)
                         try:  # the GPU time alone (eager adds the host's launch overhead)
-                            r[f"{key}_graph_us"] = round(graph_time_us(model, (x, caches), replays=10), 1)
+                            r[f"{key}_graph_us"] = round(graph_time_us(model, (x, caches), replays=10).isolated_us, 1)
                         except Exception as e:  # noqa: BLE001
                             r[f"{key}_graph_us"] = f"error: {repr(e)[:200]}"
                     else:
-                        r[f"{key}_us"] = round(graph_time_us(model, (x, caches)), 1)
+                        times = graph_time_us(model, (x, caches))
+                        r[f"{key}_us"] = round(times.isolated_us, 1)
+                        r[f"{key}_queued_us"] = round(times.queued_us, 1)
                     if key == "decode16":
                         ref = model(x, caches).float()
                 except Exception as e:  # noqa: BLE001
@@ -231,12 +251,13 @@ def main():
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     for r in rows[1:]:
-        for key in ("decode1", "decode16", "prefill", "prefill_inference_mode", "prefill_graph"):
+        for key in ("decode1", "decode1_queued", "decode16", "decode16_queued", "prefill", "prefill_inference_mode", "prefill_graph"):
             if isinstance(r.get(f"{key}_us"), float) and isinstance(rows[0].get(f"{key}_us"), float):
                 r[f"{key}_x"] = round(rows[0][f"{key}_us"] / r[f"{key}_us"], 3)
     path = write_json(json_name, results)
     print(f"wrote {path}")
-    print_table(rows, ["model", "compile", "weights_MB", "decode1_us", "decode1_x", "decode16_us", "decode16_x",
+    print_table(rows, ["model", "compile", "weights_MB", "decode1_us", "decode1_x", "decode1_queued_us", "decode1_queued_x",
+                       "decode16_us", "decode16_x", "decode16_queued_us", "decode16_queued_x",
                        "prefill_us", "prefill_x", "prefill_inference_mode_us", "prefill_inference_mode_x",
                        "prefill_graph_us", "prefill_graph_x", "decode16_rel_err_vs_bf16"],
                 f"{args.layers} Llama-3-8B-shaped layers{' (merged projections)' if args.merged else ''}, "

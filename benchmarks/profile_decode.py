@@ -84,13 +84,14 @@ def launch_us(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
 
 def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int, replays: int) -> dict:
     with torch.no_grad():
-        step_us = graph_time_us(model, (x, caches))
+        step = graph_time_us(model, (x, caches))
+        step_us = step.isolated_us
         graph = capture_graph(model, (x, caches))
         launch = launch_us(graph)
         runs = replay_kernels(graph, replays)
     if not runs:
         print(f"\n{label}: step {step_us:.1f} us; the profiler reported no kernels inside the graph replays")
-        return {"model": label, "step_us": round(step_us, 1)}
+        return {"model": label, "step_us": round(step_us, 1), "queued_step_us": round(step.queued_us, 1)}
     per_run = []
     for ks in runs:
         busy = sum(e - s for s, e, _ in ks)
@@ -101,12 +102,13 @@ def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int
         per_run.append((span, busy, by_class, len(ks)))
     med = lambda xs: statistics.median(xs)  # noqa: E731
     classes = sorted({c for _, _, bc, _ in per_run for c in bc})
-    row = {"model": label, "step_us": round(step_us, 1), "kernels": per_run[0][3],
+    row = {"model": label, "step_us": round(step_us, 1), "queued_step_us": round(step.queued_us, 1),
+           "kernels": per_run[0][3],
            "span_us": round(med([p[0] for p in per_run]), 1), "busy_us": round(med([p[1] for p in per_run]), 1),
            **{f"{c}_us": round(med([p[2].get(c, 0.0) for p in per_run]), 1) for c in classes}}
     row["idle_us"] = round(row["span_us"] - row["busy_us"], 1)
     row["launch_us"] = round(launch, 1)
-    print(f"\n{label}: step {row['step_us']} us (graph replay, events); under the profiler: span {row['span_us']} us, "
+    print(f"\n{label}: step {row['step_us']} us (graph replay, events; queued replays {row['queued_step_us']}); under the profiler: span {row['span_us']} us, "
           f"kernels {row['busy_us']} us busy, {row['idle_us']} us idle between them, {row['kernels']} kernels; "
           + ", ".join(f"{c} {row[f'{c}_us']}" for c in classes))
     ks = runs[len(runs) // 2]

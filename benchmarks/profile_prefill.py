@@ -91,7 +91,7 @@ def main() -> None:
                 model(x)
             torch.cuda.synchronize()
             eager = eager_us(lambda: model(x))
-            graph = graph_time_us(model, (x,), replays=10)
+            graph = graph_time_us(model, (x,), replays=10).isolated_us
             launches = profile(lambda: model(x), label)
             host_profile(lambda: model(x), label)
             rows.append((label, eager, graph, launches))
