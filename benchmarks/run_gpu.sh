@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma timeline pdl" (any subset): the
-# whole script needs about 14-16 minutes on an H100 (tests ~3, linear ~2.5, small_m ~1.5, wgmma ~1.5,
-# timeline ~1, model ~3, quant ~0.5, pdl ~0.7); with a 10-minute command limit, run it as two calls,
+# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma timeline group pdl" (any subset):
+# the whole script needs about 15-17 minutes on an H100 (tests ~4, linear ~2.5, small_m ~1.5, wgmma ~1.5,
+# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~0.7); with a 10-minute command limit, run it as two calls,
 # e.g. RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma timeline". Each stage
-# has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _SMALL_M, _WGMMA, _TIMELINE, _MODEL, _PDL seconds).
+# has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -50,6 +50,9 @@ if ! skip wgmma; then
 fi
 if ! skip timeline; then
   timeout "${RUN_GPU_T_TIMELINE:-120}" python3 benchmarks/timeline_wgmma.py 2>&1 | tee "$OUTDIR/timeline_wgmma.log" | tail -10
+fi
+if ! skip group; then
+  timeout "${RUN_GPU_T_GROUP:-120}" python3 benchmarks/bench_group.py 2>&1 | tee "$OUTDIR/bench_group.log" | tail -12
 fi
 if ! skip pdl; then
   timeout "${RUN_GPU_T_PDL:-120}" python3 benchmarks/bench_pdl.py --ms 1,16,64 2>&1 | tee "$OUTDIR/bench_pdl.log" | tail -15
@@ -100,6 +103,9 @@ rows("timeline_wgmma.json", "wgmma kernel, one launch's phases (median over CTAs
      "{case} {config}: {package_us} per call = launch {launch} + span {span} (set-up {set_up}, to first load "
      "{to_first_load}, first data {first_data}, main loop {main_loop}, publish {publish}, wait {wait_peers}, "
      "sum {sum_peers}, store {store})")
+rows("bench_group.json", "linear_group, us per group: members' own calls -> grouped (W4A4 | W4A16):",
+     "{group} M={m}: {w4a4_members_us} -> {w4a4_group_us} ({w4a4_x}x) | {w4a16_members_us} -> {w4a16_group_us} "
+     "({w4a16_x}x)")
 rows("bench_pdl.json", "programmatic dependent launch, us per linear off -> on (W4A4 | W4A16):",
      "{shape} M={m}: {w4a4_pdl0_us} -> {w4a4_pdl1_us} | {w4a16_pdl0_us} -> {w4a16_pdl1_us}")
 mo = load("bench_model.json")

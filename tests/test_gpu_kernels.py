@@ -220,11 +220,49 @@ def test_small_m_kernel_group_exact(seed, ns, k, m, dt):
         assert out_b.dtype == dt and torch.isfinite(out_b).all() and rel(out_b, ref + bias.double()) <= TOL[dt]
 
 
+@pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((72, 33, 1000, 40), 208)])
+@pytest.mark.parametrize("m", [8, 9, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_small_m_kernel_group_on_codes_exact(seed, ns, k, m, dt):
+    """W4A4 group on activation codes (one quantization for all members): each member bit-equal to its
+    own launch on the codes at the same warps and within fp32 summation order of the float64 W4A4
+    product; with biases and 16-bit outputs within output rounding. Outputs poisoned first."""
+    for module in (cuda_small_m, cuda_quant):
+        if module.unavailable_reason(torch.cuda.current_device()) is not None:
+            pytest.skip(module.unavailable_reason(torch.cuda.current_device()))
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    codes, scales = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+    xq = F.block_values(*F.quantize_nvfp4(x, gx)).double()
+    members, refs = [], []
+    for n in ns:
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+        alpha = (1 / (gx * gw)).float()
+        members.append((wt, wst, alpha, n, torch.randn(n, device=DEV).to(dt)))
+        refs.append(xq @ F.block_values(pw, sw).double().t() * alpha.double())
+    warps = cuda_small_m.launch_config(m, sum(-(-n // 16) * 16 for n in ns), k,
+                                       torch.cuda.get_device_properties(0).multi_processor_count, codes=True)[2]
+    poison_allocator(m * sum(ns) * 8 + (1 << 22))
+    group = dict(x_scales=[scales] * len(ns), k=k)
+    outs = cuda_small_m.small_m_gemm_group([codes] * len(ns), [(*mb[:4], None) for mb in members],
+                                           out_dtype=torch.float32, **group)
+    biased = cuda_small_m.small_m_gemm_group([codes] * len(ns), members, out_dtype=dt, **group)
+    for out, out_b, (wt, wst, alpha, n, bias), ref in zip(outs, biased, members, refs):
+        assert out.shape == (m, n) and torch.isfinite(out).all()
+        assert rel(out, ref) <= 1e-5
+        own = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=torch.float32, x_scale=scales, k=k,
+                                        warps=warps)
+        assert torch.equal(out, own)
+        assert out_b.dtype == dt and torch.isfinite(out_b).all() and rel(out_b, ref + bias.double()) <= TOL[dt]
+
+
 @pytest.mark.parametrize("backend", [MARLIN, TRITON_W4A4])
-@pytest.mark.parametrize("m", [1, 5, 8, 16])
+@pytest.mark.parametrize("m", [1, 5, 8, 12, 16])
 def test_linear_group_equals_linears(seed, backend, m):
-    """The backends' linear_group (one launch where every member takes the small-M kernel on values,
-    else None) against each member's own linear: within the exact product's tolerance."""
+    """The backends' linear_group (one launch where the backend groups: W4A16 where every member takes
+    the small-M kernel, W4A4 on block values below CODES_MIN_M rows and on codes from there, else None)
+    against each member's own linear: within the exact product's tolerance."""
     k, ns = 4096, (4096, 1024, 1024)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     members = []
@@ -235,9 +273,13 @@ def test_linear_group_equals_linears(seed, backend, m):
         members.append((wt, wst, gx, (1 / (gx * gw)).float() if backend is TRITON_W4A4 else (1 / gw).float(),
                         torch.randn(n, device=DEV, dtype=torch.bfloat16) if i != 1 else None, n))
     outs = backend.linear_group(x, members)
-    grouped = all(cuda_small_m.dispatches(m, n) and not (backend is TRITON_W4A4 and cuda_small_m.dispatches_codes(m, n))
-                  for n in ns)
-    assert (outs is not None) == (grouped and cuda_small_m.unavailable_reason(torch.cuda.current_device()) is None)
+    if backend is TRITON_W4A4:
+        grouped = cuda_small_m.CODES_MIN_M <= m or all(
+            cuda_small_m.dispatches(m, n) and not cuda_small_m.dispatches_codes(m, n) for n in ns)
+    else:
+        grouped = all(cuda_small_m.dispatches(m, n) for n in ns)
+    runs = [module.unavailable_reason(torch.cuda.current_device()) is None for module in (cuda_small_m, cuda_quant)]
+    assert (outs is not None) == (grouped and all(runs))
     if outs is None:
         return
     for out, member in zip(outs, members):

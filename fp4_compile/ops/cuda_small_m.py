@@ -125,6 +125,13 @@ def use_codes(x: torch.Tensor, m: int, n: int, host_bound: bool = False) -> bool
     return dispatches_codes(m, n, host_bound) and _runs_on(x, cuda_quant.unavailable_reason)
 
 
+def use_codes_group(x: torch.Tensor, m: int) -> bool:
+    """Route a W4A4 group of linears of one [m, K] activation (``fp4::linear_group``) to one launch on
+    activation codes? From CODES_MIN_M rows at any N: one launch over all the members' rows costs less
+    than the members' own launches, Triton's included above CODES_TWO_TILES_MAX_N (NOTES.md v21)."""
+    return CODES_MIN_M <= m <= MAX_M and _runs_on(x, cuda_quant.unavailable_reason)
+
+
 def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: bool = False) -> tuple[int, int, int]:
     """(rows per warp, stages, warps per CTA) on a GPU of ``sms`` SMs; ``codes``: on activation codes.
     One 16-row CTA per weight tile, its warps splitting K: as many warps (8, 4, 2 or 1, at most one per
@@ -197,43 +204,55 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 MAX_GROUP = 4
 
 
-def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype) -> list[torch.Tensor]:
+def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
+                       x_scales: list[torch.Tensor] | None = None, k: int | None = None) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
-    ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations (bf16/fp16 [M, K], one
-    tensor per member, the same tensor where they share it: W4A16, or W4A4 block values of one global
-    scale). One launch instead of one per member saves each member's launch, ramp and tail: a layer's
-    q/k/v or gate/up projections at decode M. Warps per CTA come from ``launch_config`` for all the
-    members' rows together, so the K split (hence the fp32 summation order) can differ from separate
-    calls. Block values and W4A16 only (no activation codes)."""
-    if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members):
+    ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
+    same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
+    ``x_scales`` and ``k`` W4A4 activation codes, as ``small_m_gemm`` takes them. One launch instead of
+    one per member saves each member's launch, ramp and tail: a layer's q/k/v or gate/up projections at
+    decode M. Warps per CTA come from ``launch_config`` for all the members' rows together, so the K
+    split (hence the fp32 summation order) can differ from separate calls."""
+    if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
+            x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
                          f"got {len(members)} GEMMs and {len(xs)} activations")
+    codes = x_scales is not None
     table, outs, keep = [], [], []
-    m = k = kp = None
-    for x, (weight, weight_scale, alpha, n, bias) in zip(xs, members):
-        x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
-                                                          bias, out_dtype)
-        if (m, k, kp) != (None, None, None) and (x.shape[0], x.shape[1], weight.shape[1] * 2) != (m, k, kp):
+    shape = None
+    for i, (x, (weight, weight_scale, alpha, n, bias)) in enumerate(zip(xs, members)):
+        if codes:
+            x, x_scale, weight_scale, alpha, bias, k = _code_operands(x, x_scales[i], weight, weight_scale, alpha,
+                                                                      bias, out_dtype, k)
+            keep.append(x_scale)
+        else:
+            x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
+                                                              bias, out_dtype)
+            k, x_scale = x.shape[1], None
+        if shape is not None and (x.shape[0], k, weight.shape[1] * 2) != shape:
             raise ValueError("the members of a group must share M, K and the weights' padded K")
-        m, k, kp = x.shape[0], x.shape[1], weight.shape[1] * 2
-        _check_shapes(x, weight, m, n, k)
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        shape = (x.shape[0], k, weight.shape[1] * 2)
+        _check_shapes(x, weight, x.shape[0], n, k)
+        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
         outs.append(out)
         keep += [x, weight_scale, alpha, bias]
         table += [x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
                   weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else 0,
-                  alpha.data_ptr(), n]
+                  alpha.data_ptr(), n, x_scale.data_ptr() if codes else 0, x_scale.stride(0) if codes else 0]
     if len({x.dtype for x in xs}) != 1:
         raise TypeError("the members' activations must share one dtype")
+    m, k, kp = shape
+    fp16 = (out_dtype if codes else xs[0].dtype) == torch.float16
     device = xs[0].device
-    _, _, warps = launch_config(m, sum(cdiv(n, 16) * 16 for *_, n, _ in members), k, num_sms(nvcc.device_index(device)))
+    _, _, warps = launch_config(m, sum(cdiv(n, 16) * 16 for *_, n, _ in members), k,
+                                num_sms(nvcc.device_index(device)), codes=codes)
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
-        len(members), members_arg, m, k, kp, int(xs[0].dtype == torch.float16), int(out_dtype == torch.float32),
-        warps, int(use_pdl(device)), stream))
+        len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), warps,
+        int(use_pdl(device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
-                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps})")
+                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes})")
     return outs
 
 

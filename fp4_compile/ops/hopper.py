@@ -35,7 +35,7 @@ from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt, fast_linear, split_tickets
 from . import triton_gemm as _G
 from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
-from .cuda_small_m import MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_small_m
+from .cuda_small_m import MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group, use_small_m
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -112,10 +112,10 @@ class _HopperKernels:
 
     def linear_group(self, x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
         """``fp4::linear_group``: the linears of ``x`` (``members``: weight, weight_scale, input_global_scale,
-        alpha, bias, out_features each) in one launch of the small-M kernel where each member's own
-        call would run that kernel on the same kind of operands; None otherwise (the op then calls
-        ``linear`` per member). Graph-captured decode is where it pays: a separate launch costs each
-        member its launch, ramp and tail (NOTES.md v20)."""
+        alpha, bias, out_features each) in one launch of the small-M kernel where the backend's
+        ``_groups`` says so; None otherwise (the op then calls ``linear`` per member). Graph-captured
+        decode is where it pays: a separate launch costs each member its launch, ramp and tail
+        (NOTES.md v20, v21)."""
         if not 2 <= len(members) <= MAX_GROUP:
             return None
         lead, k = x.shape[:-1], x.shape[-1]
@@ -123,13 +123,16 @@ class _HopperKernels:
         m = x2.shape[0]
         for weight, weight_scale, _, _, _, n in members:
             self._check_linear_args(x, weight, weight_scale, n)
-        if len({weight.shape[1] for weight, *_ in members}) != 1 or not all(
-                self._groups(x2, m, n) for *_, n in members):
+        if len({weight.shape[1] for weight, *_ in members}) != 1 or not self._groups(x2, m, [n for *_, n in members]):
             return None
-        xs = self._group_activations(x2, [gs for _, _, gs, *_ in members])
-        outs = small_m_gemm_group(xs, [(weight, weight_scale, alpha.reshape(1).float(), n, bias)
-                                       for weight, weight_scale, _, alpha, bias, n in members], out_dtype=x.dtype)
+        outs = self._group_gemm(x2, members)
         return [out.reshape(*lead, out.shape[1]) for out in outs]
+
+    @staticmethod
+    def _gemm_members(members: list[tuple]) -> list[tuple]:
+        """``small_m_gemm_group``'s members from ``linear_group``'s."""
+        return [(weight, weight_scale, alpha.reshape(1).float(), n, bias)
+                for weight, weight_scale, _, alpha, bias, n in members]
 
     @staticmethod
     def _check_linear_args(x, weight, weight_scale, out_features):
@@ -216,18 +219,22 @@ class TritonW4A4Kernels(_HopperKernels):
         return out.reshape(*lead, out_features)
 
     @staticmethod
-    def _groups(x2: torch.Tensor, m: int, n: int) -> bool:
-        """Would this member's own call run the small-M kernel on block values?"""
-        return not use_codes(x2, m, n) and use_small_m(x2, m, n)
+    def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
+        """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), below that on
+        block values where each member's own call would run the small-M kernel on them."""
+        return use_codes_group(x2, m) or all(not use_codes(x2, m, n) and use_small_m(x2, m, n) for n in ns)
 
-    @staticmethod
-    def _group_activations(x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each member's activation block values, quantized once per global-scale tensor."""
-        values = {}
-        for gs in global_scales:
-            if id(gs) not in values:
-                values[id(gs)] = fake_quantize_nvfp4_gpu(x2, _activation_scale(gs), _value_dtype(x2.dtype))
-        return [values[id(gs)] for gs in global_scales]
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor]:
+        """The activations quantized once per global-scale tensor (codes or block values), one launch."""
+        codes = use_codes_group(x2, x2.shape[0])
+        quantized = {}
+        for _, _, gs, *_ in members:
+            if id(gs) not in quantized:
+                quantized[id(gs)] = (quantize_cuda(x2, _activation_scale(gs), MODE_KERNEL_CODES) if codes else
+                                     (fake_quantize_nvfp4_gpu(x2, _activation_scale(gs), _value_dtype(x2.dtype)), None))
+        xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
+        return small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
+                                  x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None)
 
 
 class MarlinKernels(_HopperKernels):
@@ -235,9 +242,9 @@ class MarlinKernels(_HopperKernels):
     semantics = "W4A16"
 
     @staticmethod
-    def _groups(x2: torch.Tensor, m: int, n: int) -> bool:
-        """Would this member's own call run the small-M kernel?"""
-        return use_small_m(x2, m, n)
+    def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
+        """Where each member's own call would run the small-M kernel."""
+        return all(use_small_m(x2, m, n) for n in ns)
 
     @staticmethod
     def _activations(x2: torch.Tensor) -> torch.Tensor:
@@ -245,8 +252,9 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x2.dtype)
         return x2 if x2.dtype == cdt else x2.to(cdt)
 
-    def _group_activations(self, x2: torch.Tensor, global_scales: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._activations(x2)] * len(global_scales)
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor]:
+        return small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
+                                  out_dtype=x2.dtype)
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(

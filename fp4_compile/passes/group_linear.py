@@ -10,9 +10,10 @@ written the Hugging Face way keep them apart, so this pass groups them in the gr
 
 becomes ``q, k, v = fp4.linear_group(x, [wq, wk, wv], ..., backend)``: the weights stay where they
 are (no copy), and a backend that can (Hopper: the CUDA small-M kernel) computes the group in one
-launch; others compute each member as ``fp4.linear`` would. Only graphs whose M is a known
-constant of at most ``MAX_M`` rows are grouped (the small-M kernel's range at any N; a prefill's
-linears gain nothing from it), at most ``MAX_GROUP`` linears a group, and only where every
+launch; others compute each member as ``fp4.linear`` would. Graphs whose M is a constant above
+``MAX_M`` rows (the small-M kernel's range: a prefill's linears gain nothing from it) are left
+alone; with a symbolic M (one graph for every batch size, as torch.compile makes after a second
+size) the group decides per call, one launch at decode sizes and each member's own call above. At most ``MAX_GROUP`` linears a group, and only where every
 member's inputs exist before the first member (a dynamic activation scale computed between two
 members keeps them apart).
 """
@@ -26,8 +27,7 @@ from collections import defaultdict
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
-from ..ops.cuda_small_m import DISPATCH_MAX_M as MAX_M  # the small-M kernel takes every N up to here
-from ..ops.cuda_small_m import MAX_GROUP
+from ..ops.cuda_small_m import MAX_GROUP, MAX_M
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +36,28 @@ LINEAR_GROUP = torch.ops.fp4.linear_group.default
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
-def _rows(node: torch.fx.Node) -> int | None:
+def _may_be_decode(node: torch.fx.Node) -> bool:
+    """Is this 2-D activation's row count at most MAX_M, or symbolic (decided per call then)?"""
     val = node.meta.get("val")
-    size = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() == 2 else None
-    return size if isinstance(size, int) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return False
+    rows = val.shape[0]
+    return not isinstance(rows, int) or rows <= MAX_M
+
+
+def _size_key(size):
+    """A hashable stand-in for a view's size: a SymInt by its expression."""
+    return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
 def _source(x: torch.fx.Node):
     """One key for an activation and every flattening view of the same node (each layer call's
     ``x.reshape(-1, K)`` is a view node of its own where CSE has not merged them)."""
     if x.op == "call_function" and x.target in _VIEWS:
-        key = ("view", x.args[0], tuple(x.args[1]))
+        key = ("view", x.args[0], tuple(_size_key(size) for size in x.args[1]))
         try:
             hash(key)
-        except TypeError:  # a symbolic size: no merging of views then
+        except TypeError:  # a size we cannot key: no merging of views then
             return x
         return key
     return x
@@ -60,8 +68,7 @@ def group_linears(graph: torch.fx.Graph) -> int:
     order = {node: i for i, node in enumerate(graph.nodes)}
     by_input: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="call_function", target=LINEAR):
-        rows = _rows(node.args[0])
-        if rows is not None and rows <= MAX_M:
+        if _may_be_decode(node.args[0]):
             by_input[(_source(node.args[0]), node.args[7])].append(node)
     made = 0
     for (_, backend), nodes in by_input.items():

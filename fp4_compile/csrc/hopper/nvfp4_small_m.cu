@@ -308,11 +308,11 @@ struct GroupArgs {
   int count;
 };
 
-template <bool FP16, int RT, int NT, int PF, typename OutT>
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
 __global__ void __launch_bounds__(256) nvfp4_small_m_group_kernel(const __grid_constant__ GroupArgs group) {
   int i = 0;
   while (i + 1 < group.count && static_cast<int>(blockIdx.x) >= group.first_cta[i + 1]) ++i;
-  small_m_tile<FP16, RT, NT, PF, OutT, false>(group.member[i], blockIdx.x - group.first_cta[i]);
+  small_m_tile<FP16, RT, NT, PF, OutT, A4>(group.member[i], blockIdx.x - group.first_cta[i]);
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
@@ -351,13 +351,20 @@ cudaError_t dispatch_tiles(const Args& args, int rt, int stages, int warps, bool
   return cudaErrorInvalidValue;
 }
 
-template <bool FP16, typename OutT>
+template <bool FP16, typename OutT, bool A4>
 cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream_t stream) {
   const dim3 grid(group.first_cta[group.count]), block(warps * kWarpSize);
   const bool two_n = group.member[0].M > 8;
   const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
-  return two_n ? fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 2, 2, OutT>, grid, block, smem, pdl, stream, group)
-               : fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 1, 2, OutT>, grid, block, smem, pdl, stream, group);
+  return two_n
+             ? fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 2, 2, OutT, A4>, grid, block, smem, pdl, stream, group)
+             : fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 1, 2, OutT, A4>, grid, block, smem, pdl, stream, group);
+}
+
+template <bool FP16, typename OutT>
+cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream_t stream) {
+  return group.member[0].xs != nullptr ? launch_group<FP16, OutT, true>(group, warps, pdl, stream)
+                                       : launch_group<FP16, OutT, false>(group, warps, pdl, stream);
 }
 
 }  // namespace
@@ -394,9 +401,9 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 }
 
 // The GEMMs of `count` (2..4) weights with the same M, K and activation dtype, each on its own
-// activations, in one launch (16 rows per warp, 2 stages). `members`: count rows of 11 int64 each,
-// {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N}, as in fp4c_nvfp4_small_m_gemm
-// (block values or bf16/fp16 activations; no codes).
+// activations, in one launch (16 rows per warp, 2 stages). `members`: count rows of 13 int64 each,
+// {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N, xs, ldxs}, as in fp4c_nvfp4_small_m_gemm:
+// block values or bf16/fp16 activations (xs 0 in every row), or activation codes (xs set in every row).
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
                                   int out_fp32, int warps, int pdl, cudaStream_t stream) {
   if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 ||
@@ -407,13 +414,13 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
   group.count = count;
   group.first_cta[0] = 0;
   for (int i = 0; i < count; ++i) {
-    const int64_t* f = members + 11 * i;
+    const int64_t* f = members + 13 * i;
     const int n = static_cast<int>(f[10]);
-    if (n < 1) return static_cast<int>(cudaErrorInvalidValue);
+    if (n < 1 || (f[11] != 0) != (members[11] != 0)) return static_cast<int>(cudaErrorInvalidValue);
     group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
                            reinterpret_cast<const uint8_t*>(f[4]), reinterpret_cast<void*>(f[6]),
                            reinterpret_cast<const void*>(f[8]), reinterpret_cast<const float*>(f[9]), f[1], f[3],
-                           f[5], f[7], M, n, K, Kp / 32, nullptr, 0};
+                           f[5], f[7], M, n, K, Kp / 32, reinterpret_cast<const uint8_t*>(f[11]), f[12]};
     group.first_cta[i + 1] = group.first_cta[i] + (n + 15) / 16;
   }
   cudaError_t err;
