@@ -260,9 +260,9 @@ def test_small_m_kernel_group_on_codes_exact(seed, ns, k, m, dt):
 @pytest.mark.parametrize("backend", [MARLIN, TRITON_W4A4])
 @pytest.mark.parametrize("m", [1, 5, 8, 12, 16])
 def test_linear_group_equals_linears(seed, backend, m):
-    """The backends' linear_group (one launch where the backend groups: W4A16 where every member takes
-    the small-M kernel, W4A4 on block values below CODES_MIN_M rows and on codes from there, else None)
-    against each member's own linear: within the exact product's tolerance."""
+    """The backends' linear_group (one launch where the backend groups: on activation values, or for W4A4
+    on codes from CODES_MIN_M rows; else None) against each member's own linear: within the exact
+    product's tolerance."""
     k, ns = 4096, (4096, 1024, 1024)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     members = []
@@ -273,11 +273,8 @@ def test_linear_group_equals_linears(seed, backend, m):
         members.append((wt, wst, gx, (1 / (gx * gw)).float() if backend is TRITON_W4A4 else (1 / gw).float(),
                         torch.randn(n, device=DEV, dtype=torch.bfloat16) if i != 1 else None, n))
     outs = backend.linear_group(x, members)
-    if backend is TRITON_W4A4:
-        grouped = cuda_small_m.CODES_MIN_M <= m or all(
-            cuda_small_m.dispatches(m, n) and not cuda_small_m.dispatches_codes(m, n) for n in ns)
-    else:
-        grouped = all(cuda_small_m.dispatches(m, n) for n in ns)
+    # q/k/v-sized: one launch at every M up to 16 (on codes for W4A4 from CODES_MIN_M)
+    grouped = m <= cuda_small_m.MAX_M and sum(ns) <= cuda_small_m.VALUES_GROUP_MAX_ROWS
     runs = [module.unavailable_reason(torch.cuda.current_device()) is None for module in (cuda_small_m, cuda_quant)]
     assert (outs is not None) == (grouped and all(runs))
     if outs is None:

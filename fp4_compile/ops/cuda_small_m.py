@@ -40,6 +40,11 @@ SMALL_N = 1024
 # 6144 (M=16: 9.7 / 12.3, 12.1 / 14.5), slower at N = 28672 (40.2 / 38.9): up to CODES_TWO_TILES_MAX_N.
 CODES_MIN_M = 8
 CODES_TWO_TILES_MAX_N = 8192
+# A group of linears on bf16/fp16 activations at M = 9..16 (where the kernel re-reads them for every
+# 16 weight rows) in one launch up to this many rows in all. H100, K = 4096 (bench_group.py, NOTES.md v21),
+# us, one launch / the members' own calls: q/k/v (6144 rows) 12.9-14.8 / 21.5-23.6, gate/up (28672)
+# 48-54 / 39.5.
+VALUES_GROUP_MAX_ROWS = 8192
 # Warps per CTA (they split K): the fastest count measured was the largest that keeps the grid one wave
 # of resident warps, 16 per SM at the kernel's ~110 registers (H100, M = 1, 4, 8, NOTES.md v18e:
 # 28672x4096 1 warp, 28.7 us against 29.1 with 4 and 32.5 with 8; 14336x4096 2 warps, 15.2 against
@@ -123,6 +128,15 @@ def use_codes(x: torch.Tensor, m: int, n: int, host_bound: bool = False) -> bool
     """Route a W4A4 [m, K] x [n, K] call on ``x.device`` to this kernel on activation codes (written by
     the CUDA quantization kernel)?"""
     return dispatches_codes(m, n, host_bound) and _runs_on(x, cuda_quant.unavailable_reason)
+
+
+def use_values_group(x: torch.Tensor, m: int, ns: list[int]) -> bool:
+    """Route a group of linears of one [m, K] activation (``fp4::linear_group``: N = ``ns``) to one launch on
+    bf16/fp16 activations (W4A16, or W4A4 block values)? Where each member's own call would run this
+    kernel, and at M = 9..16 also up to VALUES_GROUP_MAX_ROWS weight rows in all, where one launch beat the
+    members' own (Triton) calls (NOTES.md v21)."""
+    rows = sum(cdiv(n, 16) * 16 for n in ns)
+    return (all(dispatches(m, n) for n in ns) or 1 <= m <= MAX_M and rows <= VALUES_GROUP_MAX_ROWS) and _runs_on(x)
 
 
 def use_codes_group(x: torch.Tensor, m: int) -> bool:

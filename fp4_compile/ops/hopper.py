@@ -35,7 +35,8 @@ from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt, fast_linear, split_tickets
 from . import triton_gemm as _G
 from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
-from .cuda_small_m import MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group, use_small_m
+from .cuda_small_m import (MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group, use_small_m,
+                           use_values_group)
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -220,9 +221,9 @@ class TritonW4A4Kernels(_HopperKernels):
 
     @staticmethod
     def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
-        """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), below that on
-        block values where each member's own call would run the small-M kernel on them."""
-        return use_codes_group(x2, m) or all(not use_codes(x2, m, n) and use_small_m(x2, m, n) for n in ns)
+        """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), else on block values
+        (``use_values_group``)."""
+        return use_codes_group(x2, m) or use_values_group(x2, m, ns)
 
     def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor]:
         """The activations quantized once per global-scale tensor (codes or block values), one launch."""
@@ -243,8 +244,7 @@ class MarlinKernels(_HopperKernels):
 
     @staticmethod
     def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
-        """Where each member's own call would run the small-M kernel."""
-        return all(use_small_m(x2, m, n) for n in ns)
+        return use_values_group(x2, m, ns)
 
     @staticmethod
     def _activations(x2: torch.Tensor) -> torch.Tensor:
