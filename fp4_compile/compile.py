@@ -105,8 +105,11 @@ def check_backends(gm: torch.fx.GraphModule) -> list[tuple[str, torch.device]]:
 
 
 def inductor_config_patches(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Inductor config patches for ``mode``/``options``, with our post-grad pass."""
-    patches: dict[str, Any] = {}
+    """The Inductor config patches for ``mode``/``options``, with our post-grad pass and PDL for Inductor's
+    kernels (``ops.pdl.inductor_pdl_patch``; ``options={"triton.enable_pdl": False}`` turns it off)."""
+    from .ops.pdl import inductor_pdl_patch
+
+    patches: dict[str, Any] = inductor_pdl_patch()
     if mode is not None and mode != "default":
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(options or {})

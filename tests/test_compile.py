@@ -40,6 +40,13 @@ def test_mode_and_options_become_inductor_patches():
     patches = inductor_config_patches("max-autotune", {"coordinate_descent_tuning": False})
     assert patches["max_autotune"] and patches["triton.cudagraphs"] and not patches["coordinate_descent_tuning"]
     assert inductor_config_patches("reduce-overhead")["triton.cudagraphs"]
+    assert set(inductor_config_patches()) == {"post_grad_custom_post_pass", "triton.enable_pdl"}
+    assert inductor_config_patches()["triton.enable_pdl"]  # Inductor's kernels launch with PDL too
+    assert not inductor_config_patches(options={"triton.enable_pdl": False})["triton.enable_pdl"]
+
+
+def test_fp4c_pdl_0_leaves_inductor_alone(monkeypatch):
+    monkeypatch.setenv("FP4C_PDL", "0")
     assert set(inductor_config_patches()) == {"post_grad_custom_post_pass"}
 
 

@@ -22,8 +22,25 @@ def _capable(device_index: int) -> bool:
     return device_capability(device_index) >= (9, 0)
 
 
+def pdl_allowed() -> bool:
+    """Not turned off by ``FP4C_PDL=0``."""
+    return os.environ.get("FP4C_PDL", "1") != "0"
+
+
 def use_pdl(device: torch.device) -> bool:
     """Launch our kernels on ``device`` with PDL?"""
-    if device.type != "cuda" or os.environ.get("FP4C_PDL", "1") == "0":
+    if device.type != "cuda" or not pdl_allowed():
         return False
     return _capable(device_index(device))
+
+
+def inductor_pdl_patch() -> dict[str, bool]:
+    """The Inductor config that makes its Triton kernels launch with PDL too (they wait before reading
+    what the kernel before wrote and let their dependents launch after their loads; Inductor generates
+    it for sm_90+ only): then our GEMMs launch during the norms and pointwise kernels before them
+    instead of after (benchmarks/NOTES.md v21). Empty where this torch lacks the option or FP4C_PDL=0."""
+    import torch._inductor.config as inductor_config
+
+    if not pdl_allowed() or not hasattr(inductor_config.triton, "enable_pdl"):
+        return {}
+    return {"triton.enable_pdl": True}
