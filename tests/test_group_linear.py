@@ -156,7 +156,7 @@ def _compile_and_run(model: nn.Module, x: torch.Tensor, **compile_args):
     return out, expected, results
 
 
-@pytest.mark.parametrize("backend", ["emulation", "marlin"])
+@pytest.mark.parametrize("backend", ["emulation", pytest.param("marlin", marks=pytest.mark.gpu)])
 def test_compiled_decode_groups_and_equals_eager(backend):
     if backend == "marlin":  # W4A16 layers emit fp4.linear directly; the Hopper kernels need a GPU
         pytest.importorskip("triton")
