@@ -104,7 +104,7 @@ def main():
             # W4A4 on the activations' codes: equal to the block-value path (the same products, scaled
             # by 2^-8, summed in the same order)
             def w4a4_codes(w, a):
-                xq, xs = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+                xq, xs = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True)
                 return small_m_gemm(xq, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=xs, k=k)
             o_values = small_m_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), wt, wst, alphas44[0], n=n,
                                     out_dtype=torch.bfloat16)

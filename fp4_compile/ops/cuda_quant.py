@@ -103,7 +103,8 @@ def use_cuda_quant(x2: torch.Tensor, mode: int, out_dtype: torch.dtype | None = 
 
 
 def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_sm: int = CTAS_PER_SM,
-             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+             out_dtype: torch.dtype | None = None,
+             early_trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """NVFP4-quantize ``x2 [M, K]`` (fp32/fp16/bf16, K a multiple of 16) on its CUDA device.
 
     ``global_scale``: float32, one element, on the same device (read there: no host sync, and a
@@ -115,7 +116,10 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     [M, Kc/16]), Kc = K rounded up to 32, the padding zero.
     Rows may be strided (the last dimension must be contiguous, else x2 is copied).
     ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant). Launched with programmatic
-    dependent launch where ``pdl.use_pdl`` says so.
+    dependent launch where ``pdl.use_pdl`` says so; ``early_trigger``: the caller launches one of our
+    GEMMs right after (it waits for this kernel's completion before it touches memory), which may then
+    launch while this kernel starts. Any other kernel after it must not: Inductor's PDL kernels wait
+    only for what the kernel just before them wrote.
     """
     if x2.dtype not in DTYPE_CODES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")
@@ -156,7 +160,7 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
         err = nvcc.launch_on(dev, lambda capability, stream: _library(capability).fp4c_nvfp4_quant(
             x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
             s.stride(0), v.data_ptr(), v.stride(0), int(out_dtype == torch.float16), global_scale.data_ptr(),
-            m, k, mode, ctas_per_sm, int(use_pdl(dev)), stream))
+            m, k, mode, ctas_per_sm, (2 if early_trigger else 1) if use_pdl(dev) else 0, stream))
         if err != 0:
             raise RuntimeError(f"fp4c_nvfp4_quant failed: CUDA error {err} (M={m}, K={k}, mode={mode}, x {x2.dtype})")
     if mode == MODE_VALUES:

@@ -16,10 +16,11 @@ from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
 from .triton_quant import check_device, launch_quant_triton
 
 
-def _quantize(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
+def _quantize(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None,
+              early_trigger: bool = False):
     if cuda_quant.use_cuda_quant(x2, mode, out_dtype):
-        return cuda_quant.quantize(x2, gs, mode, out_dtype=out_dtype)
-    return launch_quant_triton(x2, gs, mode, out_dtype)
+        return cuda_quant.quantize(x2, gs, mode, out_dtype=out_dtype, early_trigger=early_trigger)
+    return launch_quant_triton(x2, gs, mode, out_dtype, early_trigger)
 
 
 def quantize_nvfp4_gpu(
@@ -51,9 +52,11 @@ def fake_quantize_nvfp4_gpu(x2: torch.Tensor, global_scale: torch.Tensor, dtype:
     """Exact NVFP4 block values ``e2m1 * sf`` (without ``1/gs``) of ``x2 [M, K]`` in ``dtype``.
 
     Exact in bf16 and fp16 (at most 6 significant bits, magnitudes in [2^-10, 2688]); what the W4A4
-    linear feeds its W4A16-style GEMMs: quantize once, then multiply the exact values.
+    linear feeds its W4A16-style GEMMs: quantize once, then multiply the exact values. For those
+    linears only: the kernel lets the next one launch before it waits (``early_trigger``), which only our
+    GEMMs may follow.
     """
-    return _quantize(x2, global_scale.float(), MODE_VALUES, dtype)
+    return _quantize(x2, global_scale.float(), MODE_VALUES, dtype, early_trigger=True)
 
 
 __all__ = ["quantize_nvfp4_gpu", "fake_quantize_nvfp4_gpu"]

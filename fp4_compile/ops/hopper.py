@@ -198,7 +198,7 @@ class TritonW4A4Kernels(_HopperKernels):
         alpha = alpha.reshape(1).float()
         host_bound = fast_linear.replays(x2, bias)
         if use_codes(x2, m, out_features, host_bound):
-            codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES)
+            codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES, early_trigger=True)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
                                x_scale=scales, k=k)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
@@ -230,9 +230,11 @@ class TritonW4A4Kernels(_HopperKernels):
         codes = use_codes_group(x2, x2.shape[0])
         quantized = {}
         for _, _, gs, *_ in members:
-            if id(gs) not in quantized:
-                quantized[id(gs)] = (quantize_cuda(x2, _activation_scale(gs), MODE_KERNEL_CODES) if codes else
-                                     (fake_quantize_nvfp4_gpu(x2, _activation_scale(gs), _value_dtype(x2.dtype)), None))
+            if id(gs) in quantized:
+                continue
+            gs32 = _activation_scale(gs)
+            quantized[id(gs)] = (quantize_cuda(x2, gs32, MODE_KERNEL_CODES, early_trigger=True) if codes else
+                                 (fake_quantize_nvfp4_gpu(x2, gs32, _value_dtype(x2.dtype)), None))
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
         return small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
                                   x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None)

@@ -153,11 +153,13 @@ def _quant_kernel(
     M, KB, stride_xm, stride_qm, stride_sm, stride_vm,
     MP, KBP,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr = False,
 ):
-    if PDL:  # launched with PDL (ops/pdl.py): let the GEMM after us launch, wait for the kernel before
-        # (a kernel launched after us without PDL is not affected; the Triton GEMM, which measured
-        # up to 1.19x slower after this trigger with PDL, launches plainly after this kernel)
-        gdc_launch_dependents()
+    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before
+        if EARLY:  # the kernel after us is our GEMM, which waits for our completion: it may launch now
+            # (a kernel launched after us without PDL is not affected; the Triton GEMM, which measured
+            # up to 1.19x slower after this trigger with PDL, launches plainly after this kernel)
+            gdc_launch_dependents()
         gdc_wait()
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -212,8 +214,11 @@ def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
     return block_m, block_g, cfg["num_warps"]
 
 
-def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None):
-    """The Triton quant kernel on ``x2 [M, K]`` (see gpu_quant.py for the public functions)."""
+def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None,
+                        early_trigger: bool = False):
+    """The Triton quant kernel on ``x2 [M, K]`` (see gpu_quant.py for the public functions).
+    ``early_trigger``: the caller launches one of our GEMMs right after (it waits for this kernel's
+    completion before it touches memory), which may then launch while this kernel starts."""
     m, k = x2.shape
     kb = k // BLOCK_SIZE
     dev = x2.device
@@ -242,7 +247,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
             x2, gs, q, s, v,
             m, kb, x2.stride(0), q.stride(0), s.stride(0), v.stride(0),
             mp, kbp,
-            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, num_warps=warps, **pdl_launch_args(dev),
+            BLOCK_M=bm, BLOCK_G=bg, MODE=mode, EARLY=early_trigger, num_warps=warps, **pdl_launch_args(dev),
         )
     if mode == MODE_VALUES:
         return v

@@ -171,6 +171,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t m = x.size(0), k = x.size(1), np = weight.size(0), kp = weight.size(1) * 2;
   const int fp16 = x.scalar_type() == at::kHalf;
   const int pdl = static_cast<int>(plan->pdl);
+  const int quant_pdl = pdl ? 2 : 0;  // the GEMM after the quantization waits for it: it may launch at once
   // The GEMM's activation operand: x itself (W4A16), its block values or its codes (W4A4).
   at::Tensor a = x, a_scale;
   if (plan->quant_mode == kQuantValues) {
@@ -178,7 +179,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
     check_launch(reinterpret_cast<QuantFn>(plan->quant_fn)(
                      x.data_ptr(), x.stride(0), static_cast<int>(dtype_code(x.scalar_type())), a.data_ptr(),
                      a.stride(0), a.data_ptr(), a.stride(0), a.data_ptr(), a.stride(0), fp16,
-                     gs.data_ptr<float>(), m, k, kQuantValues, plan->quant_ctas_per_sm, pdl, stream),
+                     gs.data_ptr<float>(), m, k, kQuantValues, plan->quant_ctas_per_sm, quant_pdl, stream),
                  "the quantization kernel", x, n);
   } else if (plan->quant_mode == kQuantCodes) {
     const int64_t kc = (k + kCodeChunk - 1) / kCodeChunk * kCodeChunk;
@@ -187,7 +188,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
     check_launch(reinterpret_cast<QuantFn>(plan->quant_fn)(
                      x.data_ptr(), x.stride(0), static_cast<int>(dtype_code(x.scalar_type())), a.data_ptr(),
                      a.stride(0), a_scale.data_ptr(), a_scale.stride(0), a.data_ptr(), a.stride(0), 0,
-                     gs.data_ptr<float>(), m, k, kQuantCodes, plan->quant_ctas_per_sm, pdl, stream),
+                     gs.data_ptr<float>(), m, k, kQuantCodes, plan->quant_ctas_per_sm, quant_pdl, stream),
                  "the quantization kernel", x, n);
   }
   at::Tensor out = at::empty({m, n}, x.options());

@@ -63,6 +63,7 @@ struct Args {
   void* v;       // block values [M, K] (kModeValues), row stride ldv elements, fp16 if v_fp16 else bf16
   int64_t ldv;
   int v16;       // 1: every row of v is 16-byte aligned (16-byte stores)
+  int early;     // 1: let the kernel after us launch before we wait (only where it is our GEMM)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -367,9 +368,11 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   constexpr bool kTable = MODE != kModeKernelCodes;
   __shared__ float s_os[kTable ? 256 : 1];
   __shared__ uint4 s_stage[MODE == kModeValues ? kThreads * 4 : 1];  // store_values
-  // Launched with PDL: the GEMM after us may launch now; we wait for the kernel before us (it may
-  // have written x and the global scale).
-  fp4c::allow_dependents();
+  // Launched with PDL: where the kernel after us is our GEMM, which waits for this grid's completion
+  // before it reads anything, it may launch now. Any other kernel (Inductor's PDL kernels wait only for
+  // what the kernel just before them wrote) launches after our wait. Then we wait for the kernel before
+  // us (it may have written x and the global scale).
+  if (a.early) fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
   if constexpr (kTable) {
     s_os[threadIdx.x] = out_scale(threadIdx.x, __ldg(a.gs));
@@ -492,12 +495,14 @@ extern "C" {
 //     every byte written (a missing last block: zero codes and scale), 2-byte aligned scale rows;
 //   gs: device pointer to the float32 global scale (read on the device: graph-safe);
 //   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that;
-//   pdl: 1 = programmatic dependent launch (sm_90; grid_dependency.cuh), 0 = a plain launch.
+//   pdl: 1 = programmatic dependent launch (sm_90; grid_dependency.cuh), 2 = the same, and the kernel
+//     after this one (it must wait for this grid's completion before it touches memory, as our GEMMs
+//     do) may launch at once, 0 = a plain launch.
 int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds,
                      void* v, int64_t ldv, int v_fp16, const float* gs, int M, int K, int mode, int ctas_per_sm,
                      int pdl, cudaStream_t stream) {
   if (M < 0 || K < 0 || K % 16 || mode < 0 || mode > kModeKernelCodes || x_dtype < 0 || x_dtype > 2 ||
-      ctas_per_sm < 1 || ctas_per_sm > 16) {
+      ctas_per_sm < 1 || ctas_per_sm > 16 || pdl < 0 || pdl > 2) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args a{};
@@ -523,6 +528,7 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   a.v = v;
   a.ldv = ldv;
   a.v16 = (ldv % 8 == 0) && (reinterpret_cast<uintptr_t>(v) % 16 == 0);
+  a.early = pdl == 2;
   // Threads along a row: a power of two (the row index is a shift), 32..256 of them chosen to waste
   // the fewest threads past the row's end (K = 14336: 448 pairs = 7 x 64), fewer for short rows.
   int log_tx = 0;
