@@ -9,7 +9,10 @@ before each), the host time of the replay call (``launch_us``: the GPU waits tha
 step when the host launches it only after the last one finished, as bench_model.py does), and the
 time per kernel class summed over the step (the GEMMs, the quantization, attention, the other
 Inductor kernels). The step time minus the GEMMs is what bench_model.py's decode ratio cannot
-shrink by faster GEMMs.
+shrink by faster GEMMs. The step is timed as one replay on an idle GPU (``step_us``) and as queued
+replays (``queued_step_us``); after the first model's profile the isolated replays of the later models
+read 15-35 us high (the profiler stays loaded in the process; bench_model.py's figures and the queued
+ones do not show it, NOTES.md v21a).
 
 python benchmarks/profile_decode.py [--layers 4] [--merged] [--backends triton-w4a4,marlin] [--tokens 1]
 """
