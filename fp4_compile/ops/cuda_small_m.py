@@ -232,7 +232,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
                          f"got {len(members)} GEMMs and {len(xs)} activations")
     codes = x_scales is not None
-    table, outs, keep = [], [], []
+    table, outs, keep = [], [], []  # keep: the (possibly converted) operands the table points at
     shape = None
     for i, (x, (weight, weight_scale, alpha, n, bias)) in enumerate(zip(xs, members)):
         if codes:

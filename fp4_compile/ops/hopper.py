@@ -114,20 +114,19 @@ class _HopperKernels:
     def linear_group(self, x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
         """``fp4::linear_group``: the linears of ``x`` (``members``: weight, weight_scale, input_global_scale,
         alpha, bias, out_features each) in one launch of the small-M kernel where the backend's
-        ``_groups`` says so; None otherwise (the op then calls ``linear`` per member). Graph-captured
-        decode is where it pays: a separate launch costs each member its launch, ramp and tail
-        (NOTES.md v20, v21)."""
+        ``_group_gemm`` takes them; None otherwise (the op then calls ``linear`` per member).
+        Graph-captured decode is where it pays: a separate launch costs each member its launch, ramp and
+        tail (NOTES.md v20, v21)."""
         if not 2 <= len(members) <= MAX_GROUP:
             return None
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        m = x2.shape[0]
         for weight, weight_scale, _, _, _, n in members:
             self._check_linear_args(x, weight, weight_scale, n)
-        if len({weight.shape[1] for weight, *_ in members}) != 1 or not self._groups(x2, m, [n for *_, n in members]):
+        if len({weight.shape[1] for weight, *_ in members}) != 1:
             return None
         outs = self._group_gemm(x2, members)
-        return [out.reshape(*lead, out.shape[1]) for out in outs]
+        return None if outs is None else [out.reshape(*lead, out.shape[1]) for out in outs]
 
     @staticmethod
     def _gemm_members(members: list[tuple]) -> list[tuple]:
@@ -219,15 +218,12 @@ class TritonW4A4Kernels(_HopperKernels):
                            bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)
 
-    @staticmethod
-    def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
         """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), else on block values
-        (``use_values_group``)."""
-        return use_codes_group(x2, m) or use_values_group(x2, m, ns)
-
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor]:
-        """The activations quantized once per global-scale tensor (codes or block values), one launch."""
+        (``use_values_group``), else None; the activations quantized once per global-scale tensor."""
         codes = use_codes_group(x2, x2.shape[0])
+        if not codes and not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
+            return None
         quantized = {}
         for _, _, gs, *_ in members:
             if id(gs) in quantized:
@@ -245,16 +241,15 @@ class MarlinKernels(_HopperKernels):
     semantics = "W4A16"
 
     @staticmethod
-    def _groups(x2: torch.Tensor, m: int, ns: list[int]) -> bool:
-        return use_values_group(x2, m, ns)
-
-    @staticmethod
     def _activations(x2: torch.Tensor) -> torch.Tensor:
         """W4A16: the activations themselves, in the MMA's type."""
         cdt = _compute_dtype(x2.dtype)
         return x2 if x2.dtype == cdt else x2.to(cdt)
 
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor]:
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
+        """One launch on the activations where ``use_values_group`` takes the group, else None."""
+        if not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
+            return None
         return small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
                                   out_dtype=x2.dtype)
 
