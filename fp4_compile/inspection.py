@@ -30,6 +30,7 @@ from .passes.manager import GraphResult, LinearInfo, record_results
 
 FUSED_OP_TEXT = "torch.ops.fp4.linear.default"
 GROUP_OP_TEXT = "torch.ops.fp4.linear_group.default"
+GATED_OP_TEXT = "torch.ops.fp4.linear_silu_mul.default"
 
 
 @dataclass
@@ -41,8 +42,10 @@ class GraphReport:
     direct: list[LinearInfo]  # fp4.linear called directly (W4A16 backends): nothing to fuse
     unfused: list[LinearInfo]  # chains left unfused, with the reason in .note
     post_grad_file: str | None  # <dump_dir>/<name>.AFTER_POST_GRAD.*.py
-    linears_in_file: int | None  # fp4.linear calls counted in that file (members of fp4.linear_group too)
+    linears_in_file: int | None  # fp4.linear calls counted in that file (members of fp4.linear_group and
+    # fp4.linear_silu_mul too)
     groups: int = 0  # fp4.linear_group nodes (linears of one activation, grouped at decode sizes)
+    gated: int = 0  # fp4.linear_silu_mul nodes (a gated MLP's gate and up linears with their SiLU*mul)
 
     @property
     def linears(self) -> int:
@@ -82,7 +85,8 @@ class InspectReport:
         for g in self.graphs:
             where = os.path.relpath(g.post_grad_file, self.dump_dir) if g.post_grad_file else "(no post-grad file)"
             check = "" if g.linears_in_file in (None, g.linears) else f" (the file has {g.linears_in_file})"
-            grouped = f" ({g.groups} fp4.linear_group)" if g.groups else ""
+            made = [f"{g.groups} fp4.linear_group"] * bool(g.groups) + [f"{g.gated} fp4.linear_silu_mul"] * bool(g.gated)
+            grouped = f" ({', '.join(made)})" if made else ""
             lines.append(f"{g.name or 'graph'}: {g.linears} fp4.linear{check}{grouped}, {len(g.unfused)} unfused   "
                          f"[{where}]")
             rows = [("fused", i) for i in g.fused] + [("direct", i) for i in g.direct] + [("unfused", i) for i in g.unfused]
@@ -147,8 +151,9 @@ def _count_in_file(path: str | None) -> int | None:
         return None
     with open(path) as f:
         text = f.read()
-    # a group's weights are its second argument, a list: one member per weight
-    members = re.findall(re.escape(GROUP_OP_TEXT) + r"\([^,]+, \[([^\]]*)\]", text)
+    # a group's (or gated pair's) weights are its second argument, a list: one member per weight
+    members = re.findall("(?:" + re.escape(GROUP_OP_TEXT) + "|" + re.escape(GATED_OP_TEXT) + r")\([^,]+, \[([^\]]*)\]",
+                         text)
     return text.count(FUSED_OP_TEXT + "(") + sum(m.count(",") + 1 for m in members)
 
 
@@ -204,5 +209,6 @@ def _graph_report(result: GraphResult, dump_dir: str) -> GraphReport:
     files = sorted(glob.glob(os.path.join(dump_dir, f"{glob.escape(result.name)}.AFTER_POST_GRAD*.py")))
     post_grad = files[-1] if files else None
     return GraphReport(
-        result.name, result.fused, result.direct, result.unfused, post_grad, _count_in_file(post_grad), result.groups
+        result.name, result.fused, result.direct, result.unfused, post_grad, _count_in_file(post_grad), result.groups,
+        result.gated,
     )

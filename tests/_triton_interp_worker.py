@@ -16,6 +16,7 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import quantize_nvfp4_gpu  # noqa: E402
+from fp4_compile.ops.silu_mul import BLOCK as SILU_MUL_BLOCK, silu_mul  # noqa: E402
 
 THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
 
@@ -152,6 +153,18 @@ def main():
             p2, s2 = kern.restore_weight(wt, wst, n, k)
             out["roundtrip"].append(bool(torch.equal(p2, pw) and torch.equal(s2.view(torch.uint8), sw.view(torch.uint8))
                                          and wt.shape[0] % 32 == 0 and wt.shape[1] % 16 == 0))
+
+    # ---- silu(gate) * up (the fallback of fp4::linear_silu_mul): odd widths, a strided gate, against
+    # float64 with the SiLU rounded to the dtype
+    out["silu_mul"] = []
+    for dt in (torch.float32, torch.float16):
+        for m, n in ((1, 7), (3, SILU_MUL_BLOCK + 40)):
+            gate = (torch.randn(m, 2 * n) * 4).to(dt)[:, ::2]
+            up = torch.randn(m, n).to(dt)
+            got = silu_mul(gate, up)
+            act = torch.nn.functional.silu(gate.double()).to(dt).double()
+            out["silu_mul"].append({"dtype": str(dt), "m": m, "n": n, "shape_ok": got.shape == (m, n),
+                                    "rel": rel(got, act * up.double())})
     print(json.dumps(out))
     return 0
 

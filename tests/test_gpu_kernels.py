@@ -257,6 +257,43 @@ def test_small_m_kernel_group_on_codes_exact(seed, ns, k, m, dt):
         assert out_b.dtype == dt and torch.isfinite(out_b).all() and rel(out_b, ref + bias.double()) <= TOL[dt]
 
 
+@pytest.mark.parametrize("n,k", [(14336, 4096), (1000, 208), (40, 64)])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("codes", [False, True])
+def test_small_m_kernel_gated_exact(seed, n, k, m, dt, codes):
+    """silu(x Wg^T) * (x Wu^T) in one launch (``gated``), on activations (W4A16) or W4A4 codes: fp32 output
+    within fp32 summation order of the float64 product; 16-bit outputs (with biases) equal to
+    ``F.silu(gate) * up`` of the same group's ungated outputs but for the SiLU's last bit. Poisoned first."""
+    for module in (cuda_small_m, cuda_quant):
+        if module.unavailable_reason(torch.cuda.current_device()) is not None:
+            pytest.skip(module.unavailable_reason(torch.cuda.current_device()))
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(dt)
+    if codes:
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+        xk, xs = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+        xq, group = F.block_values(*F.quantize_nvfp4(x, gx)).double(), dict(x_scales=[xs] * 2, k=k)
+    else:
+        gx, xk, xq, group = torch.ones(1, device=DEV), x, x.double(), {}
+    members, refs = [], []
+    for _ in range(2):
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = (TRITON_W4A4 if codes else MARLIN).prepare_weight(pw, sw)
+        alpha = (1 / (gx * gw)).float()
+        members.append((wt, wst, alpha, n, torch.randn(n, device=DEV).to(dt)))
+        refs.append(xq @ F.block_values(pw, sw).double().t() * alpha.double())
+    poison_allocator(m * n * 16 + (1 << 22))
+    (out,) = cuda_small_m.small_m_gemm_group([xk] * 2, [(*mb[:4], None) for mb in members], out_dtype=torch.float32,
+                                             gated=True, **group)
+    assert out.shape == (m, n) and torch.isfinite(out).all()
+    assert rel(out, torch.nn.functional.silu(refs[0]) * refs[1]) <= 1e-5
+    (out_b,) = cuda_small_m.small_m_gemm_group([xk] * 2, members, out_dtype=dt, gated=True, **group)
+    gate, up = cuda_small_m.small_m_gemm_group([xk] * 2, members, out_dtype=dt, **group)
+    expected = torch.nn.functional.silu(gate) * up
+    assert out_b.dtype == dt and torch.isfinite(out_b).all()
+    assert rel(out_b, expected) <= TOL[dt] and (out_b != expected).float().mean() <= 1e-3
+
+
 @pytest.mark.parametrize("backend", [MARLIN, TRITON_W4A4])
 @pytest.mark.parametrize("m", [1, 5, 8, 12, 16])
 def test_linear_group_equals_linears(seed, backend, m):

@@ -67,6 +67,11 @@ def test_dequant_kernels_exact(results):
     assert results["dequant_codes_exact"]
 
 
+def test_silu_mul_kernel_matches_reference(results):
+    for r in results["silu_mul"]:
+        assert r["shape_ok"] and r["rel"] <= (1e-6 if r["dtype"] == "torch.float32" else 1e-3), r
+
+
 def test_prepare_restore_round_trip(results):
     assert all(results["roundtrip"])
 

@@ -82,7 +82,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     if hasattr(lib, "fp4c_nvfp4_small_m_gemm_group"):  # (older sources that compare_builds times lack it)
         group = lib.fp4c_nvfp4_small_m_gemm_group
         group.restype = ctypes.c_int
-        group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, p]
+        group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -219,18 +219,26 @@ MAX_GROUP = 4
 
 
 def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
-                       x_scales: list[torch.Tensor] | None = None, k: int | None = None) -> list[torch.Tensor]:
+                       x_scales: list[torch.Tensor] | None = None, k: int | None = None,
+                       gated: bool = False) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
     ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
     same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
     ``x_scales`` and ``k`` W4A4 activation codes, as ``small_m_gemm`` takes them. One launch instead of
     one per member saves each member's launch, ramp and tail: a layer's q/k/v or gate/up projections at
     decode M. Warps per CTA come from ``launch_config`` for all the members' rows together, so the K
-    split (hence the fp32 summation order) can differ from separate calls."""
+    split (hence the fp32 summation order) can differ from separate calls.
+
+    ``gated``: two members (gate, up) of one activation tensor and one N; returns ``[silu(gate) * up]``,
+    each GEMM's result rounded to ``out_dtype`` first and silu(gate) too (as ``F.silu(gate) * up`` computes
+    it on the two linears' outputs), computed in the same launch (8 outputs per CTA)."""
     if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
             x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
                          f"got {len(members)} GEMMs and {len(xs)} activations")
+    if gated and (len(members) != 2 or xs[0] is not xs[1] or members[0][3] != members[1][3]
+                  or (x_scales is not None and x_scales[0] is not x_scales[1])):
+        raise ValueError("a gated launch takes two GEMMs (gate, up) of one activation tensor and one N")
     codes = x_scales is not None
     table, outs, keep = [], [], []  # keep: the (possibly converted) operands the table points at
     shape = None
@@ -247,8 +255,9 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
             raise ValueError("the members of a group must share M, K and the weights' padded K")
         shape = (x.shape[0], k, weight.shape[1] * 2)
         _check_shapes(x, weight, x.shape[0], n, k)
-        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
-        outs.append(out)
+        if not gated or i == 0:  # (a gated launch writes the gate's row only)
+            outs.append(torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device))
+        out = outs[-1]
         keep += [x, weight_scale, alpha, bias]
         table += [x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
                   weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else 0,
@@ -262,11 +271,11 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
                                 num_sms(nvcc.device_index(device)), codes=codes)
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
-        len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), warps,
+        len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,
         int(use_pdl(device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
-                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes})")
+                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated})")
     return outs
 
 

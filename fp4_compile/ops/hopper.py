@@ -128,6 +128,20 @@ class _HopperKernels:
         outs = self._group_gemm(x2, members)
         return None if outs is None else [out.reshape(*lead, out.shape[1]) for out in outs]
 
+    def linear_silu_mul(self, x: torch.Tensor, members: list[tuple]) -> torch.Tensor | None:
+        """``fp4::linear_silu_mul``: silu(gate) * up (``members``: gate's and up's arguments, as
+        ``linear_group``'s) in one launch of the small-M kernel where the backend would launch the two as one
+        group (``_group_gemm`` with ``gated``): each CTA computes 8 gate rows and their 8 up rows and writes
+        the product, so neither projection leaves the CTA and the SiLU*mul takes no launch. None otherwise."""
+        (gate, *_, n), (up, *_, n_up) = members
+        lead, k = x.shape[:-1], x.shape[-1]
+        for weight, weight_scale, *_, out_features in members:
+            self._check_linear_args(x, weight, weight_scale, out_features)
+        if n != n_up or gate.shape[1] != up.shape[1]:
+            return None
+        outs = self._group_gemm(x.reshape(-1, k), members, gated=True)
+        return None if outs is None else outs[0].reshape(*lead, n)
+
     @staticmethod
     def _gemm_members(members: list[tuple]) -> list[tuple]:
         """``small_m_gemm_group``'s members from ``linear_group``'s."""
@@ -218,9 +232,12 @@ class TritonW4A4Kernels(_HopperKernels):
                            bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)
 
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False) -> list[torch.Tensor] | None:
         """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), else on block values
-        (``use_values_group``), else None; the activations quantized once per global-scale tensor."""
+        (``use_values_group``), else None; the activations quantized once per global-scale tensor (``gated``:
+        ``small_m_gemm_group``'s, where gate and up share that tensor)."""
+        if gated and members[0][2] is not members[1][2]:
+            return None
         codes = use_codes_group(x2, x2.shape[0])
         if not codes and not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
             return None
@@ -233,7 +250,8 @@ class TritonW4A4Kernels(_HopperKernels):
                                  (fake_quantize_nvfp4_gpu(x2, gs32, _value_dtype(x2.dtype)), None))
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
         return small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
-                                  x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None)
+                                  x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None,
+                                  gated=gated)
 
 
 class MarlinKernels(_HopperKernels):
@@ -246,12 +264,13 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x2.dtype)
         return x2 if x2.dtype == cdt else x2.to(cdt)
 
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:
-        """One launch on the activations where ``use_values_group`` takes the group, else None."""
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False) -> list[torch.Tensor] | None:
+        """One launch on the activations where ``use_values_group`` takes the group, else None (``gated``:
+        ``small_m_gemm_group``'s)."""
         if not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
             return None
         return small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
-                                  out_dtype=x2.dtype)
+                                  out_dtype=x2.dtype, gated=gated)
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(

@@ -231,3 +231,40 @@ def linear_group(
 # As _linear_python: the eager fast path's CUDA kernel of fp4::linear_group replays the members one by
 # one and calls this under CUDA-graph capture (where the grouped launch pays).
 _define("_linear_group_python" + _LINEAR_GROUP_ARGS, _linear_group_fake)(linear_group)
+
+
+def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@_define("linear_silu_mul(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
+         "Tensor[] alphas, Tensor?[] biases, SymInt out_features, str backend) -> Tensor", _linear_silu_mul_fake)
+def linear_silu_mul(
+    x: Tensor,
+    weights: list[Tensor],
+    weight_scales: list[Tensor],
+    input_global_scales: list[Tensor],
+    alphas: list[Tensor],
+    biases: list[Tensor | None],
+    out_features: int,
+    backend: str,
+) -> Tensor:
+    """``F.silu(linear(x, gate)) * linear(x, up)`` (``weights`` etc. = [gate's, up's], both of ``out_features``
+    outputs): a gated MLP's first half. A backend may compute it in one launch (``linear_silu_mul`` of its
+    kernels, returning None where it can't); otherwise the two linears run as ``fp4::linear_group`` and
+    ``silu_mul`` after them. The ``fp4`` compile pass makes it from the graph (passes/fuse_silu_mul.py)."""
+    if not len(weights) == len(weight_scales) == len(input_global_scales) == len(alphas) == len(biases) == 2:
+        raise ValueError("linear_silu_mul takes two linears (gate, up)")
+    members = list(zip(weights, weight_scales, input_global_scales, alphas, biases, [out_features] * 2))
+    for weight, weight_scale, gs, alpha, bias, n in members:
+        _check_linear(x, weight, weight_scale, gs, alpha, bias, n, backend)
+    fused = getattr(kernels_for(backend), "linear_silu_mul", None)
+    out = fused(x, members) if fused is not None else None
+    if out is None:
+        from .silu_mul import silu_mul
+
+        gate, up = torch.ops.fp4.linear_group.default(x, weights, weight_scales, input_global_scales, alphas, biases,
+                                                      [out_features] * 2, backend)
+        out = silu_mul(gate, up)
+    return out.contiguous()
+

@@ -127,17 +127,26 @@ struct Args {
   int64_t ldxs;
 };
 
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+
+template <typename T>
+__device__ __forceinline__ float rounded(float v) { return Convert<T>::from(Convert<T>::to(v)); }
+
 // One CTA's work: weight rows [16*RT*tile, 16*RT*(tile + 1)). Block: WARPS warps, each a slice of
 // the k-groups (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4:
-// activation codes.
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
-__device__ __forceinline__ void small_m_tile(const Args& args, int tile) {
+// activation codes. GATED (RT = 1; `up` the second GEMM of the same activations): rows g of the
+// tile are rows [8*tile, 8*tile + 8) of args' weight (the gate), rows g + 8 the same rows of up's,
+// and the CTA writes silu(gate) * up for those 8 outputs: the SiLU*mul after a gate/up projection
+// costs no kernel of its own, and gate and up never leave the CTA.
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool GATED = false>
+__device__ __forceinline__ void small_m_tile(const Args& args, int tile, const Args* up = nullptr) {
+  static_assert(!GATED || RT == 1, "a gated tile is 8 gate rows and their 8 up rows");
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = tile * 16 * RT;
+  const int row0 = tile * (GATED ? 8 : 16 * RT);
 
   const int groups = (args.chunks + 3) / 4;
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
@@ -158,9 +167,10 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile) {
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t r = row0 + 16 * i + 8 * h + g;
-      w_row[i][h] = args.w + r * args.ldw + 16 * t;
-      s_row[i][h] = args.ws + r * args.ldws + 2 * t;
+      const Args& src = GATED && h == 1 ? *up : args;
+      const int64_t r = GATED ? row0 + g : row0 + 16 * i + 8 * h + g;
+      w_row[i][h] = src.w + r * src.ldw + 16 * t;
+      s_row[i][h] = src.ws + r * src.ldws + 2 * t;
     }
   const uint16_t* x_col[NT];  // (A4: codes, 16 bytes per chunk)
   const uint8_t* xs_col[NT];
@@ -280,15 +290,38 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile) {
   OutT* out = static_cast<OutT*>(args.out);
   const OutT* bias = static_cast<const OutT*>(args.bias);
   const int m_tile = args.M < kCols ? args.M : kCols;
-  for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
-    const int col = e / kRows, r = e % kRows;
-    const int n = row0 + r;
-    if (n >= args.N) continue;
-    float v = 0.f;
-    for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
-    v *= scale;
-    if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
-    out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(v);
+  if constexpr (GATED) {
+    // gate and up each rounded to the output type, as the two linears would return them; silu(gate)
+    // rounded too, as torch computes F.silu(gate) * up (opmath float, one rounding per op)
+    const float up_scale = __ldg(up->alpha) * (A4 ? 65536.f : 256.f);
+    const OutT* up_bias = static_cast<const OutT*>(up->bias);
+    for (int e = threadIdx.x; e < m_tile * 8; e += blockDim.x) {
+      const int col = e / 8, r = e % 8;
+      const int n = row0 + r;
+      if (n >= args.N) continue;
+      float vg = 0.f, vu = 0.f;
+      for (int wp = 0; wp < warps; ++wp) {
+        vg += reduce_smem[(wp * kCols + col) * kRows + r];
+        vu += reduce_smem[(wp * kCols + col) * kRows + r + 8];
+      }
+      vg *= scale;
+      vu *= up_scale;
+      if (bias != nullptr) vg += Convert<OutT>::from(bias[n]);
+      if (up_bias != nullptr) vu += Convert<OutT>::from(up_bias[n]);
+      const float act = rounded<OutT>(silu(rounded<OutT>(vg)));
+      out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(act * rounded<OutT>(vu));
+    }
+  } else {
+    for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
+      const int col = e / kRows, r = e % kRows;
+      const int n = row0 + r;
+      if (n >= args.N) continue;
+      float v = 0.f;
+      for (int wp = 0; wp < warps; ++wp) v += reduce_smem[(wp * kCols + col) * kRows + r];
+      v *= scale;
+      if (bias != nullptr) v += Convert<OutT>::from(bias[n]);
+      out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(v);
+    }
   }
 }
 
@@ -313,6 +346,16 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_group_kernel(const __grid_c
   int i = 0;
   while (i + 1 < group.count && static_cast<int>(blockIdx.x) >= group.first_cta[i + 1]) ++i;
   small_m_tile<FP16, RT, NT, PF, OutT, A4>(group.member[i], blockIdx.x - group.first_cta[i]);
+}
+
+// silu(x W_gate^T) * (x W_up^T) in one launch (GATED above): one CTA per 8 outputs.
+struct GatedArgs {
+  Args gate, up;  // the same activations, M, N and K
+};
+
+template <bool FP16, int NT, typename OutT, bool A4>
+__global__ void __launch_bounds__(256) nvfp4_small_m_gated_kernel(const __grid_constant__ GatedArgs pair) {
+  small_m_tile<FP16, 1, NT, 2, OutT, A4, true>(pair.gate, blockIdx.x, &pair.up);
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
@@ -361,10 +404,26 @@ cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream
              : fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 1, 2, OutT, A4>, grid, block, smem, pdl, stream, group);
 }
 
+template <bool FP16, typename OutT, bool A4>
+cudaError_t launch_gated(const GatedArgs& pair, int warps, bool pdl, cudaStream_t stream) {
+  const dim3 grid((pair.gate.N + 7) / 8), block(warps * kWarpSize);
+  const bool two_n = pair.gate.M > 8;
+  const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
+  return two_n ? fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 2, OutT, A4>, grid, block, smem, pdl, stream, pair)
+               : fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 1, OutT, A4>, grid, block, smem, pdl, stream, pair);
+}
+
+// count 2 with `gated`: the gated launch of member 0 (gate) and member 1 (up).
 template <bool FP16, typename OutT>
-cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream_t stream) {
-  return group.member[0].xs != nullptr ? launch_group<FP16, OutT, true>(group, warps, pdl, stream)
-                                       : launch_group<FP16, OutT, false>(group, warps, pdl, stream);
+cudaError_t launch_group(const GroupArgs& group, bool gated, int warps, bool pdl, cudaStream_t stream) {
+  const bool a4 = group.member[0].xs != nullptr;
+  if (gated) {
+    const GatedArgs pair{group.member[0], group.member[1]};
+    return a4 ? launch_gated<FP16, OutT, true>(pair, warps, pdl, stream)
+              : launch_gated<FP16, OutT, false>(pair, warps, pdl, stream);
+  }
+  return a4 ? launch_group<FP16, OutT, true>(group, warps, pdl, stream)
+            : launch_group<FP16, OutT, false>(group, warps, pdl, stream);
 }
 
 }  // namespace
@@ -404,10 +463,16 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 // activations, in one launch (16 rows per warp, 2 stages). `members`: count rows of 13 int64 each,
 // {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N, xs, ldxs}, as in fp4c_nvfp4_small_m_gemm:
 // block values or bf16/fp16 activations (xs 0 in every row), or activation codes (xs set in every row).
+// gated 1 (count 2, one activation tensor and N for both): out of row 0 = silu(GEMM 0) * GEMM 1, each
+// GEMM's result rounded to the output type first (row 1's out unused).
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
-                                  int out_fp32, int warps, int pdl, cudaStream_t stream) {
+                                  int out_fp32, int gated, int warps, int pdl, cudaStream_t stream) {
   if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 ||
-      warps > 8 || pdl < 0 || pdl > 1) {
+      warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (gated && (count != 2 || members[0] != members[13] || members[10] != members[23] ||
+                members[11] != members[24] || members[1] != members[14] || members[12] != members[25])) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   GroupArgs group{};
@@ -425,11 +490,11 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
   }
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? launch_group<true, float>(group, warps, pdl != 0, stream)
-                   : launch_group<true, __half>(group, warps, pdl != 0, stream);
+    err = out_fp32 ? launch_group<true, float>(group, gated != 0, warps, pdl != 0, stream)
+                   : launch_group<true, __half>(group, gated != 0, warps, pdl != 0, stream);
   } else {
-    err = out_fp32 ? launch_group<false, float>(group, warps, pdl != 0, stream)
-                   : launch_group<false, __nv_bfloat16>(group, warps, pdl != 0, stream);
+    err = out_fp32 ? launch_group<false, float>(group, gated != 0, warps, pdl != 0, stream)
+                   : launch_group<false, __nv_bfloat16>(group, gated != 0, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
