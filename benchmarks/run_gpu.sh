@@ -86,13 +86,15 @@ if lin:
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']} | {r['w4a4_us']} ({r['w4a4_x']}x) | {r['w4a16_us']} ({r['w4a16_x']}x) |")
     for k, v in (lin.get("summary") or {}).items():
         print(k, v)
-def rows(name, title, line):
-    """One summary line per row of a benchmark's JSON (``line``: a format string over its fields)."""
+def rows(name, title, line, keep=lambda r: True):
+    """One summary line per row (those ``keep`` takes) of a benchmark's JSON (``line``: a format string
+    over its fields)."""
     data = load(name)
     if data:
         print(title)
         for r in data["rows"]:
-            print("  " + line.format(**r))
+            if keep(r):
+                print("  " + line.format(**r))
 rows("bench_small_m.json",
      "small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)",
      "{shape} M={m}: {bf16_us} / {read_floor_us} / {w4a16_triton_us} / {w4a16_backend_us} | {w4a4_triton_us} / {w4a4_backend_us}")
@@ -106,6 +108,9 @@ rows("timeline_wgmma.json", "wgmma kernel, one launch's phases (median over CTAs
 rows("bench_group.json", "linear_group, us per group: members' own calls -> grouped (W4A4 | W4A16):",
      "{group} M={m}: {w4a4_members_us} -> {w4a4_group_us} ({w4a4_x}x) | {w4a16_members_us} -> {w4a16_group_us} "
      "({w4a16_x}x)")
+rows("bench_group.json", "linear_silu_mul, us: gate/up group + silu_mul -> gated launch (W4A4 | W4A16):",
+     "{group} M={m}: {w4a4_group_silu_us} -> {w4a4_gated_us} | {w4a16_group_silu_us} -> {w4a16_gated_us}",
+     lambda r: "w4a4_gated_us" in r)
 rows("bench_pdl.json", "programmatic dependent launch, us per linear off -> on (W4A4 | W4A16):",
      "{shape} M={m}: {w4a4_pdl0_us} -> {w4a4_pdl1_us} | {w4a16_pdl0_us} -> {w4a16_pdl1_us}")
 mo = load("bench_model.json")
