@@ -354,7 +354,7 @@ struct GatedArgs {
 };
 
 template <bool FP16, int NT, typename OutT, bool A4>
-__global__ void __launch_bounds__(256) nvfp4_small_m_gated_kernel(const __grid_constant__ GatedArgs pair) {
+__global__ void __launch_bounds__(256, A4 && NT == 1 ? 3 : 1) nvfp4_small_m_gated_kernel(const __grid_constant__ GatedArgs pair) {
   small_m_tile<FP16, 1, NT, 2, OutT, A4, true>(pair.gate, blockIdx.x, &pair.up);
 }
 
