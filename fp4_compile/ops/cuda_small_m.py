@@ -45,6 +45,12 @@ CODES_TWO_TILES_MAX_N = 8192
 # us, one launch / the members' own calls: q/k/v (6144 rows) 12.9-14.8 / 21.5-23.6, gate/up (28672)
 # 48-54 / 39.5.
 VALUES_GROUP_MAX_ROWS = 8192
+# fp4::linear_silu_mul's gated launch (gate and up rows in one CTA, SiLU*mul in the epilogue) on activation
+# codes from this M: at M = 8 (one n8-tile) it took longer than the codes group and a silu_mul kernel
+# after it (H100, gate/up 2 x 14336 x 4096, bench_group.py, NOTES.md v22: 34.3 / 35.2 us against 32.7 /
+# 32.4, two runs), at M = 12..16 as long (44.0-45.2 against 44.3-45.6); on bf16 activations or block values
+# it was faster at M = 1, 4 and 8 (W4A16 M=8: 35.2-35.5 against 37.7-38.4).
+GATED_CODES_MIN_M = 9
 # Warps per CTA (they split K): the fastest count measured was the largest that keeps the grid one wave
 # of resident warps, 16 per SM at the kernel's ~110 registers (H100, M = 1, 4, 8, NOTES.md v18e:
 # 28672x4096 1 warp, 28.7 us against 29.1 with 4 and 32.5 with 8; 14336x4096 2 warps, 15.2 against

@@ -35,8 +35,8 @@ from ..format import BLOCK_SIZE, check_linear_weight, pad_weight_for_alignment
 from . import cublaslt, fast_linear, split_tickets
 from . import triton_gemm as _G
 from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
-from .cuda_small_m import (MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group, use_small_m,
-                           use_values_group)
+from .cuda_small_m import (GATED_CODES_MIN_M, MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group,
+                           use_small_m, use_values_group)
 from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
@@ -235,10 +235,12 @@ class TritonW4A4Kernels(_HopperKernels):
     def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False) -> list[torch.Tensor] | None:
         """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), else on block values
         (``use_values_group``), else None; the activations quantized once per global-scale tensor (``gated``:
-        ``small_m_gemm_group``'s, where gate and up share that tensor)."""
+        ``small_m_gemm_group``'s, where gate and up share that tensor, on codes from GATED_CODES_MIN_M rows)."""
         if gated and members[0][2] is not members[1][2]:
             return None
         codes = use_codes_group(x2, x2.shape[0])
+        if gated and codes and x2.shape[0] < GATED_CODES_MIN_M:
+            return None
         if not codes and not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
             return None
         quantized = {}
