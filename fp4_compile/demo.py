@@ -138,11 +138,16 @@ def compile_backend(name: str) -> tuple[Any, str]:
 
 
 def count_fp4_nodes(codes: list[str]) -> dict[str, int]:
-    """fp4 op calls in Inductor's generated code."""
+    """fp4 op calls in Inductor's generated code; ``linear``: the linears the fused calls compute (members of
+    ``fp4.linear_group`` and ``fp4.linear_silu_mul`` included), ``linear_calls``: the ``fp4.linear`` calls."""
+    from .inspection import count_linear_calls
+
     counts = {}
-    for op in ("linear", "mm", "quantize", "pad_k"):
+    for op in ("mm", "quantize", "pad_k", "linear_group", "linear_silu_mul", "linear"):
         pattern = re.compile(rf"= torch\.ops\.fp4\.{op}\.default\(")
         counts[op] = sum(len(pattern.findall(code)) for code in codes)
+    counts["linear_calls"] = counts["linear"]
+    counts["linear"] = sum(count_linear_calls(code, prefix="= ") for code in codes)
     return counts
 
 
@@ -317,7 +322,11 @@ def run_demo(
     result.add("torch.compile backend", compile_note)
     if compiled is not None:
         if counts["linear"] or counts["mm"] or compile_with in ("fp4", "inductor"):
-            result.add("linears fused", f"{counts['linear']} of {len(layers)} NVFP4 linears -> one fp4.linear node each"
+            nodes = ", ".join([f"{counts['linear_calls']} fp4.linear"] + [
+                f"{counts[op]} fp4.{op} ({what})" for op, what in (("linear_silu_mul", "gate/up + SiLU*mul"),
+                                                                 ("linear_group", "linears of one input"))
+                if counts[op]])
+            result.add("linears fused", f"{counts['linear']} of {len(layers)} NVFP4 linears -> {nodes}"
                        + (f"; {counts['mm']} unfused fp4.mm" if counts["mm"] else ""))
         result.fused = counts["linear"]
     dense_names = set(layers)

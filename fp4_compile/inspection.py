@@ -146,15 +146,22 @@ def _call(model, example_inputs) -> Any:
     return model(example_inputs)
 
 
+def count_linear_calls(text: str, prefix: str = "") -> int:
+    """The NVFP4 linears that calls in ``text`` compute: one per ``fp4.linear`` call, one per member of an
+    ``fp4.linear_group`` or ``fp4.linear_silu_mul`` call. ``prefix``: what precedes a counted call (``"= "``
+    in Inductor's output code, whose comments also name ops)."""
+    # a group's (or gated pair's) weights are its second argument, the call's first list (the activation
+    # before it may be a reinterpret_tensor(...) with commas): one member per weight
+    members = re.findall(re.escape(prefix) + "(?:" + re.escape(GROUP_OP_TEXT) + "|" + re.escape(GATED_OP_TEXT)
+                         + r")\([^\[\n]*?, \[([^\]]*)\]", text)
+    return text.count(prefix + FUSED_OP_TEXT + "(") + sum(m.count(",") + 1 for m in members)
+
+
 def _count_in_file(path: str | None) -> int | None:
     if path is None:
         return None
     with open(path) as f:
-        text = f.read()
-    # a group's (or gated pair's) weights are its second argument, a list: one member per weight
-    members = re.findall("(?:" + re.escape(GROUP_OP_TEXT) + "|" + re.escape(GATED_OP_TEXT) + r")\([^,]+, \[([^\]]*)\]",
-                         text)
-    return text.count(FUSED_OP_TEXT + "(") + sum(m.count(",") + 1 for m in members)
+        return count_linear_calls(f.read())
 
 
 def inspect_compiled(
