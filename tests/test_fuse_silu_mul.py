@@ -213,3 +213,13 @@ def test_compiled_gated_mlp_on_the_gpu(backend):
     for out, expected in pairs:
         rel = float((out.double() - expected.double()).norm() / expected.double().norm())
         assert out.shape == expected.shape and rel <= 1e-2
+
+
+def test_inspection_counts_the_linears_inside_fused_calls():
+    from fp4_compile.inspection import count_linear_calls
+
+    code = ("        buf0 = torch.ops.fp4.linear_silu_mul.default(reinterpret_tensor(arg0_1, (6, 64), (64, 1), 0), "
+            "[arg3_1, arg6_1], [arg4_1, arg7_1], [arg1_1, arg1_1], [arg2_1, arg5_1], [None, None], 96, 'emulation')\n"
+            "        # buffer buf1 (op: torch.ops.fp4.linear.default) is assumed to be not aligned\n"
+            "        buf2 = torch.ops.fp4.linear.default(buf1, arg9_1, arg10_1, arg1_1, arg8_1, None, 64, 'emulation')\n")
+    assert count_linear_calls(code, prefix="= ") == 3
