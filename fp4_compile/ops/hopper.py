@@ -13,7 +13,9 @@ At M <= 8 (M <= 16 for N <= 1024) on sm_89/sm_90 with nvcc, both run the CUDA C+
 (``csrc/hopper/nvfp4_small_m.cu``, ``cuda_small_m.py``) instead: on the bf16/fp16 activations
 (W4A16), or on the exact NVFP4 block values written by the quant kernel (W4A4). W4A4 from M = 8
 (M = 9..16 up to N = 8192) feeds it the activations' codes in the weight word layout instead
-(``cuda_small_m.use_codes``: 0.5625 bytes per activation read from L2, not 2). For M = 17..2048
+(``cuda_small_m.use_codes``: 0.5625 bytes per activation read from L2, not 2). ``linear_group`` (the
+linears of one activation) and ``linear_silu_mul`` (a gate/up pair and its SiLU*mul, in the kernel's
+epilogue) run in one launch of it at decode sizes. For M = 17..2048
 on sm_90 with nvcc, the same operands go to the warp-specialized wgmma kernel where it measured
 faster (``csrc/hopper/nvfp4_wgmma.cu``, ``cuda_wgmma.py``: ``use_wgmma``). At larger M (``use_dequant``) the weight is
 dequantized once per call to exact bf16/fp16 values and multiplied by cuBLASLt with alpha (a
