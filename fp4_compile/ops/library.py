@@ -195,6 +195,16 @@ def _linear_group_fake(x, weights, weight_scales, input_global_scales, alphas, b
     return [x.new_empty((x.shape[0], n)) for n in out_features]
 
 
+def _checked_members(x, *lists_and_backend) -> list[tuple]:
+    """The per-linear argument tuples (weight, weight_scale, input_global_scale, alpha, bias, out_features) of
+    a list-taking op, each checked as ``fp4::linear`` checks its arguments."""
+    *lists, backend = lists_and_backend
+    members = list(zip(*lists, strict=True))
+    for weight, weight_scale, gs, alpha, bias, n in members:
+        _check_linear(x, weight, weight_scale, gs, alpha, bias, n, backend)
+    return members
+
+
 _LINEAR_GROUP_ARGS = ("(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
                       "Tensor[] alphas, Tensor?[] biases, SymInt[] out_features, str backend) -> Tensor[]")
 
@@ -214,11 +224,9 @@ def linear_group(
     q/k/v or gate/up projections), which a backend may compute in one launch (``linear_group`` of its
     kernels, returning None where it can't; each member's result is then its own ``linear``). The
     ``fp4`` compile pass groups the linears of one input at decode sizes (passes/group_linear.py)."""
-    members = list(zip(weights, weight_scales, input_global_scales, alphas, biases, out_features, strict=True))
+    members = _checked_members(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend)
     if not members:
         raise ValueError("linear_group needs at least one linear")
-    for weight, weight_scale, gs, alpha, bias, n in members:
-        _check_linear(x, weight, weight_scale, gs, alpha, bias, n, backend)
     kernels = kernels_for(backend)
     group = getattr(kernels, "linear_group", None)
     outs = group(x, members) if group is not None else None
@@ -253,11 +261,10 @@ def linear_silu_mul(
     outputs): a gated MLP's first half. A backend may compute it in one launch (``linear_silu_mul`` of its
     kernels, returning None where it can't); otherwise the two linears run as ``fp4::linear_group`` and
     ``silu_mul`` after them. The ``fp4`` compile pass makes it from the graph (passes/fuse_silu_mul.py)."""
-    if not len(weights) == len(weight_scales) == len(input_global_scales) == len(alphas) == len(biases) == 2:
+    if len(weights) != 2:
         raise ValueError("linear_silu_mul takes two linears (gate, up)")
-    members = list(zip(weights, weight_scales, input_global_scales, alphas, biases, [out_features] * 2))
-    for weight, weight_scale, gs, alpha, bias, n in members:
-        _check_linear(x, weight, weight_scale, gs, alpha, bias, n, backend)
+    members = _checked_members(x, weights, weight_scales, input_global_scales, alphas, biases, [out_features] * 2,
+                               backend)
     fused = getattr(kernels_for(backend), "linear_silu_mul", None)
     out = fused(x, members) if fused is not None else None
     if out is None:
