@@ -158,12 +158,12 @@ def test_left_alone(case):
 # through torch.compile
 
 class GatedMLP(nn.Module):
-    def __init__(self, backend: str = "emulation", device: str = "cpu", dtype=torch.float32) -> None:
+    def __init__(self, backend: str = "emulation", device: str = "cpu", dtype=torch.float32, n: int = N) -> None:
         super().__init__()
         gs = torch.tensor(0.5, device=device)
         make = lambda k, n: NVFP4Linear.from_linear(  # noqa: E731
             nn.Linear(k, n, bias=False, device=device, dtype=dtype), backend=backend, input_global_scale=gs)
-        self.gate, self.up, self.down = make(K, N), make(K, N), make(N, K)
+        self.gate, self.up, self.down = make(K, n), make(K, n), make(n, K)
         share_equal_activation_scales(self)  # as quantize_model does: gate and up quantize x once
 
     def forward(self, x):
@@ -186,6 +186,19 @@ def test_compiled_gated_mlp_equals_eager(dtype):
     pairs, results = _compile_and_run(GatedMLP(dtype=dtype).eval(), [torch.randn(2, 3, K, dtype=dtype)],
                                       fullgraph=True)
     assert [r.gated for r in results] == [1] and all(r.groups == 0 for r in results)
+    assert all(torch.equal(out, expected) for out, expected in pairs)
+
+
+@pytest.mark.parametrize("backend", ["cutlass", "fbgemm"])
+def test_compiled_gated_mlp_with_padded_weights(monkeypatch, backend):
+    """Blackwell-like layouts (N and K padded to 32, swizzled or linear scales; exact emulations on the CPU)
+    with N = 80: the fused op's members slice their padded GEMM outputs as fp4.linear does."""
+    from compile_helpers import patch_padded_backends
+
+    patch_padded_backends(monkeypatch)
+    torch.manual_seed(7)
+    pairs, results = _compile_and_run(GatedMLP(backend, n=80).eval(), [torch.randn(2, 3, K)], fullgraph=True)
+    assert [r.gated for r in results] == [1]
     assert all(torch.equal(out, expected) for out, expected in pairs)
 
 
