@@ -46,6 +46,7 @@ class GraphReport:
     # fp4.linear_silu_mul too)
     groups: int = 0  # fp4.linear_group nodes (linears of one activation, grouped at decode sizes)
     gated: int = 0  # fp4.linear_silu_mul nodes (a gated MLP's gate and up linears with their SiLU*mul)
+    norms: int = 0  # fp4.rms_norm_quantize nodes (an RMSNorm with its W4A4 linears' quantization)
 
     @property
     def linears(self) -> int:
@@ -85,7 +86,8 @@ class InspectReport:
         for g in self.graphs:
             where = os.path.relpath(g.post_grad_file, self.dump_dir) if g.post_grad_file else "(no post-grad file)"
             check = "" if g.linears_in_file in (None, g.linears) else f" (the file has {g.linears_in_file})"
-            made = [f"{g.groups} fp4.linear_group"] * bool(g.groups) + [f"{g.gated} fp4.linear_silu_mul"] * bool(g.gated)
+            made = [f"{n} fp4.{op}" for n, op in ((g.groups, "linear_group"), (g.gated, "linear_silu_mul"),
+                                                   (g.norms, "rms_norm_quantize")) if n]
             grouped = f" ({', '.join(made)})" if made else ""
             lines.append(f"{g.name or 'graph'}: {g.linears} fp4.linear{check}{grouped}, {len(g.unfused)} unfused   "
                          f"[{where}]")
@@ -217,5 +219,5 @@ def _graph_report(result: GraphResult, dump_dir: str) -> GraphReport:
     post_grad = files[-1] if files else None
     return GraphReport(
         result.name, result.fused, result.direct, result.unfused, post_grad, _count_in_file(post_grad), result.groups,
-        result.gated,
+        result.gated, result.norms,
     )

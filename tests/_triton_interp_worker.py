@@ -16,6 +16,7 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import quantize_nvfp4_gpu  # noqa: E402
+from fp4_compile.ops.rms_norm_quant import rms_norm_quantize_gpu  # noqa: E402
 from fp4_compile.ops.silu_mul import BLOCK as SILU_MUL_BLOCK, silu_mul  # noqa: E402
 
 THRESHOLDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float64)
@@ -165,6 +166,21 @@ def main():
             act = torch.nn.functional.silu(gate.double()).to(dt).double()
             out["silu_mul"].append({"dtype": str(dt), "m": m, "n": n, "shape_ok": got.shape == (m, n),
                                     "rel": rel(got, act * up.double())})
+
+    # ---- RMSNorm (+ residual) and block values in one pass, against the op's CPU reference
+    out["rms_norm_quant"] = []
+    for dt in (torch.float32, torch.float16):
+        for m, k, residual in ((1, 48, False), (3, 208, True), (2, 256, True)):
+            x = (torch.randn(m, k) * 4).to(dt)
+            r = torch.randn(m, k).to(dt) if residual else None
+            w = (1 + torch.randn(k) / 4).to(dt)
+            gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
+            ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)  # (CPU: the reference)
+            values, total = rms_norm_quantize_gpu(x, r, w, 1e-5, gs)
+            out["rms_norm_quant"].append({
+                "dtype": str(dt), "m": m, "k": k, "residual": residual,
+                "total_equal": bool(torch.equal(total, ref_total)) if residual else total is None,
+                "values_mismatch": float((values != ref_values).float().mean())})
     print(json.dumps(out))
     return 0
 

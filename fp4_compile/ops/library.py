@@ -275,3 +275,39 @@ def linear_silu_mul(
         out = silu_mul(gate, up)
     return out.contiguous()
 
+
+def _rms_norm_quantize_fake(x, residual, weight, eps, global_scale):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+@_define("rms_norm_quantize(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) "
+         "-> (Tensor, Tensor)", _rms_norm_quantize_fake)
+def rms_norm_quantize(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                      global_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``(values, s)``: ``s = x + residual`` (empty without a residual), ``h = (s * rsqrt(mean(s^2) + eps)).to(dtype)
+    * weight`` (an RMSNorm, rounded as its eager ops round) and ``values``, the exact NVFP4 block values
+    ``e2m1 * sf`` of ``h`` quantized with ``global_scale`` (without ``1/gs``), in x's dtype and shape: what the
+    Hopper W4A4 GEMMs multiply. One pass on the GPU (ops/rms_norm_quant.py); the ``fp4`` compile pass makes it
+    from an RMSNorm before W4A4 linears (passes/fuse_rms_norm_quant.py)."""
+    fmt.check_float_input(x)
+    k = x.shape[-1]
+    if k % fmt.BLOCK_SIZE:
+        raise ValueError(f"x: K={k} must be a multiple of {fmt.BLOCK_SIZE}")
+    if tuple(weight.shape) != (k,) or weight.dtype != x.dtype or (
+            residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype)):
+        raise ValueError(f"weight must be [{k}] and residual {tuple(x.shape)}, both in {x.dtype}")
+    fmt.check_global_scale(global_scale, "global_scale", check_value=False)
+    fmt.check_same_device(x=x, residual=residual, weight=weight, global_scale=global_scale)
+    x2 = x.reshape(-1, k)
+    r2 = residual.reshape(-1, k) if residual is not None else None
+    if x.device.type == "cuda":
+        from .rms_norm_quant import rms_norm_quantize_gpu
+
+        values, total = rms_norm_quantize_gpu(x2, r2, weight, eps, global_scale)
+    else:
+        total = x2 + r2 if r2 is not None else None
+        s = (total if total is not None else x2).float()
+        h = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        values = fmt.block_values(*fmt.quantize_nvfp4(h, global_scale.reshape(1).float())).to(x.dtype)
+    return values.reshape(x.shape), (total.reshape(x.shape) if total is not None else x.new_empty((0,)))
+

@@ -1,0 +1,69 @@
+"""RMSNorm (after an optional residual add) and NVFP4 block values in one pass: ``fp4::rms_norm_quantize``.
+
+A W4A4 layer's q/k/v and gate/up projections quantize the output of an RMSNorm. Run apart, that is
+Inductor's norm kernel, then a quantization kernel, then the GEMM; here one Triton program per row adds
+the residual, normalizes, scales by the weight and writes the exact NVFP4 block values ``e2m1 * sf``
+(without ``1/gs``) that the Hopper GEMMs take, with the rounding of the eager ops: the residual sum and
+the normalized row in the activation dtype, ``(x * rsqrt(mean(x^2) + eps)).to(dtype) * weight`` rounded
+again, then ``triton_quant._fake_quant`` (``fp4_compile.format.quantize_nvfp4``, bit for bit). One launch
+instead of two, and the normalized activations never reach memory. ``passes/fuse_rms_norm_quant.py``
+makes the op from a graph. Runs under TRITON_INTERPRET=1 on any tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import BLOCK_SIZE
+from .triton_quant import _fake_quant, check_device, gdc_wait, next_power_of_2, pdl_launch_args
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, gs_ptr, sum_ptr, val_ptr, K, eps,
+                           stride_x, stride_res, stride_sum, stride_val,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before (no early trigger: any kernel may follow)
+        gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    e = tl.arange(0, 16)
+    offs = g[:, None] * 16 + e[None, :]
+    mask = offs < K
+    dtype = val_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the residual stream's add, rounded as the eager add rounds it
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(dtype)
+        tl.store(sum_ptr + row * stride_sum + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K
+    h = (xf * (1.0 / tl.sqrt(mean_sq + eps))).to(dtype).to(tl.float32)
+    h = (h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    vals = _fake_quant(tl.expand_dims(h, 0), tl.load(gs_ptr))
+    tl.store(val_ptr + row * stride_val + offs[None, :, :], vals.to(dtype), mask=mask[None, :, :])
+
+
+def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                          global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values [M, K], residual sum [M, K] or None) of 2-D ``x2`` (and ``residual``), in x2's dtype."""
+    check_device(x2, residual, weight, global_scale, what="rms_norm_quantize")
+    m, k = x2.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"K={k} must be a multiple of {BLOCK_SIZE}")
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    vals = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    out_sum = torch.empty_like(vals) if residual is not None else None
+    if m:
+        res = residual if residual is not None else x2
+        total = out_sum if out_sum is not None else vals
+        block_g = next_power_of_2(k // BLOCK_SIZE)
+        _rms_norm_quant_kernel[(m,)](
+            x2, res, weight, global_scale.reshape(1).float(), total, vals, k, float(eps),
+            x2.stride(0), res.stride(0), total.stride(0), vals.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK_G=block_g, num_warps=8 if k >= 4096 else 4,
+            **pdl_launch_args(x2.device))
+    return vals, out_sum

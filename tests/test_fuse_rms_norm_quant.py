@@ -1,0 +1,199 @@
+"""fp4::rms_norm_quantize and the pass that makes it (passes/fuse_rms_norm_quant.py).
+
+CPU: the op's reference against the eager RMSNorm and format.quantize_nvfp4 (its values times the weight
+equal the W4A4 product), its fake kernel and opcheck, the pass on FX graphs traced with Inductor's
+decompositions (with and without the residual add, bf16 and fp32) and what it leaves alone. The Triton
+kernel runs in the interpreter (test_triton_interpret.py) and on the GPU (below, marked gpu), and a
+compiled W4A4 layer is checked against eager on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compile_helpers import op_counts
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fp4_compile import NVFP4Linear
+from fp4_compile import format as F
+from fp4_compile.passes import FP4PostGradPass, fuse_rms_norm_quant
+from fp4_compile.passes.fuse_rms_norm_quant import RMS_NORM_QUANTIZE
+
+K = 64
+
+
+def _norm(x, residual, weight, eps):
+    s = x + residual if residual is not None else x
+    xf = s.float()
+    return s, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_op_reference(dtype, residual):
+    x = torch.randn(2, 3, K, dtype=dtype) * 3
+    r = torch.randn(2, 3, K, dtype=dtype) if residual else None
+    w = (1 + torch.randn(K) / 4).to(dtype)
+    gs = F.global_scale_from_amax(torch.tensor(20.0)).reshape(1)
+    values, total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
+    s, h = _norm(x, r, w, 1e-5)
+    assert values.shape == x.shape and values.dtype == dtype
+    assert torch.equal(total, s) if residual else total.numel() == 0
+    expected = F.block_values(*F.quantize_nvfp4(h.reshape(-1, K), gs)).reshape(x.shape)
+    assert torch.equal(values.float(), expected)
+    # the values times the weight's are the W4A4 product (alpha = 1 / (gs * gw))
+    layer = NVFP4Linear.from_linear(nn.Linear(K, 32, bias=False).to(dtype), backend="emulation", input_global_scale=gs)
+    w4a4 = layer(h).double()
+    by_values = values.double() @ layer.dequantized_weight(torch.float64).t() * layer.weight_global_scale.double() \
+        * layer.alpha.double()
+    assert torch.allclose(w4a4, by_values.to(dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                          atol=1e-5)
+
+
+def test_op_fake_kernel_opcheck_and_errors():
+    x, w, gs = torch.randn(3, K), torch.randn(K), torch.tensor([2.0])
+    with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
+        values, total = torch.ops.fp4.rms_norm_quantize(x, x, w, 1e-6, gs)
+        assert values.shape == (3, K) and total.shape == (3, K)
+    torch.library.opcheck(torch.ops.fp4.rms_norm_quantize.default, (x, x.clone(), w, 1e-6, gs),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises(ValueError, match="weight must be"):
+        torch.ops.fp4.rms_norm_quantize(x, None, w[:-1], 1e-6, gs)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        torch.ops.fp4.rms_norm_quantize(torch.randn(3, 40), None, torch.randn(40), 1e-6, gs)
+
+
+# ---------------------------------------------------------------------------------------
+# the pass on FX graphs (traced with Inductor's decompositions, as its post-grad graphs hold the norm)
+
+def _layers(dtype, n=(96, 32), shared_scale=True):
+    from fp4_compile.layer import share_equal_activation_scales
+
+    layers = [NVFP4Linear.from_linear(nn.Linear(K, n_i, bias=False).to(dtype), backend="emulation",
+                                      input_global_scale=0.75 if shared_scale else 0.5 + i)
+              for i, n_i in enumerate(n)]
+    share_equal_activation_scales(nn.ModuleList(layers))  # as quantize_model does
+    return layers
+
+
+def _fx(dtype=torch.bfloat16, residual=True, backend="triton-w4a4", h_used=False, shared_scale=True,
+        dynamic_scale=False):
+    from torch._inductor.decomposition import select_decomp_table
+
+    layers = _layers(dtype, shared_scale=shared_scale)
+
+    def fn(x, r, w, *flat):
+        s, h = _norm(x, r if residual else None, w, 1e-5)
+        h2 = h.reshape(-1, K)
+        outs = [s * 2]
+        for i, la in enumerate(layers):
+            wt, ws, gs, alpha = flat[4 * i:4 * i + 4]
+            if dynamic_scale:
+                gs = 448 * 6 / h2.float().abs().amax().reshape(1)
+            outs.append(torch.ops.fp4.linear(h2, wt, ws, gs, alpha, None, la.out_features, backend))
+        if h_used:
+            outs.append(h + 1)
+        return outs
+
+    flat = [t for la in layers for t in (la.weight, la.weight_scale, la.input_global_scale, la.alpha)]
+    args = (torch.randn(2, 3, K, dtype=dtype), torch.randn(2, 3, K, dtype=dtype), torch.randn(K, dtype=dtype), *flat)
+    return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_and_quantization_become_one_node(dtype, residual):
+    gm = _fx(dtype, residual)
+    fp4_pass = FP4PostGradPass()
+    fp4_pass(gm.graph)
+    counts = op_counts(gm.graph)
+    assert fp4_pass.last.norms == 1 and counts[RMS_NORM_QUANTIZE] == 1 and fp4_pass.last.groups == 1
+    for op in (torch.ops.aten.rsqrt.default, torch.ops.aten.mean.dim, torch.ops.aten.pow.Tensor_Scalar):
+        assert not counts[op]
+    (norm,) = gm.graph.find_nodes(op="call_function", target=RMS_NORM_QUANTIZE)
+    assert (norm.args[1] is not None) == residual and norm.args[3] == 1e-5
+    (group,) = gm.graph.find_nodes(op="call_function", target=torch.ops.fp4.linear_group.default)
+    assert group.args[7] == "marlin"  # the W4A16 kernels on the W4A4 block values
+    assert not counts[torch.ops.aten.add.Tensor]  # the residual add (and the eps add) went into the op
+
+
+@pytest.mark.parametrize("case", ["emulation", "h_used", "scales_differ", "dynamic_scale"])
+def test_left_alone(case):
+    gm = _fx(backend="emulation" if case == "emulation" else "triton-w4a4", h_used=case == "h_used",
+             shared_scale=case != "scales_differ", dynamic_scale=case == "dynamic_scale")
+    assert fuse_rms_norm_quant.fuse_rms_norm_quant(gm.graph) == 0
+    assert not op_counts(gm.graph)[RMS_NORM_QUANTIZE]
+
+
+# ---------------------------------------------------------------------------------------
+# on the GPU
+
+def _gpu():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernel_against_reference(dtype, m, k, residual):
+    """The Triton kernel against the op's CPU reference: the residual sum equal, the values equal but where a
+    normalized element's rounding differs by the order of the float32 sum (rare)."""
+    _gpu()
+    x = torch.randn(m, k, dtype=dtype) * 4
+    r = torch.randn(m, k, dtype=dtype) if residual else None
+    w = (1 + torch.randn(k) / 4).to(dtype)
+    gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
+    ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
+    cuda = [t.cuda() if t is not None else None for t in (x, r, w, gs)]
+    values, total = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+    assert torch.equal(total.cpu(), ref_total)
+    assert torch.isfinite(values).all() and (values.cpu() != ref_values).float().mean() <= 2e-3
+
+
+class W4A4Layer(nn.Module):
+    """RMSNorm -> q/k/v, residual, RMSNorm -> gate/up -> SiLU*mul -> down: the norms feed W4A4 linears."""
+
+    def __init__(self, d=256, ff=512, dtype=torch.bfloat16):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(1 + torch.randn(d) / 8), nn.Parameter(1 + torch.randn(d) / 8)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
+                                                                                                          bias=False)
+        self.to(dtype)
+
+    @staticmethod
+    def norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    def forward(self, x):
+        h = self.norm(x, self.w1)
+        x = x + self.o(self.q(h) * torch.sigmoid(self.k(h)) + self.v(h))
+        h = self.norm(x, self.w2)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+@pytest.mark.gpu
+def test_compiled_w4a4_layer_on_the_gpu():
+    """Both norms fuse with their linears' quantization; compiled within bf16 rounding of eager at decode
+    and prefill sizes (a symbolic M)."""
+    _gpu()
+    from fp4_compile import quantize_model
+    from fp4_compile.passes.manager import record_results
+
+    torch.manual_seed(8)
+    model = W4A4Layer().cuda().eval()
+    xs = [torch.randn(b, t, 256, device="cuda", dtype=torch.bfloat16) for b, t in ((1, 1), (2, 8), (2, 100))]
+    quantize_model(model, backend="triton-w4a4", calibration_data=[xs[1]], progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fp4", options={"fx_graph_cache": False}, dynamic=True)
+    with torch.no_grad(), record_results() as results:
+        for x in xs:
+            out, expected = compiled(x), model(x)
+            rel = float((out.double() - expected.double()).norm() / expected.double().norm())
+            assert rel <= 2e-2, rel
+    assert results and all(r.norms == 2 and r.gated == 1 for r in results)
