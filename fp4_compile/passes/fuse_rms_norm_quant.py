@@ -48,12 +48,6 @@ def _two(node, target):
     return tuple(node.args[:2]) if _call(node, target) and len(node.args) == 2 and not node.kwargs else None
 
 
-def _other(pair, node):
-    """The operand of ``pair`` that is not ``node`` (None unless exactly one is)."""
-    a, b = pair
-    return b if a is node else a if b is node else None
-
-
 def _rms_norm(h: torch.fx.Node):
     """(s, weight, eps, nodes) where ``h = (c * rsqrt(mean(c ** 2, [-1], True) + eps)).to(dtype) * weight`` with
     ``c = s`` cast to float32 (or s itself, float32); ``nodes``: those from c to h."""
