@@ -142,11 +142,9 @@ def count_fp4_nodes(codes: list[str]) -> dict[str, int]:
     ``fp4.linear_group`` and ``fp4.linear_silu_mul`` included), ``linear_calls``: the ``fp4.linear`` calls."""
     from .inspection import count_linear_calls
 
-    counts = {}
-    for op in ("mm", "quantize", "pad_k", "linear_group", "linear_silu_mul", "linear"):
-        pattern = re.compile(rf"= torch\.ops\.fp4\.{op}\.default\(")
-        counts[op] = sum(len(pattern.findall(code)) for code in codes)
-    counts["linear_calls"] = counts["linear"]
+    counts = {op if op != "linear" else "linear_calls": sum(
+        len(re.findall(rf"= torch\.ops\.fp4\.{op}\.default\(", code)) for code in codes)
+        for op in ("mm", "quantize", "pad_k", "linear_group", "linear_silu_mul", "linear")}
     counts["linear"] = sum(count_linear_calls(code, prefix="= ") for code in codes)
     return counts
 

@@ -121,28 +121,28 @@ class _HopperKernels:
         tail (NOTES.md v20, v21)."""
         if not 2 <= len(members) <= MAX_GROUP:
             return None
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        for weight, weight_scale, _, _, _, n in members:
-            self._check_linear_args(x, weight, weight_scale, n)
-        if len({weight.shape[1] for weight, *_ in members}) != 1:
-            return None
-        outs = self._group_gemm(x2, members)
-        return None if outs is None else [out.reshape(*lead, out.shape[1]) for out in outs]
+        return self._grouped(x, members, gated=False)
 
     def linear_silu_mul(self, x: torch.Tensor, members: list[tuple]) -> torch.Tensor | None:
         """``fp4::linear_silu_mul``: silu(gate) * up (``members``: gate's and up's arguments, as
         ``linear_group``'s) in one launch of the small-M kernel where the backend would launch the two as one
         group (``_group_gemm`` with ``gated``): each CTA computes 8 gate rows and their 8 up rows and writes
         the product, so neither projection leaves the CTA and the SiLU*mul takes no launch. None otherwise."""
-        (gate, *_, n), (up, *_, n_up) = members
-        lead, k = x.shape[:-1], x.shape[-1]
-        for weight, weight_scale, *_, out_features in members:
-            self._check_linear_args(x, weight, weight_scale, out_features)
-        if n != n_up or gate.shape[1] != up.shape[1]:
+        if members[0][5] != members[1][5]:
             return None
-        outs = self._group_gemm(x.reshape(-1, k), members, gated=True)
-        return None if outs is None else outs[0].reshape(*lead, n)
+        outs = self._grouped(x, members, gated=True)
+        return None if outs is None else outs[0]
+
+    def _grouped(self, x: torch.Tensor, members: list[tuple], gated: bool) -> list[torch.Tensor] | None:
+        """The checks, the flattening of ``x`` and the launch (``_group_gemm``) of ``linear_group`` and
+        ``linear_silu_mul``; None where the members' padded K differ or the backend does not group them."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        for weight, weight_scale, *_, n in members:
+            self._check_linear_args(x, weight, weight_scale, n)
+        if len({weight.shape[1] for weight, *_ in members}) != 1:
+            return None
+        outs = self._group_gemm(x.reshape(-1, k), members, gated=gated)
+        return None if outs is None else [out.reshape(*lead, out.shape[1]) for out in outs]
 
     @staticmethod
     def _gemm_members(members: list[tuple]) -> list[tuple]:

@@ -205,8 +205,10 @@ def _checked_members(x, *lists_and_backend) -> list[tuple]:
     return members
 
 
-_LINEAR_GROUP_ARGS = ("(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
-                      "Tensor[] alphas, Tensor?[] biases, SymInt[] out_features, str backend) -> Tensor[]")
+# The arguments of the ops over several linears of one activation (their out_features and returns differ).
+_LINEARS_ARGS = ("(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
+                 "Tensor[] alphas, Tensor?[] biases, ")
+_LINEAR_GROUP_ARGS = _LINEARS_ARGS + "SymInt[] out_features, str backend) -> Tensor[]"
 
 
 @_define("linear_group" + _LINEAR_GROUP_ARGS, _linear_group_fake)
@@ -245,8 +247,7 @@ def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas
     return x.new_empty((x.shape[0], out_features))
 
 
-@_define("linear_silu_mul(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
-         "Tensor[] alphas, Tensor?[] biases, SymInt out_features, str backend) -> Tensor", _linear_silu_mul_fake)
+@_define("linear_silu_mul" + _LINEARS_ARGS + "SymInt out_features, str backend) -> Tensor", _linear_silu_mul_fake)
 def linear_silu_mul(
     x: Tensor,
     weights: list[Tensor],

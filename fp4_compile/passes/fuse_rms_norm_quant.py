@@ -118,8 +118,9 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
     """Rewrite every match in ``graph``; returns how many ``fp4.rms_norm_quantize`` nodes it made."""
     made = 0
     order = {node: i for i, node in enumerate(graph.nodes)}
+    # (a match erases only nodes before its h, which this loop has visited already)
     for h in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
-        if h not in order or (norm := _rms_norm(h)) is None or (found := _consumers(h)) is None:
+        if (norm := _rms_norm(h)) is None or (found := _consumers(h)) is None:
             continue
         s, weight, eps, nodes = norm
         consumers, gs = found
@@ -136,19 +137,16 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(anchor):
             fused = graph.call_function(RMS_NORM_QUANTIZE, (x, r, weight, eps, gs))
             values = graph.call_function(operator.getitem, (fused, 0))
-            total = graph.call_function(operator.getitem, (fused, 1))
-        h_val = h.meta["val"]
-        values.meta["val"] = h_val
-        total.meta["val"] = s.meta["val"] if residual else h_val.new_empty((0,))
-        fused.meta["val"] = (values.meta["val"], total.meta["val"])
+            total = graph.call_function(operator.getitem, (fused, 1)) if residual else None
+        values.meta["val"] = h.meta["val"]
+        fused.meta["val"] = (values.meta["val"], s.meta["val"] if residual else h.meta["val"].new_empty((0,)))
         h.replace_all_uses_with(values)
         for node in nodes:  # users before their inputs
             graph.erase_node(node)
         if residual:
+            total.meta["val"] = s.meta["val"]
             s.replace_all_uses_with(total)
             graph.erase_node(s)
-        else:
-            graph.erase_node(total)
         for consumer in consumers:
             consumer.update_arg(7, VALUES_BACKEND)
         made += 1
