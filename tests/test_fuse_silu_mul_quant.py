@@ -81,7 +81,7 @@ def test_op_fake_kernel_opcheck_and_errors():
 # ---------------------------------------------------------------------------------------
 # the pass on FX graphs
 
-def _fx(dtype=torch.bfloat16, down_backend="triton-w4a4", y_used=False, dynamic_scale=False):
+def _fx(dtype=torch.bfloat16, down_backend="triton-w4a4", y_used=False, dynamic_scale=False, batch=(2, 3)):
     gate, up, down = _layers(dtype)
     n = N
 
@@ -100,7 +100,7 @@ def _fx(dtype=torch.bfloat16, down_backend="triton-w4a4", y_used=False, dynamic_
     flat = [gate.weight, gate.weight_scale, gate.input_global_scale, gate.alpha,
             up.weight, up.weight_scale, up.input_global_scale, up.alpha, up.bias,
             down.weight, down.weight_scale, down.input_global_scale, down.alpha]
-    return make_fx(fn, tracing_mode="fake")(torch.randn(2, 3, K, dtype=dtype), *flat)
+    return make_fx(fn, tracing_mode="fake")(torch.randn(*batch, K, dtype=dtype), *flat)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,10 +116,10 @@ def test_down_projection_reads_block_values(dtype):
     assert op_counts(gm.graph)[LINEAR_SILU_MUL] == 1
 
 
-@pytest.mark.parametrize("case", ["other_backend", "y_used", "dynamic_scale"])
+@pytest.mark.parametrize("case", ["other_backend", "y_used", "dynamic_scale", "one_token"])
 def test_left_alone(case):
     gm = _fx(down_backend="emulation" if case == "other_backend" else "triton-w4a4", y_used=case == "y_used",
-             dynamic_scale=case == "dynamic_scale")
+             dynamic_scale=case == "dynamic_scale", batch=(1, 1) if case == "one_token" else (2, 3))
     assert fuse_silu_mul_quant.fuse_silu_mul_quant(gm.graph) == 0
     (fused,) = gm.graph.find_nodes(op="call_function", target=LINEAR_SILU_MUL)
     assert len(fused.args) == 8

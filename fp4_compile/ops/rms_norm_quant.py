@@ -17,15 +17,19 @@ import triton
 import triton.language as tl
 
 from ..format import BLOCK_SIZE
-from .triton_quant import _fake_quant, check_device, gdc_wait, next_power_of_2, pdl_launch_args
+from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc_wait, next_power_of_2,
+                           pdl_launch_args)
 
 
 @triton.jit
 def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, gs_ptr, sum_ptr, val_ptr, K, eps,
                            stride_x, stride_res, stride_sum, stride_val,
                            HAS_RESIDUAL: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before (no early trigger: any kernel may follow)
+    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before, then let the next kernel launch: after
+        # the wait, as Inductor's own PDL kernels trigger (safe before any kernel: a PDL kernel after us waits
+        # where it touches our buffers, and everything before us has completed)
         gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     e = tl.arange(0, 16)

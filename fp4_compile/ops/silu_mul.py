@@ -11,14 +11,17 @@ import triton
 import triton.language as tl
 
 from .. import format as fmt
-from .triton_quant import _fake_quant, cdiv, interpreting
+from .triton_quant import _fake_quant, cdiv, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch_args
 
 BLOCK = 1024  # elements of a row per program: 64 NVFP4 blocks
 
 
 @triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, gs_ptr, n, stride_gate, stride_up, stride_out,
-                     BLOCK: tl.constexpr, QUANTIZE: tl.constexpr):
+                     BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # (as rms_norm_quant.py's kernel: wait for the kernel before, then let the next one launch)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     # [BLOCK / 16, 16]: one NVFP4 block per row of the tile
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
@@ -55,5 +58,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, global_scale: torch.Tensor | 
     if m and n:
         gs = global_scale.reshape(1).float() if global_scale is not None else out
         _silu_mul_kernel[(m, cdiv(n, BLOCK))](gate, up, out, gs, n, gate.stride(0), up.stride(0), out.stride(0),
-                                              BLOCK=BLOCK, QUANTIZE=global_scale is not None)
+                                              BLOCK=BLOCK, QUANTIZE=global_scale is not None,
+                                              **pdl_launch_args(gate.device))
     return out

@@ -12,7 +12,9 @@ by the launch that computes it (on Hopper at decode sizes the gated small-M kern
 block per 16 outputs; elsewhere the SiLU*mul kernel after the two GEMMs), and the down projection reads
 them with backend ``marlin``: a W4A16 GEMM on exact block values with W4A4's alpha is the W4A4 product, as
 in ``fuse_rms_norm_quant``, whose conditions this pass shares: every user of ``y`` (directly or through
-views) is a ``triton-w4a4`` linear op, all with one activation scale that is a graph input.
+views) is a ``triton-w4a4`` linear op, all with one activation scale that is a graph input. Graphs whose M
+is a constant below ``GATED_QUANT_MIN_M`` (one-token decode) are left alone: there the down projection's
+own quantization kernel hides its GEMM's launch, which measured faster (ops/cuda_small_m.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
 from .fuse_rms_norm_quant import VALUES_BACKEND, _consumers
+from ..ops.cuda_small_m import GATED_QUANT_MIN_M
 from .fuse_silu_mul import LINEAR_SILU_MUL, _position
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,9 @@ def fuse_silu_mul_quant(graph: torch.fx.Graph) -> int:
     for node in graph.find_nodes(op="call_function", target=LINEAR_SILU_MUL):
         if len(node.args) > 8 or node.kwargs:
             continue  # already quantizing (N is the W4A4 consumer's K: a multiple of 16, as quantizing needs)
+        m = node.meta["val"].shape[0] if "val" in node.meta else None
+        if isinstance(m, int) and m < GATED_QUANT_MIN_M:
+            continue
         if (found := _consumers(node)) is None:
             continue
         consumers, gs = found

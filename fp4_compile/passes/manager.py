@@ -43,7 +43,7 @@ SOURCE_FILES = (
     _PACKAGE / "passes" / "group_linear.py",
     _PACKAGE / "passes" / "manager.py",
     _PACKAGE / "ops" / "library.py",
-    _PACKAGE / "ops" / "cuda_small_m.py",  # the grouping's M and size limits (group_linear.py)
+    _PACKAGE / "ops" / "cuda_small_m.py",  # M and size limits of the grouping and of fuse_silu_mul_quant
     _PACKAGE / "backends.py",
 )
 
