@@ -6,10 +6,7 @@ L2), the graphs replayed in turns; us per group, W4A4 (quantization included) an
 grouped small-M launch of W4A16 also where the backend leaves the members apart. W4A4's members
 share one activation global scale, as ``quantize_model`` gives the linears of one input. For gate/up also
 ``fp4::linear_silu_mul``: the gated launch (SiLU*mul in its epilogue) against the group and one silu_mul
-kernel after it (what the graph ran before ``passes/fuse_silu_mul.py``); and the MLP with its W4A4 down
-projection (14336 -> 4096): ``linear_silu_mul`` then a W4A4 ``linear`` (which quantizes the product in a
-kernel of its own) against ``linear_silu_mul`` writing the product's NVFP4 block values and the down
-projection on the W4A16 kernel (``passes/fuse_silu_mul_quant.py``).
+kernel after it (what the graph ran before ``passes/fuse_silu_mul.py``).
 
 python benchmarks/bench_group.py [--ms 1,8,12,16]
 """
@@ -33,12 +30,6 @@ from fp4_compile.ops.silu_mul import silu_mul  # noqa: E402
 
 K = 4096
 GROUPS = {"qkv": (4096, 1024, 1024), "gate_up": (14336, 14336)}
-FF = 14336  # the down projection's K
-
-
-def _op_args(members):
-    """``fp4::linear_silu_mul``'s list arguments from ``linear_group``'s members."""
-    return [list(column) for column in zip(*members)][:5]
 
 
 def main():
@@ -51,7 +42,6 @@ def main():
     for name, ns in GROUPS.items():
         copies = copies_for(sum(fp4_weight_bytes(n, K) for n in ns))
         sets = list(zip(*(make_fp4_weights(n, K, copies, TRITON_W4A4) for n in ns)))  # copies x members
-        down_sets = make_fp4_weights(K, FF, copies, TRITON_W4A4) if name == "gate_up" else None
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -70,15 +60,6 @@ def main():
                     ways["group_silu"] = [lambda ms=ms: silu_mul(*group(ms)) for ms in member_sets]
                     ways["gated"] = [lambda ms=ms, backend=backend: backend.linear_silu_mul(x, ms)
                                      if r[f"{label}_gated"] else silu_mul(*group(ms)) for ms in member_sets]
-                    # the MLP with its W4A4 down projection: quantized by the down linear / by the gate/up launch
-                    gd = F.global_scale_from_amax(silu_mul(*group(member_sets[0])).float().abs().amax()).reshape(1)
-                    downs = [(wt, wst, gd, (1 / (gd * gw)).float(), None, K) for wt, wst, gw in down_sets]
-                    ways["mlp"] = [lambda ms=ms, d=d, backend=backend: TRITON_W4A4.linear(
-                        torch.ops.fp4.linear_silu_mul(x, *_op_args(ms), FF, backend.name), *d)
-                        for ms, d in zip(member_sets, downs)]
-                    ways["mlp_quant"] = [lambda ms=ms, d=d, backend=backend: MARLIN.linear(
-                        torch.ops.fp4.linear_silu_mul(x, *_op_args(ms), FF, backend.name, gd), *d)
-                        for ms, d in zip(member_sets, downs)]
                 times = time_graphs_us(ways)
                 r[f"{label}_group_us"] = round(times["group"], 2)
                 r[f"{label}_members_us"] = round(times["members"], 2)
@@ -86,8 +67,6 @@ def main():
                 if "gated" in times:
                     r[f"{label}_group_silu_us"] = round(times["group_silu"], 2)
                     r[f"{label}_gated_us"] = round(times["gated"], 2)
-                    r[f"{label}_mlp_us"] = round(times["mlp"], 2)
-                    r[f"{label}_mlp_quant_us"] = round(times["mlp_quant"], 2)
             # the grouped launch of W4A16 where the backend does not group (M = 9..16 above N = 1024)
             if m <= cuda_small_m.MAX_M:
                 gemm_sets = [[(wt, wst, (1 / gw).float(), n, None) for (wt, wst, gw), n in zip(ws, ns)] for ws in sets]
@@ -105,10 +84,6 @@ def main():
                 ["group", "m", "w4a4_gated", "w4a4_group_silu_us", "w4a4_gated_us", "w4a16_gated", "w4a16_group_silu_us",
                  "w4a16_gated_us"],
                 "linear_silu_mul: the gate/up group + a silu_mul kernel against the gated launch (us)")
-    print_table([r for r in rows if "w4a4_mlp_us" in r],
-                ["group", "m", "w4a4_mlp_us", "w4a4_mlp_quant_us", "w4a16_mlp_us", "w4a16_mlp_quant_us"],
-                "gate/up + SiLU*mul + W4A4 down: the down linear quantizes (mlp) / the gate/up launch does "
-                "(mlp_quant), gate/up on W4A4 or on W4A16 kernels (the latter as after the RMSNorm pass) (us)")
 
 
 if __name__ == "__main__":

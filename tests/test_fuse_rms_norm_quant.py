@@ -179,8 +179,8 @@ class W4A4Layer(nn.Module):
 
 @pytest.mark.gpu
 def test_compiled_w4a4_layer_on_the_gpu():
-    """Both norms fuse with their linears' quantization, and the gate/up launch quantizes for the down
-    projection; compiled within bf16 rounding of eager at decode and prefill sizes (a symbolic M)."""
+    """Both norms fuse with their linears' quantization; compiled within bf16 rounding of eager at decode
+    and prefill sizes (a symbolic M)."""
     _gpu()
     from fp4_compile import quantize_model
     from fp4_compile.passes.manager import record_results
@@ -196,4 +196,4 @@ def test_compiled_w4a4_layer_on_the_gpu():
             out, expected = compiled(x), model(x)
             rel = float((out.double() - expected.double()).norm() / expected.double().norm())
             assert rel <= 2e-2, rel
-    assert results and all(r.norms == 2 and r.gated == 1 and r.gated_quant == 1 for r in results)
+    assert results and all(r.norms == 2 and r.gated == 1 for r in results)

@@ -72,11 +72,6 @@ def test_silu_mul_kernel_matches_reference(results):
         assert r["shape_ok"] and r["rel"] <= (1e-6 if r["dtype"] == "torch.float32" else 1e-3), r
 
 
-def test_silu_mul_kernel_block_values_match_reference(results):
-    for r in results["silu_mul_quant"]:
-        assert r["shape_ok"] and r["mismatch"] <= 0.01, r
-
-
 def test_rms_norm_quantize_kernel_matches_reference(results):
     for r in results["rms_norm_quant"]:  # values may differ where a float32 sum order flips a rounding
         assert r["total_equal"] and r["values_mismatch"] <= 0.01, r

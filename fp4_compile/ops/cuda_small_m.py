@@ -51,13 +51,6 @@ VALUES_GROUP_MAX_ROWS = 8192
 # 32.4, two runs), at M = 12..16 as long (44.0-45.2 against 44.3-45.6); on bf16 activations or block values
 # it was faster at M = 1, 4 and 8 (W4A16 M=8: 35.2-35.5 against 37.7-38.4).
 GATED_CODES_MIN_M = 9
-# The gated launch writing the product's NVFP4 block values (16 gate + 16 up rows a CTA) for the W4A4 down
-# projection (passes/fuse_silu_mul_quant.py), from this M: gate/up 2 x 14336 x 4096 + down 4096 x 14336,
-# H100, us (NOTES.md v23): at M = 1 the gated launch, a quantization kernel and the down GEMM took 45.1-46.4
-# against 46.0-47.5 with the block values from the gated launch (the quantization kernel lets the down GEMM
-# launch while it runs; after the gated launch that launch is exposed, and letting it start early from the
-# gated kernel measured slower still); at M = 4 1.0-1.4 us and at M = 8 4.5 us faster.
-GATED_QUANT_MIN_M = 2
 # Warps per CTA (they split K): the fastest count measured was the largest that keeps the grid one wave
 # of resident warps, 16 per SM at the kernel's ~110 registers (H100, M = 1, 4, 8, NOTES.md v18e:
 # 28672x4096 1 warp, 28.7 us against 29.1 with 4 and 32.5 with 8; 14336x4096 2 warps, 15.2 against
@@ -95,7 +88,7 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     if hasattr(lib, "fp4c_nvfp4_small_m_gemm_group"):  # (older sources that compare_builds times lack it)
         group = lib.fp4c_nvfp4_small_m_gemm_group
         group.restype = ctypes.c_int
-        group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, p, i32, i32, p]
+        group.argtypes = [i32, p, i32, i32, i32, i32, i32, i32, i32, i32, p]
     return lib
 
 
@@ -233,8 +226,7 @@ MAX_GROUP = 4
 
 def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
                        x_scales: list[torch.Tensor] | None = None, k: int | None = None,
-                       gated: bool = False, out_global_scale: torch.Tensor | None = None,
-                       warps: int | None = None) -> list[torch.Tensor]:
+                       gated: bool = False) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
     ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
     same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
@@ -245,11 +237,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
     ``gated``: two members (gate, up) of one activation tensor and one N; returns ``[silu(gate) * up]``,
     each GEMM's result rounded to ``out_dtype`` first and silu(gate) too (as ``F.silu(gate) * up`` computes
-    it on the two linears' outputs), computed in the same launch (8 outputs per CTA). With
-    ``out_global_scale`` (float32 [1] on the device; N a multiple of 16, a 16-bit ``out_dtype``): the exact
-    NVFP4 block values ``e2m1 * sf`` of that product quantized with it (``format.quantize_nvfp4``, bit for
-    bit), what the next W4A4 linear multiplies: 16 outputs (one block per activation row) per CTA.
-    ``warps`` overrides the launch configuration's (benchmark variants)."""
+    it on the two linears' outputs), computed in the same launch (8 outputs per CTA)."""
     if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
             x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
@@ -257,10 +245,6 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     if gated and (len(members) != 2 or xs[0] is not xs[1] or members[0][3] != members[1][3]
                   or (x_scales is not None and x_scales[0] is not x_scales[1])):
         raise ValueError("a gated launch takes two GEMMs (gate, up) of one activation tensor and one N")
-    if out_global_scale is not None and (not gated or members[0][3] % 16 or out_dtype == torch.float32
-                                         or out_global_scale.dtype != torch.float32 or out_global_scale.numel() != 1):
-        raise ValueError("block values out of a group need a gated launch with N a multiple of 16, a 16-bit "
-                         "output and a float32 global scale of one element")
     codes = x_scales is not None
     table, outs, keep = [], [], []  # keep: the (possibly converted) operands the table points at
     shape = None
@@ -289,19 +273,15 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     m, k, kp = shape
     fp16 = (out_dtype if codes else xs[0].dtype) == torch.float16
     device = xs[0].device
-    # (the quantized gated launch's CTAs hold 32 rows, 16 of each member: as many CTAs as 16-row tiles of one)
-    rows = members[0][3] if out_global_scale is not None else sum(cdiv(n, 16) * 16 for *_, n, _ in members)
-    warps = warps or launch_config(m, rows, k, num_sms(nvcc.device_index(device)), codes=codes)[2]
-    if out_global_scale is not None:
-        check_same_device(x=xs[0], out_global_scale=out_global_scale)
+    _, _, warps = launch_config(m, sum(cdiv(n, 16) * 16 for *_, n, _ in members), k,
+                                num_sms(nvcc.device_index(device)), codes=codes)
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
-        len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated),
-        out_global_scale.data_ptr() if out_global_scale is not None else None, warps, int(use_pdl(device)), stream))
+        len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,
+        int(use_pdl(device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
-                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated}, "
-                           f"quantized={out_global_scale is not None})")
+                           f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated})")
     return outs
 
 

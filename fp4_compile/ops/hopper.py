@@ -123,22 +123,17 @@ class _HopperKernels:
             return None
         return self._grouped(x, members, gated=False)
 
-    def linear_silu_mul(self, x: torch.Tensor, members: list[tuple],
-                        out_global_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    def linear_silu_mul(self, x: torch.Tensor, members: list[tuple]) -> torch.Tensor | None:
         """``fp4::linear_silu_mul``: silu(gate) * up (``members``: gate's and up's arguments, as
         ``linear_group``'s) in one launch of the small-M kernel where the backend would launch the two as one
         group (``_group_gemm`` with ``gated``): each CTA computes 8 gate rows and their 8 up rows and writes
-        the product, so neither projection leaves the CTA and the SiLU*mul takes no launch. With
-        ``out_global_scale`` (16-bit activations): 16 rows of each and the product's NVFP4 block values, so
-        the down projection's quantization takes no launch either. None otherwise."""
-        if members[0][5] != members[1][5] or (out_global_scale is not None and x.dtype == torch.float32):
+        the product, so neither projection leaves the CTA and the SiLU*mul takes no launch. None otherwise."""
+        if members[0][5] != members[1][5]:
             return None
-        gs = _activation_scale(out_global_scale) if out_global_scale is not None else None
-        outs = self._grouped(x, members, gated=True, out_global_scale=gs)
+        outs = self._grouped(x, members, gated=True)
         return None if outs is None else outs[0]
 
-    def _grouped(self, x: torch.Tensor, members: list[tuple], gated: bool,
-                 out_global_scale: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    def _grouped(self, x: torch.Tensor, members: list[tuple], gated: bool) -> list[torch.Tensor] | None:
         """The checks, the flattening of ``x`` and the launch (``_group_gemm``) of ``linear_group`` and
         ``linear_silu_mul``; None where the members' padded K differ or the backend does not group them."""
         lead, k = x.shape[:-1], x.shape[-1]
@@ -146,7 +141,7 @@ class _HopperKernels:
             self._check_linear_args(x, weight, weight_scale, n)
         if len({weight.shape[1] for weight, *_ in members}) != 1:
             return None
-        outs = self._group_gemm(x.reshape(-1, k), members, gated=gated, out_global_scale=out_global_scale)
+        outs = self._group_gemm(x.reshape(-1, k), members, gated=gated)
         return None if outs is None else [out.reshape(*lead, out.shape[1]) for out in outs]
 
     @staticmethod
@@ -239,8 +234,7 @@ class TritonW4A4Kernels(_HopperKernels):
                            bias=bias, compute_dtype=cdt, mode="w4a4+pq")
         return out.reshape(*lead, out_features)
 
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False,
-                    out_global_scale: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False) -> list[torch.Tensor] | None:
         """One launch on activation codes from CODES_MIN_M rows (``use_codes_group``), else on block values
         (``use_values_group``), else None; the activations quantized once per global-scale tensor (``gated``:
         ``small_m_gemm_group``'s, where gate and up share that tensor, on codes from GATED_CODES_MIN_M rows)."""
@@ -261,7 +255,7 @@ class TritonW4A4Kernels(_HopperKernels):
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
         return small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
                                   x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None,
-                                  gated=gated, out_global_scale=out_global_scale)
+                                  gated=gated)
 
 
 class MarlinKernels(_HopperKernels):
@@ -274,14 +268,13 @@ class MarlinKernels(_HopperKernels):
         cdt = _compute_dtype(x2.dtype)
         return x2 if x2.dtype == cdt else x2.to(cdt)
 
-    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False,
-                    out_global_scale: torch.Tensor | None = None) -> list[torch.Tensor] | None:
-        """One launch on the activations where ``use_values_group`` takes the group, else None (``gated``,
-        ``out_global_scale``: ``small_m_gemm_group``'s)."""
+    def _group_gemm(self, x2: torch.Tensor, members: list[tuple], gated: bool = False) -> list[torch.Tensor] | None:
+        """One launch on the activations where ``use_values_group`` takes the group, else None (``gated``:
+        ``small_m_gemm_group``'s)."""
         if not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
             return None
         return small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
-                                  out_dtype=x2.dtype, gated=gated, out_global_scale=out_global_scale)
+                                  out_dtype=x2.dtype, gated=gated)
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(

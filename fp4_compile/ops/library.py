@@ -243,13 +243,11 @@ def linear_group(
 _define("_linear_group_python" + _LINEAR_GROUP_ARGS, _linear_group_fake)(linear_group)
 
 
-def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend,
-                          out_global_scale=None):
+def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend):
     return x.new_empty((x.shape[0], out_features))
 
 
-@_define("linear_silu_mul" + _LINEARS_ARGS + "SymInt out_features, str backend, Tensor? out_global_scale=None) "
-         "-> Tensor", _linear_silu_mul_fake)
+@_define("linear_silu_mul" + _LINEARS_ARGS + "SymInt out_features, str backend) -> Tensor", _linear_silu_mul_fake)
 def linear_silu_mul(
     x: Tensor,
     weights: list[Tensor],
@@ -259,34 +257,23 @@ def linear_silu_mul(
     biases: list[Tensor | None],
     out_features: int,
     backend: str,
-    out_global_scale: Tensor | None = None,
 ) -> Tensor:
     """``F.silu(linear(x, gate)) * linear(x, up)`` (``weights`` etc. = [gate's, up's], both of ``out_features``
     outputs): a gated MLP's first half. A backend may compute it in one launch (``linear_silu_mul`` of its
     kernels, returning None where it can't); otherwise the two linears run as ``fp4::linear_group`` and
-    ``silu_mul`` after them. The ``fp4`` compile pass makes it from the graph (passes/fuse_silu_mul.py).
-
-    With ``out_global_scale``: the exact NVFP4 block values ``e2m1 * sf`` (without ``1/gs``) of that product
-    quantized with it, as ``rms_norm_quantize`` returns them: the down projection's W4A4 input, for a W4A16
-    GEMM with W4A4's alpha (passes/fuse_silu_mul_quant.py). ``out_features`` must then be a multiple of 16."""
+    ``silu_mul`` after them. The ``fp4`` compile pass makes it from the graph (passes/fuse_silu_mul.py)."""
     if len(weights) != 2:
         raise ValueError("linear_silu_mul takes two linears (gate, up)")
     members = _checked_members(x, weights, weight_scales, input_global_scales, alphas, biases, [out_features] * 2,
                                backend)
-    if out_global_scale is not None:
-        fmt.check_global_scale(out_global_scale, "out_global_scale", check_value=False)
-        fmt.check_same_device(x=x, out_global_scale=out_global_scale)
-        if out_features % fmt.BLOCK_SIZE:
-            raise ValueError(f"out_features={out_features} must be a multiple of {fmt.BLOCK_SIZE} to quantize the "
-                             "output")
     fused = getattr(kernels_for(backend), "linear_silu_mul", None)
-    out = fused(x, members, out_global_scale) if fused is not None else None
+    out = fused(x, members) if fused is not None else None
     if out is None:
         from .silu_mul import silu_mul
 
         gate, up = torch.ops.fp4.linear_group.default(x, weights, weight_scales, input_global_scales, alphas, biases,
                                                       [out_features] * 2, backend)
-        out = silu_mul(gate, up, out_global_scale)
+        out = silu_mul(gate, up)
     return out.contiguous()
 
 

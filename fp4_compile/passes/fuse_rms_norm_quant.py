@@ -96,22 +96,17 @@ def _consumers(h: torch.fx.Node):
     """(consumer nodes, their one activation-scale node) when every user of ``h`` (directly or through
     views) is a W4A4 fp4 linear op taking it as its activations; else None."""
     consumers, scales = [], set()
-
-    def visit(node: torch.fx.Node) -> bool:
-        for user in node.users:
-            if user.op == "call_function" and user.target in _VIEWS:
-                if not visit(user):
-                    return False
-            elif user.op == "call_function" and user.target in CONSUMERS and user.args[0] is node and \
-                    user.args[7] == W4A4:
-                gs = user.args[3]
-                scales.update(gs if isinstance(gs, (list, tuple)) else [gs])
-                consumers.append(user)
-            else:
-                return False
-        return True
-
-    if not visit(h) or len(scales) != 1:
+    for user in h.users:
+        is_view = user.op == "call_function" and user.target in _VIEWS
+        readers, source = (list(user.users), user) if is_view else ([user], h)
+        for reader in readers:
+            if not (reader.op == "call_function" and reader.target in CONSUMERS and reader.args[0] is source
+                    and reader.args[7] == W4A4):
+                return None
+            gs = reader.args[3]
+            scales.update(gs if isinstance(gs, (list, tuple)) else [gs])
+            consumers.append(reader)
+    if len(scales) != 1:
         return None
     (gs,) = scales
     if not isinstance(gs, torch.fx.Node) or gs.op not in ("placeholder", "get_attr"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import fuse_linear, fuse_rms_norm_quant, fuse_silu_mul, fuse_silu_mul_quant, group_linear
+from . import fuse_linear, fuse_rms_norm_quant, fuse_silu_mul, group_linear
 from .fuse_linear import LINEAR, MM
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,10 @@ SOURCE_FILES = (
     _PACKAGE / "passes" / "fuse_linear.py",
     _PACKAGE / "passes" / "fuse_silu_mul.py",
     _PACKAGE / "passes" / "fuse_rms_norm_quant.py",
-    _PACKAGE / "passes" / "fuse_silu_mul_quant.py",
     _PACKAGE / "passes" / "group_linear.py",
     _PACKAGE / "passes" / "manager.py",
     _PACKAGE / "ops" / "library.py",
-    _PACKAGE / "ops" / "cuda_small_m.py",  # M and size limits of the grouping and of fuse_silu_mul_quant
+    _PACKAGE / "ops" / "cuda_small_m.py",  # the grouping's M and size limits (group_linear.py)
     _PACKAGE / "backends.py",
 )
 
@@ -84,7 +83,6 @@ class GraphResult:
     unfused: list[LinearInfo] = field(default_factory=list)  # fp4.mm chains left, with the reason
     gated: int = 0  # fp4.linear_silu_mul nodes, each made of two of those fp4.linear nodes (fuse_silu_mul.py)
     norms: int = 0  # fp4.rms_norm_quantize nodes: RMSNorms fused with their W4A4 linears' quantization
-    gated_quant: int = 0  # of the fp4.linear_silu_mul nodes, those that quantize for their W4A4 down projection
     groups: int = 0  # fp4.linear_group nodes made of those fp4.linear nodes (group_linear.py)
     graph_code: str = ""  # the post-grad graph after the pass (readable FX code)
     name: str = ""  # set by whoever records (e.g. depyf's __compiled_fn_N)
@@ -143,7 +141,7 @@ def _mm_info(node: torch.fx.Node, module: str | None, note: str) -> LinearInfo:
 class FP4PostGradPass(CustomGraphPass):
     """Fuses every NVFP4 linear chain into ``fp4.linear``, a gated MLP's gate/up linears and their
     SiLU*mul into ``fp4.linear_silu_mul``, an RMSNorm with the quantization of the W4A4 linears it feeds
-    (``fp4.rms_norm_quantize``), that SiLU*mul with the quantization of its W4A4 down projection, groups the linears of one activation at decode sizes
+    (``fp4.rms_norm_quantize``), groups the linears of one activation at decode sizes
     (``fp4.linear_group``); optionally runs a user pass after.
 
     ``extra`` is a post-grad pass the user gave in ``options`` under
@@ -174,7 +172,6 @@ class FP4PostGradPass(CustomGraphPass):
         logger.debug("fp4 fusion: %d chain(s) fused, %d left", matched, len(result.unfused))
         result.gated = fuse_silu_mul.fuse_silu_mul(graph)
         result.norms = fuse_rms_norm_quant.fuse_rms_norm_quant(graph)
-        result.gated_quant = fuse_silu_mul_quant.fuse_silu_mul_quant(graph)
         result.groups = group_linear.group_linears(graph)
         if self.extra is not None:
             self.extra(graph)

@@ -35,17 +35,8 @@
 #include <type_traits>
 
 #include "grid_dependency.cuh"
-#include "nvfp4_quant_math.cuh"
 
 namespace {
-
-using fp4c::e2m1_magic;
-using fp4c::e2m1_magnitude;
-using fp4c::e4m3_value;
-using fp4c::e4m3x2;
-using fp4c::kMagic;
-using fp4c::max_nan;
-using fp4c::out_scale;
 
 constexpr int kThreads = 256;
 constexpr int kModeLinear = 0;
@@ -53,6 +44,8 @@ constexpr int kModeSwizzled = 1;
 constexpr int kModeValues = 2;
 constexpr int kModeKernelCodes = 3;
 constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;  // input dtype codes
+
+constexpr float kMagic = 8388608.0f;  // 2^23: the float adder rounds to integers in [2^23, 2^24)
 
 struct Args {
   const void* x;
@@ -76,6 +69,17 @@ struct Args {
 // ---------------------------------------------------------------------------------------------
 // element math
 
+// 2^23 + E2M1 magnitude code (0..7) of a = |x| * out_scale >= 0; see the header. Without SAT, valid
+// for a < 7 only (then fma(a, 0.5, 2^23 + 4) < 2^23 + 7.5 already rounds to at most 2^23 + 7).
+template <bool SAT>
+__device__ __forceinline__ float e2m1_magic(float a) {
+  const float r1 = __fmaf_rn(a, 2.0f, kMagic);         // rint(2a):      a in [0, 2]
+  const float r2 = __fadd_rn(a, kMagic + 2.0f);        // rint(a + 2):   a in [2, 4]
+  const float r3 = __fmaf_rn(a, 0.5f, kMagic + 4.0f);  // rint(a/2 + 4): a in [4, 6]
+  const float r = fminf(r1, r2);
+  return SAT ? fminf(r, fminf(r3, kMagic + 7.0f)) : fminf(r, r3);
+}
+
 // Byte 3 of the result: the packed pair (lo code, hi code) with both sign bits, from the two magic
 // floats (bits 2^23 + code: shifting left by 24 / 28 keeps exactly the code) and the sign bits of
 // the elements (bit 15: lo, bit 31: hi, as in a bf16x2/f16x2 word); the low bytes hold garbage.
@@ -88,6 +92,12 @@ __device__ __forceinline__ uint32_t pack_pair(float r_lo, float r_hi, uint32_t s
 // Byte 3 of each of b0..b3 -> one word (element pairs in memory order).
 __device__ __forceinline__ uint32_t bytes4(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
   return __byte_perm(__byte_perm(b0, b1, 0x0073), __byte_perm(b2, b3, 0x0073), 0x5410);
+}
+
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
 }
 
 // |x| max of 8 bf16x2 / f16x2 words (NaN propagating), as float32: max|x| = max(|max x|, |min x|),
@@ -129,6 +139,19 @@ __device__ __forceinline__ float2 unpack(uint32_t w) {
   } else {
     return __half22float2(*reinterpret_cast<const __half2*>(&w));
   }
+}
+
+// Two e4m3 scale bytes of v0 (low byte) and v1: RNE, saturating at 448.
+__device__ __forceinline__ uint32_t e4m3x2(float v0, float v1) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(v1), "f"(v0));
+  return r;
+}
+
+__device__ __forceinline__ float e4m3_value(uint32_t byte) {
+  uint32_t h;
+  asm("{\n.reg .b16 b;\ncvt.u16.u32 b, %1;\ncvt.rn.f16x2.e4m3x2 %0, b;\n}" : "=r"(h) : "r"(byte));
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu)));
 }
 
 __device__ __forceinline__ uint4 load16(const void* p) {
@@ -254,7 +277,8 @@ __device__ __forceinline__ void encode_pair(const Args& a, const uint32_t* w, co
 }
 
 // The block values of one pair of blocks: sign(x) * e2m1(code) * sf, written to v (exact in bf16 and
-// fp16), |e2m1| from the magic float (e2m1_magnitude); the sign is x's (as the Triton kernel's,
+// fp16). From the magic float r = 2^23 + code, |e2m1| = max(code / 2, code - 2, 2 code - 8) (the
+// E2M1 values 0, 0.5, 1, 1.5, 2, 3, 4, 6), each term exact; the sign is x's (as the Triton kernel's,
 // which takes it from x * out_scale, out_scale >= 0); a block holding Inf/NaN has sf = NaN.
 // Chunk c of `chunks` holds elements 8c .. 8c+7 (block c / 2); chunks 2, 3 only where valid1.
 template <int DT, bool SAT, bool FP16_OUT>
@@ -272,7 +296,8 @@ __device__ __forceinline__ void values_pair(const uint32_t* w, const float* os, 
       float v[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float mag = e2m1_magnitude(r[h]);
+        const float mag = fmaxf(fmaxf(__fmaf_rn(r[h], 0.5f, -0.5f * kMagic), __fadd_rn(r[h], -(kMagic + 2.0f))),
+                                __fmaf_rn(r[h], 2.0f, -(2.0f * kMagic + 8.0f)));
         const uint32_t sign = h == 0 ? (x.signs << 16) & 0x80000000u : x.signs & 0x80000000u;
         v[h] = __uint_as_float(__float_as_uint(__fmul_rn(mag, f)) | sign);
       }
@@ -324,6 +349,13 @@ __device__ __forceinline__ void store_values(const Args& a, const uint4 (&chunks
       dst[4 * c + 3] = chunks[c].w;
     }
   }
+}
+
+// The reference's float ops for a scale byte: sf == 0 ? 0 : 1 / (sf * (1/gs)), NaN for 0x7F/0xFF.
+__device__ __forceinline__ float out_scale(uint32_t byte, float gs) {
+  const float sf = e4m3_value(byte);
+  const float safe = __fmul_rn(sf, __frcp_rn(gs));
+  return sf == 0.0f ? 0.0f : __frcp_rn(safe);
 }
 
 // The block values (staging four 16-byte chunks per thread) are held to 64 registers, 4 CTAs per SM

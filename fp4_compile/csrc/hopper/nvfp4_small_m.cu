@@ -35,7 +35,6 @@
 
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
-#include "nvfp4_quant_math.cuh"
 
 namespace {
 
@@ -43,7 +42,6 @@ using fp4c::Convert;
 using fp4c::ScalePair;
 using fp4c::decode_word;
 using fp4c::make_scales;
-using fp4c::max_nan;
 using fp4c::wait_for_prior_grid;
 
 constexpr int kWarpSize = 32;
@@ -136,23 +134,19 @@ __device__ __forceinline__ float rounded(float v) { return Convert<T>::from(Conv
 
 // One CTA's work: weight rows [16*RT*tile, 16*RT*(tile + 1)). Block: WARPS warps, each a slice of
 // the k-groups (4 chunks = 128 k per group). NT n8-tiles of the MMA cover M <= 8 * NT. A4:
-// activation codes. GATED (`up` the second GEMM of the same activations): the CTA's F = 8 * RT outputs
-// are rows [F*tile, F*tile + F) of args' weight (the gate: rows g of the 16-row tile at RT = 1, tile 0
-// at RT = 2) and the same rows of up's (rows g + 8, tile 1), and it writes silu(gate) * up for them: the
-// SiLU*mul after a gate/up projection costs no kernel of its own, and gate and up never leave the CTA.
-// QUANT (GATED, RT = 2: 16 outputs, one NVFP4 block per activation row) writes the exact NVFP4 block values
-// of that product, quantized with the global scale *out_gs: the next linear's activation quantization.
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool GATED = false, bool QUANT = false>
-__device__ __forceinline__ void small_m_tile(const Args& args, int tile, const Args* up = nullptr,
-                                             const float* out_gs = nullptr) {
-  static_assert(!GATED || RT <= 2, "a gated tile is 8 or 16 gate rows and their up rows");
-  static_assert(!QUANT || (GATED && RT == 2 && sizeof(OutT) == 2), "quantized: 16 gated outputs in 16 bits");
+// activation codes. GATED (RT = 1; `up` the second GEMM of the same activations): rows g of the
+// tile are rows [8*tile, 8*tile + 8) of args' weight (the gate), rows g + 8 the same rows of up's,
+// and the CTA writes silu(gate) * up for those 8 outputs: the SiLU*mul after a gate/up projection
+// costs no kernel of its own, and gate and up never leave the CTA.
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool GATED = false>
+__device__ __forceinline__ void small_m_tile(const Args& args, int tile, const Args* up = nullptr) {
+  static_assert(!GATED || RT == 1, "a gated tile is 8 gate rows and their 8 up rows");
   extern __shared__ float reduce_smem[];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = tile * (GATED ? 8 * RT : 16 * RT);
+  const int row0 = tile * (GATED ? 8 : 16 * RT);
 
   const int groups = (args.chunks + 3) / 4;
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
@@ -173,8 +167,8 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const Args& src = GATED && (RT == 1 ? h : i) == 1 ? *up : args;
-      const int64_t r = GATED ? row0 + (RT == 1 ? g : 8 * h + g) : row0 + 16 * i + 8 * h + g;
+      const Args& src = GATED && h == 1 ? *up : args;
+      const int64_t r = GATED ? row0 + g : row0 + 16 * i + 8 * h + g;
       w_row[i][h] = src.w + r * src.ldw + 16 * t;
       s_row[i][h] = src.ws + r * src.ldws + 2 * t;
     }
@@ -298,47 +292,24 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
   const int m_tile = args.M < kCols ? args.M : kCols;
   if constexpr (GATED) {
     // gate and up each rounded to the output type, as the two linears would return them; silu(gate)
-    // rounded too, as torch computes F.silu(gate) * up (opmath float, one rounding per op). Gate output r
-    // sits in row r of the reduction, up's in row F + r.
-    constexpr int F = 8 * RT;
+    // rounded too, as torch computes F.silu(gate) * up (opmath float, one rounding per op)
     const float up_scale = __ldg(up->alpha) * (A4 ? 65536.f : 256.f);
     const OutT* up_bias = static_cast<const OutT*>(up->bias);
-    auto product = [&](int col, int r) {
+    for (int e = threadIdx.x; e < m_tile * 8; e += blockDim.x) {
+      const int col = e / 8, r = e % 8;
       const int n = row0 + r;
+      if (n >= args.N) continue;
       float vg = 0.f, vu = 0.f;
       for (int wp = 0; wp < warps; ++wp) {
         vg += reduce_smem[(wp * kCols + col) * kRows + r];
-        vu += reduce_smem[(wp * kCols + col) * kRows + r + F];
+        vu += reduce_smem[(wp * kCols + col) * kRows + r + 8];
       }
       vg *= scale;
       vu *= up_scale;
       if (bias != nullptr) vg += Convert<OutT>::from(bias[n]);
       if (up_bias != nullptr) vu += Convert<OutT>::from(up_bias[n]);
       const float act = rounded<OutT>(silu(rounded<OutT>(vg)));
-      return rounded<OutT>(act * rounded<OutT>(vu));
-    };
-    if constexpr (QUANT) {
-      // 16 lanes per activation row: the block's amax by 4 shuffles, so every lane of a warp takes the
-      // same trips (N is a multiple of 16: a block is inside N whole or not at all)
-      const float gs = __ldg(out_gs);
-      const bool inside = row0 < args.N;
-      for (int e0 = warp * kWarpSize; e0 < m_tile * F; e0 += blockDim.x) {
-        const int e = e0 + lane, col = e / F, r = e % F;
-        const bool live = inside && e < m_tile * F;
-        const float p = live ? product(col, r) : 0.f;
-        float amax = fabsf(p);
-#pragma unroll
-        for (int s = 1; s < F; s <<= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, s));
-        if (live) {
-          out[static_cast<int64_t>(col) * args.ldo + row0 + r] =
-              Convert<OutT>::to(fp4c::block_value(p, fp4c::scale_byte(amax, gs), gs));
-        }
-      }
-    } else {
-      for (int e = threadIdx.x; e < m_tile * F; e += blockDim.x) {
-        const int col = e / F, r = e % F;
-        if (row0 + r < args.N) out[static_cast<int64_t>(col) * args.ldo + row0 + r] = Convert<OutT>::to(product(col, r));
-      }
+      out[static_cast<int64_t>(col) * args.ldo + n] = Convert<OutT>::to(act * rounded<OutT>(vu));
     }
   } else {
     for (int e = threadIdx.x; e < m_tile * kRows; e += blockDim.x) {
@@ -379,8 +350,7 @@ __global__ void __launch_bounds__(256) nvfp4_small_m_group_kernel(const __grid_c
 
 // silu(x W_gate^T) * (x W_up^T) in one launch (GATED above): one CTA per 8 outputs.
 struct GatedArgs {
-  Args gate, up;        // the same activations, M, N and K
-  const float* out_gs;  // non-null: write the product's NVFP4 block values with this global scale
+  Args gate, up;  // the same activations, M, N and K
 };
 
 // (On codes at one n-tile ptxas otherwise took 113 registers where the ungated kernel takes 78; room for
@@ -389,13 +359,6 @@ template <bool FP16, int NT, typename OutT, bool A4>
 __global__ void __launch_bounds__(256, A4 && NT == 1 ? 3 : 1)
     nvfp4_small_m_gated_kernel(const __grid_constant__ GatedArgs pair) {
   small_m_tile<FP16, 1, NT, 2, OutT, A4, true>(pair.gate, blockIdx.x, &pair.up);
-}
-
-// The same with the product's NVFP4 block values as the output (GatedArgs::out_gs): one CTA per 16
-// outputs, a quantization block, so that the down projection's W4A4 input needs no kernel of its own.
-template <bool FP16, int NT, typename OutT, bool A4>
-__global__ void __launch_bounds__(256) nvfp4_small_m_gated_quant_kernel(const __grid_constant__ GatedArgs pair) {
-  small_m_tile<FP16, 2, NT, 2, OutT, A4, true, true>(pair.gate, blockIdx.x, &pair.up, pair.out_gs);
 }
 
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
@@ -446,20 +409,8 @@ cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream
 
 template <bool FP16, typename OutT, bool A4>
 cudaError_t launch_gated(const GatedArgs& pair, int warps, bool pdl, cudaStream_t stream) {
-  const dim3 block(warps * kWarpSize);
+  const dim3 grid((pair.gate.N + 7) / 8), block(warps * kWarpSize);
   const bool two_n = pair.gate.M > 8;
-  if (pair.out_gs != nullptr) {
-    if constexpr (sizeof(OutT) == 2) {
-      const dim3 grid((pair.gate.N + 15) / 16);
-      const size_t smem = static_cast<size_t>(warps) * 32 * 8 * (two_n ? 2 : 1) * sizeof(float);
-      return two_n ? fp4c::launch(nvfp4_small_m_gated_quant_kernel<FP16, 2, OutT, A4>, grid, block, smem, pdl,
-                                  stream, pair)
-                   : fp4c::launch(nvfp4_small_m_gated_quant_kernel<FP16, 1, OutT, A4>, grid, block, smem, pdl,
-                                  stream, pair);
-    }
-    return cudaErrorInvalidValue;
-  }
-  const dim3 grid((pair.gate.N + 7) / 8);
   const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
   return two_n ? fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 2, OutT, A4>, grid, block, smem, pdl, stream, pair)
                : fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 1, OutT, A4>, grid, block, smem, pdl, stream, pair);
@@ -467,11 +418,10 @@ cudaError_t launch_gated(const GatedArgs& pair, int warps, bool pdl, cudaStream_
 
 // count 2 with `gated`: the gated launch of member 0 (gate) and member 1 (up).
 template <bool FP16, typename OutT>
-cudaError_t launch_group(const GroupArgs& group, bool gated, const float* out_gs, int warps, bool pdl,
-                         cudaStream_t stream) {
+cudaError_t launch_group(const GroupArgs& group, bool gated, int warps, bool pdl, cudaStream_t stream) {
   const bool a4 = group.member[0].xs != nullptr;
   if (gated) {
-    const GatedArgs pair{group.member[0], group.member[1], out_gs};
+    const GatedArgs pair{group.member[0], group.member[1]};
     return a4 ? launch_gated<FP16, OutT, true>(pair, warps, pdl, stream)
               : launch_gated<FP16, OutT, false>(pair, warps, pdl, stream);
   }
@@ -517,15 +467,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 // {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N, xs, ldxs}, as in fp4c_nvfp4_small_m_gemm:
 // block values or bf16/fp16 activations (xs 0 in every row), or activation codes (xs set in every row).
 // gated 1 (count 2, one activation tensor and N for both): out of row 0 = silu(GEMM 0) * GEMM 1, each
-// GEMM's result rounded to the output type first (row 1's out unused); with out_gs (a float32 on the
-// device; N a multiple of 16, a 16-bit output) the exact NVFP4 block values of that product, quantized
-// with global scale *out_gs. out_gs must be null otherwise.
+// GEMM's result rounded to the output type first (row 1's out unused).
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
-                                  int out_fp32, int gated, const float* out_gs, int warps, int pdl,
-                                  cudaStream_t stream) {
+                                  int out_fp32, int gated, int warps, int pdl, cudaStream_t stream) {
   if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 ||
-      warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1 ||
-      (out_gs != nullptr && (!gated || out_fp32 || members[10] % 16))) {
+      warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (gated && (count != 2 || members[0] != members[13] || members[10] != members[23] ||
@@ -547,11 +493,11 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
   }
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? launch_group<true, float>(group, gated != 0, out_gs, warps, pdl != 0, stream)
-                   : launch_group<true, __half>(group, gated != 0, out_gs, warps, pdl != 0, stream);
+    err = out_fp32 ? launch_group<true, float>(group, gated != 0, warps, pdl != 0, stream)
+                   : launch_group<true, __half>(group, gated != 0, warps, pdl != 0, stream);
   } else {
-    err = out_fp32 ? launch_group<false, float>(group, gated != 0, out_gs, warps, pdl != 0, stream)
-                   : launch_group<false, __nv_bfloat16>(group, gated != 0, out_gs, warps, pdl != 0, stream);
+    err = out_fp32 ? launch_group<false, float>(group, gated != 0, warps, pdl != 0, stream)
+                   : launch_group<false, __nv_bfloat16>(group, gated != 0, warps, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
