@@ -17,19 +17,28 @@ import triton
 import triton.language as tl
 
 from ..format import BLOCK_SIZE
+from .cuda_small_m import DISPATCH_MAX_M
 from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc_wait, next_power_of_2,
                            pdl_launch_args)
+
+
+# Up to this M the linears after the norm run the CUDA small-M kernel, whose launch the trigger hides: a W4A4
+# decode step at one token (4 layers, H100, NOTES.md v23) took 318-322 us instead of 328-333. Above it
+# they may run the Triton GEMM, which measured up to 1.19x slower when launched early (NOTES.md v9c).
+TRIGGER_MAX_M = DISPATCH_MAX_M
 
 
 @triton.jit
 def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, gs_ptr, sum_ptr, val_ptr, K, eps,
                            stride_x, stride_res, stride_sum, stride_val,
-                           HAS_RESIDUAL: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before, then let the next kernel launch: after
-        # the wait, as Inductor's own PDL kernels trigger (safe before any kernel: a PDL kernel after us waits
-        # where it touches our buffers, and everything before us has completed)
+                           HAS_RESIDUAL: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
+                           TRIGGER: tl.constexpr):
+    if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before
         gdc_wait()
-        gdc_launch_dependents()
+        if TRIGGER:  # then let the next kernel launch: after the wait, as Inductor's own PDL kernels trigger, so
+            # safe before any kernel (a PDL kernel after us waits where it touches our buffers, and everything
+            # before us has completed)
+            gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     e = tl.arange(0, 16)
@@ -69,5 +78,5 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
             x2, res, weight, global_scale.reshape(1).float(), total, vals, k, float(eps),
             x2.stride(0), res.stride(0), total.stride(0), vals.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_G=block_g, num_warps=8 if k >= 4096 else 4,
-            **pdl_launch_args(x2.device))
+            TRIGGER=m <= TRIGGER_MAX_M, **pdl_launch_args(x2.device))
     return vals, out_sum

@@ -10,17 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_quant import cdiv, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch_args
+from .triton_quant import cdiv, interpreting
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, stride_gate, stride_up, stride_out, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    if PDL:  # (as rms_norm_quant.py's kernel: wait for the kernel before, then let the next one launch)
-        gdc_wait()
-        gdc_launch_dependents()
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, stride_gate, stride_up, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -44,5 +40,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if m and n:
         _silu_mul_kernel[(m, cdiv(n, BLOCK))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                              BLOCK=BLOCK, **pdl_launch_args(gate.device))
+                                              BLOCK=BLOCK)
     return out
