@@ -23,7 +23,7 @@ from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc
 
 
 # Up to this M the linears after the norm run the CUDA small-M kernel, whose launch the trigger hides: a W4A4
-# decode step at one token (4 layers, H100, NOTES.md v23) took 318-322 us instead of 328-333. Above it
+# decode step at one token (4 layers, H100, NOTES.md v23) took 319-326 us instead of 333-334. Above it
 # they may run the Triton GEMM, which measured up to 1.19x slower when launched early (NOTES.md v9c).
 TRIGGER_MAX_M = DISPATCH_MAX_M
 
