@@ -143,7 +143,11 @@ class GraphTimes(NamedTuple):
 
 def graph_time_us(fn, args, replays=20) -> GraphTimes:
     """Medians of a replay of ``fn(*args)`` captured in a CUDA graph, timed two ways (see GraphTimes)."""
-    g = capture_graph(fn, args)
+    return replay_time_us(capture_graph(fn, args), replays)
+
+
+def replay_time_us(g: torch.cuda.CUDAGraph, replays=20) -> GraphTimes:
+    """Medians of a replay of the captured graph ``g``, timed two ways (see GraphTimes)."""
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

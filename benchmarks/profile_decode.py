@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
-from bench_model import capture_graph, compile_fp4, decode_inputs, graph_time_us, random_stack  # noqa: E402
+from bench_model import capture_graph, compile_fp4, decode_inputs, random_stack, replay_time_us  # noqa: E402
 
 import fp4_compile  # noqa: E402
 
@@ -87,9 +87,9 @@ def launch_us(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
 
 def summarize(label: str, model: nn.Module, x: torch.Tensor, caches, layers: int, replays: int) -> dict:
     with torch.no_grad():
-        step = graph_time_us(model, (x, caches))
-        step_us = step.isolated_us
         graph = capture_graph(model, (x, caches))
+        step = replay_time_us(graph)
+        step_us = step.isolated_us
         launch = launch_us(graph)
         runs = replay_kernels(graph, replays)
     if not runs:
