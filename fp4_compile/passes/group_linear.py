@@ -13,9 +13,9 @@ are (no copy), and a backend that can (Hopper: the CUDA small-M kernel) computes
 launch; others compute each member as ``fp4.linear`` would. Graphs whose M is a constant above
 ``MAX_M`` rows (the small-M kernel's range: a prefill's linears gain nothing from it) are left
 alone; with a symbolic M (one graph for every batch size, as torch.compile makes after a second
-size) the group decides per call, one launch at decode sizes and each member's own call above. At most ``MAX_GROUP`` linears a group, and only where every
-member's inputs exist before the first member (a dynamic activation scale computed between two
-members keeps them apart).
+size) the group decides per call, one launch at decode sizes and each member's own call above.
+At most ``MAX_GROUP`` linears a group, and only where every member's inputs exist before the first
+member (a dynamic activation scale computed between two members keeps them apart).
 """
 
 from __future__ import annotations
