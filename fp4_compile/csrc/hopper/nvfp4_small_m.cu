@@ -152,13 +152,20 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
   const int gb = static_cast<int>(static_cast<int64_t>(groups) * warp / warps);
   const int ge = static_cast<int>(static_cast<int64_t>(groups) * (warp + 1) / warps);
 
-  float acc[RT][NT][4];
+  // With one n8-tile the MMAs of a group are one dependent chain per accumulator: the two MMAs of
+  // each step go to two accumulator sets (summed after the loop), which halves the chain. H100,
+  // M = 1, A/B in one process (NOTES.md v24c): 0.95-0.97x the time at 28672x4096, 14336x4096 and
+  // 6144x4096, 0.98-0.99x at N <= 4096; with two n-tiles (two chains already) 1.01-1.03x (slower).
+  constexpr int kSets = NT == 1 ? 2 : 1;
+  float accs[kSets][RT][NT][4];
 #pragma unroll
-  for (int i = 0; i < RT; ++i)
+  for (int a = 0; a < kSets; ++a)
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < RT; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) accs[a][i][j][e] = 0.f;
 
   // Per-lane base pointers; group s adds 64 weight bytes, 8 scale bytes and 128 activations.
   const uint8_t* w_row[RT][2];
@@ -246,12 +253,12 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           if constexpr (A4) {
-            mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xd[j][0][q], xd[j][1][q]);
-            mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xd[j][2][q], xd[j][3][q]);
+            mma16816<FP16>(accs[0][i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xd[j][0][q], xd[j][1][q]);
+            mma16816<FP16>(accs[kSets - 1][i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xd[j][2][q], xd[j][3][q]);
           } else {
             const uint4& xq = st.x[j][q];
-            mma16816<FP16>(acc[i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
-            mma16816<FP16>(acc[i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
+            mma16816<FP16>(accs[0][i][j], r0[0][q], r1[0][q], r0[1][q], r1[1][q], xq.x, xq.y);
+            mma16816<FP16>(accs[kSets - 1][i][j], r0[2][q], r1[2][q], r0[3][q], r1[3][q], xq.z, xq.w);
           }
         }
     }
@@ -281,7 +288,7 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
       for (int e = 0; e < 4; ++e) {
         const int r = 16 * i + g + 8 * (e / 2);
         const int col = 8 * j + 2 * t + (e % 2);
-        mine[col * kRows + r] = acc[i][j][e];
+        mine[col * kRows + r] = kSets == 1 ? accs[0][i][j][e] : accs[0][i][j][e] + accs[kSets - 1][i][j][e];
       }
   __syncthreads();
 
