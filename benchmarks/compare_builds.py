@@ -5,10 +5,13 @@ so that clock drift hits them alike.
     git show REV:fp4_compile/csrc/hopper/nvfp4_wgmma.cu > /tmp/old.cu
     python benchmarks/compare_builds.py /tmp/old.cu [--cases 4096x14336x1024,28672x4096x1024]
     python benchmarks/compare_builds.py --kernel small_m /tmp/old_small_m.cu --cases 28672x4096x1
+    python benchmarks/compare_builds.py --kernel small_m --codes /tmp/old_small_m.cu --cases 4096x4096x8
 
 Each file is built beside copies of the working tree's headers (``*.cuh``): to compare a change of
 a header, inline the other header into the file. All builds must share the kernel's C signature;
 they run through the package's launcher with the working tree's launch configuration for the case.
+``--codes``: the small-M kernel on W4A4 activation codes (quantized once, outside the timed graphs),
+else on bf16 activations.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
 
-from fp4_compile.ops import cuda_small_m, cuda_wgmma  # noqa: E402
+from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
 
 KERNELS = {"wgmma": cuda_wgmma, "small_m": cuda_small_m}
@@ -33,9 +37,15 @@ DEFAULT_CASES = {"wgmma": "4096x14336x1024,28672x4096x1024,4096x4096x1024,4096x4
                  "small_m": "28672x4096x1,4096x14336x1,6144x4096x1,4096x4096x1,28672x4096x8"}
 
 
-def gemm_calls(kernel: str, library, x: torch.Tensor, ws: list, alphas: list, n: int) -> list:
-    """One call per rotating weight through the package's launcher, with ``library`` (None: the package's build)."""
+def gemm_calls(kernel: str, library, x: torch.Tensor, ws: list, alphas: list, n: int,
+               x_codes: tuple | None = None) -> list:
+    """One call per rotating weight through the package's launcher, with ``library`` (None: the package's build).
+    ``x_codes``: (codes, scales) of x for the small-M kernel on activation codes."""
     m, k = x.shape
+    if x_codes is not None:
+        return [lambda w=w, a=a: cuda_small_m.small_m_gemm(x_codes[0], w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
+                                                           x_scale=x_codes[1], k=k, library=library)
+                for w, a in zip(ws, alphas)]
     if kernel == "wgmma":
         cfg = cuda_wgmma.device_launch_config(m, n, k, 0)
         opts = dict(tile=(cfg.bn, cfg.wm), splits=cfg.splits, workspace=cfg.workspace)
@@ -60,7 +70,10 @@ def main():
     ap.add_argument("--kernel", choices=sorted(KERNELS), default="wgmma")
     ap.add_argument("--cases", help="NxKxM, comma-separated (default: a few per kernel)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--codes", action="store_true", help="small_m: W4A4 on activation codes")
     args = ap.parse_args()
+    if args.codes and args.kernel != "small_m":
+        ap.error("--codes times the small-M kernel (--kernel small_m)")
     module = KERNELS[args.kernel]
     info, _, _ = measured_env()
     libraries = {"A": None}  # A: the package's build
@@ -79,8 +92,13 @@ def main():
         ws = rotating_fp4_weights(n, k, MARLIN)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         alphas = [(1 / gw).float() for _, _, gw in ws]
-        times = time_graphs_us({name: gemm_calls(args.kernel, lib, x, ws, alphas, n) for name, lib in libraries.items()},
-                               rounds=args.rounds)
+        x_codes = None
+        if args.codes:
+            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+            x_codes = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+            alphas = [(a / gx).float() for a in alphas]
+        times = time_graphs_us({name: gemm_calls(args.kernel, lib, x, ws, alphas, n, x_codes)
+                                for name, lib in libraries.items()}, rounds=args.rounds)
         row = {"case": case, "config": config_label(args.kernel, m, n, k), "A_us": round(times["A"], 2)}
         for name in libraries:
             if name != "A":
@@ -90,7 +108,7 @@ def main():
         print(row, flush=True)
         del ws
         torch.cuda.empty_cache()
-    path = write_json(f"compare_{args.kernel}_builds.json", {"env": info, "others": args.others, "rows": rows})
+    path = write_json(f"compare_{args.kernel}{'_codes' if args.codes else ''}_builds.json", {"env": info, "others": args.others, "rows": rows})
     print_table(rows, list(rows[0]), title=f"{args.kernel} kernel, working tree (A) against {args.others} (B0...) -> {path}")
 
 

@@ -349,9 +349,10 @@ def test_small_m_kernel_exact(seed, n, k, m, dt):
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
 def test_small_m_kernel_on_activation_codes(seed, n, k, m, dt):
     """W4A4 with the activations as codes (cuda_quant MODE_KERNEL_CODES, K = 48 and 1040: a half chunk
-    of padding): bit-equal to the kernel on the activations' block values (the same products scaled
-    by 2^-8, summed in the same order), fp32 output within summation order of the float64 W4A4
-    product, 16-bit output with bias within its rounding. Outputs poisoned first."""
+    of padding): equal to the kernel on the activations' block values (the same products scaled by
+    2^-8; bit-equal with two n-tiles, where both sum in the same order; with one, the block-value
+    kernel sums two accumulator chains, so within fp32 summation order), fp32 output within summation
+    order of the float64 W4A4 product, 16-bit output with bias within its rounding. Outputs poisoned first."""
     for module in (cuda_small_m, cuda_quant):
         if module.unavailable_reason(torch.cuda.current_device()) is not None:
             pytest.skip(module.unavailable_reason(torch.cuda.current_device()))
@@ -371,7 +372,10 @@ def test_small_m_kernel_on_activation_codes(seed, n, k, m, dt):
         assert out.shape == (m, n) and torch.isfinite(out).all()
         assert rel(out, ref) <= 1e-5, (warps, rel(out, ref))
         on_values = cuda_small_m.small_m_gemm(values, wt, wst, alpha, n=n, out_dtype=torch.float32, warps=warps)
-        assert torch.equal(out, on_values)
+        if m > 8:
+            assert torch.equal(out, on_values)
+        else:
+            assert rel(out, on_values) <= 1e-6, (warps, rel(out, on_values))
     bias = torch.randn(n, device=DEV).to(out_dtype)
     out = cuda_small_m.small_m_gemm(codes, wt, wst, alpha, n=n, out_dtype=out_dtype, bias=bias, x_scale=scales, k=k)
     assert out.dtype == out_dtype and torch.isfinite(out).all()

@@ -156,7 +156,8 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
   // each step go to two accumulator sets (summed after the loop), which halves the chain. H100,
   // M = 1, A/B in one process (NOTES.md v24c): 0.95-0.97x the time at 28672x4096, 14336x4096 and
   // 6144x4096, 0.98-0.99x at N <= 4096; with two n-tiles (two chains already) 1.01-1.03x (slower).
-  constexpr int kSets = NT == 1 ? 2 : 1;
+  // Not on activation codes: there the extra registers (78 -> 110) cost CTAs per SM.
+  constexpr int kSets = NT == 1 && !A4 ? 2 : 1;
   float accs[kSets][RT][NT][4];
 #pragma unroll
   for (int a = 0; a < kSets; ++a)
