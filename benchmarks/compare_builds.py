@@ -108,8 +108,10 @@ def main():
         print(row, flush=True)
         del ws
         torch.cuda.empty_cache()
-    path = write_json(f"compare_{args.kernel}{'_codes' if args.codes else ''}_builds.json", {"env": info, "others": args.others, "rows": rows})
-    print_table(rows, list(rows[0]), title=f"{args.kernel} kernel, working tree (A) against {args.others} (B0...) -> {path}")
+    name = f"compare_{args.kernel}{'_codes' if args.codes else ''}_builds.json"
+    path = write_json(name, {"env": info, "others": args.others, "rows": rows})
+    print_table(rows, list(rows[0]),
+                title=f"{args.kernel} kernel, working tree (A) against {args.others} (B0...) -> {path}")
 
 
 if __name__ == "__main__":
