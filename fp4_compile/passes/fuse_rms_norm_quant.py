@@ -31,8 +31,7 @@ import operator
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
-from .fuse_silu_mul import _call, _cast, _dtype
-from .group_linear import _VIEWS
+from .fx_nodes import VIEWS, conversion, dtype_of, is_call, node_order
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ VALUES_BACKEND = "marlin"  # the W4A16 kernels of the same weight layout, fed th
 
 def _two(node, target):
     """The two arguments of a binary ``target`` node, or None."""
-    return tuple(node.args[:2]) if _call(node, target) and len(node.args) == 2 and not node.kwargs else None
+    return tuple(node.args[:2]) if is_call(node, target) and len(node.args) == 2 and not node.kwargs else None
 
 
 def _rms_norm(h: torch.fx.Node):
@@ -55,26 +54,26 @@ def _rms_norm(h: torch.fx.Node):
     if mul_w is None:
         return None
     for n, weight in (mul_w, mul_w[::-1]):
-        cast = _cast(n)
-        normed = cast[0] if cast is not None and cast[1] == _dtype(h) else n
+        cast = conversion(n)
+        normed = cast[0] if cast is not None and cast[1] == dtype_of(h) else n
         prod = _two(normed, aten.mul.Tensor)
         if prod is None:
             continue
         for c, rsqrt in (prod, prod[::-1]):
-            if not _call(rsqrt, aten.rsqrt.default):
+            if not is_call(rsqrt, aten.rsqrt.default):
                 continue
             add_eps = _two(rsqrt.args[0], aten.add.Tensor)
             if add_eps is None or not isinstance(add_eps[1], float):
                 continue
             mean = add_eps[0]
-            if not _call(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [_rank(c) - 1]) or \
+            if not is_call(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [_rank(c) - 1]) or \
                     not (len(mean.args) > 2 and mean.args[2]):
                 continue
             if _two(mean.args[0], aten.pow.Tensor_Scalar) != (c, 2):
                 continue
-            c_cast = _cast(c)
+            c_cast = conversion(c)
             s = c_cast[0] if c_cast is not None and c_cast[1] == torch.float32 else c
-            if _dtype(s) != _dtype(h) or _dtype(weight) != _dtype(h) or _shape(weight) != (_shape(h)[-1],):
+            if dtype_of(s) != dtype_of(h) or dtype_of(weight) != dtype_of(h) or _shape(weight) != (_shape(h)[-1],):
                 continue
             nodes = [h] + ([n] if normed is not n else []) + [normed, rsqrt, rsqrt.args[0], mean, mean.args[0]]
             nodes += [c] if c is not s else []
@@ -97,7 +96,7 @@ def _consumers(h: torch.fx.Node):
     views) is a W4A4 fp4 linear op taking it as its activations; else None."""
     consumers, scales = [], set()
     for user in h.users:
-        is_view = user.op == "call_function" and user.target in _VIEWS
+        is_view = user.op == "call_function" and user.target in VIEWS
         readers, source = (list(user.users), user) if is_view else ([user], h)
         for reader in readers:
             if not (reader.op == "call_function" and reader.target in CONSUMERS and reader.args[0] is source
@@ -117,7 +116,7 @@ def _consumers(h: torch.fx.Node):
 def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
     """Rewrite every match in ``graph``; returns how many ``fp4.rms_norm_quantize`` nodes it made."""
     made = 0
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    order = node_order(graph)
     # (a match erases only nodes before its h, which this loop has visited already)
     for h in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
         if (norm := _rms_norm(h)) is None or (found := _consumers(h)) is None:
@@ -129,7 +128,7 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
             continue  # a step of the norm is used elsewhere too
         add = _two(s, aten.add.Tensor)
         residual = add is not None and all(
-            isinstance(a, torch.fx.Node) and _shape(a) == _shape(s) and _dtype(a) == _dtype(s) for a in add)
+            isinstance(a, torch.fx.Node) and _shape(a) == _shape(s) and dtype_of(a) == dtype_of(s) for a in add)
         anchor = s if residual else min(nodes, key=order.__getitem__)
         if any(not isinstance(a, torch.fx.Node) or order[a] > order[anchor] for a in (weight, gs)):
             continue

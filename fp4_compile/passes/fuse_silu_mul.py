@@ -25,72 +25,53 @@ import logging
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
-from .group_linear import _VIEWS, _size_key, _source
+from .fx_nodes import VIEWS, activation_key, conversion, dtype_of, is_call, node_order, size_key
 
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 LINEAR = torch.ops.fp4.linear.default
 LINEAR_SILU_MUL = torch.ops.fp4.linear_silu_mul.default
-CONVERT = torch.ops.prims.convert_element_type.default
 MUL = aten.mul.Tensor
-
-
-def _call(node, target) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
-
-
-def _dtype(node: torch.fx.Node):
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _float_silu_input(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
     """(c, nodes) where ``node`` computes silu(c) as ``c / (1 + exp(-c))``, ``c * sigmoid(c)`` or
     ``aten.silu(c)``; ``nodes``: those computing it, ``node`` included."""
-    if _call(node, aten.silu.default):
+    if is_call(node, aten.silu.default):
         return node.args[0], [node]
-    if _call(node, aten.div.Tensor):
+    if is_call(node, aten.div.Tensor):
         c, add = node.args
-        if _call(add, aten.add.Tensor) and 1 in add.args:
+        if is_call(add, aten.add.Tensor) and 1 in add.args:
             exp = add.args[0] if add.args[1] == 1 else add.args[1]
-            if _call(exp, aten.exp.default) and _call(exp.args[0], aten.neg.default) and exp.args[0].args[0] is c:
-                return c, [node, add, exp, exp.args[0]]
-    if _call(node, aten.mul.Tensor):
+            neg = exp.args[0] if is_call(exp, aten.exp.default) else None
+            if is_call(neg, aten.neg.default) and neg.args[0] is c:
+                return c, [node, add, exp, neg]
+    if is_call(node, aten.mul.Tensor):
         for c, sig in (node.args, node.args[::-1]):
-            if _call(sig, aten.sigmoid.default) and sig.args[0] is c:
+            if is_call(sig, aten.sigmoid.default) and sig.args[0] is c:
                 return c, [node, sig]
-    return None
-
-
-def _cast(node) -> tuple[torch.fx.Node, torch.dtype] | None:
-    """(input, dtype) of a dtype conversion: ``prims.convert_element_type`` (Inductor's post-grad graphs)
-    or ``aten._to_copy`` with only a dtype (graphs traced without decompositions)."""
-    if _call(node, CONVERT):
-        return node.args[0], node.args[1]
-    if _call(node, aten._to_copy.default) and len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
-        return node.args[0], node.kwargs["dtype"]
     return None
 
 
 def silu_input(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
     """(g, nodes) where ``node`` is ``F.silu(g)`` in g's dtype: for a 16-bit g computed in float32 and
     rounded back (a conversion on both sides); ``nodes``: those between g and ``node``."""
-    out_cast = _cast(node)
+    out_cast = conversion(node)
     if out_cast is None:
         return _float_silu_input(node)
     inner = _float_silu_input(out_cast[0])
-    in_cast = _cast(inner[0]) if inner is not None else None
+    in_cast = conversion(inner[0]) if inner is not None else None
     if in_cast is None or in_cast[1] != torch.float32:
         return None
     g = in_cast[0]
-    return (g, [node, *inner[1], inner[0]]) if isinstance(g, torch.fx.Node) and _dtype(g) == out_cast[1] else None
+    return (g, [node, *inner[1], inner[0]]) if isinstance(g, torch.fx.Node) and dtype_of(g) == out_cast[1] else None
 
 
 def _unview(node):
     """(base, view) for ``node = view(base, size)`` (a layer's output unflattened to [batch, seq, N]),
     else (node, None)."""
-    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in VIEWS:
         return node.args[0], node
     return node, None
 
@@ -106,13 +87,14 @@ def _match(mul: torch.fx.Node):
         (gate, gate_view), (up, up_view) = _unview(found[0]), _unview(up_seen)
         nodes = found[1] + [v for v in (gate_view, up_view) if v is not None]
         if (gate_view is None) != (up_view is None) or gate_view is not None and (
-                [_size_key(d) for d in gate_view.args[1]] != [_size_key(d) for d in up_view.args[1]]):
+                [size_key(d) for d in gate_view.args[1]] != [size_key(d) for d in up_view.args[1]]):
             continue
-        if not (_call(gate, LINEAR) and _call(up, LINEAR)) or gate is up:
+        if not (is_call(gate, LINEAR) and is_call(up, LINEAR)) or gate is up:
             continue
-        if _source(gate.args[0]) != _source(up.args[0]) or gate.args[7] != up.args[7] or gate.args[6] != up.args[6]:
+        if (activation_key(gate.args[0]) != activation_key(up.args[0]) or gate.args[7] != up.args[7]
+                or gate.args[6] != up.args[6]):
             continue
-        if not (_dtype(gate) == _dtype(up) == _dtype(mul) == _dtype(gate.args[0])):
+        if not (dtype_of(gate) == dtype_of(up) == dtype_of(mul) == dtype_of(gate.args[0])):
             continue
         inside = set(nodes)
         if any(set(n.users) - inside - {mul} for n in (gate, up, *nodes)):
@@ -121,14 +103,10 @@ def _match(mul: torch.fx.Node):
     return None
 
 
-def _position(graph: torch.fx.Graph):
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return order.__getitem__
-
-
 def fuse_silu_mul(graph: torch.fx.Graph) -> int:
     """Rewrite every match in ``graph``; returns how many ``fp4.linear_silu_mul`` nodes it made."""
     made = 0
+    order = node_order(graph)  # (a match sorts only nodes that were in the graph before the first match)
     for mul in list(graph.find_nodes(op="call_function", target=MUL)):
         found = _match(mul)
         if found is None:
@@ -144,7 +122,7 @@ def fuse_silu_mul(graph: torch.fx.Graph) -> int:
                 result.meta["val"] = mul.meta["val"]
         mul.replace_all_uses_with(result)
         graph.erase_node(mul)
-        for node in sorted(nodes, key=_position(graph), reverse=True) + [up, gate]:  # users before inputs
+        for node in sorted(nodes, key=order.__getitem__, reverse=True) + [up, gate]:  # users before inputs
             graph.erase_node(node)
         made += 1
         logger.debug("fp4 fusion: %s <- silu(%s) * %s", fused.name, gate.name, up.name)

@@ -28,14 +28,12 @@ import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fp4)
 from ..ops.cuda_small_m import MAX_GROUP, MAX_M
+from .fx_nodes import activation_key, node_order
 
 logger = logging.getLogger(__name__)
 
 LINEAR = torch.ops.fp4.linear.default
 LINEAR_GROUP = torch.ops.fp4.linear_group.default
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
-
-
 def _may_be_decode(node: torch.fx.Node) -> bool:
     """Is this 2-D activation's row count at most MAX_M, or symbolic (decided per call then)?"""
     val = node.meta.get("val")
@@ -45,31 +43,13 @@ def _may_be_decode(node: torch.fx.Node) -> bool:
     return not isinstance(rows, int) or rows <= MAX_M
 
 
-def _size_key(size):
-    """A hashable stand-in for a view's size: a SymInt by its expression."""
-    return size.node.expr if isinstance(size, torch.SymInt) else size
-
-
-def _source(x: torch.fx.Node):
-    """One key for an activation and every flattening view of the same node (each layer call's
-    ``x.reshape(-1, K)`` is a view node of its own where CSE has not merged them)."""
-    if x.op == "call_function" and x.target in _VIEWS:
-        key = ("view", x.args[0], tuple(_size_key(size) for size in x.args[1]))
-        try:
-            hash(key)
-        except TypeError:  # a size we cannot key: no merging of views then
-            return x
-        return key
-    return x
-
-
 def group_linears(graph: torch.fx.Graph) -> int:
     """Rewrite the groups in ``graph``; returns how many ``fp4.linear_group`` nodes it made."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    order = node_order(graph)
     by_input: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.find_nodes(op="call_function", target=LINEAR):
         if _may_be_decode(node.args[0]):
-            by_input[(_source(node.args[0]), node.args[7])].append(node)
+            by_input[(activation_key(node.args[0]), node.args[7])].append(node)
     made = 0
     for (_, backend), nodes in by_input.items():
         nodes.sort(key=order.__getitem__)

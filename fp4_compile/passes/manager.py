@@ -39,6 +39,7 @@ SOURCE_FILES = (
     _PACKAGE / "passes" / "fuse_linear.py",
     _PACKAGE / "passes" / "fuse_silu_mul.py",
     _PACKAGE / "passes" / "fuse_rms_norm_quant.py",
+    _PACKAGE / "passes" / "fx_nodes.py",
     _PACKAGE / "passes" / "group_linear.py",
     _PACKAGE / "passes" / "manager.py",
     _PACKAGE / "ops" / "library.py",
