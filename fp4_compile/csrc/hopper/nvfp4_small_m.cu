@@ -369,12 +369,16 @@ __global__ void __launch_bounds__(256, A4 && NT == 1 ? 3 : 1)
   small_m_tile<FP16, 1, NT, 2, OutT, A4, true>(pair.gate, blockIdx.x, &pair.up);
 }
 
+// Dynamic shared memory of small_m_tile: the warps' partial sums, [warps][8 * n_tiles cols][rows].
+inline size_t reduce_smem_bytes(int warps, int rows, int n_tiles) {
+  return static_cast<size_t>(warps) * rows * 8 * n_tiles * sizeof(float);
+}
+
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
   return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4>, dim3((args.N + rows - 1) / rows),
-                      dim3(warps * kWarpSize), static_cast<size_t>(warps) * rows * 8 * NT * sizeof(float), pdl,
-                      stream, args);
+                      dim3(warps * kWarpSize), reduce_smem_bytes(warps, rows, NT), pdl, stream, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
@@ -409,7 +413,7 @@ template <bool FP16, typename OutT, bool A4>
 cudaError_t launch_group(const GroupArgs& group, int warps, bool pdl, cudaStream_t stream) {
   const dim3 grid(group.first_cta[group.count]), block(warps * kWarpSize);
   const bool two_n = group.member[0].M > 8;
-  const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
+  const size_t smem = reduce_smem_bytes(warps, 16, two_n ? 2 : 1);
   return two_n
              ? fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 2, 2, OutT, A4>, grid, block, smem, pdl, stream, group)
              : fp4c::launch(nvfp4_small_m_group_kernel<FP16, 1, 1, 2, OutT, A4>, grid, block, smem, pdl, stream, group);
@@ -419,7 +423,7 @@ template <bool FP16, typename OutT, bool A4>
 cudaError_t launch_gated(const GatedArgs& pair, int warps, bool pdl, cudaStream_t stream) {
   const dim3 grid((pair.gate.N + 7) / 8), block(warps * kWarpSize);
   const bool two_n = pair.gate.M > 8;
-  const size_t smem = static_cast<size_t>(warps) * 16 * 8 * (two_n ? 2 : 1) * sizeof(float);
+  const size_t smem = reduce_smem_bytes(warps, 16, two_n ? 2 : 1);
   return two_n ? fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 2, OutT, A4>, grid, block, smem, pdl, stream, pair)
                : fp4c::launch(nvfp4_small_m_gated_kernel<FP16, 1, OutT, A4>, grid, block, smem, pdl, stream, pair);
 }
