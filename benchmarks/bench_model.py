@@ -4,7 +4,8 @@ Per layer: RMSNorm, q/k/v/o projections, SDPA (GQA 32/8 heads) over a 1024-token
 (decode) or causal over the prompt (prefill), RMSNorm, gate/up, SiLU*mul, down. Decode steps of
 1 and 16 sequences (one token each) run inside CUDA graphs (captured around the compiled model);
 a 2048-token prefill runs eagerly through the compiled model (under torch.no_grad, and under
-torch.inference_mode as vLLM runs models), and also inside a CUDA graph (the GPU time alone).
+torch.inference_mode as vLLM runs models; the models in turns, so that the host's drift, which bounds
+eager prefill, is the same for all), and also inside a CUDA graph (the GPU time alone).
 Medians of CUDA-event timings. A decode step is timed two ways: one replay on an idle GPU (``decode1_us``:
 the graph launch's host time is partly on the clock) and replays queued back to back (``decode1_queued_us``:
 each launch hidden behind the step before, as in a decode loop whose host runs ahead).
@@ -14,11 +15,13 @@ definitions do (``QKVParallelLinear``, ``MergedColumnParallelLinear``): fewer, l
 models (results in ``bench_model_merged.json``).
 
 python benchmarks/bench_model.py [--layers 4] [--backends triton-w4a4,marlin] [--merged] [--no-prefill]
+    [--steps decode1,decode16,prefill] [--prefill-reps 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -175,6 +178,54 @@ def compile_fp4(model):
     return torch.compile(model, backend=fp4_compile.fp4_backend), "fp4"
 
 
+def bench_decode(model, inputs: dict, r: dict, name: str):
+    """The decode steps of ``inputs`` (CUDA graphs) into row ``r``; returns the decode16 output (or None)."""
+    ref = None
+    with torch.no_grad():
+        for key, (x, caches) in inputs.items():
+            try:
+                times = graph_time_us(model, (x, caches))
+                r[f"{key}_us"] = round(times.isolated_us, 1)
+                r[f"{key}_queued_us"] = round(times.queued_us, 1)
+                if key == "decode16":
+                    ref = model(x, caches).float()
+            except Exception as e:  # noqa: BLE001
+                r[f"{key}_us"] = f"error: {repr(e)[:200]}"
+                print(f"{name} {key}: {e!r}", flush=True)
+    return ref
+
+
+def bench_prefill(models: dict, prefill: tuple, rows: dict, reps: int) -> None:
+    """The prefill of every compiled model: in a CUDA graph (the GPU time alone), then eagerly, the models in
+    turns for ``reps`` rounds (under no_grad, then under inference_mode as vLLM runs a model: ops skip the
+    autograd keys). Eager prefill is bound by host time, which drifted between runs a minute apart by more
+    than the differences measured (NOTES.md v25); turns put every model under the same drift."""
+    x, caches = prefill
+    for name, model in models.items():
+        try:  # the GPU time alone (eager adds the host's launch overhead)
+            with torch.no_grad():
+                rows[name]["prefill_graph_us"] = round(graph_time_us(model, (x, caches), replays=10).isolated_us, 1)
+        except Exception as e:  # noqa: BLE001
+            rows[name]["prefill_graph_us"] = f"error: {repr(e)[:200]}"
+    for key, mode in (("prefill", torch.no_grad), ("prefill_inference_mode", torch.inference_mode)):
+        with mode():
+            for model in models.values():
+                for _ in range(2):
+                    model(x, caches)
+            torch.cuda.synchronize()
+            times = {name: [] for name in models}
+            for _ in range(reps):
+                for name, model in models.items():
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    model(x, caches)
+                    b.record()
+                    b.synchronize()
+                    times[name].append(a.elapsed_time(b) * 1000)
+        for name, ts in times.items():
+            rows[name][f"{key}_us"] = round(statistics.median(ts), 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -182,6 +233,8 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--merged", action="store_true", help="q/k/v and gate/up as one projection each (as vLLM)")
     ap.add_argument("--no-prefill", action="store_true", help="decode steps only")
+    ap.add_argument("--steps", default="decode1,decode16,prefill", help="which of decode1, decode16, prefill to time")
+    ap.add_argument("--prefill-reps", type=int, default=20, help="rounds of the eager prefill, the models in turns")
     args = ap.parse_args()
     json_name = "bench_model_merged.json" if args.merged else "bench_model.json"
     info = env_info()
@@ -194,64 +247,48 @@ def main():
     }
     if args.no_prefill:
         del inputs["prefill"]
+    steps = args.steps.split(",")
+    if unknown := set(steps) - set(inputs) - {"prefill"}:
+        ap.error(f"--steps: unknown {sorted(unknown)}")
+    calibration = inputs["decode16"]
+    inputs = {key: value for key, value in inputs.items() if key in steps}
     rows = []
     results = {"env": info, "layers": args.layers, "merged": args.merged, "rows": rows}
-
-    def bench(name, model, how):
-        r = {"model": name, "compile": how, "weights_MB": round(weight_bytes(model) / 2**20, 1)}
-        t0 = time.time()
-        with torch.no_grad():
-            ref = None
-            for key, (x, caches) in inputs.items():
-                try:
-                    if key == "prefill":
-                        model(x, caches)
-                        r[f"{key}_us"] = round(time_eager_us([lambda: model(x, caches)], reps=10, warmup=2), 1)
-                        # as vLLM runs a model: under inference_mode, ops skip the autograd keys (for the
-                        # fp4 ops, a Python Autograd kernel and a redispatch per call)
-                        with torch.inference_mode():
-                            model(x, caches)
-                            r[f"{key}_inference_mode_us"] = round(
-                                time_eager_us([lambda: model(x, caches)], reps=10, warmup=2), 1)
-                        try:  # the GPU time alone (eager adds the host's launch overhead)
-                            r[f"{key}_graph_us"] = round(graph_time_us(model, (x, caches), replays=10).isolated_us, 1)
-                        except Exception as e:  # noqa: BLE001
-                            r[f"{key}_graph_us"] = f"error: {repr(e)[:200]}"
-                    else:
-                        times = graph_time_us(model, (x, caches))
-                        r[f"{key}_us"] = round(times.isolated_us, 1)
-                        r[f"{key}_queued_us"] = round(times.queued_us, 1)
-                    if key == "decode16":
-                        ref = model(x, caches).float()
-                except Exception as e:  # noqa: BLE001
-                    r[f"{key}_us"] = f"error: {repr(e)[:200]}"
-                    print(f"{name} {key}: {e!r}", flush=True)
-        r["compile_and_bench_s"] = round(time.time() - t0, 1)
-        rows.append(r)
-        print(r, flush=True)
-        write_json(json_name, results)
-        return ref
-
-    ref_bf16 = bench("bf16", torch.compile(base, backend="inductor"), "inductor")
-    torch._dynamo.reset()
+    models = {"bf16": (base, "inductor")}
+    failed = []
     for backend in args.backends.split(","):
-        import copy
-
         q = copy.deepcopy(base)
         try:
             # static activation scales from one calibration batch (decode16 input)
-            fp4_compile.quantize_model(q, backend=backend, calibration_data=[(inputs["decode16"][0],
-                                                                               inputs["decode16"][1])],
-                                       progress=False)
+            fp4_compile.quantize_model(q, backend=backend, calibration_data=[calibration], progress=False)
         except Exception as e:  # noqa: BLE001
             print(f"quantize_model({backend}) failed: {e!r}", flush=True)
-            rows.append({"model": f"nvfp4 {backend}", "compile": f"error {e!r}"[:200]})
+            failed.append({"model": f"nvfp4 {backend}", "compile": f"error {e!r}"[:200]})
             continue
-        cm, how = compile_fp4(q)
-        out = bench(f"nvfp4 {backend}", cm, how)
-        if out is not None and ref_bf16 is not None:
-            rows[-1]["decode16_rel_err_vs_bf16"] = round(float((out - ref_bf16).norm() / ref_bf16.norm()), 4)
-        del q, cm
+        models[f"nvfp4 {backend}"] = (q, "fp4")
+    row = {name: {"model": name, "compile": how, "weights_MB": round(weight_bytes(model) / 2**20, 1)}
+           for name, (model, how) in models.items()}
+    rows.extend([*row.values(), *failed])
+
+    def compiled(name):
+        model, how = models[name]
+        return torch.compile(model, backend="inductor") if how == "inductor" else compile_fp4(model)[0]
+
+    if "prefill" in inputs:
+        bench_prefill({name: compiled(name) for name in models}, inputs.pop("prefill"), row, args.prefill_reps)
+        torch._dynamo.reset()
+        write_json(json_name, results)
+    ref_bf16 = None
+    for name in models:  # the decode steps, one model compiled at a time
+        t0 = time.time()
+        out = bench_decode(compiled(name), inputs, row[name], name)
+        row[name]["decode_compile_and_bench_s"] = round(time.time() - t0, 1)
+        if name == "bf16":
+            ref_bf16 = out
+        elif out is not None and ref_bf16 is not None:
+            row[name]["decode16_rel_err_vs_bf16"] = round(float((out - ref_bf16).norm() / ref_bf16.norm()), 4)
+        print(row[name], flush=True)
+        write_json(json_name, results)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     for r in rows[1:]:

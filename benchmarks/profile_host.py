@@ -5,7 +5,8 @@ per call is short. For each M: microseconds of host time per call (many calls, n
 synchronisation) of the whole call through ``torch.ops.fp4.linear`` and through the backend, and of
 its parts on their own (the op dispatch, the checks, the quantization launch, the GEMM launch,
 an allocation), an eager ``fp4.linear_group`` of three linears (what the compile pass makes of a
-layer's q/k/v at decode M), then the top functions of a cProfile run of the op call.
+layer's q/k/v at decode M), ``fp4.linear_silu_mul`` and ``fp4.rms_norm_quantize`` (the other ops of a
+compiled layer), then the top functions of a cProfile run of the op call.
 
 python benchmarks/profile_host.py [--n 4096] [--k 4096] [--ms 1,2048] [--calls 2000] [--no-profile]
 """
@@ -29,6 +30,8 @@ import triton  # noqa: E402
 from fp4_compile.ops import library, nvcc  # noqa: E402
 from fp4_compile.ops import triton_quant as TQ  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
+from fp4_compile.ops.rms_norm_quant import rms_norm_quantize_gpu  # noqa: E402
+from fp4_compile.ops.silu_mul import silu_mul  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4, _cuda_gemm  # noqa: E402
 from fp4_compile.ops.triton_gemm import dequant_mm  # noqa: E402
 
@@ -89,6 +92,8 @@ def main():
         else:
             gemm = lambda: dequant_mm(xq, wt, wst, alpha44, n=n, k=k, out_dtype=torch.bfloat16)  # noqa: E731
         v = torch.empty((m, k), dtype=torch.bfloat16, device="cuda")
+        norm_w = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         bm, bg, warps = TQ._quant_blocks(m, k // 16)
         grid = (triton.cdiv(m, bm), triton.cdiv(k // 16, bg))
         parts = {
@@ -101,6 +106,14 @@ def main():
                 x, [wt] * 3, [wst] * 3, [gx] * 3, [alpha44] * 3, [None] * 3, [n] * 3, "triton-w4a4"),
             "op w4a16 group of 3": lambda: torch.ops.fp4.linear_group(
                 x, [wt] * 3, [wst] * 3, [gw] * 3, [alpha16] * 3, [None] * 3, [n] * 3, "marlin"),
+            # a gated MLP's first half and the norm before a layer's W4A4 linears (the compile passes' ops)
+            "op w4a4 gate/up + silu*mul (fp4.linear_silu_mul)": lambda: torch.ops.fp4.linear_silu_mul(
+                x, [wt] * 2, [wst] * 2, [gx] * 2, [alpha44] * 2, [None] * 2, n, "triton-w4a4"),
+            "op w4a16 gate/up + silu*mul": lambda: torch.ops.fp4.linear_silu_mul(
+                x, [wt] * 2, [wst] * 2, [gw] * 2, [alpha16] * 2, [None] * 2, n, "marlin"),
+            "op rms_norm_quantize (residual)": lambda: torch.ops.fp4.rms_norm_quantize(x, x, norm_w, 1e-5, gx),
+            "  rms_norm_quantize_gpu": lambda: rms_norm_quantize_gpu(x, x, norm_w, 1e-5, gx),
+            "  silu_mul": lambda: silu_mul(gate, gate),
             "backend w4a4 (TRITON_W4A4.linear)": lambda: TRITON_W4A4.linear(x, wt, wst, gx, alpha44, None, n),
             "backend w4a16 (MARLIN.linear)": lambda: MARLIN.linear(x, wt, wst, None, alpha16, None, n),
             "custom op around the backend (w4a4)": lambda: torch.ops.fp4_profile.backend_linear(

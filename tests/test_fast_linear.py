@@ -320,3 +320,39 @@ def test_linear_group_replays_members_eagerly_and_groups_under_capture(seed, bac
         assert rel(out, _reference(backend, x, p.pw, p.sw, p.args[2], p.gw, None)) <= 6e-3
     with pytest.raises(RuntimeError, match="linear_group has no backward"):
         torch.ops.fp4.linear_group(x.clone().requires_grad_(), *lists, backend)
+
+
+@pytest.mark.gpu
+def test_model_ops_have_the_cpp_autograd_kernel(seed):
+    """The ops of a compiled layer (linear, linear_group, linear_silu_mul, rms_norm_quantize) take the
+    extension's C++ Autograd kernel on CUDA tensors: the same results as below autograd; where an input
+    needs a gradient, the list-taking ops raise at once and the others' outputs get a raising backward."""
+    p = _problem("triton-w4a4", 64, 1000, 1040)
+    x, (wt, wst, gs, alpha, bias, n, backend) = p.x, p.args
+    for name in ("linear", "linear_group", "linear_silu_mul", "rms_norm_quantize"):
+        dump = torch._C._dispatch_dump(f"fp4::{name}")
+        assert re.search(r"AutogradCUDA: registered at .*fast_linear\.cpp", dump), dump
+    lists = ([wt] * 2, [wst] * 2, [gs] * 2, [alpha] * 2, [None] * 2)
+    norm_w = torch.randn(x.shape[1], device=DEV).to(x.dtype)
+    calls = {
+        "linear": lambda a: torch.ops.fp4.linear(a, *p.args),
+        "linear_group": lambda a: torch.ops.fp4.linear_group(a, *lists, [n] * 2, backend),
+        "linear_silu_mul": lambda a: torch.ops.fp4.linear_silu_mul(a, *lists, n, backend),
+        "rms_norm_quantize": lambda a: torch.ops.fp4.rms_norm_quantize(a, a, norm_w, 1e-5, gs),
+    }
+    for name, call in calls.items():
+        with torch.no_grad():
+            below = call(x)
+        out = call(x)  # grad mode on, no input needs a gradient
+        for a, b in zip(below if isinstance(below, (list, tuple)) else [below],
+                        out if isinstance(out, (list, tuple)) else [out]):
+            assert torch.equal(a, b) and not b.requires_grad, name
+        if name in ("linear_group", "linear_silu_mul"):
+            with pytest.raises(RuntimeError, match=f"{name} has no backward"):
+                call(x.clone().requires_grad_())
+        else:
+            out = call(x.clone().requires_grad_())
+            first = out[0] if isinstance(out, (list, tuple)) else out
+            assert first.requires_grad and torch.equal(first.detach(), below[0] if name != "linear" else below)
+            with pytest.raises(RuntimeError, match=f"{name} has no backward"):
+                first.float().sum().backward()

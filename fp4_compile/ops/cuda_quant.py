@@ -11,6 +11,9 @@ this kernel, through ctypes (about half of Triton's launcher's host time, NOTES.
 C++ fast path of ``fast_linear`` (which cannot launch Triton kernels); graphs take Triton's, which is
 0.7-1 us faster at M <= 256 (``use_cuda_quant``).
 
+The same library holds ``fp4c_rms_norm_values``, an RMSNorm before the block values (``fp4::rms_norm_quantize``'s
+eager kernel, launched by ``rms_norm_quant.py`` and the C++ fast path of ``fast_linear``).
+
 Built on first use with nvcc into a plain shared library (no torch headers, one binary for every
 torch version) and called through ctypes on the current stream, so CUDA graphs capture it.
 ``FP4C_CUDA_QUANT=0`` turns it off (callers then use the Triton kernel); a build or load failure
@@ -70,6 +73,10 @@ def _library(capability: tuple[int, int]) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     # x, ldx, x_dtype, q, ldq, s, lds, v, ldv, v_fp16, gs, M, K, mode, ctas_per_sm, pdl, stream
     fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i64, i32, p, i32, i32, i32, i32, i32, p]
+    norm = lib.fp4c_rms_norm_values
+    norm.restype = ctypes.c_int
+    # x, ldx, residual, ldr, w, sum, ldsum, v, ldv, dtype, gs, eps, M, K, pdl, stream
+    norm.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32, p, ctypes.c_float, i32, i32, i32, p]
     return lib
 
 

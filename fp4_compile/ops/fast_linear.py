@@ -74,7 +74,25 @@ def _load(capability: tuple[int, int] | None = None) -> None:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(device_index: int) -> str | None:
     """Why the fast path is off on this CUDA device (None: on; built on the first call)."""
-    return nvcc.unavailable_reason("eager fast path of fp4::linear", "FP4C_FAST_LINEAR", device_index, _load)
+    reason = nvcc.unavailable_reason("eager fast path of fp4::linear", "FP4C_FAST_LINEAR", device_index, _load)
+    if reason is None:
+        _name_kernels(device_index)
+    return reason
+
+
+def _name_kernels(device_index: int) -> None:
+    """Give the extension the pointwise kernels of ``fp4::rms_norm_quantize`` and ``fp4::linear_silu_mul``
+    on this device (where they are built), with the launch choices of their Python launchers."""
+    from . import silu_mul
+    from .rms_norm_quant import CUDA_MAX_K, TRIGGER_MAX_M
+
+    capability = nvcc.device_capability(device_index)
+    norm_fn = (_address(cuda_quant._library(capability), "fp4c_rms_norm_values")
+               if cuda_quant.unavailable_reason(device_index) is None else 0)
+    silu_mul_fn = (_address(silu_mul._library(capability), "fp4c_silu_mul")
+                   if silu_mul.unavailable_reason(device_index) is None else 0)
+    torch.ops.fp4_fast.set_kernels(device_index, norm_fn, silu_mul_fn, int(use_pdl(torch.device("cuda", device_index))),
+                                   TRIGGER_MAX_M, CUDA_MAX_K)
 
 
 def plan(x2: torch.Tensor, weight: torch.Tensor, n: int, quant_mode: int, gemm_kind: int) -> Plan:
@@ -120,6 +138,16 @@ def remember(backend: str, x2: torch.Tensor, weight: torch.Tensor, n: int, bias:
                                 weight.shape[0], weight.shape[1] * 2, list(plan(x2, weight, n, quant_mode, gemm_kind)))
 
 
+def remember_unfused_silu_mul(backend: str, x2: torch.Tensor, weights: list[torch.Tensor],
+                              input_global_scales: list[torch.Tensor], biases: list[torch.Tensor | None],
+                              out_features: int) -> None:
+    """After an eager Python call of ``fp4::linear_silu_mul`` that ran its two linears and ``silu_mul`` apart
+    (not fused by the backend): later calls with its key run the same way from the extension (each linear
+    through fp4::linear's fast path, then the CUDA silu_mul kernel)."""
+    if len(weights) == 2 and x2.dim() == 2 and replays(x2, None):
+        torch.ops.fp4_fast.add_unfused_silu_mul(x2, weights, input_global_scales, biases, out_features, backend)
+
+
 def loaded() -> bool:
     """Has this process loaded the extension (so that fp4::linear's CUDA kernel is the fast path)?"""
     return _load.cache_info().currsize > 0
@@ -136,5 +164,5 @@ def replayed_calls() -> int:
     return torch.ops.fp4_fast.replayed_calls() if loaded() else 0
 
 
-__all__ = ["Plan", "plan", "replays", "remember", "unavailable_reason", "loaded", "forget_plans", "replayed_calls",
+__all__ = ["Plan", "plan", "replays", "remember", "remember_unfused_silu_mul", "unavailable_reason", "loaded", "forget_plans", "replayed_calls",
            "GEMM_SMALL_M", "GEMM_WGMMA"]

@@ -10,7 +10,9 @@ Why ``torch.library.Library`` rather than ``torch.library.custom_op``: an eager 
 same kernel behind one took 15-20 us more host time per call on the GPU machines
 (``benchmarks/profile_host.py``, NOTES.md v10), and eager prefill is bound by host time.
 The ops are for inference: where an input needs a gradient, the outputs get a backward that raises
-(as a ``custom_op`` without a registered backward does).
+(as a ``custom_op`` without a registered backward does). On Hopper the eager fast path
+(ops/fast_linear.py) replaces the Python Autograd kernel of the ops a model's forward calls with a C++
+one for CUDA tensors: the Python hop cost each eager call about 20 us.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ class _NoBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"{ctx.op._schema.name} has no backward: the NVFP4 layers are for inference "
+        name = ctx.op._schema.name  # the op the user called, not its Python twin (fp4::_<op>_python)
+        name = name[:-len("_python")].replace("::_", "::", 1) if name.endswith("_python") else name
+        raise RuntimeError(f"{name} has no backward: the NVFP4 layers are for inference "
                            "(run them under torch.no_grad() or torch.inference_mode())")
 
 
@@ -247,7 +251,10 @@ def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas
     return x.new_empty((x.shape[0], out_features))
 
 
-@_define("linear_silu_mul" + _LINEARS_ARGS + "SymInt out_features, str backend) -> Tensor", _linear_silu_mul_fake)
+_LINEAR_SILU_MUL_ARGS = _LINEARS_ARGS + "SymInt out_features, str backend) -> Tensor"
+
+
+@_define("linear_silu_mul" + _LINEAR_SILU_MUL_ARGS, _linear_silu_mul_fake)
 def linear_silu_mul(
     x: Tensor,
     weights: list[Tensor],
@@ -269,20 +276,30 @@ def linear_silu_mul(
     fused = getattr(kernels_for(backend), "linear_silu_mul", None)
     out = fused(x, members) if fused is not None else None
     if out is None:
+        from .fast_linear import remember_unfused_silu_mul
         from .silu_mul import silu_mul
 
         gate, up = torch.ops.fp4.linear_group.default(x, weights, weight_scales, input_global_scales, alphas, biases,
                                                       [out_features] * 2, backend)
         out = silu_mul(gate, up)
+        if x.is_cuda:
+            remember_unfused_silu_mul(backend, x, weights, input_global_scales, biases, out_features)
     return out.contiguous()
+
+
+# As _linear_python: the eager fast path's CUDA kernel of fp4::linear_silu_mul calls this for every call it
+# does not replay itself.
+_define("_linear_silu_mul_python" + _LINEAR_SILU_MUL_ARGS, _linear_silu_mul_fake)(linear_silu_mul)
 
 
 def _rms_norm_quantize_fake(x, residual, weight, eps, global_scale):
     return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
 
 
-@_define("rms_norm_quantize(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) "
-         "-> (Tensor, Tensor)", _rms_norm_quantize_fake)
+_RMS_NORM_QUANTIZE_ARGS = "(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) -> (Tensor, Tensor)"
+
+
+@_define("rms_norm_quantize" + _RMS_NORM_QUANTIZE_ARGS, _rms_norm_quantize_fake)
 def rms_norm_quantize(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                       global_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``(values, s)``: ``s = x + residual`` (empty without a residual), ``h = (s * rsqrt(mean(s^2) + eps)).to(dtype)
@@ -312,3 +329,7 @@ def rms_norm_quantize(x: Tensor, residual: Tensor | None, weight: Tensor, eps: f
         values = fmt.block_values(*fmt.quantize_nvfp4(h, global_scale.reshape(1).float())).to(x.dtype)
     return values.reshape(x.shape), (total.reshape(x.shape) if total is not None else x.new_empty((0,)))
 
+
+# As _linear_python: the eager fast path's Autograd kernel of fp4::rms_norm_quantize (csrc/hopper/fast_linear.cpp)
+# calls this where an input needs a gradient, so that the outputs get the Python kernel's raising backward.
+_define("_rms_norm_quantize_python" + _RMS_NORM_QUANTIZE_ARGS, _rms_norm_quantize_fake)(rms_norm_quantize)

@@ -8,6 +8,12 @@ the normalized row in the activation dtype, ``(x * rsqrt(mean(x^2) + eps)).to(dt
 again, then ``triton_quant._fake_quant`` (``fp4_compile.format.quantize_nvfp4``, bit for bit). One launch
 instead of two, and the normalized activations never reach memory. ``passes/fuse_rms_norm_quant.py``
 makes the op from a graph. Runs under TRITON_INTERPRET=1 on any tensor.
+
+Eager calls on 16-bit rows take the CUDA twin of this kernel (``fp4c_rms_norm_values`` in
+csrc/hopper/nvfp4_quant.cu, the same roundings; the float32 sum of squares in another order), which the
+C++ fast path of ``fast_linear`` launches without Python: a Python op call with a Triton launch cost an
+eager call about 60 us of host time (benchmarks/profile_host.py, NOTES.md v25). Captured calls (CUDA graphs,
+no host time) keep the Triton kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import triton
 import triton.language as tl
 
 from ..format import BLOCK_SIZE
+from . import cuda_quant, nvcc
 from .cuda_small_m import DISPATCH_MAX_M
+from .pdl import use_pdl
 from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc_wait, next_power_of_2,
                            pdl_launch_args)
 
@@ -58,6 +66,26 @@ def _rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, gs_ptr, sum_ptr, val_ptr, K, e
     tl.store(val_ptr + row * stride_val + offs[None, :, :], vals.to(dtype), mask=mask[None, :, :])
 
 
+# fp4c_rms_norm_values holds at most 4 block pairs per thread of 256 in registers.
+CUDA_MAX_K = 32768
+
+
+def _aligned_rows(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.dim() == 1 or (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def _use_cuda_kernel(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """The CUDA kernel for this call: eager (not captured) 16-bit rows of at most CUDA_MAX_K, aligned, where
+    it is built; as fp4::rms_norm_quantize's C++ fast path decides, so that both give the same bits."""
+    if (x2.device.type != "cuda" or x2.dtype not in (torch.bfloat16, torch.float16) or x2.shape[1] > CUDA_MAX_K
+            or not _aligned_rows(x2) or not weight.is_contiguous() or not _aligned_rows(weight)
+            or (residual is not None and not _aligned_rows(residual))):
+        return False
+    if cuda_quant.unavailable_reason(nvcc.device_index(x2.device)) is not None:
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
 def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                           global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(values [M, K], residual sum [M, K] or None) of 2-D ``x2`` (and ``residual``), in x2's dtype."""
@@ -70,12 +98,22 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
         residual = residual.contiguous()
     vals = torch.empty_like(x2, memory_format=torch.contiguous_format)
     out_sum = torch.empty_like(vals) if residual is not None else None
-    if m:
+    gs32 = global_scale.reshape(1).float()
+    if m and _use_cuda_kernel(x2, residual, weight):
+        pdl = (2 if m <= TRIGGER_MAX_M else 1) if use_pdl(x2.device) else 0
+        err = nvcc.launch_on(x2.device, lambda capability, stream: cuda_quant._library(capability).fp4c_rms_norm_values(
+            x2.data_ptr(), x2.stride(0), residual.data_ptr() if residual is not None else None,
+            residual.stride(0) if residual is not None else 0, weight.data_ptr(),
+            out_sum.data_ptr() if out_sum is not None else None, k, vals.data_ptr(), k, cuda_quant.DTYPE_CODES[x2.dtype],
+            gs32.data_ptr(), float(eps), m, k, pdl, stream))
+        if err != 0:
+            raise RuntimeError(f"fp4c_rms_norm_values failed: CUDA error {err} (M={m}, K={k}, {x2.dtype})")
+    elif m:
         res = residual if residual is not None else x2
         total = out_sum if out_sum is not None else vals
         block_g = next_power_of_2(k // BLOCK_SIZE)
         _rms_norm_quant_kernel[(m,)](
-            x2, res, weight, global_scale.reshape(1).float(), total, vals, k, float(eps),
+            x2, res, weight, gs32, total, vals, k, float(eps),
             x2.stride(0), res.stride(0), total.stride(0), vals.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_G=block_g, num_warps=8 if k >= 4096 else 4,
             TRIGGER=m <= TRIGGER_MAX_M, **pdl_launch_args(x2.device))

@@ -9,6 +9,9 @@
 // records each key's plan after its first call); this file only executes plans.
 //
 // fp4::linear_group runs its members through the same replay eagerly (the grouped launch is for graphs).
+// The other ops of a compiled layer take the same shortcut past Python: fp4::rms_norm_quantize launches
+// the norm kernel of nvfp4_quant.cu, fp4::linear_silu_mul (where the Python path ran it unfused) its two
+// linears as above and silu_mul.cu's kernel; and every op's Autograd kernel for CUDA tensors is C++.
 //
 // Any call it cannot replay exactly (an unseen key, a stream being captured, strided or misaligned
 // rows, other dtypes or devices) goes to fp4::_linear_python, the Python implementation, which
@@ -27,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -44,6 +48,19 @@ using WgmmaFn = int (*)(const void* x, int64_t ldx, const void* w, int64_t ldw, 
                         void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                         int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                         int tail_tiles, int tail_splits, int pdl, cudaStream_t stream);
+
+// The pointwise kernels of a layer's other fp4 ops (nvfp4_quant.cu, silu_mul.cu), per device (set_kernels).
+using NormFn = int (*)(const void* x, int64_t ldx, const void* residual, int64_t ldr, const void* w, void* sum,
+                       int64_t ldsum, void* v, int64_t ldv, int dtype, const float* gs, float eps, int M, int K,
+                       int pdl, cudaStream_t stream);
+using SiluMulFn = int (*)(const void* gate, int64_t ldg, const void* up, int64_t ldu, void* out, int64_t ldo,
+                          int dtype, int M, int N, int pdl, cudaStream_t stream);
+struct Kernels {
+  int64_t norm_fn = 0, silu_mul_fn = 0;  // 0: not available (the Python path runs the op)
+  int64_t pdl = 0;
+  int64_t trigger_max_m = 0;  // the norm lets the kernel after it launch early up to this M
+  int64_t norm_max_k = 0;
+};
 
 // Plan layout: the field order of fast_linear.Plan in Python (set_plan takes them as a list).
 constexpr int64_t kQuantNone = 0, kQuantValues = 2, kQuantCodes = 3;  // cuda_quant's mode numbers
@@ -85,6 +102,10 @@ std::atomic<int64_t> g_replayed{0};  // calls this path ran (tests check that it
 // Python path's launches take theirs from its buffer, so that the two never share a region).
 constexpr int64_t kTicketEntries = 1 << 16;
 std::unordered_map<int64_t, at::Tensor> g_tickets;
+std::unordered_map<int64_t, Kernels> g_kernels;  // by device index
+// Keys (the gate's, with flags: gate bias 1, up bias 2, one global-scale tensor 4) of fp4::linear_silu_mul
+// calls that the Python path ran as two linears and silu_mul (it fuses them at decode sizes).
+std::unordered_set<Key, KeyHash> g_unfused_silu_mul;
 std::unordered_map<int64_t, int64_t> g_ticket_next;
 
 int64_t dtype_code(at::ScalarType t) {
@@ -97,6 +118,20 @@ bool unit_stride_rows(const at::Tensor& t, int64_t row_bytes_multiple) {
 }
 
 bool on(const at::Tensor& t, const c10::Device& device) { return t.device() == device; }
+
+// Is the current stream of `device` being captured into a CUDA graph (or can't we tell)?
+bool capturing(const c10::Device& device) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &capture) != cudaSuccess ||
+         capture != cudaStreamCaptureStatusNone;
+}
+
+// The pointwise kernels of `device` (none where set_kernels has not named them).
+Kernels kernels_of(const c10::Device& device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto it = g_kernels.find(device.index());
+  return it == g_kernels.end() ? Kernels{} : it->second;
+}
 
 int* take_tickets(const c10::Device& device, int64_t count) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -163,9 +198,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   if (!plan) return linear_python(x, weight, weight_scale, gs, alpha, bias, std::move(out_features), backend);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   // Captured calls take the Python path: it picks the kernels that are fastest inside a graph.
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+  if (capturing(x.device())) {
     return linear_python(x, weight, weight_scale, gs, alpha, bias, std::move(out_features), backend);
   }
   const int64_t m = x.size(0), k = x.size(1), np = weight.size(0), kp = weight.size(1) * 2;
@@ -232,14 +266,7 @@ std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList we
                                           const c10::List<std::optional<at::Tensor>>& biases,
                                           c10::SymIntArrayRef out_features, c10::string_view backend) {
   const size_t count = weights.size();
-  bool capturing = true;
-  if (x.is_cuda()) {
-    const c10::cuda::OptionalCUDAGuard guard(x.device());
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    capturing = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), &capture) !=
-                    cudaSuccess || capture != cudaStreamCaptureStatusNone;
-  }
-  if (capturing || weight_scales.size() != count || gss.size() != count || alphas.size() != count ||
+  if (!x.is_cuda() || capturing(x.device()) || weight_scales.size() != count || gss.size() != count || alphas.size() != count ||
       biases.size() != count || out_features.size() != count) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fp4::_linear_group_python", "")
@@ -255,45 +282,155 @@ std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList we
   return outs;
 }
 
-// fp4::linear_group's Autograd kernel for CUDA tensors: below autograd at once; an input that needs a
-// gradient is refused as the Python kernel refuses it (library.py).
-std::vector<at::Tensor> linear_group_autograd(c10::DispatchKeySet keys, const at::Tensor& x, at::TensorList weights,
-                                              at::TensorList weight_scales, at::TensorList gss, at::TensorList alphas,
-                                              const c10::List<std::optional<at::Tensor>>& biases,
-                                              c10::SymIntArrayRef out_features, c10::string_view backend) {
-  if (at::GradMode::is_enabled()) {
-    bool needs_grad = x.requires_grad();
-    for (const at::TensorList list : {weights, weight_scales, gss, alphas}) {
-      for (const at::Tensor& t : list) needs_grad = needs_grad || t.requires_grad();
-    }
-    for (size_t i = 0; i < biases.size(); ++i) {
-      const std::optional<at::Tensor> bias = biases.get(i);
-      needs_grad = needs_grad || (bias.has_value() && bias->requires_grad());
-    }
-    TORCH_CHECK(!needs_grad, "fp4::linear_group has no backward: the NVFP4 layers are for inference (run them under "
-                "torch.no_grad() or torch.inference_mode())");
-  }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fp4::linear_group", "").typed<LinearGroupSignature>();
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.redispatch(keys & c10::after_autograd_keyset, x, weights, weight_scales, gss, alphas, biases,
-                       out_features, backend);
+// fp4::rms_norm_quantize: the norm and quantization kernel of nvfp4_quant.cu, launched from here for
+// contiguous 16-bit rows outside graph capture (the Python path's choice there too: ops/rms_norm_quant.py;
+// graphs take its Triton kernel); any other call runs fp4::_rms_norm_quantize_python.
+using RmsNormQuantizeSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                    const at::Tensor&, double, const at::Tensor&);
+
+bool aligned_contiguous(const at::Tensor& t) {
+  return t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// fp4::linear's Autograd kernel for CUDA tensors, in place of the Python one (library.py) that would
-// cost an eager call a Python hop: below autograd at once unless an input needs a gradient; then
-// fp4::_linear_python with its Python Autograd kernel, whose outputs get a backward that raises.
-at::Tensor linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& weight,
-                           const at::Tensor& weight_scale, const at::Tensor& gs, const at::Tensor& alpha,
-                           const std::optional<at::Tensor>& bias, c10::SymInt out_features, c10::string_view backend) {
-  const bool needs_grad = at::GradMode::is_enabled() &&
-                          (x.requires_grad() || weight.requires_grad() || weight_scale.requires_grad() ||
-                           gs.requires_grad() || alpha.requires_grad() || (bias.has_value() && bias->requires_grad()));
-  if (needs_grad) return linear_python(x, weight, weight_scale, gs, alpha, bias, std::move(out_features), backend);
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fp4::linear", "").typed<LinearSignature>();
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                          const at::Tensor& weight, double eps, const at::Tensor& gs) {
+  const c10::Device device = x.device();
+  const Kernels kernels = kernels_of(device);
+  const int64_t dtype = dtype_code(x.scalar_type());
+  const int64_t k = x.dim() > 0 ? x.size(-1) : 0;
+  const bool ours = kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
+                    aligned_contiguous(x) && weight.dim() == 1 && weight.size(0) == k &&
+                    weight.scalar_type() == x.scalar_type() && on(weight, device) && aligned_contiguous(weight) &&
+                    gs.scalar_type() == at::kFloat && gs.numel() == 1 && on(gs, device) &&
+                    (!residual.has_value() ||
+                     (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                      on(*residual, device) && aligned_contiguous(*residual))) &&
+                    !capturing(device);
+  if (!ours) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fp4::_rms_norm_quantize_python", "")
+                               .typed<RmsNormQuantizeSignature>();
+    return op.call(x, residual, weight, eps, gs);
+  }
+  const c10::cuda::OptionalCUDAGuard guard(device);
+  const int64_t m = x.numel() / k;
+  at::Tensor values = at::empty(x.sizes(), x.options());
+  at::Tensor sum = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const int pdl = kernels.pdl ? (m <= kernels.trigger_max_m ? 2 : 1) : 0;
+  const int err = reinterpret_cast<NormFn>(kernels.norm_fn)(
+      x.data_ptr(), k, residual.has_value() ? residual->data_ptr() : nullptr, k, weight.data_ptr(),
+      residual.has_value() ? sum.data_ptr() : nullptr, k, values.data_ptr(), k, static_cast<int>(dtype),
+      gs.data_ptr<float>(), static_cast<float>(eps), static_cast<int>(m), static_cast<int>(k), pdl,
+      c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  TORCH_CHECK(err == 0, "fp4::rms_norm_quantize fast path: the norm kernel failed: CUDA error ", err, " (",
+              cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", m, ", K=", k);
+  return {values, sum};
+}
+
+// fp4::linear_silu_mul: for a key that the Python path ran unfused (two linears, then silu_mul; it fuses
+// them at decode sizes), the two linears as fp4::linear's fast path and silu_mul.cu's kernel; any other
+// call runs fp4::_linear_silu_mul_python.
+using LinearSiluMulSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                                          at::TensorList, const c10::List<std::optional<at::Tensor>>&, c10::SymInt,
+                                          c10::string_view);
+
+// The key of a linear_silu_mul call (the gate's, with the flags of g_unfused_silu_mul), or none where the
+// fast path does not take the call.
+std::optional<Key> silu_mul_key(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
+                                const c10::List<std::optional<at::Tensor>>& biases, int64_t n,
+                                c10::string_view backend) {
+  const int64_t dtype = dtype_code(x.scalar_type());
+  if (dtype < 0 || x.dim() != 2 || weights.size() != 2 || gss.size() != 2 || biases.size() != 2 ||
+      weights[0].dim() != 2) {
+    return std::nullopt;
+  }
+  const int64_t flags = (biases.get(0).has_value() ? 1 : 0) | (biases.get(1).has_value() ? 2 : 0) |
+                        (gss[0].is_same(gss[1]) ? 4 : 0);
+  return Key{std::string(backend), x.device().index(), dtype, flags, x.size(0), x.size(1), n, weights[0].size(0),
+             weights[0].size(1) * 2};
+}
+
+at::Tensor linear_silu_mul_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList weight_scales,
+                                at::TensorList gss, at::TensorList alphas,
+                                const c10::List<std::optional<at::Tensor>>& biases, c10::SymInt out_features,
+                                c10::string_view backend) {
+  const int64_t n = out_features.expect_int();
+  const Kernels kernels = kernels_of(x.device());
+  const std::optional<Key> key = silu_mul_key(x, weights, gss, biases, n, backend);
+  bool ours = key.has_value() && kernels.silu_mul_fn != 0 && weight_scales.size() == 2 && alphas.size() == 2 &&
+              !capturing(x.device());
+  if (ours) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    ours = g_unfused_silu_mul.count(*key) > 0;
+  }
+  if (!ours) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fp4::_linear_silu_mul_python", "")
+                               .typed<LinearSiluMulSignature>();
+    return op.call(x, weights, weight_scales, gss, alphas, biases, std::move(out_features), backend);
+  }
+  const at::Tensor gate = linear_cuda(x, weights[0], weight_scales[0], gss[0], alphas[0], biases.get(0), n, backend);
+  const at::Tensor up = linear_cuda(x, weights[1], weight_scales[1], gss[1], alphas[1], biases.get(1), n, backend);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  const int err = reinterpret_cast<SiluMulFn>(kernels.silu_mul_fn)(
+      gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), out.stride(0),
+      static_cast<int>(key->dtype), static_cast<int>(x.size(0)), static_cast<int>(n), kernels.pdl ? 1 : 0,
+      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, "fp4::linear_silu_mul fast path: the silu_mul kernel failed: CUDA error ", err, " (",
+              cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n);
+  return out;
+}
+
+// Records that the Python path ran a linear_silu_mul call unfused (fast_linear.remember_unfused_silu_mul).
+void add_unfused_silu_mul(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
+                          const c10::List<std::optional<at::Tensor>>& biases, int64_t n, c10::string_view backend) {
+  const std::optional<Key> key = silu_mul_key(x, weights, gss, biases, n, backend);
+  TORCH_CHECK(key.has_value(), "add_unfused_silu_mul: not a call the fast path takes");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (static_cast<int64_t>(g_unfused_silu_mul.size()) < kMaxPlans) g_unfused_silu_mul.insert(*key);
+}
+
+// Names the pointwise kernels of a device (fast_linear._name_kernels; 0: not available there).
+void set_kernels(int64_t device, int64_t norm_fn, int64_t silu_mul_fn, int64_t pdl, int64_t trigger_max_m,
+                 int64_t norm_max_k) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_kernels[device] = Kernels{norm_fn, silu_mul_fn, pdl, trigger_max_m, norm_max_k};
+}
+
+// The Autograd kernel of the fp4 ops for CUDA tensors, in place of the Python one (library.py), which
+// costs every eager call a Python hop (about 20 us; a W4A4 prefill took 0.973x of bf16's time under
+// inference_mode, which skips it, against 0.885x under no_grad: NOTES.md v24e): below autograd at once
+// unless an input needs a gradient. Then, as the Python kernel does, an op with tensor-list arguments
+// raises, and the others run fp4::_<name>_python, whose Python Autograd kernel gives the outputs a
+// backward that raises.
+bool needs_grad(const torch::jit::Stack& stack, size_t count) {
+  for (size_t i = stack.size() - count; i < stack.size(); ++i) {
+    const c10::IValue& v = stack[i];
+    if (v.isTensor() && v.toTensor().requires_grad()) return true;
+    if (v.isList()) {
+      for (const c10::IValue& e : v.toListRef()) {
+        if (e.isTensor() && e.toTensor().requires_grad()) return true;
+      }
+    }
+  }
+  return false;
+}
+
+void inference_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  if (at::GradMode::is_enabled() && needs_grad(*stack, schema.arguments().size())) {
+    bool lists = false;
+    for (const c10::Argument& a : schema.arguments()) lists = lists || a.type()->kind() == c10::TypeKind::ListType;
+    for (const c10::Argument& a : schema.returns()) lists = lists || a.type()->kind() == c10::TypeKind::ListType;
+    TORCH_CHECK(!lists, schema.name(), " has no backward: the NVFP4 layers are for inference (run them under "
+                "torch.no_grad() or torch.inference_mode())");
+    const std::string python = "fp4::_" + schema.name().substr(schema.name().find("::") + 2) + "_python";
+    c10::Dispatcher::singleton().findSchemaOrThrow(python.c_str(), "").callBoxed(stack);
+    return;
+  }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.redispatch(keys & c10::after_autograd_keyset, x, weight, weight_scale, gs, alpha, bias,
-                       std::move(out_features), backend);
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
 // Records the plan of a key (fast_linear.remember); the first plan of a key stays.
@@ -322,6 +459,7 @@ int64_t plan_count() {
 void clear_plans() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_plans.clear();
+  g_unfused_silu_mul.clear();
 }
 
 int64_t replayed_calls() { return g_replayed.load(std::memory_order_relaxed); }
@@ -334,14 +472,22 @@ TORCH_LIBRARY(fp4_fast, m) {
   m.def("plan_count() -> int", &plan_count);
   m.def("clear_plans() -> ()", &clear_plans);
   m.def("replayed_calls() -> int", &replayed_calls);
+  m.def("set_kernels(int device, int norm_fn, int silu_mul_fn, int pdl, int trigger_max_m, int norm_max_k) -> ()",
+        &set_kernels);
+  m.def("add_unfused_silu_mul(Tensor x, Tensor[] weights, Tensor[] input_global_scales, Tensor?[] biases, "
+        "int out_features, str backend) -> ()",
+        &add_unfused_silu_mul);
 }
 
 TORCH_LIBRARY_IMPL(fp4, CUDA, m) {
   m.impl("linear", &linear_cuda);
   m.impl("linear_group", &linear_group_cuda);
+  m.impl("linear_silu_mul", &linear_silu_mul_cuda);
+  m.impl("rms_norm_quantize", &rms_norm_quantize_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fp4, AutogradCUDA, m) {
-  m.impl("linear", &linear_autograd);
-  m.impl("linear_group", &linear_group_autograd);
+  for (const char* name : {"linear", "linear_group", "linear_silu_mul", "rms_norm_quantize"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&inference_autograd>());
+  }
 }

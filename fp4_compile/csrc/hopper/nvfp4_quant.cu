@@ -319,9 +319,10 @@ __device__ __forceinline__ void values_pair(const uint32_t* w, const float* os, 
 // 64 bytes from the next lane's, every instruction half of each sector it touched, and the kernel
 // wrote at 66-68% of the copy bandwidth (benchmarks/NOTES.md v10d, v19). The staging slots of chunk
 // c of lane L are XOR-swizzled (4 L + (c ^ (L >> 1 & 3))) so that neither side has bank conflicts.
-__device__ __forceinline__ void store_values(const Args& a, const uint4 (&chunks)[4], int64_t row, int pair,
-                                             bool valid1, bool staged, uint4* stage) {
-  uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(a.v) + row * a.ldv + 32 * static_cast<int64_t>(pair));
+// v: [M, K] 16-bit values, row stride ldv elements; v16: every row of v is 16-byte aligned.
+__device__ __forceinline__ void store_values(void* v, int64_t ldv, bool v16, const uint4 (&chunks)[4], int64_t row,
+                                             int pair, bool valid1, bool staged, uint4* stage) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(v) + row * ldv + 32 * static_cast<int64_t>(pair));
   if (staged) {
     const int lane = threadIdx.x & 31;
     uint4* warp_stage = stage + (threadIdx.x & ~31) * 4;
@@ -340,7 +341,7 @@ __device__ __forceinline__ void store_values(const Args& a, const uint4 (&chunks
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     if (c >= 2 && !valid1) break;
-    if (a.v16) {
+    if (v16) {
       *reinterpret_cast<uint4*>(dst + 4 * c) = chunks[c];
     } else {
       dst[4 * c] = chunks[c].x;
@@ -356,6 +357,56 @@ __device__ __forceinline__ float out_scale(uint32_t byte, float gs) {
   const float sf = e4m3_value(byte);
   const float safe = __fmul_rn(sf, __frcp_rn(gs));
   return sf == 0.0f ? 0.0f : __frcp_rn(safe);
+}
+
+// The scales of a pair of blocks (w: their words), as every mode computes them: the scale bytes (a
+// block holding Inf/NaN: 0x7F, `bad`), their out_scale (from the CTA's shared table `s_os` where TABLE,
+// else computed) and whether the E2M1 rounding needs the saturating min (warp-uniform over the active lanes).
+struct PairScales {
+  uint32_t b0, b1;
+  float os[2];
+  bool bad[2];
+  bool sat;
+};
+template <int DT, bool TABLE>
+__device__ __forceinline__ PairScales pair_scales(const uint32_t* w, float gs, const float* s_os) {
+  float amax[2];
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    if constexpr (DT == kF32) {
+      float m = fabsf(__uint_as_float(w[16 * b]));
+#pragma unroll
+      for (int i = 1; i < 16; ++i) m = max_nan(m, fabsf(__uint_as_float(w[16 * b + i])));
+      amax[b] = m;
+    } else {
+      amax[b] = amax16<DT>(w + 8 * b);
+    }
+  }
+  PairScales p;
+  const float v0 = __fmul_rn(gs, __fmul_rn(amax[0], 0.16666666666666666f));
+  const float v1 = __fmul_rn(gs, __fmul_rn(amax[1], 0.16666666666666666f));
+  p.bad[0] = !(amax[0] < INFINITY);
+  p.bad[1] = !(amax[1] < INFINITY);
+  const uint32_t cv = e4m3x2(v0, v1);
+  p.b0 = p.bad[0] ? 0x7Fu : (cv & 0xFFu);
+  p.b1 = p.bad[1] ? 0x7Fu : (cv >> 8);
+  p.os[0] = TABLE ? s_os[p.b0] : out_scale(p.b0, gs);
+  p.os[1] = TABLE ? s_os[p.b1] : out_scale(p.b1, gs);
+  // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
+  const bool sat = __fmul_rn(amax[0], p.os[0]) >= 7.0f || __fmul_rn(amax[1], p.os[1]) >= 7.0f;
+  p.sat = __any_sync(__activemask(), sat);
+  return p;
+}
+
+// The block values of a pair of blocks with scales `p` (chunks as values_pair's).
+template <int DT, bool FP16_OUT>
+__device__ __forceinline__ void pair_values(const uint32_t* w, const PairScales& p, bool valid1, uint4 (&chunks)[4]) {
+  const float sf[2] = {e4m3_value(p.b0), e4m3_value(p.b1)};
+  if (p.sat) {
+    values_pair<DT, true, FP16_OUT>(w, p.os, sf, valid1, chunks);
+  } else {
+    values_pair<DT, false, FP16_OUT>(w, p.os, sf, valid1, chunks);
+  }
 }
 
 // The block values (staging four 16-byte chunks per thread) are held to 64 registers, 4 CTAs per SM
@@ -406,44 +457,18 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
         w[4 * i + 2] = t.z;
         w[4 * i + 3] = t.w;
       }
-      float amax[2];
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        if constexpr (DT == kF32) {
-          float m = fabsf(__uint_as_float(w[16 * b]));
-#pragma unroll
-          for (int i = 1; i < 16; ++i) m = max_nan(m, fabsf(__uint_as_float(w[16 * b + i])));
-          amax[b] = m;
-        } else {
-          amax[b] = amax16<DT>(w + 8 * b);
-        }
-      }
-      const float v0 = __fmul_rn(gs, __fmul_rn(amax[0], 0.16666666666666666f));
-      const float v1 = __fmul_rn(gs, __fmul_rn(amax[1], 0.16666666666666666f));
-      bool bad[2] = {!(amax[0] < INFINITY), !(amax[1] < INFINITY)};
-      const uint32_t cv = e4m3x2(v0, v1);
-      const uint32_t b0 = bad[0] ? 0x7Fu : (cv & 0xFFu);
-      const uint32_t b1 = bad[1] ? 0x7Fu : (cv >> 8);
-      const float os[2] = {kTable ? s_os[b0] : out_scale(b0, gs), kTable ? s_os[b1] : out_scale(b1, gs)};
-      byte_pair = b0 | ((valid1 ? b1 : 0u) << 8);
-      // Without the saturating min, a block needs max a = amax * out_scale < 7 (NaN: bad, any path).
-      const bool sat = __fmul_rn(amax[0], os[0]) >= 7.0f || __fmul_rn(amax[1], os[1]) >= 7.0f;
-      const bool any_sat = __any_sync(__activemask(), sat);
+      const PairScales ps = pair_scales<DT, kTable>(w, gs, s_os);
+      byte_pair = ps.b0 | ((valid1 ? ps.b1 : 0u) << 8);
       if constexpr (MODE == kModeValues) {
-        const float sf[2] = {e4m3_value(b0), e4m3_value(b1)};
         uint4 chunks[4];
-        if (any_sat) {
-          values_pair<DT, true, FP16_OUT>(w, os, sf, valid1, chunks);
-        } else {
-          values_pair<DT, false, FP16_OUT>(w, os, sf, valid1, chunks);
-        }
+        pair_values<DT, FP16_OUT>(w, ps, valid1, chunks);
         // (the warp's lanes share the row from 32 threads per row on; all 64 blocks in the row)
         const bool staged = a.v16 && a.log_tx >= 5 && 2 * (pair - (threadIdx.x & 31) + 32) <= a.kb;
-        store_values(a, chunks, row, pair, valid1, staged, s_stage);
-      } else if (any_sat) {
-        encode_pair<DT, true, MODE == kModeKernelCodes>(a, w, os, bad, row, pair, valid1);
+        store_values(a.v, a.ldv, a.v16, chunks, row, pair, valid1, staged, s_stage);
+      } else if (ps.sat) {
+        encode_pair<DT, true, MODE == kModeKernelCodes>(a, w, ps.os, ps.bad, row, pair, valid1);
       } else {
-        encode_pair<DT, false, MODE == kModeKernelCodes>(a, w, os, bad, row, pair, valid1);
+        encode_pair<DT, false, MODE == kModeKernelCodes>(a, w, ps.os, ps.bad, row, pair, valid1);
       }
     }
     if constexpr (MODE == kModeLinear) {
@@ -477,6 +502,132 @@ cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, dim3 grid, bool 
       return fp16_out ? launch_kernel<DT, kModeValues, true>(a, grid, pdl, stream)
                       : launch_kernel<DT, kModeValues, false>(a, grid, pdl, stream);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, then the block values (fp4::rms_norm_quantize; ops/rms_norm_quant.py has the Triton twin)
+
+struct NormArgs {
+  const void* x;
+  int64_t ldx;  // elements
+  const void* res;  // the residual (null: none)
+  int64_t ldr;
+  const void* w;  // the norm's weight [K]
+  void* sum;      // x + residual [M, K] (written where res)
+  int64_t ldsum;
+  void* v;  // the block values [M, K]
+  int64_t ldv;
+  const float* gs;
+  float eps;
+  int k, kb, pg;  // K, 16-element blocks and block pairs per row
+  int trigger;    // 1: let the kernel after us launch once we have waited for the one before
+};
+
+// x2 words (bf16x2 / f16x2) from two floats, rounded to nearest even.
+template <int DT>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (DT == kBF16) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __half2 p = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&p);
+  }
+}
+
+// The 16 words of block pair `pair` of a 16-bit row (the second block's zero where !valid1).
+__device__ __forceinline__ void load_pair_words(const void* row, int pair, bool valid1, uint32_t (&w)[16]) {
+  const char* src = static_cast<const char*>(row) + 64 * static_cast<int64_t>(pair);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 t = make_uint4(0u, 0u, 0u, 0u);
+    if (i < 2 || valid1) t = load16(src + 16 * i);
+    w[4 * i] = t.x;
+    w[4 * i + 1] = t.y;
+    w[4 * i + 2] = t.z;
+    w[4 * i + 3] = t.w;
+  }
+}
+
+// One CTA per row; thread t owns block pairs t, t + blockDim, ... (P of them at most, held in registers
+// between the two passes). The rounding is the eager ops': the residual sum in the activation dtype, then
+// h = (s * (1 / sqrt(mean(s^2) + eps))).to(dtype) * weight rounded again (float32 products, the sum of
+// squares in float32: only its order differs from the reference's), then exactly the quantization kernel's
+// block values of h.
+template <int DT, int P>
+__global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArgs a) {
+  __shared__ float s_os[256];
+  __shared__ uint4 s_stage[kThreads * 4];  // store_values
+  __shared__ float s_part[kThreads / 32];
+  fp4c::wait_for_prior_grid();
+  if (a.trigger) fp4c::allow_dependents();
+  const float gs = __ldg(a.gs);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) s_os[i] = out_scale(i, gs);
+  const int64_t row = blockIdx.x;
+  uint32_t words[P][16];
+  float sq = 0.0f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int pair = threadIdx.x + p * blockDim.x;
+    if (pair >= a.pg) break;
+    const bool valid1 = 2 * pair + 1 < a.kb;
+    load_pair_words(static_cast<const uint16_t*>(a.x) + row * a.ldx, pair, valid1, words[p]);
+    if (a.res) {  // the residual stream's add, rounded as the eager add rounds it
+      uint32_t r[16];
+      load_pair_words(static_cast<const uint16_t*>(a.res) + row * a.ldr, pair, valid1, r);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float2 xf = unpack<DT>(words[p][i]), rf = unpack<DT>(r[i]);
+        words[p][i] = pack2<DT>(__fadd_rn(xf.x, rf.x), __fadd_rn(xf.y, rf.y));
+      }
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.sum) + row * a.ldsum + 32 * static_cast<int64_t>(pair));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (i < 2 || valid1) dst[i] = make_uint4(words[p][4 * i], words[p][4 * i + 1], words[p][4 * i + 2], words[p][4 * i + 3]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const float2 f = unpack<DT>(words[p][i]);
+      sq = __fmaf_rn(f.x, f.x, __fmaf_rn(f.y, f.y, sq));
+    }
+  }
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+  if ((threadIdx.x & 31) == 0) s_part[threadIdx.x >> 5] = sq;
+  __syncthreads();  // (also publishes s_os)
+  float total = 0.0f;
+  for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += s_part[i];
+  const float rstd = __frcp_rn(__fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(a.k)), a.eps)));
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int pair = threadIdx.x + p * blockDim.x;
+    if (pair >= a.pg) break;
+    const bool valid1 = 2 * pair + 1 < a.kb;
+    uint32_t wt[16];
+    load_pair_words(a.w, pair, valid1, wt);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const float2 f = unpack<DT>(words[p][i]), g = unpack<DT>(wt[i]);
+      const float2 h = unpack<DT>(pack2<DT>(__fmul_rn(f.x, rstd), __fmul_rn(f.y, rstd)));
+      words[p][i] = pack2<DT>(__fmul_rn(h.x, g.x), __fmul_rn(h.y, g.y));
+    }
+    const PairScales ps = pair_scales<DT, true>(words[p], gs, s_os);
+    uint4 chunks[4];
+    pair_values<DT, DT == kF16>(words[p], ps, valid1, chunks);
+    const bool staged = 2 * (pair - (threadIdx.x & 31) + 32) <= a.kb;  // the warp's 32 pairs, all whole
+    store_values(a.v, a.ldv, true, chunks, row, pair, valid1, staged, s_stage);
+  }
+}
+
+template <int DT>
+cudaError_t launch_norm(const NormArgs& a, int m, int threads, int pairs_per_thread, bool pdl, cudaStream_t stream) {
+  const dim3 grid(m), block(threads);
+  switch (pairs_per_thread) {
+    case 1: return fp4c::launch(rms_norm_values_kernel<DT, 1>, grid, block, 0, pdl, stream, a);
+    case 2: return fp4c::launch(rms_norm_values_kernel<DT, 2>, grid, block, 0, pdl, stream, a);
+    default: return fp4c::launch(rms_norm_values_kernel<DT, 4>, grid, block, 0, pdl, stream, a);
   }
 }
 
@@ -562,6 +713,32 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
     case kF16: err = launch_mode<kF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
     default: err = launch_mode<kBF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
   }
+  return static_cast<int>(err);
+}
+
+// fp4::rms_norm_quantize on 16-bit rows; returns a cudaError_t (0 = success).
+//   x [M, K] (row stride ldx elements), residual [M, K] (ldr; null: none), w [K]: dtype 1 = float16,
+//   2 = bfloat16 (the block values and the sum in the same dtype), 16-byte aligned rows and w;
+//   sum [M, K] (ldsum): x + residual, written where residual is given; v [M, K] (ldv): the block values
+//   of the normalized rows; K a multiple of 16, at most 32768;
+//   gs: device pointer to the float32 global scale;
+//   pdl: 0 = a plain launch, 1 = programmatic dependent launch, 2 = the same, and the kernel after this
+//     one may launch once this one has waited for the one before (as the Triton kernel's TRIGGER).
+int fp4c_rms_norm_values(const void* x, int64_t ldx, const void* residual, int64_t ldr, const void* w, void* sum,
+                         int64_t ldsum, void* v, int64_t ldv, int dtype, const float* gs, float eps, int M, int K,
+                         int pdl, cudaStream_t stream) {
+  constexpr int kMaxPairsPerThread = 4;
+  if (M < 0 || K < 0 || K % 16 || K > 32 * kThreads * kMaxPairsPerThread || (dtype != kF16 && dtype != kBF16) ||
+      pdl < 0 || pdl > 2) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (M == 0 || K == 0) return static_cast<int>(cudaSuccess);
+  NormArgs a{x, ldx, residual, ldr, w, sum, ldsum, v, ldv, gs, eps, K, K / 16, (K / 16 + 1) / 2, pdl == 2};
+  const int threads = a.pg >= kThreads ? kThreads : (a.pg + 31) / 32 * 32;
+  const int per_thread = (a.pg + threads - 1) / threads;
+  const int p = per_thread <= 1 ? 1 : per_thread <= 2 ? 2 : 4;
+  const cudaError_t err = dtype == kF16 ? launch_norm<kF16>(a, M, threads, p, pdl != 0, stream)
+                                        : launch_norm<kBF16>(a, M, threads, p, pdl != 0, stream);
   return static_cast<int>(err);
 }
 

@@ -1,0 +1,148 @@
+"""The CUDA kernels of a layer's other fp4 ops: the RMSNorm before the block values (``fp4c_rms_norm_values``
+in csrc/hopper/nvfp4_quant.cu, ``fp4::rms_norm_quantize``'s eager kernel) and ``silu_mul.cu``
+(``fp4::linear_silu_mul``'s second half), and the C++ fast path that launches both without Python.
+
+On any machine with nvcc: silu_mul.cu compiles for sm_90 without spills. On a GPU: silu_mul equals
+``F.silu(gate) * up`` bit for bit (vector and scalar paths, strided rows); the norm kernel equals the CPU
+reference (the sum bit for bit, the values but where the float32 sum of squares' order moves a rounding) and
+its Triton twin likewise; the fast path gives the Python path's bits, and its Autograd rules hold. Fresh
+random data every run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp4_compile import format as F
+from fp4_compile.ops import silu_mul as silu_mul_module
+from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+
+
+@needs_nvcc
+def test_silu_mul_kernel_compiles_for_sm90_without_spills(tmp_path):
+    from fp4_compile.ops.nvcc import kernel_flags, shared_library_command
+
+    report = compile_with_ptxas_report(shared_library_command(
+        silu_mul_module.SOURCE, str(tmp_path / "k.so"), kernel_flags((9, 0)) + ["-Xptxas", "-v"]))
+    assert len(report.kernels) == 4 and all("silu_mul_kernel" in k for k in report.kernels), report.kernels
+    assert all(s == ("0", "0") for s in report.spills), report.spills
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+def _cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fp4_compile.ops import cuda_quant
+
+    index = torch.cuda.current_device()
+    for reason in (cuda_quant.unavailable_reason(index), silu_mul_module.unavailable_reason(index)):
+        if reason is not None:
+            pytest.skip(reason)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n", [(1, 14336), (37, 1000), (300, 4104), (5, 7)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_mul_kernel_equals_eager(seed, dtype, m, n, strided):
+    _cuda_kernels()
+    wide = torch.randn(m, 2 * n + 8, device="cuda").mul(4).to(dtype)
+    gate = wide[:, 8:n + 8] if strided else wide[:, :n].contiguous()
+    up = torch.randn(m, n, device="cuda").mul(4).to(dtype)
+    out = silu_mul_module.silu_mul(gate, up)
+    assert torch.equal(out, torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48), (3, 14336), (2, 20480)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_kernel_against_reference_and_triton(seed, dtype, m, k, residual):
+    """The eager call (the CUDA kernel) against the CPU reference and, captured in a CUDA graph, the Triton
+    kernel: the residual sums equal, the values equal but where a rounding moves with the order of the
+    float32 sum of squares (rare)."""
+    _cuda_kernels()
+    x = torch.randn(m, k, dtype=dtype) * 4
+    r = torch.randn(m, k, dtype=dtype) if residual else None
+    w = (1 + torch.randn(k) / 4).to(dtype)
+    gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
+    ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
+    args = [t.cuda() if t is not None else None for t in (x, r, w, gs)]
+    values, total = torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(total.cpu(), ref_total) and torch.equal(captured[1].cpu(), ref_total)
+    for got in (values, captured[0]):
+        assert torch.isfinite(got).all() and (got.cpu() != ref_values).float().mean() <= 2e-3
+    assert (values != captured[0]).float().mean() <= 2e-3
+
+
+@pytest.mark.gpu
+def test_norm_kernel_writes_every_element_of_strided_rows(seed):
+    """Rows of a wider tensor (the Python path's CUDA kernel with strides) and the C++ path's contiguous
+    call give the same bits, and the outputs are fresh tensors, fully written (NaN-poisoned memory beneath)."""
+    _cuda_kernels()
+    torch.cuda.empty_cache()
+    poison = torch.full((1 << 22,), float("nan"), device="cuda")
+    del poison  # the allocator hands the NaN-filled block out again
+    m, k = 33, 4096
+    wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    gs = F.global_scale_from_amax(torch.tensor(40.0, device="cuda")).reshape(1)
+    strided = torch.ops.fp4.rms_norm_quantize(wide[:, :k], res, w, 1e-6, gs)
+    contiguous = torch.ops.fp4.rms_norm_quantize(wide[:, :k].contiguous(), res, w, 1e-6, gs)
+    for a, b in zip(strided, contiguous):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
+@pytest.mark.parametrize("m", [100, 1024])
+def test_linear_silu_mul_fast_path_equals_the_python_path(seed, backend, m):
+    """An unfused linear_silu_mul (above the gated kernel's M) on the fast path: its second call (the C++
+    path) gives the first's (the Python path's) bits, within the exact product's tolerance of the float64
+    reference, and fused calls (M = 1) are never taken over."""
+    from fp4_compile.backends import kernels_for
+    from fp4_compile.ops import fast_linear
+
+    _cuda_kernels()
+    if fast_linear.unavailable_reason(torch.cuda.current_device()) is not None:
+        pytest.skip(fast_linear.unavailable_reason(torch.cuda.current_device()))
+    n, k = 1000, 1040
+    weights, scales, refs = [], [], []
+    for _ in range(2):
+        w = torch.randn(n, k, device="cuda")
+        gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+        pw, sw = F.quantize_nvfp4(w, gw)
+        wt, wst = kernels_for(backend).prepare_weight(pw, sw)
+        weights.append(wt)
+        scales.append(wst)
+        refs.append((F.block_values(pw, sw).double(), gw))
+    for rows in (m, 1):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+        if backend == "marlin":
+            gss, alphas = [g for _, g in refs], [(1 / g).float() for _, g in refs]
+            xv = x.double()
+        else:
+            gss, alphas = [gx, gx], [(1 / (gx * g)).float() for _, g in refs]
+            xv = F.block_values(*F.quantize_nvfp4(x, gx)).double()
+        args = (x, weights, scales, gss, alphas, [None, None], n, backend)
+        first = torch.ops.fp4.linear_silu_mul(*args)
+        again = torch.ops.fp4.linear_silu_mul(*args)
+        assert torch.equal(first, again)
+        gate, up = ((xv @ wv.t() * a.double()).to(torch.bfloat16) for (wv, _), a in zip(refs, alphas))
+        expected = (torch.nn.functional.silu(gate) * up).double()
+        rel = float((first.double() - expected).norm() / expected.norm())
+        assert rel <= 1e-2, rel
