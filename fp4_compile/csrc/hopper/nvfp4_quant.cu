@@ -536,13 +536,14 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   }
 }
 
-// The 16 words of block pair `pair` of a 16-bit row (the second block's zero where !valid1).
+// The 16 words of block pair `pair` of a 16-bit row (the second block's zero where !valid1). Through L1:
+// a lane's four 16-byte loads share two 32-byte sectors, and every CTA of an SM reads the norm's weight.
 __device__ __forceinline__ void load_pair_words(const void* row, int pair, bool valid1, uint32_t (&w)[16]) {
   const char* src = static_cast<const char*>(row) + 64 * static_cast<int64_t>(pair);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint4 t = make_uint4(0u, 0u, 0u, 0u);
-    if (i < 2 || valid1) t = load16(src + 16 * i);
+    if (i < 2 || valid1) t = __ldg(reinterpret_cast<const uint4*>(src + 16 * i));
     w[4 * i] = t.x;
     w[4 * i + 1] = t.y;
     w[4 * i + 2] = t.z;
@@ -565,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
   const float gs = __ldg(a.gs);
   for (int i = threadIdx.x; i < 256; i += blockDim.x) s_os[i] = out_scale(i, gs);
   const int64_t row = blockIdx.x;
-  uint32_t words[P][16];
+  uint32_t words[P][16], wt[P][16];  // (the weight loaded with x: its latency off the path after the sum)
   float sq = 0.0f;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -573,6 +574,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
     if (pair >= a.pg) break;
     const bool valid1 = 2 * pair + 1 < a.kb;
     load_pair_words(static_cast<const uint16_t*>(a.x) + row * a.ldx, pair, valid1, words[p]);
+    load_pair_words(a.w, pair, valid1, wt[p]);
     if (a.res) {  // the residual stream's add, rounded as the eager add rounds it
       uint32_t r[16];
       load_pair_words(static_cast<const uint16_t*>(a.res) + row * a.ldr, pair, valid1, r);
@@ -605,11 +607,9 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
     const int pair = threadIdx.x + p * blockDim.x;
     if (pair >= a.pg) break;
     const bool valid1 = 2 * pair + 1 < a.kb;
-    uint32_t wt[16];
-    load_pair_words(a.w, pair, valid1, wt);
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      const float2 f = unpack<DT>(words[p][i]), g = unpack<DT>(wt[i]);
+      const float2 f = unpack<DT>(words[p][i]), g = unpack<DT>(wt[p][i]);
       const float2 h = unpack<DT>(pack2<DT>(__fmul_rn(f.x, rstd), __fmul_rn(f.y, rstd)));
       words[p][i] = pack2<DT>(__fmul_rn(h.x, g.x), __fmul_rn(h.y, g.y));
     }
