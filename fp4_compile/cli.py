@@ -278,14 +278,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\nselected on {where}: {chosen.value} (override with FP4_GEMM_BACKEND=name or --backend)")
     if where.type == "cuda":
-        from .ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, fast_linear, nvcc
+        from .ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, fast_linear, nvcc, silu_mul
 
         index = nvcc.device_index(where)
         for what, module in (("CUDA decode kernel of triton-w4a4/marlin (small M)", cuda_small_m),
                              ("CUDA wgmma kernel of triton-w4a4/marlin (M >= 17)", cuda_wgmma),
-                             ("CUDA activation quantization (codes at M >= 1024, eager block values)", cuda_quant),
+                             ("CUDA activation quantization (codes at M >= 1024, eager block values and "
+                              "RMSNorm + block values)", cuda_quant),
+                             ("CUDA silu_mul (fp4::linear_silu_mul where its GEMMs do not fuse it)", silu_mul),
                              ("cuBLASLt GEMM of triton-w4a4/marlin (large M)", cublaslt),
-                             ("C++ eager fast path of fp4::linear", fast_linear)):
+                             ("C++ eager fast path of fp4::linear, linear_group, linear_silu_mul, rms_norm_quantize",
+                              fast_linear)):
             reason = module.unavailable_reason(index)  # builds it on first use (seconds)
             print(f"{what}: {'ready' if reason is None else reason}")
         from .ops.pdl import use_pdl
