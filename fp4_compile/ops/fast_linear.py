@@ -164,5 +164,5 @@ def replayed_calls() -> int:
     return torch.ops.fp4_fast.replayed_calls() if loaded() else 0
 
 
-__all__ = ["Plan", "plan", "replays", "remember", "remember_unfused_silu_mul", "unavailable_reason", "loaded", "forget_plans", "replayed_calls",
-           "GEMM_SMALL_M", "GEMM_WGMMA"]
+__all__ = ["Plan", "plan", "replays", "remember", "remember_unfused_silu_mul", "unavailable_reason", "loaded",
+           "forget_plans", "replayed_calls", "GEMM_SMALL_M", "GEMM_WGMMA"]

@@ -296,7 +296,8 @@ def _rms_norm_quantize_fake(x, residual, weight, eps, global_scale):
     return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
 
 
-_RMS_NORM_QUANTIZE_ARGS = "(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) -> (Tensor, Tensor)"
+_RMS_NORM_QUANTIZE_ARGS = ("(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) "
+                           "-> (Tensor, Tensor)")
 
 
 @_define("rms_norm_quantize" + _RMS_NORM_QUANTIZE_ARGS, _rms_norm_quantize_fake)

@@ -77,7 +77,7 @@ def _aligned_rows(t: torch.Tensor) -> bool:
 def _use_cuda_kernel(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """The CUDA kernel for this call: eager (not captured) 16-bit rows of at most CUDA_MAX_K, aligned, where
     it is built; as fp4::rms_norm_quantize's C++ fast path decides, so that both give the same bits."""
-    if (x2.device.type != "cuda" or x2.dtype not in (torch.bfloat16, torch.float16) or x2.shape[1] > CUDA_MAX_K
+    if (x2.device.type != "cuda" or x2.dtype not in cuda_quant.VALUE_DTYPES or x2.shape[1] > CUDA_MAX_K
             or not _aligned_rows(x2) or not weight.is_contiguous() or not _aligned_rows(weight)
             or (residual is not None and not _aligned_rows(residual))):
         return False
@@ -101,11 +101,11 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
     gs32 = global_scale.reshape(1).float()
     if m and _use_cuda_kernel(x2, residual, weight):
         pdl = (2 if m <= TRIGGER_MAX_M else 1) if use_pdl(x2.device) else 0
+        res_ptr, res_ld = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
         err = nvcc.launch_on(x2.device, lambda capability, stream: cuda_quant._library(capability).fp4c_rms_norm_values(
-            x2.data_ptr(), x2.stride(0), residual.data_ptr() if residual is not None else None,
-            residual.stride(0) if residual is not None else 0, weight.data_ptr(),
-            out_sum.data_ptr() if out_sum is not None else None, k, vals.data_ptr(), k, cuda_quant.DTYPE_CODES[x2.dtype],
-            gs32.data_ptr(), float(eps), m, k, pdl, stream))
+            x2.data_ptr(), x2.stride(0), res_ptr, res_ld, weight.data_ptr(),
+            out_sum.data_ptr() if out_sum is not None else None, k, vals.data_ptr(), k,
+            cuda_quant.DTYPE_CODES[x2.dtype], gs32.data_ptr(), float(eps), m, k, pdl, stream))
         if err != 0:
             raise RuntimeError(f"fp4c_rms_norm_values failed: CUDA error {err} (M={m}, K={k}, {x2.dtype})")
     elif m:

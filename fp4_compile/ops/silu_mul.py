@@ -18,11 +18,11 @@ import triton
 import triton.language as tl
 
 from . import nvcc
+from .cuda_quant import DTYPE_CODES, VALUE_DTYPES
 from .pdl import use_pdl
 from .triton_quant import cdiv, interpreting
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "silu_mul.cu"
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 
 BLOCK = 1024
 
@@ -69,7 +69,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if not (m and n):
         return out
-    if (gate.device.type == "cuda" and gate.dtype in DTYPE_CODES
+    if (gate.device.type == "cuda" and gate.dtype in VALUE_DTYPES
             and unavailable_reason(nvcc.device_index(gate.device)) is None):
         err = nvcc.launch_on(gate.device, lambda capability, stream: _library(capability).fp4c_silu_mul(
             gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), out.stride(0),

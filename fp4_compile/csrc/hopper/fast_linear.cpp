@@ -102,11 +102,11 @@ std::atomic<int64_t> g_replayed{0};  // calls this path ran (tests check that it
 // Python path's launches take theirs from its buffer, so that the two never share a region).
 constexpr int64_t kTicketEntries = 1 << 16;
 std::unordered_map<int64_t, at::Tensor> g_tickets;
+std::unordered_map<int64_t, int64_t> g_ticket_next;
 std::unordered_map<int64_t, Kernels> g_kernels;  // by device index
 // Keys (the gate's, with flags: gate bias 1, up bias 2, one global-scale tensor 4) of fp4::linear_silu_mul
 // calls that the Python path ran as two linears and silu_mul (it fuses them at decode sizes).
 std::unordered_set<Key, KeyHash> g_unfused_silu_mul;
-std::unordered_map<int64_t, int64_t> g_ticket_next;
 
 int64_t dtype_code(at::ScalarType t) {
   return t == at::kHalf ? 1 : t == at::kBFloat16 ? 2 : -1;  // cuda_quant.DTYPE_CODES
