@@ -3,10 +3,10 @@ in csrc/hopper/nvfp4_quant.cu, ``fp4::rms_norm_quantize``'s eager kernel) and ``
 (``fp4::linear_silu_mul``'s second half), and the C++ fast path that launches both without Python.
 
 On any machine with nvcc: silu_mul.cu compiles for sm_90 without spills. On a GPU: silu_mul equals
-``F.silu(gate) * up`` bit for bit (vector and scalar paths, strided rows); the norm kernel equals the CPU
-reference (the sum bit for bit, the values but where the float32 sum of squares' order moves a rounding) and
-its Triton twin likewise; the fast path gives the Python path's bits, and its Autograd rules hold. Fresh
-random data every run.
+``F.silu(gate) * up`` bit for bit (vector and scalar paths, strided rows); the norm kernel writes every
+element of strided and contiguous rows alike (its agreement with the CPU reference and the Triton kernel:
+test_fuse_rms_norm_quant.py); linear_silu_mul's fast path gives the Python path's bits. Fresh random data
+every run.
 """
 
 from __future__ import annotations
@@ -54,37 +54,6 @@ def test_silu_mul_kernel_equals_eager(seed, dtype, m, n, strided):
     up = torch.randn(m, n, device="cuda").mul(4).to(dtype)
     out = silu_mul_module.silu_mul(gate, up)
     assert torch.equal(out, torch.nn.functional.silu(gate) * up)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48), (3, 14336), (2, 20480)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_norm_kernel_against_reference_and_triton(seed, dtype, m, k, residual):
-    """The eager call (the CUDA kernel) against the CPU reference and, captured in a CUDA graph, the Triton
-    kernel: the residual sums equal, the values equal but where a rounding moves with the order of the
-    float32 sum of squares (rare)."""
-    _cuda_kernels()
-    x = torch.randn(m, k, dtype=dtype) * 4
-    r = torch.randn(m, k, dtype=dtype) if residual else None
-    w = (1 + torch.randn(k) / 4).to(dtype)
-    gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
-    ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
-    args = [t.cuda() if t is not None else None for t in (x, r, w, gs)]
-    values, total = torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
-        with torch.cuda.graph(graph, stream=stream):
-            captured = torch.ops.fp4.rms_norm_quantize(args[0], args[1], args[2], 1e-5, args[3])
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(total.cpu(), ref_total) and torch.equal(captured[1].cpu(), ref_total)
-    for got in (values, captured[0]):
-        assert torch.isfinite(got).all() and (got.cpu() != ref_values).float().mean() <= 2e-3
-    assert (values != captured[0]).float().mean() <= 2e-3
 
 
 @pytest.mark.gpu

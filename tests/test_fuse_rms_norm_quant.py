@@ -137,11 +137,12 @@ def _gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48)])
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48), (3, 14336), (2, 20480)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_kernel_against_reference(dtype, m, k, residual):
-    """The Triton kernel against the op's CPU reference: the residual sum equal, the values equal but where a
-    normalized element's rounding differs by the order of the float32 sum (rare)."""
+def test_kernel_against_reference(seed, dtype, m, k, residual):
+    """An eager call (16-bit rows: the CUDA kernel; fp32: Triton's) and a call captured in a CUDA graph (the
+    Triton kernel) against the op's CPU reference and each other: the residual sums equal, the values equal
+    but where a normalized element's rounding differs by the order of the float32 sum (rare)."""
     _gpu()
     x = torch.randn(m, k, dtype=dtype) * 4
     r = torch.randn(m, k, dtype=dtype) if residual else None
@@ -150,8 +151,19 @@ def test_kernel_against_reference(dtype, m, k, residual):
     ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
     cuda = [t.cuda() if t is not None else None for t in (x, r, w, gs)]
     values, total = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
-    assert torch.equal(total.cpu(), ref_total)
-    assert torch.isfinite(values).all() and (values.cpu() != ref_values).float().mean() <= 2e-3
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(total.cpu(), ref_total) and torch.equal(captured[1].cpu(), ref_total)
+    for got in (values, captured[0]):
+        assert torch.isfinite(got).all() and (got.cpu() != ref_values).float().mean() <= 2e-3
+    assert (values != captured[0]).float().mean() <= 2e-3
 
 
 class W4A4Layer(nn.Module):
