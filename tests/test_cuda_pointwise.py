@@ -5,7 +5,7 @@ in csrc/hopper/nvfp4_quant.cu, ``fp4::rms_norm_quantize``'s eager kernel) and ``
 On any machine with nvcc: silu_mul.cu compiles for sm_90 without spills. On a GPU: silu_mul equals
 ``F.silu(gate) * up`` bit for bit (vector and scalar paths, strided rows); the norm kernel writes every
 element of strided and contiguous rows alike (its agreement with the CPU reference and the Triton kernel:
-test_fuse_rms_norm_quant.py); linear_silu_mul's fast path gives the Python path's bits. Fresh random data
+test_fuse_rms_norm_quant.py); linear_silu_mul's fast path (gated launch or two linears) gives the Python path's bits. Fresh random data
 every run.
 """
 
@@ -79,9 +79,9 @@ def test_norm_kernel_writes_every_element_of_strided_rows(seed):
 @pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
 @pytest.mark.parametrize("m", [100, 1024])
 def test_linear_silu_mul_fast_path_equals_the_python_path(seed, backend, m):
-    """An unfused linear_silu_mul (above the gated kernel's M) on the fast path: its second call (the C++
-    path) gives the first's (the Python path's) bits, within the exact product's tolerance of the float64
-    reference, and fused calls (M = 1) are never taken over."""
+    """linear_silu_mul on the fast path: its second call (the C++ path) gives the first's (the Python path's)
+    bits, within the exact product's tolerance of the float64 reference; unfused (M = 100, 1024: two linears
+    and the CUDA silu_mul) and gated (M = 1: one grouped launch) alike."""
     from fp4_compile.backends import kernels_for
     from fp4_compile.ops import fast_linear
 
@@ -109,7 +109,9 @@ def test_linear_silu_mul_fast_path_equals_the_python_path(seed, backend, m):
             xv = F.block_values(*F.quantize_nvfp4(x, gx)).double()
         args = (x, weights, scales, gss, alphas, [None, None], n, backend)
         first = torch.ops.fp4.linear_silu_mul(*args)
+        before = fast_linear.replayed_calls()
         again = torch.ops.fp4.linear_silu_mul(*args)
+        assert fast_linear.replayed_calls() == before + (1 if rows == 1 else 2)  # one gated launch, or two linears
         assert torch.equal(first, again)
         gate, up = ((xv @ wv.t() * a.double()).to(torch.bfloat16) for (wv, _), a in zip(refs, alphas))
         expected = (torch.nn.functional.silu(gate) * up).double()

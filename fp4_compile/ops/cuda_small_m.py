@@ -164,6 +164,11 @@ def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: boo
     return 16, 2, warps
 
 
+def group_warps(m: int, ns: list[int], k: int, device_index: int, codes: bool) -> int:
+    """Warps per CTA of a grouped launch (``small_m_gemm_group``): ``launch_config`` for all the members' rows."""
+    return launch_config(m, sum(cdiv(n, 16) * 16 for n in ns), k, num_sms(device_index), codes=codes)[2]
+
+
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                  n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                  x_scale: torch.Tensor | None = None, k: int | None = None,
@@ -273,8 +278,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     m, k, kp = shape
     fp16 = (out_dtype if codes else xs[0].dtype) == torch.float16
     device = xs[0].device
-    _, _, warps = launch_config(m, sum(cdiv(n, 16) * 16 for *_, n, _ in members), k,
-                                num_sms(nvcc.device_index(device)), codes=codes)
+    warps = group_warps(m, [n for *_, n, _ in members], k, nvcc.device_index(device), codes)
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
         len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,

@@ -138,14 +138,46 @@ def remember(backend: str, x2: torch.Tensor, weight: torch.Tensor, n: int, bias:
                                 weight.shape[0], weight.shape[1] * 2, list(plan(x2, weight, n, quant_mode, gemm_kind)))
 
 
-def remember_unfused_silu_mul(backend: str, x2: torch.Tensor, weights: list[torch.Tensor],
-                              input_global_scales: list[torch.Tensor], biases: list[torch.Tensor | None],
-                              out_features: int) -> None:
-    """After an eager Python call of ``fp4::linear_silu_mul`` that ran its two linears and ``silu_mul`` apart
-    (not fused by the backend): later calls with its key run the same way from the extension (each linear
-    through fp4::linear's fast path, then the CUDA silu_mul kernel)."""
-    if len(weights) == 2 and x2.dim() == 2 and replays(x2, None):
-        torch.ops.fp4_fast.add_unfused_silu_mul(x2, weights, input_global_scales, biases, out_features, backend)
+class GroupPlan(NamedTuple):
+    """How an eager ``fp4::linear_group`` / ``fp4::linear_silu_mul`` call ran; ``struct GroupPlan`` in fast_linear.cpp."""
+    kind: int               # GROUP_MEMBERS or GROUP_LAUNCH
+    quant_fn: int           # GROUP_LAUNCH: fp4c_nvfp4_quant's address (0: the activations as they are)
+    quant_mode: int         # 0, cuda_quant.MODE_VALUES or cuda_quant.MODE_KERNEL_CODES
+    quant_ctas_per_sm: int
+    group_fn: int           # fp4c_nvfp4_small_m_gemm_group's address
+    warps: int
+    pdl: int
+
+
+# GroupPlan.kind: each member as its own fp4::linear (then silu_mul), or one launch of the group entry
+GROUP_MEMBERS = 0
+GROUP_LAUNCH = 1
+
+
+def remember_group(backend: str, x2: torch.Tensor, members: list[tuple], gated: bool,
+                   quant_mode: int | None = None) -> None:
+    """After an eager Python call of ``fp4::linear_group`` (``gated``: ``fp4::linear_silu_mul``) of ``x2``
+    with ``members`` (weight, weight_scale, input_global_scale, alpha, bias, out_features each): later calls
+    with its key run the same way from the extension. ``quant_mode`` None: the members ran as their own
+    linears; else the call was one launch of the small-M kernel's group entry on the activations quantized
+    once in that mode (0: taken as they are), with the warps ``small_m_gemm_group`` picks."""
+    if x2.dim() != 2 or not replays(x2, None):
+        return
+    weights, _, gss, _, biases, ns = (list(field) for field in zip(*members))
+    if quant_mode is None:
+        plan = GroupPlan(GROUP_MEMBERS, 0, 0, 0, 0, 0, 0)
+    else:
+        index = nvcc.device_index(x2.device)
+        if quant_mode and cuda_quant.unavailable_reason(index) is not None:
+            return
+        capability = nvcc.device_capability(index)
+        m, k = x2.shape
+        warps = cuda_small_m.group_warps(m, ns, k, index, codes=quant_mode == cuda_quant.MODE_KERNEL_CODES)
+        quant_fn = _address(cuda_quant._library(capability), "fp4c_nvfp4_quant") if quant_mode else 0
+        plan = GroupPlan(GROUP_LAUNCH, quant_fn, quant_mode, cuda_quant.CTAS_PER_SM,
+                         _address(cuda_small_m._library(capability), "fp4c_nvfp4_small_m_gemm_group"), warps,
+                         int(use_pdl(x2.device)))
+    torch.ops.fp4_fast.set_group_plan(x2, weights, gss, biases, ns, int(gated), backend, list(plan))
 
 
 def loaded() -> bool:
@@ -164,5 +196,5 @@ def replayed_calls() -> int:
     return torch.ops.fp4_fast.replayed_calls() if loaded() else 0
 
 
-__all__ = ["Plan", "plan", "replays", "remember", "remember_unfused_silu_mul", "unavailable_reason", "loaded",
-           "forget_plans", "replayed_calls", "GEMM_SMALL_M", "GEMM_WGMMA"]
+__all__ = ["Plan", "GroupPlan", "plan", "replays", "remember", "remember_group", "unavailable_reason", "loaded",
+           "forget_plans", "replayed_calls", "GEMM_SMALL_M", "GEMM_WGMMA", "GROUP_MEMBERS", "GROUP_LAUNCH"]

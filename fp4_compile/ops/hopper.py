@@ -253,9 +253,12 @@ class TritonW4A4Kernels(_HopperKernels):
             quantized[id(gs)] = (quantize_cuda(x2, gs32, MODE_KERNEL_CODES, early_trigger=True) if codes else
                                  (fake_quantize_nvfp4_gpu(x2, gs32, _value_dtype(x2.dtype)), None))
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
-        return small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
+        outs = small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
                                   x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None,
                                   gated=gated)
+        if len(quantized) == 1:  # (the fast path quantizes once, with the first member's scale)
+            fast_linear.remember_group(self.name, x2, members, gated, MODE_KERNEL_CODES if codes else MODE_VALUES)
+        return outs
 
 
 class MarlinKernels(_HopperKernels):
@@ -273,8 +276,10 @@ class MarlinKernels(_HopperKernels):
         ``small_m_gemm_group``'s)."""
         if not use_values_group(x2, x2.shape[0], [n for *_, n in members]):
             return None
-        return small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
+        outs = small_m_gemm_group([self._activations(x2)] * len(members), self._gemm_members(members),
                                   out_dtype=x2.dtype, gated=gated)
+        fast_linear.remember_group(self.name, x2, members, gated, 0)
+        return outs
 
     def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
         raise NotImplementedError(

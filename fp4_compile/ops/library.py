@@ -239,7 +239,17 @@ def linear_group(
     if outs is None:
         outs = [kernels.linear(x, weight, weight_scale, gs, alpha, bias, n)
                 for weight, weight_scale, gs, alpha, bias, n in members]
+        _remember_members(backend, x, members, gated=False)
     return [out.contiguous() for out in outs]
+
+
+def _remember_members(backend: str, x: Tensor, members: list[tuple], gated: bool) -> None:
+    """An eager CUDA call of a group op ran its members as their own linears: so will the fast path's replays
+    (a backend that launches the group records that itself, ops/hopper.py)."""
+    if x.is_cuda:
+        from .fast_linear import remember_group
+
+        remember_group(backend, x, members, gated)
 
 
 # As _linear_python: the eager fast path's CUDA kernel of fp4::linear_group replays the members one by
@@ -276,14 +286,12 @@ def linear_silu_mul(
     fused = getattr(kernels_for(backend), "linear_silu_mul", None)
     out = fused(x, members) if fused is not None else None
     if out is None:
-        from .fast_linear import remember_unfused_silu_mul
         from .silu_mul import silu_mul
 
         gate, up = torch.ops.fp4.linear_group.default(x, weights, weight_scales, input_global_scales, alphas, biases,
                                                       [out_features] * 2, backend)
         out = silu_mul(gate, up)
-        if x.is_cuda:
-            remember_unfused_silu_mul(backend, x, weights, input_global_scales, biases, out_features)
+        _remember_members(backend, x, members, gated=True)
     return out.contiguous()
 
 

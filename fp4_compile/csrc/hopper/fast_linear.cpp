@@ -8,10 +8,11 @@
 // prefill and decode without CUDA graphs. The decisions stay in Python (fp4_compile/ops/fast_linear.py
 // records each key's plan after its first call); this file only executes plans.
 //
-// fp4::linear_group runs its members through the same replay eagerly (the grouped launch is for graphs).
-// The other ops of a compiled layer take the same shortcut past Python: fp4::rms_norm_quantize launches
-// the norm kernel of nvfp4_quant.cu, fp4::linear_silu_mul (where the Python path ran it unfused) its two
-// linears as above and silu_mul.cu's kernel; and every op's Autograd kernel for CUDA tensors is C++.
+// The other ops of a compiled layer take the same shortcut past Python: fp4::linear_group and
+// fp4::linear_silu_mul replay how the Python path ran their key (one launch of the small-M kernel's group
+// entry, gated for linear_silu_mul, or each member as fp4::linear, then silu_mul.cu's kernel),
+// fp4::rms_norm_quantize launches the norm kernel of nvfp4_quant.cu; and every op's Autograd kernel for
+// CUDA tensors is C++.
 //
 // Any call it cannot replay exactly (an unseen key, a stream being captured, strided or misaligned
 // rows, other dtypes or devices) goes to fp4::_linear_python, the Python implementation, which
@@ -30,7 +31,6 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -48,6 +48,9 @@ using WgmmaFn = int (*)(const void* x, int64_t ldx, const void* w, int64_t ldw, 
                         void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                         int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                         int tail_tiles, int tail_splits, int pdl, cudaStream_t stream);
+
+using GroupFn = int (*)(int count, const int64_t* members, int M, int K, int Kp, int x_fp16, int out_fp32, int gated,
+                        int warps, int pdl, cudaStream_t stream);
 
 // The pointwise kernels of a layer's other fp4 ops (nvfp4_quant.cu, silu_mul.cu), per device (set_kernels).
 using NormFn = int (*)(const void* x, int64_t ldx, const void* residual, int64_t ldr, const void* w, void* sum,
@@ -104,9 +107,31 @@ constexpr int64_t kTicketEntries = 1 << 16;
 std::unordered_map<int64_t, at::Tensor> g_tickets;
 std::unordered_map<int64_t, int64_t> g_ticket_next;
 std::unordered_map<int64_t, Kernels> g_kernels;  // by device index
-// Keys (the gate's, with flags: gate bias 1, up bias 2, one global-scale tensor 4) of fp4::linear_silu_mul
-// calls that the Python path ran as two linears and silu_mul (it fuses them at decode sizes).
-std::unordered_set<Key, KeyHash> g_unfused_silu_mul;
+
+// How the Python path ran an fp4::linear_group or fp4::linear_silu_mul call (fast_linear.remember_group; the field
+// order of fast_linear.GroupPlan): its members as their own linears (then silu_mul), or one launch of the small-M
+// kernel's group entry (gated for linear_silu_mul) on the activations quantized once (or taken as they are).
+constexpr int64_t kGroupMembers = 0, kGroupLaunch = 1;
+constexpr int64_t kMaxGroup = 4;  // members of one launch (nvfp4_small_m.cu)
+struct GroupPlan {
+  int64_t kind, quant_fn, quant_mode, quant_ctas_per_sm, group_fn, warps, pdl;
+};
+constexpr size_t kGroupPlanFields = sizeof(GroupPlan) / sizeof(int64_t);
+
+struct GroupKey {
+  std::string backend;
+  std::vector<int64_t> fields;  // device, dtype, gated, M, K, one global-scale tensor; per member N, Np, Kp, bias
+  bool operator==(const GroupKey& o) const { return fields == o.fields && backend == o.backend; }
+};
+
+struct GroupKeyHash {
+  size_t operator()(const GroupKey& key) const {
+    size_t h = std::hash<std::string>()(key.backend);
+    for (int64_t v : key.fields) h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
+  }
+};
+std::unordered_map<GroupKey, GroupPlan, GroupKeyHash> g_group_plans;
 
 int64_t dtype_code(at::ScalarType t) {
   return t == at::kHalf ? 1 : t == at::kBFloat16 ? 2 : -1;  // cuda_quant.DTYPE_CODES
@@ -179,6 +204,37 @@ void check_launch(int err, const char* what, const at::Tensor& x, int64_t n) {
       static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n, ", K=", x.size(1));
 }
 
+// The GEMM's activation operand: x itself (W4A16, quant_mode none), its block values or its codes with their
+// scales (W4A4), quantized with global scale gs by the kernel at quant_fn.
+std::pair<at::Tensor, at::Tensor> gemm_activations(const at::Tensor& x, const at::Tensor& gs, int64_t quant_mode,
+                                                   int64_t quant_fn, int64_t ctas_per_sm, int pdl, cudaStream_t stream,
+                                                   int64_t n) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const int quant_pdl = pdl ? 2 : 0;  // the GEMM after the quantization waits for it: it may launch at once
+  const int dtype = static_cast<int>(dtype_code(x.scalar_type()));
+  if (quant_mode == kQuantValues) {
+    at::Tensor a = at::empty({m, k}, x.options());
+    check_launch(reinterpret_cast<QuantFn>(quant_fn)(
+                     x.data_ptr(), x.stride(0), dtype, a.data_ptr(), a.stride(0), a.data_ptr(), a.stride(0),
+                     a.data_ptr(), a.stride(0), x.scalar_type() == at::kHalf, gs.data_ptr<float>(), m, k,
+                     kQuantValues, ctas_per_sm, quant_pdl, stream),
+                 "the quantization kernel", x, n);
+    return {a, at::Tensor()};
+  }
+  if (quant_mode == kQuantCodes) {
+    const int64_t kc = (k + kCodeChunk - 1) / kCodeChunk * kCodeChunk;
+    at::Tensor a = at::empty({m, kc / 2}, x.options().dtype(at::kByte));
+    at::Tensor a_scale = at::empty({m, kc / 16}, x.options().dtype(at::kByte));
+    check_launch(reinterpret_cast<QuantFn>(quant_fn)(
+                     x.data_ptr(), x.stride(0), dtype, a.data_ptr(), a.stride(0), a_scale.data_ptr(),
+                     a_scale.stride(0), a.data_ptr(), a.stride(0), 0, gs.data_ptr<float>(), m, k, kQuantCodes,
+                     ctas_per_sm, quant_pdl, stream),
+                 "the quantization kernel", x, n);
+    return {a, a_scale};
+  }
+  return {x, at::Tensor()};
+}
+
 using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const std::optional<at::Tensor>&, c10::SymInt, c10::string_view);
 
@@ -205,26 +261,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t m = x.size(0), k = x.size(1), np = weight.size(0), kp = weight.size(1) * 2;
   const int fp16 = x.scalar_type() == at::kHalf;
   const int pdl = static_cast<int>(plan->pdl);
-  const int quant_pdl = pdl ? 2 : 0;  // the GEMM after the quantization waits for it: it may launch at once
-  // The GEMM's activation operand: x itself (W4A16), its block values or its codes (W4A4).
-  at::Tensor a = x, a_scale;
-  if (plan->quant_mode == kQuantValues) {
-    a = at::empty({m, k}, x.options());
-    check_launch(reinterpret_cast<QuantFn>(plan->quant_fn)(
-                     x.data_ptr(), x.stride(0), static_cast<int>(dtype_code(x.scalar_type())), a.data_ptr(),
-                     a.stride(0), a.data_ptr(), a.stride(0), a.data_ptr(), a.stride(0), fp16,
-                     gs.data_ptr<float>(), m, k, kQuantValues, plan->quant_ctas_per_sm, quant_pdl, stream),
-                 "the quantization kernel", x, n);
-  } else if (plan->quant_mode == kQuantCodes) {
-    const int64_t kc = (k + kCodeChunk - 1) / kCodeChunk * kCodeChunk;
-    a = at::empty({m, kc / 2}, x.options().dtype(at::kByte));
-    a_scale = at::empty({m, kc / 16}, x.options().dtype(at::kByte));
-    check_launch(reinterpret_cast<QuantFn>(plan->quant_fn)(
-                     x.data_ptr(), x.stride(0), static_cast<int>(dtype_code(x.scalar_type())), a.data_ptr(),
-                     a.stride(0), a_scale.data_ptr(), a_scale.stride(0), a.data_ptr(), a.stride(0), 0,
-                     gs.data_ptr<float>(), m, k, kQuantCodes, plan->quant_ctas_per_sm, quant_pdl, stream),
-                 "the quantization kernel", x, n);
-  }
+  auto [a, a_scale] = gemm_activations(x, gs, plan->quant_mode, plan->quant_fn, plan->quant_ctas_per_sm, pdl, stream, n);
   at::Tensor out = at::empty({m, n}, x.options());
   const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
   if (plan->gemm_kind == kGemmSmallM) {
@@ -252,34 +289,129 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
-// fp4::linear_group (several linears of one activation, grouped by the compile pass at decode sizes):
-// eagerly, each member as fp4::linear, so that each replays its plan here (one grouped launch saves GPU
-// time, which only pays where the host is not the bound); a captured call takes the Python
-// implementation, which launches the group at once.
+// fp4::linear_group (several linears of one activation, grouped by the compile pass at decode sizes) and
+// fp4::linear_silu_mul (gate and up, then SiLU*mul): replayed as the Python path ran the key's first eager
+// call (its GroupPlan): one launch of the small-M kernel's group entry, or each member as fp4::linear (then
+// silu_mul.cu's kernel). A key without a plan, a captured call (graphs take the grouped launch wherever the
+// backend groups) or operands the launch cannot take go to the Python implementation.
 using LinearGroupSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
                                                      at::TensorList, at::TensorList,
                                                      const c10::List<std::optional<at::Tensor>>&,
                                                      c10::SymIntArrayRef, c10::string_view);
+using LinearSiluMulSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                                          at::TensorList, const c10::List<std::optional<at::Tensor>>&, c10::SymInt,
+                                          c10::string_view);
+
+// The members' argument lists, as the group ops take them.
+struct Members {
+  at::TensorList weights, weight_scales, gss, alphas;
+  const c10::List<std::optional<at::Tensor>>& biases;
+  std::vector<int64_t> ns;
+  size_t count() const { return weights.size(); }
+};
+
+// The key of a group call, or none where the fast path does not take it (only the shapes: the plan's
+// launch checks the operands).
+std::optional<GroupKey> group_key(const at::Tensor& x, const Members& g, int64_t gated, c10::string_view backend) {
+  const size_t count = g.count();
+  const int64_t dtype = dtype_code(x.scalar_type());
+  if (dtype < 0 || x.dim() != 2 || !x.is_cuda() || count < 1 || count > kMaxGroup || g.weight_scales.size() != count ||
+      g.gss.size() != count || g.alphas.size() != count || g.biases.size() != count || g.ns.size() != count) {
+    return std::nullopt;
+  }
+  bool one_gs = true;
+  for (const at::Tensor& gs : g.gss) one_gs = one_gs && gs.is_same(g.gss[0]);
+  GroupKey key{std::string(backend), {x.device().index(), dtype, gated, x.size(0), x.size(1), one_gs ? 1 : 0}};
+  for (size_t i = 0; i < count; ++i) {
+    if (g.weights[i].dim() != 2) return std::nullopt;
+    key.fields.insert(key.fields.end(), {g.ns[i], g.weights[i].size(0), g.weights[i].size(1) * 2,
+                                         g.biases.get(i).has_value() ? 1 : 0});
+  }
+  return key;
+}
+
+std::optional<GroupPlan> find_group_plan(const std::optional<GroupKey>& key) {
+  if (!key) return std::nullopt;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto it = g_group_plans.find(*key);
+  if (it == g_group_plans.end()) return std::nullopt;
+  return it->second;
+}
+
+// One launch of the group entry (plan kind kGroupLaunch): the activations quantized once with the first
+// member's global scale (the plan was recorded only where all members share it), then every member's GEMM;
+// gated: the gate's output only. None where an operand is not as the Python launcher would pass it.
+std::optional<std::vector<at::Tensor>> launch_group(const at::Tensor& x, const Members& g, bool gated,
+                                                    const GroupPlan& plan) {
+  const c10::Device device = x.device();
+  const size_t count = g.count();
+  if (!unit_stride_rows(x, 16) || (plan.quant_mode != kQuantNone && (g.gss[0].scalar_type() != at::kFloat ||
+                                                                     g.gss[0].numel() != 1 || !on(g.gss[0], device)))) {
+    return std::nullopt;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor &w = g.weights[i], &ws = g.weight_scales[i], &alpha = g.alphas[i];
+    const std::optional<at::Tensor> bias = g.biases.get(i);
+    if (w.scalar_type() != at::kByte || !unit_stride_rows(w, 16) || !on(w, device) || ws.dim() != 2 ||
+        ws.stride(1) != 1 || (ws.scalar_type() != at::kFloat8_e4m3fn && ws.scalar_type() != at::kByte) ||
+        !on(ws, device) || alpha.scalar_type() != at::kFloat || alpha.numel() != 1 || !on(alpha, device) ||
+        (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous() ||
+                              bias->numel() != g.ns[i] || !on(*bias, device)))) {
+      return std::nullopt;
+    }
+  }
+  const c10::cuda::OptionalCUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int64_t m = x.size(0), k = x.size(1), kp = g.weights[0].size(1) * 2;
+  const int pdl = static_cast<int>(plan.pdl);
+  auto [a, a_scale] = gemm_activations(x, g.gss[0], plan.quant_mode, plan.quant_fn, plan.quant_ctas_per_sm, pdl,
+                                       stream, g.ns[0]);
+  std::vector<at::Tensor> outs;
+  int64_t table[13 * kMaxGroup];  // per member: the row of fp4c_nvfp4_small_m_gemm_group's table
+  for (size_t i = 0; i < count; ++i) {
+    if (!gated || i == 0) outs.push_back(at::empty({m, g.ns[i]}, x.options()));
+    const at::Tensor& out = outs.back();
+    const std::optional<at::Tensor> bias = g.biases.get(i);
+    const int64_t row[13] = {reinterpret_cast<int64_t>(a.data_ptr()), a.stride(0),
+                             reinterpret_cast<int64_t>(g.weights[i].data_ptr()), g.weights[i].stride(0),
+                             reinterpret_cast<int64_t>(g.weight_scales[i].data_ptr()), g.weight_scales[i].stride(0),
+                             reinterpret_cast<int64_t>(out.data_ptr()), out.stride(0),
+                             bias.has_value() ? reinterpret_cast<int64_t>(bias->data_ptr()) : 0,
+                             reinterpret_cast<int64_t>(g.alphas[i].data_ptr()), g.ns[i],
+                             a_scale.defined() ? reinterpret_cast<int64_t>(a_scale.data_ptr()) : 0,
+                             a_scale.defined() ? a_scale.stride(0) : 0};
+    std::copy(row, row + 13, table + 13 * i);
+  }
+  check_launch(reinterpret_cast<GroupFn>(plan.group_fn)(static_cast<int>(count), table, static_cast<int>(m),
+                                                        static_cast<int>(k), static_cast<int>(kp),
+                                                        x.scalar_type() == at::kHalf, 0, gated ? 1 : 0,
+                                                        static_cast<int>(plan.warps), pdl, stream),
+               "the grouped small-M GEMM", x, g.ns[0]);
+  g_replayed.fetch_add(1, std::memory_order_relaxed);
+  return outs;
+}
 
 std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList weight_scales,
                                           at::TensorList gss, at::TensorList alphas,
                                           const c10::List<std::optional<at::Tensor>>& biases,
                                           c10::SymIntArrayRef out_features, c10::string_view backend) {
-  const size_t count = weights.size();
-  if (!x.is_cuda() || capturing(x.device()) || weight_scales.size() != count || gss.size() != count || alphas.size() != count ||
-      biases.size() != count || out_features.size() != count) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fp4::_linear_group_python", "")
-                               .typed<LinearGroupSignature>();
-    return op.call(x, weights, weight_scales, gss, alphas, biases, out_features, backend);
+  std::vector<int64_t> ns;
+  for (const c10::SymInt& n : out_features) ns.push_back(n.expect_int());
+  const Members g{weights, weight_scales, gss, alphas, biases, std::move(ns)};
+  const std::optional<GroupPlan> plan =
+      x.is_cuda() && !capturing(x.device()) ? find_group_plan(group_key(x, g, 0, backend)) : std::nullopt;
+  if (plan && plan->kind == kGroupLaunch) {
+    if (auto outs = launch_group(x, g, false, *plan)) return *outs;
+  } else if (plan) {
+    std::vector<at::Tensor> outs;
+    for (size_t i = 0; i < g.count(); ++i) {
+      outs.push_back(linear_cuda(x, weights[i], weight_scales[i], gss[i], alphas[i], biases.get(i), g.ns[i], backend));
+    }
+    return outs;
   }
-  std::vector<at::Tensor> outs;
-  outs.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    outs.push_back(linear_cuda(x, weights[i], weight_scales[i], gss[i], alphas[i], biases.get(i), out_features[i],
-                               backend));
-  }
-  return outs;
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fp4::_linear_group_python", "").typed<LinearGroupSignature>();
+  return op.call(x, weights, weight_scales, gss, alphas, biases, out_features, backend);
 }
 
 // fp4::rms_norm_quantize: the norm and quantization kernel of nvfp4_quant.cu, launched from here for
@@ -327,68 +459,59 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, c
   return {values, sum};
 }
 
-// fp4::linear_silu_mul: for a key that the Python path ran unfused (two linears, then silu_mul; it fuses
-// them at decode sizes), the two linears as fp4::linear's fast path and silu_mul.cu's kernel; any other
-// call runs fp4::_linear_silu_mul_python.
-using LinearSiluMulSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-                                          at::TensorList, const c10::List<std::optional<at::Tensor>>&, c10::SymInt,
-                                          c10::string_view);
-
-// The key of a linear_silu_mul call (the gate's, with the flags of g_unfused_silu_mul), or none where the
-// fast path does not take the call.
-std::optional<Key> silu_mul_key(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
-                                const c10::List<std::optional<at::Tensor>>& biases, int64_t n,
-                                c10::string_view backend) {
-  const int64_t dtype = dtype_code(x.scalar_type());
-  if (dtype < 0 || x.dim() != 2 || weights.size() != 2 || gss.size() != 2 || biases.size() != 2 ||
-      weights[0].dim() != 2) {
-    return std::nullopt;
-  }
-  const int64_t flags = (biases.get(0).has_value() ? 1 : 0) | (biases.get(1).has_value() ? 2 : 0) |
-                        (gss[0].is_same(gss[1]) ? 4 : 0);
-  return Key{std::string(backend), x.device().index(), dtype, flags, x.size(0), x.size(1), n, weights[0].size(0),
-             weights[0].size(1) * 2};
-}
-
+// fp4::linear_silu_mul: see fp4::linear_group above.
 at::Tensor linear_silu_mul_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList weight_scales,
                                 at::TensorList gss, at::TensorList alphas,
                                 const c10::List<std::optional<at::Tensor>>& biases, c10::SymInt out_features,
                                 c10::string_view backend) {
   const int64_t n = out_features.expect_int();
-  const Kernels kernels = kernels_of(x.device());
-  const std::optional<Key> key = silu_mul_key(x, weights, gss, biases, n, backend);
-  bool ours = key.has_value() && kernels.silu_mul_fn != 0 && weight_scales.size() == 2 && alphas.size() == 2 &&
-              !capturing(x.device());
-  if (ours) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    ours = g_unfused_silu_mul.count(*key) > 0;
+  const Members g{weights, weight_scales, gss, alphas, biases, std::vector<int64_t>(weights.size(), n)};
+  const std::optional<GroupPlan> plan = x.is_cuda() && weights.size() == 2 && !capturing(x.device())
+                                            ? find_group_plan(group_key(x, g, 1, backend))
+                                            : std::nullopt;
+  const Kernels kernels = x.is_cuda() ? kernels_of(x.device()) : Kernels{};
+  if (plan && plan->kind == kGroupLaunch) {
+    if (auto outs = launch_group(x, g, true, *plan)) return (*outs)[0];
+  } else if (plan && kernels.silu_mul_fn != 0) {
+    const at::Tensor gate = linear_cuda(x, weights[0], weight_scales[0], gss[0], alphas[0], biases.get(0), n, backend);
+    const at::Tensor up = linear_cuda(x, weights[1], weight_scales[1], gss[1], alphas[1], biases.get(1), n, backend);
+    const c10::cuda::OptionalCUDAGuard guard(x.device());
+    at::Tensor out = at::empty({x.size(0), n}, x.options());
+    const int err = reinterpret_cast<SiluMulFn>(kernels.silu_mul_fn)(
+        gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), out.stride(0),
+        static_cast<int>(dtype_code(x.scalar_type())), static_cast<int>(x.size(0)), static_cast<int>(n),
+        kernels.pdl ? 1 : 0, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == 0, "fp4::linear_silu_mul fast path: the silu_mul kernel failed: CUDA error ", err, " (",
+                cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n);
+    return out;
   }
-  if (!ours) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fp4::_linear_silu_mul_python", "")
-                               .typed<LinearSiluMulSignature>();
-    return op.call(x, weights, weight_scales, gss, alphas, biases, std::move(out_features), backend);
-  }
-  const at::Tensor gate = linear_cuda(x, weights[0], weight_scales[0], gss[0], alphas[0], biases.get(0), n, backend);
-  const at::Tensor up = linear_cuda(x, weights[1], weight_scales[1], gss[1], alphas[1], biases.get(1), n, backend);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  at::Tensor out = at::empty({x.size(0), n}, x.options());
-  const int err = reinterpret_cast<SiluMulFn>(kernels.silu_mul_fn)(
-      gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), out.stride(0),
-      static_cast<int>(key->dtype), static_cast<int>(x.size(0)), static_cast<int>(n), kernels.pdl ? 1 : 0,
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  TORCH_CHECK(err == 0, "fp4::linear_silu_mul fast path: the silu_mul kernel failed: CUDA error ", err, " (",
-              cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n);
-  return out;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fp4::_linear_silu_mul_python", "")
+                             .typed<LinearSiluMulSignature>();
+  return op.call(x, weights, weight_scales, gss, alphas, biases, std::move(out_features), backend);
 }
 
-// Records that the Python path ran a linear_silu_mul call unfused (fast_linear.remember_unfused_silu_mul).
-void add_unfused_silu_mul(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
-                          const c10::List<std::optional<at::Tensor>>& biases, int64_t n, c10::string_view backend) {
-  const std::optional<Key> key = silu_mul_key(x, weights, gss, biases, n, backend);
-  TORCH_CHECK(key.has_value(), "add_unfused_silu_mul: not a call the fast path takes");
+// Records how the Python path ran a group call (fast_linear.remember_group); the first plan of a key stays.
+void set_group_plan(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef out_features, int64_t gated,
+                    c10::string_view backend, at::IntArrayRef fields) {
+  TORCH_CHECK(fields.size() == kGroupPlanFields, "set_group_plan takes ", kGroupPlanFields, " plan fields, got ",
+              fields.size());
+  GroupPlan plan;
+  std::copy(fields.begin(), fields.end(), reinterpret_cast<int64_t*>(&plan));
+  TORCH_CHECK((plan.kind == kGroupMembers ||
+               (plan.kind == kGroupLaunch && plan.group_fn != 0 && plan.warps >= 1 && plan.warps <= 8 &&
+                (plan.quant_mode == kQuantNone || ((plan.quant_mode == kQuantValues || plan.quant_mode == kQuantCodes) &&
+                                                   plan.quant_fn != 0)))) &&
+                  (gated == 0 || gated == 1),
+              "set_group_plan: an inconsistent plan");
+  const at::Tensor no_scale;
+  const std::vector<at::Tensor> scales(weights.size(), no_scale);
+  const Members g{weights, scales, gss, gss, biases, std::vector<int64_t>(out_features.begin(), out_features.end())};
+  const std::optional<GroupKey> key = group_key(x, g, gated, backend);
+  TORCH_CHECK(key.has_value(), "set_group_plan: not a call the fast path takes");
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (static_cast<int64_t>(g_unfused_silu_mul.size()) < kMaxPlans) g_unfused_silu_mul.insert(*key);
+  if (static_cast<int64_t>(g_group_plans.size()) < kMaxPlans) g_group_plans.emplace(*key, plan);
 }
 
 // Names the pointwise kernels of a device (fast_linear._name_kernels; 0: not available there).
@@ -459,7 +582,7 @@ int64_t plan_count() {
 void clear_plans() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_plans.clear();
-  g_unfused_silu_mul.clear();
+  g_group_plans.clear();
 }
 
 int64_t replayed_calls() { return g_replayed.load(std::memory_order_relaxed); }
@@ -474,9 +597,9 @@ TORCH_LIBRARY(fp4_fast, m) {
   m.def("replayed_calls() -> int", &replayed_calls);
   m.def("set_kernels(int device, int norm_fn, int silu_mul_fn, int pdl, int trigger_max_m, int norm_max_k) -> ()",
         &set_kernels);
-  m.def("add_unfused_silu_mul(Tensor x, Tensor[] weights, Tensor[] input_global_scales, Tensor?[] biases, "
-        "int out_features, str backend) -> ()",
-        &add_unfused_silu_mul);
+  m.def("set_group_plan(Tensor x, Tensor[] weights, Tensor[] input_global_scales, Tensor?[] biases, "
+        "int[] out_features, int gated, str backend, int[] plan) -> ()",
+        &set_group_plan);
 }
 
 TORCH_LIBRARY_IMPL(fp4, CUDA, m) {
