@@ -77,18 +77,18 @@ def test_norm_kernel_writes_every_element_of_strided_rows(seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
-@pytest.mark.parametrize("m", [100, 1024])
+@pytest.mark.parametrize("m", [64])
 def test_linear_silu_mul_fast_path_equals_the_python_path(seed, backend, m):
     """linear_silu_mul on the fast path: its second call (the C++ path) gives the first's (the Python path's)
-    bits, within the exact product's tolerance of the float64 reference; unfused (M = 100, 1024: two linears
-    and the CUDA silu_mul) and gated (M = 1: one grouped launch) alike."""
+    bits, within the exact product's tolerance of the float64 reference; unfused (M = 64: two linears and the
+    CUDA silu_mul) and gated (M = 1: one grouped launch) alike."""
     from fp4_compile.backends import kernels_for
     from fp4_compile.ops import fast_linear
 
     _cuda_kernels()
     if fast_linear.unavailable_reason(torch.cuda.current_device()) is not None:
         pytest.skip(fast_linear.unavailable_reason(torch.cuda.current_device()))
-    n, k = 1000, 1040
+    n, k = 4096, 4096  # (at M = 64 both linears run the wgmma kernel: their plans replay)
     weights, scales, refs = [], [], []
     for _ in range(2):
         w = torch.randn(n, k, device="cuda")

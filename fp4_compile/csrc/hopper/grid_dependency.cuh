@@ -73,6 +73,38 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 #endif
 }
 
+// Loads of what the kernel before may have written (activations, their scales, global scales, alpha): coherent
+// ld.global, never the read-only path. Launched with PDL, a grid starts while the kernel before still runs, and
+// ld.global.nc after wait_for_prior_grid returned stale activations: W4A4 groups at M = 9..16 captured in a CUDA
+// graph, relative error 0.25-0.34 (benchmarks/NOTES.md v25g). Volatile: kept after the wait in program order.
+// Weights (written by no kernel of a forward) keep their .nc streaming loads.
+__device__ __forceinline__ uint4 coherent_load_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// As coherent_load_v4, without allocating in L1 (data read once).
+__device__ __forceinline__ uint4 coherent_load_v4_once(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t coherent_load_u16(const void* p) {
+  unsigned short v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float coherent_load_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
 // Lets the kernel after this one (launched with PDL) start now; it still waits for this grid's
 // completion in its own wait_for_prior_grid.
 __device__ __forceinline__ void allow_dependents() {

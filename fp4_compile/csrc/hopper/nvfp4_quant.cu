@@ -154,13 +154,6 @@ __device__ __forceinline__ float e4m3_value(uint32_t byte) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu)));
 }
 
-__device__ __forceinline__ uint4 load16(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
 
 template <int DT>
 struct Elem;
@@ -426,10 +419,10 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   if (a.early) fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
   if constexpr (kTable) {
-    s_os[threadIdx.x] = out_scale(threadIdx.x, __ldg(a.gs));
+    s_os[threadIdx.x] = out_scale(threadIdx.x, fp4c::coherent_load_f32(a.gs));
     __syncthreads();
   }
-  const float gs = __ldg(a.gs);
+  const float gs = fp4c::coherent_load_f32(a.gs);
 
   const int tx = threadIdx.x & ((1 << a.log_tx) - 1);
   const int pair = blockIdx.x * (1 << a.log_tx) + tx;
@@ -451,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
 #pragma unroll
       for (int i = 0; i < 2 * kLoadsPerBlock; ++i) {
         uint4 t = make_uint4(0u, 0u, 0u, 0u);
-        if (i < kLoadsPerBlock || valid1) t = load16(src + 16 * i);
+        if (i < kLoadsPerBlock || valid1) t = fp4c::coherent_load_v4_once(src + 16 * i);
         w[4 * i] = t.x;
         w[4 * i + 1] = t.y;
         w[4 * i + 2] = t.z;
@@ -538,12 +531,13 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 
 // The 16 words of block pair `pair` of a 16-bit row (the second block's zero where !valid1). Through L1:
 // a lane's four 16-byte loads share two 32-byte sectors, and every CTA of an SM reads the norm's weight.
+// Coherent (grid_dependency.cuh): the kernel before writes x and the residual.
 __device__ __forceinline__ void load_pair_words(const void* row, int pair, bool valid1, uint32_t (&w)[16]) {
   const char* src = static_cast<const char*>(row) + 64 * static_cast<int64_t>(pair);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint4 t = make_uint4(0u, 0u, 0u, 0u);
-    if (i < 2 || valid1) t = __ldg(reinterpret_cast<const uint4*>(src + 16 * i));
+    if (i < 2 || valid1) t = fp4c::coherent_load_v4(src + 16 * i);
     w[4 * i] = t.x;
     w[4 * i + 1] = t.y;
     w[4 * i + 2] = t.z;
@@ -563,7 +557,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
   __shared__ float s_part[kThreads / 32];
   fp4c::wait_for_prior_grid();
   if (a.trigger) fp4c::allow_dependents();
-  const float gs = __ldg(a.gs);
+  const float gs = fp4c::coherent_load_f32(a.gs);
   for (int i = threadIdx.x; i < 256; i += blockDim.x) s_os[i] = out_scale(i, gs);
   const int64_t row = blockIdx.x;
   uint32_t words[P][16], wt[P][16];  // (the weight loaded with x: its latency off the path after the sum)

@@ -90,20 +90,15 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   return v;
 }
 
-// A lane's scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
-// the next three groups' pairs come from the same 32-byte sector.
+// A lane's weight scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
+// the next three groups' pairs come from the same 32-byte sector. (The activations, which every CTA
+// re-reads from L1/L2, and their scales: fp4c::coherent_load_*, grid_dependency.cuh.)
 __device__ __forceinline__ uint32_t load_u16_keep(const void* p) {
   unsigned short v;
   asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return v;
 }
 
-// The activations are re-read by every CTA: keep them in L1/L2.
-__device__ __forceinline__ uint4 load_keep(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 template <int RT, int NT, bool A4>
 struct Stage {
@@ -210,12 +205,12 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     for (int j = 0; j < NT; ++j) {
       if constexpr (A4) {  // a chunk half past K holds zero codes and scale (nvfp4_quant.cu mode 3)
         const bool in = ok && x_ok[j] && k_left > 0;
-        st.x[j][0] = in ? load_keep(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
-        st.xsc[j] = in ? load_u16_keep(xs_col[j] + 8 * group) : 0u;
+        st.x[j][0] = in ? fp4c::coherent_load_v4(x_col[j] + 32 * group) : make_uint4(0, 0, 0, 0);
+        st.xsc[j] = in ? fp4c::coherent_load_u16(xs_col[j] + 8 * group) : 0u;
       } else {
 #pragma unroll
         for (int q = 0; q < 4; ++q)
-          st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? load_keep(x_col[j] + 128 * group + 8 * q)
+          st.x[j][q] = (ok && x_ok[j] && 8 * q < k_left) ? fp4c::coherent_load_v4(x_col[j] + 128 * group + 8 * q)
                                                             : make_uint4(0, 0, 0, 0);
       }
     }
@@ -294,14 +289,14 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
   __syncthreads();
 
   // the 2^-8 of the decoded weight values (and of the decoded activations)
-  const float scale = __ldg(args.alpha) * (A4 ? 65536.f : 256.f);
+  const float scale = fp4c::coherent_load_f32(args.alpha) * (A4 ? 65536.f : 256.f);
   OutT* out = static_cast<OutT*>(args.out);
   const OutT* bias = static_cast<const OutT*>(args.bias);
   const int m_tile = args.M < kCols ? args.M : kCols;
   if constexpr (GATED) {
     // gate and up each rounded to the output type, as the two linears would return them; silu(gate)
     // rounded too, as torch computes F.silu(gate) * up (opmath float, one rounding per op)
-    const float up_scale = __ldg(up->alpha) * (A4 ? 65536.f : 256.f);
+    const float up_scale = fp4c::coherent_load_f32(up->alpha) * (A4 ? 65536.f : 256.f);
     const OutT* up_bias = static_cast<const OutT*>(up->bias);
     for (int e = threadIdx.x; e < m_tile * 8; e += blockDim.x) {
       const int col = e / 8, r = e % 8;

@@ -590,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // = (j - 2 jj, h) of each group of four. Ends with the staging free again.
   auto store_tile_16bit = [&](uint32_t staging_at, int tile_row0, int tile_m0) {
     if constexpr (sizeof(OutT) == 2) {
-      const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+      const float scale = fp4c::coherent_load_f32(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
       const OutT* bias = static_cast<const OutT*>(args.bias);
       OutT* out = static_cast<OutT*>(args.out);
       const OutT* staging = reinterpret_cast<const OutT*>(smem_raw + (staging_at - raw));
@@ -733,7 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Each thread owns runs of 4 consecutive outputs of a row (q: row r, columns c..c+3).
     constexpr int kRuns = T::kRows / 4;
     constexpr int kQ = BN * kRuns;
-    const float scale = __ldg(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
+    const float scale = fp4c::coherent_load_f32(args.alpha) * 256.f;  // the 2^-8 of the decoded weight values
     const OutT* bias = static_cast<const OutT*>(args.bias);
     OutT* out = static_cast<OutT*>(args.out);
     const bool vec_out = args.ldo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % (4 * sizeof(OutT)) == 0;
