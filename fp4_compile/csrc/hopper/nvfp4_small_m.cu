@@ -82,7 +82,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #else
 #error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
 #endif
-__device__ __forceinline__ uint4 load_stream(const void* p) {
+__device__ __forceinline__ uint4 load_weight_chunk(const void* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -93,7 +93,7 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
 // A lane's weight scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
 // the next three groups' pairs come from the same 32-byte sector. (The activations, which every CTA
 // re-reads from L1/L2, and their scales: fp4c::coherent_load_*, grid_dependency.cuh.)
-__device__ __forceinline__ uint32_t load_u16_keep(const void* p) {
+__device__ __forceinline__ uint32_t load_weight_scale_pair(const void* p) {
   unsigned short v;
   asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return v;
@@ -198,8 +198,8 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     for (int i = 0; i < RT; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = ok ? load_stream(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_u16_keep(s_row[i][h] + 8 * group) : 0u;
+        st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + 8 * group) : 0u;
       }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
