@@ -5,8 +5,8 @@ in csrc/hopper/nvfp4_quant.cu, ``fp4::rms_norm_quantize``'s eager kernel) and ``
 On any machine with nvcc: silu_mul.cu compiles for sm_90 without spills. On a GPU: silu_mul equals
 ``F.silu(gate) * up`` bit for bit (vector and scalar paths, strided rows); the norm kernel writes every
 element of strided and contiguous rows alike (its agreement with the CPU reference and the Triton kernel:
-test_fuse_rms_norm_quant.py); linear_silu_mul's fast path (gated launch or two linears) gives the Python path's bits. Fresh random data
-every run.
+test_fuse_rms_norm_quant.py); linear_silu_mul's fast path (gated launch or two linears) gives the Python path's
+bits. Fresh random data every run.
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ def remember(backend: str, x2: torch.Tensor, weight: torch.Tensor, n: int, bias:
 
 
 class GroupPlan(NamedTuple):
-    """How an eager ``fp4::linear_group`` / ``fp4::linear_silu_mul`` call ran; ``struct GroupPlan`` in fast_linear.cpp."""
+    """How an eager ``fp4::linear_group`` / ``fp4::linear_silu_mul`` call ran (``struct GroupPlan`` in
+    fast_linear.cpp)."""
     kind: int               # GROUP_MEMBERS or GROUP_LAUNCH
     quant_fn: int           # GROUP_LAUNCH: fp4c_nvfp4_quant's address (0: the activations as they are)
     quant_mode: int         # 0, cuda_quant.MODE_VALUES or cuda_quant.MODE_KERNEL_CODES

@@ -261,7 +261,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t m = x.size(0), k = x.size(1), np = weight.size(0), kp = weight.size(1) * 2;
   const int fp16 = x.scalar_type() == at::kHalf;
   const int pdl = static_cast<int>(plan->pdl);
-  auto [a, a_scale] = gemm_activations(x, gs, plan->quant_mode, plan->quant_fn, plan->quant_ctas_per_sm, pdl, stream, n);
+  auto [a, a_scale] =
+      gemm_activations(x, gs, plan->quant_mode, plan->quant_fn, plan->quant_ctas_per_sm, pdl, stream, n);
   at::Tensor out = at::empty({m, n}, x.options());
   const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
   if (plan->gemm_kind == kGemmSmallM) {
@@ -424,7 +425,8 @@ bool aligned_contiguous(const at::Tensor& t) {
   return t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
+                                                          const std::optional<at::Tensor>& residual,
                                                           const at::Tensor& weight, double eps, const at::Tensor& gs) {
   const c10::Device device = x.device();
   const Kernels kernels = kernels_of(device);
@@ -499,10 +501,10 @@ void set_group_plan(const at::Tensor& x, at::TensorList weights, at::TensorList 
               fields.size());
   GroupPlan plan;
   std::copy(fields.begin(), fields.end(), reinterpret_cast<int64_t*>(&plan));
+  const bool quantizes = plan.quant_mode == kQuantValues || plan.quant_mode == kQuantCodes;
   TORCH_CHECK((plan.kind == kGroupMembers ||
                (plan.kind == kGroupLaunch && plan.group_fn != 0 && plan.warps >= 1 && plan.warps <= 8 &&
-                (plan.quant_mode == kQuantNone || ((plan.quant_mode == kQuantValues || plan.quant_mode == kQuantCodes) &&
-                                                   plan.quant_fn != 0)))) &&
+                (plan.quant_mode == kQuantNone || (quantizes && plan.quant_fn != 0)))) &&
                   (gated == 0 || gated == 1),
               "set_group_plan: an inconsistent plan");
   const at::Tensor no_scale;

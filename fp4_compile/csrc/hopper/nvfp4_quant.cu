@@ -577,10 +577,13 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
         const float2 xf = unpack<DT>(words[p][i]), rf = unpack<DT>(r[i]);
         words[p][i] = pack2<DT>(__fadd_rn(xf.x, rf.x), __fadd_rn(xf.y, rf.y));
       }
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.sum) + row * a.ldsum + 32 * static_cast<int64_t>(pair));
+      uint4* dst =
+          reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.sum) + row * a.ldsum + 32 * static_cast<int64_t>(pair));
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (i < 2 || valid1) dst[i] = make_uint4(words[p][4 * i], words[p][4 * i + 1], words[p][4 * i + 2], words[p][4 * i + 3]);
+        if (i < 2 || valid1) {
+          dst[i] = make_uint4(words[p][4 * i], words[p][4 * i + 1], words[p][4 * i + 2], words[p][4 * i + 3]);
+        }
       }
     }
 #pragma unroll
