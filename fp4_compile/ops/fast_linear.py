@@ -164,7 +164,7 @@ def remember_group(backend: str, x2: torch.Tensor, members: list[tuple], gated: 
     once in that mode (0: taken as they are), with the warps ``small_m_gemm_group`` picks."""
     if x2.dim() != 2 or not replays(x2, None):
         return
-    weights, _, gss, _, biases, ns = (list(field) for field in zip(*members))
+    weights, weight_scales, gss, alphas, biases, ns = (list(field) for field in zip(*members))
     if quant_mode is None:
         plan = GroupPlan(GROUP_MEMBERS, 0, 0, 0, 0, 0, 0)
     else:
@@ -178,7 +178,8 @@ def remember_group(backend: str, x2: torch.Tensor, members: list[tuple], gated: 
         plan = GroupPlan(GROUP_LAUNCH, quant_fn, quant_mode, cuda_quant.CTAS_PER_SM,
                          _address(cuda_small_m._library(capability), "fp4c_nvfp4_small_m_gemm_group"), warps,
                          int(use_pdl(x2.device)))
-    torch.ops.fp4_fast.set_group_plan(x2, weights, gss, biases, ns, int(gated), backend, list(plan))
+    torch.ops.fp4_fast.set_group_plan(x2, weights, weight_scales, gss, alphas, biases, ns, int(gated), backend,
+                                      list(plan))
 
 
 def loaded() -> bool:

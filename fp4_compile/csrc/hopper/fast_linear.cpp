@@ -171,28 +171,43 @@ int* take_tickets(const c10::Device& device, int64_t count) {
   return region;
 }
 
+// Are a linear's weight-side operands as the kernels take them (and the Python launchers pass them): the
+// Hopper-layout weight, uint8 with unit-stride 16-byte aligned rows (the kernels read 16-byte vectors, the
+// wgmma kernel through TMA); its e4m3 scales [Np, >= Kp/16] with unit-stride rows; alpha one float32; a
+// contiguous [n] bias in x's dtype; all on x's device.
+bool weight_operands_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                        const at::Tensor& alpha, const std::optional<at::Tensor>& bias, int64_t n) {
+  const c10::Device device = x.device();
+  if (weight.dim() != 2 || weight_scale.dim() != 2 || weight.scalar_type() != at::kByte ||
+      (weight_scale.scalar_type() != at::kFloat8_e4m3fn && weight_scale.scalar_type() != at::kByte) ||
+      alpha.scalar_type() != at::kFloat || alpha.numel() != 1) {
+    return false;
+  }
+  if (!on(weight, device) || !on(weight_scale, device) || !on(alpha, device)) return false;
+  if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !on(*bias, device) || bias->dim() != 1 ||
+                           bias->size(0) != n || !bias->is_contiguous())) {
+    return false;
+  }
+  return unit_stride_rows(weight, 16) && weight_scale.stride(1) == 1 && weight_scale.size(0) == weight.size(0) &&
+         weight_scale.size(1) * 16 >= weight.size(1) * 2;
+}
+
+// The activations' global scale as the quantization kernel reads it: one float32 on x's device.
+bool global_scale_ok(const at::Tensor& x, const at::Tensor& gs) {
+  return gs.scalar_type() == at::kFloat && gs.numel() == 1 && on(gs, x.device());
+}
+
 // The plan for this call, or none where it must take the Python path.
 std::optional<Plan> find_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                       const at::Tensor& gs, const at::Tensor& alpha, const std::optional<at::Tensor>& bias,
                       int64_t n, c10::string_view backend) {
-  const c10::Device device = x.device();
   const int64_t dtype = dtype_code(x.scalar_type());
-  if (dtype < 0 || x.dim() != 2 || weight.dim() != 2 || weight_scale.dim() != 2) return std::nullopt;
-  if (weight.scalar_type() != at::kByte ||
-      (weight_scale.scalar_type() != at::kFloat8_e4m3fn && weight_scale.scalar_type() != at::kByte) ||
-      gs.scalar_type() != at::kFloat || gs.numel() != 1 || alpha.scalar_type() != at::kFloat || alpha.numel() != 1) {
+  if (dtype < 0 || x.dim() != 2 || !unit_stride_rows(x, 16) || !global_scale_ok(x, gs) ||
+      !weight_operands_ok(x, weight, weight_scale, alpha, bias, n)) {
     return std::nullopt;
   }
-  if (!on(weight, device) || !on(weight_scale, device) || !on(gs, device) || !on(alpha, device)) return std::nullopt;
-  if (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !on(*bias, device) || bias->dim() != 1 ||
-                           bias->size(0) != n || !bias->is_contiguous())) {
-    return std::nullopt;
-  }
-  // The kernels read 16-byte vectors of x's rows and the weight's (TMA for the wgmma kernel).
-  if (!unit_stride_rows(x, 16) || !unit_stride_rows(weight, 16) || weight_scale.stride(1) != 1) return std::nullopt;
-  const Key key{std::string(backend), device.index(), dtype, bias.has_value() ? 1 : 0, x.size(0), x.size(1), n,
+  const Key key{std::string(backend), x.device().index(), dtype, bias.has_value() ? 1 : 0, x.size(0), x.size(1), n,
                 weight.size(0), weight.size(1) * 2};
-  if (weight_scale.size(0) != key.np || weight_scale.size(1) * 16 < key.kp) return std::nullopt;
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_plans.find(key);
   if (it == g_plans.end()) return std::nullopt;
@@ -346,18 +361,11 @@ std::optional<std::vector<at::Tensor>> launch_group(const at::Tensor& x, const M
                                                     const GroupPlan& plan) {
   const c10::Device device = x.device();
   const size_t count = g.count();
-  if (!unit_stride_rows(x, 16) || (plan.quant_mode != kQuantNone && (g.gss[0].scalar_type() != at::kFloat ||
-                                                                     g.gss[0].numel() != 1 || !on(g.gss[0], device)))) {
+  if (!unit_stride_rows(x, 16) || (plan.quant_mode != kQuantNone && !global_scale_ok(x, g.gss[0]))) {
     return std::nullopt;
   }
   for (size_t i = 0; i < count; ++i) {
-    const at::Tensor &w = g.weights[i], &ws = g.weight_scales[i], &alpha = g.alphas[i];
-    const std::optional<at::Tensor> bias = g.biases.get(i);
-    if (w.scalar_type() != at::kByte || !unit_stride_rows(w, 16) || !on(w, device) || ws.dim() != 2 ||
-        ws.stride(1) != 1 || (ws.scalar_type() != at::kFloat8_e4m3fn && ws.scalar_type() != at::kByte) ||
-        !on(ws, device) || alpha.scalar_type() != at::kFloat || alpha.numel() != 1 || !on(alpha, device) ||
-        (bias.has_value() && (bias->scalar_type() != x.scalar_type() || !bias->is_contiguous() ||
-                              bias->numel() != g.ns[i] || !on(*bias, device)))) {
+    if (!weight_operands_ok(x, g.weights[i], g.weight_scales[i], g.alphas[i], g.biases.get(i), g.ns[i])) {
       return std::nullopt;
     }
   }
@@ -494,9 +502,9 @@ at::Tensor linear_silu_mul_cuda(const at::Tensor& x, at::TensorList weights, at:
 }
 
 // Records how the Python path ran a group call (fast_linear.remember_group); the first plan of a key stays.
-void set_group_plan(const at::Tensor& x, at::TensorList weights, at::TensorList gss,
-                    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef out_features, int64_t gated,
-                    c10::string_view backend, at::IntArrayRef fields) {
+void set_group_plan(const at::Tensor& x, at::TensorList weights, at::TensorList weight_scales, at::TensorList gss,
+                    at::TensorList alphas, const c10::List<std::optional<at::Tensor>>& biases,
+                    at::IntArrayRef out_features, int64_t gated, c10::string_view backend, at::IntArrayRef fields) {
   TORCH_CHECK(fields.size() == kGroupPlanFields, "set_group_plan takes ", kGroupPlanFields, " plan fields, got ",
               fields.size());
   GroupPlan plan;
@@ -507,9 +515,8 @@ void set_group_plan(const at::Tensor& x, at::TensorList weights, at::TensorList 
                 (plan.quant_mode == kQuantNone || (quantizes && plan.quant_fn != 0)))) &&
                   (gated == 0 || gated == 1),
               "set_group_plan: an inconsistent plan");
-  const at::Tensor no_scale;
-  const std::vector<at::Tensor> scales(weights.size(), no_scale);
-  const Members g{weights, scales, gss, gss, biases, std::vector<int64_t>(out_features.begin(), out_features.end())};
+  const Members g{weights, weight_scales, gss, alphas, biases,
+                  std::vector<int64_t>(out_features.begin(), out_features.end())};
   const std::optional<GroupKey> key = group_key(x, g, gated, backend);
   TORCH_CHECK(key.has_value(), "set_group_plan: not a call the fast path takes");
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -599,8 +606,8 @@ TORCH_LIBRARY(fp4_fast, m) {
   m.def("replayed_calls() -> int", &replayed_calls);
   m.def("set_kernels(int device, int norm_fn, int silu_mul_fn, int pdl, int trigger_max_m, int norm_max_k) -> ()",
         &set_kernels);
-  m.def("set_group_plan(Tensor x, Tensor[] weights, Tensor[] input_global_scales, Tensor?[] biases, "
-        "int[] out_features, int gated, str backend, int[] plan) -> ()",
+  m.def("set_group_plan(Tensor x, Tensor[] weights, Tensor[] weight_scales, Tensor[] input_global_scales, "
+        "Tensor[] alphas, Tensor?[] biases, int[] out_features, int gated, str backend, int[] plan) -> ()",
         &set_group_plan);
 }
 
