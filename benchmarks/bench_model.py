@@ -33,7 +33,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_info, print_table, time_eager_us, write_json  # noqa: E402
+from _common import env_info, print_table, write_json  # noqa: E402
 
 import fp4_compile  # noqa: E402
 
