@@ -116,5 +116,5 @@ rows("bench_pdl.json", "programmatic dependent launch, us per linear off -> on (
 mo = load("bench_model.json")
 if mo:
     for r in mo["rows"]:
-        print("model:", {k: v for k, v in r.items() if k in ("model", "compile", "weights_MB", "decode1_us", "decode16_us", "prefill_us", "decode1_x", "decode1_queued_x", "decode16_x", "decode16_queued_x", "prefill_x", "prefill_inference_mode_x", "prefill_graph_us", "prefill_graph_x")})
+        print("model:", {k: v for k, v in r.items() if k in ("model", "compile", "weights_MB", "decode1_us", "decode16_us", "prefill_us", "decode1_x", "decode1_queued_x", "decode16_x", "decode16_queued_x", "prefill_x", "prefill_inference_mode_x", "prefill_graph_us", "prefill_graph_x", "decode16_rel_err_vs_bf16", "decode16_rel_err_vs_reference")})
 PY
