@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import env_info, print_table, write_json  # noqa: E402
 
 import fp4_compile  # noqa: E402
+from fp4_compile.format import block_values  # noqa: E402
 
 D, H, KVH, HD, FF, CACHE = 4096, 32, 8, 128, 14336, 1024
 
@@ -184,9 +185,8 @@ class W4A16Reference(nn.Module):
 
     def __init__(self, layer: "fp4_compile.NVFP4Linear"):
         super().__init__()
-        gs = layer.weight_global_scale.float()
-        self.register_buffer("values", (layer.dequantized_weight() * gs).to(torch.bfloat16))
-        self.register_buffer("alpha", torch.reciprocal(gs).double())
+        self.register_buffer("values", block_values(*layer.linear_weight()).to(torch.bfloat16))
+        self.register_buffer("alpha", torch.reciprocal(layer.weight_global_scale.float()).double())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().double())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
