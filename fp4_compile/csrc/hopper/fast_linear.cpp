@@ -443,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
   const bool ours = kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
                     aligned_contiguous(x) && weight.dim() == 1 && weight.size(0) == k &&
                     weight.scalar_type() == x.scalar_type() && on(weight, device) && aligned_contiguous(weight) &&
-                    gs.scalar_type() == at::kFloat && gs.numel() == 1 && on(gs, device) &&
+                    global_scale_ok(x, gs) &&
                     (!residual.has_value() ||
                      (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
                       on(*residual, device) && aligned_contiguous(*residual))) &&

@@ -154,7 +154,6 @@ __device__ __forceinline__ float e4m3_value(uint32_t byte) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xFFFFu)));
 }
 
-
 template <int DT>
 struct Elem;
 template <>
@@ -418,11 +417,11 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   // us (it may have written x and the global scale).
   if (a.early) fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
+  const float gs = fp4c::coherent_load_f32(a.gs);
   if constexpr (kTable) {
-    s_os[threadIdx.x] = out_scale(threadIdx.x, fp4c::coherent_load_f32(a.gs));
+    s_os[threadIdx.x] = out_scale(threadIdx.x, gs);
     __syncthreads();
   }
-  const float gs = fp4c::coherent_load_f32(a.gs);
 
   const int tx = threadIdx.x & ((1 << a.log_tx) - 1);
   const int pair = blockIdx.x * (1 << a.log_tx) + tx;

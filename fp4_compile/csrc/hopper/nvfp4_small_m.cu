@@ -99,7 +99,6 @@ __device__ __forceinline__ uint32_t load_weight_scale_pair(const void* p) {
   return v;
 }
 
-
 template <int RT, int NT, bool A4>
 struct Stage {
   uint4 w[RT][2];          // rows g and g + 8 of each 16-row tile: the 16-byte chunk of this lane
