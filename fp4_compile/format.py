@@ -295,11 +295,12 @@ def unswizzle_blockscale(swizzled: torch.Tensor, rows: int, k: int) -> torch.Ten
 
 
 def pad_weight_for_alignment(
-    packed: torch.Tensor, scales: torch.Tensor, alignment: int = ALIGNMENT
+    packed: torch.Tensor, scales: torch.Tensor, alignment: int = ALIGNMENT, k_alignment: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad a weight ``[N, K/2]`` and its linear scales ``[N, K/16]`` to N, K multiples of ``alignment``."""
+    """Zero-pad a weight ``[N, K/2]`` and its linear scales ``[N, K/16]`` to N a multiple of ``alignment`` and K
+    of ``k_alignment`` (default: ``alignment``)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    np_, kp = round_up(n, alignment), round_up(k, alignment)
+    np_, kp = round_up(n, alignment), round_up(k, k_alignment or alignment)
     if (np_, kp) == (n, k):
         return packed, scales
     out = torch.zeros((np_, kp // 2), dtype=packed.dtype, device=packed.device)

@@ -86,6 +86,7 @@ def test_restore_weight_inverse_on_cpu():
     import torch
 
     from fp4_compile import format as F
+    from fp4_compile.ops import weight_layout as WL
     from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4
 
     n, k = 45, 112
@@ -93,9 +94,10 @@ def test_restore_weight_inverse_on_cpu():
     sw = torch.randint(0, 126, (n, k // 16), dtype=torch.uint8).view(torch.float8_e4m3fn)
     for kern in (TRITON_W4A4, MARLIN):
         wt, wst = kern.prepare_weight(pw, sw)
-        assert wt.shape == (F.round_up(n, 32), F.round_up(k, 32) // 2)
-        assert wst.shape == (F.round_up(n, 32), F.round_up(k, 32) // 16)
-        assert (wst.view(torch.uint8)[n:] == 0).all() and (wst.view(torch.uint8)[:, k // 16:] == 0).all()
+        assert wt.shape == (F.round_up(n, 32), F.round_up(k, WL.TILE_K) // 2)
+        assert wst.shape == (F.round_up(n, 32), F.round_up(k, WL.TILE_K) // 16)
+        scales = WL.untile_rows(wst.view(torch.uint8), WL.TILE_SCALE_BYTES)  # (prepared scales are tiled)
+        assert (scales[n:] == 0).all() and (scales[:, k // 16:] == 0).all()
         p2, s2 = kern.restore_weight(wt, wst, n, k)
         assert torch.equal(p2, pw)
         assert torch.equal(s2.view(torch.uint8), sw.view(torch.uint8))

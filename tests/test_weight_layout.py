@@ -140,3 +140,38 @@ def test_rotations_equal_the_multiply():
     for s in rotations:
         rotated = rotated | (((u << s) | (u >> (32 - s))) & 0xFFFFFFFF)
     assert len(rotations) == 3 and torch.equal(rotated & WL.BF16_BITS, WL.place_bf16(words)[3])
+
+
+def _tiled_offset(r: int, c: int, row_len: int, piece: int) -> int:
+    """The kernels' address of element c of row r in a tiled view whose rows hold row_len elements
+    (triton_gemm.tiled_offsets; nvfp4_decode.cuh's tiled_row + tiled_group with piece in bytes)."""
+    return (r // 16) * 16 * row_len + (c // piece) * 16 * piece + (r % 16) * piece + c % piece
+
+
+@pytest.mark.parametrize("rows,k", [(16, 256), (32, 512), (96, 4096), (64, 1280)])
+def test_tiling_round_trip_and_addresses(rows, k):
+    """tile_rows is a byte permutation undone by untile_rows, and puts (row r, byte c) where the kernels'
+    address arithmetic reads it: for the codes (128-byte pieces; Triton reads 4-byte words, 32 a piece),
+    and the scales (16-byte pieces; Triton reads 2-byte pairs, 8 a piece)."""
+    codes = torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8)
+    scales = torch.randint(0, 256, (rows, k // 16), dtype=torch.uint8)
+    for t, piece in ((codes, WL.TILE_CODE_BYTES), (scales, WL.TILE_SCALE_BYTES)):
+        tiled = WL.tile_rows(t, piece)
+        assert tiled.shape == t.shape and torch.equal(WL.untile_rows(tiled, piece), t)
+        flat = tiled.flatten()
+        for r in sorted({0, 1, 15, min(16, rows - 1), rows - 1}):
+            for c in sorted({0, 7, piece - 1, min(piece, t.shape[1] - 1), t.shape[1] - 1}):
+                assert flat[_tiled_offset(r, c, t.shape[1], piece)] == t[r, c]
+        for unit in (4, 2):  # Triton's int32 words of codes / int16 scale pairs
+            if piece % unit == 0 and t.shape[1] % unit == 0:
+                view = tiled.view(torch.int32 if unit == 4 else torch.int16).flatten()
+                ref = t.contiguous().view(torch.int32 if unit == 4 else torch.int16)
+                r, c = rows - 1, ref.shape[1] - 1
+                assert view[_tiled_offset(r, c, ref.shape[1], piece // unit)] == ref[r, c]
+
+
+def test_tiling_rejects_untileable_shapes():
+    with pytest.raises(ValueError, match="rows a multiple of 16"):
+        WL.tile_rows(torch.zeros(24, 128, dtype=torch.uint8), WL.TILE_CODE_BYTES)
+    with pytest.raises(ValueError, match="128-byte row pieces"):
+        WL.tile_rows(torch.zeros(32, 96, dtype=torch.uint8), WL.TILE_CODE_BYTES)

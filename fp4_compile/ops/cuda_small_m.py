@@ -21,7 +21,7 @@ from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 from .triton_gemm import NUM_SMS_DEFAULT, num_sms
 from .triton_quant import cdiv
-from .weight_layout import CHUNK
+from .weight_layout import CHUNK, TILE_K
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
@@ -290,12 +290,12 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, k: int) -> None:
-    """M in the kernel's range; K a multiple of 16 within the weight's padded K (a multiple of 32); the
-    weight's rows padded to 32 and covering N."""
+    """M in the kernel's range; K a multiple of 16 within the weight's padded K (a multiple of TILE_K); the
+    weight contiguous (it is tiled), its rows padded to 32 and covering N."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     kp = weight.shape[1] * 2
-    if k % 16 or k > kp or kp % 32 or weight.shape[0] % 32 or n > weight.shape[0]:
+    if k % 16 or k > kp or kp % TILE_K or weight.shape[0] % 32 or n > weight.shape[0] or not weight.is_contiguous():
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
 
 

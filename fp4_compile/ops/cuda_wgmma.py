@@ -20,13 +20,14 @@ from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
 from .split_tickets import split_tickets
 from .triton_gemm import num_sms
+from .weight_layout import TILE_K
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
 # wgmma needs the arch-specific sm_90a target: the kernel exists for Hopper only.
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-K_ALIGNMENT = 64  # the kernel reads each weight row's scale bytes 4 at a time
+K_ALIGNMENT = TILE_K  # the kernel's TMA maps read the tiled weight's 256-k row pieces (weight_layout.py)
 # K splits: reduced in a thread-block cluster (at most the portable cluster size) or through global memory.
 SPLITS = (1, 2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
@@ -116,8 +117,8 @@ def _weight_problem(weight: torch.Tensor) -> str | None:
     """Why the kernel cannot read this prepared weight (None: it can)."""
     if (weight.shape[1] * 2) % K_ALIGNMENT:
         return f"the weight's padded K ({weight.shape[1] * 2}) must be a multiple of {K_ALIGNMENT}"
-    if weight.data_ptr() % 16 or weight.stride(1) != 1:
-        return "the weight must be 16-byte aligned with contiguous rows (it is read by TMA)"
+    if weight.data_ptr() % 16 or not weight.is_contiguous():
+        return "the weight must be contiguous and 16-byte aligned (it is read by TMA)"
     return None
 
 
@@ -128,7 +129,7 @@ def _tiles(m: int, n: int, bn: int, wm: int) -> int:
 
 def supports(weight: torch.Tensor) -> bool:
     """Can the kernel take this prepared weight (on a device where it runs, padded K a multiple of
-    64, 16-byte aligned rows)? Its bf16/fp16 activations must live on the same device."""
+    256, contiguous and 16-byte aligned)? Its bf16/fp16 activations must live on the same device."""
     if weight.device.type != "cuda" or _weight_problem(weight) is not None:
         return False
     index = nvcc.device_index(weight.device)
@@ -311,7 +312,7 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
-    multiple of 64); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
+    multiple of 256); the weight in the Hopper layout (uint8 [Np, Kp/2], e4m3 [Np, Kp/16]);
     ``alpha`` one float32 on the device; ``out_dtype`` x.dtype or float32. Fed NVFP4 block values,
     this is the exact W4A4 product. ``tile`` (one of TILES), ``splits`` and ``workspace`` (reduce
     the splits through global memory rather than in a cluster) override ``launch_config``,

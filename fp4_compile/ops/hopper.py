@@ -23,9 +23,10 @@ device scalar) and the bias in its fp32 epilogue (``cublaslt.py``). Eager calls 
 will replay (``fast_linear``: later calls of the same shape skip this module) take the CUDA kernels at
 every M they run, where host time outweighs the GPU time the other kernels would save.
 
-All of them share one weight layout (``weight_layout.py``): uint8 ``[Np, Kp/2]`` (N, K padded to
-32) with the code bits of each 4-byte word placed for the in-register decode, and linear fp8
-scales ``[Np, Kp/16]``. ``restore_weight`` is its exact inverse (pure torch, runs on CPU).
+All of them share one weight layout (``weight_layout.py``): uint8 ``[Np, Kp/2]`` (N padded to 32, K to
+256) with the code bits of each 4-byte word placed for the in-register decode, and fp8 scales
+``[Np, Kp/16]``, both tiled (each 16-row tile's 256-k row pieces contiguous). ``restore_weight`` is
+its exact inverse (pure torch, runs on CPU).
 On CPU tensors ``mm``/``linear`` raise unless TRITON_INTERPRET=1 (Triton's interpreter, for CI).
 """
 
@@ -43,7 +44,8 @@ from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
-from .weight_layout import from_kernel_layout, to_kernel_layout
+from .weight_layout import (TILE_CODE_BYTES, TILE_K, TILE_SCALE_BYTES, from_kernel_layout, tile_rows, to_kernel_layout,
+                            untile_rows)
 
 WEIGHT_ALIGNMENT = 32
 
@@ -94,8 +96,9 @@ class _HopperKernels:
 
     def prepare_weight(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_linear_weight(packed, scales)
-        packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT)
-        weight = to_kernel_layout(packed)
+        packed, scales = pad_weight_for_alignment(packed, scales, WEIGHT_ALIGNMENT, TILE_K)
+        weight = tile_rows(to_kernel_layout(packed), TILE_CODE_BYTES)
+        scales = tile_rows(scales.view(torch.uint8), TILE_SCALE_BYTES).view(scales.dtype)
         if weight.device.type == "cuda":
             split_tickets.reserve(weight.device)  # allocated here, outside graph capture
             if cublaslt.available(weight.device):
@@ -107,10 +110,11 @@ class _HopperKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] % 16:
             raise TypeError(f"weight must be uint8 [Np, Kp/2] in {self.name} layout, got {tuple(weight.shape)}")
-        packed = from_kernel_layout(weight)
+        packed = from_kernel_layout(untile_rows(weight, TILE_CODE_BYTES))
+        scales = untile_rows(weight_scale.view(torch.uint8), TILE_SCALE_BYTES).view(weight_scale.dtype)
         return (
             packed[:out_features, : in_features // 2].contiguous(),
-            weight_scale[:out_features, : in_features // BLOCK_SIZE].contiguous(),
+            scales[:out_features, : in_features // BLOCK_SIZE].contiguous(),
         )
 
     def linear_group(self, x: torch.Tensor, members: list[tuple]) -> list[torch.Tensor] | None:

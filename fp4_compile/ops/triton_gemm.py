@@ -8,11 +8,12 @@ values ``e2m1 * sf * 2^-8`` (bf16 or fp16; the 2^8 goes into alpha) and ``a`` is
   A_MODE 2: NVFP4 activation codes + linear block scales (``fp4::mm``).
 
 Weight layout (``prepare_weight`` in hopper.py, ``weight_layout.py``): uint8 ``[Np, Kp/2]`` with N
-and K padded to multiples of 32; each 4-byte word holds 8 codes with their bits placed so that 8
+padded to a multiple of 32 and K of 256; each 4-byte word holds 8 codes with their bits placed so that 8
 integer instructions turn the word into four bf16x2 patterns ``e2m1 * 2^-126``, and one
 ``fma.rn.bf16x2`` per pair applies ``sf * 2^118`` (no LUT, no overflow: 448 * 2^118 < 2^128).
-Scales: fp8 e4m3 ``[Np, Kp/16]`` linear, zero padded. Under TRITON_INTERPRET=1 (no inline asm) the
-same placement is computed in int64 and read back as codes; both paths give identical values.
+Scales: fp8 e4m3 ``[Np, Kp/16]``, zero padded. Both are tiled (``tiled_offsets``). Under TRITON_INTERPRET=1
+(no inline asm) the same placement is computed in int64 and read back as codes; both paths give
+identical values.
 
 Small M (<= 16) runs weights as the MMA's M side (``tl.dot(w, x^T)``, tokens padded to 16)
 with split-K; partial tiles go to an fp32 workspace and the last program of each tile (an
@@ -143,6 +144,13 @@ def _decode_words(wq, sp, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.conste
 
 
 @triton.jit
+def tiled_offsets(rows, cols, row_len, PIECE: tl.constexpr):
+    """Element offsets of (rows, cols) in a tiled weight view (``weight_layout.tile_rows``) whose rows hold
+    ``row_len`` elements: each 16-row tile's PIECE-element row pieces are contiguous, tile by tile."""
+    return (rows // 16) * (16 * row_len) + (cols // PIECE) * (16 * PIECE) + (rows % 16) * PIECE + cols % PIECE
+
+
+@triton.jit
 def _fp4_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, alpha_ptr, gs_ptr, part_ptr, lock_ptr,
     M, N, K,
@@ -189,8 +197,8 @@ def _fp4_gemm_kernel(
     e8 = tl.arange(0, 8)
     k_ar = tl.arange(0, BK)
 
-    # pointers at k = 0
-    ws_rows = ws_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wsn
+    # weight rows (tiled views: code words 32, scale pairs 8 a tile row piece)
+    w_n = offs_n_safe.to(tl.int64)[:, None]
     # activation rows actually loaded: BMQ = next_pow2(M) <= BM when one M tile covers M (small M:
     # the [BMQ, BK] tile is quantized once and broadcast to the BM >= 16 rows the MMA needs)
     offs_q = pid_m * BM + tl.arange(0, BMQ)
@@ -203,7 +211,6 @@ def _fp4_gemm_kernel(
         gs = tl.load(gs_ptr)
 
     # weight words: [BN, BK/8] int32 per k-tile (16-byte vector loads), viewed as [BN, BK/32, 4]
-    w_rows2 = w_ptr + offs_n_safe.to(tl.int64)[:, None] * stride_wn
     w_off2 = tl.arange(0, BK // 8)[None, :]
 
     if DOT:
@@ -218,18 +225,18 @@ def _fp4_gemm_kernel(
         k0 = kt * BK
         # ---- weights: [BN, G, 8] bytes + [BN, G] scales -> [BN, BK] values * 2^-8
         # scale pairs: int16 [BN, BK/32] (blocks 2j, 2j+1 of each 32-element chunk)
+        sp_ptrs = ws_ptr + tiled_offsets(w_n, (k0 // 32 + j_ar)[None, :], stride_wsn, 8)
         if EVEN_K:
-            sp = tl.load(ws_rows + (k0 // 32 + j_ar)[None, :], eviction_policy=W_EVICT)
+            sp = tl.load(sp_ptrs, eviction_policy=W_EVICT)
         else:
-            sp = tl.load(ws_rows + (k0 // 32 + j_ar)[None, :], mask=((k0 // 32 + j_ar) < tl.cdiv(K, 32))[None, :],
-                         other=0, eviction_policy=W_EVICT)
+            sp = tl.load(sp_ptrs, mask=((k0 // 32 + j_ar) < tl.cdiv(K, 32))[None, :], other=0, eviction_policy=W_EVICT)
         sp = (sp.to(tl.int32) & 0xFFFF)[:, :, None]
+        wq_ptrs = w_ptr + tiled_offsets(w_n, k0 // 8 + w_off2, stride_wn, 32)
         if EVEN_K:
-            wq = tl.load(w_rows2 + k0 // 8 + w_off2, eviction_policy=W_EVICT)
+            wq = tl.load(wq_ptrs, eviction_policy=W_EVICT)
         else:
-            # the weight is zero-padded to a multiple of 32 in K: load whole 32-element chunks
-            wq = tl.load(w_rows2 + k0 // 8 + w_off2, mask=(k0 + 8 * w_off2) < tl.cdiv(K, 32) * 32, other=0,
-                         eviction_policy=W_EVICT)
+            # the weight is zero-padded in K: load whole 32-element chunks
+            wq = tl.load(wq_ptrs, mask=(k0 + 8 * w_off2) < tl.cdiv(K, 32) * 32, other=0, eviction_policy=W_EVICT)
         wq = tl.reshape(wq, [BN, BK // 32, 4])
         w = _decode_words(wq, sp, BN, BK, USE_ASM, IS_FP16)
 
@@ -502,11 +509,12 @@ def _dequant_weight_kernel(w_ptr, ws_ptr, out_ptr, N, K, stride_wn, stride_wsn, 
     k0 = pid_k * BK
     j_ar = tl.arange(0, BK // 32)
     kc = tl.cdiv(K, 32)
-    sp = tl.load(ws_ptr + rows[:, None] * stride_wsn + (k0 // 32 + j_ar)[None, :],
+    sp = tl.load(ws_ptr + tiled_offsets(rows[:, None], (k0 // 32 + j_ar)[None, :], stride_wsn, 8),
                  mask=((k0 // 32 + j_ar) < kc)[None, :], other=0)
     sp = (sp.to(tl.int32) & 0xFFFF)[:, :, None]
     w_off = tl.arange(0, BK // 8)[None, :]
-    wq = tl.load(w_ptr + rows[:, None] * stride_wn + k0 // 8 + w_off, mask=(k0 + 8 * w_off) < kc * 32, other=0)
+    wq = tl.load(w_ptr + tiled_offsets(rows[:, None], k0 // 8 + w_off, stride_wn, 32), mask=(k0 + 8 * w_off) < kc * 32,
+                 other=0)
     w = _decode_words(tl.reshape(wq, [BN, BK // 32, 4]), sp, BN, BK, USE_ASM, IS_FP16)
     k_ar = k0 + tl.arange(0, BK)
     w = w.to(tl.float32) * 256.0  # undo the decode's 2^-8 (exact): cuBLASLt then takes alpha as it is

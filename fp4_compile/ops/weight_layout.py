@@ -22,6 +22,12 @@ The codes of a word are the k-columns an MMA quad's thread ``t`` holds (Marlin's
 of each 32-element chunk carries k = 2t + h + 8 * (j % 2) + 16 * (j // 2) in lane h of ``r[j]``.
 ``nvfp4_decode.cuh`` (CUDA) and ``triton_gemm._asm_word`` (Triton) implement ``place_bf16``;
 ``tests/test_weight_layout.py`` checks that their constants are these.
+
+The bytes are then tiled (``tile_rows``): for each 16-row tile and each 256 k, the 16 rows' 128 code
+bytes (and 16 scale bytes) are contiguous, a 2 KB block. A warp of the decode kernel reads 16 rows x
+64 bytes per 128-k group: row-major they lie in 16 DRAM pages K/2 bytes apart, tiled in one block,
+and a row's 128 bytes still hold two groups, so a load's 128-byte L2 fetch brings the next group as
+before. H100: 1-5% faster at M=1, 7-11% at M=8 (benchmarks/NOTES.md v27e). So K is padded to 256.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ GROUP_SHIFTS = (0, 3, 6)  # r[0..2] = (w << s) & BF16_BITS
 GROUP3_BITS = 0x6C006C00  # r[3]'s bits: 10, 11, 13, 14 of each lane
 GROUP3_MULT = (1 << 2) | (1 << 8) | (1 << 13)  # = 8452: copies shifted by 2, 8 and 13
 CHUNK = 32  # elements per 16-byte chunk (4 words)
+TILE_ROWS = 16  # rows of a tile
+TILE_K = 256  # elements of a tile row piece
+TILE_CODE_BYTES = TILE_K // 2
+TILE_SCALE_BYTES = TILE_K // 16
 _MASK32 = 0xFFFFFFFF
 
 
@@ -102,6 +112,27 @@ def from_kernel_layout(weight: torch.Tensor) -> torch.Tensor:
     return pack_e2m1(chunks.to(torch.uint8).reshape(rows, cols * 2)).contiguous()
 
 
+def tile_rows(t: torch.Tensor, piece: int) -> torch.Tensor:
+    """Codes ``[Np, Kp/2]`` (``piece`` = TILE_CODE_BYTES) or scales ``[Np, Kp/16]`` (TILE_SCALE_BYTES) of a weight,
+    Np a multiple of TILE_ROWS and Kp of TILE_K -> the same shape, the bytes reordered tile by tile as
+    ``[Np/16][Kp/256][16 rows][piece]``."""
+    tiles, pieces = _tile_shape(t, piece)
+    return t.reshape(tiles, TILE_ROWS, pieces, piece).transpose(1, 2).contiguous().reshape(t.shape)
+
+
+def untile_rows(t: torch.Tensor, piece: int) -> torch.Tensor:
+    """Inverse of ``tile_rows`` (exact)."""
+    tiles, pieces = _tile_shape(t, piece)
+    return t.reshape(tiles, pieces, TILE_ROWS, piece).transpose(1, 2).contiguous().reshape(t.shape)
+
+
+def _tile_shape(t: torch.Tensor, piece: int) -> tuple[int, int]:
+    if t.dim() != 2 or t.shape[0] % TILE_ROWS or t.shape[1] % piece:
+        raise ValueError(f"a tiled weight needs rows a multiple of {TILE_ROWS} and whole {piece}-byte row pieces, "
+                         f"got {tuple(t.shape)}")
+    return t.shape[0] // TILE_ROWS, t.shape[1] // piece
+
+
 def _check_packed(packed: torch.Tensor) -> tuple[int, int]:
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"packed codes must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
@@ -124,4 +155,5 @@ def _bytes_to_words(data: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BF16_BITS", "FP16_BITS", "FP16_MULT", "GROUP_SHIFTS", "GROUP3_BITS", "GROUP3_MULT",
-           "place_bf16", "code_bit_positions", "chunk_k", "to_kernel_layout", "from_kernel_layout"]
+           "TILE_ROWS", "TILE_K", "TILE_CODE_BYTES", "TILE_SCALE_BYTES", "place_bf16", "code_bit_positions", "chunk_k", "to_kernel_layout",
+           "from_kernel_layout", "tile_rows", "untile_rows"]

@@ -108,6 +108,16 @@ __device__ __forceinline__ void decode_word(uint32_t w, const ScalePair<FP16>& s
   }
 }
 
+// Byte offsets in the tiled weight layout (ops/weight_layout.py, tile_rows): each 16-row tile's 256-k row
+// pieces (128 code bytes, 16 scale bytes) are contiguous, tile by tile. Row r (r >= 0) of a weight whose rows
+// hold `row_bytes` bytes starts at tiled_row(r, row_bytes, piece bytes); its 128-k group g (`bytes` of the
+// row: 64 of codes, 8 of scales) is tiled_group(g, bytes) further. (32-bit group math: int64 here took up to
+// 27 more registers in the decode kernel.)
+__device__ __forceinline__ int64_t tiled_row(int64_t r, int64_t row_bytes, int piece) {
+  return (r >> 4) * 16 * row_bytes + (r & 15) * piece;
+}
+__device__ __forceinline__ int tiled_group(int g, int bytes) { return (g >> 1) * 32 * bytes + (g & 1) * bytes; }
+
 // float <-> output element type
 template <typename OutT>
 struct Convert;

@@ -11,8 +11,9 @@
 //
 // Weight layout (shared with the Triton kernels, see ops/weight_layout.py): uint8
 // [Np, Kp/2] rows, each 16-byte chunk (32 k) holding in word w (0..3) the k-columns
-// {2w, 2w+1} + {0, 8, 16, 24}; scales e4m3 [Np, Kp/16] linear, so a chunk's two scales are one
-// 16-bit load.
+// {2w, 2w+1} + {0, 8, 16, 24}; scales e4m3 [Np, Kp/16], so a chunk's two scales are one
+// 16-bit load; both tiled (fp4c::tiled_row): a 16-row tile's 256-k row pieces are contiguous, so the
+// 16 rows a warp reads per 128-k group lie in one 2 KB block.
 //
 // Why not the Triton kernel's structure at small M: there each k-step is a dependent chain
 // (shared-memory load -> decode -> wgmma -> wait) of one warpgroup, at 2 CTAs/SM (ncu: 12.5%
@@ -171,8 +172,8 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     for (int h = 0; h < 2; ++h) {
       const Args& src = GATED && h == 1 ? *up : args;
       const int64_t r = GATED ? row0 + g : row0 + 16 * i + 8 * h + g;
-      w_row[i][h] = src.w + r * src.ldw + 16 * t;
-      s_row[i][h] = src.ws + r * src.ldws + 2 * t;
+      w_row[i][h] = src.w + fp4c::tiled_row(r, src.ldw, 128) + 16 * t;
+      s_row[i][h] = src.ws + fp4c::tiled_row(r, src.ldws, 16) + 2 * t;
     }
   const uint16_t* x_col[NT];  // (A4: codes, 16 bytes per chunk)
   const uint8_t* xs_col[NT];
@@ -197,8 +198,8 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     for (int i = 0; i < RT; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + 64 * group) : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + 8 * group) : 0u;
+        st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + fp4c::tiled_group(group, 64)) : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
       }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -450,8 +451,8 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
                             int M, int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages,
                             int warps, int pdl, cudaStream_t stream) {
-  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 || warps > 8 || pdl < 0 ||
-      pdl > 1) {
+  if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 256 || K > Kp || ldw != Kp / 2 || ldws != Kp / 16 ||
+      warps < 1 || warps > 8 || pdl < 0 || pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws), out,
@@ -476,7 +477,7 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 // GEMM's result rounded to the output type first (row 1's out unused).
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
                                   int out_fp32, int gated, int warps, int pdl, cudaStream_t stream) {
-  if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 32 || K > Kp || warps < 1 ||
+  if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 256 || K > Kp || warps < 1 ||
       warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -490,7 +491,9 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
   for (int i = 0; i < count; ++i) {
     const int64_t* f = members + 13 * i;
     const int n = static_cast<int>(f[10]);
-    if (n < 1 || (f[11] != 0) != (members[11] != 0)) return static_cast<int>(cudaErrorInvalidValue);
+    if (n < 1 || (f[11] != 0) != (members[11] != 0) || f[3] != Kp / 2 || f[5] != Kp / 16) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    }
     group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
                            reinterpret_cast<const uint8_t*>(f[4]), reinterpret_cast<void*>(f[6]),
                            reinterpret_cast<const void*>(f[8]), reinterpret_cast<const float*>(f[9]), f[1], f[3],

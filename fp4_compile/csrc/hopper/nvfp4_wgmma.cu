@@ -196,11 +196,26 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
-// 2D TMA load of one box at (c0 = innermost coordinate, c1), completing on an mbarrier.
+// TMA loads of one box at (c0 = innermost coordinate, ...), completing on an mbarrier.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_5d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            int c4, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+      "%6}], [%7];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+      "r"(bar)
       : "memory");
 }
 
@@ -447,8 +462,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool scales = args.scale_tma && begins;
         mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes + (scales ? T::kScaleGroupBytes : 0));
         tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
-        tma_load_2d(w_s + s * T::kWBytes, &w_map, kt * (kBK / 2), tile_row0, full + 8 * s);
-        if (scales) tma_load_2d(slot, &s_map, 4 * (kt - pos), tile_row0, full + 8 * s);  // 16 bytes a row
+        // (tiled maps, see make_weight_maps: stage kt is 32-byte piece kt % 4 of 256-k piece kt / 4)
+        tma_load_5d(w_s + s * T::kWBytes, &w_map, 0, kt % 4, 0, kt / 4, tile_row0 / 16, full + 8 * s);
+        if (scales) tma_load_4d(slot, &s_map, 0, 0, kt / 4, tile_row0 / 16, full + 8 * s);  // 16 bytes a row
         if (it == 0) FP4C_EVENT(kFirstLoad);
       }
       if (!args.scale_tma) {
@@ -456,7 +472,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
           const int r = lane + 32 * p;
           const bool ok = tile_row0 + r < args.Np;
-          const uint8_t* src = args.ws + (ok ? static_cast<int64_t>(tile_row0 + r) * args.ldws + 4 * kt : 0);
+          const uint8_t* src =
+              args.ws + (ok ? fp4c::tiled_row(tile_row0 + r, args.ldws, 16) + fp4c::tiled_group(kt / 2, 8) + 4 * (kt % 2)
+                            : 0);
           cp_async4(slot + 16 * r + 4 * pos, src, ok);
         }
       }
@@ -802,20 +820,35 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// A row-major [rows, cols] tensor of `elem`-byte elements, row stride `ld` elements, read in boxes
-// of box_cols x box_rows; out-of-range elements read as zero.
-cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem, int64_t rows,
-                     int64_t cols, int64_t ld, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+// A tensor of RANK dims (innermost first, strides in bytes of dims 1..RANK-1) read in boxes; out-of-range
+// elements read as zero.
+template <int RANK>
+cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, const cuuint64_t (&dims)[RANK],
+                     const cuuint64_t (&strides)[RANK - 1], const cuuint32_t (&box)[RANK], CUtensorMapSwizzle swizzle) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * elem};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t steps[2] = {1, 1};
-  const CUresult r = encode(map, type, 2, const_cast<void*>(base), dims, strides, box, steps,
+  cuuint32_t steps[RANK];
+  for (int i = 0; i < RANK; ++i) steps[i] = 1;
+  const CUresult r = encode(map, type, RANK, const_cast<void*>(base), dims, strides, box, steps,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// The tiled weight (ops/weight_layout.py: each 16-row tile's 256-k row pieces contiguous) as TMA sees it:
+// codes [tile][piece][16 rows][4 stages][32 bytes] read a stage of `rows` rows at a time, and scales
+// [tile][piece][16 rows][16 bytes] read 4 stages at a time. Either box lands in shared memory as the
+// row-major [rows][32 or 16 bytes] tile of a 2D map of an untiled weight (the swizzle too: it is a function
+// of the shared-memory address).
+cudaError_t make_weight_maps(CUtensorMap* w_map, CUtensorMap* s_map, const void* w, const void* ws, int64_t np,
+                             int64_t kp, int rows, bool scales) {
+  const cuuint64_t tiles = static_cast<cuuint64_t>(np / 16), pieces = static_cast<cuuint64_t>(kp / 256);
+  const cudaError_t err = make_map<5>(w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, {32, 4, 16, pieces, tiles},
+                                      {32, 128, 2048, pieces * 2048}, {32, 1, 16, 1, static_cast<cuuint32_t>(rows / 16)},
+                                      CU_TENSOR_MAP_SWIZZLE_32B);
+  if (err != cudaSuccess || !scales) return err;
+  return make_map<4>(s_map, ws, CU_TENSOR_MAP_DATA_TYPE_UINT8, {16, 16, pieces, tiles}, {16, 256, pieces * 256},
+                     {16, 16, 1, static_cast<cuuint32_t>(rows / 16)}, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
@@ -829,21 +862,16 @@ cudaError_t allow_smem() {
 }
 
 template <bool FP16, int BN, int WM, typename OutT>
-cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int splits,
+cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args& args, int splits,
                    bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
   CUtensorMap x_map, w_map, s_map{};
-  cudaError_t err = make_map(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, args.M, K, ldx, kBK, BN,
-                             CU_TENSOR_MAP_SWIZZLE_128B);
+  cudaError_t err = make_map<2>(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                                {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(args.M)},
+                                {static_cast<cuuint64_t>(ldx) * 2}, {kBK, BN}, CU_TENSOR_MAP_SWIZZLE_128B);
   if (err != cudaSuccess) return err;
-  err = make_map(&w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 2, ldw, kBK / 2, T::kRows,
-                 CU_TENSOR_MAP_SWIZZLE_32B);
+  err = make_weight_maps(&w_map, &s_map, w, args.ws, args.Np, args.Kp, T::kRows, args.scale_tma != 0);
   if (err != cudaSuccess) return err;
-  if (args.scale_tma) {  // [Np, Kp/16] scale bytes in boxes of 16 bytes (4 stages) x the tile's rows
-    err = make_map(&s_map, args.ws, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, args.Np, args.Kp / 16, args.ldws, 16,
-                   T::kRows, CU_TENSOR_MAP_SWIZZLE_NONE);
-    if (err != cudaSuccess) return err;
-  }
   const dim3 grid((args.N + T::kRows - 1) / T::kRows, (args.M + BN - 1) / BN, splits);
   const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y;
   const int sms = fp4c::sm_count();
@@ -871,10 +899,10 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int K
 }
 
 template <bool FP16, typename OutT>
-cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int64_t ldw, int K, const Args& args, int bn,
+cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int K, const Args& args, int bn,
                           int wm, int splits, bool pdl, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, ldw, K, args, splits, pdl, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, K, args, splits, pdl, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
   FP4C_TILE(256, 1)
 #undef FP4C_TILE
@@ -895,30 +923,30 @@ extern "C" {
 // fixup holds tail_tiles x (tail_splits - 1) x bn x 128 wm floats, tickets tail_tiles ints.
 // Tickets must be zero at launch; the kernel leaves them zero. pdl: 1 = programmatic dependent
 // launch, 0 = a plain launch.
-// Kp must be a multiple of 64 (the scale rows are read 4 bytes at a time); x and w 16-byte aligned,
-// ldx a multiple of 8 (TMA).
+// The weight is tiled (ops/weight_layout.py): Np a multiple of 16, Kp of 256, ldw = Kp / 2 and ldws = Kp / 16;
+// x and w 16-byte aligned, ldx a multiple of 8 (TMA). Scales not 16-byte aligned are read by cp.async.
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                           int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
-  if (M < 1 || N < 1 || N > Np || K < 16 || K % 16 || K > Kp || Kp % 64 || ldx % 8 || ldw % 16 || ldws % 4 ||
-      reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
+  if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
+      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
       splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
       reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const int scale_tma = ldws % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // TMA strides, base
+  const int scale_tma = reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // (TMA's base alignment)
   const bool through_memory = tail_tiles > 0 || splits > 1;
   const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
                   (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
                   through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
   cudaError_t err;
   if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
-                   : dispatch_tile<true, __half>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
   } else {
-    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, ldw, K, args, bn, wm, splits, pdl != 0, stream);
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
   }
   return static_cast<int>(err);
 }
