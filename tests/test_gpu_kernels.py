@@ -587,13 +587,15 @@ def test_wgmma_kernel_graph_replay(seed):
 
 def test_wgmma_kernel_rejects_bad_input():
     _need_wgmma()
-    pw, sw, gw = make_weight(64, 96)  # K padded to 96: not a multiple of 64
+    pw, sw, gw = make_weight(64, 96)
     wt, wst = MARLIN.prepare_weight(pw, sw)
     alpha = (1 / gw).float()
     x = torch.randn(32, 96, device=DEV, dtype=torch.bfloat16)
-    assert not cuda_wgmma.supports(wt)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
+    assert cuda_wgmma.supports(wt)  # (prepared weights pad K to 256)
+    untiled = torch.zeros(64, 48, dtype=torch.uint8, device=DEV)  # K = 96: not whole 256-k tile pieces
+    assert not cuda_wgmma.supports(untiled) and not cuda_wgmma.supports(wt[:, :64])
+    with pytest.raises(ValueError, match="multiple of 256"):
+        cuda_wgmma.wgmma_gemm(x, untiled, wst[:, :6], alpha, n=64, out_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bf16 or fp16"):
         cuda_wgmma.wgmma_gemm(x.float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
     pw, sw, gw = make_weight(64, 128)
@@ -616,9 +618,11 @@ def test_small_m_kernel_rejects_bad_input():
         cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=64, out_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bf16 or fp16"):
         cuda_small_m.small_m_gemm(x[:2].float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
-    with pytest.raises(ValueError, match="bad shapes"):
-        cuda_small_m.small_m_gemm(torch.randn(2, 96, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
+    with pytest.raises(ValueError, match="bad shapes"):  # K beyond the weight's (padded to 256)
+        cuda_small_m.small_m_gemm(torch.randn(2, 320, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
                                   out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bad shapes"):  # a tiled weight must stay whole
+        cuda_small_m.small_m_gemm(x[:2], wt[:, :64], wst[:, :8], alpha, n=64, out_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("cfg", [
