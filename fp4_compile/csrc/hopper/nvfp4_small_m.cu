@@ -446,7 +446,8 @@ extern "C" {
 // stride ldxs), and x_fp16 picks the MMA operand type, also the output's unless out_fp32 (then bf16);
 // rows_per_warp 16, stages 2. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
-// pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch.
+// pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch. The weight is tiled
+// (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
                             int M, int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages,

@@ -472,9 +472,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int p = 0; p < T::kRows / 32; ++p) {  // each row's four scale bytes of these 64 k
           const int r = lane + 32 * p;
           const bool ok = tile_row0 + r < args.Np;
-          const uint8_t* src =
-              args.ws + (ok ? fp4c::tiled_row(tile_row0 + r, args.ldws, 16) + fp4c::tiled_group(kt / 2, 8) + 4 * (kt % 2)
-                            : 0);
+          const int64_t at =
+              fp4c::tiled_row(tile_row0 + r, args.ldws, 16) + fp4c::tiled_group(kt / 2, 8) + 4 * (kt % 2);
+          const uint8_t* src = args.ws + (ok ? at : 0);
           cp_async4(slot + 16 * r + 4 * pos, src, ok);
         }
       }
@@ -843,12 +843,13 @@ cudaError_t make_map(CUtensorMap* map, const void* base, CUtensorMapDataType typ
 cudaError_t make_weight_maps(CUtensorMap* w_map, CUtensorMap* s_map, const void* w, const void* ws, int64_t np,
                              int64_t kp, int rows, bool scales) {
   const cuuint64_t tiles = static_cast<cuuint64_t>(np / 16), pieces = static_cast<cuuint64_t>(kp / 256);
+  const cuuint32_t box_tiles = static_cast<cuuint32_t>(rows / 16);
   const cudaError_t err = make_map<5>(w_map, w, CU_TENSOR_MAP_DATA_TYPE_UINT8, {32, 4, 16, pieces, tiles},
-                                      {32, 128, 2048, pieces * 2048}, {32, 1, 16, 1, static_cast<cuuint32_t>(rows / 16)},
+                                      {32, 128, 2048, pieces * 2048}, {32, 1, 16, 1, box_tiles},
                                       CU_TENSOR_MAP_SWIZZLE_32B);
   if (err != cudaSuccess || !scales) return err;
   return make_map<4>(s_map, ws, CU_TENSOR_MAP_DATA_TYPE_UINT8, {16, 16, pieces, tiles}, {16, 256, pieces * 256},
-                     {16, 16, 1, static_cast<cuuint32_t>(rows / 16)}, CU_TENSOR_MAP_SWIZZLE_NONE);
+                     {16, 16, 1, box_tiles}, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
