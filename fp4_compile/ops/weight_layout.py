@@ -27,7 +27,8 @@ The bytes are then tiled (``tile_rows``): for each 16-row tile and each 256 k, t
 bytes (and 16 scale bytes) are contiguous, a 2 KB block. A warp of the decode kernel reads 16 rows x
 64 bytes per 128-k group: row-major they lie in 16 DRAM pages K/2 bytes apart, tiled in one block,
 and a row's 128 bytes still hold two groups, so a load's 128-byte L2 fetch brings the next group as
-before. H100: 1-5% faster at M=1, 7-11% at M=8 (benchmarks/NOTES.md v27e). So K is padded to 256.
+before. H100: 1-5% faster at M=1, 7-11% at M=8 (benchmarks/NOTES.md v27e). So K is padded to 256 (a layer
+with K < 256 stores up to 256 / K times its codes; the layers of LLMs have K in the thousands).
 """
 
 from __future__ import annotations
