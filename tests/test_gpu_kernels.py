@@ -497,6 +497,31 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
     assert _tickets_are_zero()
 
 
+def test_wgmma_scales_not_16_byte_aligned(seed):
+    """Scales whose base is not 16-byte aligned (4 is enough for its 4-byte copies) cannot be read by TMA: the
+    producer copies each row's 4 scale bytes of a stage from the tiled layout instead. Bit-equal to the TMA
+    path (the same bytes land in shared memory), for splits in a cluster, through memory and persistent."""
+    _need_wgmma()
+    n, k, m = 1000, 1040, 96
+    x, wt, wst, alpha, _, ref = _cuda_gemm_case(n, k, m, torch.bfloat16)
+    buffer = torch.zeros(wst.numel() + 16, dtype=torch.uint8, device=DEV)
+    shifted = buffer[4:4 + wst.numel()].view(wst.shape)
+    shifted.copy_(wst.view(torch.uint8))
+    assert shifted.data_ptr() % 16 == 4
+    for tile, splits, workspace in [((64, 1), 1, False), ((32, 2), 3, False), ((128, 1), 2, True)]:
+        out = cuda_wgmma.wgmma_gemm(x, wt, shifted, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits,
+                                    workspace=workspace)
+        aligned = cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, tile=tile, splits=splits,
+                                        workspace=workspace)
+        assert torch.equal(out, aligned), (tile, splits, workspace)
+        assert rel(out, ref) <= 1e-5
+    big = torch.randn(1000, k, device=DEV, dtype=torch.bfloat16)  # 16-bit output, more tiles than SMs: persistent
+    persistent = dict(n=n, out_dtype=torch.bfloat16, tile=(32, 1), splits=1)
+    assert torch.equal(cuda_wgmma.wgmma_gemm(big, wt, shifted, alpha, **persistent),
+                       cuda_wgmma.wgmma_gemm(big, wt, wst, alpha, **persistent))
+    assert _tickets_are_zero()
+
+
 @pytest.mark.parametrize("n,k,m", [(8192, 256, 1000), (8200, 320, 777)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_wgmma_persistent_kernel(seed, n, k, m, dt):

@@ -925,13 +925,15 @@ extern "C" {
 // Tickets must be zero at launch; the kernel leaves them zero. pdl: 1 = programmatic dependent
 // launch, 0 = a plain launch.
 // The weight is tiled (ops/weight_layout.py): Np a multiple of 16, Kp of 256, ldw = Kp / 2 and ldws = Kp / 16;
-// x and w 16-byte aligned, ldx a multiple of 8 (TMA). Scales not 16-byte aligned are read by cp.async.
+// x and w 16-byte aligned, ldx a multiple of 8 (TMA); ws 4-byte aligned (scales not 16-byte aligned are read by
+// 4-byte cp.async copies).
 int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws,
                           void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                           int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
   if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
-      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 || splits < 1 ||
+      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 ||
+      reinterpret_cast<uintptr_t>(ws) % 4 || splits < 1 ||
       splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
       reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
