@@ -44,6 +44,7 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setattr(cuda_wgmma, "supports", lambda weight: True)
     monkeypatch.setattr(cuda_wgmma, "num_sms", lambda index: 132)
     monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: {1: 132, 2: 132, 4: 120, 8: 120})
+    monkeypatch.setattr(cuda_wgmma.nvcc, "device_capability", lambda index: (9, 0))
     cuda_wgmma.device_launch_config.cache_clear()  # results under these stand-ins stay in this test
 
     def weight(n, k):
@@ -145,3 +146,62 @@ def test_equal_estimates_take_the_256_row_tile_at_small_m():
     assert cuda_wgmma.launch_config(128, 14336, 4096, 132, capacity) == (128, 1, 1, False)  # 33.7 against 36.1
     assert cuda_wgmma.launch_config(64, 3072, 4096, 132, capacity) == (64, 1, 4, False)  # 11.9 against 12.7 (s8)
     assert cuda_wgmma.launch_config(64, 4096, 4096, 132, capacity) == (64, 1, 4, True)  # no tie there
+
+
+H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
+
+
+def test_launch_config_labels_round_trip():
+    for cfg in cuda_wgmma.launch_configs(4096, H100_CLUSTERS):
+        assert cuda_wgmma.LaunchConfig.from_label(cfg.label) == cfg
+
+
+def test_tuned_table_holds_configurations_the_kernel_runs():
+    table = cuda_wgmma.tuned_wgmma_h100
+    assert list(table.M_GRID) == sorted(set(table.M_GRID)) and table.M_GRID[-1] <= cuda_wgmma.LARGE_M
+    for (n, k), labels in table.PICKS.items():
+        assert len(labels) == len(table.M_GRID)
+        for label in filter(None, labels):
+            assert cuda_wgmma.LaunchConfig.from_label(label) in cuda_wgmma.launch_configs(k, H100_CLUSTERS)
+
+
+def test_tuned_launch_config_covers_the_m_range_up_to_each_grid_value():
+    table = cuda_wgmma.tuned_wgmma_h100
+    (n, k), labels = next((nk, v) for nk, v in table.PICKS.items() if any(v))
+    at = next(i for i, label in enumerate(labels) if label)
+    expected = cuda_wgmma.LaunchConfig.from_label(labels[at])
+    low = table.M_GRID[at - 1] + 1 if at else 1
+    for m in (low, table.M_GRID[at]):
+        assert cuda_wgmma.tuned_launch_config(m, n, k, 132, (9, 0), H100_CLUSTERS) == expected
+    # other devices, shapes and M beyond the grid keep the cost model's pick
+    assert cuda_wgmma.tuned_launch_config(low, n, k, 114, (9, 0), H100_CLUSTERS) is None
+    assert cuda_wgmma.tuned_launch_config(low, n, k, 132, (10, 0), H100_CLUSTERS) is None
+    assert cuda_wgmma.tuned_launch_config(low, n + 16, k, 132, (9, 0), H100_CLUSTERS) is None
+    assert cuda_wgmma.tuned_launch_config(table.M_GRID[-1] + 1, n, k, 132, (9, 0), H100_CLUSTERS) is None
+    # a cluster the device cannot fit is never picked
+    if expected.splits > 1 and not expected.workspace:
+        no_clusters = {1: 132, **{s: 0 for s in cuda_wgmma.SPLITS[1:]}}
+        assert cuda_wgmma.tuned_launch_config(low, n, k, 132, (9, 0), no_clusters) is None
+
+
+def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import make_wgmma_table
+
+    n, k = 4096, 4096
+    env = {"gpu": "H100", "sms": 132, "torch": "2.11", "time": "now", "cluster_ctas": {str(s): c for s, c in
+                                                                                     H100_CLUSTERS.items()}}
+    cells, others = [], []
+    for m, factor in ((32, 1.02), (64, 1.10), (1024, 2.0)):  # within the margin, beyond it, above LARGE_M
+        model = cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS).label
+        others.append(next(c.label for c in cuda_wgmma.launch_configs(k, H100_CLUSTERS) if c.label != model))
+        cells.append({"n": n, "k": k, "m": m, "us": {model: 10.0 * factor, others[-1]: 10.0}})
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"env": env, "cells": cells}))
+    grid, picks, _, lines = make_wgmma_table.table([str(path)], margin=0.03)
+    assert grid == (32, 64) and len(lines) == 1
+    assert picks[(n, k)] == (None, others[1])

@@ -7,15 +7,17 @@ turns it off; a build or load failure does the same, once, with a warning naming
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import math
 import pathlib
+import re
 from typing import NamedTuple
 
 import torch
 
-from . import nvcc
+from . import nvcc, tuned_wgmma_h100
 from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
 from .split_tickets import split_tickets
@@ -146,6 +148,11 @@ class LaunchConfig(NamedTuple):
     def label(self) -> str:
         return f"t{self.bn}x{self.wm}s{self.splits}" + ("w" if self.workspace else "")
 
+    @classmethod
+    def from_label(cls, label: str) -> LaunchConfig:
+        bn, wm, splits, workspace = re.fullmatch(r"t(\d+)x(\d+)s(\d+)(w?)", label).groups()
+        return cls(int(bn), int(wm), int(splits), workspace == "w")
+
 
 def tail_plan(tiles: int, sms: int, k: int) -> tuple[int, int]:
     """(tail tiles, K slices each) of a persistent launch of ``tiles`` unsplit tiles on ``sms`` SMs:
@@ -265,11 +272,31 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
     return out
 
 
+def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int, int],
+                        cluster_ctas: dict[int, int]) -> LaunchConfig | None:
+    """The configuration measured fastest for this layer shape and M on the H100 where the cost
+    model's pick was measured slower (``tuned_wgmma_h100``, NOTES.md v28), or None. The table holds
+    the splits that the cost model rates worst: a 2-way split of a tile of at most 128 activation
+    rows runs 4-9% faster through memory than in a cluster, where the model charges the cluster no
+    reduction cost (v27i)."""
+    table = tuned_wgmma_h100
+    if sms != table.SMS or tuple(capability) != table.CAPABILITY or (n, k) not in table.PICKS:
+        return None
+    at = bisect.bisect_left(table.M_GRID, m)
+    label = table.PICKS[(n, k)][at] if at < len(table.M_GRID) else None
+    if label is None:
+        return None
+    cfg = LaunchConfig.from_label(label)
+    return cfg if cfg in launch_configs(k, cluster_ctas) else None  # a cluster the device cannot fit
+
+
 @functools.lru_cache(maxsize=1 << 16)  # every M of every layer shape a server sees
 def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
-    """``launch_config`` for the device's SMs and cluster capacity (cached: the search over tiles
-    and splits costs about as much host time as an eager launch)."""
-    return launch_config(m, n, k, num_sms(device_index), cluster_ctas(device_index))
+    """``tuned_launch_config``, else ``launch_config``, for the device's SMs and cluster capacity
+    (cached: the search over tiles and splits costs about as much host time as an eager launch)."""
+    sms, clusters = num_sms(device_index), cluster_ctas(device_index)
+    return (tuned_launch_config(m, n, k, sms, nvcc.device_capability(device_index), clusters)
+            or launch_config(m, n, k, sms, clusters))
 
 
 class LaunchParams(NamedTuple):

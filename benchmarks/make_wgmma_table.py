@@ -1,0 +1,95 @@
+"""Write fp4_compile/ops/tuned_wgmma_h100.py from sweeps of the wgmma kernel's launch configurations.
+
+python benchmarks/make_wgmma_table.py SWEEP.json [SWEEP.json ...] [--margin 0.03]
+
+For each (N, K) and M of the sweeps (``benchmarks/sweep_wgmma_configs.py``, run on an H100) up to
+``cuda_wgmma.LARGE_M`` (above it the dispatch may leave the kernel), the table keeps the variant measured
+fastest where the cost model's own pick ran ``margin`` or more slower than it, and no entry (the cost
+model) elsewhere. Prints the cells it overrides. Runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from fp4_compile.ops import cuda_wgmma as W  # noqa: E402
+
+OUT = os.path.join(ROOT, "fp4_compile", "ops", "tuned_wgmma_h100.py")
+
+
+def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict, list[str]]:
+    """(the M grid, picks per (N, K) on it, env of the first sweep, lines describing each override)."""
+    picks: dict[tuple[int, int], dict] = {}
+    env, lines = None, []
+    for path in paths:
+        data = json.load(open(path))
+        env = env or data["env"]
+        sms = data["env"]["sms"]
+        clusters = {int(s): c for s, c in data["env"]["cluster_ctas"].items()}
+        for cell in data["cells"]:
+            m, n, k, us = cell["m"], cell["n"], cell["k"], cell["us"]
+            if m > W.LARGE_M:
+                continue
+            model = W.launch_config(m, n, k, sms, clusters).label
+            best = min(us, key=us.get)
+            slower = us[model] / us[best]
+            label = best if slower >= 1 + margin else None
+            picks.setdefault((n, k), {})[m] = label
+            if label:
+                lines.append(f"{n:>6}x{k:<6} M={m:<4} {model:<10} {us[model]:8.2f} us -> {best:<10} "
+                             f"{us[best]:8.2f} us ({slower:.3f}x)")
+    grid = sorted({m for v in picks.values() for m in v})
+    if any(sorted(v) != grid for v in picks.values()):
+        sys.exit("every shape of the sweeps needs the same M values")
+    return tuple(grid), {nk: tuple(v[m] for m in grid) for nk, v in sorted(picks.items())}, env, lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweeps", nargs="+", help="sweep_wgmma_configs.json files")
+    ap.add_argument("--margin", type=float, default=0.03,
+                    help="override the cost model where its pick ran at least this much slower than the best")
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args()
+    grid, picks, env, lines = table(args.sweeps, args.margin)
+    print("\n".join(lines))
+    overrides = sum(1 for v in picks.values() for label in v if label)
+    cells = sum(len(v) for v in picks.values())
+    about = f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, {env['time']}"
+    src = ('"""Measured launch configurations of the wgmma kernel on the H100 SXM (generated; benchmarks/NOTES.md v28).'
+           "\n\nRegenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then\n"
+           'python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].\n"""\n\n'
+           f"ABOUT = {about!r}\n"
+           f"MARGIN = {args.margin}  # overridden where the cost model's pick ran this much slower or more"
+           f" ({overrides} of {cells} cells)\n"
+           f"CAPABILITY = (9, 0)\nSMS = {env['sms']}\n"
+           f"M_GRID = {grid!r}\n"
+           "# (N, K) -> one entry per M_GRID value: for M above the value before and up to this one, the\n"
+           "# launch configuration (LaunchConfig.label), or None for the cost model's pick.\n"
+           "# fmt: off\nPICKS = {\n" + "".join(f"    {nk!r}: {v!r},\n" for nk, v in picks.items()) + "}\n")
+    with open(args.out, "w") as f:
+        f.write(src)
+    print(f"wrote {args.out}: {overrides} overrides in {cells} cells "
+          f"(geomean of the model's pick / best over them: {geomean_slower(args.sweeps):.4f})")
+
+
+def geomean_slower(paths: list[str]) -> float:
+    logs = []
+    for path in paths:
+        data = json.load(open(path))
+        clusters = {int(s): c for s, c in data["env"]["cluster_ctas"].items()}
+        for c in data["cells"]:
+            if c["m"] <= W.LARGE_M:
+                model = W.launch_config(c["m"], c["n"], c["k"], data["env"]["sms"], clusters).label
+                logs.append(math.log(c["us"][model] / min(c["us"].values())))
+    return math.exp(sum(logs) / len(logs))
+
+
+if __name__ == "__main__":
+    main()
