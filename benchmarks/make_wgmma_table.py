@@ -1,11 +1,12 @@
 """Write fp4_compile/ops/tuned_wgmma_h100.py from sweeps of the wgmma kernel's launch configurations.
 
-python benchmarks/make_wgmma_table.py SWEEP.json [SWEEP.json ...] [--margin 0.03]
+python benchmarks/make_wgmma_table.py SWEEP.json [SWEEP.json ...] [--margin 0.02]
 
-For each (N, K) and M of the sweeps (``benchmarks/sweep_wgmma_configs.py``, run on an H100) up to
-``cuda_wgmma.LARGE_M`` (above it the dispatch may leave the kernel), the table keeps the variant measured
-fastest where the cost model's own pick ran ``margin`` or more slower than it, and no entry (the cost
-model) elsewhere. Prints the cells it overrides. Runs on the CPU.
+For each (N, K) and M of the sweeps (``benchmarks/sweep_wgmma_configs.py``, run on an H100; a cell in
+several sweeps takes the geometric mean of each variant's times) up to ``cuda_wgmma.LARGE_M`` (above it
+the dispatch may leave the kernel), the table keeps the variant measured fastest where the cost model's
+own pick ran ``margin`` or more slower than it, and no entry (the cost model) elsewhere. Prints the cells
+it overrides. Runs on the CPU.
 """
 
 from __future__ import annotations
@@ -23,27 +24,41 @@ from fp4_compile.ops import cuda_wgmma as W  # noqa: E402
 OUT = os.path.join(ROOT, "fp4_compile", "ops", "tuned_wgmma_h100.py")
 
 
-def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict, list[str]]:
-    """(the M grid, picks per (N, K) on it, env of the first sweep, lines describing each override)."""
-    picks: dict[tuple[int, int], dict] = {}
-    env, lines = None, []
+def merged_cells(paths: list[str]) -> tuple[dict, dict]:
+    """(env of the first sweep, {(N, K, M): {label: us}}): a cell timed by several sweeps gets the geometric
+    mean of each variant's times over them (the variants every one of them timed)."""
+    env, times = None, {}
     for path in paths:
         data = json.load(open(path))
         env = env or data["env"]
-        sms = data["env"]["sms"]
-        clusters = {int(s): c for s, c in data["env"]["cluster_ctas"].items()}
+        if (data["env"]["sms"], data["env"]["cluster_ctas"]) != (env["sms"], env["cluster_ctas"]):
+            sys.exit(f"{path} was swept on another device")
         for cell in data["cells"]:
-            m, n, k, us = cell["m"], cell["n"], cell["k"], cell["us"]
-            if m > W.LARGE_M:
-                continue
-            model = W.launch_config(m, n, k, sms, clusters).label
-            best = min(us, key=us.get)
-            slower = us[model] / us[best]
-            label = best if slower >= 1 + margin else None
-            picks.setdefault((n, k), {})[m] = label
-            if label:
-                lines.append(f"{n:>6}x{k:<6} M={m:<4} {model:<10} {us[model]:8.2f} us -> {best:<10} "
-                             f"{us[best]:8.2f} us ({slower:.3f}x)")
+            times.setdefault((cell["n"], cell["k"], cell["m"]), []).append(cell["us"])
+    merged = {}
+    for key, runs in times.items():
+        labels = set.intersection(*(set(r) for r in runs))
+        merged[key] = {label: math.exp(sum(math.log(r[label]) for r in runs) / len(runs)) for label in labels}
+    return env, merged
+
+
+def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict, list[str]]:
+    """(the M grid, picks per (N, K) on it, env of the first sweep, lines describing each override)."""
+    env, cells = merged_cells(paths)
+    sms, clusters = env["sms"], {int(s): c for s, c in env["cluster_ctas"].items()}
+    picks: dict[tuple[int, int], dict] = {}
+    lines = []
+    for (n, k, m), us in sorted(cells.items()):
+        if m > W.LARGE_M:
+            continue
+        model = W.launch_config(m, n, k, sms, clusters).label
+        best = min(us, key=us.get)
+        slower = us[model] / us[best]
+        label = best if slower >= 1 + margin else None
+        picks.setdefault((n, k), {})[m] = label
+        if label:
+            lines.append(f"{n:>6}x{k:<6} M={m:<4} {model:<10} {us[model]:8.2f} us -> {best:<10} "
+                         f"{us[best]:8.2f} us ({slower:.3f}x)")
     grid = sorted({m for v in picks.values() for m in v})
     if any(sorted(v) != grid for v in picks.values()):
         sys.exit("every shape of the sweeps needs the same M values")
@@ -53,7 +68,7 @@ def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep_wgmma_configs.json files")
-    ap.add_argument("--margin", type=float, default=0.03,
+    ap.add_argument("--margin", type=float, default=0.02,
                     help="override the cost model where its pick ran at least this much slower than the best")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
@@ -61,7 +76,7 @@ def main() -> None:
     print("\n".join(lines))
     overrides = sum(1 for v in picks.values() for label in v if label)
     cells = sum(len(v) for v in picks.values())
-    about = f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, {env['time']}"
+    about = f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, {len(args.sweeps)} sweep(s) from {env['time']}"
     src = ('"""Measured launch configurations of the wgmma kernel on the H100 SXM (generated; benchmarks/NOTES.md v28).'
            "\n\nRegenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then\n"
            'python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].\n"""\n\n'
@@ -80,14 +95,10 @@ def main() -> None:
 
 
 def geomean_slower(paths: list[str]) -> float:
-    logs = []
-    for path in paths:
-        data = json.load(open(path))
-        clusters = {int(s): c for s, c in data["env"]["cluster_ctas"].items()}
-        for c in data["cells"]:
-            if c["m"] <= W.LARGE_M:
-                model = W.launch_config(c["m"], c["n"], c["k"], data["env"]["sms"], clusters).label
-                logs.append(math.log(c["us"][model] / min(c["us"].values())))
+    env, cells = merged_cells(paths)
+    clusters = {int(s): c for s, c in env["cluster_ctas"].items()}
+    logs = [math.log(us[W.launch_config(m, n, k, env["sms"], clusters).label] / min(us.values()))
+            for (n, k, m), us in cells.items() if m <= W.LARGE_M]
     return math.exp(sum(logs) / len(logs))
 
 

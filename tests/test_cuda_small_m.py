@@ -143,3 +143,25 @@ def test_launch_config_covers_the_weight_padding():
         for n, k in ((32, 64), (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (100000, 16)):
             rows, stages, warps = cuda_small_m.launch_config(m, n, k)
             assert 32 % rows == 0 and stages in ((2, 4) if m <= 8 else (2,)) and 1 <= warps <= 8
+
+
+def test_weight_and_scales_are_checked_before_a_launch():
+    """Views the kernel would misread or fault on (a misaligned load kills the CUDA context) are refused
+    with a message, on any device."""
+    n, kp = 64, 256
+    weight = torch.zeros(n, kp // 2, dtype=torch.uint8)
+    scales = torch.zeros(n, kp // 16, dtype=torch.uint8)
+    x = torch.zeros(1, kp, dtype=torch.bfloat16)
+    cuda_small_m._check_shapes(x, weight, scales, 1, n, kp)
+    with pytest.raises(ValueError, match="weight_scale must be contiguous"):
+        cuda_small_m._check_shapes(x, weight, scales[:, :8], 1, n, kp)
+    with pytest.raises(ValueError, match="weight_scale must be contiguous"):
+        cuda_small_m._check_shapes(x, weight, torch.zeros(kp // 16, n, dtype=torch.uint8).t(), 1, n, kp)
+    with pytest.raises(ValueError, match="2-byte aligned"):
+        cuda_small_m._check_shapes(x, weight, torch.zeros(n * kp // 16 + 1, dtype=torch.uint8)[1:].view(n, -1),
+                                   1, n, kp)
+    with pytest.raises(ValueError, match="16-byte"):
+        cuda_small_m._check_shapes(x, torch.zeros(n * kp // 2 + 8, dtype=torch.uint8)[8:].view(n, -1), scales,
+                                   1, n, kp)
+    with pytest.raises(ValueError, match="takes 1"):
+        cuda_small_m._check_shapes(x, weight, scales, 17, n, kp)

@@ -198,7 +198,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                                                                  out_dtype, k)
         m = x.shape[0]
         fp16 = out_dtype == torch.float16
-    _check_shapes(x, weight, m, n, k)
+    _check_shapes(x, weight, weight_scale, m, n, k)
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
     if stages not in (None, 2, 4) or (stages == 4 and m > 8):
@@ -265,7 +265,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
         if shape is not None and (x.shape[0], k, weight.shape[1] * 2) != shape:
             raise ValueError("the members of a group must share M, K and the weights' padded K")
         shape = (x.shape[0], k, weight.shape[1] * 2)
-        _check_shapes(x, weight, x.shape[0], n, k)
+        _check_shapes(x, weight, weight_scale, x.shape[0], n, k)
         if not gated or i == 0:  # (a gated launch writes the gate's row only)
             outs.append(torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device))
         out = outs[-1]
@@ -289,14 +289,20 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     return outs
 
 
-def _check_shapes(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, k: int) -> None:
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, m: int, n: int, k: int) -> None:
     """M in the kernel's range; K a multiple of 16 within the weight's padded K (a multiple of TILE_K); the
-    weight contiguous (it is tiled), its rows padded to 32 and covering N."""
+    weight and its scales contiguous (they are tiled), the weight's rows padded to 32 and covering N; the
+    weight 16-byte and its scales 2-byte aligned (the kernel's loads: a misaligned one faults the context)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
     kp = weight.shape[1] * 2
     if k % 16 or k > kp or kp % TILE_K or weight.shape[0] % 32 or n > weight.shape[0] or not weight.is_contiguous():
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
+    if tuple(weight_scale.shape) != (weight.shape[0], kp // 16) or not weight_scale.is_contiguous():
+        raise ValueError(f"weight_scale must be contiguous [{weight.shape[0]}, {kp // 16}] (the prepared weight's "
+                         f"scales), got {tuple(weight_scale.shape)} with strides {weight_scale.stride()}")
+    if weight.data_ptr() % 16 or weight_scale.data_ptr() % 2:
+        raise ValueError("the weight must be 16-byte and its scales 2-byte aligned")
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):

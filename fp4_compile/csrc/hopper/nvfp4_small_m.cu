@@ -436,6 +436,11 @@ cudaError_t launch_group(const GroupArgs& group, bool gated, int warps, bool pdl
             : launch_group<FP16, OutT, false>(group, warps, pdl, stream);
 }
 
+// The kernel's 16-byte weight loads and 2-byte scale-pair loads fault on misaligned bases.
+bool weights_aligned(const void* w, const void* ws) {
+  return reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 2 == 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -447,13 +452,13 @@ extern "C" {
 // rows_per_warp 16, stages 2. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch. The weight is tiled
-// (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16.
+// (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16; w 16-byte and ws 2-byte aligned.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
                             int M, int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages,
                             int warps, int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 256 || K > Kp || ldw != Kp / 2 || ldws != Kp / 16 ||
-      warps < 1 || warps > 8 || pdl < 0 || pdl > 1) {
+      !weights_aligned(w, ws) || warps < 1 || warps > 8 || pdl < 0 || pdl > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws), out,
@@ -492,7 +497,8 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
   for (int i = 0; i < count; ++i) {
     const int64_t* f = members + 13 * i;
     const int n = static_cast<int>(f[10]);
-    if (n < 1 || (f[11] != 0) != (members[11] != 0) || f[3] != Kp / 2 || f[5] != Kp / 16) {
+    if (n < 1 || (f[11] != 0) != (members[11] != 0) || f[3] != Kp / 2 || f[5] != Kp / 16 ||
+        !weights_aligned(reinterpret_cast<const void*>(f[2]), reinterpret_cast<const void*>(f[4]))) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
     group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
