@@ -522,6 +522,30 @@ def test_wgmma_scales_not_16_byte_aligned(seed):
     assert _tickets_are_zero()
 
 
+@pytest.mark.parametrize("n,k,m", [(6144, 4096, 100), (14336, 4096, 20), (4096, 4096, 300)])
+def test_wgmma_tuned_configurations(seed, n, k, m):
+    """The launches the H100 table picks (``tuned_wgmma_h100``), on that device: the kernel within the fp32
+    summation order of the float64 product, and W4A4 through the backend (quantization kernel, then the
+    kernel on its block values) within that of the product of the exact block values."""
+    _need_wgmma()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = cuda_wgmma.tuned_launch_config(m, n, k, sms, torch.cuda.get_device_capability(),
+                                           cuda_wgmma.cluster_ctas(0))
+    if table is None:
+        pytest.skip("not a device the table was measured on")
+    assert cuda_wgmma.device_launch_config(m, n, k, 0) == table
+    pw, sw, gw = make_weight(n, k)
+    wt, wst = MARLIN.prepare_weight(pw, sw)
+    wv = F.block_values(pw, sw).double()
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV)).to(torch.bfloat16)
+    out = cuda_wgmma.wgmma_gemm(x, wt, wst, (1 / gw).float(), n=n, out_dtype=torch.float32)
+    assert rel(out, x.double() @ wv.t() / gw.double()) <= 1e-5
+    gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    out44 = TRITON_W4A4.linear(x.float(), wt, wst, gx, (1 / (gx * gw)).float(), None, n)
+    ref44 = fake_quantize_nvfp4_gpu(x.float(), gx, torch.float32).double() @ wv.t() / (gx * gw).double()
+    assert rel(out44, ref44) <= 1e-5
+
+
 @pytest.mark.parametrize("n,k,m", [(8192, 256, 1000), (8200, 320, 777)])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_wgmma_persistent_kernel(seed, n, k, m, dt):
