@@ -275,10 +275,10 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
 def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int, int],
                         cluster_ctas: dict[int, int]) -> LaunchConfig | None:
     """The configuration measured fastest for this layer shape and M on the H100 where the cost
-    model's pick was measured slower (``tuned_wgmma_h100``, NOTES.md v28), or None. The table holds
-    the splits that the cost model rates worst: a 2-way split of a tile of at most 128 activation
-    rows runs 4-9% faster through memory than in a cluster, where the model charges the cluster no
-    reduction cost (v27i)."""
+    model's pick ran 2% or more slower, with W4A16 and W4A4 alike (``tuned_wgmma_h100``, NOTES.md
+    v28), or None. Most of its entries are 2-way K splits that run 4-10% faster through memory than
+    in the cluster the model picks (it charges a cluster no reduction cost, and a re-fit of its
+    constants did not find better picks overall: v27i, v28b)."""
     table = tuned_wgmma_h100
     if sms != table.SMS or tuple(capability) != table.CAPABILITY or (n, k) not in table.PICKS:
         return None
