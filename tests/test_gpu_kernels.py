@@ -522,7 +522,7 @@ def test_wgmma_scales_not_16_byte_aligned(seed):
     assert _tickets_are_zero()
 
 
-@pytest.mark.parametrize("n,k,m", [(6144, 4096, 100), (14336, 4096, 20), (4096, 4096, 300)])
+@pytest.mark.parametrize("n,k,m", [(6144, 4096, 100), (14336, 4096, 20), (4096, 4096, 300), (3072, 8192, 20)])
 def test_wgmma_tuned_configurations(seed, n, k, m):
     """The launches the H100 table picks (``tuned_wgmma_h100``), on that device: the kernel within the fp32
     summation order of the float64 product, and W4A4 through the backend (quantization kernel, then the
