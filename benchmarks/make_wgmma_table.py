@@ -63,9 +63,8 @@ def choice(modes: dict[str, dict[str, float]], model: str, margin: float) -> tup
     return (best if mean * (1 + margin) <= 1 else None), ratios(best)
 
 
-def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict, list[str]]:
-    """(the M grid, picks per (N, K) on it, env of the first sweep, lines describing each override)."""
-    env, cells = merged_cells(paths)
+def table(env: dict, cells: dict, margin: float) -> tuple[tuple[int, ...], dict, list[str]]:
+    """(the M grid, picks per (N, K) on it, lines describing each override) from ``merged_cells``."""
     sms, clusters = env["sms"], {int(s): c for s, c in env["cluster_ctas"].items()}
     picks: dict[tuple[int, int], dict] = {}
     lines = []
@@ -82,7 +81,15 @@ def table(paths: list[str], margin: float) -> tuple[tuple[int, ...], dict, dict,
     grid = sorted({m for v in picks.values() for m in v})
     if any(sorted(v) != grid for v in picks.values()):
         sys.exit("every shape of the sweeps needs the same M values")
-    return tuple(grid), {nk: tuple(v[m] for m in grid) for nk, v in sorted(picks.items())}, env, lines
+    return tuple(grid), {nk: tuple(v[m] for m in grid) for nk, v in sorted(picks.items())}, lines
+
+
+def geomean_slower(env: dict, cells: dict) -> float:
+    """The cost model's pick over the best variant, geometric mean over the cells and modes up to LARGE_M."""
+    clusters = {int(s): c for s, c in env["cluster_ctas"].items()}
+    logs = [math.log(us[W.launch_config(m, n, k, env["sms"], clusters).label] / min(us.values()))
+            for (n, k, m), modes in cells.items() if m <= W.LARGE_M for us in modes.values()]
+    return math.exp(sum(logs) / len(logs))
 
 
 def main() -> None:
@@ -92,17 +99,20 @@ def main() -> None:
                     help="override the cost model where its pick ran at least this much slower than the best")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
-    grid, picks, env, lines = table(args.sweeps, args.margin)
+    env, cells = merged_cells(args.sweeps)
+    grid, picks, lines = table(env, cells, args.margin)
     print("\n".join(lines))
     overrides = sum(1 for v in picks.values() for label in v if label)
-    cells = sum(len(v) for v in picks.values())
+    entries = sum(len(v) for v in picks.values())
     about = f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, {len(args.sweeps)} sweep(s) from {env['time']}"
     src = ('"""Measured launch configurations of the wgmma kernel on the H100 SXM (generated; benchmarks/NOTES.md v28).'
            "\n\nRegenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then\n"
            'python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].\n"""\n\n'
            f"ABOUT = {about!r}\n"
+           "SWEEPS = (  # the table's sources\n" + "".join(f"    {os.path.relpath(path, ROOT)!r},\n"
+                                                         for path in args.sweeps) + ")\n"
            f"MARGIN = {args.margin}  # overridden where the cost model's pick ran this much slower or more"
-           f" ({overrides} of {cells} cells)\n"
+           f" ({overrides} of {entries} cells)\n"
            f"CAPABILITY = (9, 0)\nSMS = {env['sms']}\n"
            f"M_GRID = {grid!r}\n"
            "# (N, K) -> one entry per M_GRID value: for M above the value before and up to this one, the\n"
@@ -110,16 +120,8 @@ def main() -> None:
            "# fmt: off\nPICKS = {\n" + "".join(f"    {nk!r}: {v!r},\n" for nk, v in picks.items()) + "}\n")
     with open(args.out, "w") as f:
         f.write(src)
-    print(f"wrote {args.out}: {overrides} overrides in {cells} cells "
-          f"(geomean of the model's pick / best over them: {geomean_slower(args.sweeps):.4f})")
-
-
-def geomean_slower(paths: list[str]) -> float:
-    env, cells = merged_cells(paths)
-    clusters = {int(s): c for s, c in env["cluster_ctas"].items()}
-    logs = [math.log(us[W.launch_config(m, n, k, env["sms"], clusters).label] / min(us.values()))
-            for (n, k, m), modes in cells.items() if m <= W.LARGE_M for us in modes.values()]
-    return math.exp(sum(logs) / len(logs))
+    print(f"wrote {args.out}: {overrides} overrides in {entries} cells "
+          f"(geomean of the model's pick / best over them: {geomean_slower(env, cells):.4f})")
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
         cells.append({"n": n, "k": k, "m": m, "us": {model: 10.0 * factor, others[-1]: 10.0}})
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"env": env, "cells": cells}))
-    grid, picks, _, lines = make_wgmma_table.table([str(path)], margin=0.03)
+    grid, picks, lines = make_wgmma_table.table(*make_wgmma_table.merged_cells([str(path)]), margin=0.03)
     assert grid == (32, 64) and len(lines) == 1
     assert picks[(n, k)] == (None, others[1])
     # a second sweep where the M=64 variants tie: their geometric mean, 1.10 ** 0.5 = 1.049 slower, overrides
@@ -210,5 +210,6 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
     cells[1]["us"] = {label: 10.0 for label in cells[1]["us"]}
     tie = tmp_path / "tie.json"
     tie.write_text(json.dumps({"env": env, "cells": cells}))
-    assert make_wgmma_table.table([str(path), str(tie)], margin=0.02)[1][(n, k)][1] == others[1]
-    assert make_wgmma_table.table([str(path), str(tie)], margin=0.06)[1][(n, k)][1] is None
+    both = make_wgmma_table.merged_cells([str(path), str(tie)])
+    assert make_wgmma_table.table(*both, margin=0.02)[1][(n, k)][1] == others[1]
+    assert make_wgmma_table.table(*both, margin=0.06)[1][(n, k)][1] is None

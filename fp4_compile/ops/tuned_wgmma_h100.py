@@ -5,6 +5,12 @@ python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].
 """
 
 ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 4 sweep(s) from 2026-11-27 05:16:27'
+SWEEPS = (  # the table's sources
+    'benchmarks/results_h100/session26/sweep/sweep_mid_m.json',
+    'benchmarks/results_h100/session26/table_3pct/sweep_wgmma_configs.json',
+    'benchmarks/results_h100/session26/both_modes/sweep_wgmma_configs.json',
+    'benchmarks/results_h100/session26/llama32_3b/sweep_wgmma_configs.json',
+)
 MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (30 of 100 cells)
 CAPABILITY = (9, 0)
 SMS = 132
