@@ -213,3 +213,18 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
     both = make_wgmma_table.merged_cells([str(path), str(tie)])
     assert make_wgmma_table.table(*both, margin=0.02)[1][(n, k)][1] == others[1]
     assert make_wgmma_table.table(*both, margin=0.06)[1][(n, k)][1] is None
+
+
+def test_tuned_table_is_what_its_sweeps_give():
+    """The committed table regenerates from the sweeps it names (no hand edits, the writer's rule as shipped)."""
+    import os
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import make_wgmma_table
+
+    table = cuda_wgmma.tuned_wgmma_h100
+    env, cells = make_wgmma_table.merged_cells([os.path.join(root, path) for path in table.SWEEPS])
+    grid, picks, _ = make_wgmma_table.table(env, cells, table.MARGIN)
+    assert grid == table.M_GRID and picks == table.PICKS and env["sms"] == table.SMS
