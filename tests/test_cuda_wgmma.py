@@ -1,11 +1,19 @@
 """The CUDA wgmma kernel on a machine without a GPU: it compiles for sm_90a without spills or
 serialized wgmma, and the launch configuration is sane."""
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 
 from fp4_compile.ops import cuda_wgmma
 from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import make_wgmma_table  # noqa: E402
 
 
 @needs_nvcc
@@ -185,13 +193,6 @@ def test_tuned_launch_config_covers_the_m_range_up_to_each_grid_value():
 
 
 def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
-    import json
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import make_wgmma_table
-
     n, k = 4096, 4096
     env = {"gpu": "H100", "sms": 132, "torch": "2.11", "time": "now", "cluster_ctas": {str(s): c for s, c in
                                                                                      H100_CLUSTERS.items()}}
@@ -217,14 +218,7 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
 
 def test_tuned_table_is_what_its_sweeps_give():
     """The committed table regenerates from the sweeps it names (no hand edits, the writer's rule as shipped)."""
-    import os
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    import make_wgmma_table
-
     table = cuda_wgmma.tuned_wgmma_h100
-    env, cells = make_wgmma_table.merged_cells([os.path.join(root, path) for path in table.SWEEPS])
+    env, cells = make_wgmma_table.merged_cells([os.path.join(ROOT, path) for path in table.SWEEPS])
     grid, picks, _ = make_wgmma_table.table(env, cells, table.MARGIN)
     assert grid == table.M_GRID and picks == table.PICKS and env["sms"] == table.SMS
