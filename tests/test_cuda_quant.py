@@ -31,12 +31,12 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     kernels, spills, regs = report.kernels, report.spills, report.registers
     quant = [i for i, k in enumerate(kernels) if "nvfp4_quant_kernel" in k]
     norm = [i for i, k in enumerate(kernels) if "rms_norm_values_kernel" in k]
-    # {fp32, fp16, bf16} x {linear, swizzled, kernel-layout codes, block values in bf16 and in fp16}; the
-    # norm: {fp16, bf16} x {1, 2, 4} block pairs per thread
-    assert len(quant) == 15 and len(norm) == 6 and len(kernels) == 21, kernels
-    assert len(spills) == 21 and all(s == ("0", "0") for s in spills), spills
+    # {fp32, fp16, bf16} x {linear, swizzled, kernel-layout codes, block values in bf16 and in fp16}, and the
+    # block values of 16-bit inputs without the out_scale table; the norm: {fp16, bf16} x {1, 2, 4} pairs per thread
+    assert len(quant) == 19 and len(norm) == 6 and len(kernels) == 25, kernels
+    assert len(spills) == 25 and all(s == ("0", "0") for s in spills), spills
     # <= 64 registers: 4 CTAs of 256 threads resident per SM at least
-    assert len(regs) == 21 and max(regs[i] for i in quant) <= 64, regs
+    assert len(regs) == 25 and max(regs[i] for i in quant) <= 64, regs
 
 
 def test_kernel_layout_placement_matches_weight_layout():
@@ -309,9 +309,14 @@ def test_cuda_graph_reads_the_global_scale_on_replay(seed, mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("ctas_per_sm", [1, 4, 16])
 def test_every_grid_size_is_bit_exact(seed, ctas_per_sm):
-    """Few CTAs per SM make each thread loop over many rows."""
+    """Few CTAs per SM make each thread loop over many rows (the block values then read the out_scale
+    table; with one row per thread they compute it, as at every M of test_block_values_bit_exact)."""
     _skip_without_kernel()
     x, gs = _make_input(2000, 14336, torch.bfloat16)
     q, s = cuda_quant.quantize(x, gs, MODE_LINEAR, ctas_per_sm=ctas_per_sm)
     qr, sr = F.quantize_nvfp4(x, gs)
     assert torch.equal(s.view(torch.uint8), sr.view(torch.uint8)) and torch.equal(q, qr)
+    v = cuda_quant.quantize(x, gs, MODE_VALUES, ctas_per_sm=ctas_per_sm)
+    ref = F.block_values(qr, sr)
+    nan = ref.isnan()
+    assert torch.equal(v.isnan(), nan) and torch.equal(v.float()[~nan], ref[~nan])

@@ -163,5 +163,9 @@ def test_weight_and_scales_are_checked_before_a_launch():
     with pytest.raises(ValueError, match="16-byte"):
         cuda_small_m._check_shapes(x, torch.zeros(n * kp // 2 + 8, dtype=torch.uint8)[8:].view(n, -1), scales,
                                    1, n, kp)
+    with pytest.raises(ValueError, match="prepared .tiled. weight"):
+        cuda_small_m._check_shapes(x, weight[:48], scales[:48], 1, 48, kp)  # rows not padded to 32
+    with pytest.raises(ValueError, match="bad shapes"):
+        cuda_small_m._check_shapes(x, weight, scales, 1, n + 32, kp)
     with pytest.raises(ValueError, match="takes 1"):
         cuda_small_m._check_shapes(x, weight, scales, 17, n, kp)

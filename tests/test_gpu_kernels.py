@@ -522,6 +522,23 @@ def test_wgmma_scales_not_16_byte_aligned(seed):
     assert _tickets_are_zero()
 
 
+def test_wgmma_refuses_weight_views_it_would_misread(seed):
+    """A wrong scale view (sliced, transposed, misaligned by 2 bytes) or a misaligned weight raises a ValueError
+    naming the problem before a launch, and the context stays usable."""
+    _need_wgmma()
+    n, k, m = 1000, 1040, 96
+    x, wt, wst, alpha, _, ref = _cuda_gemm_case(n, k, m, torch.bfloat16)
+    scales = wst.view(torch.uint8)
+    shifted = torch.zeros(scales.numel() + 16, dtype=torch.uint8, device=DEV)[2:2 + scales.numel()].view(scales.shape)
+    misaligned = torch.zeros(wt.numel() + 16, dtype=torch.uint8, device=DEV)[8:8 + wt.numel()].view(wt.shape)
+    for weight, weight_scale, match in [(wt, scales[:, :-16], "weight_scale must be contiguous"),
+                                        (wt, scales.t().contiguous().t(), "weight_scale must be contiguous"),
+                                        (wt, shifted, "4-byte aligned"), (misaligned, scales, "16-byte aligned")]:
+        with pytest.raises(ValueError, match=match):
+            cuda_wgmma.wgmma_gemm(x, weight, weight_scale, alpha, n=n, out_dtype=torch.float32)
+    assert rel(cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("n,k,m", [(6144, 4096, 100), (14336, 4096, 20), (4096, 4096, 300), (3072, 8192, 20)])
 def test_wgmma_tuned_configurations(seed, n, k, m):
     """The launches the H100 table picks (``tuned_wgmma_h100``), on that device: the kernel within the fp32

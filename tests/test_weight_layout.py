@@ -175,3 +175,28 @@ def test_tiling_rejects_untileable_shapes():
         WL.tile_rows(torch.zeros(24, 128, dtype=torch.uint8), WL.TILE_CODE_BYTES)
     with pytest.raises(ValueError, match="128-byte row pieces"):
         WL.tile_rows(torch.zeros(32, 96, dtype=torch.uint8), WL.TILE_CODE_BYTES)
+
+
+def test_tiled_weight_problem_names_what_the_kernels_cannot_read():
+    """One check of the prepared weight for both Hopper kernels: the tiling's shape and contiguity, the weight's
+    16-byte base and the scales' per-kernel alignment."""
+    from fp4_compile.ops.hopper import MARLIN
+
+    weight, scales = MARLIN.prepare_weight(*F.quantize_nvfp4(torch.randn(40, 304), torch.tensor(1.0)))
+    assert weight.shape == (64, 256) and scales.shape == (64, 32)
+    assert WL.tiled_weight_problem(weight) is None
+    assert WL.tiled_weight_problem(weight, scales, scale_alignment=4) is None
+    raw = scales.view(torch.uint8)
+    bad = {
+        "2-D": (weight.flatten(), None, 2),
+        "rows a multiple of 32": (weight[:48], None, 2),
+        "K of 256": (weight[:, :64], None, 2),
+        "16-byte aligned": (torch.zeros(weight.numel() + 8, dtype=torch.uint8)[8:].view(weight.shape), None, 2),
+        "weight_scale must be contiguous": (weight, raw[:, :16], 2),
+        "must be contiguous \\[64, 32\\]": (weight, raw.t().contiguous().t(), 2),
+        "2-byte aligned": (weight, torch.zeros(raw.numel() + 1, dtype=torch.uint8)[1:].view(raw.shape), 2),
+        "4-byte aligned": (weight, torch.zeros(raw.numel() + 2, dtype=torch.uint8)[2:].view(raw.shape), 4),
+    }
+    for expected, (w, s, alignment) in bad.items():
+        problem = WL.tiled_weight_problem(w, s, scale_alignment=alignment)
+        assert problem is not None and re.search(expected, problem), (expected, problem)

@@ -21,7 +21,7 @@ from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
 from .triton_gemm import NUM_SMS_DEFAULT, num_sms
 from .triton_quant import cdiv
-from .weight_layout import CHUNK, TILE_K
+from .weight_layout import CHUNK, tiled_weight_problem
 
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_small_m.cu"
@@ -290,19 +290,15 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, m: int, n: int, k: int) -> None:
-    """M in the kernel's range; K a multiple of 16 within the weight's padded K (a multiple of TILE_K); the
-    weight and its scales contiguous (they are tiled), the weight's rows padded to 32 and covering N; the
-    weight 16-byte and its scales 2-byte aligned (the kernel's loads: a misaligned one faults the context)."""
+    """M in the kernel's range; K a multiple of 16 within the weight's padded K; N within its rows; the weight
+    and its scales as ``tiled_weight_problem`` wants them (its 2-byte scale loads)."""
     if not 1 <= m <= MAX_M:
         raise ValueError(f"the small-M kernel takes 1..{MAX_M} rows, got {m}")
-    kp = weight.shape[1] * 2
-    if k % 16 or k > kp or kp % TILE_K or weight.shape[0] % 32 or n > weight.shape[0] or not weight.is_contiguous():
+    problem = tiled_weight_problem(weight, weight_scale, scale_alignment=2)
+    if problem is not None:
+        raise ValueError(problem)
+    if k % 16 or k > weight.shape[1] * 2 or n > weight.shape[0]:
         raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n}")
-    if tuple(weight_scale.shape) != (weight.shape[0], kp // 16) or not weight_scale.is_contiguous():
-        raise ValueError(f"weight_scale must be contiguous [{weight.shape[0]}, {kp // 16}] (the prepared weight's "
-                         f"scales), got {tuple(weight_scale.shape)} with strides {weight_scale.stride()}")
-    if weight.data_ptr() % 16 or weight_scale.data_ptr() % 2:
-        raise ValueError("the weight must be 16-byte and its scales 2-byte aligned")
 
 
 def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):

@@ -22,14 +22,13 @@ from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
 from .split_tickets import split_tickets
 from .triton_gemm import num_sms
-from .weight_layout import TILE_K
+from .weight_layout import tiled_weight_problem
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "nvfp4_wgmma.cu"
 # wgmma needs the arch-specific sm_90a target: the kernel exists for Hopper only.
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-K_ALIGNMENT = TILE_K  # the kernel's TMA maps read the tiled weight's 256-k row pieces (weight_layout.py)
 # K splits: reduced in a thread-block cluster (at most the portable cluster size) or through global memory.
 SPLITS = (1, 2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
@@ -115,24 +114,15 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA wgmma kernel", "FP4C_WGMMA_KERNEL", device_index, _library, CAPABILITIES)
 
 
-def _weight_problem(weight: torch.Tensor) -> str | None:
-    """Why the kernel cannot read this prepared weight (None: it can)."""
-    if (weight.shape[1] * 2) % K_ALIGNMENT:
-        return f"the weight's padded K ({weight.shape[1] * 2}) must be a multiple of {K_ALIGNMENT}"
-    if weight.data_ptr() % 16 or not weight.is_contiguous():
-        return "the weight must be contiguous and 16-byte aligned (it is read by TMA)"
-    return None
-
-
 def _tiles(m: int, n: int, bn: int, wm: int) -> int:
     """Output tiles (CTAs before any K split) of an [m, n] output with (bn, wm) tiles."""
     return math.ceil(m / bn) * math.ceil(n / (128 * wm))
 
 
 def supports(weight: torch.Tensor) -> bool:
-    """Can the kernel take this prepared weight (on a device where it runs, padded K a multiple of
-    256, contiguous and 16-byte aligned)? Its bf16/fp16 activations must live on the same device."""
-    if weight.device.type != "cuda" or _weight_problem(weight) is not None:
+    """Can the kernel take this prepared weight (on a device where it runs; ``tiled_weight_problem``)?
+    Its bf16/fp16 activations must live on the same device."""
+    if weight.device.type != "cuda" or tiled_weight_problem(weight) is not None:
         return False
     index = nvcc.device_index(weight.device)
     return unavailable_reason(index) is None
@@ -351,12 +341,13 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                                       out_dtype)
     m, k = x.shape
     np_, kp = weight.shape[0], weight.shape[1] * 2
-    if m < 1 or k % 16 or k > kp or kp % K_ALIGNMENT or n > np_:
-        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n} "
-                         f"(K a multiple of 16 within the weight's K, which must be a multiple of {K_ALIGNMENT})")
-    problem = _weight_problem(weight)
+    # its scales are copied 4 bytes at a time where their base is not 16-byte aligned (else by TMA)
+    problem = tiled_weight_problem(weight, weight_scale, scale_alignment=4)
     if problem is not None:
         raise ValueError(problem)
+    if m < 1 or k % 16 or k > kp or n > np_:
+        raise ValueError(f"bad shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, n={n} "
+                         f"(K a multiple of 16 within the weight's K)")
     if tile is not None and tuple(tile) not in TILES:
         raise ValueError(f"tile must be one of {TILES}, got {tile}")
     if splits is not None and not 1 <= splits <= MAX_SPLITS:

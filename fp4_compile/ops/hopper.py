@@ -44,10 +44,10 @@ from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
-from .weight_layout import (TILE_CODE_BYTES, TILE_K, TILE_SCALE_BYTES, from_kernel_layout, tile_rows, to_kernel_layout,
-                            untile_rows)
+from .weight_layout import (ROW_PADDING, TILE_CODE_BYTES, TILE_K, TILE_SCALE_BYTES, from_kernel_layout, tile_rows,
+                            to_kernel_layout, untile_rows)
 
-WEIGHT_ALIGNMENT = 32
+WEIGHT_ALIGNMENT = ROW_PADDING
 
 
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -48,6 +48,7 @@ GROUP3_MULT = (1 << 2) | (1 << 8) | (1 << 13)  # = 8452: copies shifted by 2, 8 
 CHUNK = 32  # elements per 16-byte chunk (4 words)
 TILE_ROWS = 16  # rows of a tile
 TILE_K = 256  # elements of a tile row piece
+ROW_PADDING = 32  # prepared weights' rows (N) are padded to this (the small-M kernel's 32-row CTAs)
 TILE_CODE_BYTES = TILE_K // 2
 TILE_SCALE_BYTES = TILE_K // 16
 _MASK32 = 0xFFFFFFFF
@@ -127,6 +128,30 @@ def untile_rows(t: torch.Tensor, piece: int) -> torch.Tensor:
     return t.reshape(tiles, pieces, TILE_ROWS, piece).transpose(1, 2).contiguous().reshape(t.shape)
 
 
+def tiled_weight_problem(weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                         scale_alignment: int = 2) -> str | None:
+    """Why a Hopper kernel cannot read this prepared weight (and its scales, where given); None if it can.
+    The kernels compute addresses from the tiling, so both must be whole and contiguous: rows a multiple
+    of ROW_PADDING, K of TILE_K, scales ``[Np, Kp/16]``. The weight must be 16-byte aligned and the scales
+    ``scale_alignment``-byte aligned (each kernel's widest load: a misaligned one faults the CUDA context)."""
+    if weight.dim() != 2:
+        return f"the weight must be 2-D, got {tuple(weight.shape)}"
+    np_, kp = weight.shape[0], weight.shape[1] * 2
+    if np_ % ROW_PADDING or kp % TILE_K or not weight.is_contiguous():
+        return (f"the weight must be the contiguous prepared (tiled) weight, its rows a multiple of {ROW_PADDING} "
+                f"and its K of {TILE_K}; got {tuple(weight.shape)} with strides {weight.stride()}")
+    if weight.data_ptr() % 16:
+        return "the weight must be 16-byte aligned"
+    if weight_scale is None:
+        return None
+    if tuple(weight_scale.shape) != (np_, kp // 16) or not weight_scale.is_contiguous():
+        return (f"weight_scale must be contiguous [{np_}, {kp // 16}] (the prepared weight's scales), "
+                f"got {tuple(weight_scale.shape)} with strides {weight_scale.stride()}")
+    if weight_scale.data_ptr() % scale_alignment:
+        return f"the weight's scales must be {scale_alignment}-byte aligned"
+    return None
+
+
 def _tile_shape(t: torch.Tensor, piece: int) -> tuple[int, int]:
     if t.dim() != 2 or t.shape[0] % TILE_ROWS or t.shape[1] % piece:
         raise ValueError(f"a tiled weight needs rows a multiple of {TILE_ROWS} and whole {piece}-byte row pieces, "
@@ -156,5 +181,6 @@ def _bytes_to_words(data: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BF16_BITS", "FP16_BITS", "FP16_MULT", "GROUP_SHIFTS", "GROUP3_BITS", "GROUP3_MULT",
-           "TILE_ROWS", "TILE_K", "TILE_CODE_BYTES", "TILE_SCALE_BYTES", "place_bf16", "code_bit_positions",
-           "chunk_k", "to_kernel_layout", "from_kernel_layout", "tile_rows", "untile_rows"]
+           "TILE_ROWS", "TILE_K", "ROW_PADDING", "TILE_CODE_BYTES", "TILE_SCALE_BYTES", "place_bf16", "code_bit_positions",
+           "chunk_k", "to_kernel_layout", "from_kernel_layout", "tile_rows", "untile_rows",
+           "tiled_weight_problem"]

@@ -403,12 +403,13 @@ __device__ __forceinline__ void pair_values(const uint32_t* w, const PairScales&
 
 // The block values (staging four 16-byte chunks per thread) are held to 64 registers, 4 CTAs per SM
 // (fp32 input took 70); the other modes need fewer unbounded (0: no minimum).
-template <int DT, int MODE, bool FP16_OUT = false>
+// TABLE: out_scale of each scale byte tabulated once per CTA, where threads loop over many rows. Where
+// each thread has at most one row (decode-sized M; mode 3 always), the table's load of gs and its
+// barrier sat on the path from the launch to the GEMM after it, ahead of the loads of x: each thread
+// computes its two instead, and gs and x are loaded together.
+template <int DT, int MODE, bool FP16_OUT, bool TABLE>
 __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_quant_kernel(const Args a) {
-  // out_scale of each scale byte, tabulated once per CTA where threads loop over many rows; mode 3
-  // serves decode-sized M (a row or two per thread), where the table's barrier sat on the path
-  // from the launch to the GEMM after it: each thread computes its two instead.
-  constexpr bool kTable = MODE != kModeKernelCodes;
+  constexpr bool kTable = TABLE;
   __shared__ float s_os[kTable ? 256 : 1];
   __shared__ uint4 s_stage[MODE == kModeValues ? kThreads * 4 : 1];  // store_values
   // Launched with PDL: where the kernel after us is our GEMM, which waits for this grid's completion
@@ -417,8 +418,9 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   // us (it may have written x and the global scale).
   if (a.early) fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
-  const float gs = fp4c::coherent_load_f32(a.gs);
+  float gs = 0.0f;
   if constexpr (kTable) {
+    gs = fp4c::coherent_load_f32(a.gs);
     s_os[threadIdx.x] = out_scale(threadIdx.x, gs);
     __syncthreads();
   }
@@ -449,6 +451,8 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
         w[4 * i + 2] = t.z;
         w[4 * i + 3] = t.w;
       }
+      // loaded after x (the loads are ordered), so that 1/gs does not hold x's loads back
+      if constexpr (!kTable) gs = fp4c::coherent_load_f32(a.gs);
       const PairScales ps = pair_scales<DT, kTable>(w, gs, s_os);
       byte_pair = ps.b0 | ((valid1 ? ps.b1 : 0u) << 8);
       if constexpr (MODE == kModeValues) {
@@ -479,18 +483,27 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   }
 }
 
-template <int DT, int MODE, bool FP16_OUT = false>
+template <int DT, int MODE, bool FP16_OUT = false, bool TABLE = true>
 cudaError_t launch_kernel(const Args& a, dim3 grid, bool pdl, cudaStream_t stream) {
-  return fp4c::launch(nvfp4_quant_kernel<DT, MODE, FP16_OUT>, grid, dim3(kThreads), 0, pdl, stream, a);
+  return fp4c::launch(nvfp4_quant_kernel<DT, MODE, FP16_OUT, TABLE>, grid, dim3(kThreads), 0, pdl, stream, a);
 }
 
+// one_row: no thread has more than one row (the block values of a decode step skip the table; fp32
+// inputs keep it: without it their 64 registers spill).
 template <int DT>
-cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, dim3 grid, bool pdl, cudaStream_t stream) {
+cudaError_t launch_mode(const Args& a, int mode, bool fp16_out, bool one_row, dim3 grid, bool pdl,
+                        cudaStream_t stream) {
   switch (mode) {
     case kModeLinear: return launch_kernel<DT, kModeLinear>(a, grid, pdl, stream);
     case kModeSwizzled: return launch_kernel<DT, kModeSwizzled>(a, grid, pdl, stream);
-    case kModeKernelCodes: return launch_kernel<DT, kModeKernelCodes>(a, grid, pdl, stream);
+    case kModeKernelCodes: return launch_kernel<DT, kModeKernelCodes, false, false>(a, grid, pdl, stream);
     case kModeValues:
+      if constexpr (DT != kF32) {
+        if (one_row) {
+          return fp16_out ? launch_kernel<DT, kModeValues, true, false>(a, grid, pdl, stream)
+                          : launch_kernel<DT, kModeValues, false, false>(a, grid, pdl, stream);
+        }
+      }
       return fp16_out ? launch_kernel<DT, kModeValues, true>(a, grid, pdl, stream)
                       : launch_kernel<DT, kModeValues, false>(a, grid, pdl, stream);
     default: return cudaErrorInvalidValue;
@@ -703,11 +716,12 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
   if (gy > 65535) gy = 65535;
   if (gx > 0x7FFFFFFF) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  const bool one_row = a.mg <= gy * ty;
   cudaError_t err;
   switch (x_dtype) {
-    case kF32: err = launch_mode<kF32>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
-    case kF16: err = launch_mode<kF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
-    default: err = launch_mode<kBF16>(a, mode, v_fp16 != 0, grid, pdl != 0, stream); break;
+    case kF32: err = launch_mode<kF32>(a, mode, v_fp16 != 0, one_row, grid, pdl != 0, stream); break;
+    case kF16: err = launch_mode<kF16>(a, mode, v_fp16 != 0, one_row, grid, pdl != 0, stream); break;
+    default: err = launch_mode<kBF16>(a, mode, v_fp16 != 0, one_row, grid, pdl != 0, stream); break;
   }
   return static_cast<int>(err);
 }
