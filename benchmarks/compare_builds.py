@@ -6,12 +6,15 @@ so that clock drift hits them alike.
     python benchmarks/compare_builds.py /tmp/old.cu [--cases 4096x14336x1024,28672x4096x1024]
     python benchmarks/compare_builds.py --kernel small_m /tmp/old_small_m.cu --cases 28672x4096x1
     python benchmarks/compare_builds.py --kernel small_m --codes /tmp/old_small_m.cu --cases 4096x4096x8
+    python benchmarks/compare_builds.py --kernel quant /tmp/old_quant.cu --cases 4096x14336x1
 
 Each file is built beside copies of the working tree's headers (``*.cuh``): to compare a change of
 a header, inline the other header into the file. All builds must share the kernel's C signature;
 they run through the package's launcher with the working tree's launch configuration for the case.
 ``--codes``: the small-M kernel on W4A4 activation codes (quantized once, outside the timed graphs),
-else on bf16 activations.
+else on bf16 activations. ``--kernel quant`` times W4A4 calls at decode sizes, each build's quantization
+kernel (block values, or codes with ``--codes``) and then the package's small-M kernel on its output,
+launched behind it as the backend does.
 """
 
 from __future__ import annotations
@@ -32,9 +35,24 @@ from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
 
-KERNELS = {"wgmma": cuda_wgmma, "small_m": cuda_small_m}
+KERNELS = {"wgmma": cuda_wgmma, "small_m": cuda_small_m, "quant": cuda_quant}
 DEFAULT_CASES = {"wgmma": "4096x14336x1024,28672x4096x1024,4096x4096x1024,4096x4096x2048",
                  "small_m": "28672x4096x1,4096x14336x1,6144x4096x1,4096x4096x1,28672x4096x8"}
+DEFAULT_CASES["quant"] = DEFAULT_CASES["small_m"]
+
+
+def w4a4_calls(library, x: torch.Tensor, gx: torch.Tensor, ws: list, alphas: list, n: int, codes: bool) -> list:
+    """W4A4 calls as the backend makes them at decode sizes, the quantization kernel from ``library``."""
+    k = x.shape[1]
+    if codes:
+        def call(w, a):
+            q, s = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True, library=library)
+            return cuda_small_m.small_m_gemm(q, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=s, k=k)
+    else:
+        def call(w, a):
+            v = cuda_quant.quantize(x, gx, cuda_quant.MODE_VALUES, early_trigger=True, library=library)
+            return cuda_small_m.small_m_gemm(v, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
+    return [lambda w=w, a=a: call(w, a) for w, a in zip(ws, alphas)]
 
 
 def gemm_calls(kernel: str, library, x: torch.Tensor, ws: list, alphas: list, n: int,
@@ -58,6 +76,7 @@ def gemm_calls(kernel: str, library, x: torch.Tensor, ws: list, alphas: list, n:
 
 
 def config_label(kernel: str, m: int, n: int, k: int) -> str:
+    """The package's launch of the GEMM timed (the small-M kernel's for ``quant``)."""
     if kernel == "wgmma":
         return cuda_wgmma.device_launch_config(m, n, k, 0).label
     rows, stages, warps = cuda_small_m.launch_config(m, n, k)
@@ -72,8 +91,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--codes", action="store_true", help="small_m: W4A4 on activation codes")
     args = ap.parse_args()
-    if args.codes and args.kernel != "small_m":
-        ap.error("--codes times the small-M kernel (--kernel small_m)")
+    if args.codes and args.kernel == "wgmma":
+        ap.error("--codes times the small-M kernel (--kernel small_m or quant)")
     module = KERNELS[args.kernel]
     info, _, _ = measured_env()
     libraries = {"A": None}  # A: the package's build
@@ -93,12 +112,18 @@ def main():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         alphas = [(1 / gw).float() for _, _, gw in ws]
         x_codes = None
-        if args.codes:
-            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-            x_codes = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+        if args.codes or args.kernel == "quant":
             alphas = [(a / gx).float() for a in alphas]
-        times = time_graphs_us({name: gemm_calls(args.kernel, lib, x, ws, alphas, n, x_codes)
-                                for name, lib in libraries.items()}, rounds=args.rounds)
+        if args.kernel == "quant":
+            calls = {name: w4a4_calls(lib, x, gx, ws, alphas, n, args.codes) for name, lib in libraries.items()}
+            outs = [c[0]() for c in calls.values()]
+            assert all(torch.equal(o, outs[0]) for o in outs), "the builds' W4A4 outputs differ"
+        else:
+            if args.codes:
+                x_codes = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES)
+            calls = {name: gemm_calls(args.kernel, lib, x, ws, alphas, n, x_codes) for name, lib in libraries.items()}
+        times = time_graphs_us(calls, rounds=args.rounds)
         row = {"case": case, "config": config_label(args.kernel, m, n, k), "A_us": round(times["A"], 2)}
         for name in libraries:
             if name != "A":

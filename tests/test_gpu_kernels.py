@@ -539,7 +539,17 @@ def test_wgmma_refuses_weight_views_it_would_misread(seed):
     assert rel(cuda_wgmma.wgmma_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("n,k,m", [(6144, 4096, 100), (14336, 4096, 20), (4096, 4096, 300), (3072, 8192, 20)])
+def _tuned_cases() -> list[tuple[int, int, int]]:
+    """(N, K, M) of each shape's first override in the H100 table, M just below its grid value."""
+    table, cases = cuda_wgmma.tuned_wgmma_h100, []
+    for (n, k), picks in table.PICKS.items():
+        i = next((i for i, label in enumerate(picks) if label is not None), None)
+        if i is not None:
+            cases.append((n, k, table.M_GRID[i] - (1 if i else 0)))
+    return cases
+
+
+@pytest.mark.parametrize("n,k,m", _tuned_cases())
 def test_wgmma_tuned_configurations(seed, n, k, m):
     """The launches the H100 table picks (``tuned_wgmma_h100``), on that device: the kernel within the fp32
     summation order of the float64 product, and W4A4 through the backend (quantization kernel, then the

@@ -66,8 +66,13 @@ def compile_command(output: str, capability: tuple[int, int] = (9, 0)) -> list[s
 
 @functools.lru_cache(maxsize=None)
 def _library(capability: tuple[int, int]) -> ctypes.CDLL:
-    stem = f"nvfp4_quant_sm{capability[0]}{capability[1]}"
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, nvcc_flags(capability), stem)))
+    return load_library(SOURCE, f"nvfp4_quant_sm{capability[0]}{capability[1]}", capability)
+
+
+def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = (9, 0)) -> ctypes.CDLL:
+    """Build (cached) and load ``source``, the kernels or a variant with the same C entry points
+    (benchmarks/compare_builds.py times builds against each other), with their signatures."""
+    lib = ctypes.CDLL(str(build_shared_library(source, nvcc_flags(capability), stem)))
     fn = lib.fp4c_nvfp4_quant
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -110,8 +115,8 @@ def use_cuda_quant(x2: torch.Tensor, mode: int, out_dtype: torch.dtype | None = 
 
 
 def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_sm: int = CTAS_PER_SM,
-             out_dtype: torch.dtype | None = None,
-             early_trigger: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+             out_dtype: torch.dtype | None = None, early_trigger: bool = False,
+             library: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """NVFP4-quantize ``x2 [M, K]`` (fp32/fp16/bf16, K a multiple of 16) on its CUDA device.
 
     ``global_scale``: float32, one element, on the same device (read there: no host sync, and a
@@ -126,7 +131,8 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     dependent launch where ``pdl.use_pdl`` says so; ``early_trigger``: the caller launches one of our
     GEMMs right after (it waits for this kernel's completion before it touches memory), which may then
     launch while this kernel starts. Any other kernel after it must not: Inductor's PDL kernels wait
-    only for what the kernel just before them wrote.
+    only for what the kernel just before them wrote. ``library`` (from ``load_library``): another build
+    (benchmark variants).
     """
     if x2.dtype not in DTYPE_CODES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")
@@ -164,7 +170,7 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
         s = torch.empty(swizzled_scale_shape(m, k) if mode == MODE_SWIZZLED else (m, k // BLOCK_SIZE),
                         dtype=torch.uint8, device=dev)
     if s.numel():  # M == 0 or K == 0: nothing to write
-        err = nvcc.launch_on(dev, lambda capability, stream: _library(capability).fp4c_nvfp4_quant(
+        err = nvcc.launch_on(dev, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_quant(
             x2.data_ptr(), x2.stride(0), DTYPE_CODES[x2.dtype], q.data_ptr(), q.stride(0), s.data_ptr(),
             s.stride(0), v.data_ptr(), v.stride(0), int(out_dtype == torch.float16), global_scale.data_ptr(),
             m, k, mode, ctas_per_sm, (2 if early_trigger else 1) if use_pdl(dev) else 0, stream))
