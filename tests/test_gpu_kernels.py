@@ -670,7 +670,7 @@ def test_wgmma_kernel_rejects_bad_input():
     assert cuda_wgmma.supports(wt)  # (prepared weights pad K to 256)
     untiled = torch.zeros(64, 48, dtype=torch.uint8, device=DEV)  # K = 96: not whole 256-k tile pieces
     assert not cuda_wgmma.supports(untiled) and not cuda_wgmma.supports(wt[:, :64])
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="its K of 256"):
         cuda_wgmma.wgmma_gemm(x, untiled, wst[:, :6], alpha, n=64, out_dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="bf16 or fp16"):
         cuda_wgmma.wgmma_gemm(x.float(), wt, wst, alpha, n=64, out_dtype=torch.float32)
@@ -697,7 +697,7 @@ def test_small_m_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match="bad shapes"):  # K beyond the weight's (padded to 256)
         cuda_small_m.small_m_gemm(torch.randn(2, 320, device=DEV, dtype=torch.bfloat16), wt, wst, alpha, n=64,
                                   out_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="bad shapes"):  # a tiled weight must stay whole
+    with pytest.raises(ValueError, match="contiguous prepared .tiled. weight"):  # a tiled weight must stay whole
         cuda_small_m.small_m_gemm(x[:2], wt[:, :64], wst[:, :8], alpha, n=64, out_dtype=torch.bfloat16)
 
 
