@@ -48,6 +48,12 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # 395 -> 366 us). Where their last wave would leave half the SMs or more idle, its tiles are split
 # along K over them (``tail_plan``, at most MAX_TAIL_SPLITS ways), at TAIL_FIXUP_US for the partial
 # tiles' round trip through L2.
+# On weights of WIDE_TILE_MIN_ELEMENTS or more, a stage of a 256-row tile holding all M (<= 64) activation
+# rows costs WIDE_TILE_STAGE of two 128-row stages: it decoded a weight in 0.79x the time (NOTES.md v16g).
+# Over the sweeps of session 27 this took the model's picks from 1.167x the best variant to 1.053x
+# (Llama-3-70B layers), 1.050x to 1.017x (Qwen2.5-7B, Qwen3-8B) and, on shapes swept only after the rule
+# was set, 1.070x to 1.036x (Qwen2.5-32B); on all weights it picked slower variants on the Llama-3-8B
+# shapes (1.026x -> 1.043x; NOTES.md v29).
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
@@ -56,6 +62,8 @@ FIXUP_US_PER_MILLION = 0.427
 PERSISTENT_TILE_US = 0.7
 MAX_TAIL_SPLITS = 4
 TAIL_FIXUP_US = 2.0
+WIDE_TILE_STAGE = 0.79
+WIDE_TILE_MIN_ELEMENTS = 2**26
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7, v8 and v11):
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
@@ -193,9 +201,11 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
     waves = math.ceil(tiles * cfg.splits / fit)
     k_tiles = math.ceil(k / 64)
+    wide = cfg.wm == 2 and m <= cfg.bn <= 64 and n * k >= WIDE_TILE_MIN_ELEMENTS
+    stage = (STAGE_US + STAGE_ROW_US * cfg.bn) * cfg.wm * (WIDE_TILE_STAGE if wide else 1.0)
 
     def loop(slices: int) -> float:  # the main loop over 1 / slices of K
-        return math.ceil(k_tiles / slices) * cfg.wm * (STAGE_US + STAGE_ROW_US * cfg.bn)
+        return math.ceil(k_tiles / slices) * stage
 
     main_loop = loop(cfg.splits)
     if cfg.splits == 1 and tiles > sms:  # persistent
