@@ -51,9 +51,10 @@ MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeli
 # On weights of WIDE_TILE_MIN_ELEMENTS or more, a stage of a 256-row tile holding all M (<= 64) activation
 # rows costs WIDE_TILE_STAGE of two 128-row stages: it decoded a weight in 0.79x the time (NOTES.md v16g).
 # Over the sweeps of session 27 this took the model's picks from 1.167x the best variant to 1.053x
-# (Llama-3-70B layers), 1.050x to 1.017x (Qwen2.5-7B, Qwen3-8B) and, on shapes swept only after the rule
-# was set, 1.070x to 1.036x (Qwen2.5-32B); on all weights it picked slower variants on the Llama-3-8B
-# shapes (1.026x -> 1.043x; NOTES.md v29).
+# (Llama-3-70B layers), 1.050x to 1.020x (Qwen2.5-7B, Qwen3-8B), 1.070x to 1.036x (Qwen2.5-32B, swept
+# after the rule was set) and 1.054x to 1.031x (Mistral-Small-24B, Gemma-2-9B; the threshold lowered
+# from 2^26 to 2^25 after it). On smaller weights (4096x4096) it picked 8-way splits that ran up to 1.5x
+# slower (NOTES.md v29).
 CTA_FIXED_US = 4.73
 STAGE_US = 0.230
 STAGE_ROW_US = 0.00221
@@ -63,7 +64,7 @@ PERSISTENT_TILE_US = 0.7
 MAX_TAIL_SPLITS = 4
 TAIL_FIXUP_US = 2.0
 WIDE_TILE_STAGE = 0.79
-WIDE_TILE_MIN_ELEMENTS = 2**26
+WIDE_TILE_MIN_ELEMENTS = 2**25
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7, v8 and v11):
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
