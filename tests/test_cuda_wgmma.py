@@ -150,13 +150,23 @@ def test_equal_estimates_take_the_256_row_tile_at_small_m():
     capacity = {1: 132, 2: 132, 4: 120, 8: 120}
     assert cuda_wgmma.launch_config(32, 6144, 4096, 132, capacity) == (32, 2, 4, False)  # 15.2 against 17.2 us
     assert cuda_wgmma.launch_config(64, 6144, 4096, 132, capacity) == (64, 2, 4, False)  # 17.4 against 18.1
-    assert cuda_wgmma.launch_config(32, 14336, 4096, 132, capacity) == (32, 2, 2, False)  # 24.8 against 26.5
+    assert cuda_wgmma.launch_config(32, 14336, 4096, 132, capacity) == (32, 2, 2, True)  # 24.8 against 26.5; L2 (v29e)
     assert cuda_wgmma.launch_config(128, 14336, 4096, 132, capacity) == (128, 1, 1, False)  # 33.7 against 36.1
     assert cuda_wgmma.launch_config(64, 3072, 4096, 132, capacity) == (64, 1, 4, False)  # 11.9 against 12.7 (s8)
     assert cuda_wgmma.launch_config(64, 4096, 4096, 132, capacity) == (64, 1, 4, True)  # no tie there
 
 
 H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
+
+
+def test_two_way_splits_of_small_tiles_reduce_through_memory():
+    """The model's 2-way cluster splits of tiles up to 128 activation rows go through memory (NOTES.md v29e);
+    256-row tiles keep their cluster splits."""
+    picks = [cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
+             for m in (17, 32, 64, 96, 128, 192, 256, 384, 512)
+             for n, k in ((6144, 4096), (14336, 4096), (10240, 8192), (5120, 3072), (4096, 14336))]
+    assert not any(c.splits == 2 and not c.workspace and c.bn <= 128 for c in picks)
+    assert any(c.splits == 2 and not c.workspace and c.bn == 256 for c in picks)
 
 
 def test_launch_config_labels_round_trip():

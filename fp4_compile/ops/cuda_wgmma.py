@@ -243,12 +243,20 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
     in whole clusters). Of equal estimates (the same CTAs, each with 256 weight rows and half the
     stages, or 128 rows and all of them), the 256-row tile where ``_prefers_256_rows``; then fewer
-    splits."""
+    splits. A 2-way split in a cluster of a tile of at most 128 activation rows is then reduced through
+    memory instead: of the two, that ran 4-10% faster in nearly every cell of the H100 sweeps (NOTES.md
+    v27i, v28a), which the model, charging the split through memory a fixup that it does not charge the
+    cluster, does not see; over the sweeps of eight model families this took its picks from 1.020-1.053x
+    the best variant to 1.015-1.028x (v29e). Leaving the cluster variant out instead made it pick other,
+    slower ones."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
-    return min(launch_configs(k, cluster_ctas),
+    pick = min(launch_configs(k, cluster_ctas),
                key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), not _prefers_256_rows(c), c.splits,
                               c.workspace))
+    if pick.splits == 2 and not pick.workspace and pick.bn <= 128:
+        return pick._replace(workspace=True)
+    return pick
 
 
 def _prefers_256_rows(cfg: LaunchConfig) -> bool:
