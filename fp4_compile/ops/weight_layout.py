@@ -181,6 +181,6 @@ def _bytes_to_words(data: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BF16_BITS", "FP16_BITS", "FP16_MULT", "GROUP_SHIFTS", "GROUP3_BITS", "GROUP3_MULT",
-           "TILE_ROWS", "TILE_K", "ROW_PADDING", "TILE_CODE_BYTES", "TILE_SCALE_BYTES", "place_bf16", "code_bit_positions",
-           "chunk_k", "to_kernel_layout", "from_kernel_layout", "tile_rows", "untile_rows",
+           "TILE_ROWS", "TILE_K", "ROW_PADDING", "TILE_CODE_BYTES", "TILE_SCALE_BYTES", "place_bf16",
+           "code_bit_positions", "chunk_k", "to_kernel_layout", "from_kernel_layout", "tile_rows", "untile_rows",
            "tiled_weight_problem"]
