@@ -214,9 +214,15 @@ std::optional<Plan> find_plan(const at::Tensor& x, const at::Tensor& weight, con
   return it->second;
 }
 
+// The fast path's error where a kernel launch returned a cudaError_t (0: none); `shape` is streamed after "at ".
+template <typename... Shape>
+void check_kernel(int err, const char* op, const char* what, const Shape&... shape) {
+  TORCH_CHECK(err == 0, op, " fast path: ", what, " failed: CUDA error ", err, " (",
+              cudaGetErrorString(static_cast<cudaError_t>(err)), ") at ", shape...);
+}
+
 void check_launch(int err, const char* what, const at::Tensor& x, int64_t n) {
-  TORCH_CHECK(err == 0, "fp4::linear fast path: ", what, " failed: CUDA error ", err, " (", cudaGetErrorString(
-      static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n, ", K=", x.size(1));
+  check_kernel(err, "fp4::linear", what, "M=", x.size(0), ", N=", n, ", K=", x.size(1));
 }
 
 // The GEMM's activation operand: x itself (W4A16, quant_mode none), its block values or its codes with their
@@ -464,8 +470,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
       residual.has_value() ? sum.data_ptr() : nullptr, k, values.data_ptr(), k, static_cast<int>(dtype),
       gs.data_ptr<float>(), static_cast<float>(eps), static_cast<int>(m), static_cast<int>(k), pdl,
       c10::cuda::getCurrentCUDAStream(device.index()).stream());
-  TORCH_CHECK(err == 0, "fp4::rms_norm_quantize fast path: the norm kernel failed: CUDA error ", err, " (",
-              cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", m, ", K=", k);
+  check_kernel(err, "fp4::rms_norm_quantize", "the norm kernel", "M=", m, ", K=", k);
   return {values, sum};
 }
 
@@ -491,8 +496,7 @@ at::Tensor linear_silu_mul_cuda(const at::Tensor& x, at::TensorList weights, at:
         gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), out.stride(0),
         static_cast<int>(dtype_code(x.scalar_type())), static_cast<int>(x.size(0)), static_cast<int>(n),
         kernels.pdl ? 1 : 0, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-    TORCH_CHECK(err == 0, "fp4::linear_silu_mul fast path: the silu_mul kernel failed: CUDA error ", err, " (",
-                cudaGetErrorString(static_cast<cudaError_t>(err)), ") at M=", x.size(0), ", N=", n);
+    check_kernel(err, "fp4::linear_silu_mul", "the silu_mul kernel", "M=", x.size(0), ", N=", n);
     return out;
   }
   static const auto op = c10::Dispatcher::singleton()
