@@ -1,6 +1,7 @@
 """Write fp4_compile/ops/tuned_wgmma_h100.py from sweeps of the wgmma kernel's launch configurations.
 
 python benchmarks/make_wgmma_table.py SWEEP.json [SWEEP.json ...] [--margin 0.02]
+python benchmarks/make_wgmma_table.py --score SWEEP.json [...]   (the cost model against each sweep; writes nothing)
 
 For each (N, K) and M of the sweeps (``benchmarks/sweep_wgmma_configs.py``, run on an H100; a cell in
 several sweeps takes the geometric mean of each variant's times) up to ``cuda_wgmma.LARGE_M`` (above it
@@ -84,12 +85,17 @@ def table(env: dict, cells: dict, margin: float) -> tuple[tuple[int, ...], dict,
     return tuple(grid), {nk: tuple(v[m] for m in grid) for nk, v in sorted(picks.items())}, lines
 
 
-def geomean_slower(env: dict, cells: dict) -> float:
-    """The cost model's pick over the best variant, geometric mean over the cells and modes up to LARGE_M."""
+def model_slowdowns(env: dict, cells: dict) -> list[float]:
+    """The cost model's pick over the best variant, for each cell and mode up to LARGE_M."""
     clusters = {int(s): c for s, c in env["cluster_ctas"].items()}
-    logs = [math.log(us[W.launch_config(m, n, k, env["sms"], clusters).label] / min(us.values()))
+    return [us[W.launch_config(m, n, k, env["sms"], clusters).label] / min(us.values())
             for (n, k, m), modes in cells.items() if m <= W.LARGE_M for us in modes.values()]
-    return math.exp(sum(logs) / len(logs))
+
+
+def geomean_slower(env: dict, cells: dict) -> float:
+    """``model_slowdowns``' geometric mean."""
+    ratios = model_slowdowns(env, cells)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
 def main() -> None:
@@ -98,7 +104,16 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.02,
                     help="override the cost model where its pick ran at least this much slower than the best")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--score", action="store_true",
+                    help="print how the cost model's picks do against each sweep (geomean and worst), write nothing")
     args = ap.parse_args()
+    if args.score:
+        for path in args.sweeps:
+            env, cells = merged_cells([path])
+            ratios = model_slowdowns(env, cells)
+            print(f"{os.path.relpath(path, ROOT)}: the model's pick over the best {geomean_slower(env, cells):.4f}x "
+                  f"(geomean of {len(ratios)} cell-modes), worst {max(ratios):.3f}x")
+        return
     env, cells = merged_cells(args.sweeps)
     grid, picks, lines = table(env, cells, args.margin)
     print("\n".join(lines))

@@ -224,6 +224,10 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
     both = make_wgmma_table.merged_cells([str(path), str(tie)])
     assert make_wgmma_table.table(*both, margin=0.02)[1][(n, k)][1] == others[1]
     assert make_wgmma_table.table(*both, margin=0.06)[1][(n, k)][1] is None
+    # --score: the model's pick over the best per cell up to LARGE_M, and their geometric mean
+    merged = make_wgmma_table.merged_cells([str(path)])
+    assert make_wgmma_table.model_slowdowns(*merged) == pytest.approx([1.02, 1.10])
+    assert make_wgmma_table.geomean_slower(*merged) == pytest.approx((1.02 * 1.10) ** 0.5)
 
 
 def test_tuned_table_is_what_its_sweeps_give():
