@@ -285,9 +285,9 @@ def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int,
                         cluster_ctas: dict[int, int]) -> LaunchConfig | None:
     """The configuration measured fastest for this layer shape and M on the H100 where the cost
     model's pick ran 2% or more slower, with W4A16 and W4A4 alike (``tuned_wgmma_h100``, NOTES.md
-    v28), or None. Most of its entries are 2-way K splits that run 4-10% faster through memory than
-    in the cluster the model picks (it charges a cluster no reduction cost, and a re-fit of its
-    constants did not find better picks overall: v27i, v28b)."""
+    v28-v29), or None. Its entries follow no one pattern that a rule of the model would capture (a
+    re-fit of its constants did not find better picks overall, v28b): mostly 256-row tiles split more
+    ways than the model's 128-row ones, and 4-way splits reduced through memory rather than in a cluster."""
     table = tuned_wgmma_h100
     if sms != table.SMS or tuple(capability) != table.CAPABILITY or (n, k) not in table.PICKS:
         return None
