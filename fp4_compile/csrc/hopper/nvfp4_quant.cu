@@ -409,8 +409,7 @@ __device__ __forceinline__ void pair_values(const uint32_t* w, const PairScales&
 // computes its two instead, and gs and x are loaded together.
 template <int DT, int MODE, bool FP16_OUT, bool TABLE>
 __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_quant_kernel(const Args a) {
-  constexpr bool kTable = TABLE;
-  __shared__ float s_os[kTable ? 256 : 1];
+  __shared__ float s_os[TABLE ? 256 : 1];
   __shared__ uint4 s_stage[MODE == kModeValues ? kThreads * 4 : 1];  // store_values
   // Launched with PDL: where the kernel after us is our GEMM, which waits for this grid's completion
   // before it reads anything, it may launch now. Any other kernel (Inductor's PDL kernels wait only for
@@ -419,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
   if (a.early) fp4c::allow_dependents();
   fp4c::wait_for_prior_grid();
   float gs = 0.0f;
-  if constexpr (kTable) {
+  if constexpr (TABLE) {
     gs = fp4c::coherent_load_f32(a.gs);
     s_os[threadIdx.x] = out_scale(threadIdx.x, gs);
     __syncthreads();
@@ -452,8 +451,8 @@ __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_q
         w[4 * i + 3] = t.w;
       }
       // loaded after x (the loads are ordered), so that 1/gs does not hold x's loads back
-      if constexpr (!kTable) gs = fp4c::coherent_load_f32(a.gs);
-      const PairScales ps = pair_scales<DT, kTable>(w, gs, s_os);
+      if constexpr (!TABLE) gs = fp4c::coherent_load_f32(a.gs);
+      const PairScales ps = pair_scales<DT, TABLE>(w, gs, s_os);
       byte_pair = ps.b0 | ((valid1 ? ps.b1 : 0u) << 8);
       if constexpr (MODE == kModeValues) {
         uint4 chunks[4];
