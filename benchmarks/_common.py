@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -15,8 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# (the package's timing helpers, imported by the benchmarks from here)
+from fp4_compile.ops.gpu_timing import (capture_graph, copies_for, cuda_events, fp4_weight_bytes,  # noqa: E402,F401
+                                        make_fp4_weights, relative_error as rel, rotating_fp4_weights, time_graphs_us)
+
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # N x K
-ROTATE_BYTES = 200 * 2**20  # > 200 MB of weights per timed sweep: nothing stays in the 50 MB L2
 
 
 def out_dir() -> str | None:
@@ -32,55 +34,6 @@ def write_json(name: str, data) -> str:
     return path
 
 
-def copies_for(bytes_per_copy: int) -> int:
-    return max(2, math.ceil(ROTATE_BYTES / max(bytes_per_copy, 1)))
-
-
-def _events():
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-
-def _capture(calls) -> torch.cuda.CUDAGraph:
-    """``calls`` run once on a side stream (compiling and allocating), then captured in one graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    return g
-
-
-def time_graphs_us(named_calls: dict, rounds: int = 4, replays: int = 5, warmup: int = 3) -> dict:
-    """Median time per call (us) of each list of 0-arg callables, each captured in its own CUDA graph.
-
-    The graphs are replayed in turns (``rounds`` times ``replays`` each), so that the clock drift of
-    a GPU under sustained load (up to 12% at M >= 1024 within a run) hits every entry alike instead
-    of whichever was timed last."""
-    graphs = {name: (_capture(calls), len(calls)) for name, calls in named_calls.items()}
-    for g, _ in graphs.values():
-        for _ in range(warmup):
-            g.replay()
-    torch.cuda.synchronize()
-    samples = {name: [] for name in graphs}
-    for _ in range(rounds):
-        for name, (g, n) in graphs.items():
-            for _ in range(replays):
-                a, b = _events()
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                samples[name].append(a.elapsed_time(b) * 1000.0 / n)
-    del graphs
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def time_graph_us(calls, replays: int = 20, warmup: int = 3) -> float:
     """Median time per call (us) of ``calls`` (a list of 0-arg callables) captured in one CUDA graph."""
     return time_graphs_us({"calls": calls}, rounds=1, replays=replays, warmup=warmup)["calls"]
@@ -94,7 +47,7 @@ def time_eager_us(calls, reps: int = 10, warmup: int = 2) -> float:
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
-        a, b = _events()
+        a, b = cuda_events()
         a.record()
         for c in calls:
             c()
@@ -113,7 +66,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 * 2**30) -> float:
     torch.cuda.synchronize()
     ts = []
     for _ in range(10):
-        a, b = _events()
+        a, b = cuda_events()
         a.record()
         dst.copy_(src)
         b.record()
@@ -157,45 +110,15 @@ def measured_env(tensor_core: bool = True) -> tuple[dict, float, float | None]:
     return info, bw, tf
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius error of a against the reference b (in float64)."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def make_fp4_weights(n: int, k: int, copies: int, kernels):
-    """``copies`` independent NVFP4 weights [n, k] prepared for ``kernels``, + their global scales."""
-    from fp4_compile import format as F
-
-    out = []
-    for _ in range(copies):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        gw = F.global_scale_from_amax(w.float().abs().amax()).reshape(1)
-        pw, sw = F.quantize_nvfp4(w, gw)
-        wt, wst = kernels.prepare_weight(pw, sw)
-        out.append((wt, wst, gw))
-        del w, pw, sw
-    return out
-
-
 def shape_of(spec: str) -> tuple[int, int]:
     """N, K from a shape argument: an index into LLAMA_SHAPES, or "NxK"."""
     return tuple(map(int, spec.split("x"))) if "x" in spec else LLAMA_SHAPES[int(spec)]
-
-
-def rotating_fp4_weights(n: int, k: int, kernels) -> list:
-    """NVFP4 weights [n, k] prepared for ``kernels``, enough copies to rotate through more than L2
-    in a timed sweep (``make_fp4_weights`` items)."""
-    return make_fp4_weights(n, k, copies_for(fp4_weight_bytes(n, k)), kernels)
 
 
 def rotating_weights(n: int, k: int, kernels) -> tuple[list, list]:
     """``rotating_fp4_weights`` and as many bf16 weights [n, k] as rotate through more than L2."""
     bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
     return rotating_fp4_weights(n, k, kernels), bf
-
-
-def fp4_weight_bytes(n: int, k: int) -> int:
-    return n * k // 2 + n * k // 16
 
 
 def kernel_resources(kernel) -> dict:

@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import _capture, measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
+from _common import capture_graph, measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
 
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
@@ -96,7 +96,7 @@ def main():
                                                          library=library, **opts) for w, a in zip(weights, alphas)]
 
         times = time_graphs_us({"package": calls(None), "timeline": calls(lib)})
-        graph = _capture(calls(lib))
+        graph = capture_graph(calls(lib))
         graph.replay()
         torch.cuda.synchronize()
         if lib.fp4c_nvfp4_wgmma_timeline(events.data_ptr()) != 0:  # (zeroes the events)

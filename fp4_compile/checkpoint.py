@@ -993,6 +993,28 @@ def _fused_siblings(names: Iterable[str]) -> list[list[str]]:
     return groups
 
 
+def _quantizable_linears(model: nn.Module, ignore: Sequence[str]) -> dict[str, nn.Linear]:
+    """The linears :func:`quantize_transformers_model` makes NVFP4: not ignored, K a multiple of 16."""
+    ignore = list(ignore)
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not _matches_ct(n, m, ignore) and m.in_features % fmt.BLOCK_SIZE == 0}
+
+
+def nvfp4_linear_shapes(model_dir: str | os.PathLike, ignore: Sequence[str] = DEFAULT_IGNORE) -> list[tuple[int, int]]:
+    """The distinct (out_features, in_features) of the linears that loading ``model_dir`` (an NVFP4
+    checkpoint: those its quantization config names) or quantizing it (a bf16 model: those
+    :func:`quantize_transformers_model` takes, with ``ignore``) makes NVFP4, from its config alone (no
+    weights are read; ``fp4c tune --model``)."""
+    path = check_model_dir(model_dir)
+    model = build_empty_model(path)
+    scheme = read_quant_scheme(path)
+    if scheme is None:
+        linears = list(_quantizable_linears(model, ignore).values())
+    else:
+        linears = [m for name, m in model.named_modules() if scheme.activation_mode(name, m) is not None]
+    return sorted({(m.out_features, m.in_features) for m in linears})
+
+
 def quantize_transformers_model(
     model: nn.Module,
     *,
@@ -1011,10 +1033,7 @@ def quantize_transformers_model(
     scale (that of the largest amax), so that engines which fuse them into one GEMM
     (vLLM) lose nothing: :func:`merge_nvfp4_linears` of such layers is exact.
     """
-    ignore = list(ignore)
-    candidates = {n: m for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and not _matches_ct(n, m, ignore)
-                  and m.in_features % fmt.BLOCK_SIZE == 0}
+    candidates = _quantizable_linears(model, ignore)
     groups = _fused_siblings(candidates) if share_fused_global_scales else []
     shared_scales = {}
     for group in groups:

@@ -1,6 +1,6 @@
 """``fp4c``: the fp4_compile command line (also ``python -m fp4_compile``).
 
-Commands: ``demo``, ``quantize``, ``inspect``, ``bench``, ``backends``. Bad input (a
+Commands: ``demo``, ``quantize``, ``inspect``, ``bench``, ``tune``, ``backends``. Bad input (a
 directory that is not a model, a broken checkpoint, an unavailable backend) prints one
 line on stderr and exits with status 2; a traceback means a bug.
 """
@@ -8,6 +8,7 @@ line on stderr and exits with status 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ NVFP4 (e2m1 weights and activations, e4m3 block scales) linear layers under torc
   fp4c quantize SRC OUT          bf16 Hugging Face model dir -> NVFP4 compressed-tensors checkpoint
   fp4c inspect                   show what torch.compile(backend="fp4") did to the model
   fp4c bench                     GPU benchmarks (benchmarks/run_gpu.sh)
+  fp4c tune --model DIR          time the Hopper GEMM's launch configurations for a model's layer shapes
   fp4c backends                  NVFP4 GEMM backends and whether they run here
 
 Run `fp4c COMMAND --help` for a command's options."""
@@ -257,6 +259,101 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# tune
+
+
+def _parse_shapes(specs: list[str]) -> list[tuple[int, int]]:
+    shapes = set()
+    for spec in specs:
+        for item in filter(None, spec.split(",")):
+            try:
+                n, k = (int(v) for v in item.lower().split("x"))
+            except ValueError:
+                raise UsageError(f"--shapes: {item!r} is not NxK (out_features x in_features, e.g. 4096x14336)") from None
+            if n < 1 or k < 16 or k % 16:
+                raise UsageError(f"--shapes: {item}: N must be at least 1 and K a multiple of 16 (NVFP4 blocks)")
+            shapes.add((n, k))
+    return sorted(shapes)
+
+
+def _parse_ms(spec: str) -> tuple[int, ...]:
+    from .ops import cuda_wgmma
+
+    try:
+        ms = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"--ms: {spec!r} is not a comma-separated list of integers") from None
+    low, high = cuda_wgmma.DISPATCH_MIN_M, cuda_wgmma.LARGE_M
+    if not ms or ms[0] < low or ms[-1] > high:
+        raise UsageError(f"--ms: each M must be {low}..{high} (the range a launch table covers: below it the decode "
+                         f"kernel runs, above it the cost model decides), got {spec}")
+    return tuple(ms)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .ops import cuda_wgmma, nvcc, wgmma_tables, wgmma_tuning
+
+    _check_positive(args, "rounds")
+    if args.margin < 0:
+        raise UsageError(f"--margin must be at least 0, got {args.margin}")
+    modes = tuple(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
+    if not modes or set(modes) - set(wgmma_tuning.MODES):
+        raise UsageError(f"--modes: choose from {', '.join(wgmma_tuning.MODES)}, got {args.modes!r}")
+    ms = _parse_ms(args.ms)
+    if args.model:
+        from .checkpoint import nvfp4_linear_shapes
+
+        shapes = nvfp4_linear_shapes(args.model)
+        if not shapes:
+            raise UsageError(f"{args.model}: no linear of this model would be NVFP4")
+    else:
+        shapes = _parse_shapes(args.shapes)
+    if not torch.cuda.is_available():
+        raise UsageError("it times the Hopper wgmma kernel on a CUDA GPU, and torch sees none "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    _check_device(args)
+    device = torch.device(args.device or "cuda")
+    if device.type != "cuda":
+        raise UsageError(f"--device {args.device}: tuning needs a CUDA device")
+    index = nvcc.device_index(device)
+    reason = cuda_wgmma.unavailable_reason(index)
+    if reason is not None:
+        raise UsageError(f"the wgmma kernel does not run on {torch.cuda.get_device_name(index)}: {reason}")
+    identity = wgmma_tables.device_identity(index)
+    path = Path(args.out) if args.out else wgmma_tables.table_path(identity["gpu"], identity["sms"])
+    print(f"timing {len(shapes)} layer shape(s) x {len(ms)} M x {len(modes)} mode(s) on {identity['gpu']} "
+          f"({identity['sms']} SMs): about {20 * len(modes) * len(ms) // 10} s a shape")
+    swept = wgmma_tuning.sweep(shapes, ms, modes, args.rounds, device, progress=not args.quiet)
+    if args.sweep_json:
+        Path(args.sweep_json).write_text(json.dumps(swept, indent=1) + "\n")
+    env, cells = wgmma_tuning.merge_cells([swept])
+    picks, lines = wgmma_tuning.picks_from_cells(env, cells, args.margin)
+    for line in lines if args.verbose else ():
+        print(line)
+    for n, k in shapes:
+        mine = {key: v for key, v in cells.items() if key[:2] == (n, k)}
+        model = wgmma_tuning.model_slowdowns(env, mine)
+        tuned = wgmma_tuning.table_slowdowns(env, mine, picks)
+        overrides = sum(label is not None for label in picks[(n, k)].values())
+        print(f"  {n}x{k}: the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best (worst {max(model):.2f}x), "
+              f"the table's {wgmma_tuning.geomean(tuned):.3f}x; {overrides} of {len(ms)} M overridden")
+    model = wgmma_tuning.model_slowdowns(env, cells)
+    tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
+    meta = {**identity, "torch": torch.__version__, "margin": args.margin, "modes": list(modes), "rounds": args.rounds}
+    table = wgmma_tables.write_table(path, meta, {nk: wgmma_tuning.shape_picks(v) for nk, v in picks.items()})
+    cuda_wgmma.forget_measured_tables()
+    print(f"all cells: the cost model's picks ran {wgmma_tuning.geomean(model):.3f}x the best variant (geometric mean "
+          f"of {len(model)} cell-modes), the table's {wgmma_tuning.geomean(tuned):.3f}x")
+    by_name = path == wgmma_tables.table_path(identity["gpu"], identity["sms"]) and not os.environ.get("FP4C_WGMMA_TABLE")
+    print(f"wrote {path} ({len(table)} layer shapes): "
+          + (f"read by every later process on a {identity['gpu']}" if by_name
+             else f"read by processes run with FP4C_WGMMA_TABLE={path}"))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # backends
 
 
@@ -363,6 +460,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", nargs="*", choices=("quant", "linear", "model"), help="benchmarks to skip")
     p.add_argument("--out", metavar="DIR", help="where the JSON results go (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="measure the Hopper GEMM's launch configurations for your layer shapes",
+                       description="Time every launch configuration (tile, K split, split reduction) of the sm_90 "
+                                   "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
+                                   "graphs over rotating weights, W4A16 and W4A4, and write the picks that beat the "
+                                   "built-in cost model by --margin to this GPU's launch table, which every later "
+                                   "process on a GPU of the same name reads. About 20-40 s of GPU time a shape. "
+                                   "Needs an H100/H200-class GPU and nvcc.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="DIR", help="a Hugging Face model directory or NVFP4 checkpoint: its "
+                                                      "NVFP4 linears' shapes, from config.json alone")
+    what.add_argument("--shapes", nargs="+", metavar="NxK", help="layer shapes, out_features x in_features "
+                                                                 "(e.g. 6144x4096 4096x4096 28672x4096 4096x14336)")
+    p.add_argument("--ms", default=",".join(map(str, (17, 32, 48, 64, 96, 128, 192, 256, 384, 512))),
+                   help="M values of the table, 17..512; each covers the M above the one before it "
+                        "(default %(default)s)")
+    p.add_argument("--modes", default="w4a16,w4a4", help="w4a16 (bf16 activations) and/or w4a4 (the activation "
+                                                         "quantization kernel with it) (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="turns of replays per configuration (default 3)")
+    p.add_argument("--margin", type=float, default=0.02,
+                   help="take a measured pick where the cost model's ran this much slower or more (default 0.02)")
+    p.add_argument("--out", metavar="PATH", help="where to write the table (default: this GPU's table in the "
+                                                 "kernel build directory; FP4C_WGMMA_TABLE=PATH makes a process "
+                                                 "read another)")
+    p.add_argument("--sweep-json", metavar="PATH", help="also write every timing (benchmarks/make_wgmma_table.py "
+                                                        "reads it)")
+    p.add_argument("--device", help="cuda[:N] (default: the current CUDA device)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("backends", help="list NVFP4 GEMM backends",
                        description="Print every NVFP4 GEMM backend: its semantics (W4A4 or W4A16), what it "

@@ -14,11 +14,11 @@ import torch
 pytest.importorskip("transformers")
 
 from fp4_compile import cli  # noqa: E402
-from fp4_compile.checkpoint import load_nvfp4  # noqa: E402
+from fp4_compile.checkpoint import load_nvfp4, nvfp4_linear_shapes  # noqa: E402
 from fp4_compile.demo import build_demo_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("demo", "quantize", "inspect", "bench", "backends")
+COMMANDS = ("demo", "quantize", "inspect", "bench", "tune", "backends")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -132,6 +132,13 @@ def test_quantize_modelopt_random_tokens(capsys, dense_dir, tmp_path):
     assert code == 0, err
     assert (out / "hf_quant_config.json").is_file()
     assert load_nvfp4(out, device="cpu").fp4_checkpoint["format"] == "modelopt"
+    # `fp4c tune --model` takes the same linears' shapes from the checkpoint's config as from the model's
+    model = build_demo_model(hidden_size=64, num_layers=1, vocab_size=128, seed=3)
+    expected = sorted({(m.out_features, m.in_features) for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and name != "lm_head"})
+    assert len(expected) >= 3
+    assert nvfp4_linear_shapes(dense_dir) == expected
+    assert nvfp4_linear_shapes(out) == expected
 
 
 def test_quantize_needs_a_tokenizer_for_text(capsys, tmp_path):
@@ -191,3 +198,32 @@ def test_demo_rejects_bad_numbers(capsys):
     code, _, err = run(capsys, "demo", "--backend", "nonsense", "--compile", "none", "--hidden-size", "64",
                        "--layers", "1", "--vocab-size", "64", "-q")
     assert code == 2 and "unknown NVFP4 backend 'nonsense'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_tune_without_gpu_says_so(capsys):
+    code, out, err = run(capsys, "tune", "--shapes", "4096x4096", "1024x4096")
+    assert code == 2 and out == ""
+    assert err.startswith("fp4c tune: error: ") and "torch sees none" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--shapes", "4096"), "is not NxK"),
+    (("--shapes", "4096x100"), "multiple of 16"),
+    (("--shapes", "4096x4096", "--ms", "16,32"), "17..512"),
+    (("--shapes", "4096x4096", "--ms", "32,a"), "comma-separated"),
+    (("--shapes", "4096x4096", "--modes", "w4a8"), "--modes"),
+    (("--shapes", "4096x4096", "--rounds", "0"), "--rounds"),
+    (("--shapes", "4096x4096", "--margin", "-0.1"), "--margin"),
+    (("--model", "{missing}"), "no such directory"),
+])
+def test_tune_rejects_bad_input_in_one_line(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, "tune", *(a.format(missing=tmp_path / "missing") for a in argv))
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("fp4c tune: error: ") and message in err
+
+
+def test_tune_needs_a_model_or_shapes(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tune"])
+    assert info.value.code == 2 and "one of the arguments --model --shapes is required" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fp4_compile.ops import cuda_wgmma
+from fp4_compile.ops import cuda_wgmma, tuned_wgmma_h100, wgmma_tuning
 from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -53,6 +53,7 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setattr(cuda_wgmma, "num_sms", lambda index: 132)
     monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: {1: 132, 2: 132, 4: 120, 8: 120})
     monkeypatch.setattr(cuda_wgmma.nvcc, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(cuda_wgmma.wgmma_tables, "device_picks", lambda index: {})  # no table of its own
     cuda_wgmma.device_launch_config.cache_clear()  # results under these stand-ins stay in this test
 
     def weight(n, k):
@@ -175,7 +176,7 @@ def test_launch_config_labels_round_trip():
 
 
 def test_tuned_table_holds_configurations_the_kernel_runs():
-    table = cuda_wgmma.tuned_wgmma_h100
+    table = tuned_wgmma_h100
     assert list(table.M_GRID) == sorted(set(table.M_GRID)) and table.M_GRID[-1] <= cuda_wgmma.LARGE_M
     for (n, k), labels in table.PICKS.items():
         assert len(labels) == len(table.M_GRID)
@@ -184,7 +185,7 @@ def test_tuned_table_holds_configurations_the_kernel_runs():
 
 
 def test_tuned_launch_config_covers_the_m_range_up_to_each_grid_value():
-    table = cuda_wgmma.tuned_wgmma_h100
+    table = tuned_wgmma_h100
     (n, k), labels = next((nk, v) for nk, v in table.PICKS.items() if any(v))
     at = next(i for i, label in enumerate(labels) if label)
     expected = cuda_wgmma.LaunchConfig.from_label(labels[at])
@@ -226,13 +227,13 @@ def test_make_wgmma_table_overrides_only_beyond_the_margin(tmp_path):
     assert make_wgmma_table.table(*both, margin=0.06)[1][(n, k)][1] is None
     # --score: the model's pick over the best per cell up to LARGE_M, and their geometric mean
     merged = make_wgmma_table.merged_cells([str(path)])
-    assert make_wgmma_table.model_slowdowns(*merged) == pytest.approx([1.02, 1.10])
-    assert make_wgmma_table.geomean_slower(*merged) == pytest.approx((1.02 * 1.10) ** 0.5)
+    assert wgmma_tuning.model_slowdowns(*merged) == pytest.approx([1.02, 1.10])
+    assert wgmma_tuning.geomean(wgmma_tuning.model_slowdowns(*merged)) == pytest.approx((1.02 * 1.10) ** 0.5)
 
 
 def test_tuned_table_is_what_its_sweeps_give():
     """The committed table regenerates from the sweeps it names (no hand edits, the writer's rule as shipped)."""
-    table = cuda_wgmma.tuned_wgmma_h100
+    table = tuned_wgmma_h100
     env, cells = make_wgmma_table.merged_cells([os.path.join(ROOT, path) for path in table.SWEEPS])
     grid, picks, _ = make_wgmma_table.table(env, cells, table.MARGIN)
     assert grid == table.M_GRID and picks == table.PICKS and env["sms"] == table.SMS

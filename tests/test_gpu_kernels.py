@@ -4,6 +4,8 @@ Odd shapes (N, K not multiples of 32/64), M = 1, 3, 17, 1000; bf16 and fp16 (and
 the exactness check); outputs poisoned with NaN first to prove every element is written.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma, hopper, nvcc, pdl, split_tickets  # noqa: E402
+from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma, hopper, nvcc, pdl, split_tickets, tuned_wgmma_h100  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu, quantize_nvfp4_gpu  # noqa: E402
@@ -541,12 +543,47 @@ def test_wgmma_refuses_weight_views_it_would_misread(seed):
 
 def _tuned_cases() -> list[tuple[int, int, int]]:
     """(N, K, M) of each shape's first override in the H100 table, M just below its grid value."""
-    table, cases = cuda_wgmma.tuned_wgmma_h100, []
+    table, cases = tuned_wgmma_h100, []
     for (n, k), picks in table.PICKS.items():
         i = next((i for i, label in enumerate(picks) if label is not None), None)
         if i is not None:
             cases.append((n, k, table.M_GRID[i] - (1 if i else 0)))
     return cases
+
+
+def test_tune_writes_a_table_the_launches_then_follow(seed, monkeypatch, tmp_path, capsys):
+    """``fp4c tune`` on the GPU: it times the launch configurations of a small shape, writes this device's
+    table, and the kernel's later launches take the table's picks, exact."""
+    _need_wgmma()
+    from fp4_compile import cli
+    from fp4_compile.ops import wgmma_tables
+
+    path = tmp_path / "table.json"
+    monkeypatch.setenv("FP4C_WGMMA_TABLE", str(path))
+    n, k = 1024, 4096
+    try:
+        code = cli.main(["tune", "--shapes", f"{n}x{k}", "--ms", "17,64", "--modes", "w4a16", "--rounds", "1",
+                         "--sweep-json", str(tmp_path / "sweep.json"), "-q"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert f"wrote {path} (1 layer shapes)" in out
+        meta, picks = wgmma_tables.read_table(path)
+        assert meta["gpu"] == torch.cuda.get_device_name(0) and list(picks) == [(n, k)]
+        assert picks[(n, k)].m_grid == (17, 64)
+        assert len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 2
+        for m in (17, 40, 64):
+            label = picks[(n, k)].at(m)
+            cfg = cuda_wgmma.device_launch_config(m, n, k, 0)
+            assert label is None or cfg.label == label
+            if label is None:  # the table keeps the cost model's pick, over the built-in table's
+                assert cfg == cuda_wgmma.launch_config(m, n, k, cuda_wgmma.num_sms(0), cuda_wgmma.cluster_ctas(0))
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = MARLIN.prepare_weight(pw, sw)
+        x = torch.randn(40, k, device=DEV, dtype=torch.bfloat16)
+        out = cuda_wgmma.wgmma_gemm(x, wt, wst, (1 / gw).float(), n=n, out_dtype=torch.float32)
+        assert rel(out, x.double() @ F.block_values(pw, sw).double().t() / gw.double()) <= 1e-5
+    finally:
+        cuda_wgmma.forget_measured_tables()  # later tests read no table of this test's
 
 
 @pytest.mark.parametrize("n,k,m", _tuned_cases())

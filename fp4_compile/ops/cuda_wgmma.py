@@ -7,7 +7,6 @@ turns it off; a build or load failure does the same, once, with a warning naming
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import functools
 import math
@@ -17,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import nvcc, tuned_wgmma_h100
+from . import nvcc, wgmma_tables
 from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
 from .split_tickets import split_tickets
@@ -282,30 +281,41 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
 
 
 def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int, int],
-                        cluster_ctas: dict[int, int]) -> LaunchConfig | None:
-    """The configuration measured fastest for this layer shape and M on the H100 where the cost
-    model's pick ran 2% or more slower, with W4A16 and W4A4 alike (``tuned_wgmma_h100``, NOTES.md
-    v28-v29), or None. Its entries follow no one pattern that a rule of the model would capture (a
-    re-fit of its constants did not find better picks overall, v28b): mostly 256-row tiles split more
-    ways than the model's 128-row ones, and 4-way splits reduced through memory rather than in a cluster."""
-    table = tuned_wgmma_h100
-    if sms != table.SMS or tuple(capability) != table.CAPABILITY or (n, k) not in table.PICKS:
-        return None
-    at = bisect.bisect_left(table.M_GRID, m)
-    label = table.PICKS[(n, k)][at] if at < len(table.M_GRID) else None
-    if label is None:
-        return None
-    cfg = LaunchConfig.from_label(label)
-    return cfg if cfg in launch_configs(k, cluster_ctas) else None  # a cluster the device cannot fit
+                        cluster_ctas: dict[int, int], measured: wgmma_tables.Picks | None = None) -> LaunchConfig | None:
+    """The configuration measured fastest for this layer shape and M where the cost model's pick ran a
+    margin (2%) or more slower, or None (the cost model's pick). ``measured``: the device's own table
+    (``fp4c tune``; ``wgmma_tables.device_picks``), which decides wherever it covers the shape and M,
+    even where it keeps the cost model's pick; else the H100 table built into the package
+    (``tuned_wgmma_h100``, NOTES.md v28-v29) on a device like the one it was measured on. Their
+    entries follow no one pattern that a rule of the model would capture (a re-fit of its constants
+    did not find better picks overall, v28b): mostly 256-row tiles split more ways than the model's
+    128-row ones, and 4-way splits reduced through memory rather than in a cluster."""
+    for picks in (measured or {}, wgmma_tables.builtin_picks(sms, tuple(capability))):
+        entry = picks.get((n, k))
+        if entry is not None and entry.covers(m):
+            label = entry.at(m)
+            if label is None:
+                return None
+            cfg = LaunchConfig.from_label(label)
+            return cfg if cfg in launch_configs(k, cluster_ctas) else None  # a cluster the device cannot fit
+    return None
 
 
 @functools.lru_cache(maxsize=1 << 16)  # every M of every layer shape a server sees
 def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchConfig:
-    """``tuned_launch_config``, else ``launch_config``, for the device's SMs and cluster capacity
-    (cached: the search over tiles and splits costs about as much host time as an eager launch)."""
+    """``tuned_launch_config`` (the device's own table, then the built-in one), else ``launch_config``,
+    for the device's SMs and cluster capacity (cached: the search over tiles and splits costs about as
+    much host time as an eager launch)."""
     sms, clusters = num_sms(device_index), cluster_ctas(device_index)
-    return (tuned_launch_config(m, n, k, sms, nvcc.device_capability(device_index), clusters)
+    return (tuned_launch_config(m, n, k, sms, nvcc.device_capability(device_index), clusters,
+                                wgmma_tables.device_picks(device_index))
             or launch_config(m, n, k, sms, clusters))
+
+
+def forget_measured_tables() -> None:
+    """Re-read the device tables on the next launch (after ``fp4c tune`` wrote one in this process)."""
+    wgmma_tables.device_picks.cache_clear()
+    device_launch_config.cache_clear()
 
 
 class LaunchParams(NamedTuple):
