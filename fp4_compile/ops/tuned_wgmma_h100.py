@@ -4,7 +4,7 @@ Regenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then
 python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].
 """
 
-ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 11 sweep(s) from 2026-11-27 05:16:27'
+ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 13 sweep(s) from 2026-11-27 05:16:27'
 SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session26/sweep/sweep_mid_m.json',
     'benchmarks/results_h100/session26/table_3pct/sweep_wgmma_configs.json',
@@ -17,8 +17,10 @@ SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session28/call1_tests_tune/tune_sweep_a.json',
     'benchmarks/results_h100/session28/call2_sweep_b_gemma/sweep_b/sweep_wgmma_configs.json',
     'benchmarks/results_h100/session28/call2_sweep_b_gemma/tune_gemma2_27b.json',
+    'benchmarks/results_h100/session28/tune_nemo_phi3/tune_mistral_nemo_12b.json',
+    'benchmarks/results_h100/session28/tune_nemo_phi3/tune_phi3_medium.json',
 )
-MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (84 of 410 cells)
+MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (109 of 480 cells)
 CAPABILITY = (9, 0)
 SMS = 132
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -28,6 +30,7 @@ M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PICKS = {
     (512, 2048): (None, None, None, None, None, None, None, 't32x1s4w', None, 't64x1s4w'),
     (1024, 4096): (None, None, None, None, None, None, 't64x1s4w', 't64x1s4w', None, 't128x1s4w'),
+    (1024, 5120): (None, None, None, None, None, None, 't64x1s4w', 't64x1s4w', None, 't128x1s4w'),
     (2048, 2048): (None, None, 't32x1s4w', 't32x1s4w', 't64x1s4w', 't64x1s4w', 't64x1s2w', None, None, None),
     (2048, 4608): (None, None, None, None, 't64x1s4w', 't64x1s4w', 't128x1s4w', 't128x1s4w', 't128x1s2w', None),
     (2048, 8192): (None, None, None, None, None, None, 't128x1s4w', 't128x1s4w', 't128x2s4', 't128x1s2w'),
@@ -39,6 +42,7 @@ PICKS = {
     (3584, 18944): (None, None, None, None, 't128x2s8', 't128x2s8', None, None, 't256x1s2w', 't256x1s2w'),
     (4096, 4096): (None, None, None, None, None, None, None, None, 't128x1s1', None),
     (4096, 4608): (None, None, None, None, None, None, 't128x1s2w', None, 't128x1s1', None),
+    (4096, 5120): (None, None, None, None, None, None, 't128x1s2w', 't128x1s2w', 't256x1s2w', None),
     (4096, 12288): (None, None, 't64x1s4w', 't64x1s4w', None, None, None, None, None, None),
     (4096, 14336): (None, None, 't64x1s4w', 't64x1s4w', None, None, None, None, None, None),
     (4608, 3584): (None, None, None, 't64x1s2w', None, None, None, None, None, None),
@@ -47,21 +51,26 @@ PICKS = {
     (5120, 3072): (None, None, None, 't64x1s2w', None, None, None, None, None, 't256x1s1'),
     (5120, 4096): (None, None, None, None, None, None, None, None, None, None),
     (5120, 5120): (None, None, None, None, None, None, None, None, None, None),
+    (5120, 14336): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4', 't64x2s2w', 't256x1s2w', 't128x2s2w', 't128x1s1'),
+    (5120, 17920): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4', 't64x2s2w', None, 't128x2s2w', 't128x1s1'),
     (5120, 27648): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4w', 't64x2s2w', None, 't128x2s2w', None),
     (5120, 32768): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4w', 't128x2s4', None, None, 't128x2s2w', None),
     (6144, 4096): (None, None, None, None, None, None, None, None, None, None),
     (6144, 5120): (None, None, None, None, None, None, None, None, None, None),
     (7168, 5120): (None, None, None, None, None, None, None, None, None, None),
+    (7680, 5120): (None, None, None, None, None, None, None, None, None, None),
     (8192, 2048): (None, None, None, None, None, None, 't128x1s1', 't128x1s1', None, None),
     (8192, 3584): (None, None, None, None, None, None, None, None, None, None),
     (8192, 8192): (None, None, None, None, None, None, None, None, None, None),
     (8192, 28672): (None, None, None, None, 't128x2s4w', 't128x2s4w', None, 't256x1s2w', 't128x2s4w', None),
     (10240, 8192): (None, None, None, None, 't128x2s2w', 't128x2s2w', None, None, 't128x2s1', None),
     (14336, 4096): (None, None, None, None, None, None, None, None, None, None),
+    (14336, 5120): (None, None, None, None, None, None, None, None, None, None),
     (16384, 3072): (None, None, 't64x1s1', 't64x1s1', None, None, None, None, 't128x2s1', None),
     (24576, 4096): (None, None, None, None, None, None, None, None, None, None),
     (28672, 3584): (None, None, None, None, None, None, None, None, 't128x2s1', None),
     (28672, 4096): (None, None, None, None, None, None, None, None, 't128x2s1', None),
+    (35840, 5120): (None, None, None, None, None, None, None, None, None, None),
     (36864, 4608): (None, None, None, None, None, None, None, None, None, None),
     (37888, 3584): (None, None, None, None, None, None, None, None, None, None),
     (55296, 5120): (None, None, None, None, None, None, None, None, None, None),
