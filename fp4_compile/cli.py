@@ -338,14 +338,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         tuned = wgmma_tuning.table_slowdowns(env, mine, picks)
         overrides = sum(label is not None for label in picks[(n, k)].values())
         print(f"  {n}x{k}: the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best (worst {max(model):.2f}x), "
-              f"the table's {wgmma_tuning.geomean(tuned):.3f}x; {overrides} of {len(ms)} M overridden")
+              f"the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings; {overrides} of {len(ms)} M overridden")
     model = wgmma_tuning.model_slowdowns(env, cells)
     tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
     meta = {**identity, "torch": torch.__version__, "margin": args.margin, "modes": list(modes), "rounds": args.rounds}
     table = wgmma_tables.write_table(path, meta, {nk: wgmma_tuning.shape_picks(v) for nk, v in picks.items()})
     cuda_wgmma.forget_measured_tables()
     print(f"all cells: the cost model's picks ran {wgmma_tuning.geomean(model):.3f}x the best variant (geometric mean "
-          f"of {len(model)} cell-modes), the table's {wgmma_tuning.geomean(tuned):.3f}x")
+          f"of {len(model)} cell-modes), the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings")
     by_name = path == wgmma_tables.table_path(identity["gpu"], identity["sms"]) and not os.environ.get("FP4C_WGMMA_TABLE")
     print(f"wrote {path} ({len(table)} layer shapes): "
           + (f"read by every later process on a {identity['gpu']}" if by_name

@@ -188,7 +188,7 @@ def test_tune_command_writes_the_table_of_its_timings(monkeypatch, tmp_path, cap
     assert calls == [([(n, k)], (17, 32), ("w4a16", "w4a4"), 3, torch.device("cuda"))]
     path = wgmma_tables.table_path(H100["gpu"], H100["sms"])
     assert f"wrote {path} (1 layer shapes): read by every later process on a {H100['gpu']}" in out
-    assert "the cost model's picks 1.118x the best (worst 1.25x), the table's 1.000x; 1 of 2 M overridden" in out
+    assert "the cost model's picks 1.118x the best (worst 1.25x), the table's 1.000x on the same timings; 1 of 2 M overridden" in out
     meta, picks = wgmma_tables.read_table(path)
     assert picks == {(n, k): ShapePicks((17, 32), (None, _other_label(32, n, k)))}
     assert meta["margin"] == 0.02 and meta["modes"] == ["w4a16", "w4a4"]

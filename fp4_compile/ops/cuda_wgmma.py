@@ -313,9 +313,13 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
 
 
 def forget_measured_tables() -> None:
-    """Re-read the device tables on the next launch (after ``fp4c tune`` wrote one in this process)."""
+    """Re-read the device tables on the next launch (after ``fp4c tune`` wrote one in this process): the
+    cached picks, and the eager fast path's plans made from them."""
+    from . import fast_linear  # (it imports this module)
+
     wgmma_tables.device_picks.cache_clear()
     device_launch_config.cache_clear()
+    fast_linear.forget_plans()
 
 
 class LaunchParams(NamedTuple):
