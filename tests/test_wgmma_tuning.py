@@ -151,6 +151,9 @@ def test_an_override_may_not_slow_one_mode_down_beyond_the_tolerance():
 
 
 def test_merge_refuses_sweeps_of_another_device():
+    in_process = _sweep([])  # a sweep just timed keys its cluster capacity by int, one read from JSON by str
+    in_process["env"] = {**in_process["env"], "cluster_ctas": dict(H100_CLUSTERS)}
+    assert wgmma_tuning.merge_cells([_sweep([]), in_process]) == (_sweep([])["env"], {})
     other = _sweep([])
     other["env"] = {**other["env"], "sms": 114}
     with pytest.raises(ValueError, match="another device"):

@@ -104,6 +104,11 @@ def sweep_env(device_index: int) -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _clusters(env: dict[str, Any]) -> dict[int, int]:
+    """A sweep's cluster capacity, keyed by split count (JSON keeps the keys as strings)."""
+    return {int(s): c for s, c in env["cluster_ctas"].items()}
+
+
 def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
     """(env of the first sweep, its cells and those of the others): a cell timed by several sweeps gets
     the geometric mean of each variant's times over them (the variants every one of them timed). A
@@ -112,7 +117,7 @@ def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
     runs: dict[tuple[int, int, int], dict[str, list[dict[str, float]]]] = {}
     for i, sweep in enumerate(sweeps):
         env = env or sweep["env"]
-        if (sweep["env"]["sms"], sweep["env"]["cluster_ctas"]) != (env["sms"], env["cluster_ctas"]):
+        if (sweep["env"]["sms"], _clusters(sweep["env"])) != (env["sms"], _clusters(env)):
             raise ValueError(f"sweep {i} was timed on another device than sweep 0")
         for cell in sweep["cells"]:
             key = (cell["n"], cell["k"], cell["m"])
@@ -140,10 +145,6 @@ def choice(modes: dict[str, dict[str, float]], model: str, margin: float) -> tup
     best = min(eligible, key=lambda label: math.prod(ratios(label).values()))
     mean = math.prod(ratios(best).values()) ** (1 / len(modes))
     return (best if mean * (1 + margin) <= 1 else None), ratios(best)
-
-
-def _clusters(env: dict[str, Any]) -> dict[int, int]:
-    return {int(s): c for s, c in env["cluster_ctas"].items()}
 
 
 def picks_from_cells(env: dict[str, Any], cells: Cells, margin: float = MARGIN
