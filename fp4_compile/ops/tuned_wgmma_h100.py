@@ -4,7 +4,7 @@ Regenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then
 python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].
 """
 
-ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 13 sweep(s) from 2026-11-27 05:16:27'
+ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 16 sweep(s) from 2026-11-27 05:16:27'
 SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session26/sweep/sweep_mid_m.json',
     'benchmarks/results_h100/session26/table_3pct/sweep_wgmma_configs.json',
@@ -19,8 +19,11 @@ SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session28/call2_sweep_b_gemma/tune_gemma2_27b.json',
     'benchmarks/results_h100/session28/tune_nemo_phi3/tune_mistral_nemo_12b.json',
     'benchmarks/results_h100/session28/tune_nemo_phi3/tune_phi3_medium.json',
+    'benchmarks/results_h100/session28/tune_qwen_gemma2b/tune_qwen25_72b.json',
+    'benchmarks/results_h100/session28/tune_qwen_gemma2b/tune_qwen25_14b.json',
+    'benchmarks/results_h100/session28/tune_qwen_gemma2b/tune_gemma2_2b.json',
 )
-MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (109 of 480 cells)
+MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (152 of 580 cells)
 CAPABILITY = (9, 0)
 SMS = 132
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -29,11 +32,16 @@ M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # fmt: off
 PICKS = {
     (512, 2048): (None, None, None, None, None, None, None, 't32x1s4w', None, 't64x1s4w'),
+    (1024, 2304): (None, None, None, None, None, 't32x1s4w', None, 't64x1s4w', None, None),
     (1024, 4096): (None, None, None, None, None, None, 't64x1s4w', 't64x1s4w', None, 't128x1s4w'),
     (1024, 5120): (None, None, None, None, None, None, 't64x1s4w', 't64x1s4w', None, 't128x1s4w'),
+    (1024, 8192): (None, None, 't32x1s8w', 't32x1s8w', None, 't64x1s8w', 't64x2s8', 't64x1s4w', 't128x2s8', 't128x1s4w'),
     (2048, 2048): (None, None, 't32x1s4w', 't32x1s4w', 't64x1s4w', 't64x1s4w', 't64x1s2w', None, None, None),
+    (2048, 2304): (None, None, 't32x1s4w', 't32x1s4w', 't64x1s4w', 't64x1s4w', 't64x1s2w', None, None, None),
     (2048, 4608): (None, None, None, None, 't64x1s4w', 't64x1s4w', 't128x1s4w', 't128x1s4w', 't128x1s2w', None),
     (2048, 8192): (None, None, None, None, None, None, 't128x1s4w', 't128x1s4w', 't128x2s4', 't128x1s2w'),
+    (2304, 2048): (None, None, None, None, None, None, 't64x1s2w', 't128x1s2w', None, 't128x1s1'),
+    (2304, 9216): ('t32x2s8', 't32x2s8', 't64x2s8', 't64x2s8', 't128x2s8', 't128x2s8', None, None, 't128x2s4', 't256x1s2w'),
     (3072, 3072): (None, None, None, None, None, None, None, None, None, None),
     (3072, 8192): ('t32x2s8', 't32x2s8', 't64x2s8', 't64x2s8', 't128x2s8', 't128x1s4w', None, None, None, None),
     (3584, 3584): (None, None, None, None, None, None, None, None, 't128x1s1', None),
@@ -51,6 +59,7 @@ PICKS = {
     (5120, 3072): (None, None, None, 't64x1s2w', None, None, None, None, None, 't256x1s1'),
     (5120, 4096): (None, None, None, None, None, None, None, None, None, None),
     (5120, 5120): (None, None, None, None, None, None, None, None, None, None),
+    (5120, 13824): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4', 't64x2s2w', 't256x1s2w', 't128x2s2w', 't128x1s1'),
     (5120, 14336): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4', 't64x2s2w', 't256x1s2w', 't128x2s2w', 't128x1s1'),
     (5120, 17920): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4', 't64x2s2w', None, 't128x2s2w', 't128x1s1'),
     (5120, 27648): ('t32x2s4w', 't32x2s4w', 't64x2s4w', 't64x2s4w', 't128x2s4', 't128x2s4w', 't64x2s2w', None, 't128x2s2w', None),
@@ -63,13 +72,17 @@ PICKS = {
     (8192, 3584): (None, None, None, None, None, None, None, None, None, None),
     (8192, 8192): (None, None, None, None, None, None, None, None, None, None),
     (8192, 28672): (None, None, None, None, 't128x2s4w', 't128x2s4w', None, 't256x1s2w', 't128x2s4w', None),
+    (8192, 29568): (None, None, None, None, 't128x2s4w', 't128x2s4w', None, None, 't128x2s4w', None),
+    (9216, 2304): (None, None, 't64x1s1', 't64x1s1', None, None, 't64x2s1', 't256x1s1', None, None),
     (10240, 8192): (None, None, None, None, 't128x2s2w', 't128x2s2w', None, None, 't128x2s1', None),
+    (13824, 5120): (None, None, None, None, None, None, None, None, None, None),
     (14336, 4096): (None, None, None, None, None, None, None, None, None, None),
     (14336, 5120): (None, None, None, None, None, None, None, None, None, None),
     (16384, 3072): (None, None, 't64x1s1', 't64x1s1', None, None, None, None, 't128x2s1', None),
     (24576, 4096): (None, None, None, None, None, None, None, None, None, None),
     (28672, 3584): (None, None, None, None, None, None, None, None, 't128x2s1', None),
     (28672, 4096): (None, None, None, None, None, None, None, None, 't128x2s1', None),
+    (29568, 8192): (None, None, None, None, None, None, None, None, 't128x2s1', None),
     (35840, 5120): (None, None, None, None, None, None, None, None, None, None),
     (36864, 4608): (None, None, None, None, None, None, None, None, None, None),
     (37888, 3584): (None, None, None, None, None, None, None, None, None, None),
