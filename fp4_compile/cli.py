@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
                                    "graphs over rotating weights, W4A16 and W4A4, and write the picks that beat the "
                                    "built-in cost model by --margin to this GPU's launch table, which every later "
-                                   "process on a GPU of the same name reads. About 20-40 s of GPU time a shape. "
+                                   "process on a GPU of the same name reads. About 30-50 s of GPU time a shape on an H100. "
                                    "Needs an H100/H200-class GPU and nvcc.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="a Hugging Face model directory or NVFP4 checkpoint: its "
