@@ -269,7 +269,8 @@ def _parse_shapes(specs: list[str]) -> list[tuple[int, int]]:
             try:
                 n, k = (int(v) for v in item.lower().split("x"))
             except ValueError:
-                raise UsageError(f"--shapes: {item!r} is not NxK (out_features x in_features, e.g. 4096x14336)") from None
+                raise UsageError(f"--shapes: {item!r} is not NxK (out_features x in_features, "
+                                 "e.g. 4096x14336)") from None
             if n < 1 or k < 16 or k % 16:
                 raise UsageError(f"--shapes: {item}: N must be at least 1 and K a multiple of 16 (NVFP4 blocks)")
             shapes.add((n, k))
@@ -337,8 +338,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         model = wgmma_tuning.model_slowdowns(env, mine)
         tuned = wgmma_tuning.table_slowdowns(env, mine, picks)
         overrides = sum(label is not None for label in picks[(n, k)].values())
-        print(f"  {n}x{k}: the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best (worst {max(model):.2f}x), "
-              f"the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings; {overrides} of {len(ms)} M overridden")
+        print(f"  {n}x{k}: the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best "
+              f"(worst {max(model):.2f}x), the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings; "
+              f"{overrides} of {len(ms)} M overridden")
     model = wgmma_tuning.model_slowdowns(env, cells)
     tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
     meta = {**identity, "torch": torch.__version__, "margin": args.margin, "modes": list(modes), "rounds": args.rounds}
@@ -346,7 +348,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cuda_wgmma.forget_measured_tables()
     print(f"all cells: the cost model's picks ran {wgmma_tuning.geomean(model):.3f}x the best variant (geometric mean "
           f"of {len(model)} cell-modes), the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings")
-    by_name = path == wgmma_tables.table_path(identity["gpu"], identity["sms"]) and not os.environ.get("FP4C_WGMMA_TABLE")
+    by_name = (path == wgmma_tables.table_path(identity["gpu"], identity["sms"])
+               and not os.environ.get("FP4C_WGMMA_TABLE"))
     print(f"wrote {path} ({len(table)} layer shapes): "
           + (f"read by every later process on a {identity['gpu']}" if by_name
              else f"read by processes run with FP4C_WGMMA_TABLE={path}"))
@@ -466,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
                                    "graphs over rotating weights, W4A16 and W4A4, and write the picks that beat the "
                                    "built-in cost model by --margin to this GPU's launch table, which every later "
-                                   "process on a GPU of the same name reads. About 30-50 s of GPU time a shape on an H100. "
+                                   "process on a GPU of the same name reads. About 30-50 s of GPU time a shape "
+                                   "on an H100. "
                                    "Needs an H100/H200-class GPU and nvcc.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="a Hugging Face model directory or NVFP4 checkpoint: its "

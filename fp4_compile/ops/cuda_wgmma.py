@@ -281,7 +281,8 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
 
 
 def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int, int],
-                        cluster_ctas: dict[int, int], measured: wgmma_tables.Picks | None = None) -> LaunchConfig | None:
+                        cluster_ctas: dict[int, int],
+                        measured: wgmma_tables.Picks | None = None) -> LaunchConfig | None:
     """The configuration measured fastest for this layer shape and M where the cost model's pick ran a
     margin (2%) or more slower, or None (the cost model's pick). ``measured``: the device's own table
     (``fp4c tune``; ``wgmma_tables.device_picks``), which decides wherever it covers the shape and M,
