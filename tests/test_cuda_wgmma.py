@@ -160,14 +160,28 @@ def test_equal_estimates_take_the_256_row_tile_at_small_m():
 H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
 
 
+MS = (17, 32, 64, 96, 128, 192, 256, 384, 512)
+
+
 def test_two_way_splits_of_small_tiles_reduce_through_memory():
     """The model's 2-way cluster splits of tiles up to 128 activation rows go through memory (NOTES.md v29e);
     256-row tiles keep their cluster splits."""
     picks = [cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
-             for m in (17, 32, 64, 96, 128, 192, 256, 384, 512)
-             for n, k in ((6144, 4096), (14336, 4096), (10240, 8192), (5120, 3072), (4096, 14336))]
+             for m in MS for n, k in ((6144, 4096), (14336, 4096), (10240, 8192), (5120, 3072), (4096, 14336))]
     assert not any(c.splits == 2 and not c.workspace and c.bn <= 128 for c in picks)
     assert any(c.splits == 2 and not c.workspace and c.bn == 256 for c in picks)
+
+
+def test_long_slices_of_small_tiles_reduce_through_memory():
+    """From K = LONG_SLICE_MIN_K every cluster split of a tile up to 128 activation rows goes through memory
+    (NOTES.md v30g); below it the model keeps 4- and 8-way cluster splits."""
+    def cluster_splits(shapes):
+        return [c for m in MS for n, k in shapes
+                if (c := cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)).splits > 1 and not c.workspace]
+    long_k = [(5120, 13824), (4608, 36864), (2304, 9216), (5120, 17920), (3584, 18944)]
+    assert all(k >= cuda_wgmma.LONG_SLICE_MIN_K for _, k in long_k)
+    assert not any(c.bn <= 128 for c in cluster_splits(long_k))
+    assert any(c.splits >= 4 and c.bn <= 128 for c in cluster_splits([(6144, 4096), (3072, 3072), (5120, 4096)]))
 
 
 def test_launch_config_labels_round_trip():

@@ -64,6 +64,9 @@ MAX_TAIL_SPLITS = 4
 TAIL_FIXUP_US = 2.0
 WIDE_TILE_STAGE = 0.79
 WIDE_TILE_MIN_ELEMENTS = 2**25
+# From K = LONG_SLICE_MIN_K, a cluster split of any count of a tile of at most 128 activation rows is reduced
+# through memory instead (below that, 2-way splits only): see launch_config.
+LONG_SLICE_MIN_K = 9216
 # Dispatch, from the H100 sweeps of bench_wgmma.py (benchmarks/NOTES.md, v7, v8 and v11):
 # - M >= DISPATCH_MIN_M (below: the small-M kernel). After the scale groups of v10e the kernel was as
 #   fast as or faster than dequantization + cuBLASLt at M = 2048 and 4096 on the four Llama shapes
@@ -247,13 +250,16 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     v27i, v28a), which the model, charging the split through memory a fixup that it does not charge the
     cluster, does not see; over the sweeps of eight model families this took its picks from 1.020-1.053x
     the best variant to 1.015-1.028x (v29e). Leaving the cluster variant out instead made it pick other,
-    slower ones."""
+    slower ones. From K = LONG_SLICE_MIN_K the same holds for 4- and 8-way splits: each slice's main loop is
+    long, so the SMs a cluster launch leaves idle cost more than the partial tiles' trip through L2 (over
+    the sweeps of thirteen families, 1.030x -> 1.023x the best, none worse, 47 cells faster at 0.914x and 8
+    slower at 1.054x; at K = 8192 the cells went both ways, v30g)."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in SPLITS}
     pick = min(launch_configs(k, cluster_ctas),
                key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), not _prefers_256_rows(c), c.splits,
                               c.workspace))
-    if pick.splits == 2 and not pick.workspace and pick.bn <= 128:
+    if pick.splits > 1 and not pick.workspace and pick.bn <= 128 and (pick.splits == 2 or k >= LONG_SLICE_MIN_K):
         return pick._replace(workspace=True)
     return pick
 
