@@ -291,8 +291,18 @@ def _parse_ms(spec: str) -> tuple[int, ...]:
     return tuple(ms)
 
 
+def _tune_summary(env: dict, cells: dict, picks: dict) -> str:
+    from .ops import wgmma_tuning
+
+    model = wgmma_tuning.model_slowdowns(env, cells)
+    tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
+    return (f"the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best (worst {max(model):.2f}x), "
+            f"the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from .ops import cuda_wgmma, nvcc, wgmma_tables, wgmma_tuning
 
@@ -326,28 +336,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else wgmma_tables.table_path(identity["gpu"], identity["sms"])
     print(f"timing {len(shapes)} layer shape(s) x {len(ms)} M x {len(modes)} mode(s) on {identity['gpu']} "
           f"({identity['sms']} SMs): about {20 * len(modes) * len(ms) // 10} s a shape")
-    swept = wgmma_tuning.sweep(shapes, ms, modes, args.rounds, device, progress=not args.quiet)
-    if args.sweep_json:
-        Path(args.sweep_json).write_text(json.dumps(swept, indent=1) + "\n")
-    env, cells = wgmma_tuning.merge_cells([swept])
-    picks, lines = wgmma_tuning.picks_from_cells(env, cells, args.margin)
-    for line in lines if args.verbose else ():
-        print(line)
-    for n, k in shapes:
-        mine = {key: v for key, v in cells.items() if key[:2] == (n, k)}
-        model = wgmma_tuning.model_slowdowns(env, mine)
-        tuned = wgmma_tuning.table_slowdowns(env, mine, picks)
-        overrides = sum(label is not None for label in picks[(n, k)].values())
-        print(f"  {n}x{k}: the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best "
-              f"(worst {max(model):.2f}x), the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings; "
-              f"{overrides} of {len(ms)} M overridden")
-    model = wgmma_tuning.model_slowdowns(env, cells)
-    tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
     meta = {**identity, "torch": torch.__version__, "margin": args.margin, "modes": list(modes), "rounds": args.rounds}
-    table = wgmma_tables.write_table(path, meta, {nk: wgmma_tuning.shape_picks(v) for nk, v in picks.items()})
-    cuda_wgmma.forget_measured_tables()
-    print(f"all cells: the cost model's picks ran {wgmma_tuning.geomean(model):.3f}x the best variant (geometric mean "
-          f"of {len(model)} cell-modes), the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings")
+    swept: dict = {"env": {}, "cells": []}
+    # each shape's picks go to the table as soon as it is timed: an interrupted tune keeps them
+    for part in wgmma_tuning.sweep(shapes, ms, modes, args.rounds, device, progress=not args.quiet):
+        swept = {"env": part["env"], "cells": swept["cells"] + part["cells"]}
+        if args.sweep_json:
+            Path(args.sweep_json).write_text(json.dumps(swept, indent=1) + "\n")
+        env, cells = wgmma_tuning.merge_cells([part])
+        picks, lines = wgmma_tuning.picks_from_cells(env, cells, args.margin)
+        table = wgmma_tables.write_table(path, meta, {nk: wgmma_tuning.shape_picks(v) for nk, v in picks.items()})
+        cuda_wgmma.forget_measured_tables()
+        (n, k), by_m = next(iter(picks.items()))
+        overrides = sum(label is not None for label in by_m.values())
+        for line in (lines if args.verbose else []) + [
+                f"  {n}x{k}: {_tune_summary(env, cells, picks)}; {overrides} of {len(ms)} M overridden"]:
+            tqdm.write(line)
+    env, cells = wgmma_tuning.merge_cells([swept])
+    picks, _ = wgmma_tuning.picks_from_cells(env, cells, args.margin)
+    print(f"all {len(shapes)} shape(s): {_tune_summary(env, cells, picks)}")
     by_name = (path == wgmma_tables.table_path(identity["gpu"], identity["sms"])
                and not os.environ.get("FP4C_WGMMA_TABLE"))
     print(f"wrote {path} ({len(table)} layer shapes): "
@@ -469,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
                                    "graphs over rotating weights, W4A16 and W4A4, and write the picks that beat the "
                                    "built-in cost model by --margin to this GPU's launch table, which every later "
-                                   "process on a GPU of the same name reads. About 30-50 s of GPU time a shape "
-                                   "on an H100. "
+                                   "process on a GPU of the same name reads; each shape is written as soon as it is "
+                                   "timed. About 30-50 s of GPU time a shape on an H100. "
                                    "Needs an H100/H200-class GPU and nvcc.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="a Hugging Face model directory or NVFP4 checkpoint: its "

@@ -183,7 +183,7 @@ def test_tune_command_writes_the_table_of_its_timings(monkeypatch, tmp_path, cap
     monkeypatch.setattr(cuda_wgmma.nvcc, "device_index", lambda device: 0)
     monkeypatch.setattr(cuda_wgmma, "unavailable_reason", lambda index: None)
     monkeypatch.setattr(wgmma_tables, "device_identity", lambda index: dict(H100))
-    monkeypatch.setattr(wgmma_tuning, "sweep", lambda *args, **kwargs: calls.append(args) or swept)
+    monkeypatch.setattr(wgmma_tuning, "sweep", lambda *args, **kwargs: calls.append(args) or iter([swept]))
     monkeypatch.setenv("FP4C_BUILD_DIR", str(tmp_path))
     monkeypatch.delenv("FP4C_WGMMA_TABLE", raising=False)
     assert cli.main(["tune", "--shapes", f"{n}x{k}", "--ms", "17,32", "-q"]) == 0
@@ -192,6 +192,35 @@ def test_tune_command_writes_the_table_of_its_timings(monkeypatch, tmp_path, cap
     path = wgmma_tables.table_path(H100["gpu"], H100["sms"])
     assert f"wrote {path} (1 layer shapes): read by every later process on a {H100['gpu']}" in out
     assert "the cost model's picks 1.118x the best (worst 1.25x), the table's 1.000x on the same timings; 1 of 2 M overridden" in out
+    assert "all 1 shape(s): the cost model's picks 1.118x" in out
     meta, picks = wgmma_tables.read_table(path)
     assert picks == {(n, k): ShapePicks((17, 32), (None, _other_label(32, n, k)))}
     assert meta["margin"] == 0.02 and meta["modes"] == ["w4a16", "w4a4"]
+
+
+def test_an_interrupted_tune_keeps_the_shapes_it_finished(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from fp4_compile import cli
+
+    def one_shape(n, k):
+        m = 17
+        return _sweep([{"n": n, "k": k, "m": m, "mode": mode,
+                        "us": {cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS).label: 12.0,
+                               _other_label(m, n, k): 10.0}} for mode in ("w4a16", "w4a4")])
+
+    def interrupted_sweep(shapes, *args, **kwargs):
+        yield one_shape(*shapes[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_wgmma.nvcc, "device_index", lambda device: 0)
+    monkeypatch.setattr(cuda_wgmma, "unavailable_reason", lambda index: None)
+    monkeypatch.setattr(wgmma_tables, "device_identity", lambda index: dict(H100))
+    monkeypatch.setattr(wgmma_tuning, "sweep", interrupted_sweep)
+    path = tmp_path / "table.json"
+    assert cli.main(["tune", "--shapes", "1024x4096", "4096x4096", "--ms", "17", "--out", str(path),
+                     "--sweep-json", str(tmp_path / "sweep.json"), "-q"]) == 130
+    assert "fp4c tune: interrupted" in capsys.readouterr().err
+    assert wgmma_tables.read_table(path)[1] == {(1024, 4096): ShapePicks((17,), (_other_label(17, 1024, 4096),))}
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 2

@@ -194,19 +194,21 @@ def geomean(values: list[float]) -> float:
 
 
 def sweep(shapes: list[tuple[int, int]], ms: tuple[int, ...] = M_GRID, modes: tuple[str, ...] = MODES,
-          rounds: int = 3, device: torch.device | str = "cuda", progress: bool = True) -> dict[str, Any]:
-    """``sweep_shape`` of every shape on ``device``: ``{"env": sweep_env, "cells": [...]}``, with a
-    progress bar over the cells."""
+          rounds: int = 3, device: torch.device | str = "cuda", progress: bool = True) -> Iterator[dict[str, Any]]:
+    """``sweep_shape`` of each shape on ``device`` in turn, with a progress bar over all the cells: yields
+    ``{"env": sweep_env, "cells": [...]}`` after each shape, so that a caller keeps what an interrupted
+    sweep measured."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     index = nvcc.device_index(device)
-    cells = []
     with torch.cuda.device(index), tqdm(total=len(shapes) * len(ms) * len(modes), unit="cell", disable=not progress,
                                         desc="timing wgmma launch configurations") as bar:
+        env = sweep_env(index)
         for n, k in shapes:
+            cells = []
             for cell in sweep_shape(n, k, ms, modes, rounds, torch.device("cuda", index)):
                 cells.append(cell)
                 bar.set_postfix_str(f"{n}x{k} M={cell['m']} {cell['mode']}")
                 bar.update()
-        return {"env": sweep_env(index), "cells": cells}
+            yield {"env": env, "cells": cells}
