@@ -20,7 +20,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from fp4_compile.ops.wgmma_tuning import geomean, merge_cells, model_slowdowns, picks_from_cells  # noqa: E402
+from fp4_compile.ops.wgmma_tuning import MARGIN, geomean, merge_cells, model_slowdowns, picks_from_cells  # noqa: E402
 
 OUT = os.path.join(ROOT, "fp4_compile", "ops", "tuned_wgmma_h100.py")
 
@@ -45,7 +45,7 @@ def table(env: dict, cells: dict, margin: float) -> tuple[tuple[int, ...], dict,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweeps", nargs="+", help="sweep_wgmma_configs.json files")
-    ap.add_argument("--margin", type=float, default=0.02,
+    ap.add_argument("--margin", type=float, default=MARGIN,
                     help="override the cost model where its pick ran at least this much slower than the best")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--score", action="store_true",

@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where the JSON results go (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)
 
+    from .ops import wgmma_tuning  # (its defaults; already imported with the ops, about 40 ms)
+
     p = sub.add_parser("tune", help="measure the Hopper GEMM's launch configurations for your layer shapes",
                        description="Time every launch configuration (tile, K split, split reduction) of the sm_90 "
                                    "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
@@ -484,14 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "NVFP4 linears' shapes, from config.json alone")
     what.add_argument("--shapes", nargs="+", metavar="NxK", help="layer shapes, out_features x in_features "
                                                                  "(e.g. 6144x4096 4096x4096 28672x4096 4096x14336)")
-    p.add_argument("--ms", default=",".join(map(str, (17, 32, 48, 64, 96, 128, 192, 256, 384, 512))),
+    p.add_argument("--ms", default=",".join(map(str, wgmma_tuning.M_GRID)),
                    help="M values of the table, 17..512; each covers the M above the one before it "
                         "(default %(default)s)")
-    p.add_argument("--modes", default="w4a16,w4a4", help="w4a16 (bf16 activations) and/or w4a4 (the activation "
-                                                         "quantization kernel with it) (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="turns of replays per configuration (default 3)")
-    p.add_argument("--margin", type=float, default=0.02,
-                   help="take a measured pick where the cost model's ran this much slower or more (default 0.02)")
+    p.add_argument("--modes", default=",".join(wgmma_tuning.MODES),
+                   help="w4a16 (bf16 activations) and/or w4a4 (the activation quantization kernel with it) "
+                        "(default %(default)s)")
+    p.add_argument("--rounds", type=int, default=wgmma_tuning.ROUNDS,
+                   help="turns of replays per configuration (default %(default)s)")
+    p.add_argument("--margin", type=float, default=wgmma_tuning.MARGIN,
+                   help="take a measured pick where the cost model's ran this much slower or more "
+                        "(default %(default)s)")
     p.add_argument("--out", metavar="PATH", help="where to write the table (default: this GPU's table in the "
                                                  "kernel build directory; FP4C_WGMMA_TABLE=PATH makes a process "
                                                  "read another)")

@@ -293,10 +293,10 @@ def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int,
     margin (2%) or more slower, or None (the cost model's pick). ``measured``: the device's own table
     (``fp4c tune``; ``wgmma_tables.device_picks``), which decides wherever it covers the shape and M,
     even where it keeps the cost model's pick; else the H100 table built into the package
-    (``tuned_wgmma_h100``, NOTES.md v28-v29) on a device like the one it was measured on. Their
+    (``tuned_wgmma_h100``, NOTES.md v28-v30) on a device like the one it was measured on. Their
     entries follow no one pattern that a rule of the model would capture (a re-fit of its constants
-    did not find better picks overall, v28b): mostly 256-row tiles split more ways than the model's
-    128-row ones, and 4-way splits reduced through memory rather than in a cluster."""
+    did not find better picks overall, v28b; the rules that held across all the families swept are in
+    ``launch_config``): mostly other tiles and split counts than the model's, shape by shape."""
     for picks in (measured or {}, wgmma_tables.builtin_picks(sms, tuple(capability))):
         entry = picks.get((n, k))
         if entry is not None and entry.covers(m):

@@ -24,11 +24,12 @@ from . import cuda_wgmma, nvcc
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .gpu_timing import relative_error, rotating_fp4_weights, time_graphs_us
 from .hopper import MARLIN
-from .wgmma_tables import ShapePicks
+from .wgmma_tables import ShapePicks, device_identity
 
 MODES = ("w4a16", "w4a4")
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # the built-in table's; up to cuda_wgmma.LARGE_M
 MARGIN = 0.02  # a measured pick replaces the cost model's where the model's ran this much slower or more
+ROUNDS = 3  # turns of replays per variant (5 replays each)
 TOLERANCE = 0.01  # ... and no mode runs more than this much slower with it (the others gaining more)
 GRAPH_BYTES = 16 * 2**30  # outputs held by the graphs timed together (each keeps its own memory pool)
 
@@ -81,7 +82,7 @@ def sweep_cell(x: torch.Tensor, weights: list, n: int, k: int, rounds: int, w4a4
             "us": {label: round(t, 3) for label, t in sorted(times.items(), key=lambda kv: kv[1])}, "errors": errors}
 
 
-def sweep_shape(n: int, k: int, ms: tuple[int, ...], modes: tuple[str, ...] = MODES, rounds: int = 3,
+def sweep_shape(n: int, k: int, ms: tuple[int, ...], modes: tuple[str, ...] = MODES, rounds: int = ROUNDS,
                 device: torch.device | str = "cuda") -> Iterator[dict[str, Any]]:
     """``sweep_cell`` of each M and mode of one layer shape, on random weights made here."""
     weights = rotating_fp4_weights(n, k, MARLIN, device)
@@ -96,12 +97,10 @@ def sweep_shape(n: int, k: int, ms: tuple[int, ...], modes: tuple[str, ...] = MO
 
 
 def sweep_env(device_index: int) -> dict[str, Any]:
-    """What a sweep's timings hold for: the device (as ``merge_cells`` and the tables compare it) and when."""
-    props = torch.cuda.get_device_properties(device_index)
-    return {"gpu": props.name, "sms": props.multi_processor_count,
-            "capability": list(nvcc.device_capability(device_index)),
-            "cluster_ctas": cuda_wgmma.cluster_ctas(device_index), "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """What a sweep's timings hold for: the device (``wgmma_tables.device_identity`` and its cluster capacity,
+    which ``merge_cells`` compares) and when."""
+    return {**device_identity(device_index), "cluster_ctas": cuda_wgmma.cluster_ctas(device_index),
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _clusters(env: dict[str, Any]) -> dict[int, int]:
@@ -194,7 +193,7 @@ def geomean(values: list[float]) -> float:
 
 
 def sweep(shapes: list[tuple[int, int]], ms: tuple[int, ...] = M_GRID, modes: tuple[str, ...] = MODES,
-          rounds: int = 3, device: torch.device | str = "cuda", progress: bool = True) -> Iterator[dict[str, Any]]:
+          rounds: int = ROUNDS, device: torch.device | str = "cuda", progress: bool = True) -> Iterator[dict[str, Any]]:
     """``sweep_shape`` of each shape on ``device`` in turn, with a progress bar over all the cells: yields
     ``{"env": sweep_env, "cells": [...]}`` after each shape, so that a caller keeps what an interrupted
     sweep measured."""
