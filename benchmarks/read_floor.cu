@@ -2,9 +2,13 @@
 // weight's bytes with the access pattern of the small-M kernel (nvfp4_small_m.cu), with a blocked
 // layout that makes each warp load one contiguous 512-byte piece, and with a plain contiguous
 // stream? Nothing is computed: every loaded word is xor-ed into a value that is stored only if it
-// equals a magic number, so no load can be dropped.
+// equals a magic number, so no load can be dropped. Each kernel first waits for the grid before
+// (grid_dependency.cuh) and may be launched with programmatic dependent launch, as the package's
+// kernels are, so that a chain of them pays the launch cost the GEMMs pay; `empty` does nothing else.
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "grid_dependency.cuh"
 
 namespace {
 
@@ -31,6 +35,7 @@ constexpr uint32_t kMagic = 0x9e3779b9u;
 // Every thread reads 16-byte pieces at a grid stride, UNROLL loads in flight.
 template <int UNROLL>
 __global__ void read_contiguous(const uint4* p, int64_t pieces, uint32_t* sink) {
+  fp4c::wait_for_prior_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   uint32_t acc = 0;
@@ -52,6 +57,7 @@ __global__ void read_contiguous(const uint4* p, int64_t pieces, uint32_t* sink) 
 // smaller than the number of row blocks (persistent): CTAs then loop over blocks.
 template <int PF, bool BLOCKED, int PREFETCH>
 __global__ void read_rows(const uint8_t* w, int64_t ldw, int row_blocks, int groups, uint32_t* sink) {
+  fp4c::wait_for_prior_grid();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int gb = groups * warp / warps, ge = groups * (warp + 1) / warps;
@@ -91,46 +97,49 @@ __global__ void read_rows(const uint8_t* w, int64_t ldw, int row_blocks, int gro
   if (acc == kMagic) sink[0] = acc;
 }
 
+__global__ void empty(uint32_t*) { fp4c::wait_for_prior_grid(); }
+
 template <int PF, bool BLOCKED>
 cudaError_t launch_rows(const void* w, int64_t ldw, int row_blocks, int groups, int ctas, int warps, int prefetch,
-                        uint32_t* sink, cudaStream_t stream) {
+                        bool pdl, uint32_t* sink, cudaStream_t stream) {
   const auto* p = static_cast<const uint8_t*>(w);
-  if (prefetch == 0) read_rows<PF, BLOCKED, 0><<<ctas, 32 * warps, 0, stream>>>(p, ldw, row_blocks, groups, sink);
-  else if (prefetch == 128) read_rows<PF, BLOCKED, 128><<<ctas, 32 * warps, 0, stream>>>(p, ldw, row_blocks, groups, sink);
-  else if (prefetch == 256) read_rows<PF, BLOCKED, 256><<<ctas, 32 * warps, 0, stream>>>(p, ldw, row_blocks, groups, sink);
-  else return cudaErrorInvalidValue;
-  return cudaGetLastError();
+  const dim3 grid(ctas), block(32 * warps);
+  if (prefetch == 0) return fp4c::launch(read_rows<PF, BLOCKED, 0>, grid, block, 0, pdl, stream, p, ldw, row_blocks, groups, sink);
+  if (prefetch == 128) return fp4c::launch(read_rows<PF, BLOCKED, 128>, grid, block, 0, pdl, stream, p, ldw, row_blocks, groups, sink);
+  if (prefetch == 256) return fp4c::launch(read_rows<PF, BLOCKED, 256>, grid, block, 0, pdl, stream, p, ldw, row_blocks, groups, sink);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 extern "C" {
-
 // pattern 0: contiguous (ctas x 32*warps threads, stages = loads in flight: 2, 4 or 8);
-// 1: small-M rows; 2: blocked rows. rows must be a multiple of 16, ldw of 64 (bytes per row).
+// 1: small-M rows; 2: blocked rows (rows a multiple of 16, ldw of 64 bytes per row); 3: empty (ctas x
+// 32*warps threads that only wait). pdl: launched with programmatic dependent launch.
 int fp4c_read_floor(int pattern, const void* w, int64_t rows, int64_t ldw, int ctas, int warps, int stages,
-                    int prefetch, uint32_t* sink, cudaStream_t stream) {
+                    int prefetch, int pdl, uint32_t* sink, cudaStream_t stream) {
   if (rows % 16 || ldw % 64 || warps < 1 || warps > 32 || ctas < 1) return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(ctas), block(32 * warps);
+  const bool use_pdl = pdl != 0;
+  if (pattern == 3) return static_cast<int>(fp4c::launch(empty, grid, block, 0, use_pdl, stream, sink));
   if (pattern == 0) {
     const auto* p = static_cast<const uint4*>(w);
     const int64_t pieces = rows * ldw / 16;
-    if (stages == 2) read_contiguous<2><<<ctas, 32 * warps, 0, stream>>>(p, pieces, sink);
-    else if (stages == 4) read_contiguous<4><<<ctas, 32 * warps, 0, stream>>>(p, pieces, sink);
-    else if (stages == 8) read_contiguous<8><<<ctas, 32 * warps, 0, stream>>>(p, pieces, sink);
-    else return static_cast<int>(cudaErrorInvalidValue);
-    return static_cast<int>(cudaGetLastError());
+    if (stages == 2) return static_cast<int>(fp4c::launch(read_contiguous<2>, grid, block, 0, use_pdl, stream, p, pieces, sink));
+    if (stages == 4) return static_cast<int>(fp4c::launch(read_contiguous<4>, grid, block, 0, use_pdl, stream, p, pieces, sink));
+    if (stages == 8) return static_cast<int>(fp4c::launch(read_contiguous<8>, grid, block, 0, use_pdl, stream, p, pieces, sink));
+    return static_cast<int>(cudaErrorInvalidValue);
   }
   const int row_blocks = static_cast<int>(rows / 16), groups = static_cast<int>(ldw / 64);
   const bool blocked = pattern == 2;
   cudaError_t err = cudaErrorInvalidValue;
   if (stages == 2) {
-    err = blocked ? launch_rows<2, true>(w, ldw, row_blocks, groups, ctas, warps, prefetch, sink, stream)
-                  : launch_rows<2, false>(w, ldw, row_blocks, groups, ctas, warps, prefetch, sink, stream);
+    err = blocked ? launch_rows<2, true>(w, ldw, row_blocks, groups, ctas, warps, prefetch, use_pdl, sink, stream)
+                  : launch_rows<2, false>(w, ldw, row_blocks, groups, ctas, warps, prefetch, use_pdl, sink, stream);
   } else if (stages == 4) {
-    err = blocked ? launch_rows<4, true>(w, ldw, row_blocks, groups, ctas, warps, prefetch, sink, stream)
-                  : launch_rows<4, false>(w, ldw, row_blocks, groups, ctas, warps, prefetch, sink, stream);
+    err = blocked ? launch_rows<4, true>(w, ldw, row_blocks, groups, ctas, warps, prefetch, use_pdl, sink, stream)
+                  : launch_rows<4, false>(w, ldw, row_blocks, groups, ctas, warps, prefetch, use_pdl, sink, stream);
   }
   return static_cast<int>(err);
 }
-
 }  // extern "C"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear small_m wgmma timeline group pdl" (any subset):
-# the whole script needs about 15-17 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; linear ~2.5, small_m ~1.5, wgmma ~1.5,
+# Skip parts with RUN_GPU_SKIP="tests model quant linear floor small_m wgmma timeline group pdl" (any subset):
+# the whole script needs about 16-18 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
 # timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~0.7); with a 10-minute command limit, run it as two calls,
 # e.g. RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma timeline". Each stage
-# has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
+# has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -41,6 +41,9 @@ if ! skip quant; then
 fi
 if ! skip linear; then
   timeout "${RUN_GPU_T_LINEAR:-240}" python3 benchmarks/bench_linear.py 2>&1 | tee "$OUTDIR/bench_linear.log" | tail -32
+fi
+if ! skip floor; then
+  timeout "${RUN_GPU_T_FLOOR:-120}" python3 benchmarks/bench_read_floor.py 2>&1 | tee "$OUTDIR/bench_read_floor.log" | tail -12
 fi
 if ! skip small_m; then
   timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
@@ -95,6 +98,15 @@ def rows(name, title, line, keep=lambda r: True):
         for r in data["rows"]:
             if keep(r):
                 print("  " + line.format(**r))
+fl = load("bench_read_floor.json")
+if fl:
+    print("read floor (a kernel that only reads the weight), us, and the speedup it would reach over bf16:")
+    for r in fl["rows"]:
+        if "m" in r:
+            print(f"  {r['shape']} M={r['m']}: floor {r['floor_us']} ({r['floor_copy_frac']:.0%} of copy), ceiling "
+                  f"{r['ceiling_x']}x; W4A4 {r['w4a4_x']}x ({r['w4a4_of_ceiling']:.0%} of it), W4A16 {r['w4a16_x']}x "
+                  f"({r['w4a16_of_ceiling']:.0%})")
+    print("  ", fl["summary"])
 rows("bench_small_m.json",
      "small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)",
      "{shape} M={m}: {bf16_us} / {read_floor_us} / {w4a16_triton_us} / {w4a16_backend_us} | {w4a4_triton_us} / {w4a4_backend_us}")
