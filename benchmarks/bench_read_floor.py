@@ -79,7 +79,6 @@ def main() -> None:
     lib = library()
     sms = num_sms(0)
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
     ms = [int(v) for v in args.ms.split(",")]
     rows_out = []
     for spec in args.shapes.split(","):
@@ -90,7 +89,8 @@ def main() -> None:
 
         def read(b, pattern, ctas, warps, stages, prefetch):
             err = lib.fp4c_read_floor(PATTERNS[pattern], b.data_ptr(), n, ldb, ctas, warps, stages, prefetch, 1,
-                                      sink.data_ptr(), stream)
+                                      sink.data_ptr(),
+                                      torch.cuda.current_stream().cuda_stream)  # (the capture's stream)
             if err:
                 raise RuntimeError(f"read_floor {pattern} failed: CUDA error {err}")
 

@@ -2,12 +2,13 @@
 build is cached, and dispatch stays on the Triton/CPU paths where the kernel cannot run."""
 
 import ctypes
+import inspect
 import subprocess
 
 import pytest
 import torch
 
-from fp4_compile.ops import cuda_small_m, nvcc
+from fp4_compile.ops import cuda_small_m, nvcc, triton_quant
 from nvcc_helpers import build_twice, compile_with_ptxas_report, needs_nvcc
 
 
@@ -169,3 +170,20 @@ def test_weight_and_scales_are_checked_before_a_launch():
         cuda_small_m._check_shapes(x, weight, scales, 1, n + 32, kp)
     with pytest.raises(ValueError, match="takes 1"):
         cuda_small_m._check_shapes(x, weight, scales, 17, n, kp)
+
+
+def test_weights_before_the_wait_only_right_after_our_quantization(monkeypatch):
+    """pdl 2 (the GEMM's first weight loads before griddepcontrol.wait) is safe only where the kernel before is
+    our quantization kernel, whose early trigger comes after its own wait (so the kernels that may have written
+    the weights have completed): both quantization kernels keep that order, and the launchers ask for it only
+    after them."""
+    monkeypatch.setattr(cuda_small_m, "use_pdl", lambda device: True)
+    assert cuda_small_m.dependent_launch_mode(torch.device("cuda", 0), after_quantization=True) == 2
+    assert cuda_small_m.dependent_launch_mode(torch.device("cuda", 0), after_quantization=False) == 1
+    monkeypatch.setattr(cuda_small_m, "use_pdl", lambda device: False)
+    assert cuda_small_m.dependent_launch_mode(torch.device("cuda", 0), after_quantization=True) == 0
+    quant = (cuda_small_m.SOURCE.parent / "nvfp4_quant.cu").read_text()
+    body = quant[quant.index("nvfp4_quant_kernel(const Args a) {"):]
+    assert body.index("fp4c::wait_for_prior_grid();") < body.index("if (a.early) fp4c::allow_dependents();")
+    kernel = inspect.getsource(triton_quant._quant_kernel.fn)
+    assert kernel.index("gdc_wait()") < kernel.index("gdc_launch_dependents()")

@@ -429,13 +429,16 @@ def test_programmatic_dependent_launch(seed, n, k, m, monkeypatch):
             assert rel(out16, ref16) <= TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("n,k,m,trials", [(28672, 4096, 1, 6), (4096, 4096, 16, 3), (4096, 14336, 64, 3)])
+@pytest.mark.parametrize("n,k,m,trials", [(28672, 4096, 1, 6), (4096, 14336, 1, 4), (4096, 4096, 16, 3),
+                                          (6144, 4096, 8, 3), (4096, 14336, 64, 3)])
 def test_first_call_on_fresh_weights(seed, n, k, m, trials):
     """The first linear on weights just written (into memory freed by the previous weights) equals
-    the same call after a sync. Guards the rule that a PDL kernel touches no global memory, not even
-    by an L2 prefetch of its weights, before griddepcontrol.wait: a build that prefetched the
-    small-M kernel's weight rows into L2 first read stale bytes at 28672x4096, M=1 (W4A4, in 11 of
-    12 trials on an H100; benchmarks/NOTES.md v17a)."""
+    the same call after a sync. Guards the rule that a PDL kernel touches no global memory before
+    griddepcontrol.wait, not even by an L2 prefetch of its weights (a build that prefetched the small-M
+    kernel's weight rows into L2 first read stale bytes at 28672x4096, M=1: W4A4, in 11 of 12 trials on
+    an H100; benchmarks/NOTES.md v17a), unless the kernel before is our quantization kernel, which lets
+    it launch only once the kernels before it (here the ones that wrote the weights) have completed:
+    the W4A4 small-M GEMM's first weight loads (cuda_small_m.dependent_launch_mode)."""
     for _ in range(trials):
         pw, sw, gw = make_weight(n, k)
         wt, wst = TRITON_W4A4.prepare_weight(pw, sw)

@@ -129,9 +129,10 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     Rows may be strided (the last dimension must be contiguous, else x2 is copied).
     ``ctas_per_sm`` (1..16) sizes the grid (a benchmark variant). Launched with programmatic
     dependent launch where ``pdl.use_pdl`` says so; ``early_trigger``: the caller launches one of our
-    GEMMs right after (it waits for this kernel's completion before it touches memory), which may then
-    launch while this kernel starts. Any other kernel after it must not: Inductor's PDL kernels wait
-    only for what the kernel just before them wrote. ``library`` (from ``load_library``): another build
+    GEMMs right after (it waits for this kernel's completion before it reads the activations), which may
+    then launch once this kernel has waited for the kernels before it (so that the GEMM may read its
+    weights early: ``cuda_small_m.dependent_launch_mode``). Any other kernel after it must not: Inductor's
+    PDL kernels wait only for what the kernel just before them wrote. ``library`` (from ``load_library``): another build
     (benchmark variants).
     """
     if x2.dtype not in DTYPE_CODES:

@@ -174,7 +174,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                  x_scale: torch.Tensor | None = None, k: int | None = None,
                  rows_per_warp: int | None = None, stages: int | None = None,
                  warps: int | None = None, prefetch: int = WEIGHT_PREFETCH,
-                 library: ctypes.CDLL | None = None) -> torch.Tensor:
+                 library: ctypes.CDLL | None = None, after_quantization: bool = False) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias), M <= 16.
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K); the weight in the
@@ -186,7 +186,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     ``rows_per_warp``, ``stages``, ``warps`` and ``prefetch`` override the launch configuration and
     the build (benchmark variants; ``prefetch`` other than WEIGHT_PREFETCH is a second build);
     ``library`` (from ``load_library``) the package's build.
-    Launched with programmatic dependent launch where ``pdl.use_pdl`` says so.
+    Launched with programmatic dependent launch where ``pdl.use_pdl`` says so; ``after_quantization``:
+    ``x`` was just written by our quantization kernel on this stream (``dependent_launch_mode``).
     """
     if x_scale is None:
         x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA small-M kernel", x, weight, weight_scale, alpha,
@@ -218,11 +219,22 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         x_scale.stride(0) if x_scale is not None else 0, weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), bias.data_ptr() if bias is not None else None,
         alpha.data_ptr(), m, n, k, kp, int(fp16), int(out_dtype == torch.float32),
-        rows_per_warp, stages, warps, int(use_pdl(x.device)), stream))
+        rows_per_warp, stages, warps, dependent_launch_mode(x.device, after_quantization), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm failed: CUDA error {err} "
                            f"(M={m}, N={n}, K={k}, rows_per_warp={rows_per_warp}, stages={stages}, warps={warps})")
     return out
+
+
+def dependent_launch_mode(device: torch.device, after_quantization: bool) -> int:
+    """The C entries' ``pdl``: 0 a plain launch, 1 programmatic dependent launch (``pdl.use_pdl``), 2 the same
+    with the first weight loads before the wait for the kernel before. 2 only ``after_quantization``: that
+    kernel is then our quantization (cuda_quant's or triton_quant's, early trigger), which lets the GEMM launch
+    only once it has waited for the kernels before it, so no kernel still running can be writing the weights.
+    Their loads then overlap the quantization's tail instead of following it."""
+    if not use_pdl(device):
+        return 0
+    return 2 if after_quantization else 1
 
 
 # Members of one grouped launch (the C entry's kMaxGroup).
@@ -231,7 +243,7 @@ MAX_GROUP = 4
 
 def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
                        x_scales: list[torch.Tensor] | None = None, k: int | None = None,
-                       gated: bool = False) -> list[torch.Tensor]:
+                       gated: bool = False, after_quantization: bool = False) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
     ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
     same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
@@ -242,7 +254,8 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
     ``gated``: two members (gate, up) of one activation tensor and one N; returns ``[silu(gate) * up]``,
     each GEMM's result rounded to ``out_dtype`` first and silu(gate) too (as ``F.silu(gate) * up`` computes
-    it on the two linears' outputs), computed in the same launch (8 outputs per CTA)."""
+    it on the two linears' outputs), computed in the same launch (8 outputs per CTA). ``after_quantization``
+    as ``small_m_gemm``'s."""
     if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
             x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
@@ -282,7 +295,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
         len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,
-        int(use_pdl(device)), stream))
+        dependent_launch_mode(device, after_quantization), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
                            f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated})")

@@ -53,8 +53,8 @@ def fake_quantize_nvfp4_gpu(x2: torch.Tensor, global_scale: torch.Tensor, dtype:
 
     Exact in bf16 and fp16 (at most 6 significant bits, magnitudes in [2^-10, 2688]); what the W4A4
     linear feeds its W4A16-style GEMMs: quantize once, then multiply the exact values. For those
-    linears only: the kernel lets the next one launch before it waits (``early_trigger``), which only our
-    GEMMs may follow.
+    linears only: the kernel lets the next one launch before it completes (``early_trigger``), which only
+    our GEMMs may follow.
     """
     return _quantize(x2, global_scale.float(), MODE_VALUES, dtype, early_trigger=True)
 

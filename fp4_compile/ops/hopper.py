@@ -219,12 +219,13 @@ class TritonW4A4Kernels(_HopperKernels):
         if use_codes(x2, m, out_features, host_bound):
             codes, scales = quantize_cuda(x2, gs, MODE_KERNEL_CODES, early_trigger=True)
             out = small_m_gemm(codes, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias,
-                               x_scale=scales, k=k)
+                               x_scale=scales, k=k, after_quantization=True)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
                                  fast_linear.GEMM_SMALL_M)
         elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, True, host_bound)) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
-            out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias)
+            after = {"after_quantization": True} if cuda_gemm is small_m_gemm else {}
+            out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias, **after)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_VALUES, _GEMM_KINDS[cuda_gemm])
         elif m <= _G.FUSED_QUANT_MAX_M:
             out = fp4_gemm(x2, weight, weight_scale, alpha, n=out_features, k=k, a_mode=1, out_dtype=x.dtype,
@@ -259,7 +260,7 @@ class TritonW4A4Kernels(_HopperKernels):
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
         outs = small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
                                   x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None,
-                                  gated=gated)
+                                  gated=gated, after_quantization=True)
         if len(quantized) == 1:  # (the fast path quantizes once, with the first member's scale)
             fast_linear.remember_group(self.name, x2, members, gated, MODE_KERNEL_CODES if codes else MODE_VALUES)
         return outs

@@ -156,11 +156,12 @@ def _quant_kernel(
     EARLY: tl.constexpr = False,
 ):
     if PDL:  # launched with PDL (ops/pdl.py): wait for the kernel before
-        if EARLY:  # the kernel after us is our GEMM, which waits for our completion: it may launch now
-            # (a kernel launched after us without PDL is not affected; the Triton GEMM, which measured
-            # up to 1.19x slower after this trigger with PDL, launches plainly after this kernel)
-            gdc_launch_dependents()
         gdc_wait()
+        if EARLY:  # the kernel after us is our GEMM, which waits for our completion: it may launch now,
+            # once the kernels before us have completed (it reads its weights before that wait:
+            # cuda_small_m.dependent_launch_mode). A kernel launched after us without PDL is not affected; the
+            # Triton GEMM, which measured up to 1.19x slower after this trigger with PDL, launches plainly.
+            gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -217,8 +218,7 @@ def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
 def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None,
                         early_trigger: bool = False):
     """The Triton quant kernel on ``x2 [M, K]`` (see gpu_quant.py for the public functions).
-    ``early_trigger``: the caller launches one of our GEMMs right after (it waits for this kernel's
-    completion before it touches memory), which may then launch while this kernel starts."""
+    ``early_trigger``: as ``cuda_quant.quantize``'s."""
     m, k = x2.shape
     kb = k // BLOCK_SIZE
     dev = x2.device

@@ -256,6 +256,10 @@ std::pair<at::Tensor, at::Tensor> gemm_activations(const at::Tensor& x, const at
   return {x, at::Tensor()};
 }
 
+// The small-M GEMM's pdl: 2 (its first weight loads before its wait) right after our quantization kernel,
+// which lets it launch only once every kernel before has completed (cuda_small_m.dependent_launch_mode).
+int small_m_pdl(int pdl, int64_t quant_mode) { return pdl && quant_mode != kQuantNone ? 2 : pdl; }
+
 using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const std::optional<at::Tensor>&, c10::SymInt, c10::string_view);
 
@@ -291,7 +295,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
                      a.data_ptr(), a.stride(0), a_scale.defined() ? a_scale.data_ptr() : nullptr,
                      a_scale.defined() ? a_scale.stride(0) : 0, weight.data_ptr(), weight.stride(0),
                      weight_scale.data_ptr(), weight_scale.stride(0), out.data_ptr(), out.stride(0), bias_ptr,
-                     alpha.data_ptr<float>(), m, n, k, kp, fp16, 0, plan->p0, plan->p1, plan->p2, pdl, stream),
+                     alpha.data_ptr<float>(), m, n, k, kp, fp16, 0, plan->p0, plan->p1, plan->p2,
+                     small_m_pdl(pdl, plan->quant_mode), stream),
                  "the small-M GEMM", x, n);
   } else {
     at::Tensor fixup;
@@ -400,7 +405,8 @@ std::optional<std::vector<at::Tensor>> launch_group(const at::Tensor& x, const M
   check_launch(reinterpret_cast<GroupFn>(plan.group_fn)(static_cast<int>(count), table, static_cast<int>(m),
                                                         static_cast<int>(k), static_cast<int>(kp),
                                                         x.scalar_type() == at::kHalf, 0, gated ? 1 : 0,
-                                                        static_cast<int>(plan.warps), pdl, stream),
+                                                        static_cast<int>(plan.warps),
+                                                        small_m_pdl(pdl, plan.quant_mode), stream),
                "the grouped small-M GEMM", x, g.ns[0]);
   g_replayed.fetch_add(1, std::memory_order_relaxed);
   return outs;

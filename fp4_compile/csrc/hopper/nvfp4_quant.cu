@@ -63,7 +63,7 @@ struct Args {
   void* v;       // block values [M, K] (kModeValues), row stride ldv elements, fp16 if v_fp16 else bf16
   int64_t ldv;
   int v16;       // 1: every row of v is 16-byte aligned (16-byte stores)
-  int early;     // 1: let the kernel after us launch before we wait (only where it is our GEMM)
+  int early;     // 1: let the kernel after us launch once we have waited (only where it is our GEMM)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -411,12 +411,13 @@ template <int DT, int MODE, bool FP16_OUT, bool TABLE>
 __global__ void __launch_bounds__(kThreads, MODE == kModeValues ? 4 : 0) nvfp4_quant_kernel(const Args a) {
   __shared__ float s_os[TABLE ? 256 : 1];
   __shared__ uint4 s_stage[MODE == kModeValues ? kThreads * 4 : 1];  // store_values
-  // Launched with PDL: where the kernel after us is our GEMM, which waits for this grid's completion
-  // before it reads anything, it may launch now. Any other kernel (Inductor's PDL kernels wait only for
-  // what the kernel just before them wrote) launches after our wait. Then we wait for the kernel before
-  // us (it may have written x and the global scale).
-  if (a.early) fp4c::allow_dependents();
+  // Launched with PDL: we wait for the kernel before us (it may have written x and the global scale).
+  // Where the kernel after us is our GEMM, which waits for this grid's completion before it reads what we
+  // write, it may launch then, once every kernel before us has completed: it reads its weights before its
+  // wait (cuda_small_m.dependent_launch_mode). Any other kernel (Inductor's PDL kernels wait only for what
+  // the kernel just before them wrote) launches at our completion.
   fp4c::wait_for_prior_grid();
+  if (a.early) fp4c::allow_dependents();
   float gs = 0.0f;
   if constexpr (TABLE) {
     gs = fp4c::coherent_load_f32(a.gs);
@@ -655,8 +656,8 @@ extern "C" {
 //   gs: device pointer to the float32 global scale (read on the device: graph-safe);
 //   ctas_per_sm: the grid's CTAs per SM (1..16); each thread loops over the rows beyond that;
 //   pdl: 1 = programmatic dependent launch (sm_90; grid_dependency.cuh), 2 = the same, and the kernel
-//     after this one (it must wait for this grid's completion before it touches memory, as our GEMMs
-//     do) may launch at once, 0 = a plain launch.
+//     after this one (it must wait for this grid's completion before it reads what this one writes, as
+//     our GEMMs do) may launch once this one has waited for the kernel before, 0 = a plain launch.
 int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t ldq, void* s, int64_t lds,
                      void* v, int64_t ldv, int v_fp16, const float* gs, int M, int K, int mode, int ctas_per_sm,
                      int pdl, cudaStream_t stream) {

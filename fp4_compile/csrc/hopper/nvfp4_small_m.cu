@@ -34,6 +34,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
 
@@ -83,20 +85,33 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #else
 #error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
 #endif
+// ORDERED: volatile, so that the load stays where the program puts it (before wait_for_prior_grid).
+template <bool ORDERED = false>
 __device__ __forceinline__ uint4 load_weight_chunk(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (ORDERED) {
+    asm volatile("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  } else {
+    asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  }
   return v;
 }
 
 // A lane's weight scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
 // the next three groups' pairs come from the same 32-byte sector. (The activations, which every CTA
 // re-reads from L1/L2, and their scales: fp4c::coherent_load_*, grid_dependency.cuh.)
+template <bool ORDERED = false>
 __device__ __forceinline__ uint32_t load_weight_scale_pair(const void* p) {
   unsigned short v;
-  asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  if constexpr (ORDERED) {
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  } else {
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  }
   return v;
 }
 
@@ -120,6 +135,7 @@ struct Args {
   int M, N, K, chunks;   // chunks = Kp / 32
   const uint8_t* xs;     // A4: e4m3 [M, Kc/16], row stride ldxs (Kc = K rounded up to 32)
   int64_t ldxs;
+  int weights_before_wait;  // the first stages' weight loads may precede wait_for_prior_grid (see the C entry)
 };
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
@@ -191,16 +207,22 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     }
   }
 
-  auto load = [&](Stage<RT, NT, A4>& st, int group) {
+  // `ordered` (std::true_type): the loads stay before wait_for_prior_grid.
+  auto load_weights = [&](Stage<RT, NT, A4>& st, int group, auto ordered) {
+    constexpr bool kOrdered = decltype(ordered)::value;
     const bool ok = group < ge && 4 * group + t < args.chunks;
-    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + fp4c::tiled_group(group, 64)) : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
+        st.w[i][h] = ok ? load_weight_chunk<kOrdered>(w_row[i][h] + fp4c::tiled_group(group, 64))
+                        : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_weight_scale_pair<kOrdered>(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
       }
+  };
+  auto load_activations = [&](Stage<RT, NT, A4>& st, int group) {
+    const bool ok = group < ge && 4 * group + t < args.chunks;
+    const int k_left = args.K - 32 * (4 * group + t);  // activations of this chunk that exist
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       if constexpr (A4) {  // a chunk half past K holds zero codes and scale (nvfp4_quant.cu mode 3)
@@ -214,6 +236,10 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
                                                             : make_uint4(0, 0, 0, 0);
       }
     }
+  };
+  auto load = [&](Stage<RT, NT, A4>& st, int group) {
+    load_weights(st, group, std::false_type{});
+    load_activations(st, group);
   };
 
   // MMA step (q, p): k-slot "lo" = pair q of word 2p, "hi" = pair q of word 2p + 1, so that the
@@ -260,11 +286,24 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     }
   };
 
-  // (Issuing the first weight loads before this wait measured no faster: benchmarks/NOTES.md, v9.)
-  wait_for_prior_grid();
+  // The weights' first stages may be in flight while the kernel before finishes where the host says
+  // that it may (args.weights_before_wait: that kernel, our activation quantization, let this grid launch
+  // only after the kernels before it had completed, so no kernel still running writes the weights).
+  // (The wait must follow those loads in a block of its own: ptxas moves it to the top of its basic block,
+  // above loads before it there; SASS checked. So it did in NOTES.md v9b's test, which measured no gain.)
   Stage<RT, NT, A4> buf[PF];
+  const bool early = args.weights_before_wait != 0;
+  if (early) {
 #pragma unroll
-  for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
+    for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p, std::true_type{});
+  }
+  wait_for_prior_grid();
+  if (!early) {  // (ordered too: issued before the activations' loads, as the loop issues them)
+#pragma unroll
+    for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p, std::true_type{});
+  }
+#pragma unroll
+  for (int p = 0; p < PF; ++p) load_activations(buf[p], gb + p);
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
@@ -451,18 +490,21 @@ extern "C" {
 // stride ldxs), and x_fp16 picks the MMA operand type, also the output's unless out_fp32 (then bf16);
 // rows_per_warp 16, stages 2. rows_per_warp: 16 or 32 (the weight rows, padded to 32, must cover N
 // rounded up to it). stages: 2, or 4 for M <= 8: k-groups of loads in flight per warp. warps: 1..8.
-// pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch. The weight is tiled
+// pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch, 2 = the former, and the kernel
+// launched just before is one that let this grid launch only after the kernels before it had completed (our
+// quantization kernels' early trigger comes after their own wait), so that the weights are final and their
+// first loads may precede the wait for it. The weight is tiled
 // (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16; w 16-byte and ws 2-byte aligned.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
                             int M, int N, int K, int Kp, int x_fp16, int out_fp32, int rows_per_warp, int stages,
                             int warps, int pdl, cudaStream_t stream) {
   if (M < 1 || M > 16 || N < 1 || K < 16 || K % 16 || Kp % 256 || K > Kp || ldw != Kp / 2 || ldws != Kp / 16 ||
-      !weights_aligned(w, ws) || warps < 1 || warps > 8 || pdl < 0 || pdl > 1) {
+      !weights_aligned(w, ws) || warps < 1 || warps > 8 || pdl < 0 || pdl > 2) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   Args args{static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(ws), out,
-            bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32, static_cast<const uint8_t*>(xs), ldxs};
+            bias, alpha, ldx, ldw, ldws, ldo, M, N, K, Kp / 32, static_cast<const uint8_t*>(xs), ldxs, pdl == 2};
   const int rt = rows_per_warp / 16;
   cudaError_t err;
   if (x_fp16) {
@@ -480,11 +522,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 // {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N, xs, ldxs}, as in fp4c_nvfp4_small_m_gemm:
 // block values or bf16/fp16 activations (xs 0 in every row), or activation codes (xs set in every row).
 // gated 1 (count 2, one activation tensor and N for both): out of row 0 = silu(GEMM 0) * GEMM 1, each
-// GEMM's result rounded to the output type first (row 1's out unused).
+// GEMM's result rounded to the output type first (row 1's out unused). pdl as in fp4c_nvfp4_small_m_gemm.
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
                                   int out_fp32, int gated, int warps, int pdl, cudaStream_t stream) {
   if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 256 || K > Kp || warps < 1 ||
-      warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1) {
+      warps > 8 || pdl < 0 || pdl > 2 || gated < 0 || gated > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (gated && (count != 2 || members[0] != members[13] || members[10] != members[23] ||
@@ -504,7 +546,7 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
     group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
                            reinterpret_cast<const uint8_t*>(f[4]), reinterpret_cast<void*>(f[6]),
                            reinterpret_cast<const void*>(f[8]), reinterpret_cast<const float*>(f[9]), f[1], f[3],
-                           f[5], f[7], M, n, K, Kp / 32, reinterpret_cast<const uint8_t*>(f[11]), f[12]};
+                           f[5], f[7], M, n, K, Kp / 32, reinterpret_cast<const uint8_t*>(f[11]), f[12], pdl == 2};
     group.first_cta[i + 1] = group.first_cta[i] + (n + 15) / 16;
   }
   cudaError_t err;
