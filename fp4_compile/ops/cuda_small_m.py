@@ -228,10 +228,11 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 def dependent_launch_mode(device: torch.device, after_quantization: bool) -> int:
     """The C entries' ``pdl``: 0 a plain launch, 1 programmatic dependent launch (``pdl.use_pdl``), 2 the same
-    with the first weight loads before the wait for the kernel before. 2 only ``after_quantization``: that
-    kernel is then our quantization (cuda_quant's or triton_quant's, early trigger), which lets the GEMM launch
-    only once it has waited for the kernels before it, so no kernel still running can be writing the weights.
-    Their loads then overlap the quantization's tail instead of following it."""
+    with the first weight loads before the wait for the kernel before (16 rows per warp and 2 stages: the
+    launches W4A4 makes). 2 only ``after_quantization``: that kernel is then our quantization (cuda_quant's or
+    triton_quant's, early trigger), which lets the GEMM launch only once it has waited for the kernels before
+    it, so no kernel still running can be writing the weights. Their loads then overlap the quantization's
+    tail instead of following it."""
     if not use_pdl(device):
         return 0
     return 2 if after_quantization else 1
@@ -243,7 +244,7 @@ MAX_GROUP = 4
 
 def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
                        x_scales: list[torch.Tensor] | None = None, k: int | None = None,
-                       gated: bool = False, after_quantization: bool = False) -> list[torch.Tensor]:
+                       gated: bool = False) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
     ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
     same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
@@ -254,8 +255,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
     ``gated``: two members (gate, up) of one activation tensor and one N; returns ``[silu(gate) * up]``,
     each GEMM's result rounded to ``out_dtype`` first and silu(gate) too (as ``F.silu(gate) * up`` computes
-    it on the two linears' outputs), computed in the same launch (8 outputs per CTA). ``after_quantization``
-    as ``small_m_gemm``'s."""
+    it on the two linears' outputs), computed in the same launch (8 outputs per CTA)."""
     if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
             x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
@@ -295,7 +295,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
         len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,
-        dependent_launch_mode(device, after_quantization), stream))
+        int(use_pdl(device)), stream))
     if err != 0:
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
                            f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated})")

@@ -260,7 +260,7 @@ class TritonW4A4Kernels(_HopperKernels):
         xs, scales = zip(*(quantized[id(gs)] for _, _, gs, *_ in members))
         outs = small_m_gemm_group(list(xs), self._gemm_members(members), out_dtype=x2.dtype,
                                   x_scales=list(scales) if codes else None, k=x2.shape[1] if codes else None,
-                                  gated=gated, after_quantization=True)
+                                  gated=gated)
         if len(quantized) == 1:  # (the fast path quantizes once, with the first member's scale)
             fast_linear.remember_group(self.name, x2, members, gated, MODE_KERNEL_CODES if codes else MODE_VALUES)
         return outs

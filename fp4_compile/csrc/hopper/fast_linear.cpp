@@ -405,8 +405,7 @@ std::optional<std::vector<at::Tensor>> launch_group(const at::Tensor& x, const M
   check_launch(reinterpret_cast<GroupFn>(plan.group_fn)(static_cast<int>(count), table, static_cast<int>(m),
                                                         static_cast<int>(k), static_cast<int>(kp),
                                                         x.scalar_type() == at::kHalf, 0, gated ? 1 : 0,
-                                                        static_cast<int>(plan.warps),
-                                                        small_m_pdl(pdl, plan.quant_mode), stream),
+                                                        static_cast<int>(plan.warps), pdl, stream),
                "the grouped small-M GEMM", x, g.ns[0]);
   g_replayed.fetch_add(1, std::memory_order_relaxed);
   return outs;

@@ -85,33 +85,35 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #else
 #error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
 #endif
-// ORDERED: volatile, so that the load stays where the program puts it (before wait_for_prior_grid).
-template <bool ORDERED = false>
 __device__ __forceinline__ uint4 load_weight_chunk(const void* p) {
   uint4 v;
-  if constexpr (ORDERED) {
-    asm volatile("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  } else {
-    asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-  }
+  asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
 }
 
 // A lane's weight scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
 // the next three groups' pairs come from the same 32-byte sector. (The activations, which every CTA
 // re-reads from L1/L2, and their scales: fp4c::coherent_load_*, grid_dependency.cuh.)
-template <bool ORDERED = false>
 __device__ __forceinline__ uint32_t load_weight_scale_pair(const void* p) {
   unsigned short v;
-  if constexpr (ORDERED) {
-    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  } else {
-    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  }
+  asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+// The same loads, volatile: they stay where the program puts them (before wait_for_prior_grid).
+__device__ __forceinline__ uint4 load_weight_chunk_before_wait(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_weight_scale_pair_before_wait(const void* p) {
+  unsigned short v;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return v;
 }
 
@@ -135,7 +137,7 @@ struct Args {
   int M, N, K, chunks;   // chunks = Kp / 32
   const uint8_t* xs;     // A4: e4m3 [M, Kc/16], row stride ldxs (Kc = K rounded up to 32)
   int64_t ldxs;
-  int weights_before_wait;  // the first stages' weight loads may precede wait_for_prior_grid (see the C entry)
+  int weights_before_wait;  // the C entry's pdl 2: launch the EARLY instance where there is one
 };
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
@@ -148,8 +150,9 @@ __device__ __forceinline__ float rounded(float v) { return Convert<T>::from(Conv
 // activation codes. GATED (RT = 1; `up` the second GEMM of the same activations): rows g of the
 // tile are rows [8*tile, 8*tile + 8) of args' weight (the gate), rows g + 8 the same rows of up's,
 // and the CTA writes silu(gate) * up for those 8 outputs: the SiLU*mul after a gate/up projection
-// costs no kernel of its own, and gate and up never leave the CTA.
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool GATED = false>
+// costs no kernel of its own, and gate and up never leave the CTA. EARLY: the first stages' weight
+// loads come before wait_for_prior_grid (only where the host says that they may: the C entry's pdl 2).
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool GATED = false, bool EARLY = false>
 __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const Args* up = nullptr) {
   static_assert(!GATED || RT == 1, "a gated tile is 8 gate rows and their 8 up rows");
   extern __shared__ float reduce_smem[];
@@ -207,17 +210,21 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     }
   }
 
-  // `ordered` (std::true_type): the loads stay before wait_for_prior_grid.
-  auto load_weights = [&](Stage<RT, NT, A4>& st, int group, auto ordered) {
-    constexpr bool kOrdered = decltype(ordered)::value;
+  // BEFORE_WAIT (std::true_type): the loads stay before wait_for_prior_grid.
+  auto load_weights = [&](Stage<RT, NT, A4>& st, int group, auto before_wait) {
     const bool ok = group < ge && 4 * group + t < args.chunks;
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        st.w[i][h] = ok ? load_weight_chunk<kOrdered>(w_row[i][h] + fp4c::tiled_group(group, 64))
-                        : make_uint4(0, 0, 0, 0);
-        st.sc[i][h] = ok ? load_weight_scale_pair<kOrdered>(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
+        if constexpr (decltype(before_wait)::value) {
+          st.w[i][h] = ok ? load_weight_chunk_before_wait(w_row[i][h] + fp4c::tiled_group(group, 64))
+                          : make_uint4(0, 0, 0, 0);
+          st.sc[i][h] = ok ? load_weight_scale_pair_before_wait(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
+        } else {
+          st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + fp4c::tiled_group(group, 64)) : make_uint4(0, 0, 0, 0);
+          st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
+        }
       }
   };
   auto load_activations = [&](Stage<RT, NT, A4>& st, int group) {
@@ -286,24 +293,25 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     }
   };
 
-  // The weights' first stages may be in flight while the kernel before finishes where the host says
-  // that it may (args.weights_before_wait: that kernel, our activation quantization, let this grid launch
-  // only after the kernels before it had completed, so no kernel still running writes the weights).
-  // (The wait must follow those loads in a block of its own: ptxas moves it to the top of its basic block,
-  // above loads before it there; SASS checked. So it did in NOTES.md v9b's test, which measured no gain.)
+  // EARLY: the weights' first stages are in flight while the kernel before finishes. The host asks for it
+  // only where that kernel is our activation quantization, which let this grid launch only once the kernels
+  // before it had completed, so no kernel still running writes the weights. (The wait must follow those
+  // loads in a basic block of its own: ptxas moves it to the top of its block, above the loads before it
+  // there, as it did in NOTES.md v9b's test, which measured no gain; SASS checked.)
   Stage<RT, NT, A4> buf[PF];
-  const bool early = args.weights_before_wait != 0;
-  if (early) {
+  if constexpr (EARLY) {
+    if (ge > gb) {
 #pragma unroll
-    for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p, std::true_type{});
+      for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p, std::true_type{});
+    }
+    wait_for_prior_grid();
+#pragma unroll
+    for (int p = 0; p < PF; ++p) load_activations(buf[p], gb + p);
+  } else {
+    wait_for_prior_grid();
+#pragma unroll
+    for (int p = 0; p < PF; ++p) load(buf[p], gb + p);
   }
-  wait_for_prior_grid();
-  if (!early) {  // (ordered too: issued before the activations' loads, as the loop issues them)
-#pragma unroll
-    for (int p = 0; p < PF; ++p) load_weights(buf[p], gb + p, std::true_type{});
-  }
-#pragma unroll
-  for (int p = 0; p < PF; ++p) load_activations(buf[p], gb + p);
   for (int s = gb; s < ge; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
@@ -368,9 +376,9 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
 }
 
 // Grid: one CTA per 16*RT weight rows.
-template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4>
+template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4, bool EARLY = false>
 __global__ void __launch_bounds__(256) nvfp4_small_m_kernel(const Args args) {
-  small_m_tile<FP16, RT, NT, PF, OutT, A4>(args, blockIdx.x);
+  small_m_tile<FP16, RT, NT, PF, OutT, A4, false, EARLY>(args, blockIdx.x);
 }
 
 // Several GEMMs of the same activations (a layer's q/k/v or gate/up projections) in one launch:
@@ -408,11 +416,19 @@ inline size_t reduce_smem_bytes(int warps, int rows, int n_tiles) {
   return static_cast<size_t>(warps) * rows * 8 * n_tiles * sizeof(float);
 }
 
+// The configurations W4A4 runs after its quantization (16 rows per warp, 2 stages) have an EARLY instance.
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
-  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4>, dim3((args.N + rows - 1) / rows),
-                      dim3(warps * kWarpSize), reduce_smem_bytes(warps, rows, NT), pdl, stream, args);
+  const dim3 grid((args.N + rows - 1) / rows), block(warps * kWarpSize);
+  const size_t smem = reduce_smem_bytes(warps, rows, NT);
+  if constexpr (RT == 1 && PF == 2) {
+    if (args.weights_before_wait) {
+      return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4, true>, grid, block, smem, pdl, stream,
+                          args);
+    }
+  }
+  return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4>, grid, block, smem, pdl, stream, args);
 }
 
 template <bool FP16, int RT, int NT, typename OutT>
@@ -493,7 +509,7 @@ extern "C" {
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch, 2 = the former, and the kernel
 // launched just before is one that let this grid launch only after the kernels before it had completed (our
 // quantization kernels' early trigger comes after their own wait), so that the weights are final and their
-// first loads may precede the wait for it. The weight is tiled
+// first loads may precede the wait for it (16 rows per warp and 2 stages; else as 1). The weight is tiled
 // (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16; w 16-byte and ws 2-byte aligned.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
@@ -522,11 +538,11 @@ int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t 
 // {x, ldx, w, ldw, ws, ldws, out, ldo, bias (0: none), alpha, N, xs, ldxs}, as in fp4c_nvfp4_small_m_gemm:
 // block values or bf16/fp16 activations (xs 0 in every row), or activation codes (xs set in every row).
 // gated 1 (count 2, one activation tensor and N for both): out of row 0 = silu(GEMM 0) * GEMM 1, each
-// GEMM's result rounded to the output type first (row 1's out unused). pdl as in fp4c_nvfp4_small_m_gemm.
+// GEMM's result rounded to the output type first (row 1's out unused).
 int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int K, int Kp, int x_fp16,
                                   int out_fp32, int gated, int warps, int pdl, cudaStream_t stream) {
   if (count < 2 || count > kMaxGroup || M < 1 || M > 16 || K < 16 || K % 16 || Kp % 256 || K > Kp || warps < 1 ||
-      warps > 8 || pdl < 0 || pdl > 2 || gated < 0 || gated > 1) {
+      warps > 8 || pdl < 0 || pdl > 1 || gated < 0 || gated > 1) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (gated && (count != 2 || members[0] != members[13] || members[10] != members[23] ||
@@ -546,7 +562,7 @@ int fp4c_nvfp4_small_m_gemm_group(int count, const int64_t* members, int M, int 
     group.member[i] = Args{reinterpret_cast<const uint16_t*>(f[0]), reinterpret_cast<const uint8_t*>(f[2]),
                            reinterpret_cast<const uint8_t*>(f[4]), reinterpret_cast<void*>(f[6]),
                            reinterpret_cast<const void*>(f[8]), reinterpret_cast<const float*>(f[9]), f[1], f[3],
-                           f[5], f[7], M, n, K, Kp / 32, reinterpret_cast<const uint8_t*>(f[11]), f[12], pdl == 2};
+                           f[5], f[7], M, n, K, Kp / 32, reinterpret_cast<const uint8_t*>(f[11]), f[12], 0};
     group.first_cta[i + 1] = group.first_cta[i] + (n + 15) / 16;
   }
   cudaError_t err;
