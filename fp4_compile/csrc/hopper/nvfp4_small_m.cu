@@ -416,13 +416,15 @@ inline size_t reduce_smem_bytes(int warps, int rows, int n_tiles) {
   return static_cast<size_t>(warps) * rows * 8 * n_tiles * sizeof(float);
 }
 
-// The configurations W4A4 runs after its quantization (16 rows per warp, 2 stages) have an EARLY instance.
+// W4A4 on codes at M = 9..16 has an EARLY instance: there, right after the quantization kernel, it measured
+// 0.94-0.99x the time (H100, 4096x4096, 6144x4096, 4096x14336 at M=16); at M=8 on codes 1.02x and at M=1 on
+// block values behind the Triton quantization 1.01-1.02x (benchmarks/NOTES.md v31), so not there.
 template <bool FP16, int RT, int NT, int PF, typename OutT, bool A4 = false>
 cudaError_t launch(const Args& args, int warps, bool pdl, cudaStream_t stream) {
   const int rows = 16 * RT;
   const dim3 grid((args.N + rows - 1) / rows), block(warps * kWarpSize);
   const size_t smem = reduce_smem_bytes(warps, rows, NT);
-  if constexpr (RT == 1 && PF == 2) {
+  if constexpr (A4 && NT == 2) {
     if (args.weights_before_wait) {
       return fp4c::launch(nvfp4_small_m_kernel<FP16, RT, NT, PF, OutT, A4, true>, grid, block, smem, pdl, stream,
                           args);
@@ -509,7 +511,7 @@ extern "C" {
 // pdl: 1 = programmatic dependent launch (sm_90), 0 = a plain launch, 2 = the former, and the kernel
 // launched just before is one that let this grid launch only after the kernels before it had completed (our
 // quantization kernels' early trigger comes after their own wait), so that the weights are final and their
-// first loads may precede the wait for it (16 rows per warp and 2 stages; else as 1). The weight is tiled
+// first loads may precede the wait for it (on activation codes at M > 8; elsewhere as 1). The weight is tiled
 // (ops/weight_layout.py): Kp a multiple of 256, ldw = Kp / 2 and ldws = Kp / 16; w 16-byte and ws 2-byte aligned.
 int fp4c_nvfp4_small_m_gemm(const void* x, int64_t ldx, const void* xs, int64_t ldxs, const void* w, int64_t ldw,
                             const void* ws, int64_t ldws, void* out, int64_t ldo, const void* bias, const float* alpha,
