@@ -3,7 +3,7 @@
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
 # Skip parts with RUN_GPU_SKIP="tests model quant linear floor small_m wgmma timeline group pdl" (any subset):
 # the whole script needs about 16-18 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
-# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~0.7); with a 10-minute command limit, run it as two calls,
+# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5); with a 10-minute command limit, run it as two calls,
 # e.g. RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma timeline". Each stage
 # has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
@@ -59,6 +59,7 @@ if ! skip group; then
 fi
 if ! skip pdl; then
   timeout "${RUN_GPU_T_PDL:-120}" python3 benchmarks/bench_pdl.py --ms 1,16,64 2>&1 | tee "$OUTDIR/bench_pdl.log" | tail -15
+  timeout "${RUN_GPU_T_PDL:-120}" python3 benchmarks/bench_early_weights.py 2>&1 | tee "$OUTDIR/bench_early_weights.log" | tail -13
 fi
 if ! skip model; then
   timeout "${RUN_GPU_T_MODEL:-280}" python3 benchmarks/bench_model.py 2>&1 | tee "$OUTDIR/bench_model.log" | tail -12
