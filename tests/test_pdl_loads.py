@@ -32,11 +32,14 @@ def test_read_only_loads_are_for_weights_only():
         if path.name != "nvfp4_small_m.cu":
             assert not nc, (path.name, nc)
             continue
-        # the two weight loaders, and every call of them on the weight rows' pointers
+        # the two weight loaders (each as a plain and a volatile asm: the latter stays before the PDL wait,
+        # where the kernel before is our quantization), and every call of them on the weight rows' pointers
         assert len(nc) == 2, nc
-        helpers = re.findall(r"__device__ __forceinline__ \w+ (\w+)\(const void\* p\) \{\s*[^}]*ld\.global\.nc", code)
+        assert len(re.findall(r"#define FP4C_WEIGHT_(?:CHUNK|SCALE)_LOAD \"ld\.global\.nc", code)) == 2
+        helpers = re.findall(r"__device__ __forceinline__ \w+ (\w+)\(const void\* p\) \{\s*[^}]*FP4C_WEIGHT_\w+_LOAD",
+                             code)
         assert sorted(helpers) == ["load_weight_chunk", "load_weight_scale_pair"], helpers
-        calls = [arg for _, arg in re.findall(r"\b(load_weight_chunk|load_weight_scale_pair)\((\w+)", code)
+        calls = [arg for _, arg in re.findall(r"\b(load_weight_chunk|load_weight_scale_pair)(?:<\w+>)?\((\w+)", code)
                  if arg != "const"]  # (not the definitions)
         assert calls and all(arg in ("w_row", "s_row") for arg in calls), calls
 

@@ -75,7 +75,10 @@ def time_graphs_us(named_calls: dict[str, list[Callable[[], Any]]], rounds: int 
 
     The graphs are replayed in turns (``rounds`` times ``replays`` each), so that the clock drift of
     a GPU under sustained load (up to 12% at M >= 1024 within a run) hits every entry alike instead
-    of whichever was timed last."""
+    of whichever was timed last. A graph's replays of a turn are queued back to back behind one untimed
+    replay: timed on an idle GPU, a replay's clock also ran while the host launched the graph (about
+    10 us on the H100 hosts, NOTES.md v31c), which added that much over the number of calls to every
+    call's time (2 calls of a 235 MB bf16 weight: 5 us each)."""
     graphs = {name: (capture_graph(calls), len(calls)) for name, calls in named_calls.items()}
     for g, _ in graphs.values():
         for _ in range(warmup):
@@ -84,12 +87,13 @@ def time_graphs_us(named_calls: dict[str, list[Callable[[], Any]]], rounds: int 
     samples: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, (g, n) in graphs.items():
-            for _ in range(replays):
-                a, b = cuda_events()
+            g.replay()  # keeps the GPU busy while the host launches the timed replays
+            events = [cuda_events() for _ in range(replays)]
+            for a, b in events:
                 a.record()
                 g.replay()
                 b.record()
-                b.synchronize()
-                samples[name].append(a.elapsed_time(b) * 1000.0 / n)
+            events[-1][1].synchronize()
+            samples[name] += [a.elapsed_time(b) * 1000.0 / n for a, b in events]
     del graphs
     return {name: statistics.median(ts) for name, ts in samples.items()}

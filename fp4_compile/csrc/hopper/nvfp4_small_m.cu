@@ -85,35 +85,31 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 #else
 #error "FP4C_WEIGHT_PREFETCH must be 0, 64, 128 or 256"
 #endif
+// BEFORE_WAIT: volatile, so that the load stays where the program puts it (before wait_for_prior_grid).
+#define FP4C_WEIGHT_CHUNK_LOAD "ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
+template <bool BEFORE_WAIT = false>
 __device__ __forceinline__ uint4 load_weight_chunk(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (BEFORE_WAIT) {
+    asm volatile(FP4C_WEIGHT_CHUNK_LOAD : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  } else {
+    asm(FP4C_WEIGHT_CHUNK_LOAD : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  }
   return v;
 }
 
 // A lane's weight scale pair is 2 of the 8 bytes per row that its quad reads per k-group; kept in L1,
 // the next three groups' pairs come from the same 32-byte sector. (The activations, which every CTA
 // re-reads from L1/L2, and their scales: fp4c::coherent_load_*, grid_dependency.cuh.)
+#define FP4C_WEIGHT_SCALE_LOAD "ld.global.nc.u16 %0, [%1];"
+template <bool BEFORE_WAIT = false>
 __device__ __forceinline__ uint32_t load_weight_scale_pair(const void* p) {
   unsigned short v;
-  asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
-
-// The same loads, volatile: they stay where the program puts them (before wait_for_prior_grid).
-__device__ __forceinline__ uint4 load_weight_chunk_before_wait(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate" FP4C_PREFETCH_QUALIFIER ".v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t load_weight_scale_pair_before_wait(const void* p) {
-  unsigned short v;
-  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  if constexpr (BEFORE_WAIT) {
+    asm volatile(FP4C_WEIGHT_SCALE_LOAD : "=h"(v) : "l"(p));
+  } else {
+    asm(FP4C_WEIGHT_SCALE_LOAD : "=h"(v) : "l"(p));
+  }
   return v;
 }
 
@@ -210,21 +206,17 @@ __device__ __forceinline__ void small_m_tile(const Args& args, int tile, const A
     }
   }
 
-  // BEFORE_WAIT (std::true_type): the loads stay before wait_for_prior_grid.
+  // before_wait (std::true_type): the loads stay before wait_for_prior_grid.
   auto load_weights = [&](Stage<RT, NT, A4>& st, int group, auto before_wait) {
+    constexpr bool kBeforeWait = decltype(before_wait)::value;
     const bool ok = group < ge && 4 * group + t < args.chunks;
 #pragma unroll
     for (int i = 0; i < RT; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if constexpr (decltype(before_wait)::value) {
-          st.w[i][h] = ok ? load_weight_chunk_before_wait(w_row[i][h] + fp4c::tiled_group(group, 64))
-                          : make_uint4(0, 0, 0, 0);
-          st.sc[i][h] = ok ? load_weight_scale_pair_before_wait(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
-        } else {
-          st.w[i][h] = ok ? load_weight_chunk(w_row[i][h] + fp4c::tiled_group(group, 64)) : make_uint4(0, 0, 0, 0);
-          st.sc[i][h] = ok ? load_weight_scale_pair(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
-        }
+        st.w[i][h] = ok ? load_weight_chunk<kBeforeWait>(w_row[i][h] + fp4c::tiled_group(group, 64))
+                        : make_uint4(0, 0, 0, 0);
+        st.sc[i][h] = ok ? load_weight_scale_pair<kBeforeWait>(s_row[i][h] + fp4c::tiled_group(group, 8)) : 0u;
       }
   };
   auto load_activations = [&](Stage<RT, NT, A4>& st, int group) {
