@@ -132,8 +132,8 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
     GEMMs right after (it waits for this kernel's completion before it reads the activations), which may
     then launch once this kernel has waited for the kernels before it (so that the GEMM may read its
     weights early: ``cuda_small_m.dependent_launch_mode``). Any other kernel after it must not: Inductor's
-    PDL kernels wait only for what the kernel just before them wrote. ``library`` (from ``load_library``): another build
-    (benchmark variants).
+    PDL kernels wait only for what the kernel just before them wrote. ``library`` (from ``load_library``):
+    another build (benchmark variants).
     """
     if x2.dtype not in DTYPE_CODES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x2.dtype}")

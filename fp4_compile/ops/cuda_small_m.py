@@ -229,10 +229,10 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def dependent_launch_mode(device: torch.device, after_quantization: bool) -> int:
     """The C entries' ``pdl``: 0 a plain launch, 1 programmatic dependent launch (``pdl.use_pdl``), 2 the same
     with the first weight loads before the wait for the kernel before (the kernel takes it on activation
-    codes at M > 8, where it measured faster, else runs as 1). 2 only ``after_quantization``: that kernel is then our quantization (cuda_quant's or
-    triton_quant's, early trigger), which lets the GEMM launch only once it has waited for the kernels before
-    it, so no kernel still running can be writing the weights. Their loads then overlap the quantization's
-    tail instead of following it."""
+    codes at M > 8, where it measured faster, else runs as 1). 2 only ``after_quantization``: that kernel is
+    then our quantization (cuda_quant's or triton_quant's, early trigger), which lets the GEMM launch only once
+    it has waited for the kernels before it, so no kernel still running can be writing the weights. Their
+    loads then overlap the quantization's tail instead of following it."""
     if not use_pdl(device):
         return 0
     return 2 if after_quantization else 1
