@@ -227,6 +227,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # bench
 
 
+# run_gpu.sh's benchmark stages (RUN_GPU_SKIP), in the order it runs them.
+BENCH_STAGES = ("quant", "linear", "floor", "small_m", "wgmma", "timeline", "group", "pdl", "model")
+
+
 def _bench_script() -> Path | None:
     root = Path(__file__).resolve().parent.parent
     script = root / "benchmarks" / "run_gpu.sh"
@@ -464,10 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)",
                        description="Run the Python benchmarks of benchmarks/run_gpu.sh (activation quantization, "
-                                   "linear layers, a model; JSON results). Needs a CUDA GPU: without one it says "
-                                   "so and exits with status 2.")
+                                   "linear layers, the read-only ceiling, the decode and wgmma kernels' variants, "
+                                   "grouped launches, PDL, a model; JSON results; about 13 minutes on an H100). "
+                                   "Needs a CUDA GPU: without one it says so and exits with status 2.")
     p.add_argument("--with-tests", action="store_true", help="also run the GPU-marked tests first")
-    p.add_argument("--skip", nargs="*", choices=("quant", "linear", "model"), help="benchmarks to skip")
+    p.add_argument("--skip", nargs="*", choices=BENCH_STAGES, metavar="STAGE",
+                   help=f"benchmarks to skip, of: {' '.join(BENCH_STAGES)}")
     p.add_argument("--out", metavar="DIR", help="where the JSON results go (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)
 

@@ -4,6 +4,7 @@ one-line errors (exit status 2) for bad input."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,10 @@ def test_tune_needs_a_model_or_shapes(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["tune"])
     assert info.value.code == 2 and "one of the arguments --model --shapes is required" in capsys.readouterr().err
+
+
+def test_bench_stages_are_run_gpu_sh_stages():
+    """`fp4c bench --skip` offers exactly the benchmark stages that run_gpu.sh can skip."""
+    script = (Path(__file__).resolve().parent.parent / "benchmarks" / "run_gpu.sh").read_text()
+    stages = re.findall(r"if ! skip (\w+); then", script)
+    assert tuple(s for s in stages if s != "tests") == cli.BENCH_STAGES
