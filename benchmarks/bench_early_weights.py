@@ -16,32 +16,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
+from _common import (measured_env, print_table, rotating_fp4_weights, time_graphs_us, w4a4_decode_calls,  # noqa: E402
+                     write_json)
 
 from fp4_compile import format as F  # noqa: E402
-from fp4_compile.ops import cuda_quant, cuda_small_m, triton_quant  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN  # noqa: E402
 
 CASES = [(4096, 14336, 1), (28672, 4096, 1), (4096, 4096, 1), (6144, 4096, 1),
          (4096, 4096, 16), (6144, 4096, 16), (4096, 14336, 16), (4096, 4096, 8), (28672, 4096, 8)]
-
-
-def w4a4_calls(x: torch.Tensor, gx: torch.Tensor, ws: list, alphas: list, n: int, quant: str, early: bool) -> list:
-    """One W4A4 call per rotating weight: ``quant`` "triton" or "cuda" (block values) or "codes"."""
-    k = x.shape[1]
-
-    def call(w, a):
-        if quant == "codes":
-            q, s = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True)
-            return cuda_small_m.small_m_gemm(q, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=s, k=k,
-                                             after_quantization=early)
-        if quant == "triton":
-            v = triton_quant.launch_quant_triton(x, gx, cuda_quant.MODE_VALUES, torch.bfloat16, True)
-        else:
-            v = cuda_quant.quantize(x, gx, cuda_quant.MODE_VALUES, out_dtype=torch.bfloat16, early_trigger=True)
-        return cuda_small_m.small_m_gemm(v, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, after_quantization=early)
-
-    return [lambda w=w, a=a: call(w, a) for w, a in zip(ws, alphas)]
 
 
 def main() -> None:
@@ -53,7 +35,7 @@ def main() -> None:
         gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
         alphas = [(1 / (gx * gw)).float() for _, _, gw in ws]
         quants = ("triton", "cuda") if m == 1 else ("codes",)
-        calls = {f"{q}_{when}": w4a4_calls(x, gx, ws, alphas, n, q, when == "early")
+        calls = {f"{q}_{when}": w4a4_decode_calls(x, gx, ws, alphas, n, q, after_quantization=when == "early")
                  for q in quants for when in ("wait", "early")}
         first = {name: fns[0]() for name, fns in calls.items()}
         torch.cuda.synchronize()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import pathlib
 import sys
@@ -32,6 +31,7 @@ from _common import (copies_for, fp4_weight_bytes, measured_env, print_table, ro
                      time_graphs_us, write_json)
 
 from fp4_compile import format as F  # noqa: E402
+from fp4_compile.ops.gpu_timing import geomean  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 from fp4_compile.ops.nvcc import build_shared_library, kernel_flags  # noqa: E402
 from fp4_compile.ops.triton_gemm import num_sms  # noqa: E402
@@ -64,10 +64,6 @@ def variants(row_blocks: int, sms: int) -> list[tuple[str, int, int, int, int]]:
 
 def label(pattern: str, ctas: int, warps: int, stages: int, prefetch: int) -> str:
     return f"{pattern} c{ctas} w{warps} s{stages} p{prefetch}"
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main() -> None:

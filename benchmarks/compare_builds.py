@@ -14,7 +14,7 @@ they run through the package's launcher with the working tree's launch configura
 ``--codes``: the small-M kernel on W4A4 activation codes (quantized once, outside the timed graphs),
 else on bf16 activations. ``--kernel quant`` times W4A4 calls at decode sizes, each build's quantization
 kernel (block values, or codes with ``--codes``) and then the package's small-M kernel on its output,
-launched behind it as the backend does.
+launched behind it as the backend does (``_common.w4a4_decode_calls``: its first weight loads before its wait).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import measured_env, print_table, rotating_fp4_weights, time_graphs_us, write_json  # noqa: E402
+from _common import (measured_env, print_table, rotating_fp4_weights, time_graphs_us, w4a4_decode_calls,  # noqa: E402
+                     write_json)
 
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import cuda_quant, cuda_small_m, cuda_wgmma  # noqa: E402
@@ -39,20 +40,6 @@ KERNELS = {"wgmma": cuda_wgmma, "small_m": cuda_small_m, "quant": cuda_quant}
 DEFAULT_CASES = {"wgmma": "4096x14336x1024,28672x4096x1024,4096x4096x1024,4096x4096x2048",
                  "small_m": "28672x4096x1,4096x14336x1,6144x4096x1,4096x4096x1,28672x4096x8"}
 DEFAULT_CASES["quant"] = DEFAULT_CASES["small_m"]
-
-
-def w4a4_calls(library, x: torch.Tensor, gx: torch.Tensor, ws: list, alphas: list, n: int, codes: bool) -> list:
-    """W4A4 calls as the backend makes them at decode sizes, the quantization kernel from ``library``."""
-    k = x.shape[1]
-    if codes:
-        def call(w, a):
-            q, s = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True, library=library)
-            return cuda_small_m.small_m_gemm(q, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=s, k=k)
-    else:
-        def call(w, a):
-            v = cuda_quant.quantize(x, gx, cuda_quant.MODE_VALUES, early_trigger=True, library=library)
-            return cuda_small_m.small_m_gemm(v, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
-    return [lambda w=w, a=a: call(w, a) for w, a in zip(ws, alphas)]
 
 
 def gemm_calls(kernel: str, library, x: torch.Tensor, ws: list, alphas: list, n: int,
@@ -116,7 +103,8 @@ def main():
         if args.codes or args.kernel == "quant":
             alphas = [(a / gx).float() for a in alphas]
         if args.kernel == "quant":
-            calls = {name: w4a4_calls(lib, x, gx, ws, alphas, n, args.codes) for name, lib in libraries.items()}
+            calls = {name: w4a4_decode_calls(x, gx, ws, alphas, n, "codes" if args.codes else "cuda", library=lib)
+                     for name, lib in libraries.items()}
             outs = [c[0]() for c in calls.values()]
             assert all(torch.equal(o, outs[0]) for o in outs), "the builds' W4A4 outputs differ"
         else:

@@ -20,7 +20,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from fp4_compile.ops.wgmma_tuning import MARGIN, geomean, merge_cells, model_slowdowns, picks_from_cells  # noqa: E402
+from fp4_compile.ops.gpu_timing import geomean  # noqa: E402
+from fp4_compile.ops.wgmma_tuning import MARGIN, merge_cells, model_slowdowns, picks_from_cells  # noqa: E402
 
 OUT = os.path.join(ROOT, "fp4_compile", "ops", "tuned_wgmma_h100.py")
 

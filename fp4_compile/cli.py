@@ -297,11 +297,12 @@ def _parse_ms(spec: str) -> tuple[int, ...]:
 
 def _tune_summary(env: dict, cells: dict, picks: dict) -> str:
     from .ops import wgmma_tuning
+    from .ops.gpu_timing import geomean
 
     model = wgmma_tuning.model_slowdowns(env, cells)
     tuned = wgmma_tuning.table_slowdowns(env, cells, picks)
-    return (f"the cost model's picks {wgmma_tuning.geomean(model):.3f}x the best (worst {max(model):.2f}x), "
-            f"the table's {wgmma_tuning.geomean(tuned):.3f}x on the same timings")
+    return (f"the cost model's picks {geomean(model):.3f}x the best (worst {max(model):.2f}x), "
+            f"the table's {geomean(tuned):.3f}x on the same timings")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

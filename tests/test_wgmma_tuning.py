@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fp4_compile.ops import cuda_wgmma, tuned_wgmma_h100, wgmma_tables, wgmma_tuning
+from fp4_compile.ops import cuda_wgmma, gpu_timing, tuned_wgmma_h100, wgmma_tables, wgmma_tuning
 from fp4_compile.ops.wgmma_tables import ShapePicks
 
 H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
@@ -137,7 +137,7 @@ def test_picks_from_timings_keep_the_model_within_the_margin():
     assert wgmma_tuning.shape_picks(picks[(n, k)]) == ShapePicks((32, 64), (None, others[1]))
     assert wgmma_tuning.model_slowdowns(env, merged) == pytest.approx([1.01, 1.01, 1.10, 1.10])
     assert wgmma_tuning.table_slowdowns(env, merged, picks) == pytest.approx([1.01, 1.01, 1.0, 1.0])
-    assert wgmma_tuning.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert gpu_timing.geomean([1.0, 4.0]) == pytest.approx(2.0)
 
 
 def test_an_override_may_not_slow_one_mode_down_beyond_the_tolerance():

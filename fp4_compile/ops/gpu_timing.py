@@ -49,6 +49,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def geomean(values: list[float]) -> float:
+    """Geometric mean of positive ratios (1.0 for none)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 1.0
+
+
 def cuda_events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 

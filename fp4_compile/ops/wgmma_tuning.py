@@ -188,10 +188,6 @@ def table_slowdowns(env: dict[str, Any], cells: Cells, picks: dict[tuple[int, in
     return out
 
 
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 1.0
-
-
 def sweep(shapes: list[tuple[int, int]], ms: tuple[int, ...] = M_GRID, modes: tuple[str, ...] = MODES,
           rounds: int = ROUNDS, device: torch.device | str = "cuda", progress: bool = True) -> Iterator[dict[str, Any]]:
     """``sweep_shape`` of each shape on ``device`` in turn, with a progress bar over all the cells: yields
