@@ -8,7 +8,7 @@ copies larger than L2 and replayed in turns with cuBLAS bf16 and our linears at 
   of 16-byte loads), ``rows`` (the small-M kernel's pattern: a 16-row block per CTA, its warps
   splitting K) and ``blocked`` (each 16-row group one contiguous kilobyte), all launched with
   programmatic dependent launch after a wait for the grid before, as the package's kernels are;
-- ``empty``: a grid that only waits, the chain's per-launch floor.
+- ``empty``: a grid that only waits, the chain's per-launch floor (EMPTY_LAUNCHES in one graph).
 
 ``floor_us`` is the fastest read; ``ceiling_x`` = bf16 time / floor, the speedup a kernel that did
 nothing but read the weight would reach; ``w4a4_of_ceiling`` our speedup over that ceiling.
@@ -39,6 +39,7 @@ from fp4_compile.ops.triton_gemm import num_sms  # noqa: E402
 SOURCE = pathlib.Path(__file__).resolve().parent / "read_floor.cu"
 HOPPER_HEADERS = pathlib.Path(__file__).resolve().parent.parent / "fp4_compile" / "csrc" / "hopper"
 PATTERNS = {"contiguous": 0, "rows": 1, "blocked": 2, "empty": 3}
+EMPTY_LAUNCHES = 200
 
 
 def library() -> ctypes.CDLL:
@@ -91,7 +92,9 @@ def main() -> None:
                 raise RuntimeError(f"read_floor {pattern} failed: CUDA error {err}")
 
         calls = {label(*v): [lambda b=b, v=v: read(b, *v) for b in bufs] for v in variants(n // 16, sms)}
-        calls["empty"] = [lambda b=b: read(b, "empty", sms, 8, 2, 0) for b in bufs]
+        # many launches a graph: a replay of a few empty kernels takes the GPU less time than the host takes to
+        # launch it, and queued replays would then time the host (NOTES.md v32a)
+        calls["empty"] = [lambda b=bufs[0]: read(b, "empty", sms, 8, 2, 0)] * EMPTY_LAUNCHES
         ws, wb = rotating_weights(n, k, TRITON_W4A4)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
