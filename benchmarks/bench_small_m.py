@@ -2,12 +2,12 @@
 
 For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
 - cuBLAS bf16;
-- a plain read of the weight bytes (row amax): the streaming floor of this machine;
 - W4A16 through Triton, through the CUDA kernel at each variant (rows per warp, stages, warps per
   CTA, L2 prefetch bytes of the weight loads), and through the backend's own dispatch;
 - W4A4 linear (quantization included) through Triton, through the backend, and through the CUDA
   kernel on the activations' block values (bf16) or on their codes (``MODE_KERNEL_CODES``).
-Checks that the CUDA and Triton outputs agree before timing.
+Checks that the CUDA and Triton outputs agree before timing. The floor under these times (a kernel that only
+reads the weight's bytes): ``bench_read_floor.py``.
 
 python benchmarks/bench_small_m.py [--ms 1,16] [--shapes 0,2,1024x4096] [--no-variants]
 """
@@ -55,8 +55,6 @@ def main():
         n, k = shape_of(si)
         ws, bf = rotating_weights(n, k, MARLIN)
         wbytes = fp4_weight_bytes(n, k)
-        # a plain read of the weight bytes (row reductions): what streaming reaches here
-        read_us = round(time_graph_us([lambda w=w: w[0].view(torch.float16).amax(1) for w in ws]), 2)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -70,7 +68,6 @@ def main():
                                compute_dtype=torch.bfloat16, mode="w4a16")
             row["w4a16_cuda_vs_triton_rel"] = f"{rel(o_cuda, o_tri):.1e}"
             row["bf16_us"] = round(time_graph_us([lambda w=w: x @ w.t() for w in bf]), 2)
-            row["read_floor_us"] = read_us
             row["w4a16_triton_us"] = round(time_graph_us(
                 [lambda w=w, a=a: G.fp4_gemm(x, w[0], w[1], a, n=n, k=k, a_mode=0, out_dtype=torch.bfloat16,
                                              compute_dtype=torch.bfloat16, mode="w4a16")
@@ -129,7 +126,7 @@ def main():
         del ws, bf
         torch.cuda.empty_cache()
     path = write_json("bench_small_m.json", {"env": info, "rows": rows})
-    cols = ["shape", "m", "bf16_us", "read_floor_us", "w4a16_triton_us",
+    cols = ["shape", "m", "bf16_us", "w4a16_triton_us",
             *[variant_key(*v) for v in variants], "w4a16_best_x", "w4a16_best_bw",
             "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us", "w4a4_codes_us",
             "w4a4_codes_equal_values",

@@ -109,8 +109,8 @@ if fl:
                   f"({r['w4a16_of_ceiling']:.0%})")
     print("  ", fl["summary"])
 rows("bench_small_m.json",
-     "small M, us: bf16 / weight read floor / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)",
-     "{shape} M={m}: {bf16_us} / {read_floor_us} / {w4a16_triton_us} / {w4a16_backend_us} | {w4a4_triton_us} / {w4a4_backend_us}")
+     "small M, us: bf16 / W4A16 Triton / W4A16 backend | W4A4 Triton / W4A4 backend (backend: CUDA kernel at M<=8)",
+     "{shape} M={m}: {bf16_us} / {w4a16_triton_us} / {w4a16_backend_us} | {w4a4_triton_us} / {w4a4_backend_us}")
 rows("bench_wgmma.json",
      "wgmma kernel, W4A16 x over bf16: backend dispatch / dequant+cuBLASLt / kernel auto config / best variant",
      "{shape} M={m}: {w4a16_backend_x} / {dequant_x} / {wgmma_auto_x} ({auto}) / {best_x} ({best}, {best_tflops} TFLOP/s)")
