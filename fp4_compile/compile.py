@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._dynamo.exc import ShortenTraceback
 
 from .backends import BackendError, resolve_backend
+
+if TYPE_CHECKING:
+    from .passes.manager import FP4PostGradPass
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ BACKEND_NAME = "fp4"
 
 
 @functools.cache
-def default_pass():
+def default_pass() -> FP4PostGradPass:
     """The process-wide FP4PostGradPass (imported lazily: the pattern matcher is slow to import)."""
     from .passes.manager import FP4PostGradPass
 

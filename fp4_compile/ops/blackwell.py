@@ -242,7 +242,7 @@ def _cutlass_reasons() -> list[str]:
     return reasons
 
 
-def availability(backend, device: torch.device | str | None = None) -> str | None:
+def availability(backend: object, device: torch.device | str | None = None) -> str | None:
     """None when Blackwell ``backend`` can run on ``device``, else every reason it cannot.
 
     ``device`` defaults to the current CUDA device (or the CPU when there is none). The
@@ -336,7 +336,8 @@ def _flashinfer_mm_fp4():
     return mm_fp4
 
 
-def flashinfer_mm(a, a_scale, weight, weight_scale, alpha, out_dtype, backend: str) -> torch.Tensor:
+def flashinfer_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  alpha: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """``flashinfer.mm_fp4`` with the weight as its column-major ``b`` (``weight.t()``).
 
     Scales go in as uint8 views (FlashInfer's CUTLASS and cuDNN runners check for uint8).
@@ -366,7 +367,8 @@ def _fbgemm_f4f4bf16():
     return op
 
 
-def fbgemm_mm(a, a_scale, weight, weight_scale, alpha) -> torch.Tensor:
+def fbgemm_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              alpha: torch.Tensor) -> torch.Tensor:
     """``torch.ops.fbgemm.f4f4bf16`` (bf16 out), NVFP4 selected by passing ``global_scale``.
 
     Its schema changed over releases: ``(..., global_scale, use_mx)`` in older wheels,
@@ -384,7 +386,8 @@ def _ones(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def cublas_mm(a, a_scale, weight, weight_scale, alpha, out_dtype) -> torch.Tensor:
+def cublas_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              alpha: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """cuBLASLt NVFP4 through torch's scaled_mm on ``float4_e2m1fn_x2`` views.
 
     With ``torch.nn.functional.scaled_mm`` (torch >= 2.10) alpha is the second-level
@@ -504,7 +507,8 @@ def _cutlass_op():
     return torch.ops.fp4c_cutlass.nvfp4_mm
 
 
-def cutlass_mm(a, a_scale, weight, weight_scale, alpha, out_dtype) -> torch.Tensor:
+def cutlass_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               alpha: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fp4_compile's own CUTLASS sm_100a GEMM (``out_dtype`` bfloat16 or float16)."""
     return _cutlass_op()(a, weight, a_scale, weight_scale, alpha, out_dtype)
 
@@ -668,7 +672,7 @@ KERNELS: dict[str, _BlackwellKernels] = {
 }
 
 
-def kernels(backend) -> _BlackwellKernels:
+def kernels(backend: object) -> _BlackwellKernels:
     """The kernels object of a Blackwell backend (name or ``Backend``)."""
     return KERNELS[_name(backend)]
 

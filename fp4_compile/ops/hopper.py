@@ -169,7 +169,8 @@ class TritonW4A4Kernels(_HopperKernels):
     name = "triton-w4a4"
     semantics = "W4A4"
 
-    def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
+    def mm(self, a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+           alpha: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """W4A4 GEMM on quantized operands: a uint8 [M, Ka/2], a_scale fp8 linear [M, Ka/16] -> [M, Np]."""
         check_cuda(a, a_scale, weight, weight_scale, alpha)
         if a.dtype != torch.uint8:
@@ -206,7 +207,9 @@ class TritonW4A4Kernels(_HopperKernels):
         return fp4_gemm(vals, weight, weight_scale, alpha, n=n, k=ka, a_mode=0, out_dtype=out_dtype,
                         compute_dtype=cdt, mode="w4a4+pq")
 
-    def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_global_scale: torch.Tensor | None, alpha: torch.Tensor, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
         """Fused: quantize x (exact NVFP4) + GEMM * alpha + bias, output [..., out_features] in x.dtype."""
         self._check_linear_args(x, weight, weight_scale, out_features)
         lead, k = x.shape[:-1], x.shape[-1]
@@ -286,13 +289,16 @@ class MarlinKernels(_HopperKernels):
         fast_linear.remember_group(self.name, x2, members, gated, 0)
         return outs
 
-    def mm(self, a, a_scale, weight, weight_scale, alpha, out_dtype):
+    def mm(self, a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+           alpha: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError(
             "marlin is a W4A16 backend: it has no GEMM on quantized activations; call linear() "
             "(fp4::linear) with the float activations instead"
         )
 
-    def linear(self, x, weight, weight_scale, input_global_scale, alpha, bias, out_features):
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_global_scale: torch.Tensor | None, alpha: torch.Tensor, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
         """W4A16: out = (x @ dequant(w)^T) * alpha + bias, alpha = 1/weight_global_scale; x.dtype out."""
         self._check_linear_args(x, weight, weight_scale, out_features)
         lead, k = x.shape[:-1], x.shape[-1]

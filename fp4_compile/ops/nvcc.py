@@ -148,7 +148,8 @@ def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int
 
 
 def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  alpha: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+                  alpha: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Check and normalize the operands of the ctypes-launched Hopper GEMMs (small-M, wgmma):
     CUDA tensors on one device, bf16/fp16 ``x`` with unit-stride, 16-byte aligned rows, e4m3 (or
     uint8) scales, ``alpha`` float32, ``bias`` contiguous in ``out_dtype`` (x.dtype or float32).

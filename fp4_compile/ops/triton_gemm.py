@@ -570,7 +570,7 @@ def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out.to(out_dtype)
 
 
-def load_tuned(source) -> int:
+def load_tuned(source: str | os.PathLike | dict) -> int:
     """Fill TUNED (and the path thresholds) from a benchmarks/tune.py result (a path or its dict)."""
     import json
 
@@ -617,7 +617,7 @@ def use_dequant(mode: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bf
     return m >= DEQUANT_MIN_M or (mode, m_bucket(m), n, k) in DEQUANT_SHAPES
 
 
-def check_cuda(*tensors):
+def check_cuda(*tensors: torch.Tensor | None) -> None:
     check_device(*tensors, what="the triton-w4a4 / marlin kernels")
 
 

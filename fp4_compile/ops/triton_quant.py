@@ -216,7 +216,7 @@ def _quant_blocks(m: int, kb: int) -> tuple[int, int, int]:
 
 
 def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype: torch.dtype | None = None,
-                        early_trigger: bool = False):
+                        early_trigger: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Triton quant kernel on ``x2 [M, K]`` (see gpu_quant.py for the public functions).
     ``early_trigger``: as ``cuda_quant.quantize``'s."""
     m, k = x2.shape

@@ -10,18 +10,18 @@ CONVERT = torch.ops.prims.convert_element_type.default
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
-def is_call(node, target) -> bool:
+def is_call(node: object, target: object) -> bool:
     """Is ``node`` an FX node calling ``target``?"""
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
 
 
-def dtype_of(node: torch.fx.Node):
+def dtype_of(node: torch.fx.Node) -> torch.dtype | None:
     """The dtype of the tensor ``node`` computes (None where its meta holds no tensor)."""
     val = node.meta.get("val")
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
-def conversion(node) -> tuple[torch.fx.Node, torch.dtype] | None:
+def conversion(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
     """(input, dtype) of a dtype conversion: ``prims.convert_element_type`` (Inductor's post-grad graphs)
     or ``aten._to_copy`` with only a dtype (graphs traced without decompositions)."""
     if is_call(node, CONVERT):
@@ -31,12 +31,12 @@ def conversion(node) -> tuple[torch.fx.Node, torch.dtype] | None:
     return None
 
 
-def size_key(size):
+def size_key(size: int | torch.SymInt) -> object:
     """A hashable stand-in for a view's size: a SymInt by its expression."""
     return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
-def activation_key(x: torch.fx.Node):
+def activation_key(x: torch.fx.Node) -> object:
     """One key for an activation and every flattening view of the same node (each layer call's
     ``x.reshape(-1, K)`` is a view node of its own where CSE has not merged them)."""
     if x.op == "call_function" and x.target in VIEWS:
