@@ -1,8 +1,7 @@
 """How ``gpu_timing.time_graphs_us`` times a graph, checked with stand-ins for CUDA graphs and events (no GPU).
 
-Timed on an idle GPU, a replay's clock also runs while the host launches the graph (about 10 us on the H100 hosts,
-benchmarks/NOTES.md v31c), which biased every call's time by that much over the graph's calls. So each turn's
-timed replays are queued back to back behind one untimed replay, and nothing waits between them.
+Each turn's timed replays are queued back to back behind one untimed replay, as a decode loop issues them, and
+nothing waits between them (benchmarks/NOTES.md v31c, v32a).
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ def time_graphs_us(named_calls: dict[str, list[Callable[[], Any]]], rounds: int 
     The graphs are replayed in turns (``rounds`` times ``replays`` each), so that the clock drift of
     a GPU under sustained load (up to 12% at M >= 1024 within a run) hits every entry alike instead
     of whichever was timed last. A graph's replays of a turn are queued back to back behind one untimed
-    replay: timed on an idle GPU, a replay's clock also ran while the host launched the graph (about
-    10 us on the H100 hosts, NOTES.md v31c), which added that much over the number of calls to every
-    call's time (2 calls of a 235 MB bf16 weight: 5 us each)."""
+    replay, as a decode loop issues them, with no wait between them (timing each replay on an idle GPU
+    instead measured 0-3% longer on the H100, NOTES.md v32a). A graph must keep the GPU busier than the
+    host's launch of it, or this times the host: a few empty kernels a graph did (v32a)."""
     graphs = {name: (capture_graph(calls), len(calls)) for name, calls in named_calls.items()}
     for g, _ in graphs.values():
         for _ in range(warmup):
