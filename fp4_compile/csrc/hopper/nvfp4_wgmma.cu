@@ -259,6 +259,12 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
+// The same barrier where no memory needs releasing (the epilogue's last: the reads of the other CTAs'
+// tiles have returned, their values stored): a release arrive is a GPU-scope fence (SASS MEMBAR.ALL.GPU)
+// that would wait for the output's stores to reach L2.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
@@ -518,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (CLUSTER) {
       __syncwarp();
       cluster_sync();
-      cluster_sync();
+      cluster_sync_relaxed();
     }
     return;
   }
@@ -786,21 +792,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // In a cluster, the CTA of rank j stores the runs [j Q / S, (j + 1) Q / S), summed over the
-    // cluster's tiles in rank order.
+    // cluster's tiles in rank order. A run's loads from every CTA are issued before the first add:
+    // added as they came, each remote load's latency was waited for in turn (A/B on an H100, with the
+    // relaxed last barrier: 2-5% of the call at M = 32..128; two runs in flight measured no better,
+    // NOTES.md v33b).
     const int splits = gridDim.z;
     const int rank = static_cast<int>(cluster_rank());
     for (int q = kQ * rank / splits + tid; q < kQ * (rank + 1) / splits; q += kConsumerThreads) {
       const int r = q / kRuns, c = 4 * (q % kRuns), m = m0 + r, n = row0 + c;
       if (m >= args.M || n >= args.N) continue;
       const uint32_t local = act_s + 4 * (r * kPitch + c);
-      float4 sum = load_cluster_f4(local, 0);
-      for (int j = 1; j < splits; ++j) {
-        const float4 v = load_cluster_f4(local, j);
-        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-      }
+      float4 v[kMaxSplits];
+#pragma unroll
+      for (int j = 0; j < kMaxSplits; ++j)
+        if (j < splits) v[j] = load_cluster_f4(local, j);
+      float4 sum = v[0];
+#pragma unroll
+      for (int j = 1; j < kMaxSplits; ++j)
+        if (j < splits) sum.x += v[j].x, sum.y += v[j].y, sum.z += v[j].z, sum.w += v[j].w;
       store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
     }
-    cluster_sync();  // no CTA of the cluster leaves while the others read its tile
+    cluster_sync_relaxed();  // no CTA of the cluster leaves while the others read its tile
     if (tid == 0) FP4C_EVENT(kEnd);
   }
 }
