@@ -7,6 +7,7 @@ after every cell (a run cut short keeps what it timed); ``benchmarks/make_wgmma_
 built-in table from it.
 
 python benchmarks/sweep_wgmma_configs.py [--shapes 0,1,14336x4096] [--ms 32,64,128] [--rounds 4]
+python benchmarks/sweep_wgmma_configs.py --shapes 4608x3584@32/64,4096x4096@256   (Ms of their own)
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fp4_compile.ops import wgmma_tuning  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="0,1,2,3,14336x4096,1024x4096",
-                    help="N x K, or an index into the Llama-3-8B shapes (default: those four and two more)")
+                    help="N x K, or an index into the Llama-3-8B shapes (default: those four and two more); "
+                         "NxK@M/M/... times that shape at those M instead of --ms")
     ap.add_argument("--ms", default="17,32,48,64,96,128,192,256,384,512,1024,2048,4096")
     ap.add_argument("--rounds", type=int, default=4, help="turns of replays per variant (5 replays each)")
     ap.add_argument("--modes", default="w4a16,w4a4", help="w4a16 (bf16 activations), w4a4 (block values of "
@@ -39,8 +41,9 @@ def main() -> None:
     info.update(wgmma_tuning.sweep_env(0))
     out = {"env": info, "cells": []}
     start = time.time()
-    ms = tuple(int(v) for v in args.ms.split(","))
     for spec in args.shapes.split(","):
+        spec, _, own_ms = spec.partition("@")
+        ms = tuple(int(v) for v in (own_ms.split("/") if own_ms else args.ms.split(",")))
         for cell in wgmma_tuning.sweep_shape(*shape_of(spec), ms, tuple(args.modes.split(",")), args.rounds):
             out["cells"].append(cell)
             write_json("sweep_wgmma_configs.json", out)

@@ -13,9 +13,10 @@ instead of the launch configuration's choice. Phases: ``launch`` (the graph's ti
 the launch's span: launch and the gap between kernels), ``set_up`` (CTA start to barriers set and
 the kernel before complete), ``to_first_load``, ``first_data`` (first stage's loads to landed),
 ``main_loop`` (not recorded by the persistent kernel), ``publish`` (a K split's slices but the
-last: partial tile stored and counted; in a cluster: tile staged, cluster barrier passed),
-``wait_peers`` and ``sum_peers`` (the last slice: waiting for the others, adding their tiles),
-``store`` (the output; in a cluster from the main loop's end, the reduction included), ``span``
+last: partial tile stored and counted), ``wait_peers`` and ``sum_peers`` (the last slice: waiting
+for the others, adding their tiles; in a cluster, every CTA: its tile staged and the cluster barrier
+passed, then its share of the outputs read from the cluster's tiles, summed and stored), ``store``
+(the output; in a cluster the last barrier, which waits for the slowest CTA's share), ``span``
 (first CTA start to last CTA end).
 """
 

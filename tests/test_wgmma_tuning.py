@@ -150,6 +150,25 @@ def test_an_override_may_not_slow_one_mode_down_beyond_the_tolerance():
     assert wgmma_tuning.picks_from_cells(env, merged)[0] == {(n, k): {m: None}}
 
 
+def test_merge_averages_one_build_and_keeps_only_the_latest_build_of_a_cell():
+    def sweep(kernel, us, m=64):
+        s = _sweep([{"n": 4096, "k": 4096, "m": m, "mode": "w4a16", "us": us}])
+        if kernel:
+            s["env"] = {**s["env"], "kernel": kernel}
+        return s
+
+    old_a, old_b = sweep(None, {"a": 4.0, "b": 10.0}), sweep(None, {"a": 9.0, "b": 10.0, "c": 1.0})
+    old_other_m = sweep(None, {"a": 7.0}, m=128)
+    new = sweep("digest1", {"a": 5.0, "b": 8.0})
+    _, merged = wgmma_tuning.merge_cells([old_a, old_b, old_other_m])
+    assert merged[(4096, 4096, 64)]["w4a16"] == pytest.approx({"a": 6.0, "b": 10.0})  # geomean, common labels
+    _, merged = wgmma_tuning.merge_cells([old_a, old_b, old_other_m, new])
+    assert merged[(4096, 4096, 64)]["w4a16"] == pytest.approx({"a": 5.0, "b": 8.0})  # the old build's times dropped
+    assert merged[(4096, 4096, 128)]["w4a16"] == pytest.approx({"a": 7.0})  # a cell not timed again keeps its times
+    _, merged = wgmma_tuning.merge_cells([new, sweep("digest1", {"a": 20.0, "b": 2.0})])
+    assert merged[(4096, 4096, 64)]["w4a16"] == pytest.approx({"a": 10.0, "b": 4.0})
+
+
 def test_merge_refuses_sweeps_of_another_device():
     in_process = _sweep([])  # a sweep just timed keys its cluster capacity by int, one read from JSON by str
     in_process["env"] = {**in_process["env"], "cluster_ctas": dict(H100_CLUSTERS)}

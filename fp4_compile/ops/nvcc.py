@@ -66,15 +66,20 @@ def shared_library_command(source: pathlib.Path, output: str, flags: list[str]) 
     return [nvcc, *flags, "-shared", "-Xcompiler", "-fPIC", "-o", output, str(source)]
 
 
-def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> pathlib.Path:
-    """Compile ``source`` with ``flags`` into ``build_dir()/stem-<hash>.so`` unless already there.
+def source_digest(source: pathlib.Path, flags: list[str] | None = None) -> str:
+    """A hash of ``source``, the headers beside it (``*.cuh``) and, given ``flags``, the flags and the
+    nvcc version: what names a build (and, without flags, the kernel code a measurement was made with)."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
+    extra = repr((flags, nvcc_version())).encode() if flags is not None else b""
+    return hashlib.sha256(text + extra).hexdigest()[:16]
 
-    The hash covers the source, the headers beside it (``*.cuh``), the flags and the nvcc version,
+
+def build_shared_library(source: pathlib.Path, flags: list[str], stem: str) -> pathlib.Path:
+    """Compile ``source`` with ``flags`` into ``build_dir()/stem-<source_digest>.so`` unless already there,
     so an edited kernel is rebuilt; the library is written to a temporary name and renamed, so
     concurrent builds are safe.
     """
-    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
-    key = hashlib.sha256(text + repr((flags, nvcc_version())).encode()).hexdigest()[:16]
+    key = source_digest(source, flags)
     out = build_dir() / f"{stem}-{key}.so"
     if out.exists():
         return out

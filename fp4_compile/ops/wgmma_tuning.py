@@ -98,9 +98,10 @@ def sweep_shape(n: int, k: int, ms: tuple[int, ...], modes: tuple[str, ...] = MO
 
 def sweep_env(device_index: int) -> dict[str, Any]:
     """What a sweep's timings hold for: the device (``wgmma_tables.device_identity`` and its cluster capacity,
-    which ``merge_cells`` compares) and when."""
+    which ``merge_cells`` compares), the kernel's code (``nvcc.source_digest``) and when."""
     return {**device_identity(device_index), "cluster_ctas": cuda_wgmma.cluster_ctas(device_index),
-            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "kernel": nvcc.source_digest(cuda_wgmma.SOURCE), "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _clusters(env: dict[str, Any]) -> dict[int, int]:
@@ -109,22 +110,28 @@ def _clusters(env: dict[str, Any]) -> dict[int, int]:
 
 
 def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
-    """(env of the first sweep, its cells and those of the others): a cell timed by several sweeps gets
-    the geometric mean of each variant's times over them (the variants every one of them timed). A
-    sweep of another device (SMs, cluster capacity) is a ValueError."""
+    """(env of the first sweep, its cells and those of the others): a cell timed by several sweeps of
+    one kernel build gets the geometric mean of each variant's times over them (the variants every one
+    of them timed); a later sweep (in list order) of another build (env "kernel"; sweeps before it had
+    none) replaces the cell's earlier timings, which no longer hold. A sweep of another device (SMs,
+    cluster capacity) is a ValueError."""
     env: dict[str, Any] | None = None
-    runs: dict[tuple[int, int, int], dict[str, list[dict[str, float]]]] = {}
+    runs: dict[tuple[int, int, int], dict[str, tuple[str | None, list[dict[str, float]]]]] = {}
     for i, sweep in enumerate(sweeps):
         env = env or sweep["env"]
         if (sweep["env"]["sms"], _clusters(sweep["env"])) != (env["sms"], _clusters(env)):
             raise ValueError(f"sweep {i} was timed on another device than sweep 0")
+        kernel = sweep["env"].get("kernel")
         for cell in sweep["cells"]:
-            key = (cell["n"], cell["k"], cell["m"])
-            runs.setdefault(key, {}).setdefault(cell.get("mode", "w4a16"), []).append(cell["us"])
+            modes = runs.setdefault((cell["n"], cell["k"], cell["m"]), {})
+            mode = cell.get("mode", "w4a16")
+            if mode not in modes or modes[mode][0] != kernel:
+                modes[mode] = (kernel, [])
+            modes[mode][1].append(cell["us"])
     cells: Cells = {}
     for key, modes in runs.items():
         cells[key] = {}
-        for mode, timed in modes.items():
+        for mode, (_, timed) in modes.items():
             labels = set.intersection(*(set(r) for r in timed))
             cells[key][mode] = {label: math.exp(sum(math.log(r[label]) for r in timed) / len(timed))
                                 for label in labels}

@@ -126,8 +126,10 @@ enum TimelineEvent {
   kFirstLoad,   // the producer has issued the first stage's loads
   kFirstData,   // the consumers see the first stage landed
   kLoopEnd,     // the consumers' last wgmma has finished (not persistent)
-  kPublished,   // a K split: partial tile published (slices but the last), or the others' seen (the last)
-  kSummed,      // the last slice has added the others' partial tiles
+  kPublished,   // a K split: partial tile published (slices but the last), or the others' seen (the last;
+                //   in a cluster: every CTA's tile in its shared memory)
+  kSummed,      // the last slice has added the others' partial tiles (in a cluster: this CTA's share
+                //   summed and stored, before the last cluster barrier)
   kEnd,         // the CTA's output is stored
   kTimelineEvents
 };
@@ -812,6 +814,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (j < splits) sum.x += v[j].x, sum.y += v[j].y, sum.z += v[j].z, sum.w += v[j].w;
       store_run(m, n, {sum.x, sum.y, sum.z, sum.w});
     }
+    if (tid == 0) FP4C_EVENT(kSummed);
     cluster_sync_relaxed();  // no CTA of the cluster leaves while the others read its tile
     if (tid == 0) FP4C_EVENT(kEnd);
   }
