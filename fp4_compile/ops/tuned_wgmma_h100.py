@@ -4,7 +4,7 @@ Regenerate: python benchmarks/sweep_wgmma_configs.py on the GPU, then
 python benchmarks/make_wgmma_table.py sweep_wgmma_configs.json [...].
 """
 
-ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 19 sweep(s) from 2026-11-27 05:16:27'
+ABOUT = 'NVIDIA H100 80GB HBM3 (132 SMs), torch 2.11.0+cu130, 20 sweep(s) from 2026-11-27 05:16:27'
 SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session26/sweep/sweep_mid_m.json',
     'benchmarks/results_h100/session26/table_3pct/sweep_wgmma_configs.json',
@@ -25,6 +25,7 @@ SWEEPS = (  # the table's sources
     'benchmarks/results_h100/session32/resweep/sweep_wgmma_configs.json',
     'benchmarks/results_h100/session32/heldout/sweep_wgmma_configs.json',
     'benchmarks/results_h100/session32/rest/sweep_wgmma_configs.json',
+    'benchmarks/results_h100/session32/heldout2/sweep_wgmma_configs.json',
 )
 MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (125 of 580 cells)
 CAPABILITY = (9, 0)
