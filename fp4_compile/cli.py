@@ -337,7 +337,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     reason = cuda_wgmma.unavailable_reason(index)
     if reason is not None:
         raise UsageError(f"the wgmma kernel does not run on {torch.cuda.get_device_name(index)}: {reason}")
-    identity = wgmma_tables.device_identity(index)
+    identity = wgmma_tables.table_identity(index)
     path = Path(args.out) if args.out else wgmma_tables.table_path(identity["gpu"], identity["sms"])
     print(f"timing {len(shapes)} layer shape(s) x {len(ms)} M x {len(modes)} mode(s) on {identity['gpu']} "
           f"({identity['sms']} SMs): about {20 * len(modes) * len(ms) // 10} s a shape")
@@ -485,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "wgmma GEMM at M = 17..512 for each layer shape of a model (or --shapes), in CUDA "
                                    "graphs over rotating weights, W4A16 and W4A4, and write the picks that beat the "
                                    "built-in cost model by --margin to this GPU's launch table, which every later "
-                                   "process on a GPU of the same name reads; each shape is written as soon as it is "
-                                   "timed. About 30-50 s of GPU time a shape on an H100. "
+                                   "process on a GPU of the same name reads (until an upgrade changes the kernel: "
+                                   "then tune again); each shape is written as soon as it is timed. About 30-50 s of "
+                                   "GPU time a shape on an H100. "
                                    "Needs an H100/H200-class GPU and nvcc.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="a Hugging Face model directory or NVFP4 checkpoint: its "

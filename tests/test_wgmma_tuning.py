@@ -33,9 +33,10 @@ def test_table_round_trip_and_merge(tmp_path):
     assert wgmma_tables.read_table(path)[1] == b
     c = {(2048, 2048): ShapePicks((17,), (None,))}
     assert wgmma_tables.write_table(path, H100, c) == {**b, **c}
-    # another device's table is replaced, not merged
+    # another device's table is replaced, not merged; so is one measured on another build of the kernel
     h200 = {**H100, "gpu": "NVIDIA H200"}
     assert wgmma_tables.write_table(path, h200, a) == a
+    assert wgmma_tables.write_table(path, {**h200, "kernel": "another build"}, b) == b
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -98,17 +99,24 @@ def test_device_picks_reads_only_a_table_of_this_device(monkeypatch, tmp_path):
     path = tmp_path / "table.json"
     monkeypatch.setenv("FP4C_WGMMA_TABLE", str(path))
     monkeypatch.setattr(wgmma_tables, "device_identity", lambda index: dict(H100))
+    here = {**H100, "kernel": wgmma_tables.kernel_build()}
+    assert wgmma_tables.table_identity(0) == here
     picks = {(4096, 4096): ShapePicks((32,), ("t32x1s4w",))}
     try:
         wgmma_tables.device_picks.cache_clear()
         assert wgmma_tables.device_picks(0) == {}  # no table yet
-        wgmma_tables.write_table(path, H100, picks)
+        wgmma_tables.write_table(path, here, picks)
         wgmma_tables.device_picks.cache_clear()
         assert wgmma_tables.device_picks(0) == picks
-        wgmma_tables.write_table(path, {**H100, "sms": 114}, picks)
+        wgmma_tables.write_table(path, {**here, "sms": 114}, picks)
         wgmma_tables.device_picks.cache_clear()
         with pytest.warns(UserWarning, match="measured on"):
             assert wgmma_tables.device_picks(0) == {}
+        for stale in ({**here, "kernel": "0123456789abcdef"}, H100):  # another build; a table from before builds
+            wgmma_tables.write_table(path, stale, picks)
+            wgmma_tables.device_picks.cache_clear()
+            with pytest.warns(UserWarning, match="another build of the wgmma kernel.*fp4c tune"):
+                assert wgmma_tables.device_picks(0) == {}
         path.write_text("{")
         wgmma_tables.device_picks.cache_clear()
         with pytest.warns(UserWarning, match="not a wgmma launch table"):
@@ -215,6 +223,7 @@ def test_tune_command_writes_the_table_of_its_timings(monkeypatch, tmp_path, cap
     meta, picks = wgmma_tables.read_table(path)
     assert picks == {(n, k): ShapePicks((17, 32), (None, _other_label(32, n, k)))}
     assert meta["margin"] == 0.02 and meta["modes"] == ["w4a16", "w4a4"]
+    assert meta["kernel"] == wgmma_tables.kernel_build()  # the table holds for this build of the kernel
 
 
 def test_an_interrupted_tune_keeps_the_shapes_it_finished(monkeypatch, tmp_path, capsys):

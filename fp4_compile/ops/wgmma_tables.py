@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from . import nvcc, tuned_wgmma_h100
 
 TABLE_FORMAT = 1  # the JSON layout written by write_table
+DEVICE_KEYS = ("gpu", "sms", "capability")  # device_identity's fields
 
 
 class ShapePicks(NamedTuple):
@@ -68,6 +69,19 @@ def device_identity(device_index: int) -> dict[str, Any]:
             "capability": list(nvcc.device_capability(device_index))}
 
 
+def kernel_build() -> str:
+    """The wgmma kernel's source digest (``nvcc.source_digest``): a table measured on another build of the
+    kernel no longer holds (NOTES.md v34)."""
+    from .cuda_wgmma import SOURCE
+
+    return nvcc.source_digest(SOURCE)
+
+
+def table_identity(device_index: int) -> dict[str, Any]:
+    """What a table must have been measured on to apply here: this device and this build of the kernel."""
+    return {**device_identity(device_index), "kernel": kernel_build()}
+
+
 def read_table(path: str | os.PathLike) -> tuple[dict[str, Any], Picks]:
     """(the table's device and provenance fields, its picks); ValueError if the file is not such a table."""
     try:
@@ -90,8 +104,9 @@ def read_table(path: str | os.PathLike) -> tuple[dict[str, Any], Picks]:
 
 
 def write_table(path: str | os.PathLike, meta: dict[str, Any], picks: Picks) -> Picks:
-    """Write ``picks`` with ``meta`` (``device_identity`` and provenance) to ``path``, keeping the shapes of
-    a table already there for the same device that ``picks`` does not measure. Returns the table written."""
+    """Write ``picks`` with ``meta`` (``table_identity`` and provenance) to ``path``, keeping the shapes of
+    a table already there for the same device and kernel build that ``picks`` does not measure. Returns the
+    table written."""
     path = Path(path)
     merged: Picks = {}
     if path.is_file():
@@ -99,7 +114,7 @@ def write_table(path: str | os.PathLike, meta: dict[str, Any], picks: Picks) -> 
             old_meta, old = read_table(path)
         except ValueError:
             old_meta, old = {}, {}
-        if all(old_meta.get(key) == meta.get(key) for key in ("gpu", "sms", "capability")):
+        if all(old_meta.get(key) == meta.get(key) for key in (*DEVICE_KEYS, "kernel")):
             merged.update(old)
     merged.update(picks)
     data = {"format": TABLE_FORMAT, **meta, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -115,8 +130,8 @@ def write_table(path: str | os.PathLike, meta: dict[str, Any], picks: Picks) -> 
 @functools.lru_cache(maxsize=None)
 def device_picks(device_index: int) -> Picks:
     """The table measured on this device's kind of GPU, if there is one (cached per process; a table of
-    another GPU, or an unreadable file, is ignored with a warning)."""
-    identity = device_identity(device_index)
+    another GPU or of another build of the kernel, or an unreadable file, is ignored with a warning)."""
+    identity = table_identity(device_index)
     path = table_path(identity["gpu"], identity["sms"])
     if not path.is_file():
         return {}
@@ -125,9 +140,14 @@ def device_picks(device_index: int) -> Picks:
     except (OSError, ValueError) as e:
         warnings.warn(f"fp4_compile: ignoring the wgmma launch table: {e}", stacklevel=2)
         return {}
-    theirs = {key: meta.get(key) for key in identity}
-    if theirs != identity:
+    theirs = {key: meta.get(key) for key in DEVICE_KEYS}
+    if theirs != {key: identity[key] for key in DEVICE_KEYS}:
         warnings.warn(f"fp4_compile: ignoring the wgmma launch table {path}: it was measured on {theirs}, "
-                      f"this device is {identity}", stacklevel=2)
+                      f"this device is {device_identity(device_index)}", stacklevel=2)
+        return {}
+    if meta.get("kernel") != identity["kernel"]:
+        warnings.warn(f"fp4_compile: ignoring the wgmma launch table {path}: it was measured on another build "
+                      "of the wgmma kernel (fp4_compile changed since); run `fp4c tune` again to re-measure",
+                      stacklevel=2)
         return {}
     return picks

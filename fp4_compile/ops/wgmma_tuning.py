@@ -24,7 +24,7 @@ from . import cuda_wgmma, nvcc
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .gpu_timing import relative_error, rotating_fp4_weights, time_graphs_us
 from .hopper import MARLIN
-from .wgmma_tables import ShapePicks, device_identity
+from .wgmma_tables import ShapePicks, device_identity, kernel_build
 
 MODES = ("w4a16", "w4a4")
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # the built-in table's; up to cuda_wgmma.LARGE_M
@@ -98,9 +98,9 @@ def sweep_shape(n: int, k: int, ms: tuple[int, ...], modes: tuple[str, ...] = MO
 
 def sweep_env(device_index: int) -> dict[str, Any]:
     """What a sweep's timings hold for: the device (``wgmma_tables.device_identity`` and its cluster capacity,
-    which ``merge_cells`` compares), the kernel's code (``nvcc.source_digest``) and when."""
+    which ``merge_cells`` compares), the kernel's build (``wgmma_tables.kernel_build``) and when."""
     return {**device_identity(device_index), "cluster_ctas": cuda_wgmma.cluster_ctas(device_index),
-            "kernel": nvcc.source_digest(cuda_wgmma.SOURCE), "torch": torch.__version__,
+            "kernel": kernel_build(), "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
