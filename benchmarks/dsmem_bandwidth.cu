@@ -17,32 +17,20 @@
 #include <cstdio>
 #include <vector>
 
+#include "../fp4_compile/csrc/hopper/cluster.cuh"
+
 namespace {
+
+using fp4c::cluster_address;
+using fp4c::cluster_rank;
+using fp4c::cluster_sync;
+using fp4c::load_cluster_f4;
 
 enum Mode { kLd, kPush, kLocal };
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t mapa(uint32_t local, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  return remote;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ float4 ld_cluster(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
-  return v;
 }
 __device__ __forceinline__ uint64_t now_ns() {
   uint64_t t;
@@ -67,8 +55,8 @@ __device__ void reduce_once(float* tile, float* recv, uint64_t* mbar, int bytes,
         const int slot = static_cast<int>(rank) < j ? rank : rank - 1;  // rank's place in CTA j's receive area
         asm volatile(
             "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                mapa(recv_s + slot * share, j)),
-            "r"(tile_s + j * share), "r"(share), "r"(mapa(smem_u32(mbar), j))
+                cluster_address(recv_s + slot * share, j)),
+            "r"(tile_s + j * share), "r"(share), "r"(cluster_address(smem_u32(mbar), j))
             : "memory");
       }
     }
@@ -96,7 +84,7 @@ __device__ void reduce_once(float* tile, float* recv, uint64_t* mbar, int bytes,
       const uint32_t local = tile_s + rank * share + o;
       float4 v[S];
 #pragma unroll
-      for (int j = 0; j < S; ++j) v[j] = ld_cluster(M == kLd ? mapa(local, j) : mapa(local, rank));
+      for (int j = 0; j < S; ++j) v[j] = load_cluster_f4(local, M == kLd ? j : rank);
       float4 s = v[0];
 #pragma unroll
       for (int j = 1; j < S; ++j) add(s, v[j]);

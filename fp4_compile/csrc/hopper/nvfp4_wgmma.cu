@@ -53,6 +53,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cluster.cuh"
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
 
@@ -64,6 +65,10 @@ using fp4c::decode_word;
 using fp4c::Gather;
 using fp4c::make_scales;
 using fp4c::wait_for_prior_grid;
+using fp4c::cluster_rank;
+using fp4c::cluster_sync;
+using fp4c::cluster_sync_relaxed;
+using fp4c::load_cluster_f4;
 
 constexpr int kConsumerThreads = 256;              // two warpgroups
 constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (one warp of it works)
@@ -255,31 +260,6 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
   asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
                "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
-}
-
-// Cluster barrier over every thread of the cluster's CTAs (a CTA launched alone is a cluster of one).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// The same barrier where no memory needs releasing (the epilogue's last: the reads of the other CTAs'
-// tiles have returned, their values stored): a release arrive is a GPU-scope fence (SASS MEMBAR.ALL.GPU)
-// that would wait for the output's stores to reach L2.
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// Four floats at the same shared-memory offset in cluster CTA `rank`.
-__device__ __forceinline__ float4 load_cluster_f4(uint32_t local, uint32_t rank) {
-  uint32_t remote;
-  float4 v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
-  return v;
 }
 
 // wgmma descriptor of a K-major tile of 128-byte rows in 128-byte-swizzled 8-row atoms:
