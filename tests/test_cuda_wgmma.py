@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fp4_compile.ops import cuda_wgmma, gpu_timing, tuned_wgmma_h100, wgmma_tuning
+from fp4_compile.ops import cuda_wgmma, gpu_timing, nvcc, tuned_wgmma_h100, wgmma_tuning
 from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -26,6 +26,14 @@ def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
     assert max(report.registers) <= 255
     # ptxas serializes wgmma (and says so) when registers an in-flight wgmma reads could be overwritten
     assert "serialized" not in report.log, report.log[-2000:]
+
+
+@needs_nvcc
+def test_dsmem_benchmark_compiles_with_the_kernels_cluster_header(tmp_path):
+    """benchmarks/dsmem_bandwidth.cu shares csrc/hopper/cluster.cuh with the kernel: it still builds."""
+    source = os.path.join(ROOT, "benchmarks", "dsmem_bandwidth.cu")
+    compile_with_ptxas_report([nvcc.nvcc_path(), *cuda_wgmma.nvcc_flags(), "-Xptxas", "-v", "-c", "-o",
+                               str(tmp_path / "dsmem.o"), source])
 
 
 @pytest.mark.parametrize("m", [17, 32, 64, 128, 1000, 4096, 16384])
