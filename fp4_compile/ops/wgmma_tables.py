@@ -141,9 +141,10 @@ def device_picks(device_index: int) -> Picks:
         warnings.warn(f"fp4_compile: ignoring the wgmma launch table: {e}", stacklevel=2)
         return {}
     theirs = {key: meta.get(key) for key in DEVICE_KEYS}
-    if theirs != {key: identity[key] for key in DEVICE_KEYS}:
+    device = {key: identity[key] for key in DEVICE_KEYS}
+    if theirs != device:
         warnings.warn(f"fp4_compile: ignoring the wgmma launch table {path}: it was measured on {theirs}, "
-                      f"this device is {device_identity(device_index)}", stacklevel=2)
+                      f"this device is {device}", stacklevel=2)
         return {}
     if meta.get("kernel") != identity["kernel"]:
         warnings.warn(f"fp4_compile: ignoring the wgmma launch table {path}: it was measured on another build "
