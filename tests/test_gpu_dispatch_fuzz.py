@@ -1,0 +1,233 @@
+"""Random shapes through ``fp4::linear`` on a CUDA GPU: every branch of the dispatch, element by element.
+
+The other GPU tests choose shapes that reach each kernel path on purpose. This one draws (backend, M, N,
+K, dtype, bias) afresh each run, biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
+off the kernels' multiples; the launch table's layer shapes, whose M between grid points take the next
+point's pick), and checks every output element against the float64 product of the quantized operands:
+
+    |out - ref| <= u_out * |ref| + 2^-16 * (|x| @ |w|^T * alpha + |bias|)
+
+(u_out the output type's rounding, 2^-16 the fp32 sums' order). A norm-relative tolerance, as the other
+tests use, lets a few wrong elements of a large output through; this bound does not: a 16-element block
+dropped from one element's sum moves it by about 16/K of its absolute sum, 2^-10 at K = 16384.
+
+Each case runs three ways: the first eager call (the Python dispatch, which records the fast path's
+plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
+CUDA-graph replay on new activations. The run's seed is printed; ``FP4C_FUZZ_SEED=<seed>`` repeats it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from fp4_compile import format as F
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machines
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from fp4_compile.backends import kernels_for  # noqa: E402
+from fp4_compile.ops import tuned_wgmma_h100  # noqa: E402
+
+DEV = "cuda"
+CASES = 40
+SEED = int(os.environ.get("FP4C_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
+# M by bands (decode, mid, large: the small-M kernel, the wgmma kernel and its table, the large-M paths),
+# at the dispatch's edges or anywhere in the band
+M_BANDS = ((0.4, (1, 16), (1, 2, 3, 5, 7, 8, 9, 12, 15, 16)),
+           (0.35, (17, 512), (17, 24, 31, 32, 33, 48, 63, 64, 65, 96, 127, 128, 129, 192, 255, 256, 257, 384, 511,
+                              512)),
+           (0.25, (513, 2049), (513, 767, 1000, 1024, 1025, 1536, 2048, 2049)))
+MAX_WEIGHT_ELEMENTS = 1 << 27   # the float64 reference's weight: 1 GB
+MAX_PRODUCT = 1 << 35            # M * N * K of one float64 matmul
+OUTPUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
+SUM_ORDER = 2.0**-16
+TABLE_SHAPES = sorted(s for s in tuned_wgmma_h100.PICKS if s[0] * s[1] <= MAX_WEIGHT_ELEMENTS)
+
+
+class Case(NamedTuple):
+    backend: str
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    bias: bool
+
+
+def draw_case(index: int) -> Case:
+    """Case ``index`` of this run: the backend and dtype by turns (every pair in six cases), the rest drawn."""
+    rng = random.Random(SEED * 1000 + index)
+    backend = ("triton-w4a4", "marlin")[index % 2]
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[index // 2 % 3]
+    shape = rng.random()
+    if shape < 0.35:
+        n, k = rng.choice(TABLE_SHAPES)
+    elif shape < 0.7:  # the kernels' multiples
+        n, k = 16 * rng.randint(1, 512), 256 * rng.randint(1, 56)
+    else:  # off them: N any, K a multiple of 16
+        n, k = rng.randint(1, 3000), 16 * rng.randint(1, 400)
+    _, (low, high), edges = rng.choices(M_BANDS, weights=[band[0] for band in M_BANDS])[0]
+    m = rng.choice(edges) if rng.random() < 0.6 else rng.randint(low, high)
+    m = max(1, min(m, MAX_PRODUCT // (n * k)))
+    return Case(backend, m, n, k, dtype, rng.random() < 0.5)
+
+
+class Layer(NamedTuple):
+    args: tuple                 # fp4::linear's arguments after x
+    weight_values: torch.Tensor  # float64 [n, k]
+    gx: torch.Tensor
+    alpha: torch.Tensor
+
+
+def make_layer(case: Case, gx: torch.Tensor | None = None) -> Layer:
+    """A prepared random layer of ``case`` and its operands; ``gx`` W4A4's activation global scale (default:
+    from a first draw of x; later draws may exceed it, which clamps block scales)."""
+    w = torch.randn(case.n, case.k, device=DEV)
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    pw, sw = F.quantize_nvfp4(w, gw)
+    weight, weight_scale = kernels_for(case.backend).prepare_weight(pw, sw)
+    bias = torch.randn(case.n, device=DEV).to(case.dtype) if case.bias else None
+    if gx is None:
+        gx = F.global_scale_from_amax(torch.randn(case.m, case.k, device=DEV).abs().amax()).reshape(1)
+    if case.backend == "marlin":
+        scale, alpha = gw, (1 / gw).float()
+    else:
+        scale, alpha = gx, (1 / (gx * gw)).float()
+    return Layer((weight, weight_scale, scale, alpha, bias, case.n, case.backend),
+                 F.block_values(pw, sw).double(), gx, alpha)
+
+
+def reference(case: Case, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the float64 product of the operands the backend multiplies, plus bias; the same of their absolute
+    values, which bounds what the fp32 sums' order can change)."""
+    if case.backend == "marlin":  # W4A16: the activations in the MMA's type (fp32 inputs as bf16)
+        xv = (x.bfloat16() if x.dtype == torch.float32 else x).double()
+    else:
+        xv = F.block_values(*F.quantize_nvfp4(x, layer.gx)).double()
+    alpha = layer.alpha.double()
+    ref = xv @ layer.weight_values.t() * alpha
+    size = xv.abs() @ layer.weight_values.abs().t() * alpha
+    bias = layer.args[4]
+    if bias is not None:
+        ref, size = ref + bias.double(), size + bias.double().abs()
+    return ref, size
+
+
+def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, shape: tuple, dtype: torch.dtype,
+                  where: str) -> None:
+    where = f"{where}, FP4C_FUZZ_SEED={SEED}"
+    assert tuple(out.shape) == shape and out.dtype == dtype, (where, tuple(out.shape), out.dtype)
+    bad = ~((out.double() - ref).abs() <= bound)  # NaN outputs are bad too
+    if bad.any():
+        i, j = (int(v) for v in bad.nonzero()[0])
+        pytest.fail(f"{where}: {int(bad.sum())} of {out.numel()} elements off, e.g. [{i}, {j}] = "
+                    f"{float(out[i, j])} against {float(ref[i, j])} (bound {float(bound[i, j]):.3g})")
+
+
+def check_linear(case: Case, layer: Layer, x: torch.Tensor, out: torch.Tensor, how: str) -> None:
+    """``out`` against the float64 reference, element by element (the bound of the module's docstring)."""
+    ref, size = reference(case, layer, x)
+    bound = OUTPUT_ROUNDING[case.dtype] * ref.abs() + SUM_ORDER * size
+    assert_within(out, ref, bound, (case.m, case.n), case.dtype, f"{case} ({how})")
+
+
+def fresh_x(case: Case) -> torch.Tensor:
+    return torch.randn(case.m, case.k, device=DEV).to(case.dtype)
+
+
+def eager_and_graph(call, case: Case, check) -> None:
+    """``check(x, call(x), how)`` for the first eager call, a later one and a CUDA-graph replay, each on
+    new activations."""
+    for how in ("first eager call", "later eager call"):
+        x = fresh_x(case)
+        check(x, call(x), how)
+    static_x = fresh_x(case)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call(static_x)
+    x = fresh_x(case)
+    static_x.copy_(x)
+    graph.replay()
+    check(x, static_out, "CUDA-graph replay")
+
+
+@pytest.mark.parametrize("index", range(CASES))
+def test_random_linear(index):
+    case = draw_case(index)
+    print(f"FP4C_FUZZ_SEED={SEED} case {index}: {case}")
+    layer = make_layer(case)
+    eager_and_graph(lambda x: torch.ops.fp4.linear(x, *layer.args), case,
+                    lambda x, out, how: check_linear(case, layer, x, out, how))
+
+
+def draw_group(index: int) -> list[Case]:
+    """2 to 4 linears of one activation (``fp4::linear_group``) at decode sizes mostly: their N drawn
+    apart, the rest of the first member's draw (fp32 activations as bf16: the grouped launch's types)."""
+    first = draw_case(CASES + index)
+    rng = random.Random(SEED * 1000 + CASES + index)
+    m = rng.randint(1, 16) if rng.random() < 0.75 else rng.randint(17, 128)
+    dtype = torch.bfloat16 if first.dtype == torch.float32 else first.dtype
+    ns = [min(rng.choice((16 * rng.randint(1, 512), rng.randint(1, 3000))), MAX_WEIGHT_ELEMENTS // first.k)
+          for _ in range(rng.randint(2, 4))]
+    return [first._replace(m=m, n=n, dtype=dtype, bias=rng.random() < 0.5) for n in ns]
+
+
+def _layers(cases: list[Case], shared_scale: bool) -> list[Layer]:
+    """Prepared layers of ``cases`` (W4A4: one activation global scale tensor for all where ``shared_scale``,
+    as a layer's q/k/v share theirs, else one each)."""
+    gx = F.global_scale_from_amax(torch.randn(cases[0].m, cases[0].k, device=DEV).abs().amax()).reshape(1)
+    return [make_layer(case, gx if shared_scale else None) for case in cases]
+
+
+def _op_lists(layers: list[Layer]) -> tuple:
+    """The list arguments of the group ops (weights, scales, global scales, alphas, biases)."""
+    return tuple(list(column) for column in zip(*(layer.args[:5] for layer in layers)))
+
+
+GROUP_CASES = 16
+
+
+@pytest.mark.parametrize("index", range(GROUP_CASES))
+def test_random_linear_group(index):
+    cases = draw_group(index)
+    shared = index % 4 != 3
+    print(f"FP4C_FUZZ_SEED={SEED} group {index} (shared scale: {shared}): {cases}")
+    layers = _layers(cases, shared)
+    lists = _op_lists(layers)
+    backend, ns = cases[0].backend, [case.n for case in cases]
+
+    def check(x, outs, how):
+        assert len(outs) == len(cases)
+        for member, (case, layer, out) in enumerate(zip(cases, layers, outs)):
+            check_linear(case, layer, x, out, f"{how}, member {member}")
+
+    eager_and_graph(lambda x: torch.ops.fp4.linear_group(x, *lists, ns, backend), cases[0], check)
+
+
+@pytest.mark.parametrize("index", range(GROUP_CASES))
+def test_random_linear_silu_mul(index):
+    """``fp4::linear_silu_mul``: the gated launch or the group and a silu_mul kernel after it. The bound
+    adds to the linears' the rounding of the gate and up outputs to the output type (the unfused path's)."""
+    gate_case = draw_group(index)[0]
+    case = gate_case._replace(bias=False)
+    layers = _layers([gate_case, case], shared_scale=True)
+    lists = _op_lists(layers)
+    print(f"FP4C_FUZZ_SEED={SEED} silu_mul {index}: {gate_case}")
+    u = OUTPUT_ROUNDING[case.dtype]
+
+    def check(x, out, how):
+        (g, g_size), (v, v_size) = (reference(c, layer, x) for c, layer in zip((gate_case, case), layers))
+        sig = torch.sigmoid(g)
+        silu, dsilu = g * sig, (sig * (1 + g * (1 - sig))).abs()
+        ref = silu * v
+        bound = (u * (ref.abs() + dsilu * (g * v).abs() + (silu * v).abs())
+                 + SUM_ORDER * (dsilu * v.abs() * g_size + silu.abs() * v_size))
+        assert_within(out, ref, bound, (case.m, case.n), case.dtype, f"{gate_case} ({how})")
+
+    eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, check)
