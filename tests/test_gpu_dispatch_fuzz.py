@@ -13,7 +13,8 @@ dropped from one element's sum moves it by about 16/K of its absolute sum, 2^-10
 
 Each case runs three ways: the first eager call (the Python dispatch, which records the fast path's
 plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
-CUDA-graph replay on new activations. The run's seed is printed; ``FP4C_FUZZ_SEED=<seed>`` repeats it.
+CUDA-graph replay on new activations. The run's seed is printed; ``FP4C_FUZZ_SEED=<seed>`` repeats it (the
+draws and the data: each case has its own generator, so a failed capture cannot disturb the next cases).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fp4_compile.ops import tuned_wgmma_h100  # noqa: E402
 
 DEV = "cuda"
 CASES = 40
+GROUP_CASES = 16
 SEED = int(os.environ.get("FP4C_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
 # M by bands (decode, mid, large: the small-M kernel, the wgmma kernel and its table, the large-M paths),
 # at the dispatch's edges or anywhere in the band
@@ -85,16 +87,16 @@ class Layer(NamedTuple):
     alpha: torch.Tensor
 
 
-def make_layer(case: Case, gx: torch.Tensor | None = None) -> Layer:
+def make_layer(case: Case, gen: torch.Generator, gx: torch.Tensor | None = None) -> Layer:
     """A prepared random layer of ``case`` and its operands; ``gx`` W4A4's activation global scale (default:
     from a first draw of x; later draws may exceed it, which clamps block scales)."""
-    w = torch.randn(case.n, case.k, device=DEV)
+    w = torch.randn(case.n, case.k, device=DEV, generator=gen)
     gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
     pw, sw = F.quantize_nvfp4(w, gw)
     weight, weight_scale = kernels_for(case.backend).prepare_weight(pw, sw)
-    bias = torch.randn(case.n, device=DEV).to(case.dtype) if case.bias else None
+    bias = torch.randn(case.n, device=DEV, generator=gen).to(case.dtype) if case.bias else None
     if gx is None:
-        gx = F.global_scale_from_amax(torch.randn(case.m, case.k, device=DEV).abs().amax()).reshape(1)
+        gx = F.global_scale_from_amax(fresh_x(case, gen).float().abs().amax()).reshape(1)
     if case.backend == "marlin":
         scale, alpha = gw, (1 / gw).float()
     else:
@@ -137,21 +139,27 @@ def check_linear(case: Case, layer: Layer, x: torch.Tensor, out: torch.Tensor, h
     assert_within(out, ref, bound, (case.m, case.n), case.dtype, f"{case} ({how})")
 
 
-def fresh_x(case: Case) -> torch.Tensor:
-    return torch.randn(case.m, case.k, device=DEV).to(case.dtype)
+def fresh_x(case: Case, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(case.m, case.k, device=DEV, generator=gen).to(case.dtype)
 
 
-def eager_and_graph(call, case: Case, check) -> None:
+def generator(index: int) -> torch.Generator:
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED * 1000 + index)
+    return gen
+
+
+def eager_and_graph(call, case: Case, gen: torch.Generator, check) -> None:
     """``check(x, call(x), how)`` for the first eager call, a later one and a CUDA-graph replay, each on
     new activations."""
     for how in ("first eager call", "later eager call"):
-        x = fresh_x(case)
+        x = fresh_x(case, gen)
         check(x, call(x), how)
-    static_x = fresh_x(case)
+    static_x = fresh_x(case, gen)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = call(static_x)
-    x = fresh_x(case)
+    x = fresh_x(case, gen)
     static_x.copy_(x)
     graph.replay()
     check(x, static_out, "CUDA-graph replay")
@@ -161,8 +169,9 @@ def eager_and_graph(call, case: Case, check) -> None:
 def test_random_linear(index):
     case = draw_case(index)
     print(f"FP4C_FUZZ_SEED={SEED} case {index}: {case}")
-    layer = make_layer(case)
-    eager_and_graph(lambda x: torch.ops.fp4.linear(x, *layer.args), case,
+    gen = generator(index)
+    layer = make_layer(case, gen)
+    eager_and_graph(lambda x: torch.ops.fp4.linear(x, *layer.args), case, gen,
                     lambda x, out, how: check_linear(case, layer, x, out, how))
 
 
@@ -178,11 +187,11 @@ def draw_group(index: int) -> list[Case]:
     return [first._replace(m=m, n=n, dtype=dtype, bias=rng.random() < 0.5) for n in ns]
 
 
-def _layers(cases: list[Case], shared_scale: bool) -> list[Layer]:
+def _layers(cases: list[Case], gen: torch.Generator, shared_scale: bool) -> list[Layer]:
     """Prepared layers of ``cases`` (W4A4: one activation global scale tensor for all where ``shared_scale``,
     as a layer's q/k/v share theirs, else one each)."""
-    gx = F.global_scale_from_amax(torch.randn(cases[0].m, cases[0].k, device=DEV).abs().amax()).reshape(1)
-    return [make_layer(case, gx if shared_scale else None) for case in cases]
+    gx = F.global_scale_from_amax(fresh_x(cases[0], gen).float().abs().amax()).reshape(1)
+    return [make_layer(case, gen, gx if shared_scale else None) for case in cases]
 
 
 def _op_lists(layers: list[Layer]) -> tuple:
@@ -190,15 +199,14 @@ def _op_lists(layers: list[Layer]) -> tuple:
     return tuple(list(column) for column in zip(*(layer.args[:5] for layer in layers)))
 
 
-GROUP_CASES = 16
-
 
 @pytest.mark.parametrize("index", range(GROUP_CASES))
 def test_random_linear_group(index):
     cases = draw_group(index)
     shared = index % 4 != 3
     print(f"FP4C_FUZZ_SEED={SEED} group {index} (shared scale: {shared}): {cases}")
-    layers = _layers(cases, shared)
+    gen = generator(CASES + index)
+    layers = _layers(cases, gen, shared)
     lists = _op_lists(layers)
     backend, ns = cases[0].backend, [case.n for case in cases]
 
@@ -207,7 +215,7 @@ def test_random_linear_group(index):
         for member, (case, layer, out) in enumerate(zip(cases, layers, outs)):
             check_linear(case, layer, x, out, f"{how}, member {member}")
 
-    eager_and_graph(lambda x: torch.ops.fp4.linear_group(x, *lists, ns, backend), cases[0], check)
+    eager_and_graph(lambda x: torch.ops.fp4.linear_group(x, *lists, ns, backend), cases[0], gen, check)
 
 
 @pytest.mark.parametrize("index", range(GROUP_CASES))
@@ -216,7 +224,8 @@ def test_random_linear_silu_mul(index):
     adds to the linears' the rounding of the gate and up outputs to the output type (the unfused path's)."""
     gate_case = draw_group(index)[0]
     case = gate_case._replace(bias=False)
-    layers = _layers([gate_case, case], shared_scale=True)
+    gen = generator(CASES + GROUP_CASES + index)
+    layers = _layers([gate_case, case], gen, shared_scale=True)
     lists = _op_lists(layers)
     print(f"FP4C_FUZZ_SEED={SEED} silu_mul {index}: {gate_case}")
     u = OUTPUT_ROUNDING[case.dtype]
@@ -230,4 +239,4 @@ def test_random_linear_silu_mul(index):
                  + SUM_ORDER * (dsilu * v.abs() * g_size + silu.abs() * v_size))
         assert_within(out, ref, bound, (case.m, case.n), case.dtype, f"{gate_case} ({how})")
 
-    eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, check)
+    eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, gen, check)

@@ -25,6 +25,7 @@ import triton.language as tl
 from ..format import BLOCK_SIZE
 from . import cuda_quant, nvcc
 from .cuda_small_m import DISPATCH_MAX_M
+from .graph_capture import launch_triton
 from .pdl import use_pdl
 from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc_wait, next_power_of_2,
                            pdl_launch_args)
@@ -112,7 +113,7 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
         res = residual if residual is not None else x2
         total = out_sum if out_sum is not None else vals
         block_g = next_power_of_2(k // BLOCK_SIZE)
-        _rms_norm_quant_kernel[(m,)](
+        launch_triton(_rms_norm_quant_kernel, (m,),
             x2, res, weight, gs32, total, vals, k, float(eps),
             x2.stride(0), res.stride(0), total.stride(0), vals.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_G=block_g, num_warps=8 if k >= 4096 else 4,

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import nvcc
 from .cuda_quant import DTYPE_CODES, VALUE_DTYPES
+from .graph_capture import launch_triton
 from .pdl import use_pdl
 from .triton_quant import cdiv, interpreting
 
@@ -77,6 +78,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if err != 0:
             raise RuntimeError(f"fp4c_silu_mul failed: CUDA error {err} (M={m}, N={n}, {gate.dtype})")
     else:
-        _silu_mul_kernel[(m, cdiv(n, BLOCK))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                              BLOCK=BLOCK)
+        launch_triton(_silu_mul_kernel, (m, cdiv(n, BLOCK)), gate, up, out, n, gate.stride(0), up.stride(0),
+                      out.stride(0), BLOCK=BLOCK)
     return out

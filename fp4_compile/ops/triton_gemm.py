@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import cublaslt, nvcc
 from . import weight_layout as WL
+from .graph_capture import launch_triton
 from .split_tickets import split_tickets
 from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
                            next_power_of_2, pdl_launch_args)
@@ -474,7 +475,7 @@ def fp4_gemm(
         a_scale = a_scale.view(torch.uint8)
     even_k = k % cfg.BK == 0
     grid = (m_tiles * n_tiles, split)
-    kernel = _fp4_gemm_kernel[grid](
+    kernel = launch_triton(_fp4_gemm_kernel, grid,
         a, a_scale if a_scale is not None else dummy, weight, weight_scale, out,
         bias if bias is not None else dummy, alpha, global_scale if global_scale is not None else dummy,
         part, locks,
@@ -546,9 +547,9 @@ def dequantize_weight(weight: torch.Tensor, weight_scale: torch.Tensor, n: int, 
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
     bn, bk = (16, 64) if interpreting() else (64, 256)
     grid = (cdiv(n, bn), cdiv(k, bk))
-    _dequant_weight_kernel[grid](weight, weight_scale, out, n, k, weight.stride(0), weight_scale.stride(0),
-                                 out.stride(0), BN=bn, BK=bk, USE_ASM=use_asm, IS_FP16=dtype == torch.float16,
-                                 num_warps=4)
+    launch_triton(_dequant_weight_kernel, grid, weight, weight_scale, out, n, k, weight.stride(0),
+                  weight_scale.stride(0), out.stride(0), BN=bn, BK=bk, USE_ASM=use_asm, IS_FP16=dtype == torch.float16,
+                  num_warps=4)
     return out
 
 

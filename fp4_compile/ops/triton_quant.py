@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ..format import BLOCK_SIZE, swizzled_scale_shape
 from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
+from .graph_capture import launch_triton
 from .pdl import use_pdl
 
 try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``, gdc_*)?
@@ -243,7 +244,7 @@ def launch_quant_triton(x2: torch.Tensor, gs: torch.Tensor, mode: int, out_dtype
     if m == 0 or k == 0:
         grid = (0, 0) if mode != MODE_SWIZZLED else grid
     if grid[0] > 0 and grid[1] > 0:
-        _quant_kernel[grid](
+        launch_triton(_quant_kernel, grid,
             x2, gs, q, s, v,
             m, kb, x2.stride(0), q.stride(0), s.stride(0), v.stride(0),
             mp, kbp,
@@ -309,7 +310,7 @@ def dequantize_codes_triton(packed: torch.Tensor, scales: torch.Tensor, dtype: t
     out = torch.empty((m, k), dtype=dtype, device=packed.device)
     bm, bg = (4, 4) if interpreting() else (8, 16)
     if m and k:
-        _dequant_codes_kernel[(cdiv(m, bm), cdiv(kb, bg))](
+        launch_triton(_dequant_codes_kernel, (cdiv(m, bm), cdiv(kb, bg)),
             packed, scales, out, m, kb, packed.stride(0), scales.stride(0), out.stride(0),
             BLOCK_M=bm, BLOCK_G=bg, num_warps=4)
     return out

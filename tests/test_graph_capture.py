@@ -1,0 +1,65 @@
+"""Triton kernels first launched inside a CUDA-graph capture (ops/graph_capture.py).
+
+On the GPU, in a fresh process (where no Triton kernel is loaded yet): a W4A16 layer at M = 513 warmed
+up eagerly (its eager calls take the CUDA wgmma kernel) and then captured, where the backend takes the
+Triton GEMM, which the capture has to load. Before ``launch_triton`` this capture failed ("operation
+not permitted when stream is capturing"). On the CPU: the launch helper without a capture.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fp4_compile.ops import graph_capture
+
+
+class _RecordingKernel:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs)) or "launched"
+
+
+def test_launch_triton_outside_a_capture_is_the_plain_launch():
+    kernel = _RecordingKernel()
+    assert graph_capture.launch_triton(kernel, (3, 1), 1, 2, BLOCK=4) == "launched"
+    assert kernel.calls == [((3, 1), (1, 2), {"BLOCK": 4})]
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import torch
+    from fp4_compile import format as F
+    from fp4_compile.ops import hopper
+    m, n, k = 513, 2496, 8192
+    w = torch.randn(n, k, device="cuda")
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    pw, sw = F.quantize_nvfp4(w, gw)
+    wt, wst = hopper.MARLIN.prepare_weight(pw, sw)
+    args = (wt, wst, gw, (1 / gw).float(), None, n, "marlin")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    eager = [torch.ops.fp4.linear(x, *args) for _ in range(2)]  # warm-up, as before any capture
+    assert not hopper._cuda_gemm(x, wt, m, n, False) , "the captured call should take a Triton kernel"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.fp4.linear(x, *args)
+    graph.replay()
+    ref = x.double() @ F.block_values(pw, sw).double().t() / gw.double()
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < 6e-3, err
+    print("captured ok", err)
+""")
+
+
+@pytest.mark.gpu
+def test_capture_loads_a_triton_kernel_that_eager_calls_never_launched():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "captured ok" in done.stdout
