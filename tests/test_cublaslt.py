@@ -121,12 +121,16 @@ def gpu_available():
 @pytest.mark.parametrize("out_kind", ["same", "fp32"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("m", [1, 17, 1024])
-@pytest.mark.parametrize("n", [64, 4096 + 32])
+@pytest.mark.parametrize("n", [64, 4096 + 32, 1638])
 @pytest.mark.parametrize("k", [16, 4096])
 def test_against_float64(seed, dt, out_kind, with_bias, m, n, k):
     assert gpu_available(), cublaslt.unavailable_reason(torch.cuda.current_device())
     out_dtype = dt if out_kind == "same" else torch.float32
     a, b, alpha, bias = fresh(m, n, k, dt, out_dtype, with_bias)
+    if with_bias and out_dtype != torch.float32 and n % cublaslt.BIAS_N_MULTIPLE:
+        with pytest.raises(ValueError, match="multiple of 8"):  # cuBLASLt's bias epilogue would be wrong
+            cublaslt.gemm_alpha(a, b, alpha, out_dtype=out_dtype, bias=bias)
+        return
     out = cublaslt.gemm_alpha(a, b, alpha, out_dtype=out_dtype, bias=bias)
     torch.cuda.synchronize()
     check_close(out, a, b, alpha, bias, out_dtype)
@@ -205,3 +209,25 @@ def test_bad_inputs_are_refused_clearly():
                             out_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="N=8"):
         cublaslt.gemm_alpha(a, a, one, out_dtype=torch.bfloat16, bias=torch.ones(9, device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1024, 1638, 544), (1024, 33, 256), (2048, 4100, 4096)])
+def test_dequant_mm_pads_n_for_a_bias(seed, dt, m, n, k):
+    """The large-M path with a bias where N is not a multiple of 8 (which cuBLASLt's bias epilogue gets wrong
+    with 16-bit outputs, NOTES.md v35b): every element within one rounding of the exact product."""
+    assert gpu_available(), cublaslt.unavailable_reason(torch.cuda.current_device())
+    from fp4_compile import format as F
+    from fp4_compile.ops.hopper import MARLIN
+    from fp4_compile.ops.triton_gemm import dequant_mm
+
+    w = torch.randn(n, k, device=DEV)
+    gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+    pw, sw = F.quantize_nvfp4(w, gw)
+    weight, weight_scale = MARLIN.prepare_weight(pw, sw)
+    a = torch.randn(m, k, device=DEV).to(dt)
+    alpha = (1 / gw).float()
+    bias = torch.randn(n, device=DEV).to(dt)
+    out = dequant_mm(a, weight, weight_scale, alpha, n=n, k=k, out_dtype=dt, bias=bias)
+    check_close(out.contiguous(), a, F.block_values(pw, sw).to(dt), alpha, bias, dt)

@@ -38,6 +38,10 @@ from .nvcc import build_shared_library, shared_library_command
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "cublaslt_gemm.cu"
 WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS recommends for Hopper
+# A bias with a 16-bit output needs N to be a multiple of this: otherwise cuBLASLt's bias epilogue put wrong
+# values in 1-27% of the outputs (H100, libcublasLt 13, NOTES.md v35b; fp32 outputs and N % 8 == 0 were right,
+# and so was a larger row stride of D alone). Callers pad N with zero rows of b and zero bias.
+BIAS_N_MULTIPLE = 8
 # cudaDataType_t values (library_types.h), as the shim takes them.
 _CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
 _DATA_TYPE = {torch.float32: _CUDA_R_32F, torch.float16: _CUDA_R_16F, torch.bfloat16: _CUDA_R_16BF}
@@ -210,7 +214,8 @@ def gemm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, *, out_dty
     16-byte aligned (data pointer and row stride); ``alpha``: one float32 element on the same device,
     read when the GEMM runs (in-place updates reach a captured CUDA graph); ``out_dtype``: a.dtype
     or float32; ``bias``: N elements (converted to ``out_dtype``, which is what cuBLASLt's bias
-    epilogue takes). Returns a new contiguous [M, N] tensor. Raises RuntimeError if cuBLASLt is
+    epilogue takes; with a 16-bit output N must be a multiple of BIAS_N_MULTIPLE). Returns a new
+    contiguous [M, N] tensor. Raises RuntimeError if cuBLASLt is
     unavailable (see ``unavailable_reason``) or fails.
     """
     check_same_device(a=a, b=b, alpha=alpha, bias=bias)
@@ -233,6 +238,10 @@ def gemm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, *, out_dty
     if bias is not None:
         if bias.numel() != n:
             raise ValueError(f"bias must have N={n} elements, got shape {tuple(bias.shape)}")
+        if out_dtype != torch.float32 and n % BIAS_N_MULTIPLE:
+            raise ValueError(f"a bias with a {out_dtype} output needs N to be a multiple of {BIAS_N_MULTIPLE} "
+                             f"(cuBLASLt's bias epilogue is wrong otherwise), got N={n}: pad b with zero rows "
+                             f"and the bias with zeros")
         bias = bias.reshape(n)
         if bias.dtype != out_dtype or not bias.is_contiguous() or bias.data_ptr() % 16:
             bias = bias.to(out_dtype).contiguous()

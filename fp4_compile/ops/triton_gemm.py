@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..format import round_up
 from . import cublaslt, nvcc
 from . import weight_layout as WL
 from .graph_capture import launch_triton
@@ -561,10 +562,16 @@ def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     for W4A4); the weight is dequantized to the same type. With cuBLASLt (``cublaslt.py``) alpha,
     a device scalar, and the bias are applied in the GEMM's fp32 epilogue: one rounding, like the
     fused kernels. Without it, torch.mm rounds to ``a.dtype`` before alpha and bias (see use_dequant).
+    Returns [M, n], a view of a wider result where cuBLASLt needed N padded for the bias.
     """
-    wd = dequantize_weight(weight, weight_scale, n, k, a.dtype)
     if cublaslt.available(a.device):
-        return cublaslt.gemm_alpha(a, wd, alpha, out_dtype=out_dtype, bias=bias)
+        # a bias with a 16-bit output: N padded for cuBLASLt with the weight's zero rows and zero bias
+        rows = n if bias is None or out_dtype == torch.float32 else round_up(n, cublaslt.BIAS_N_MULTIPLE)
+        wd = dequantize_weight(weight, weight_scale, rows, k, a.dtype)
+        if rows != n:
+            bias = torch.nn.functional.pad(bias.reshape(n), (0, rows - n))
+        return cublaslt.gemm_alpha(a, wd, alpha, out_dtype=out_dtype, bias=bias)[:, :n]
+    wd = dequantize_weight(weight, weight_scale, n, k, a.dtype)
     out = torch.mm(a, wd.t()).mul_(alpha)
     if bias is not None:
         out = out.add_(bias)
