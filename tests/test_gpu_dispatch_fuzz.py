@@ -112,6 +112,11 @@ def reference(case: Case, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, 
         xv = (x.bfloat16() if x.dtype == torch.float32 else x).double()
     else:
         xv = F.block_values(*F.quantize_nvfp4(x, layer.gx)).double()
+    return product(xv, layer)
+
+
+def product(xv: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference`` from the activation values the backend multiplies (float64)."""
     alpha = layer.alpha.double()
     ref = xv @ layer.weight_values.t() * alpha
     size = xv.abs() @ layer.weight_values.abs().t() * alpha
@@ -260,3 +265,55 @@ def test_random_linear_silu_mul(index):
                         f"{float(high[i, j])})")
 
     eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, gen, check)
+
+
+QUANT_CASES = 12
+
+
+@pytest.mark.parametrize("index", range(QUANT_CASES))
+def test_random_quantize(index):
+    """``fp4::quantize`` at random shapes and magnitudes: the scale bytes (swizzled padding included) equal
+    format.py's, the codes too but at exact rounding ties (one step, rarely)."""
+    rng = random.Random(SEED * 1000 + 2 * CASES + index)
+    m = rng.choice((1, 2, 3, 8, 9, 16, 17, 127, 128, 129, 1000, 1024, 1025, 4097))
+    k = 16 * rng.randint(1, 700)
+    dtype, swizzle = (torch.bfloat16, torch.float16, torch.float32)[index % 3], index % 2 == 1
+    gen = generator(2 * CASES + index)
+    magnitudes = torch.logspace(-3, 3, k, device=DEV)[torch.randperm(k, device=DEV, generator=gen)]
+    x = (torch.randn(m, k, device=DEV, generator=gen) * magnitudes).to(dtype)
+    gs = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+    where = f"M={m} K={k} {dtype} swizzle={swizzle}, FP4C_FUZZ_SEED={SEED}"
+    print(where)
+    q, sc = torch.ops.fp4.quantize(x, gs, swizzle)
+    q_ref, sc_ref = F.quantize_nvfp4(x, gs, swizzle=swizzle)
+    assert sc.dtype == torch.float8_e4m3fn and torch.equal(sc.view(torch.uint8), sc_ref.view(torch.uint8)), where
+    codes, codes_ref = F.unpack_e2m1(q).long(), F.unpack_e2m1(q_ref).long()
+    off = codes != codes_ref
+    assert int(off.sum()) <= max(1, m * k // 100000), (where, int(off.sum()))
+    assert not off.any() or int(((codes & 7) - (codes_ref & 7)).abs()[off].max()) <= 1, where
+
+
+@pytest.mark.parametrize("index", range(QUANT_CASES))
+def test_random_mm(index):
+    """``fp4::mm`` (the W4A4 GEMM on quantized operands, after ``fp4::quantize``): the float64 product of the
+    operands' block values, element by element; the weight's padding columns zero. Eager and captured."""
+    case = draw_case(2 * CASES + QUANT_CASES + index)._replace(backend="triton-w4a4", bias=False)
+    gen = generator(2 * CASES + QUANT_CASES + index)
+    layer = make_layer(case, gen)
+    weight, weight_scale, _, alpha, *_ = layer.args
+    print(f"FP4C_FUZZ_SEED={SEED} mm {index}: {case}")
+
+    def call(x):
+        q, sc = torch.ops.fp4.quantize(x, layer.gx)
+        return q, sc, torch.ops.fp4.mm(q, sc, weight, weight_scale, alpha, case.dtype, case.backend)
+
+    def check(x, outs, how):
+        q, sc, out = outs
+        ref, size = product(F.block_values(q, sc).double(), layer)
+        where = f"{case} ({how})"
+        assert out.shape == (case.m, weight.shape[0]), (where, tuple(out.shape))
+        assert not out[:, case.n:].any(), f"{where}: the padding columns are not zero"
+        bound = OUTPUT_ROUNDING[case.dtype] * ref.abs() + SUM_ORDER * size
+        assert_within(out[:, :case.n], ref, bound, (case.m, case.n), case.dtype, where)
+
+    eager_and_graph(call, case, gen, check)
