@@ -216,7 +216,7 @@ def test_bad_inputs_are_refused_clearly():
 @pytest.mark.parametrize("m,n,k", [(1024, 1638, 544), (1024, 33, 256), (2048, 4100, 4096)])
 def test_dequant_mm_pads_n_for_a_bias(seed, dt, m, n, k):
     """The large-M path with a bias where N is not a multiple of 8 (which cuBLASLt's bias epilogue gets wrong
-    with 16-bit outputs, NOTES.md v35b): every element within one rounding of the exact product."""
+    with 16-bit outputs, NOTES.md v35c): every element within one rounding of the exact product."""
     assert gpu_available(), cublaslt.unavailable_reason(torch.cuda.current_device())
     from fp4_compile import format as F
     from fp4_compile.ops.hopper import MARLIN

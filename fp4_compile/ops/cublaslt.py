@@ -39,7 +39,7 @@ from .nvcc import build_shared_library, shared_library_command
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "cublaslt_gemm.cu"
 WORKSPACE_BYTES = 32 * 1024 * 1024  # what cuBLAS recommends for Hopper
 # A bias with a 16-bit output needs N to be a multiple of this: otherwise cuBLASLt's bias epilogue put wrong
-# values in 1-27% of the outputs (H100, libcublasLt 13, NOTES.md v35b; fp32 outputs and N % 8 == 0 were right,
+# values in 1-27% of the outputs (H100, libcublasLt 13, NOTES.md v35c; fp32 outputs and N % 8 == 0 were right,
 # and so was a larger row stride of D alone). Callers pad N with zero rows of b and zero bias.
 BIAS_N_MULTIPLE = 8
 # cudaDataType_t values (library_types.h), as the shim takes them.
