@@ -15,6 +15,7 @@ Each case runs three ways: the first eager call (the Python dispatch, which reco
 plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
 CUDA-graph replay on new activations. The run's seed is printed; ``FP4C_FUZZ_SEED=<seed>`` repeats it (the
 draws and the data: each case has its own generator, so a failed capture cannot disturb the next cases).
+``FP4C_FUZZ_SCALE=n`` draws n times as many cases (about 90 s of H100 time at 1).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from fp4_compile.backends import kernels_for  # noqa: E402
 from fp4_compile.ops import tuned_wgmma_h100  # noqa: E402
 
 DEV = "cuda"
-CASES = 32
-GROUP_CASES = 12
+SCALE = int(os.environ.get("FP4C_FUZZ_SCALE", "1"))  # a longer hunt: FP4C_FUZZ_SCALE=4 draws 4x the cases
+CASES = 32 * SCALE
+GROUP_CASES = 12 * SCALE
 SEED = int(os.environ.get("FP4C_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
 # M by bands (decode, mid, large: the small-M kernel, the wgmma kernel and its table, the large-M paths),
 # at the dispatch's edges or anywhere in the band
@@ -267,7 +269,7 @@ def test_random_linear_silu_mul(index):
     eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, gen, check)
 
 
-QUANT_CASES = 12
+QUANT_CASES = 12 * SCALE
 
 
 @pytest.mark.parametrize("index", range(QUANT_CASES))
