@@ -1,7 +1,8 @@
-"""Random shapes through ``fp4::linear`` on a CUDA GPU: every branch of the dispatch, element by element.
+"""Random shapes through the fp4 ops on a CUDA GPU: every branch of the dispatch, element by element.
 
 The other GPU tests choose shapes that reach each kernel path on purpose. This one draws (backend, M, N,
-K, dtype, bias) afresh each run, biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
+K, dtype, bias) afresh each run for ``fp4::linear``, ``linear_group``, ``linear_silu_mul``, ``quantize`` and
+``mm``, biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
 off the kernels' multiples; the launch table's layer shapes, whose M between grid points take the next
 point's pick), and checks every output element against the float64 product of the quantized operands:
 
