@@ -38,7 +38,9 @@ if not torch.cuda.is_available():  # pragma: no cover - collection on CPU machin
 from fp4_compile.backends import kernels_for  # noqa: E402
 from fp4_compile.ops import tuned_wgmma_h100  # noqa: E402
 
-DEV = "cuda"
+# FP4C_FUZZ_DEVICE=cuda:1: the ops on a device that is not the current one (the eager calls; a capture runs
+# on its device, made current for it)
+DEV = os.environ.get("FP4C_FUZZ_DEVICE", "cuda")
 SCALE = int(os.environ.get("FP4C_FUZZ_SCALE", "1"))  # a longer hunt: FP4C_FUZZ_SCALE=4 draws 4x the cases
 CASES = 32 * SCALE
 GROUP_CASES = 12 * SCALE
@@ -164,12 +166,13 @@ def eager_and_graph(call, case: Case, gen: torch.Generator, check) -> None:
         x = fresh_x(case, gen)
         check(x, call(x), how)
     static_x = fresh_x(case, gen)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = call(static_x)
-    x = fresh_x(case, gen)
-    static_x.copy_(x)
-    graph.replay()
+    with torch.cuda.device(static_x.device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call(static_x)
+        x = fresh_x(case, gen)
+        static_x.copy_(x)
+        graph.replay()
     check(x, static_out, "CUDA-graph replay")
 
 
