@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import nvcc
 from .cuda_quant import DTYPE_CODES, VALUE_DTYPES
-from .graph_capture import launch_triton
+from .triton_launch import launch_triton
 from .pdl import use_pdl
 from .triton_quant import cdiv, interpreting
 

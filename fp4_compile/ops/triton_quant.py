@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..format import BLOCK_SIZE, swizzled_scale_shape
 from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
-from .graph_capture import launch_triton
+from .triton_launch import launch_triton
 from .pdl import use_pdl
 
 try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``, gdc_*)?
