@@ -6,6 +6,7 @@ line of results (fresh random data every run; the seed is included for reproduct
 
 import json
 import os
+import random
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -119,6 +120,45 @@ def main():
                                bias=None, compute_dtype=torch.float16, config=cfg, mode="w4a4")
                 rec["w4a4"] = rel(o, ref)
             out["gemm"].append(rec)
+
+    # ---- random shapes and launch configurations, element by element against float64:
+    # |out - ref| <= u_out |ref| + 2^-16 (|x| @ |w|^T alpha + |bias|) (u_out the output type's rounding)
+    rng = random.Random(seed)
+    out["fuzz"] = []
+    for i in range(10):
+        m, n, k = rng.choice((1, 2, 5, 16, 17, 33, 65, 70)), rng.randint(1, 80), 16 * rng.randint(1, 12)
+        dt = (torch.float16, torch.float32)[i % 2]
+        cfg = None if i < 4 else G.GemmConfig(BM=rng.choice((16, 32)), BN=rng.choice((32, 64)), BK=rng.choice((32, 64)),
+                                              SPLIT_K=rng.choice((1, 2, 3)), num_stages=1)
+        w = torch.randn(n, k)
+        gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+        pw, sw = F.quantize_nvfp4(w, gw)
+        wt, wst = TRITON_W4A4.prepare_weight(pw, sw)
+        wv = F.block_values(pw, sw).double()
+        x = (torch.randn(m, k) * 10.0 ** rng.uniform(-3, 3)).to(dt)
+        gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+        bias = torch.randn(n).to(dt) if rng.random() < 0.5 else None
+        a44, a16 = (1 / (gx * gw)).float(), (1 / gw).float()
+        xv44 = F.block_values(*F.quantize_nvfp4(x, gx)).double()
+        xv16 = x.to(torch.float16).double()  # W4A16 in the interpreter: fp16 operands
+        if cfg is None:
+            o44 = TRITON_W4A4.linear(x, wt, wst, gx, a44, bias, n)
+            o16 = MARLIN.linear(x, wt, wst, None, a16, bias, n)
+        else:
+            o44 = G.fp4_gemm(x, wt, wst, a44, n=n, k=k, a_mode=1, out_dtype=dt, global_scale=gx, bias=bias,
+                             compute_dtype=torch.float16, config=cfg, mode="w4a4")
+            o16 = G.fp4_gemm(x.to(torch.float16), wt, wst, a16, n=n, k=k, a_mode=0, out_dtype=dt, bias=bias,
+                             compute_dtype=torch.float16, config=cfg, mode="w4a16")
+        rec = {"m": m, "n": n, "k": k, "dtype": str(dt), "bias": bias is not None, "config": repr(cfg)}
+        for name, o, xv, alpha in (("w4a4", o44, xv44, a44), ("w4a16", o16, xv16, a16)):
+            ref = xv @ wv.t() * alpha.double()
+            size = xv.abs() @ wv.abs().t() * alpha.double()
+            if bias is not None:
+                ref, size = ref + bias.double(), size + bias.double().abs()
+            u = 2.0 ** -11 if dt == torch.float16 else 2.0 ** -23
+            rec[name + "_shape_ok"] = tuple(o.shape) == (m, n) and o.dtype == dt
+            rec[name + "_bad"] = int((~((o.double() - ref).abs() <= u * ref.abs() + 2.0 ** -16 * size)).sum())
+        out["fuzz"].append(rec)
 
     # ---- dequantization kernels (weights in the kernel layout; activation codes)
     from fp4_compile.ops.triton_quant import dequantize_codes_triton

@@ -57,6 +57,14 @@ def test_w4a16_matches_reference(results):
             assert r["w4a16"] <= 1e-3, r
 
 
+def test_random_shapes_and_configs_element_by_element(results):
+    """Random M, N, K, input magnitudes, bias, and launch configurations (block sizes, split-K): every output
+    element within one rounding of the float64 product (the worker's bound)."""
+    for r in results["fuzz"]:
+        assert r["w4a4_shape_ok"] and r["w4a16_shape_ok"], r
+        assert r["w4a4_bad"] == 0 and r["w4a16_bad"] == 0, r
+
+
 def test_nonfinite_activation_block_gives_nonfinite_output(results):
     assert results["nonfinite"]["bad_row_nonfinite"]
     assert results["nonfinite"]["good_rows_finite"]
