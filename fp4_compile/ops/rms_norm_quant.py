@@ -25,8 +25,8 @@ import triton.language as tl
 from ..format import BLOCK_SIZE
 from . import cuda_quant, nvcc
 from .cuda_small_m import DISPATCH_MAX_M
-from .triton_launch import launch_triton
 from .pdl import use_pdl
+from .triton_launch import launch_triton
 from .triton_quant import (_fake_quant, check_device, gdc_launch_dependents, gdc_wait, next_power_of_2,
                            pdl_launch_args)
 

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from . import nvcc
 from .cuda_quant import DTYPE_CODES, VALUE_DTYPES
-from .triton_launch import launch_triton
 from .pdl import use_pdl
+from .triton_launch import launch_triton
 from .triton_quant import cdiv, interpreting
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "silu_mul.cu"

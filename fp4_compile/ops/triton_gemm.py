@@ -33,8 +33,8 @@ import triton.language as tl
 from ..format import round_up
 from . import cublaslt, nvcc
 from . import weight_layout as WL
-from .triton_launch import launch_triton
 from .split_tickets import split_tickets
+from .triton_launch import launch_triton
 from .triton_quant import (_e2m1_value, _e4m3_value, _fake_quant, cdiv, check_device, gdc_wait, interpreting,
                            next_power_of_2, pdl_launch_args)
 

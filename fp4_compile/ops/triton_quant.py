@@ -24,8 +24,8 @@ import triton.language as tl
 
 from ..format import BLOCK_SIZE, swizzled_scale_shape
 from .cuda_quant import MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
-from .triton_launch import launch_triton
 from .pdl import use_pdl
+from .triton_launch import launch_triton
 
 try:  # does this Triton launch with programmatic dependent launch (``launch_pdl``, gdc_*)?
     from triton.backends.nvidia.compiler import CUDAOptions
