@@ -2,7 +2,7 @@
 
 The other GPU tests choose shapes that reach each kernel path on purpose. This one draws (backend, M, N,
 K, dtype, bias) afresh each run for ``fp4::linear``, ``linear_group``, ``linear_silu_mul``, ``quantize`` and
-``mm``, biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
+``mm`` (and ``rms_norm_quantize``, with a check of its own), biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
 off the kernels' multiples; the launch table's layer shapes, whose M between grid points take the next
 point's pick), and checks every output element against the float64 product of the quantized operands:
 
@@ -16,7 +16,7 @@ Each case runs three ways: the first eager call (the Python dispatch, which reco
 plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
 CUDA-graph replay on new activations. The run's seed is printed; ``FP4C_FUZZ_SEED=<seed>`` repeats it (the
 draws and the data: each case has its own generator, so a failed capture cannot disturb the next cases).
-``FP4C_FUZZ_SCALE=n`` draws n times as many cases (about 90 s of H100 time at 1).
+``FP4C_FUZZ_SCALE=n`` draws n times as many cases (about 90 s of H100 time at 1, before the norm cases).
 """
 
 from __future__ import annotations
@@ -323,3 +323,86 @@ def test_random_mm(index):
         assert_within(out[:, :case.n], ref, bound, (case.m, case.n), case.dtype, where)
 
     eager_and_graph(call, case, gen, check)
+
+
+NORM_CASES = 12 * SCALE
+NORM_ULPS = 8  # how far the kernels' float32 factor rsqrt(mean(s^2) + eps) may lie from torch's (sum order, rsqrt)
+
+
+def norm_values(s: torch.Tensor, factor: torch.Tensor, weight: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """The op's values from the float32 rows ``s`` and a float32 factor per row: ``(s * factor).to(dtype) * weight``,
+    then the exact NVFP4 block values, in weight's dtype (``fp4::rms_norm_quantize``'s roundings)."""
+    h = (s * factor).to(weight.dtype) * weight
+    return F.block_values(*F.quantize_nvfp4(h, gs)).to(weight.dtype)
+
+
+def factors_near(factor: torch.Tensor):
+    """``factor``, then the float32 values 1, -1, 2, -2, ... NORM_ULPS steps from it."""
+    yield factor
+    up = down = factor
+    for _ in range(NORM_ULPS):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        yield up
+        yield down
+
+
+@pytest.mark.parametrize("index", range(NORM_CASES))
+def test_random_rms_norm_quantize(index):
+    """``fp4::rms_norm_quantize`` at random shapes, magnitudes, residuals and global scales, eager (the CUDA kernel,
+    then the fast path's replay) and captured (the Triton kernel): the residual sum equals ``x + residual``, and each
+    row of values equals the op's roundings for one float32 factor within NORM_ULPS steps of torch's (the kernels
+    sum the squares in another order): every element is checked, and none may differ on its own."""
+    rng = random.Random(SEED * 1000 + 3 * CASES + index)
+    m = rng.choice((1, 2, 3, 8, 16, 17, 64, 127, 512, 1025, rng.randint(1, 2049)))
+    k = rng.choice((4096, 14336, 5120, 16 * rng.randint(1, 1300)))
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[index % 3]
+    residual, eps = index % 2 == 0, rng.choice((1e-6, 1e-5))
+    gen = generator(3 * CASES + index)
+    # per-column magnitudes over four decades (activations' outlier channels)
+    magnitudes = torch.logspace(-2, 2, k, device=DEV)[torch.randperm(k, device=DEV, generator=gen)]
+    weight = (1 + torch.randn(k, device=DEV, generator=gen) / 4).to(dtype)
+    # a calibrated scale that some rows exceed (their block scales clamp)
+    gs = F.global_scale_from_amax(4 * rng.uniform(0.25, 2)).reshape(1).to(DEV)
+    where = f"M={m} K={k} {dtype} residual={residual} eps={eps}, FP4C_FUZZ_SEED={SEED}"
+    print(where)
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, r = ((torch.randn(m, k, device=DEV, generator=gen) * magnitudes).to(dtype) for _ in range(2))
+        return x, (r if residual else None)
+
+    def call(x, r):
+        return torch.ops.fp4.rms_norm_quantize(x, r, weight, eps, gs)
+
+    def check(x, r, outs, how):
+        values, total = outs
+        assert values.shape == x.shape and values.dtype == dtype, (where, how)
+        s = x + r if residual else x
+        if residual:
+            assert torch.equal(total, s), f"{where} ({how}): the residual sum"
+        sf = s.float()
+        factor = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+        matched = torch.zeros(m, dtype=torch.bool, device=DEV)
+        for f in factors_near(factor):
+            matched |= (values == norm_values(sf, f, weight, gs)).all(-1)
+            if matched.all():
+                return
+        i = int((~matched).nonzero()[0])
+        near = norm_values(sf, factor, weight, gs)[i]
+        j = int((values[i] != near).nonzero()[0])
+        pytest.fail(f"{where} ({how}): {int((~matched).sum())} of {m} rows match no factor within {NORM_ULPS} "
+                    f"float32 steps, e.g. row {i}: [{j}] = {float(values[i, j])} against {float(near[j])}")
+
+    for how in ("first eager call", "later eager call"):
+        x, r = fresh()
+        check(x, r, call(x, r), how)
+    static_x, static_r = fresh()
+    with torch.cuda.device(static_x.device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call(static_x, static_r)
+        x, r = fresh()
+        static_x.copy_(x)
+        if residual:
+            static_r.copy_(r)
+        graph.replay()
+    check(static_x, static_r, static_out, "CUDA-graph replay")
