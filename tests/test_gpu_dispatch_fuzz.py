@@ -4,13 +4,9 @@ The other GPU tests choose shapes that reach each kernel path on purpose. This o
 K, dtype, bias) afresh each run for ``fp4::linear``, ``linear_group``, ``linear_silu_mul``, ``quantize`` and
 ``mm`` (and ``rms_norm_quantize``, with a check of its own), biased toward the dispatch's edges (M = 8/9, 16/17, 64/65, ...; N and K
 off the kernels' multiples; the launch table's layer shapes, whose M between grid points take the next
-point's pick), and checks every output element against the float64 product of the quantized operands:
-
-    |out - ref| <= u_out * |ref| + 2^-16 * (|x| @ |w|^T * alpha + |bias|)
-
-(u_out the output type's rounding, 2^-16 the fp32 sums' order). A norm-relative tolerance, as the other
-tests use, lets a few wrong elements of a large output through; this bound does not: a 16-element block
-dropped from one element's sum moves it by about 16/K of its absolute sum, 2^-10 at K = 16384.
+point's pick), and checks every output element against the float64 product of the quantized operands,
+within one rounding of the output type and what fp32 sums in any order can change (exact_bounds.py), where
+a norm-relative tolerance, as the other tests use, lets a few wrong elements of a large output through.
 
 Each case runs three ways: the first eager call (the Python dispatch, which records the fast path's
 plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
@@ -28,6 +24,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import exact_bounds
+from exact_bounds import SUM_ORDER
 from fp4_compile import format as F
 
 pytestmark = pytest.mark.gpu
@@ -53,8 +51,6 @@ M_BANDS = ((0.4, (1, 16), (1, 2, 3, 5, 7, 8, 9, 12, 15, 16)),
            (0.25, (513, 2049), (513, 767, 1000, 1024, 1025, 1536, 2048, 2049)))
 MAX_WEIGHT_ELEMENTS = 1 << 27   # the float64 reference's weight: 1 GB
 MAX_PRODUCT = 1 << 35            # M * N * K of one float64 matmul
-OUTPUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-23}
-SUM_ORDER = 2.0**-16
 TABLE_SHAPES = sorted(s for s in tuned_wgmma_h100.PICKS if s[0] * s[1] <= MAX_WEIGHT_ELEMENTS)
 
 
@@ -122,31 +118,23 @@ def reference(case: Case, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def product(xv: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference`` from the activation values the backend multiplies (float64)."""
-    alpha = layer.alpha.double()
-    ref = xv @ layer.weight_values.t() * alpha
-    size = xv.abs() @ layer.weight_values.abs().t() * alpha
-    bias = layer.args[4]
-    if bias is not None:
-        ref, size = ref + bias.double(), size + bias.double().abs()
-    return ref, size
+    return exact_bounds.product_and_size(xv, layer.weight_values, layer.alpha, layer.args[4])
 
 
-def assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, shape: tuple, dtype: torch.dtype,
+def assert_within(out: torch.Tensor, ref: torch.Tensor, size: torch.Tensor, shape: tuple, dtype: torch.dtype,
                   where: str) -> None:
+    """``out`` of ``shape`` and ``dtype``, every element within exact_bounds' bound of ``ref``."""
     where = f"{where}, FP4C_FUZZ_SEED={SEED}"
     assert tuple(out.shape) == shape and out.dtype == dtype, (where, tuple(out.shape), out.dtype)
-    bad = ~((out.double() - ref).abs() <= bound)  # NaN outputs are bad too
+    bad = exact_bounds.outside(out, ref, size)
     if bad.any():
-        i, j = (int(v) for v in bad.nonzero()[0])
-        pytest.fail(f"{where}: {int(bad.sum())} of {out.numel()} elements off, e.g. [{i}, {j}] = "
-                    f"{float(out[i, j])} against {float(ref[i, j])} (bound {float(bound[i, j]):.3g})")
+        pytest.fail(f"{where}: {exact_bounds.describe(out, ref, bad)}")
 
 
 def check_linear(case: Case, layer: Layer, x: torch.Tensor, out: torch.Tensor, how: str) -> None:
-    """``out`` against the float64 reference, element by element (the bound of the module's docstring)."""
+    """``out`` against the float64 reference, element by element."""
     ref, size = reference(case, layer, x)
-    bound = OUTPUT_ROUNDING[case.dtype] * ref.abs() + SUM_ORDER * size
-    assert_within(out, ref, bound, (case.m, case.n), case.dtype, f"{case} ({how})")
+    assert_within(out, ref, size, (case.m, case.n), case.dtype, f"{case} ({how})")
 
 
 def fresh_x(case: Case, gen: torch.Generator) -> torch.Tensor:
@@ -319,8 +307,7 @@ def test_random_mm(index):
         where = f"{case} ({how})"
         assert out.shape == (case.m, weight.shape[0]), (where, tuple(out.shape))
         assert not out[:, case.n:].any(), f"{where}: the padding columns are not zero"
-        bound = OUTPUT_ROUNDING[case.dtype] * ref.abs() + SUM_ORDER * size
-        assert_within(out[:, :case.n], ref, bound, (case.m, case.n), case.dtype, where)
+        assert_within(out[:, :case.n], ref, size, (case.m, case.n), case.dtype, where)
 
     eager_and_graph(call, case, gen, check)
 
