@@ -53,9 +53,12 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+
 #include "cluster.cuh"
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
+#include "nvfp4_quant_math.cuh"
 
 namespace {
 
@@ -76,6 +79,10 @@ constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (
 // every thread; the producer needs few, the consumers' accumulators and fragments many.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
+// QUANT instances: the quantizing warps hold a pair of blocks (16 words) and its values (16 more)
+constexpr int kQuantProducerRegs = 56;
+constexpr int kQuantConsumerRegs = 224;
+static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= 65536, "register file");
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
 constexpr int kPersistentSmem = 222 * 1024;        // ring + output staging of the persistent kernel
@@ -120,6 +127,29 @@ struct Args {
   // kernel sets them back: no memset per call, so the launch may be programmatic). Null otherwise.
   float* fixup;
   int* tickets;
+};
+
+// W4A4 with the activations' quantization in the same launch (QUANT instances; fp4c_nvfp4_wgmma_gemm_quant).
+// The three idle warps of every CTA's producer warpgroup quantize the raw activations into their block values
+// (the TMA map's tensor), unit by unit from a shared counter, in the order the GEMM reads them: band by band
+// (the M tiles a wave of CTAs starts on), within a band 512-k chunk by chunk; each unit's rows are counted
+// in its (M tile, chunk) counter, which the producer waits for before its first TMA load of that chunk. So
+// the GEMM waits only for the first chunk (1024 rows x 512 k at most) where a separate quantization kernel
+// held it back for all of M x K, and no CTA waits for another to be resident: any running CTA's warps take
+// the next unit. The counters are zero at launch; the last CTA to finish with them sets them back.
+constexpr int kQuantChunk = 512;  // k per unit and per counter: one pair of blocks per lane of a half-warp
+struct QuantArgs {
+  const void* x;    // the raw activations [M, K], x's 16-bit type, row stride ldx elements
+  int64_t ldx;
+  void* v;          // their block values [M, K] (row stride ldv elements): what the TMA map reads
+  int64_t ldv;
+  const float* gs;  // the activations' global scale
+  int* ctl;         // [0] units handed out, [1] CTAs done, [2 + mt * chunks + c] rows of (M tile mt, chunk c) written
+  int kb;           // 16-element blocks per row
+  int chunks;       // ceil(K / kQuantChunk)
+  int m_tiles;      // ceil(M / BN)
+  int band_tiles;   // M tiles per band
+  int units;        // (pair of rows, chunk) units in all
 };
 
 // Timeline of a launch (benchmarks/timeline_wgmma.py): built with -DFP4C_TIMELINE, one thread per
@@ -171,6 +201,57 @@ __device__ __forceinline__ void wait_count(int* counter, int target, bool reset)
     __nanosleep(64);
   }
   if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
+}
+
+// The block values of the activations (QuantArgs), unit by unit: lanes 0-15 of the warp quantize a pair of
+// blocks each of a unit's first row, lanes 16-31 of its second (fp4c::quant: quantize_nvfp4's rounding).
+template <bool FP16, int BN>
+__device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, int lane) {
+  constexpr int DT = FP16 ? fp4c::quant::kF16 : fp4c::quant::kBF16;
+  const float gs = fp4c::coherent_load_f32(q.gs);
+  const int band_rows = q.band_tiles * BN;
+  const int band_units = q.chunks * band_rows / 2;  // a whole band's
+  for (;;) {
+    int u = 0;
+    if (lane == 0) u = atomicAdd(q.ctl, 1);
+    u = __shfl_sync(0xFFFFFFFFu, u, 0);
+    if (u >= q.units) break;
+    const int band = u / band_units, row0 = band * band_rows;
+    const int pairs = (min(band_rows, M - row0) + 1) / 2;  // the last band's rows may be fewer
+    const int c = (u - band * band_units) / pairs, p = (u - band * band_units) % pairs;
+    const int row = row0 + 2 * p + (lane >> 4);
+    const int pair = c * (kQuantChunk / 32) + (lane & 15);
+    const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
+    if (valid0) {
+      uint32_t w[16];
+      fp4c::quant::load_pair_words(static_cast<const uint16_t*>(q.x) + row * q.ldx, pair, valid1, w);
+      const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w, gs, nullptr);
+      uint4 chunks[4];
+      fp4c::quant::pair_values<DT, FP16>(w, ps, valid1, chunks);
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(q.v) + row * q.ldv + 32 * static_cast<int64_t>(pair));
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (i < 2 || valid1) dst[i] = chunks[i];
+    }
+    // the TMA loads that read these bytes are the async proxy's
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    __syncwarp();
+    if (lane == 0) {
+      int* rows_written = q.ctl + 2 + (row0 / BN + 2 * p / BN) * q.chunks + c;
+      asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], %1;\n" ::"l"(rows_written),
+                   "r"(min(2, M - row0 - 2 * p)) : "memory");
+    }
+  }
+}
+
+// After every role of the CTA's producer warpgroup is done with the counters: the last CTA sets them back.
+__device__ __forceinline__ void finish_quantization(const QuantArgs& q, int ctas) {
+  int before;
+  asm volatile("fence.acq_rel.gpu;\natom.relaxed.gpu.global.add.s32 %0, [%1], 1;\n"
+               : "=r"(before) : "l"(q.ctl + 1) : "memory");
+  if (before != ctas - 1) return;
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  for (int i = 0; i < 2 + q.m_tiles * q.chunks; ++i) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(q.ctl + i) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
@@ -385,11 +466,13 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 // PERSIST (unsplit, 16-bit output): a 1D grid of at most one CTA per SM loops over the output
 // tiles, weight tiles fastest; the ring runs on across tiles, so the producer loads the next tile
 // while the consumers store the last, and the output is staged in a buffer of its own.
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
+// QUANT: the launch quantizes its activations itself (QuantArgs; qa unused otherwise).
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool QUANT = false>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                       const __grid_constant__ CUtensorMap s_map, const Args args) {
+                       const __grid_constant__ CUtensorMap s_map, const Args args, const QuantArgs qa) {
   static_assert(!(CLUSTER && PERSIST) && (!PERSIST || sizeof(OutT) == 2), "unsupported kernel variant");
+  static_assert(!QUANT || (!CLUSTER && sizeof(OutT) == 2), "unsupported kernel variant");
   using T = Tile<BN, WM, PERSIST>;
   constexpr int S = T::kStages;
   constexpr int G = T::kScaleGroups;
@@ -447,6 +530,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t slot = sc_s + ((group - 1) % G) * T::kScaleGroupBytes;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
       if (lane == 0) {
+        if constexpr (QUANT) {  // this chunk's rows of the tile quantized (QuantArgs)
+          const int c = kt * kBK / kQuantChunk;
+          if (c < qa.chunks && (it == it0 || kt * kBK % kQuantChunk == 0)) {
+            wait_count(qa.ctl + 2 + (tile_m0 / BN) * qa.chunks + c, min(BN, args.M - tile_m0), false);
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+          }
+        }
         const bool scales = args.scale_tma && begins;
         mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes + (scales ? T::kScaleGroupBytes : 0));
         tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
@@ -493,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(QUANT ? kQuantProducerRegs : kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
         for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int, int) {
@@ -502,6 +592,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         produce(row0, m0, 0, split_kt0, split_nk);
       }
+    } else if constexpr (QUANT) {
+      quantize_activations<FP16, BN>(qa, args.M, lane);
+    }
+    if constexpr (QUANT) {
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");  // the warpgroup's producer and quantizers are done
+      if (warp == kConsumerThreads / 32 && lane == 0) finish_quantization(qa, gridDim.x * gridDim.y * gridDim.z);
     }
     if constexpr (CLUSTER) {
       __syncwarp();
@@ -512,7 +608,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(QUANT ? kQuantConsumerRegs : kConsumerRegs));
   const int g = lane / 4, t = lane % 4;
   const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
   float acc[WM][T::kAcc];
@@ -849,17 +945,18 @@ cudaError_t make_weight_maps(CUtensorMap* w_map, CUtensorMap* s_map, const void*
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool QUANT = false>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST, QUANT>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                        Tile<BN, WM, PERSIST>::kSmemBytes);
   return attr;
 }
 
+// quant (null: x holds the activations' values already): x is QuantArgs::v, which this launch writes.
 template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args& args, int splits,
-                   bool pdl, cudaStream_t stream) {
+                   const QuantArgs* quant, bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
   CUtensorMap x_map, w_map, s_map{};
   cudaError_t err = make_map<2>(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16,
@@ -876,14 +973,41 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args&
     return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
   }
   const bool clustered = splits > 1 && args.fixup == nullptr;
+  const bool persistent = splits == 1 && sms > 0 && tiles > sms;  // (16-bit outputs) one CTA per SM
+  if (quant != nullptr) {
+    // QUANT instances: the large-M tile, unsplit, 16-bit outputs
+    if constexpr (BN == 256 && WM == 1 && sizeof(OutT) == 2) {
+      if (splits != 1) return cudaErrorInvalidValue;
+      QuantArgs q = *quant;
+      // a band: the M tiles a wave of CTAs starts on (weight tiles vary fastest)
+      const int weight_tiles = static_cast<int>(grid.x), ctas = persistent ? sms : static_cast<int>(tiles);
+      q.band_tiles = std::min(q.m_tiles, (ctas + weight_tiles - 1) / weight_tiles);
+      q.units = 0;
+      for (int64_t r0 = 0; r0 < args.M; r0 += static_cast<int64_t>(q.band_tiles) * BN)
+        q.units += q.chunks * static_cast<int>((std::min<int64_t>(q.band_tiles * BN, args.M - r0) + 1) / 2);
+      if (persistent) {
+        err = allow_smem<FP16, BN, WM, OutT, false, true, true>();
+        if (err != cudaSuccess) return err;
+        const fp4c::LaunchConfig config(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
+        return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true, true>, x_map,
+                                  w_map, s_map, args, q);
+      }
+      err = allow_smem<FP16, BN, WM, OutT, false, false, true>();
+      if (err != cudaSuccess) return err;
+      const fp4c::LaunchConfig config(grid, dim3(kThreads), T::kSmemBytes, pdl, stream);
+      return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false, true>, x_map,
+                                w_map, s_map, args, q);
+    }
+    return cudaErrorInvalidValue;
+  }
+  const QuantArgs none{};
   if constexpr (sizeof(OutT) == 2) {
-    // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
-    if (splits == 1 && sms > 0 && tiles > sms) {
+    if (persistent) {
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
-      const fp4c::LaunchConfig persistent(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
-      return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
-                                w_map, s_map, args);
+      const fp4c::LaunchConfig config(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
+      return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
+                                w_map, s_map, args, none);
     }
   }
   auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true, false>
@@ -891,18 +1015,45 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args&
   err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
   if (err != cudaSuccess) return err;
   const fp4c::LaunchConfig launch(grid, dim3(kThreads), T::kSmemBytes, pdl, stream, clustered ? splits : 0);
-  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args);
+  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args, none);
 }
 
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int K, const Args& args, int bn,
-                          int wm, int splits, bool pdl, cudaStream_t stream) {
+                          int wm, int splits, const QuantArgs* quant, bool pdl, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, K, args, splits, pdl, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, K, args, splits, quant, pdl, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
   FP4C_TILE(256, 1)
 #undef FP4C_TILE
   return cudaErrorInvalidValue;
+}
+
+int run_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws, void* out,
+             int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha, int M, int N, int Np, int K,
+             int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits, int tail_tiles, int tail_splits,
+             const QuantArgs* quant, int pdl, cudaStream_t stream) {
+  if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
+      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 ||
+      reinterpret_cast<uintptr_t>(ws) % 4 || splits < 1 ||
+      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
+      reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int scale_tma = reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // (TMA's base alignment)
+  const bool through_memory = tail_tiles > 0 || splits > 1;
+  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
+                  (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
+                  through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream);
+  } else {
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream);
+  }
+  return static_cast<int>(err);
 }
 
 }  // namespace
@@ -926,27 +1077,26 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
                           void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                           int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
-  if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
-      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 ||
-      reinterpret_cast<uintptr_t>(ws) % 4 || splits < 1 ||
-      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
-      reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
+  return run_gemm(x, ldx, w, ldw, ws, ldws, out, ldo, fixup, tickets, bias, alpha, M, N, Np, K, Kp, x_fp16, out_fp32,
+                  bn, wm, splits, tail_tiles, tail_splits, nullptr, pdl, stream);
+}
+
+// The W4A4 GEMM of raw 16-bit activations x (row stride ldx) that quantizes them itself (QuantArgs) into v
+// ([M, K] block values, row stride ldv, both 16-byte aligned rows) with the global scale gs; ctl: 2 + ceil(M / 256)
+// x ceil(K / 512) ints, zero at launch and left zero. The other arguments as fp4c_nvfp4_wgmma_gemm's, with
+// bn 256, wm 1, one split and a 16-bit output in x's type.
+int fp4c_nvfp4_wgmma_gemm_quant(const void* x, int64_t ldx, void* v, int64_t ldv, const float* gs, int* ctl,
+                                const void* w, int64_t ldw, const void* ws, int64_t ldws, void* out, int64_t ldo,
+                                float* fixup, int* tickets, const void* bias, const float* alpha, int M, int N, int Np,
+                                int K, int Kp, int x_fp16, int bn, int wm, int tail_tiles, int tail_splits, int pdl,
+                                cudaStream_t stream) {
+  if (x == nullptr || ldx % 8 || ldv % 8 || reinterpret_cast<uintptr_t>(x) % 16 || gs == nullptr || ctl == nullptr ||
+      bn != 256 || wm != 1 || M < 1 || K < 16) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const int scale_tma = reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // (TMA's base alignment)
-  const bool through_memory = tail_tiles > 0 || splits > 1;
-  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
-                  (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
-                  through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
-  cudaError_t err;
-  if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
-                   : dispatch_tile<true, __half>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
-  } else {
-    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
-  }
-  return static_cast<int>(err);
+  const QuantArgs quant{x, ldx, v, ldv, gs, ctl, K / 16, (K + kQuantChunk - 1) / kQuantChunk, (M + 255) / 256, 0, 0};
+  return run_gemm(v, ldv, w, ldw, ws, ldws, out, ldo, fixup, tickets, bias, alpha, M, N, Np, K, Kp, x_fp16, 0, bn,
+                  wm, 1, tail_tiles, tail_splits, &quant, pdl, stream);
 }
 
 #ifdef FP4C_TIMELINE
