@@ -378,7 +378,7 @@ def quantizes_in_launch(x: torch.Tensor, n: int, k: int) -> bool:
     if os.environ.get("FP4C_WGMMA_QUANT", "1") == "0" or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     launch = launch_params(x.shape[0], n, k, x.device.index or 0, x.dtype)
-    return (launch.bn, launch.wm) == QUANT_TILE and launch.splits == 1 and not launch.workspace
+    return (launch.bn, launch.wm) == QUANT_TILE and launch.splits == 1
 
 
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
@@ -424,11 +424,11 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         fixup = torch.empty(launch.fixup_floats, dtype=torch.float32, device=x.device)
         tickets = split_tickets(x.device, launch.tickets)
     if global_scale is not None:
-        if (bn, wm) != QUANT_TILE or splits != 1 or workspace or out_dtype != x.dtype:
+        if (bn, wm) != QUANT_TILE or splits != 1 or out_dtype != x.dtype:
             raise ValueError(f"a launch that quantizes its activations needs tile {QUANT_TILE}, one split and an "
                              f"output in x's type, got tile ({bn}, {wm}), splits={splits}, {out_dtype}")
         values = torch.empty((m, k), dtype=x.dtype, device=x.device)
-        ctl = split_tickets(x.device, 2 + math.ceil(m / QUANT_TILE[0]) * math.ceil(k / QUANT_CHUNK))
+        ctl = split_tickets(x.device, 1 + math.ceil(m / QUANT_TILE[0]) * math.ceil(k / QUANT_CHUNK))
         gs = global_scale.reshape(1).float()
         err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability))
                              .fp4c_nvfp4_wgmma_gemm_quant(

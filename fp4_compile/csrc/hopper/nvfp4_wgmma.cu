@@ -79,9 +79,9 @@ constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (
 // every thread; the producer needs few, the consumers' accumulators and fragments many.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
-// QUANT instances: the quantizing warps hold a pair of blocks (16 words) and its values (16 more)
-constexpr int kQuantProducerRegs = 56;
-constexpr int kQuantConsumerRegs = 224;
+// QUANT instances: the quantizing warps hold a pair of blocks (16 words), its values (16 more) and their loops
+constexpr int kQuantProducerRegs = 72;
+constexpr int kQuantConsumerRegs = 216;
 static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= 65536, "register file");
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
@@ -131,25 +131,28 @@ struct Args {
 
 // W4A4 with the activations' quantization in the same launch (QUANT instances; fp4c_nvfp4_wgmma_gemm_quant).
 // The three idle warps of every CTA's producer warpgroup quantize the raw activations into their block values
-// (the TMA map's tensor), unit by unit from a shared counter, in the order the GEMM reads them: band by band
-// (the M tiles a wave of CTAs starts on), within a band 512-k chunk by chunk; each unit's rows are counted
-// in its (M tile, chunk) counter, which the producer waits for before its first TMA load of that chunk. So
-// the GEMM waits only for the first chunk (1024 rows x 512 k at most) where a separate quantization kernel
-// held it back for all of M x K, and no CTA waits for another to be resident: any running CTA's warps take
-// the next unit. The counters are zero at launch; the last CTA to finish with them sets them back.
-constexpr int kQuantChunk = 512;  // k per unit and per counter: one pair of blocks per lane of a half-warp
+// (the TMA map's tensor) in the order the GEMM reads them: phase by phase, a phase being one 512-k chunk of a
+// band (the rows of the M tiles a wave of CTAs starts on). A phase's units (two rows each) are dealt to the
+// quantizing warps of all CTAs in turn, and each warp adds the rows it wrote to the phase's counter once, which
+// the producer waits for before its first TMA load of that chunk. So the GEMM waits for the first phase (at
+// most 1280 rows x 512 k) where a separate quantization kernel held it back for all of M x K. (Units handed
+// out by an atomic counter, and a counter update per unit, kept each warp waiting on round trips: 1.2-1.4x
+// the separate kernels' time, NOTES.md v36.) Every CTA of the launch runs at once (one per SM, at most as
+// many as SMs), so no warp waits for a CTA that cannot start. The counters are zero at launch; the last CTA to
+// finish with them sets them back.
+constexpr int kQuantChunk = 512;  // k per phase: one pair of blocks per lane of a half-warp
+constexpr int kQuantWarps = 3;    // per CTA
 struct QuantArgs {
   const void* x;    // the raw activations [M, K], x's 16-bit type, row stride ldx elements
   int64_t ldx;
   void* v;          // their block values [M, K] (row stride ldv elements): what the TMA map reads
   int64_t ldv;
   const float* gs;  // the activations' global scale
-  int* ctl;         // [0] units handed out, [1] CTAs done, [2 + mt * chunks + c] rows of (M tile mt, chunk c) written
+  int* ctl;         // [0] CTAs done, [1 + band * chunks + c] rows of phase (band, c) written
   int kb;           // 16-element blocks per row
   int chunks;       // ceil(K / kQuantChunk)
   int m_tiles;      // ceil(M / BN)
   int band_tiles;   // M tiles per band
-  int units;        // (pair of rows, chunk) units in all
 };
 
 // Timeline of a launch (benchmarks/timeline_wgmma.py): built with -DFP4C_TIMELINE, one thread per
@@ -203,43 +206,42 @@ __device__ __forceinline__ void wait_count(int* counter, int target, bool reset)
   if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
 }
 
-// The block values of the activations (QuantArgs), unit by unit: lanes 0-15 of the warp quantize a pair of
+// The block values of the activations (QuantArgs), quantizing warp `qw` of `qwarps`: lanes 0-15 take a pair of
 // blocks each of a unit's first row, lanes 16-31 of its second (fp4c::quant: quantize_nvfp4's rounding).
 template <bool FP16, int BN>
-__device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, int lane) {
+__device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, int qw, int qwarps, int lane) {
   constexpr int DT = FP16 ? fp4c::quant::kF16 : fp4c::quant::kBF16;
   const float gs = fp4c::coherent_load_f32(q.gs);
   const int band_rows = q.band_tiles * BN;
-  const int band_units = q.chunks * band_rows / 2;  // a whole band's
-  for (;;) {
-    int u = 0;
-    if (lane == 0) u = atomicAdd(q.ctl, 1);
-    u = __shfl_sync(0xFFFFFFFFu, u, 0);
-    if (u >= q.units) break;
-    const int band = u / band_units, row0 = band * band_rows;
-    const int pairs = (min(band_rows, M - row0) + 1) / 2;  // the last band's rows may be fewer
-    const int c = (u - band * band_units) / pairs, p = (u - band * band_units) % pairs;
-    const int row = row0 + 2 * p + (lane >> 4);
-    const int pair = c * (kQuantChunk / 32) + (lane & 15);
-    const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
-    if (valid0) {
-      uint32_t w[16];
-      fp4c::quant::load_pair_words(static_cast<const uint16_t*>(q.x) + row * q.ldx, pair, valid1, w);
-      const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w, gs, nullptr);
-      uint4 chunks[4];
-      fp4c::quant::pair_values<DT, FP16>(w, ps, valid1, chunks);
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(q.v) + row * q.ldv + 32 * static_cast<int64_t>(pair));
+  for (int row0 = 0, band = 0; row0 < M; row0 += band_rows, ++band) {
+    const int rows = min(band_rows, M - row0), pairs = (rows + 1) / 2;
+    for (int c = 0; c < q.chunks; ++c) {
+      int written = 0;
+      for (int p = qw; p < pairs; p += qwarps) {
+        const int row = row0 + 2 * p + (lane >> 4);
+        const int pair = c * (kQuantChunk / 32) + (lane & 15);
+        const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
+        if (valid0) {
+          uint32_t w[16];
+          fp4c::quant::load_pair_words(static_cast<const uint16_t*>(q.x) + row * q.ldx, pair, valid1, w);
+          const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w, gs, nullptr);
+          uint4 chunks[4];
+          fp4c::quant::pair_values<DT, FP16>(w, ps, valid1, chunks);
+          uint4* dst =
+              reinterpret_cast<uint4*>(static_cast<uint16_t*>(q.v) + row * q.ldv + 32 * static_cast<int64_t>(pair));
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (i < 2 || valid1) dst[i] = chunks[i];
-    }
-    // the TMA loads that read these bytes are the async proxy's
-    asm volatile("fence.proxy.async.global;\n" ::: "memory");
-    __syncwarp();
-    if (lane == 0) {
-      int* rows_written = q.ctl + 2 + (row0 / BN + 2 * p / BN) * q.chunks + c;
-      asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], %1;\n" ::"l"(rows_written),
-                   "r"(min(2, M - row0 - 2 * p)) : "memory");
+          for (int i = 0; i < 4; ++i)
+            if (i < 2 || valid1) dst[i] = chunks[i];
+        }
+        written += min(2, rows - 2 * p);
+      }
+      if (written == 0) continue;  // (warp-uniform)
+      asm volatile("fence.proxy.async.global;\n" ::: "memory");  // the TMA loads that read them: the async proxy
+      __syncwarp();
+      if (lane == 0) {
+        asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], %1;\n" ::"l"(q.ctl + 1 + band * q.chunks + c),
+                     "r"(written) : "memory");
+      }
     }
   }
 }
@@ -248,10 +250,10 @@ __device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, 
 __device__ __forceinline__ void finish_quantization(const QuantArgs& q, int ctas) {
   int before;
   asm volatile("fence.acq_rel.gpu;\natom.relaxed.gpu.global.add.s32 %0, [%1], 1;\n"
-               : "=r"(before) : "l"(q.ctl + 1) : "memory");
+               : "=r"(before) : "l"(q.ctl) : "memory");
   if (before != ctas - 1) return;
   asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  for (int i = 0; i < 2 + q.m_tiles * q.chunks; ++i) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(q.ctl + i) : "memory");
+  for (int i = 0; i < 1 + q.m_tiles * q.chunks; ++i) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(q.ctl + i) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
@@ -533,7 +535,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (QUANT) {  // this chunk's rows of the tile quantized (QuantArgs)
           const int c = kt * kBK / kQuantChunk;
           if (c < qa.chunks && (it == it0 || kt * kBK % kQuantChunk == 0)) {
-            wait_count(qa.ctl + 2 + (tile_m0 / BN) * qa.chunks + c, min(BN, args.M - tile_m0), false);
+            const int band = tile_m0 / (BN * qa.band_tiles);
+            wait_count(qa.ctl + 1 + band * qa.chunks + c, min(BN * qa.band_tiles, args.M - band * BN * qa.band_tiles),
+                       false);
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
           }
         }
@@ -593,7 +597,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         produce(row0, m0, 0, split_kt0, split_nk);
       }
     } else if constexpr (QUANT) {
-      quantize_activations<FP16, BN>(qa, args.M, lane);
+      const int cta = blockIdx.x + gridDim.x * blockIdx.y;  // (unsplit)
+      quantize_activations<FP16, BN>(qa, args.M, kQuantWarps * cta + warp - kConsumerThreads / 32 - 1,
+                                     kQuantWarps * gridDim.x * gridDim.y, lane);
     }
     if constexpr (QUANT) {
       asm volatile("bar.sync 2, 128;\n" ::: "memory");  // the warpgroup's producer and quantizers are done
@@ -982,9 +988,6 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args&
       // a band: the M tiles a wave of CTAs starts on (weight tiles vary fastest)
       const int weight_tiles = static_cast<int>(grid.x), ctas = persistent ? sms : static_cast<int>(tiles);
       q.band_tiles = std::min(q.m_tiles, (ctas + weight_tiles - 1) / weight_tiles);
-      q.units = 0;
-      for (int64_t r0 = 0; r0 < args.M; r0 += static_cast<int64_t>(q.band_tiles) * BN)
-        q.units += q.chunks * static_cast<int>((std::min<int64_t>(q.band_tiles * BN, args.M - r0) + 1) / 2);
       if (persistent) {
         err = allow_smem<FP16, BN, WM, OutT, false, true, true>();
         if (err != cudaSuccess) return err;
@@ -1082,7 +1085,7 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
 }
 
 // The W4A4 GEMM of raw 16-bit activations x (row stride ldx) that quantizes them itself (QuantArgs) into v
-// ([M, K] block values, row stride ldv, both 16-byte aligned rows) with the global scale gs; ctl: 2 + ceil(M / 256)
+// ([M, K] block values, row stride ldv, both 16-byte aligned rows) with the global scale gs; ctl: 1 + ceil(M / 256)
 // x ceil(K / 512) ints, zero at launch and left zero. The other arguments as fp4c_nvfp4_wgmma_gemm's, with
 // bn 256, wm 1, one split and a 16-bit output in x's type.
 int fp4c_nvfp4_wgmma_gemm_quant(const void* x, int64_t ldx, void* v, int64_t ldv, const float* gs, int* ctl,
@@ -1094,7 +1097,7 @@ int fp4c_nvfp4_wgmma_gemm_quant(const void* x, int64_t ldx, void* v, int64_t ldv
       bn != 256 || wm != 1 || M < 1 || K < 16) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const QuantArgs quant{x, ldx, v, ldv, gs, ctl, K / 16, (K + kQuantChunk - 1) / kQuantChunk, (M + 255) / 256, 0, 0};
+  const QuantArgs quant{x, ldx, v, ldv, gs, ctl, K / 16, (K + kQuantChunk - 1) / kQuantChunk, (M + 255) / 256, 0};
   return run_gemm(v, ldv, w, ldw, ws, ldws, out, ldo, fixup, tickets, bias, alpha, M, N, Np, K, Kp, x_fp16, 0, bn,
                   wm, 1, tail_tiles, tail_splits, &quant, pdl, stream);
 }
