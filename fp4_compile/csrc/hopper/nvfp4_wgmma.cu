@@ -246,6 +246,29 @@ __device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, 
   }
 }
 
+// The producer's wait for phase (band, c): spins until its rows are written, then reads the counters of the
+// band's next kQuantLookahead chunks in one round trip, and returns the last chunk of the run known written. A
+// wait at every chunk cost 1.2-1.6 us a chunk in an A/B on an H100 (the ring did not hide it, NOTES.md v36);
+// the quantizing warps run ahead of the GEMM, so one wait covers several chunks.
+constexpr int kQuantLookahead = 8;
+__device__ __forceinline__ int wait_phases(const QuantArgs& q, int band, int c, int rows) {
+  int* counters = q.ctl + 1 + band * q.chunks;
+  wait_count(counters + c, rows, false);
+  int seen[kQuantLookahead];
+#pragma unroll
+  for (int j = 0; j < kQuantLookahead; ++j) {
+    seen[j] = 0;
+    if (c + 1 + j < q.chunks)
+      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(seen[j]) : "l"(counters + c + 1 + j) : "memory");
+  }
+  int last = c;
+#pragma unroll
+  for (int j = 0; j < kQuantLookahead; ++j)
+    if (last == c + j && c + 1 + j < q.chunks && seen[j] >= rows) last = c + 1 + j;
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");  // the TMA loads of those bytes come after
+  return last;
+}
+
 // After every role of the CTA's producer warpgroup is done with the counters: the last CTA sets them back.
 __device__ __forceinline__ void finish_quantization(const QuantArgs& q, int ctas) {
   int before;
@@ -521,6 +544,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // 16 r + 4 (kt % 4). The group's bytes complete on its first stage's "full" mbarrier (TMA: one
   // 16-byte-aligned box), or each stage's 4 bytes per row on that stage's (cp.async).
   int group = 0;  // scale groups begun (producer and consumers each count, over all tiles)
+  int ready_band = -1, ready_chunk = -1;  // QUANT: chunks 0..ready_chunk of band ready_band are quantized
   auto produce = [&](int tile_row0, int tile_m0, int it0, int kt0, int nk) {
     for (int it = it0; it < it0 + nk; ++it) {
       const int s = it % S, kt = kt0 + it - it0, pos = kt % 4;
@@ -532,13 +556,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t slot = sc_s + ((group - 1) % G) * T::kScaleGroupBytes;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
       if (lane == 0) {
-        if constexpr (QUANT) {  // this chunk's rows of the tile quantized (QuantArgs)
-          const int c = kt * kBK / kQuantChunk;
-          if (c < qa.chunks && (it == it0 || kt * kBK % kQuantChunk == 0)) {
-            const int band = tile_m0 / (BN * qa.band_tiles);
-            wait_count(qa.ctl + 1 + band * qa.chunks + c, min(BN * qa.band_tiles, args.M - band * BN * qa.band_tiles),
-                       false);
-            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        if constexpr (QUANT) {  // this chunk of the tile's band quantized (QuantArgs)
+          const int c = kt * kBK / kQuantChunk, band = tile_m0 / (BN * qa.band_tiles);
+          if (c < qa.chunks && (band != ready_band || c > ready_chunk)) {
+            ready_chunk = wait_phases(qa, band, c, min(BN * qa.band_tiles, args.M - band * BN * qa.band_tiles));
+            ready_band = band;
           }
         }
         const bool scales = args.scale_tma && begins;
