@@ -368,7 +368,7 @@ def launch_params(m: int, n: int, k: int, device_index: int, out_dtype: torch.dt
 
 # W4A4 launches that quantize their own activations (fp4c_nvfp4_wgmma_gemm_quant): the large-M tile, unsplit.
 QUANT_TILE = (256, 1)
-QUANT_CHUNK = 512  # k per counter (kQuantChunk)
+QUANT_CHUNK = 1024  # k per counter (kQuantChunk)
 
 
 def quantizes_in_launch(x: torch.Tensor, n: int, k: int) -> bool:

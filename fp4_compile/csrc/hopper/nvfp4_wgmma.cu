@@ -80,7 +80,7 @@ constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 // QUANT instances: the quantizing warps hold a pair of blocks (16 words), its values (16 more) and their loops
-constexpr int kQuantProducerRegs = 72;
+constexpr int kQuantProducerRegs = 80;
 constexpr int kQuantConsumerRegs = 216;
 static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= 65536, "register file");
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
@@ -140,7 +140,7 @@ struct Args {
 // the separate kernels' time, NOTES.md v36.) Every CTA of the launch runs at once (one per SM, at most as
 // many as SMs), so no warp waits for a CTA that cannot start. The counters are zero at launch; the last CTA to
 // finish with them sets them back.
-constexpr int kQuantChunk = 512;  // k per phase: one pair of blocks per lane of a half-warp
+constexpr int kQuantChunk = 1024;  // k per phase: two pairs of blocks per lane of a half-warp
 constexpr int kQuantWarps = 3;    // per CTA
 struct QuantArgs {
   const void* x;    // the raw activations [M, K], x's 16-bit type, row stride ldx elements
@@ -206,11 +206,13 @@ __device__ __forceinline__ void wait_count(int* counter, int target, bool reset)
   if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
 }
 
-// The block values of the activations (QuantArgs), quantizing warp `qw` of `qwarps`: lanes 0-15 take a pair of
-// blocks each of a unit's first row, lanes 16-31 of its second (fp4c::quant: quantize_nvfp4's rounding).
+// The block values of the activations (QuantArgs), quantizing warp `qw` of `qwarps`: lanes 0-15 take two pairs
+// of blocks each of a unit's first row, lanes 16-31 of its second, both pairs' loads in flight together
+// (fp4c::quant: quantize_nvfp4's rounding).
 template <bool FP16, int BN>
 __device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, int qw, int qwarps, int lane) {
   constexpr int DT = FP16 ? fp4c::quant::kF16 : fp4c::quant::kBF16;
+  constexpr int kPairsPerLane = kQuantChunk / 32 / 16;
   const float gs = fp4c::coherent_load_f32(q.gs);
   const int band_rows = q.band_tiles * BN;
   for (int row0 = 0, band = 0; row0 < M; row0 += band_rows, ++band) {
@@ -219,14 +221,21 @@ __device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, 
       int written = 0;
       for (int p = qw; p < pairs; p += qwarps) {
         const int row = row0 + 2 * p + (lane >> 4);
-        const int pair = c * (kQuantChunk / 32) + (lane & 15);
-        const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
-        if (valid0) {
-          uint32_t w[16];
-          fp4c::quant::load_pair_words(static_cast<const uint16_t*>(q.x) + row * q.ldx, pair, valid1, w);
-          const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w, gs, nullptr);
+        const uint16_t* x_row = static_cast<const uint16_t*>(q.x) + row * q.ldx;
+        uint32_t w[kPairsPerLane][16];
+#pragma unroll
+        for (int h = 0; h < kPairsPerLane; ++h) {
+          const int pair = c * (kQuantChunk / 32) + 16 * h + (lane & 15);
+          if (row < M && 2 * pair < q.kb) fp4c::quant::load_pair_words(x_row, pair, 2 * pair + 1 < q.kb, w[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < kPairsPerLane; ++h) {
+          const int pair = c * (kQuantChunk / 32) + 16 * h + (lane & 15);
+          const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
+          if (!valid0) continue;
+          const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w[h], gs, nullptr);
           uint4 chunks[4];
-          fp4c::quant::pair_values<DT, FP16>(w, ps, valid1, chunks);
+          fp4c::quant::pair_values<DT, FP16>(w[h], ps, valid1, chunks);
           uint4* dst =
               reinterpret_cast<uint4*>(static_cast<uint16_t*>(q.v) + row * q.ldv + 32 * static_cast<int64_t>(pair));
 #pragma unroll
