@@ -81,8 +81,10 @@ constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 // QUANT instances: the quantizing warps hold a pair of blocks (16 words), its values (16 more) and their loops
 constexpr int kQuantProducerRegs = 80;
-constexpr int kQuantConsumerRegs = 216;
-static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= 65536, "register file");
+constexpr int kQuantConsumerRegs = 208;
+// setmaxnreg.inc waits for registers that the producer warpgroup's .dec released from the launch's 168 a thread
+// (ptxas's count for 384 threads): more would hang the consumers (a first build with 80 / 216 did)
+static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= kThreads * 168, "registers");
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
 constexpr int kPersistentSmem = 222 * 1024;        // ring + output staging of the persistent kernel
