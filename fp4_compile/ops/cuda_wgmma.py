@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 import pathlib
 import re
 from typing import NamedTuple
@@ -109,10 +108,6 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn.restype = ctypes.c_int
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 13 + [p]
-    quant = getattr(lib, "fp4c_nvfp4_wgmma_gemm_quant", None)  # (absent from builds of older sources)
-    if quant is not None:
-        quant.restype = ctypes.c_int
-        quant.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, p, i64, p, p, p, p] + [i32] * 11 + [p]
     return lib
 
 
@@ -366,26 +361,11 @@ def launch_params(m: int, n: int, k: int, device_index: int, out_dtype: torch.dt
     return LaunchParams(bn, wm, splits, workspace, tail, tail_splits, fixup_floats, split_tiles if fixup_floats else 0)
 
 
-# W4A4 launches that quantize their own activations (fp4c_nvfp4_wgmma_gemm_quant): the large-M tile, unsplit.
-QUANT_TILE = (256, 1)
-QUANT_CHUNK = 1024  # k per counter (kQuantChunk)
-
-
-def quantizes_in_launch(x: torch.Tensor, n: int, k: int) -> bool:
-    """Can the W4A4 GEMM of ``x [M, K]`` (raw 16-bit activations) quantize them in its own launch, where a
-    quantization kernel would run before it? Its launch must be QUANT_TILE, unsplit. ``FP4C_WGMMA_QUANT=0``
-    keeps the quantization kernel."""
-    if os.environ.get("FP4C_WGMMA_QUANT", "1") == "0" or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    launch = launch_params(x.shape[0], n, k, x.device.index or 0, x.dtype)
-    return (launch.bn, launch.wm) == QUANT_TILE and launch.splits == 1
-
-
 def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
                n: int, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                tile: tuple[int, int] | None = None, splits: int | None = None,
                workspace: bool | None = None, split_tail: bool = True,
-               library: ctypes.CDLL | None = None, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+               library: ctypes.CDLL | None = None) -> torch.Tensor:
     """out [M, n] = (x @ dequant(w)^T) * alpha (+ bias).
 
     ``x``: bf16/fp16 [M, K] (K a multiple of 16, at most the weight's padded K, which must be a
@@ -396,9 +376,6 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     ``split_tail=False`` keeps a persistent launch's last wave whole (``tail_plan``), and
     ``library`` (from ``load_library``) the package's build (benchmark variants). Launched with
     programmatic dependent launch where ``pdl.use_pdl`` says so.
-
-    ``global_scale`` (W4A4, where ``quantizes_in_launch``): ``x`` holds the raw activations, which the
-    launch quantizes itself with this scale (float32, one element) before its tensor cores read them.
     """
     x, weight_scale, alpha, bias = nvcc.gemm_operands("CUDA wgmma kernel", x, weight, weight_scale, alpha, bias,
                                                       out_dtype)
@@ -423,25 +400,6 @@ def wgmma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if launch.fixup_floats:
         fixup = torch.empty(launch.fixup_floats, dtype=torch.float32, device=x.device)
         tickets = split_tickets(x.device, launch.tickets)
-    if global_scale is not None:
-        if (bn, wm) != QUANT_TILE or splits != 1 or out_dtype != x.dtype:
-            raise ValueError(f"a launch that quantizes its activations needs tile {QUANT_TILE}, one split and an "
-                             f"output in x's type, got tile ({bn}, {wm}), splits={splits}, {out_dtype}")
-        values = torch.empty((m, k), dtype=x.dtype, device=x.device)
-        ctl = split_tickets(x.device, 1 + math.ceil(m / QUANT_TILE[0]) * math.ceil(k / QUANT_CHUNK))
-        gs = global_scale.reshape(1).float()
-        err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability))
-                             .fp4c_nvfp4_wgmma_gemm_quant(
-            x.data_ptr(), x.stride(0), values.data_ptr(), values.stride(0), gs.data_ptr(), ctl.data_ptr(),
-            weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(), weight_scale.stride(0), out.data_ptr(),
-            out.stride(0), fixup.data_ptr() if fixup is not None else None,
-            tickets.data_ptr() if tickets is not None else None, bias.data_ptr() if bias is not None else None,
-            alpha.data_ptr(), m, n, np_, k, kp, int(x.dtype == torch.float16), bn, wm, tail, tail_splits,
-            int(use_pdl(x.device)), stream))
-        if err != 0:
-            raise RuntimeError(f"fp4c_nvfp4_wgmma_gemm_quant failed: CUDA error {err} (M={m}, N={n}, K={k}, "
-                               f"tail={tail}x{tail_splits})")
-        return out
     err = nvcc.launch_on(x.device, lambda capability, stream: (library or _library(capability)).fp4c_nvfp4_wgmma_gemm(
         x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), weight_scale.data_ptr(),
         weight_scale.stride(0), out.data_ptr(), out.stride(0), fixup.data_ptr() if fixup is not None else None,

@@ -40,7 +40,7 @@ from . import triton_gemm as _G
 from .cuda_quant import MODE_KERNEL_CODES, MODE_VALUES, quantize as quantize_cuda
 from .cuda_small_m import (GATED_CODES_MIN_M, MAX_GROUP, small_m_gemm, small_m_gemm_group, use_codes, use_codes_group,
                            use_small_m, use_values_group)
-from .cuda_wgmma import quantizes_in_launch, use_wgmma, wgmma_gemm
+from .cuda_wgmma import use_wgmma, wgmma_gemm
 from .triton_gemm import check_cuda, dequant_mm, fp4_gemm, use_dequant
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .triton_quant import dequantize_codes_triton, interpreting
@@ -225,12 +225,7 @@ class TritonW4A4Kernels(_HopperKernels):
                                x_scale=scales, k=k, after_quantization=True)
             fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_KERNEL_CODES,
                                  fast_linear.GEMM_SMALL_M)
-        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, True, host_bound)) is wgmma_gemm and \
-                quantizes_in_launch(x2, out_features, k):
-            out = wgmma_gemm(x2, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias, global_scale=gs)
-            # (the fast path replays it as the quantization kernel and the GEMM: the same bits)
-            fast_linear.remember(self.name, x2, weight, out_features, bias, MODE_VALUES, fast_linear.GEMM_WGMMA)
-        elif cuda_gemm is not None:
+        elif (cuda_gemm := _cuda_gemm(x2, weight, m, out_features, True, host_bound)) is not None:
             xq = fake_quantize_nvfp4_gpu(x2, gs, _value_dtype(x.dtype))
             after = {"after_quantization": True} if cuda_gemm is small_m_gemm else {}
             out = cuda_gemm(xq, weight, weight_scale, alpha, n=out_features, out_dtype=x.dtype, bias=bias, **after)

@@ -53,12 +53,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <algorithm>
-
 #include "cluster.cuh"
 #include "grid_dependency.cuh"
 #include "nvfp4_decode.cuh"
-#include "nvfp4_quant_math.cuh"
 
 namespace {
 
@@ -79,12 +76,6 @@ constexpr int kThreads = kConsumerThreads + 128;   // + the producer warpgroup (
 // every thread; the producer needs few, the consumers' accumulators and fragments many.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
-// QUANT instances: the quantizing warps hold a pair of blocks (16 words), its values (16 more) and their loops
-constexpr int kQuantProducerRegs = 80;
-constexpr int kQuantConsumerRegs = 208;
-// setmaxnreg.inc waits for registers that the producer warpgroup's .dec released from the launch's 168 a thread
-// (ptxas's count for 384 threads): more would hang the consumers (a first build with 80 / 216 did)
-static_assert(128 * kQuantProducerRegs + kConsumerThreads * kQuantConsumerRegs <= kThreads * 168, "registers");
 constexpr int kBK = 64;                            // k per stage: one 128-byte swizzled activation row
 constexpr int kSmemBudget = 210 * 1024;
 constexpr int kPersistentSmem = 222 * 1024;        // ring + output staging of the persistent kernel
@@ -107,7 +98,7 @@ struct Tile {
   static constexpr int kStages = kRing / kStageBytes < 8 ? kRing / kStageBytes : 8;
   static constexpr int kScaleGroups = (kStages + 6) / 4;  // as many 4-stage groups as the ring spans, + 1
   static constexpr int kRingBytes = kStages * (kActBytes + kWBytes) + kScaleGroups * kScaleGroupBytes;
-  static constexpr int kSmemBytes = kRingBytes + kStagingBytes + (2 * kStages + kScaleGroups + 1) * 8 + 1024;  // (+1: QUANT's phase count)
+  static constexpr int kSmemBytes = kRingBytes + kStagingBytes + (2 * kStages + kScaleGroups) * 8 + 1024;
   static constexpr int kAcc = BN / 2;                // fp32 accumulators per thread per m64 tile
   static_assert(BN % 32 == 0 && BN <= 256 && kStages >= 3, "unsupported tile");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
@@ -129,32 +120,6 @@ struct Args {
   // kernel sets them back: no memset per call, so the launch may be programmatic). Null otherwise.
   float* fixup;
   int* tickets;
-};
-
-// W4A4 with the activations' quantization in the same launch (QUANT instances; fp4c_nvfp4_wgmma_gemm_quant).
-// The three idle warps of every CTA's producer warpgroup quantize the raw activations into their block values
-// (the TMA map's tensor) in the order the GEMM reads them: phase by phase, a phase being one 512-k chunk of a
-// band (the rows of the M tiles a wave of CTAs starts on). A phase's units (two rows each) are dealt to the
-// quantizing warps of all CTAs in turn, and each warp adds the rows it wrote to the phase's counter once, which
-// the producer waits for before its first TMA load of that chunk. So the GEMM waits for the first phase (at
-// most 1280 rows x 512 k) where a separate quantization kernel held it back for all of M x K. (Units handed
-// out by an atomic counter, and a counter update per unit, kept each warp waiting on round trips: 1.2-1.4x
-// the separate kernels' time, NOTES.md v36.) Every CTA of the launch runs at once (one per SM, at most as
-// many as SMs), so no warp waits for a CTA that cannot start. The counters are zero at launch; the last CTA to
-// finish with them sets them back.
-constexpr int kQuantChunk = 1024;  // k per phase: two pairs of blocks per lane of a half-warp
-constexpr int kQuantWarps = 2;    // per CTA (the producer warpgroup's third idle warp relays the counters)
-struct QuantArgs {
-  const void* x;    // the raw activations [M, K], x's 16-bit type, row stride ldx elements
-  int64_t ldx;
-  void* v;          // their block values [M, K] (row stride ldv elements): what the TMA map reads
-  int64_t ldv;
-  const float* gs;  // the activations' global scale
-  int* ctl;         // [0] CTAs done, [1 + band * chunks + c] rows of phase (band, c) written
-  int kb;           // 16-element blocks per row
-  int chunks;       // ceil(K / kQuantChunk)
-  int m_tiles;      // ceil(M / BN)
-  int band_tiles;   // M tiles per band
 };
 
 // Timeline of a launch (benchmarks/timeline_wgmma.py): built with -DFP4C_TIMELINE, one thread per
@@ -206,80 +171,6 @@ __device__ __forceinline__ void wait_count(int* counter, int target, bool reset)
     __nanosleep(64);
   }
   if (reset) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(counter) : "memory");
-}
-
-// The block values of the activations (QuantArgs), quantizing warp `qw` of `qwarps`: lanes 0-15 take two pairs
-// of blocks each of a unit's first row, lanes 16-31 of its second, both pairs' loads in flight together
-// (fp4c::quant: quantize_nvfp4's rounding).
-template <bool FP16, int BN>
-__device__ __forceinline__ void quantize_activations(const QuantArgs& q, int M, int qw, int qwarps, int lane) {
-  constexpr int DT = FP16 ? fp4c::quant::kF16 : fp4c::quant::kBF16;
-  constexpr int kPairsPerLane = kQuantChunk / 32 / 16;
-  const float gs = fp4c::coherent_load_f32(q.gs);
-  const int band_rows = q.band_tiles * BN;
-  for (int row0 = 0, band = 0; row0 < M; row0 += band_rows, ++band) {
-    const int rows = min(band_rows, M - row0), pairs = (rows + 1) / 2;
-    for (int c = 0; c < q.chunks; ++c) {
-      int written = 0;
-      for (int p = qw; p < pairs; p += qwarps) {
-        const int row = row0 + 2 * p + (lane >> 4);
-        const uint16_t* x_row = static_cast<const uint16_t*>(q.x) + row * q.ldx;
-        uint32_t w[kPairsPerLane][16];
-#pragma unroll
-        for (int h = 0; h < kPairsPerLane; ++h) {
-          const int pair = c * (kQuantChunk / 32) + 16 * h + (lane & 15);
-          if (row < M && 2 * pair < q.kb) fp4c::quant::load_pair_words(x_row, pair, 2 * pair + 1 < q.kb, w[h]);
-        }
-#pragma unroll
-        for (int h = 0; h < kPairsPerLane; ++h) {
-          const int pair = c * (kQuantChunk / 32) + 16 * h + (lane & 15);
-          const bool valid0 = row < M && 2 * pair < q.kb, valid1 = valid0 && 2 * pair + 1 < q.kb;
-          if (!valid0) continue;
-          const fp4c::quant::PairScales ps = fp4c::quant::pair_scales<DT, false>(w[h], gs, nullptr);
-          uint4 chunks[4];
-          fp4c::quant::pair_values<DT, FP16>(w[h], ps, valid1, chunks);
-          uint4* dst =
-              reinterpret_cast<uint4*>(static_cast<uint16_t*>(q.v) + row * q.ldv + 32 * static_cast<int64_t>(pair));
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (i < 2 || valid1) dst[i] = chunks[i];
-        }
-        written += min(2, rows - 2 * p);
-      }
-      if (written == 0) continue;  // (warp-uniform)
-      asm volatile("fence.proxy.async.global;\n" ::: "memory");  // the TMA loads that read them: the async proxy
-      __syncwarp();
-      if (lane == 0) {
-        asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], %1;\n" ::"l"(q.ctl + 1 + band * q.chunks + c),
-                     "r"(written) : "memory");
-      }
-    }
-  }
-}
-
-// The relay warp (the producer warpgroup's last): follows the phases in their order, waits for each one's
-// counter (acquire, GPU scope) and hands the count of phases complete to the producer thread in shared memory
-// (release, CTA scope). The producer thread, which issues the TMA loads, so waits on shared memory only: its
-// own acquire loads of the counters and proxy fence cost 1.2-1.6 us a chunk in an A/B on an H100, also with
-// the quantization skipped (NOTES.md v36).
-__device__ __forceinline__ void relay_phases(const QuantArgs& q, int M, int band_rows, uint32_t ready) {
-  int phase = 0;
-  for (int row0 = 0, band = 0; row0 < M; row0 += band_rows, ++band) {
-    for (int c = 0; c < q.chunks; ++c, ++phase) {
-      wait_count(q.ctl + 1 + band * q.chunks + c, min(band_rows, M - row0), false);
-      asm volatile("st.release.cta.shared::cta.s32 [%0], %1;\n" ::"r"(ready), "r"(phase + 1) : "memory");
-    }
-  }
-}
-
-// After every role of the CTA's producer warpgroup is done with the counters: the last CTA sets them back.
-__device__ __forceinline__ void finish_quantization(const QuantArgs& q, int ctas) {
-  int before;
-  asm volatile("fence.acq_rel.gpu;\natom.relaxed.gpu.global.add.s32 %0, [%1], 1;\n"
-               : "=r"(before) : "l"(q.ctl) : "memory");
-  if (before != ctas - 1) return;
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  for (int i = 0; i < 1 + q.m_tiles * q.chunks; ++i) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(q.ctl + i) : "memory");
 }
 
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
@@ -494,13 +385,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[128], const uint32_t (&a)[4]
 // PERSIST (unsplit, 16-bit output): a 1D grid of at most one CTA per SM loops over the output
 // tiles, weight tiles fastest; the ring runs on across tiles, so the producer loads the next tile
 // while the consumers store the last, and the output is staged in a buffer of its own.
-// QUANT: the launch quantizes its activations itself (QuantArgs; qa unused otherwise).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool QUANT = false>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                       const __grid_constant__ CUtensorMap s_map, const Args args, const QuantArgs qa) {
+                       const __grid_constant__ CUtensorMap s_map, const Args args) {
   static_assert(!(CLUSTER && PERSIST) && (!PERSIST || sizeof(OutT) == 2), "unsupported kernel variant");
-  static_assert(!QUANT || (!CLUSTER && sizeof(OutT) == 2), "unsupported kernel variant");
   using T = Tile<BN, WM, PERSIST>;
   constexpr int S = T::kStages;
   constexpr int G = T::kScaleGroups;
@@ -513,7 +402,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full = staging_s + T::kStagingBytes;   // S mbarriers: stage s loaded
   const uint32_t empty = full + 8 * S;              // S mbarriers: stage s consumed
   const uint32_t scales_free = empty + 8 * S;       // G mbarriers: scale group slot g decoded
-  const uint32_t quant_ready = scales_free + 8 * G;  // QUANT: phases quantized (relay_phases)
   const uint8_t* w_p = smem_raw + (w_s - raw);
   const uint8_t* sc_p = smem_raw + (sc_s - raw);
 
@@ -534,7 +422,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(empty + 8 * s, kConsumerThreads / 32);  // one arrival per consumer warp
     }
     for (int g = 0; g < G; ++g) mbar_init(scales_free + 8 * g, kConsumerThreads / 32);
-    if constexpr (QUANT) asm volatile("st.shared.s32 [%0], 0;\n" ::"r"(quant_ready) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -560,18 +447,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t slot = sc_s + ((group - 1) % G) * T::kScaleGroupBytes;
       if (it >= S) mbar_wait(empty + 8 * s, ((it / S) + 1) & 1);
       if (lane == 0) {
-        if constexpr (QUANT) {  // this chunk of the tile's band quantized (QuantArgs; relay_phases)
-          const int c = kt * kBK / kQuantChunk;
-          if (c < qa.chunks) {
-            const int phase = tile_m0 / (BN * qa.band_tiles) * qa.chunks + c;
-            int done = 0;
-            for (;;) {
-              asm volatile("ld.acquire.cta.shared::cta.s32 %0, [%1];\n" : "=r"(done) : "r"(quant_ready) : "memory");
-              if (done > phase) break;
-              __nanosleep(32);
-            }
-          }
-        }
         const bool scales = args.scale_tma && begins;
         mbar_arrive_expect_tx(full + 8 * s, T::kActBytes + T::kWBytes + (scales ? T::kScaleGroupBytes : 0));
         tma_load_2d(act_s + s * T::kActBytes, &x_map, kt * kBK, tile_m0, full + 8 * s);
@@ -618,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // barriers (otherwise the producer warps leave once done and the consumers sync among themselves).
 
   if (warp >= kConsumerThreads / 32) {  // producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(QUANT ? kQuantProducerRegs : kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (warp == kConsumerThreads / 32) {
       if constexpr (PERSIST) {
         for_each_unit([&](int tile_row0, int tile_m0, int it0, int kt0, int nk, int, int) {
@@ -627,17 +502,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         produce(row0, m0, 0, split_kt0, split_nk);
       }
-    } else if constexpr (QUANT) {
-      const int cta = blockIdx.x + gridDim.x * blockIdx.y, qw = warp - kConsumerThreads / 32 - 1;  // (unsplit)
-      if (qw < kQuantWarps) {
-        quantize_activations<FP16, BN>(qa, args.M, kQuantWarps * cta + qw, kQuantWarps * gridDim.x * gridDim.y, lane);
-      } else if (lane == 0) {
-        relay_phases(qa, args.M, BN * qa.band_tiles, quant_ready);
-      }
-    }
-    if constexpr (QUANT) {
-      asm volatile("bar.sync 2, 128;\n" ::: "memory");  // the warpgroup's producer and quantizers are done
-      if (warp == kConsumerThreads / 32 && lane == 0) finish_quantization(qa, gridDim.x * gridDim.y * gridDim.z);
     }
     if constexpr (CLUSTER) {
       __syncwarp();
@@ -648,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(QUANT ? kQuantConsumerRegs : kConsumerRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
   const int g = lane / 4, t = lane % 4;
   const int wrow = (warp / 4) * 64 * WM + 16 * (warp % 4) + g;  // this thread's first row, tile 0
   float acc[WM][T::kAcc];
@@ -985,18 +849,17 @@ cudaError_t make_weight_maps(CUtensorMap* w_map, CUtensorMap* s_map, const void*
 
 // Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
 // initialisation thread-safe).
-template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST, bool QUANT = false>
+template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST, QUANT>,
+  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                        Tile<BN, WM, PERSIST>::kSmemBytes);
   return attr;
 }
 
-// quant (null: x holds the activations' values already): x is QuantArgs::v, which this launch writes.
 template <bool FP16, int BN, int WM, typename OutT>
 cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args& args, int splits,
-                   const QuantArgs* quant, bool pdl, cudaStream_t stream) {
+                   bool pdl, cudaStream_t stream) {
   using T = Tile<BN, WM>;
   CUtensorMap x_map, w_map, s_map{};
   cudaError_t err = make_map<2>(&x_map, x, CU_TENSOR_MAP_DATA_TYPE_UINT16,
@@ -1013,38 +876,14 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args&
     return cudaErrorInvalidValue;  // a split tail belongs to a persistent launch whose last wave it fills
   }
   const bool clustered = splits > 1 && args.fixup == nullptr;
-  const bool persistent = splits == 1 && sms > 0 && tiles > sms;  // (16-bit outputs) one CTA per SM
-  if (quant != nullptr) {
-    // QUANT instances: the large-M tile, unsplit, 16-bit outputs
-    if constexpr (BN == 256 && WM == 1 && sizeof(OutT) == 2) {
-      if (splits != 1) return cudaErrorInvalidValue;
-      QuantArgs q = *quant;
-      // a band: the M tiles a wave of CTAs starts on (weight tiles vary fastest)
-      const int weight_tiles = static_cast<int>(grid.x), ctas = persistent ? sms : static_cast<int>(tiles);
-      q.band_tiles = std::min(q.m_tiles, (ctas + weight_tiles - 1) / weight_tiles);
-      if (persistent) {
-        err = allow_smem<FP16, BN, WM, OutT, false, true, true>();
-        if (err != cudaSuccess) return err;
-        const fp4c::LaunchConfig config(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
-        return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true, true>, x_map,
-                                  w_map, s_map, args, q);
-      }
-      err = allow_smem<FP16, BN, WM, OutT, false, false, true>();
-      if (err != cudaSuccess) return err;
-      const fp4c::LaunchConfig config(grid, dim3(kThreads), T::kSmemBytes, pdl, stream);
-      return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, false, true>, x_map,
-                                w_map, s_map, args, q);
-    }
-    return cudaErrorInvalidValue;
-  }
-  const QuantArgs none{};
   if constexpr (sizeof(OutT) == 2) {
-    if (persistent) {
+    // more unsplit tiles than SMs: the persistent kernel, one CTA per SM
+    if (splits == 1 && sms > 0 && tiles > sms) {
       err = allow_smem<FP16, BN, WM, OutT, false, true>();
       if (err != cudaSuccess) return err;
-      const fp4c::LaunchConfig config(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
-      return cudaLaunchKernelEx(&config.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
-                                w_map, s_map, args, none);
+      const fp4c::LaunchConfig persistent(dim3(sms), dim3(kThreads), Tile<BN, WM, true>::kSmemBytes, pdl, stream);
+      return cudaLaunchKernelEx(&persistent.config, nvfp4_wgmma_kernel<FP16, BN, WM, OutT, false, true>, x_map,
+                                w_map, s_map, args);
     }
   }
   auto kernel = clustered ? nvfp4_wgmma_kernel<FP16, BN, WM, OutT, true, false>
@@ -1052,45 +891,18 @@ cudaError_t launch(const void* x, int64_t ldx, const void* w, int K, const Args&
   err = clustered ? allow_smem<FP16, BN, WM, OutT, true, false>() : allow_smem<FP16, BN, WM, OutT, false, false>();
   if (err != cudaSuccess) return err;
   const fp4c::LaunchConfig launch(grid, dim3(kThreads), T::kSmemBytes, pdl, stream, clustered ? splits : 0);
-  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args, none);
+  return cudaLaunchKernelEx(&launch.config, kernel, x_map, w_map, s_map, args);
 }
 
 template <bool FP16, typename OutT>
 cudaError_t dispatch_tile(const void* x, int64_t ldx, const void* w, int K, const Args& args, int bn,
-                          int wm, int splits, const QuantArgs* quant, bool pdl, cudaStream_t stream) {
+                          int wm, int splits, bool pdl, cudaStream_t stream) {
 #define FP4C_TILE(BN_, WM_) \
-  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, K, args, splits, quant, pdl, stream);
+  if (bn == BN_ && wm == WM_) return launch<FP16, BN_, WM_, OutT>(x, ldx, w, K, args, splits, pdl, stream);
   FP4C_TILE(32, 1) FP4C_TILE(32, 2) FP4C_TILE(64, 1) FP4C_TILE(64, 2) FP4C_TILE(128, 1) FP4C_TILE(128, 2)
   FP4C_TILE(256, 1)
 #undef FP4C_TILE
   return cudaErrorInvalidValue;
-}
-
-int run_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* ws, int64_t ldws, void* out,
-             int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha, int M, int N, int Np, int K,
-             int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits, int tail_tiles, int tail_splits,
-             const QuantArgs* quant, int pdl, cudaStream_t stream) {
-  if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
-      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 ||
-      reinterpret_cast<uintptr_t>(ws) % 4 || splits < 1 ||
-      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
-      reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const int scale_tma = reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // (TMA's base alignment)
-  const bool through_memory = tail_tiles > 0 || splits > 1;
-  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
-                  (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
-                  through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
-  cudaError_t err;
-  if (x_fp16) {
-    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream)
-                   : dispatch_tile<true, __half>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream);
-  } else {
-    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream)
-                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, K, args, bn, wm, splits, quant, pdl != 0, stream);
-  }
-  return static_cast<int>(err);
 }
 
 }  // namespace
@@ -1114,26 +926,27 @@ int fp4c_nvfp4_wgmma_gemm(const void* x, int64_t ldx, const void* w, int64_t ldw
                           void* out, int64_t ldo, float* fixup, int* tickets, const void* bias, const float* alpha,
                           int M, int N, int Np, int K, int Kp, int x_fp16, int out_fp32, int bn, int wm, int splits,
                           int tail_tiles, int tail_splits, int pdl, cudaStream_t stream) {
-  return run_gemm(x, ldx, w, ldw, ws, ldws, out, ldo, fixup, tickets, bias, alpha, M, N, Np, K, Kp, x_fp16, out_fp32,
-                  bn, wm, splits, tail_tiles, tail_splits, nullptr, pdl, stream);
-}
-
-// The W4A4 GEMM of raw 16-bit activations x (row stride ldx) that quantizes them itself (QuantArgs) into v
-// ([M, K] block values, row stride ldv, both 16-byte aligned rows) with the global scale gs; ctl: 1 + ceil(M / 256)
-// x ceil(K / 512) ints, zero at launch and left zero. The other arguments as fp4c_nvfp4_wgmma_gemm's, with
-// bn 256, wm 1, one split and a 16-bit output in x's type.
-int fp4c_nvfp4_wgmma_gemm_quant(const void* x, int64_t ldx, void* v, int64_t ldv, const float* gs, int* ctl,
-                                const void* w, int64_t ldw, const void* ws, int64_t ldws, void* out, int64_t ldo,
-                                float* fixup, int* tickets, const void* bias, const float* alpha, int M, int N, int Np,
-                                int K, int Kp, int x_fp16, int bn, int wm, int tail_tiles, int tail_splits, int pdl,
-                                cudaStream_t stream) {
-  if (x == nullptr || ldx % 8 || ldv % 8 || reinterpret_cast<uintptr_t>(x) % 16 || gs == nullptr || ctl == nullptr ||
-      bn != 256 || wm != 1 || M < 1 || K < 16) {
+  if (M < 1 || N < 1 || N > Np || Np % 16 || K < 16 || K % 16 || K > Kp || Kp % 256 || ldx % 8 || ldw != Kp / 2 ||
+      ldws != Kp / 16 || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(w) % 16 ||
+      reinterpret_cast<uintptr_t>(ws) % 4 || splits < 1 ||
+      splits > kMaxSplits || tail_tiles < 0 || tail_splits < 1 || (fixup == nullptr) != (tickets == nullptr) ||
+      reinterpret_cast<uintptr_t>(fixup) % 16 || (tail_tiles > 0 && (tail_splits < 2 || fixup == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const QuantArgs quant{x, ldx, v, ldv, gs, ctl, K / 16, (K + kQuantChunk - 1) / kQuantChunk, (M + 255) / 256, 0};
-  return run_gemm(v, ldv, w, ldw, ws, ldws, out, ldo, fixup, tickets, bias, alpha, M, N, Np, K, Kp, x_fp16, 0, bn,
-                  wm, 1, tail_tiles, tail_splits, &quant, pdl, stream);
+  const int scale_tma = reinterpret_cast<uintptr_t>(ws) % 16 == 0;  // (TMA's base alignment)
+  const bool through_memory = tail_tiles > 0 || splits > 1;
+  const Args args{static_cast<const uint8_t*>(ws), out, bias, alpha, ldws, ldo, M, N, Np, Kp,
+                  (K + kBK - 1) / kBK, scale_tma, tail_tiles, tail_tiles > 0 ? tail_splits : 1,
+                  through_memory ? fixup : nullptr, through_memory ? tickets : nullptr};
+  cudaError_t err;
+  if (x_fp16) {
+    err = out_fp32 ? dispatch_tile<true, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<true, __half>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
+  } else {
+    err = out_fp32 ? dispatch_tile<false, float>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream)
+                   : dispatch_tile<false, __nv_bfloat16>(x, ldx, w, K, args, bn, wm, splits, pdl != 0, stream);
+  }
+  return static_cast<int>(err);
 }
 
 #ifdef FP4C_TIMELINE
