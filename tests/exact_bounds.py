@@ -16,7 +16,9 @@ import torch
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 TINY = {torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24, torch.float32: 2.0 ** -149}
-SUM_ORDER = 2.0 ** -16  # fp32 sums of up to about 2^8 partial sums of 2^8 products each, in any order
+# 2^8 of fp32's unit roundoff: the worst case of 256 chained fp32 additions, and far above what the kernels'
+# longer sums lose in practice (a rounding error of random sign per addition: it grows as their length's root)
+SUM_ORDER = 2.0 ** -16
 
 
 def product_and_size(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor | float,
