@@ -147,21 +147,22 @@ def generator(index: int) -> torch.Generator:
     return gen
 
 
-def eager_and_graph(call, case: Case, gen: torch.Generator, check) -> None:
-    """``check(x, call(x), how)`` for the first eager call, a later one and a CUDA-graph replay, each on
-    new activations."""
+def eager_and_graph(call, fresh, check) -> None:
+    """``check(*inputs, call(*inputs), how)`` for the first eager call, a later one and a CUDA-graph replay,
+    each on new inputs: ``fresh()`` draws them (a tuple of tensors, None for an absent one)."""
     for how in ("first eager call", "later eager call"):
-        x = fresh_x(case, gen)
-        check(x, call(x), how)
-    static_x = fresh_x(case, gen)
-    with torch.cuda.device(static_x.device):
+        inputs = fresh()
+        check(*inputs, call(*inputs), how)
+    static = fresh()
+    with torch.cuda.device(static[0].device):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = call(static_x)
-        x = fresh_x(case, gen)
-        static_x.copy_(x)
+            static_out = call(*static)
+        for place, new in zip(static, fresh()):
+            if place is not None:
+                place.copy_(new)
         graph.replay()
-    check(x, static_out, "CUDA-graph replay")
+    check(*static, static_out, "CUDA-graph replay")
 
 
 @pytest.mark.parametrize("index", range(CASES))
@@ -170,7 +171,7 @@ def test_random_linear(index):
     print(f"FP4C_FUZZ_SEED={SEED} case {index}: {case}")
     gen = generator(index)
     layer = make_layer(case, gen)
-    eager_and_graph(lambda x: torch.ops.fp4.linear(x, *layer.args), case, gen,
+    eager_and_graph(lambda x: torch.ops.fp4.linear(x, *layer.args), lambda: (fresh_x(case, gen),),
                     lambda x, out, how: check_linear(case, layer, x, out, how))
 
 
@@ -214,7 +215,8 @@ def test_random_linear_group(index):
         for member, (case, layer, out) in enumerate(zip(cases, layers, outs)):
             check_linear(case, layer, x, out, f"{how}, member {member}")
 
-    eager_and_graph(lambda x: torch.ops.fp4.linear_group(x, *lists, ns, backend), cases[0], gen, check)
+    eager_and_graph(lambda x: torch.ops.fp4.linear_group(x, *lists, ns, backend), lambda: (fresh_x(cases[0], gen),),
+                    check)
 
 
 SILU_ARGMIN = -1.2784645  # where x * sigmoid(x) is least
@@ -258,7 +260,8 @@ def test_random_linear_silu_mul(index):
                         f" against {float(unfused_silu_mul(g, v, dt)[i, j])} (range {float(low[i, j])}.."
                         f"{float(high[i, j])})")
 
-    eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend), case, gen, check)
+    eager_and_graph(lambda x: torch.ops.fp4.linear_silu_mul(x, *lists, case.n, case.backend),
+                    lambda: (fresh_x(case, gen),), check)
 
 
 QUANT_CASES = 12 * SCALE
@@ -309,7 +312,7 @@ def test_random_mm(index):
         assert not out[:, case.n:].any(), f"{where}: the padding columns are not zero"
         assert_within(out[:, :case.n], ref, size, (case.m, case.n), case.dtype, where)
 
-    eager_and_graph(call, case, gen, check)
+    eager_and_graph(call, lambda: (fresh_x(case, gen),), check)
 
 
 NORM_CASES = 12 * SCALE
@@ -379,17 +382,4 @@ def test_random_rms_norm_quantize(index):
         pytest.fail(f"{where} ({how}): {int((~matched).sum())} of {m} rows match no factor within {NORM_ULPS} "
                     f"float32 steps, e.g. row {i}: [{j}] = {float(values[i, j])} against {float(near[j])}")
 
-    for how in ("first eager call", "later eager call"):
-        x, r = fresh()
-        check(x, r, call(x, r), how)
-    static_x, static_r = fresh()
-    with torch.cuda.device(static_x.device):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = call(static_x, static_r)
-        x, r = fresh()
-        static_x.copy_(x)
-        if residual:
-            static_r.copy_(r)
-        graph.replay()
-    check(static_x, static_r, static_out, "CUDA-graph replay")
+    eager_and_graph(call, fresh, check)
