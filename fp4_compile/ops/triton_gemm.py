@@ -564,14 +564,15 @@ def dequant_mm(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     fused kernels. Without it, torch.mm rounds to ``a.dtype`` before alpha and bias (see use_dequant).
     Returns [M, n], a view of a wider result where cuBLASLt needed N padded for the bias.
     """
-    if cublaslt.available(a.device):
-        # a bias with a 16-bit output: N padded for cuBLASLt with the weight's zero rows and zero bias
-        rows = n if bias is None or out_dtype == torch.float32 else round_up(n, cublaslt.BIAS_N_MULTIPLE)
-        wd = dequantize_weight(weight, weight_scale, rows, k, a.dtype)
+    use_cublaslt = cublaslt.available(a.device)
+    # cuBLASLt's bias with a 16-bit output: N padded with the weight's zero rows and a zero bias
+    padded = use_cublaslt and bias is not None and out_dtype != torch.float32
+    rows = round_up(n, cublaslt.BIAS_N_MULTIPLE) if padded else n
+    wd = dequantize_weight(weight, weight_scale, rows, k, a.dtype)
+    if use_cublaslt:
         if rows != n:
             bias = torch.nn.functional.pad(bias.reshape(n), (0, rows - n))
         return cublaslt.gemm_alpha(a, wd, alpha, out_dtype=out_dtype, bias=bias)[:, :n]
-    wd = dequantize_weight(weight, weight_scale, n, k, a.dtype)
     out = torch.mm(a, wd.t()).mul_(alpha)
     if bias is not None:
         out = out.add_(bias)
