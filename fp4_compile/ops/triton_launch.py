@@ -64,7 +64,13 @@ def _cuda_device(args: tuple) -> torch.device | None:
 
 def launch_triton(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     """``kernel[grid](*args, **kwargs)`` on the first tensor argument's device, loading the kernel first if a
-    capture launches it first."""
+    capture launches it first. Eager calls pay for neither where neither applies (entering both on every launch
+    cost 10-17 us of host time a launch over the plain launch on an H100 host; now 3.5-4.4, NOTES.md v37f)."""
     device = _cuda_device(args)
-    with torch.cuda.device(device) if device is not None else contextlib.nullcontext(), module_loads_allowed():
+    if device is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return launch_triton(kernel, grid, *args, **kwargs)
+    if device is None or not torch.cuda.is_current_stream_capturing():
+        return kernel[grid](*args, **kwargs)
+    with module_loads_allowed():
         return kernel[grid](*args, **kwargs)
