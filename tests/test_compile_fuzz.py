@@ -10,16 +10,16 @@ magnitude are drawn afresh each run; the seed is printed, ``FP4C_FUZZ_SEED=<seed
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 from compile_helpers import SWIZZLED, UNSWIZZLED, ExactGlue, patch_padded_backends
+from fuzz_seed import fuzz_seed
 
 from fp4_compile.passes import record_results
 
-SEED = int(os.environ.get("FP4C_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
+SEED = fuzz_seed()
 CASES = 6
 NO_FX_CACHE = {"fx_graph_cache": False}  # a cache hit would skip the pass (and its records)
 
