@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -132,7 +133,7 @@ def fp4_backend(
     *,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
-):
+) -> Callable[..., Any]:
     """torch.compile backend: Inductor's ``compile_fx`` with the NVFP4 fusion pass."""
     from torch._inductor.compile_fx import compile_fx
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
@@ -433,7 +434,7 @@ def fp4_gemm(
     use_asm: bool | None = None,
     return_kernel: bool = False,
     out: torch.Tensor | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """out [M, n] = alpha * a @ w^T (+ bias). ``a`` [M, k] float (A_MODE 0/1) or uint8 [M, >=k/2] (2)."""
     m = a.shape[0]
     dev = a.device

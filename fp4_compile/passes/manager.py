@@ -18,7 +18,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,7 @@ SOURCE_FILES = (
 )
 
 
-def source_hash(paths=SOURCE_FILES) -> str:
+def source_hash(paths: Iterable[str | Path] = SOURCE_FILES) -> str:
     """sha256 over the names and contents of ``paths``."""
     digest = hashlib.sha256()
     for path in paths:
