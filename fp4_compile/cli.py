@@ -402,7 +402,11 @@ def cmd_backends(args: argparse.Namespace) -> int:
                              ("C++ eager fast path of fp4::linear, linear_group, linear_silu_mul, rms_norm_quantize",
                               fast_linear)):
             reason = module.unavailable_reason(index)  # builds it on first use (seconds)
-            print(f"{what}: {'ready' if reason is None else reason}")
+            state = "ready" if reason is None else reason
+            if reason is None and module is cublaslt:
+                name, version = cublaslt.library_info()  # which libcublasLt the shim loaded: torch's own
+                state += f" ({name}, version {version})"
+            print(f"{what}: {state}")
         from .ops.pdl import use_pdl
 
         print("programmatic dependent launch of these kernels: "

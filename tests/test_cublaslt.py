@@ -103,6 +103,16 @@ def gpu_available():
 
 
 @pytest.mark.gpu
+def test_library_info_names_the_loaded_library():
+    """`fp4c backends` shows which libcublasLt the shim loaded: one of torch's CUDA major."""
+    assert gpu_available()
+    name, version = cublaslt.library_info()
+    assert "cublasLt" in name, name
+    major = int(torch.version.cuda.split(".")[0])
+    assert version // 10000 == major, (name, version, torch.version.cuda)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_kind", ["same", "fp32"])
 @pytest.mark.parametrize("with_bias", [False, True])
