@@ -46,7 +46,7 @@ FRESH_PROCESS = textwrap.dedent("""
     args = (wt, wst, gw, (1 / gw).float(), None, n, "marlin")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     eager = [torch.ops.fp4.linear(x, *args) for _ in range(2)]  # warm-up, as before any capture
-    assert not hopper._cuda_gemm(x, wt, m, n, False) , "the captured call should take a Triton kernel"
+    assert not hopper._cuda_gemm(x, wt, m, n, False), "the captured call should take a Triton kernel"
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = torch.ops.fp4.linear(x, *args)
