@@ -4,9 +4,10 @@ The other GPU tests choose shapes that reach each kernel path on purpose. This o
 K, dtype, bias) afresh each run for ``fp4::linear``, ``linear_group``, ``linear_silu_mul``, ``quantize`` and
 ``mm`` (and ``rms_norm_quantize``, with a check of its own), biased toward the dispatch's edges (M = 8/9,
 16/17, 64/65, ...; N and K off the kernels' multiples; the launch table's layer shapes, whose M between grid
-points take the next point's pick), and checks every output element against the float64 product of the quantized operands,
-within one rounding of the output type and what fp32 sums in any order can change (exact_bounds.py), where
-a norm-relative tolerance, as the other tests use, lets a few wrong elements of a large output through.
+points take the next point's pick), and checks every output element against the float64 product of the
+quantized operands, within one rounding of the output type and what fp32 sums in any order can change
+(exact_bounds.py), where a norm-relative tolerance, as the other tests use, lets a few wrong elements of a
+large output through.
 
 Each case runs three ways: the first eager call (the Python dispatch, which records the fast path's
 plan), a second eager call on new activations (the C++ fast path's replay where it has a plan), and a
