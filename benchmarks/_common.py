@@ -122,11 +122,12 @@ def rotating_weights(n: int, k: int, kernels) -> tuple[list, list]:
 
 
 def w4a4_decode_calls(x: torch.Tensor, gx: torch.Tensor, ws: list, alphas: list, n: int, quant: str,
-                      after_quantization: bool = True, library=None) -> list:
+                      after_quantization: bool = True, library=None, gemm_library=None) -> list:
     """W4A4 calls at decode sizes as the backend makes them, one per rotating weight: ``quant`` "codes" (the
     CUDA quantization kernel's activation codes), "cuda" or "triton" (the block values of that kernel), then
     the small-M GEMM behind it, launched with ``after_quantization`` (``cuda_small_m.dependent_launch_mode``).
-    ``library``: another build of the CUDA quantization kernel (``cuda_quant.load_library``)."""
+    ``library``: another build of the CUDA quantization kernel (``cuda_quant.load_library``); ``gemm_library``
+    another build of the small-M kernel (``cuda_small_m.load_library``)."""
     from fp4_compile.ops import cuda_quant, cuda_small_m, triton_quant
 
     k = x.shape[1]
@@ -135,14 +136,14 @@ def w4a4_decode_calls(x: torch.Tensor, gx: torch.Tensor, ws: list, alphas: list,
         if quant == "codes":
             q, s = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True, library=library)
             return cuda_small_m.small_m_gemm(q, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=s, k=k,
-                                             after_quantization=after_quantization)
+                                             after_quantization=after_quantization, library=gemm_library)
         if quant == "triton":
             v = triton_quant.launch_quant_triton(x, gx, cuda_quant.MODE_VALUES, torch.bfloat16, True)
         else:
             v = cuda_quant.quantize(x, gx, cuda_quant.MODE_VALUES, out_dtype=torch.bfloat16, early_trigger=True,
                                     library=library)
         return cuda_small_m.small_m_gemm(v, w[0], w[1], a, n=n, out_dtype=torch.bfloat16,
-                                         after_quantization=after_quantization)
+                                         after_quantization=after_quantization, library=gemm_library)
 
     return [lambda w=w, a=a: call(w, a) for w, a in zip(ws, alphas)]
 

@@ -7,12 +7,15 @@ so that clock drift hits them alike.
     python benchmarks/compare_builds.py --kernel small_m /tmp/old_small_m.cu --cases 28672x4096x1
     python benchmarks/compare_builds.py --kernel small_m --codes /tmp/old_small_m.cu --cases 4096x4096x8
     python benchmarks/compare_builds.py --kernel quant /tmp/old_quant.cu --cases 4096x14336x1
+    python benchmarks/compare_builds.py --kernel small_m --w4a4 triton /tmp/old_small_m.cu --cases 4096x14336x1
 
 Each file is built beside copies of the working tree's headers (``*.cuh``): to compare a change of
 a header, inline the other header into the file. All builds must share the kernel's C signature;
 they run through the package's launcher with the working tree's launch configuration for the case.
 ``--codes``: the small-M kernel on W4A4 activation codes (quantized once, outside the timed graphs),
-else on bf16 activations. ``--kernel quant`` times W4A4 calls at decode sizes, each build's quantization
+else on bf16 activations; ``--w4a4 codes|cuda|triton``: each build's small-M kernel in W4A4 calls as the
+backend makes them, behind that quantization kernel (codes, or the CUDA or Triton kernel's block values),
+which then runs in the timed graphs too. ``--kernel quant`` times W4A4 calls at decode sizes, each build's quantization
 kernel (block values, or codes with ``--codes``) and then the package's small-M kernel on its output,
 launched behind it as the backend does (``_common.w4a4_decode_calls``: its first weight loads before its wait).
 """
@@ -77,9 +80,13 @@ def main():
     ap.add_argument("--cases", help="NxKxM, comma-separated (default: a few per kernel)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--codes", action="store_true", help="small_m: W4A4 on activation codes")
+    ap.add_argument("--w4a4", choices=("codes", "cuda", "triton"),
+                    help="small_m: W4A4 calls, behind this quantization kernel")
     args = ap.parse_args()
     if args.codes and args.kernel == "wgmma":
         ap.error("--codes times the small-M kernel (--kernel small_m or quant)")
+    if args.w4a4 and (args.kernel != "small_m" or args.codes):
+        ap.error("--w4a4 times the small-M kernel behind a quantization kernel (--kernel small_m, without --codes)")
     module = KERNELS[args.kernel]
     info, _, _ = measured_env()
     libraries = {"A": None}  # A: the package's build
@@ -100,10 +107,12 @@ def main():
         alphas = [(1 / gw).float() for _, _, gw in ws]
         x_codes = None
         gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
-        if args.codes or args.kernel == "quant":
+        if args.codes or args.w4a4 or args.kernel == "quant":
             alphas = [(a / gx).float() for a in alphas]
-        if args.kernel == "quant":
-            calls = {name: w4a4_decode_calls(x, gx, ws, alphas, n, "codes" if args.codes else "cuda", library=lib)
+        if args.kernel == "quant" or args.w4a4:
+            quant = args.w4a4 or ("codes" if args.codes else "cuda")
+            replaced = "gemm_library" if args.w4a4 else "library"  # the kernel that the builds replace
+            calls = {name: w4a4_decode_calls(x, gx, ws, alphas, n, quant, **{replaced: lib})
                      for name, lib in libraries.items()}
             outs = [c[0]() for c in calls.values()]
             assert all(torch.equal(o, outs[0]) for o in outs), "the builds' W4A4 outputs differ"
@@ -121,7 +130,7 @@ def main():
         print(row, flush=True)
         del ws
         torch.cuda.empty_cache()
-    name = f"compare_{args.kernel}{'_codes' if args.codes else ''}_builds.json"
+    name = f"compare_{args.kernel}{'_codes' if args.codes else ''}{f'_w4a4_{args.w4a4}' if args.w4a4 else ''}_builds.json"
     path = write_json(name, {"env": info, "others": args.others, "rows": rows})
     print_table(rows, list(rows[0]),
                 title=f"{args.kernel} kernel, working tree (A) against {args.others} (B0...) -> {path}")
