@@ -6,7 +6,11 @@ call; the three graphs of a cell are replayed in turns, so that clock drift unde
 hits them alike; eager time too (through torch.ops.fp4.linear, as the layers call it; same rotation). Weight-byte bandwidth is NVFP4 weight +
 scale bytes over time, against the measured device copy bandwidth (bytes read + written).
 
-python benchmarks/bench_linear.py [--ms 1,16,...] [--shapes 0,1,2,3] [--quick]
+Every call of a cell reads the same activations x (in L2 from call to call where it fits, as a layer's input
+just written by the kernel before would be); ``--rotate-x`` gives each call its own (NOTES.md v40f: the same
+times within run-to-run noise at M = 1024 and 4096).
+
+python benchmarks/bench_linear.py [--ms 1,16,...] [--shapes 0,1,2,3] [--no-eager] [--no-emulation] [--rotate-x]
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def main():
     ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--no-eager", action="store_true")
     ap.add_argument("--no-emulation", action="store_true")
+    ap.add_argument("--rotate-x", action="store_true",
+                    help="each call of a graph its own activations too (else every call reads the same x, which "
+                         "stays in L2 from call to call where it fits, as a layer's input just written does)")
     args = ap.parse_args()
     info, bw, tf = measured_env()
     rows = []
@@ -60,13 +67,17 @@ def main():
         ws, wb = rotating_weights(n, k, TRITON_W4A4)
         pw0, sw0 = TRITON_W4A4.restore_weight(ws[0][0], ws[0][1], n, k)
         for m in [int(v) for v in args.ms.split(",")]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(max(len(ws), len(wb)) if args.rotate_x else 1)]
+            x = xs[0]
+            gx = F.global_scale_from_amax(torch.stack([v.float().abs().amax() for v in xs]).amax()).reshape(1)
             alphas = [(1 / (gx * gw)).float() for _, _, gw in ws]
             inv_gw = [(1 / gw).float() for _, _, gw in ws]
-            bf16 = [lambda w=w: x @ w.t() for w in wb]
-            w4a4 = [lambda w=w, a=a: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n) for w, a in zip(ws, alphas)]
-            w4a16 = [lambda w=w, a=a: MARLIN.linear(x, w[0], w[1], None, a, None, n) for w, a in zip(ws, inv_gw)]
+            bf16 = [lambda w=w, x=xs[i % len(xs)]: x @ w.t() for i, w in enumerate(wb)]
+            w4a4 = [lambda w=w, a=a, x=xs[i % len(xs)]: TRITON_W4A4.linear(x, w[0], w[1], gx, a, None, n)
+                    for i, (w, a) in enumerate(zip(ws, alphas))]
+            w4a16 = [lambda w=w, a=a, x=xs[i % len(xs)]: MARLIN.linear(x, w[0], w[1], None, a, None, n)
+                     for i, (w, a) in enumerate(zip(ws, inv_gw))]
             r = {"shape": f"{n}x{k}", "n": n, "k": k, "m": m}
             times = time_graphs_us({"bf16": bf16, "w4a4": w4a4, "w4a16": w4a16})  # in turns: same clocks
             r.update({f"{key}_us": t for key, t in times.items()})
