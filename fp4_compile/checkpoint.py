@@ -110,7 +110,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor names, dtypes and shapes of a safetensors file, from its header only.
 
     Also checks that every tensor's byte range lies inside the file (a truncated file
-    fails here, before anything is loaded).
+    fails here, before anything is loaded), and that the ranges tile the data as safetensors
+    requires (one after another, no gap, no overlap).
     """
     path = Path(path)
     try:
@@ -131,6 +132,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     out = {}
+    ranges: list[tuple[int, int, str]] = []
     data_size = size - 8 - n
     for name, entry in header.items():
         try:
@@ -149,6 +151,16 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"({expected} expected)"
             )
         out[name] = TensorInfo(dtype, shape, path)
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            raise CheckpointError(f"tensor '{name}' in {path}: its data starts at byte {begin} where the tensors "
+                                  f"before it end at byte {position} (a corrupt header: tensors overlap or leave a gap)")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{path}: its tensors hold {position} bytes but the file has {data_size} bytes of "
+                              f"tensor data (a corrupt header)")
     return out
 
 
@@ -643,6 +655,12 @@ def load_nvfp4(
 
     path = check_model_dir(model_dir)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device is available here")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     config = _read_json(path / "config.json")
     scheme = read_quant_scheme(path, config)
     if scheme is None:
@@ -1083,7 +1101,8 @@ def merge_nvfp4_linears(
     smallest multiplier ``g`` (the largest amax) and re-rounds each partition's block
     scales to ``sf * g / g_p`` in e4m3, keeping the e2m1 codes: exact when every ratio
     ``g / g_p`` is a power of two (and no scale leaves e4m3's range), otherwise each
-    weight moves by at most the rounding of its block scale (< 1/16 relative), which the
+    weight moves by the rounding of its block scale: < 1/16 relative for normal e4m3 scales, more
+    for scales that fall into e4m3's subnormal range (down to a block flushed to zero), which the
     returned :class:`MergeReport` measures. vLLM instead takes ``max()`` of the global
     scales without touching the block scales (its issue 54974), which scales whole
     partitions wrongly. Quantizing with :func:`quantize_transformers_model` gives the

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,26 @@ def _calibration_batches(args: argparse.Namespace, src: Path, vocab_size: int) -
             for _ in range(n_batches)]
 
 
+def _check_quantize_options(args: argparse.Namespace, device) -> None:
+    """What `fp4c quantize` can refuse before it loads SRC and calibrates (minutes on a large model)."""
+    from .backends import resolve_backend
+    from .checkpoint import _parse_size
+
+    if args.dynamic and args.format == "modelopt":
+        raise UsageError("--format modelopt needs calibrated (static) activation scales: drop --dynamic")
+    try:
+        _parse_size(args.max_shard_size)
+    except ValueError:
+        raise UsageError(f"--max-shard-size {args.max_shard_size!r}: use e.g. 5GB, 500MB or a byte count") from None
+    for pattern in args.ignore or ():
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise UsageError(f"--ignore {pattern!r}: not a regular expression ({e})") from None
+    resolve_backend(args.backend, device)  # an unknown or unavailable backend: BackendError, now
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     import transformers
@@ -151,6 +172,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     _check_positive(args, "num_samples", "batch", "seq_len")
     _check_device(args)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_quantize_options(args, device)
     src = check_model_dir(args.src)
     out = Path(args.out).expanduser().absolute()
     if out.exists() and not args.overwrite:
@@ -166,7 +189,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{src}: transformers cannot load it: {str(e).strip().splitlines()[0]}") from None
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     calib = _calibration_batches(args, src, model.config.vocab_size)
     if calib is not None:
@@ -455,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: lm_head and MoE routers)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype to load SRC in (default bfloat16)")
-    p.add_argument("--backend", help="NVFP4 GEMM backend for calibration (default: the best available)")
+    p.add_argument("--backend", help="NVFP4 backend of the quantized layers before they are saved (the checkpoint "
+                                      "is the same for every backend; default: the best available)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size of the safetensors files (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

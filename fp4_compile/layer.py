@@ -113,6 +113,20 @@ class NVFP4Linear(nn.Module):
         """Re-lay the weight out for ``backend`` (or the best one for the weight's device)."""
         convert_to_kernel_format(resolve_backend(backend, self.weight.device), self)
 
+    # The format's buffers keep their dtypes through ``model.to(dtype)``, ``.half()`` or ``.bfloat16()``, which
+    # would cast the e4m3 scales and round the float32 global scales (the layer then unusable): those calls
+    # only move them. The bias is cast with the model, as nn.Linear's would be.
+    _FORMAT_BUFFERS = ("weight_scale", "weight_global_scale", "input_global_scale", "alpha")
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "NVFP4Linear":
+        before = {name: self._buffers[name] for name in self._FORMAT_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt.check_float_input(x)
         if x.shape[-1] != self.in_features:
@@ -122,6 +136,9 @@ class NVFP4Linear(nn.Module):
         if x2.shape[0] == 0:  # nothing to quantize (an amax of no values is undefined)
             return x.new_zeros(*lead, self.out_features)
         backend = self.backend.value
+        bias = self.bias  # the output is in x's dtype, so is the bias it adds (one dtype on every path)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self.semantics == "W4A16":
             global_scale, alpha = self.weight_global_scale, self.alpha
         elif self.input_global_scale is None:
@@ -133,7 +150,7 @@ class NVFP4Linear(nn.Module):
             # W4A16 has the fused op only. W4A4 run eagerly on a GPU takes it too (what
             # torch.compile(backend="fp4") makes of the chain below): the Hopper fast path replays its
             # eager calls in C++ (ops/fast_linear.py).
-            out = torch.ops.fp4.linear(x2, self.weight, self.weight_scale, global_scale, alpha, self.bias,
+            out = torch.ops.fp4.linear(x2, self.weight, self.weight_scale, global_scale, alpha, bias,
                                        self.out_features, backend)
             return out.reshape(*lead, self.out_features)
         # The unfused chain; torch.compile(backend="fp4") fuses it into one fp4::linear.
@@ -144,8 +161,8 @@ class NVFP4Linear(nn.Module):
         out = torch.ops.fp4.mm(a, a_scale, self.weight, self.weight_scale, alpha, x.dtype, backend)
         if out.shape[1] != self.out_features:
             out = out[:, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias
+        if bias is not None:
+            out = out + bias
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -198,13 +215,15 @@ def quantize_model(
     weight_global_scales: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """Replace every eligible ``nn.Linear`` of ``model`` by an :class:`NVFP4Linear`, in place.
+    """Replace every eligible ``nn.Linear`` of ``model`` by an :class:`NVFP4Linear`, in place, and return
+    ``model`` (where ``model`` is itself an ``nn.Linear``: its NVFP4Linear, as a module cannot replace itself).
 
     ``filter_fn(name, linear)`` chooses layers; layers whose in_features is not a multiple
     of 16 are skipped with a logged reason. With ``calibration_data`` (an iterable of
     model inputs) activation global scales are static (calibrated amax); otherwise dynamic.
     ``weight_global_scales`` (layer name -> scale) overrides the per-layer weight amax, e.g.
-    to give partitions that engines fuse (q/k/v) one global scale.
+    to give partitions that engines fuse (q/k/v) one global scale. Every layer is quantized before
+    any is replaced: a layer that cannot be (a non-finite weight) raises, naming it, with ``model`` as it was.
     """
     from tqdm.auto import tqdm
 
@@ -219,13 +238,20 @@ def quantize_model(
             continue
         linears[name] = module
     amax = calibrate_input_amax(model, linears, calibration_data) if calibration_data is not None else {}
+    quantized: dict[str, NVFP4Linear] = {}
     for name, linear in tqdm(linears.items(), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
         input_gs = fmt.global_scale_from_amax(amax[name]) if name in amax else None
         if calibration_data is not None and name not in amax:
             logger.info("%s saw no calibration data: dynamic activation scale", name)
         weight_gs = (weight_global_scales or {}).get(name)
-        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
-                                      weight_global_scale=weight_gs)
+        try:
+            quantized[name] = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
+                                                      weight_global_scale=weight_gs)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name or type(model).__name__}: {e}") from e
+    if "" in quantized:
+        return quantized[""]
+    for name, new in quantized.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     share_equal_activation_scales(model)

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -398,6 +399,34 @@ def test_truncated_file(saved, no_tensor_reads):
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="truncated"):
         load_nvfp4(saved, device="cpu")
+
+
+def test_shifted_data_offsets(saved, no_tensor_reads):
+    """A header whose byte ranges stay inside the file but overlap (or leave a gap) is refused before any
+    tensor is read, as safetensors itself would refuse it later."""
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin - 1, end - 1]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match=f"'{name}'.*overlap or leave a gap"):
+        load_nvfp4(saved, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"dtype": torch.int8}, TypeError, "dtype must be float32, bfloat16 or float16"),
+    ({"device": "meta"}, ValueError, "CPU or CUDA device"),
+    pytest.param({"device": "cuda"}, ValueError, "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")),
+])
+def test_load_refuses_bad_arguments(saved, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load_nvfp4(saved, **kwargs)
 
 
 def test_missing_shard(quantized, tmp_path, no_tensor_reads):

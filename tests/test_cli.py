@@ -105,6 +105,20 @@ def test_not_a_model_is_one_line_exit_2(capsys, tmp_path, argv):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (("--dynamic", "--format", "modelopt"), "needs calibrated (static) activation scales"),
+    (("--max-shard-size", "bogus"), "--max-shard-size 'bogus'"),
+    (("--ignore", "re:["), "not a regular expression"),
+    (("--backend", "nope"), "unknown NVFP4 backend"),
+])
+def test_quantize_refuses_bad_options_before_loading(capsys, tmp_path, options, message):
+    """Refused in one line before SRC is read (here SRC does not even exist), not after minutes of loading,
+    calibrating and quantizing."""
+    code, _, err = run(capsys, "quantize", str(tmp_path / "missing"), str(tmp_path / "out"), *options)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_quantize_with_calibration_text(capsys, dense_dir, tmp_path):
     text = tmp_path / "calib.txt"
     g = torch.Generator().manual_seed(0)

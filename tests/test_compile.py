@@ -66,6 +66,24 @@ def test_compiled_equals_eager_exactly(grad_mode):
     assert not graph.unfused
 
 
+def test_grad_mode_compiles_fused_and_only_running_the_backward_raises():
+    """With grad on and an input (or any parameter) needing a gradient, AOT autograd traces the backward
+    while compiling (README's Hugging Face example: embeddings and norms need gradients). The forward must
+    compile, fused and exact, and only a backward that runs raise."""
+    torch.manual_seed(0)
+    model = ExactGlue()
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    with record_results() as results:
+        out = torch.compile(model, backend="fp4", fullgraph=True, options=NO_FX_CACHE)(x)
+    expected = model(x)
+    assert torch.equal(out, expected) and out.requires_grad
+    assert sorted(i.module for graph in results for i in graph.fused) == ["a", "b", "c"]
+    assert not any(graph.unfused for graph in results)
+    for y in (out, expected):
+        with pytest.raises(RuntimeError, match="fp4::.* has no backward"):
+            y.sum().backward()
+
+
 def test_padded_swizzled_backend_compiles_exactly(monkeypatch):
     patch_padded_backends(monkeypatch)
     torch.manual_seed(1)

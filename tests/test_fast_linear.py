@@ -194,8 +194,9 @@ def test_calls_it_cannot_replay_take_the_python_path(seed):
     wide = torch.zeros(x.shape[0], x.shape[1] + 4, device=DEV, dtype=torch.bfloat16)
     wide[:, :x.shape[1]] = x
     assert torch.equal(torch.ops.fp4.linear(wide[:, :x.shape[1]], *p.args), ref)
-    # a bias in another dtype
-    assert torch.equal(torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias.float(), n, backend), ref)
+    # a bias in another dtype: refused by the Python path (the output, and so the bias, is in x's dtype)
+    with pytest.raises(TypeError, match="bias must have x's dtype"):
+        torch.ops.fp4.linear(x, wt, wst, gs, alpha, bias.float(), n, backend)
     # fp32 activations (their own key, never recorded)
     torch.ops.fp4.linear(x.float(), wt, wst, gs, alpha, bias.float(), n, backend)
     assert fast_linear.replayed_calls() == before

@@ -87,6 +87,39 @@ def test_non_finite_input_is_not_finite(seed):
     assert not out[0].isfinite().any() and out[1].isfinite().all()
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()])
+def test_module_casts_keep_the_format_buffers(seed, cast):
+    """``model.to(dtype)`` / ``.half()`` cast the bias, as nn.Linear's, but not the e4m3 block scales or the
+    float32 global scales and alpha (a cast would round them and leave the layer unusable)."""
+    lin = nn.Linear(64, 24)
+    layer = NVFP4Linear.from_linear(lin, input_global_scale=3.0)
+    before = {name: getattr(layer, name).clone() for name in ("weight", "weight_scale", "weight_global_scale",
+                                                                "input_global_scale", "alpha")}
+    cast(layer)
+    for name, value in before.items():
+        now = getattr(layer, name)
+        assert now.dtype == value.dtype and torch.equal(now.view(torch.uint8), value.view(torch.uint8)), name
+    dtype = layer.bias.dtype
+    assert dtype in (torch.bfloat16, torch.float16, torch.float32)
+    x = torch.randn(3, 64).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    assert _rel(out, _reference_w4a4(x.float(), lin, layer.input_global_scale)) < 1e-2
+
+
+def test_bias_of_another_dtype_follows_the_input(seed):
+    """A float32 layer fed bf16: the output is bf16 on every path, with the bias cast to it (the fused op
+    refuses a bias of another dtype)."""
+    lin = nn.Linear(64, 24)
+    layer = NVFP4Linear.from_linear(lin, input_global_scale=3.0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    no_bias = NVFP4Linear.from_linear(nn.Linear(64, 24, bias=False), input_global_scale=3.0)
+    no_bias.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "bias"})
+    assert torch.equal(out, no_bias(x) + layer.bias.to(torch.bfloat16))
+
+
 def test_layer_bad_input():
     with pytest.raises(ValueError, match="multiple of 16"):
         NVFP4Linear.from_linear(nn.Linear(24, 8))
@@ -160,6 +193,23 @@ def test_quantize_model_keeps_outputs_close(seed, calibrated, caplog):
     cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
     print(f"quantize_model cosine similarity (calibrated={calibrated}): {cos:.4f}")
     assert cos > 0.97
+
+
+def test_quantize_model_of_a_bare_linear_returns_the_nvfp4_layer(seed):
+    lin = nn.Linear(64, 24)
+    out = quantize_model(lin, progress=False)
+    assert isinstance(out, NVFP4Linear) and not list(lin.children())
+    x = torch.randn(2, 64)
+    assert _rel(out(x), _reference_w4a4(x, lin)) < 1e-6
+
+
+def test_quantize_model_replaces_nothing_when_a_layer_fails(seed):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 16)))
+    with torch.no_grad():
+        model[2][0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^2\.0: .*non-finite"):
+        quantize_model(model, progress=False)
+    assert [type(m) for m in (model[0], model[2][0])] == [nn.Linear, nn.Linear]
 
 
 def test_quantize_model_filter(seed):

@@ -91,6 +91,16 @@ def test_backward_raises_with_a_clear_error(seed):
         assert not torch.ops.fp4.linear(x, wq, ws, gs_x, alpha, None, 32, "emulation").requires_grad
 
 
+def test_a_bias_of_another_dtype_fails_to_compile_not_silently():
+    """The fake kernel promises x's dtype: a bias of another dtype (whose sum would promote) is refused while
+    compiling, not computed in a dtype the compiled graph does not expect."""
+    x, wq, ws, gs_x, _, alpha = _operands(4, 32, 64, dtype=torch.bfloat16)
+    bias = torch.randn(32)  # float32
+    with pytest.raises(Exception, match="bias must have x's dtype"):
+        torch.compile(lambda v: torch.ops.fp4.linear(v, wq, ws, gs_x, alpha, bias, 32, "emulation") * 2,
+                      backend="fp4")(x)
+
+
 def test_fake_kernels_symbolic_m():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -122,6 +132,10 @@ def test_fake_kernels_symbolic_m():
                                       torch.zeros(4, 2, dtype=torch.float8_e4m3fn), torch.ones(1), torch.ones(1),
                                       torch.ones(3), 4, "emulation"),
          ValueError, "bias must have shape"),
+        (lambda: torch.ops.fp4.linear(torch.randn(2, 32, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.uint8),
+                                      torch.zeros(4, 2, dtype=torch.float8_e4m3fn), torch.ones(1), torch.ones(1),
+                                      torch.ones(4), 4, "emulation"),
+         TypeError, "bias must have x's dtype"),
     ],
 )
 def test_op_bad_input(call, err, match):

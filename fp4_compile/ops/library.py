@@ -34,20 +34,34 @@ def _below_autograd(op: torch._ops.OpOverload, keyset, args: tuple):
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+def _no_backward_message(op_name: str) -> str:
+    return (f"{op_name} has no backward: the NVFP4 layers are for inference "
+            "(run them under torch.no_grad() or torch.inference_mode())")
+
+
 class _NoBackward(torch.autograd.Function):
-    """Runs an op below autograd and gives its outputs a backward that raises."""
+    """Runs an op below autograd and gives its outputs a backward that raises when it runs.
+
+    The backward is ``fp4::_no_backward`` per input that needs a gradient, not a raise in Python: AOT
+    autograd traces the backward while compiling a model whose output needs a gradient (any other
+    parameter does, in grad mode), and that trace (on fake tensors) must succeed; only running it
+    raises. It depends on the output's gradient alone, so the forward saves nothing for it."""
 
     @staticmethod
     def forward(ctx, op: torch._ops.OpOverload, keyset, *args):
-        ctx.op = op
+        name = op._schema.name  # the op the user called, not its Python twin (fp4::_<op>_python)
+        ctx.op_name = name[:-len("_python")].replace("::_", "::", 1) if name.endswith("_python") else name
+        ctx.inputs = [(a.shape, a.dtype) if isinstance(a, Tensor) else None for a in args]
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros made from nothing
         return _below_autograd(op, keyset, args)
 
     @staticmethod
     def backward(ctx, *grads):
-        name = ctx.op._schema.name  # the op the user called, not its Python twin (fp4::_<op>_python)
-        name = name[:-len("_python")].replace("::_", "::", 1) if name.endswith("_python") else name
-        raise RuntimeError(f"{name} has no backward: the NVFP4 layers are for inference "
-                           "(run them under torch.no_grad() or torch.inference_mode())")
+        grad = next((g for g in grads if g is not None), None)
+        if grad is None:
+            return (None,) * (2 + len(ctx.inputs))
+        return (None, None, *(torch.ops.fp4._no_backward(grad, *ctx.inputs[i], ctx.op_name) if needs else None
+                              for i, needs in enumerate(ctx.needs_input_grad[2:])))
 
 
 def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
@@ -63,8 +77,7 @@ def _inference_autograd(op: torch._ops.OpOverload) -> Callable:
                     return _NoBackward.apply(op, keyset, *args)
             elif torch._C._any_requires_grad(*(t for a in args for t in (a if isinstance(a, list) else (a,))
                                                if isinstance(t, torch.Tensor))):
-                raise RuntimeError(f"{op._schema.name} has no backward: the NVFP4 layers are for inference "
-                                   "(run them under torch.no_grad() or torch.inference_mode())")
+                raise RuntimeError(_no_backward_message(op._schema.name))
         return _below_autograd(op, keyset, args)
     return kernel
 
@@ -83,6 +96,22 @@ def _define(schema: str, fake: Callable) -> Callable:
         torch.library.register_fake(f"fp4::{name}", fake, lib=_LIB)
         return fn
     return register
+
+
+def _no_backward_fake(grad: Tensor, shape: list[int], dtype: torch.dtype, op: str) -> Tensor:
+    return grad.new_empty(shape, dtype=dtype)
+
+
+# The gradient of an input of ``op`` (``shape``, ``dtype``): raises when it runs (_NoBackward).
+_LIB.define("_no_backward(Tensor grad, SymInt[] shape, ScalarType dtype, str op) -> Tensor")
+
+
+def _no_backward(grad: Tensor, shape: list[int], dtype: torch.dtype, op: str) -> Tensor:
+    raise RuntimeError(_no_backward_message(op))
+
+
+_LIB.impl("_no_backward", _no_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("fp4::_no_backward", _no_backward_fake, lib=_LIB)
 
 
 def _check_activation(x: Tensor, global_scale: Tensor) -> None:
@@ -156,7 +185,18 @@ def mm(
     return kernels_for(backend).mm(a, a_scale, weight, weight_scale, alpha, out_dtype)
 
 
+def _check_bias(x: Tensor, bias: Tensor | None, out_features: int) -> None:
+    """A linear's bias: [out_features] in x's dtype (the output's: the fake kernels promise it)."""
+    if bias is None:
+        return
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias must have x's dtype {x.dtype} (the output's), got {bias.dtype}")
+
+
 def _linear_fake(x, weight, weight_scale, input_global_scale, alpha, bias, out_features, backend):
+    _check_bias(x, bias, out_features)
     return x.new_empty((x.shape[0], out_features))
 
 
@@ -185,8 +225,7 @@ def _check_linear(x, weight, weight_scale, input_global_scale, alpha, bias, out_
     _check_activation(x, input_global_scale)
     _check_weight(weight, weight_scale, alpha)
     fmt.check_same_device(x=x, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    _check_bias(x, bias, out_features)
     parse_backend(backend)
 
 
@@ -196,6 +235,8 @@ _define("_linear_python" + _LINEAR_ARGS, _linear_fake)(linear)
 
 
 def _linear_group_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend):
+    for bias, n in zip(biases, out_features, strict=True):
+        _check_bias(x, bias, n)
     return [x.new_empty((x.shape[0], n)) for n in out_features]
 
 
@@ -258,6 +299,8 @@ _define("_linear_group_python" + _LINEAR_GROUP_ARGS, _linear_group_fake)(linear_
 
 
 def _linear_silu_mul_fake(x, weights, weight_scales, input_global_scales, alphas, biases, out_features, backend):
+    for bias in biases:
+        _check_bias(x, bias, out_features)
     return x.new_empty((x.shape[0], out_features))
 
 
