@@ -75,9 +75,7 @@ class NVFP4Linear(nn.Module):
         weight_global_scale: torch.Tensor | float | None = None,
     ) -> "NVFP4Linear":
         """Quantize an ``nn.Linear``'s weight (global scale from its amax unless given)."""
-        weight = linear.weight.detach()
-        fmt.check_float_input(weight, "linear.weight")
-        fmt.check_finite(weight, "linear.weight")
+        weight = _checked_weight(linear)
         if weight_global_scale is None:
             gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
         else:
@@ -173,6 +171,14 @@ class NVFP4Linear(nn.Module):
         )
 
 
+def _checked_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight of a linear that NVFP4 can represent (floating point and finite), detached."""
+    weight = linear.weight.detach()
+    fmt.check_float_input(weight, "linear.weight")
+    fmt.check_finite(weight, "linear.weight")
+    return weight
+
+
 def _call_model(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, dict):
         model(**batch)
@@ -222,8 +228,9 @@ def quantize_model(
     of 16 are skipped with a logged reason. With ``calibration_data`` (an iterable of
     model inputs) activation global scales are static (calibrated amax); otherwise dynamic.
     ``weight_global_scales`` (layer name -> scale) overrides the per-layer weight amax, e.g.
-    to give partitions that engines fuse (q/k/v) one global scale. Every layer is quantized before
-    any is replaced: a layer that cannot be (a non-finite weight) raises, naming it, with ``model`` as it was.
+    to give partitions that engines fuse (q/k/v) one global scale. Every layer is checked before any is
+    replaced: one that cannot be quantized (a non-finite weight or scale) raises, naming it, with ``model``
+    as it was. Each is then replaced as soon as it is quantized, so that its dense weight can go.
     """
     from tqdm.auto import tqdm
 
@@ -238,20 +245,28 @@ def quantize_model(
             continue
         linears[name] = module
     amax = calibrate_input_amax(model, linears, calibration_data) if calibration_data is not None else {}
-    quantized: dict[str, NVFP4Linear] = {}
-    for name, linear in tqdm(linears.items(), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
-        input_gs = fmt.global_scale_from_amax(amax[name]) if name in amax else None
-        if calibration_data is not None and name not in amax:
-            logger.info("%s saw no calibration data: dynamic activation scale", name)
-        weight_gs = (weight_global_scales or {}).get(name)
+    scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    for name, linear in linears.items():
         try:
-            quantized[name] = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
-                                                      weight_global_scale=weight_gs)
+            _checked_weight(linear)
+            input_gs = None
+            if name in amax:
+                input_gs = _as_global_scale(fmt.global_scale_from_amax(amax[name]), "input_global_scale",
+                                            linear.weight.device)
+            weight_gs = (weight_global_scales or {}).get(name)
+            if weight_gs is not None:
+                weight_gs = _as_global_scale(weight_gs, "weight_global_scale", linear.weight.device)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name or type(model).__name__}: {e}") from e
-    if "" in quantized:
-        return quantized[""]
-    for name, new in quantized.items():
+        scales[name] = input_gs, weight_gs
+        if calibration_data is not None and name not in amax:
+            logger.info("%s saw no calibration data: dynamic activation scale", name)
+    for name, linear in tqdm(linears.items(), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
+        input_gs, weight_gs = scales[name]
+        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
+                                      weight_global_scale=weight_gs)
+        if not name:  # the model is this linear
+            return new
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     share_equal_activation_scales(model)
