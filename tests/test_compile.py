@@ -84,6 +84,19 @@ def test_grad_mode_compiles_fused_and_only_running_the_backward_raises():
             y.sum().backward()
 
 
+def test_a_python_scalar_added_to_the_output_is_not_a_bias():
+    """``lin(x) + 1.0`` (the add's operand a literal in the graph, not a node) compiles; the linear fuses and
+    the add stays."""
+    torch.manual_seed(0)
+    lin = NVFP4Linear.from_linear(torch.nn.Linear(64, 32, bias=False), input_global_scale=2.0)
+    x = torch.randn(5, 64)
+    with torch.no_grad(), record_results() as results:
+        out = torch.compile(lambda v: lin(v) + 1.0, backend="fp4", options=NO_FX_CACHE)(x)
+        assert torch.equal(out, lin(x) + 1.0)
+    (graph,) = results
+    assert [i.bias for i in graph.fused] == [False] and not graph.unfused
+
+
 def test_padded_swizzled_backend_compiles_exactly(monkeypatch):
     patch_padded_backends(monkeypatch)
     torch.manual_seed(1)

@@ -206,6 +206,9 @@ def _trace_pattern(search: Callable, variant: Variant):
 
 
 def _val(node):
+    """A node's (fake) value; a literal argument (say the Python float of ``out + 1.0``) is its own value."""
+    if not isinstance(node, torch.fx.Node):
+        return node
     return node.meta["val"] if "val" in node.meta else node.meta.get("example_value")
 
 
@@ -244,9 +247,9 @@ def match_problems(match: Match) -> list[str]:
         problems.append(f"slice [:, :{n}] is outside the GEMM's {weight.shape[0]} columns")
     if "bias" in kw:
         bias = _val(kw["bias"])
-        if bias is None or tuple(bias.shape) != (n,):
-            shape = None if bias is None else tuple(bias.shape)
-            problems.append(f"the add's operand has shape {shape}, not a bias of shape ({n},)")
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            what = f"shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else f"value {bias!r}"
+            problems.append(f"the add's operand has {what}, not a bias of shape ({n},)")
         elif bias.dtype != x.dtype:
             problems.append(f"the bias is {bias.dtype} but the output is {x.dtype}")
     return problems
