@@ -84,6 +84,29 @@ def test_grad_mode_compiles_fused_and_only_running_the_backward_raises():
             y.sum().backward()
 
 
+def test_grad_mode_fuses_linears_of_one_input():
+    """q/k/v-like linears of one input with one static scale: in grad mode the joint graph's CSE merges their
+    quantizations, which the pass splits again, so that all of them fuse (and group at a small constant M)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    heads = [torch.nn.Linear(64, n) for n in (64, 32, 32)]
+    quantized = [NVFP4Linear.from_linear(h, input_global_scale=2.5) for h in heads]
+    gs = quantized[0].input_global_scale
+    for q in quantized[1:]:
+        q.input_global_scale = gs
+
+    def forward(x):
+        h = model(x)
+        return [q(h) for q in quantized]
+
+    x = torch.randn(3, 64)
+    with record_results() as results:
+        outs = torch.compile(forward, backend="fp4", options=NO_FX_CACHE)(x)
+    for out, expected in zip(outs, forward(x)):
+        assert torch.equal(out, expected)
+    assert sum(len(graph.fused) for graph in results) == 3 and not any(graph.unfused for graph in results)
+
+
 def test_a_python_scalar_added_to_the_output_is_not_a_bias():
     """``lin(x) + 1.0`` (the add's operand a literal in the graph, not a node) compiles; the linear fuses and
     the add stays."""

@@ -173,6 +173,27 @@ def test_second_user_of_quantized_activation_blocks_fusion(caplog):
     assert "another user" in caplog.text
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_one_quantization_of_several_chains_is_split_and_each_fuses(pad):
+    """In grad mode AOT autograd's CSE merges the identical quantizations of linears of one input (q/k/v with
+    one scale) into one node feeding several fp4.mm: each gets its own copy, and every chain fuses."""
+    x, first = _chain_inputs()
+    second = NVFP4Linear.from_linear(torch.nn.Linear(64, 24, bias=False), input_global_scale=2.0)
+
+    def fn(x, gs, w1, ws1, alpha1, bias1, w2, ws2, alpha2):
+        a, s = torch.ops.fp4.quantize(x, gs)
+        if pad:  # one fp4.pad_k shared too (to the weights' K: a copy)
+            a = torch.ops.fp4.pad_k(a, 64)
+        return (torch.ops.fp4.mm(a, s, w1, ws1, alpha1, x.dtype, "emulation") + bias1,
+                torch.ops.fp4.mm(a, s, w2, ws2, alpha2, x.dtype, "emulation"))
+
+    _, after, result = _graph(fn, x, first.input_global_scale, first.weight, first.weight_scale, first.alpha,
+                              first.bias, second.weight, second.weight_scale, second.alpha)
+    assert not after[QUANTIZE] and not after[MM] and not after[PAD_K]
+    assert [i.bias for i in result.fused] == [True, False] and not result.unfused
+    assert result.groups == 1  # and, of one input at M=5, grouped
+
+
 def test_second_user_of_scales_blocks_fusion():
     x, layer = _chain_inputs()
 

@@ -15,7 +15,8 @@ batch dims are not part of the pattern: they stay, only the chain fuses.
 What is not fused (each case logged at DEBUG on this module's logger, and listed by
 :func:`fp4_compile.inspection.inspect_compiled`):
 
-- the packed activation or its scales have a user outside the chain: nothing fuses;
+- the packed activation or its scales have a user outside the chain: nothing fuses (another chain's
+  fp4.mm is not such a user: :func:`split_shared_quantizations` gives it a quantization of its own first);
 - ``out_dtype`` is not the activation's dtype, ``swizzle`` is not the backend's scale
   layout, or the backend is unknown or W4A16: nothing fuses;
 - the add's operand is not a bias of shape ``(N,)`` and of the output's dtype (it
@@ -310,6 +311,56 @@ def _quantize_of(mm: torch.fx.Node) -> torch.fx.Node | None:
     if a.args[0] is not s.args[0] or a.args[0].target is not QUANTIZE:
         return None
     return a.args[0]
+
+
+def split_shared_quantizations(graph: torch.fx.Graph) -> int:
+    """Give each fp4.mm its own fp4.quantize (and fp4.pad_k) where several share one; returns the copies made.
+
+    The linears of one activation with one global scale (q/k/v, gate/up) quantize it identically, and in grad
+    mode AOT autograd's CSE of the joint graph merges those calls into one node feeding several fp4.mm: no chain
+    would then fuse (its quantized activation has other users). Each fused fp4.linear quantizes inside, and
+    ``group_linear`` quantizes a group once again."""
+    copies = 0
+    for quant in list(graph.find_nodes(op="call_function", target=QUANTIZE)):
+        for mm in _sharing_mms(quant)[1:]:
+            _own_quantization(graph, quant, mm)
+            copies += 1
+    return copies
+
+
+def _sharing_mms(quant: torch.fx.Node) -> list[torch.fx.Node]:
+    """The fp4.mm nodes that read ``quant``'s codes (directly or through an fp4.pad_k) and scales, where its
+    outputs feed nothing else; [] otherwise."""
+    items = _users(quant)
+    if len(items) != 2 or any(i.target is not operator.getitem for i in items):
+        return []
+    codes, scales = sorted(items, key=lambda i: i.args[1])
+    mms = _users(scales)
+    if len(mms) < 2 or any(m.target is not MM or m.args[1] is not scales for m in mms):
+        return []
+    pads = [u for u in _users(codes) if u.target is PAD_K]
+    if any(u not in mms and u not in pads for u in _users(codes)):
+        return []
+    if any(u not in mms for p in pads for u in _users(p)) or any(m.args[0] not in (codes, *pads) for m in mms):
+        return []
+    return mms
+
+
+def _own_quantization(graph: torch.fx.Graph, quant: torch.fx.Node, mm: torch.fx.Node) -> None:
+    """Point ``mm`` at a copy of ``quant``, its two getitems and the fp4.pad_k between (if any)."""
+    codes, scales = sorted(_users(quant), key=lambda i: i.args[1])
+    a = mm.args[0]
+    with graph.inserting_before(mm):
+        copy = graph.call_function(QUANTIZE, quant.args, dict(quant.kwargs))
+        new_codes = graph.call_function(operator.getitem, (copy, 0))
+        new_scales = graph.call_function(operator.getitem, (copy, 1))
+        new_a = new_codes if a is codes else graph.call_function(PAD_K, (new_codes, *a.args[1:]), dict(a.kwargs))
+    for new, old in ((copy, quant), (new_codes, codes), (new_scales, scales), (new_a, a)):
+        new.meta = dict(old.meta)
+    mm.replace_input_with(a, new_a)
+    mm.replace_input_with(scales, new_scales)
+    if not a.users:
+        graph.erase_node(a)
 
 
 def explain_unfused_mm(mm: torch.fx.Node) -> str:

@@ -156,6 +156,7 @@ class FP4PostGradPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         modules = {mm.args[2]: _module_path(mm) for mm in graph.find_nodes(op="call_function", target=MM)}
         before = set(graph.find_nodes(op="call_function", target=LINEAR))
+        fuse_linear.split_shared_quantizations(graph)
         matched = fuse_linear.pattern_pass().apply(graph)
         result = GraphResult()
         for node in graph.find_nodes(op="call_function", target=LINEAR):
