@@ -141,11 +141,13 @@ def test_inductor_decomposition_of_silu_is_matched():
     torch.testing.assert_close(gm(*args)[0], fn(*args)[0], rtol=2 ** -6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["gate_used", "silu_used", "other_x", "other_n", "relu"])
+@pytest.mark.parametrize("case", ["gate_used", "silu_used", "other_x", "other_n", "relu", "add_alpha"])
 def test_left_alone(case):
     torch.manual_seed(3)
     layers = _pair(n=(N, N - 16) if case == "other_n" else (N, N))
     silu = torch.relu if case == "relu" else Fn.silu
+    if case == "add_alpha":  # g / (2 * exp(-g) + 1): the division form's look-alike, not silu
+        silu = lambda g: g / torch.add(1, torch.exp(-g), alpha=2)  # noqa: E731
     if case == "other_n":  # the product would not broadcast: compare gate[:, :N-16] instead
         silu = lambda g: Fn.silu(g[:, :N - 16])  # noqa: E731
     flags = {k: True for k in ("gate_used", "silu_used", "other_x") if k == case}

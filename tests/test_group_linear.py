@@ -73,9 +73,10 @@ def test_op_errors():
 # the pass on FX graphs
 
 
-def _fx(m: int, layers, between_scales: bool = False):
+def _fx(m: int, layers, between_scales: bool = False, chained: bool = False):
     """make_fx of each layer's fp4.linear of one x (as NVFP4Linear's direct call emits it), plus the
-    first layer's of another input."""
+    first layer's of another input. ``between_scales``: each scale computed just before its linear;
+    ``chained``: from the linear before's output too."""
     names = ("weight", "weight_scale", "input_global_scale", "alpha", "bias")
 
     def fn(x, other, *flat):
@@ -83,6 +84,7 @@ def _fx(m: int, layers, between_scales: bool = False):
         for i, la in enumerate(layers):
             w, ws, gs, alpha, bias = flat[5 * i:5 * i + 5]
             gs = gs * 1.0 if between_scales else gs  # a scale computed between members
+            gs = gs + outs[-1].sum() * 0 if chained and outs else gs  # ... from the member before's output
             outs.append(torch.ops.fp4.linear(x, w, ws, gs, alpha, bias, la.out_features, "emulation"))
         outs.append(torch.ops.fp4.linear(other, *flat[:5], layers[0].out_features, "emulation"))
         return [o * 2 for o in outs]
@@ -107,12 +109,22 @@ def test_linears_of_one_activation_become_one_group(m):
     assert all(torch.equal(a, b) for a, b in zip(gm(*args), expected))
 
 
-def test_no_group_above_decode_sizes_nor_across_a_scale_computed_between():
+def test_no_group_above_decode_sizes_nor_where_a_member_feeds_another():
     layers = _layers()
     gm, _, _ = _fx(group_linear.MAX_M + 1, layers)
     assert group_linear.group_linears(gm.graph) == 0
-    gm, _, _ = _fx(1, layers, between_scales=True)
+    gm, _, _ = _fx(1, layers, chained=True)
     assert group_linear.group_linears(gm.graph) == 0
+
+
+def test_a_scale_computed_between_members_moves_the_group_after_it():
+    """Dynamic activation scales (each layer computes its own) or a bias cast come between the members: the
+    group goes after the last of them."""
+    layers = _layers()
+    gm, args, fn = _fx(1, layers, between_scales=True)
+    assert group_linear.group_linears(gm.graph) == 1
+    gm.recompile()
+    assert all(torch.equal(a, b) for a, b in zip(gm(*args), fn(*args)))
 
 
 def test_groups_hold_at_most_max_group():

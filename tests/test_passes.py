@@ -205,6 +205,21 @@ def test_second_user_of_scales_blocks_fusion():
     assert before == after and len(result.unfused) == 1
 
 
+def test_an_add_that_scales_its_operand_is_not_a_bias(caplog):
+    """``torch.add(out, b, alpha=3)`` adds 3b: left outside the fused linear."""
+    x, layer = _chain_inputs()
+    bias = torch.randn(48)
+
+    def fn(x, gs, w, ws, alpha):
+        a, s = torch.ops.fp4.quantize(x, gs)
+        return torch.add(torch.ops.fp4.mm(a, s, w, ws, alpha, x.dtype, "emulation"), bias, alpha=3)
+
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        _, after, result = _graph(fn, x, layer.input_global_scale, layer.weight, layer.weight_scale, layer.alpha)
+    assert after[ADD] == 1 and [i.bias for i in result.fused] == [False]
+    assert "alpha=3" in caplog.text
+
+
 @pytest.mark.parametrize("bias_shape", [(1, 48), (5, 48)], ids=["1xN", "MxN"])
 def test_broadcasting_bias_is_not_absorbed(caplog, bias_shape):
     x, layer = _chain_inputs()

@@ -246,6 +246,9 @@ def match_problems(match: Match) -> list[str]:
     n = kw.get("out_features", weight.shape[0])
     if "out_features" in kw and not 0 < n <= weight.shape[0]:
         problems.append(f"slice [:, :{n}] is outside the GEMM's {weight.shape[0]} columns")
+    add = _first(match, ADD)
+    if add is not None and add.kwargs.get("alpha", 1) != 1:  # out + alpha * b is not a bias add
+        problems.append(f"the add scales its operand (alpha={add.kwargs['alpha']})")
     if "bias" in kw:
         bias = _val(kw["bias"])
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):

@@ -42,7 +42,7 @@ def _float_silu_input(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx
         return node.args[0], [node]
     if is_call(node, aten.div.Tensor):
         c, add = node.args
-        if is_call(add, aten.add.Tensor) and 1 in add.args:
+        if is_call(add, aten.add.Tensor) and 1 in add.args and add.kwargs.get("alpha", 1) == 1:
             exp = add.args[0] if add.args[1] == 1 else add.args[1]
             neg = exp.args[0] if is_call(exp, aten.exp.default) else None
             if is_call(neg, aten.neg.default) and neg.args[0] is c:

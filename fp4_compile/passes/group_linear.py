@@ -14,8 +14,8 @@ launch; others compute each member as ``fp4.linear`` would. Graphs whose M is a 
 ``MAX_M`` rows (the small-M kernel's range: a prefill's linears gain nothing from it) are left
 alone; with a symbolic M (one graph for every batch size, as torch.compile makes after a second
 size) the group decides per call, one launch at decode sizes and each member's own call above.
-At most ``MAX_GROUP`` linears a group, and only where every member's inputs exist before the first
-member (a dynamic activation scale computed between two members keeps them apart).
+At most ``MAX_GROUP`` linears a group, placed right after the last of its members' inputs (a dynamic
+activation scale or a bias cast computed between two members), where no member's output is used before.
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def group_linears(graph: torch.fx.Graph) -> int:
             if len(members) < 2:
                 continue
             first = members[0]
-            if any(order[a] > order[first] for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node)):
-                logger.debug("fp4 grouping: %s: an input is computed after the first member", first.name)
+            latest = max((a for n in members for a in n.args[:6] if isinstance(a, torch.fx.Node)),
+                         key=order.__getitem__)
+            if any(order[u] < order[latest] for n in members for u in n.users):
+                logger.debug("fp4 grouping: %s: a member's output is used before another member's inputs exist",
+                             first.name)
                 continue
-            with graph.inserting_before(first):
+            with graph.inserting_before(latest.next):
                 group = graph.call_function(LINEAR_GROUP, (
                     first.args[0], *([n.args[i] for n in members] for i in range(1, 7)), backend))
                 group.meta["val"] = [n.meta["val"] for n in members]
