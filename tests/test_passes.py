@@ -210,12 +210,12 @@ def test_an_add_that_scales_its_operand_is_not_a_bias(caplog):
     x, layer = _chain_inputs()
     bias = torch.randn(48)
 
-    def fn(x, gs, w, ws, alpha):
+    def fn(x, gs, w, ws, alpha, bias):
         a, s = torch.ops.fp4.quantize(x, gs)
         return torch.add(torch.ops.fp4.mm(a, s, w, ws, alpha, x.dtype, "emulation"), bias, alpha=3)
 
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        _, after, result = _graph(fn, x, layer.input_global_scale, layer.weight, layer.weight_scale, layer.alpha)
+        _, after, result = _graph(fn, x, layer.input_global_scale, layer.weight, layer.weight_scale, layer.alpha, bias)
     assert after[ADD] == 1 and [i.bias for i in result.fused] == [False]
     assert "alpha=3" in caplog.text
 

@@ -58,7 +58,8 @@ def group_linears(graph: torch.fx.Graph) -> int:
             if len(members) < 2:
                 continue
             first = members[0]
-            latest = max((a for n in members for a in n.args[:6] if isinstance(a, torch.fx.Node)),
+            # (the group reads the first member's x: the others' are views of the same node)
+            latest = max((first.args[0], *(a for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node))),
                          key=order.__getitem__)
             if any(order[u] < order[latest] for n in members for u in n.users):
                 logger.debug("fp4 grouping: %s: a member's output is used before another member's inputs exist",
