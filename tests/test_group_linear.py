@@ -117,6 +117,26 @@ def test_no_group_above_decode_sizes_nor_where_a_member_feeds_another():
     assert group_linear.group_linears(gm.graph) == 0
 
 
+def test_a_group_on_another_groups_output():
+    """Linears of one activation that is itself a grouped linear's output: both groups made."""
+    first, second = _layers(n_features=(K, 32)), _layers(n_features=(48, 16), seed=1)
+
+    def fn(x, *flat):
+        outs = [torch.ops.fp4.linear(x, *flat[5 * i:5 * i + 5], la.out_features, "emulation")
+                for i, la in enumerate(first)]
+        h = outs[0]
+        outs += [torch.ops.fp4.linear(h, *flat[10 + 5 * i:15 + 5 * i], la.out_features, "emulation")
+                 for i, la in enumerate(second)]
+        return [o * 2 for o in outs]
+
+    names = ("weight", "weight_scale", "input_global_scale", "alpha", "bias")
+    args = (torch.randn(2, K), *(getattr(la, name) for la in first + second for name in names))
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    assert group_linear.group_linears(gm.graph) == 2
+    gm.recompile()
+    assert all(torch.equal(a, b) for a, b in zip(gm(*args), fn(*args)))
+
+
 def test_a_scale_computed_between_members_moves_the_group_after_it():
     """Dynamic activation scales (each layer computes its own) or a bias cast come between the members: the
     group goes after the last of them."""

@@ -75,6 +75,7 @@ def group_linears(graph: torch.fx.Graph) -> int:
                     node.replace_all_uses_with(item)
             for node in members:
                 graph.erase_node(node)
+            order = node_order(graph)  # (a later group's x may be one of this group's outputs)
             made += 1
             logger.debug("fp4 grouping: %s <- %s", group.name, ", ".join(n.name for n in members))
     return made
