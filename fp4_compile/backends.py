@@ -183,7 +183,7 @@ def availability(backend: Backend | str, device: torch.device | str) -> str | No
 
 def describe_backends(device: torch.device | str | None = None) -> list[dict[str, str]]:
     """One row per backend: name, semantics, requirements, availability on ``device``."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     rows = []
     for spec in SPECS.values():
         reason = spec.availability(device)
@@ -199,12 +199,21 @@ def describe_backends(device: torch.device | str | None = None) -> list[dict[str
     return rows
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """CUDA where torch sees a GPU, else the CPU: where layers, checkpoints and the CLI go by default."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_runnable_device(device: torch.device) -> None:
+    """A CPU, or a CUDA device where torch sees a GPU; ValueError otherwise."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"no CUDA device is available here (torch {torch.__version__} sees no CUDA GPU)")
+
+
 def _table(device: torch.device | None) -> str:
-    lines = [f"backends on {device or _default_device()}:"]
+    lines = [f"backends on {device or default_device()}:"]
     for row in describe_backends(device):
         state = "available" if row["available"] == "yes" else f"unavailable: {row['reason']}"
         lines.append(f"  {row['backend']:<19} {row['semantics']:<6} {state}")
@@ -213,7 +222,7 @@ def _table(device: torch.device | None) -> str:
 
 def select_backend(device: torch.device | str | None = None) -> Backend:
     """The best backend for ``device``; ``FP4_GEMM_BACKEND=name`` overrides the choice."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     override = os.environ.get(ENV_OVERRIDE)
     if override:
         return resolve_backend(override, device)
@@ -225,7 +234,7 @@ def select_backend(device: torch.device | str | None = None) -> Backend:
 
 def resolve_backend(backend: Backend | str | None, device: torch.device | str | None = None) -> Backend:
     """``backend`` checked for ``device``, or the selected one when None. Raises :class:`BackendError`."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     if backend is None:
         return select_backend(device)
     backend = parse_backend(backend)

@@ -651,14 +651,14 @@ def load_nvfp4(
     missing tensor, a wrong shape or dtype, or an unsupported quantization scheme raises
     :class:`CheckpointError` naming the tensor and the file.
     """
-    from .backends import resolve_backend
+    from .backends import check_runnable_device, default_device, resolve_backend
 
     path = check_model_dir(model_dir)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: no CUDA device is available here")
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        check_runnable_device(device)
+    except ValueError as e:
+        raise ValueError(f"device {device}: {e}") from None
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     config = _read_json(path / "config.json")

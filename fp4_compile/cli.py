@@ -61,16 +61,27 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _check_device(args: argparse.Namespace) -> None:
     import torch
 
+    from .backends import check_runnable_device
+
     if not args.device:
         return
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device!r} is not a device (use cpu or cuda[:N])") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: torch sees no CUDA GPU (torch {torch.__version__})")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    try:
+        check_runnable_device(device)
+    except ValueError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+
+
+def _device(args: argparse.Namespace):
+    """The device of a command: --device (checked by _check_device), else the default one."""
+    import torch
+
+    from .backends import default_device
+
+    return torch.device(args.device) if args.device else default_device()
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -172,7 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     _check_positive(args, "num_samples", "batch", "seq_len")
     _check_device(args)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     _check_quantize_options(args, device)
     src = check_model_dir(args.src)
     out = Path(args.out).expanduser().absolute()
@@ -215,13 +226,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import copy
 
-    import torch
-
     from .checkpoint import check_model_dir, is_nvfp4_checkpoint, load_nvfp4, quantize_transformers_model
     from .demo import _load_dense, build_demo_model, random_batches
 
     _check_model_args(args)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     if args.model:
         path = check_model_dir(args.model)
         if is_nvfp4_checkpoint(path):
@@ -397,7 +406,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_backends(args: argparse.Namespace) -> int:
     import torch
 
-    from .backends import describe_backends, select_backend
+    from .backends import default_device, describe_backends, select_backend
 
     _check_device(args)
     device = torch.device(args.device) if args.device else None
@@ -409,7 +418,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(f"{r[c]:<{widths[c]}}" for c in cols).rstrip())
     chosen = select_backend(device)
-    where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = device or default_device()
     print(f"\nselected on {where}: {chosen.value} (override with FP4_GEMM_BACKEND=name or --backend)")
     if where.type == "cuda":
         from .ops import cublaslt, cuda_quant, cuda_small_m, cuda_wgmma, fast_linear, nvcc, silu_mul

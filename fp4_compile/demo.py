@@ -235,11 +235,12 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
+    from .backends import default_device
     from .checkpoint import check_model_dir, is_nvfp4_checkpoint, load_nvfp4, quantize_transformers_model
     from .layer import NVFP4Linear
 
     start = time.perf_counter()
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device else default_device()
     result = DemoResult()
 
     # 1. models: the bf16 reference and its NVFP4 version
