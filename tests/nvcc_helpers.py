@@ -1,6 +1,6 @@
 """Shared by the tests of the nvcc-built CUDA parts (test_cuda_small_m.py, test_cuda_quant.py,
 test_cublaslt.py; not a test module): the ``needs_nvcc`` mark, ptxas's per-kernel report of a
-build, and the check that ``nvcc.build_shared_library`` caches its output."""
+build (run here or as a background job), and the check that ``nvcc.build_shared_library`` caches its output."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import pytest
 
+import background_jobs
 from fp4_compile.ops import nvcc
 
 needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
@@ -25,7 +26,11 @@ class PtxasReport(NamedTuple):
 
 def compile_with_ptxas_report(cmd: list[str]) -> PtxasReport:
     """Run an nvcc command that passes ``-Xptxas -v``; fail on a build error."""
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return ptxas_report(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+
+
+def ptxas_report(done: subprocess.CompletedProcess | background_jobs.Finished) -> PtxasReport:
+    """What a finished ``-Xptxas -v`` build printed; fail on a build error."""
     assert done.returncode == 0, done.stderr[-3000:]
     info = done.stdout + done.stderr
     return PtxasReport(re.findall(r"Compiling entry function '(\w+)'", info),

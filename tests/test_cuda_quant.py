@@ -18,17 +18,18 @@ from fp4_compile.ops import cuda_quant
 from fp4_compile.ops.cuda_quant import MODE_KERNEL_CODES, MODE_LINEAR, MODE_SWIZZLED, MODE_VALUES
 from fp4_compile.ops.weight_layout import to_kernel_layout
 from fp4_compile.ops.triton_quant import launch_quant_triton
-from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+import background_jobs
+from nvcc_helpers import ptxas_report
 
 
 # ---------------------------------------------------------------------------------------------
 # CPU: build and arguments
 
 
-@needs_nvcc
-def test_kernel_compiles_for_sm90_without_spills_and_exports_the_launcher(tmp_path):
-    lib = tmp_path / "k.so"
-    report = compile_with_ptxas_report(cuda_quant.compile_command(str(lib), (9, 0)))
+@pytest.mark.background_job("quant_sm90")
+def test_kernel_compiles_for_sm90_without_spills_and_exports_the_launcher():
+    build = background_jobs.result("quant_sm90")
+    report, lib = ptxas_report(build), build.output
     kernels, spills, regs = report.kernels, report.spills, report.registers
     quant = [i for i, k in enumerate(kernels) if "nvfp4_quant_kernel" in k]
     norm = [i for i, k in enumerate(kernels) if "rms_norm_values_kernel" in k]

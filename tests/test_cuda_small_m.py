@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from fp4_compile.ops import cuda_small_m, nvcc, triton_quant
-from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+import background_jobs
+from nvcc_helpers import ptxas_report
 
 
-@needs_nvcc
-def test_kernel_compiles_for_sm90_without_spills_and_exports_the_launcher(tmp_path):
-    lib = tmp_path / "k.so"
-    report = compile_with_ptxas_report(cuda_small_m.compile_command(str(lib), (9, 0)))
+@pytest.mark.background_job("small_m_sm90")
+def test_kernel_compiles_for_sm90_without_spills_and_exports_the_launcher():
+    build = background_jobs.result("small_m_sm90")
+    report, lib = ptxas_report(build), build.output
     # {bf16, fp16} x {16-bit, fp32 out} x (activation values: {16, 32 rows} x (M <= 8: 2 or 4 stages,
     # M <= 16: 2); activation codes: 16 rows, 2 stages, M <= 8 or 16; grouped and gated launches: on
     # values or codes, M <= 8 or 16), and the kernels on codes at M <= 16 again with their first weight loads

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from fp4_compile.ops import cuda_wgmma, gpu_timing, nvcc, tuned_wgmma_h100, wgmma_tuning
-from nvcc_helpers import compile_with_ptxas_report, needs_nvcc
+import background_jobs
+from nvcc_helpers import compile_with_ptxas_report, needs_nvcc, ptxas_report
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import make_wgmma_table  # noqa: E402
 
 
-@needs_nvcc
-def test_kernel_compiles_for_sm90a_without_spills_or_serialization(tmp_path):
-    report = compile_with_ptxas_report(cuda_wgmma.compile_command(str(tmp_path / "k.so")))
+@pytest.mark.background_job("wgmma_sm90a")
+def test_kernel_compiles_for_sm90a_without_spills_or_serialization():
+    report = ptxas_report(background_jobs.result("wgmma_sm90a"))
     # per tile: {bf16, fp16} x {16-bit, fp32 out} x {K split in a cluster, not}, and the persistent
     # kernel for the two 16-bit outputs (a split through global memory needs no other kernel)
     assert len(report.kernels) == 10 * len(cuda_wgmma.TILES)

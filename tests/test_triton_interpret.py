@@ -7,22 +7,20 @@ is not usable in the interpreter), fresh random data each run (the seed is print
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import background_jobs
+
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every test here reads the worker's results: it runs beside the rest of the suite (tests/background_jobs.py)
+pytestmark = pytest.mark.background_job("triton_interpret")
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_triton_interp_worker.py")],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = background_jobs.result("triton_interpret")
     if proc.returncode != 0:
         pytest.fail(f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
