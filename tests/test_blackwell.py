@@ -401,6 +401,39 @@ def test_cublas_call_passes_torch_checks_on_meta(seed):
         assert tuple(out.shape) == (m, weight.shape[0]) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("functional", [True, False])
+def test_cublas_accepts_uint8_scale_views_on_meta(functional, monkeypatch, seed):
+    """fp4::mm accepts uint8 views of the scales; torch's NVFP4 recipe checks (real meta
+    kernels of scaled_mm and _scaled_mm) accept only float8_e4m3fn, so cublas_mm retypes them."""
+    if not functional:
+        monkeypatch.delattr(torch.nn.functional, "scaled_mm")
+    packed, scales, _ = quantized_weight(96, 80)
+    weight, weight_scale = bw.CUBLAS.prepare_weight(packed, scales)
+    m, kp = 7, weight.shape[1] * 2
+    a = torch.empty(m, kp // 2, dtype=torch.uint8, device="meta")
+    a_scale = torch.empty(fmt.swizzled_scale_shape(m, kp), dtype=torch.uint8, device="meta")
+    alpha = torch.empty(1, dtype=torch.float32, device="meta")
+    out = bw.cublas_mm(a, a_scale, weight.to("meta"), u8(weight_scale).to("meta"), alpha, torch.bfloat16)
+    assert tuple(out.shape) == (m, weight.shape[0]) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["flashinfer-cutlass", "flashinfer-trtllm", "flashinfer-cudnn"])
+def test_flashinfer_gets_2d_scales_from_flat_ones(name, monkeypatch, seed):
+    """FlashInfer's cuDNN runner derives its graph from 2-D scale shapes (vLLM asserts ndim == 2);
+    mm accepts flat 128x4 scales by size, so flashinfer_mm restores the 2-D shape."""
+    rec = Recorder()
+    install_flashinfer_fake(monkeypatch, rec)
+    ops = operands(100, 48, 5, name)
+    flat_a, flat_w = u8(ops["a_scale"]).reshape(-1), u8(ops["weight_scale"]).reshape(-1)
+    out = bw.KERNELS[name].mm(ops["a"], flat_a, ops["weight"], flat_w, ops["alpha"], torch.bfloat16)
+    (call,) = rec.calls
+    np_ = ops["weight"].shape[0]
+    assert tuple(call["a_descale"].shape) == fmt.swizzled_scale_shape(5, 64)
+    assert tuple(call["b_descale"].t().shape) == fmt.swizzled_scale_shape(np_, 64)
+    assert torch.equal(call["b_descale"].t(), u8(ops["weight_scale"]))
+    assert tuple(out.shape) == (5, np_)
+
+
 def test_cublas_fallback_without_functional_scaled_mm(monkeypatch, seed):
     monkeypatch.delattr(torch.nn.functional, "scaled_mm")
     rec = Recorder()
