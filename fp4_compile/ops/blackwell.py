@@ -340,18 +340,15 @@ def flashinfer_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, 
                   alpha: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """``flashinfer.mm_fp4`` with the weight as its column-major ``b`` (``weight.t()``).
 
-    Scales go in as uint8 views (FlashInfer's CUTLASS and cuDNN runners check for uint8).
+    Scales go in as 2-D uint8 views of the 128x4 layout: FlashInfer's CUTLASS runner
+    checks for uint8, and its cuDNN runner builds the graph from 2-D scale shapes (a flat
+    buffer, which ``mm`` accepts by size, raises there).
     """
     mm_fp4 = _flashinfer_mm_fp4()
-    return mm_fp4(
-        a,
-        weight.t(),
-        a_scale.view(torch.uint8),
-        weight_scale.view(torch.uint8).t(),
-        alpha,
-        out_dtype,
-        backend=backend,
-    )
+    kp = a.shape[1] * 2
+    a_descale = a_scale.view(torch.uint8).reshape(fmt.swizzled_scale_shape(a.shape[0], kp))
+    b_descale = weight_scale.view(torch.uint8).reshape(fmt.swizzled_scale_shape(weight.shape[0], kp))
+    return mm_fp4(a, weight.t(), a_descale, b_descale.t(), alpha, out_dtype, backend=backend)
 
 
 def _fbgemm_f4f4bf16():
@@ -381,6 +378,12 @@ def fbgemm_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     return op(a, weight, a_scale.reshape(-1).view(torch.uint8), weight_scale.reshape(-1).view(torch.uint8), **kwargs)
 
 
+def _as_e4m3(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales typed float8_e4m3fn: torch's NVFP4 recipe checks (scaled_mm and _scaled_mm)
+    reject the uint8 view that ``fp4::mm`` accepts for the other backends."""
+    return scales if scales.dtype == torch.float8_e4m3fn else scales.view(torch.float8_e4m3fn)
+
+
 @functools.lru_cache(maxsize=None)
 def _ones(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
@@ -396,6 +399,7 @@ def cublas_mm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     """
     fp4 = torch.float4_e2m1fn_x2
     mat_a, mat_b = a.view(fp4), weight.view(fp4).t()
+    a_scale, weight_scale = _as_e4m3(a_scale), _as_e4m3(weight_scale)
     functional = torch.nn.functional
     if hasattr(functional, "scaled_mm"):
         block, tensor = functional.ScalingType.BlockWise1x16, functional.ScalingType.TensorWise
