@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 import json
 import logging
 import math
@@ -724,7 +725,8 @@ def load_nvfp4(
             _set_tensor(model, key, loaded[source])
 
     # Tied parameters whose source was read share the one tensor; nothing may stay on meta.
-    for key, value in model.state_dict(keep_vars=True).items():
+    for key, value in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                      model.named_buffers(remove_duplicate=False)):
         if value.device.type == "meta":
             raise CheckpointError(f"tensor '{key}' is missing from the checkpoint in {path}")
     model.to(device)
@@ -824,6 +826,33 @@ def _modelopt_quantization_config(model: nn.Module) -> dict:
     }
 
 
+def _modelopt_config_json(hf_quant: dict) -> dict:
+    """config.json's quantization_config for ``hf_quant_config.json``'s content, in the form ModelOpt's export
+    writes it (modelopt/torch/export/convert_hf_config.py): the excluded modules under ``ignore``, the key
+    vLLM's ModelOpt loader reads in this form (it reads ``exclude_modules`` only from hf_quant_config.json's)."""
+    quantization = hf_quant["quantization"]
+    group_size = quantization["group_size"]
+    nvfp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}
+    return {
+        "quant_method": "modelopt",
+        "quant_algo": quantization["quant_algo"],
+        "group_size": group_size,
+        "config_groups": {"group_0": {"input_activations": nvfp4, "weights": dict(nvfp4), "targets": ["Linear"]}},
+        "ignore": quantization["exclude_modules"],
+        "producer": hf_quant["producer"],
+    }
+
+
+def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the NVFP4 layers' entries, whose weights it would re-lay out (a copy of
+    every one at once)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, NVFP4Linear):
+            module._save_to_state_dict(state, f"{name}." if name else "", False)
+    return state
+
+
 def nvfp4_state_dict(model: nn.Module, format: str = COMPRESSED_TENSORS) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of ``model`` in ``format`` (CPU, contiguous, tied copies dropped)."""
     if format not in FORMATS:
@@ -856,9 +885,7 @@ def nvfp4_state_dict(model: nn.Module, format: str = COMPRESSED_TENSORS) -> dict
     if not tied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         tied = {"lm_head.weight"}
     seen: dict[tuple, str] = {}
-    for key, value in model.state_dict().items():
-        if key.rpartition(".")[0] in layers:
-            continue
+    for key, value in _dense_state_dict(model).items():
         ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
         if ident in seen and value.numel() > 0:
             if key in tied:
@@ -974,8 +1001,7 @@ def save_nvfp4(
         config_dict["quantization_config"] = _ct_quantization_config(model, layers)
     else:
         hf_quant = _modelopt_quantization_config(model)
-        config_dict["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"],
-                                              "producer": hf_quant["producer"]}
+        config_dict["quantization_config"] = _modelopt_config_json(hf_quant)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         _write_shards(tensors, tmp, _parse_size(max_shard_size))
         for extra in extra_files:

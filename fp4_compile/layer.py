@@ -59,7 +59,7 @@ class NVFP4Linear(nn.Module):
             "input_global_scale",
             None if input_global_scale is None else _as_global_scale(input_global_scale, "input_global_scale", device),
         )
-        self.register_buffer("alpha", None)
+        self.register_buffer("alpha", None, persistent=False)  # derived from the global scales (refresh_alpha)
         self.register_buffer("weight", packed)
         self.register_buffer("weight_scale", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -124,6 +124,39 @@ class NVFP4Linear(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
+
+    # The state dict holds the weight in the linear (checkpoint) layout, whatever this layer's backend: a
+    # state dict saved on one backend (triton-w4a4 on a GPU) then loads into a layer on any other (emulation on
+    # the CPU), where kernel layouts of one shape would otherwise be read as another's.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"], destination[prefix + "weight_scale"] = self.linear_weight()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        self._take_linear_weight(state_dict, prefix)
+        self._take_activation_scale(state_dict, prefix)
+        state_dict.pop(prefix + "alpha", None)  # derived (state dicts saved before alpha left them hold it)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.refresh_alpha()
+
+    def _take_linear_weight(self, state_dict: dict, prefix: str) -> None:
+        """Re-lay a linear-layout weight of ``state_dict`` out in this layer's kernel format, in place (any
+        other shape is left for nn.Module's loading to report)."""
+        packed, scales = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
+        linear_shapes = ((self.out_features, self.in_features // 2), (self.out_features, self.in_features // fmt.BLOCK_SIZE))
+        if packed is None or scales is None or (tuple(packed.shape), tuple(scales.shape)) != linear_shapes:
+            return
+        device = packed.device if self.weight.device.type == "meta" else self.weight.device
+        weight, weight_scale = kernels_for(self.backend).prepare_weight(packed.to(device), scales.to(device))
+        state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = weight, weight_scale
+
+    def _take_activation_scale(self, state_dict: dict, prefix: str) -> None:
+        """Give the layer the static or dynamic activation scale that ``state_dict`` holds, in a tensor of its
+        own: layers may share one (share_equal_activation_scales), and copying into it would set them all."""
+        if prefix + "input_global_scale" in state_dict:
+            self.input_global_scale = torch.empty_like(self.weight_global_scale)
+        elif prefix + "weight" in state_dict:  # the whole layer is given: it has a dynamic activation scale
+            self.input_global_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt.check_float_input(x)

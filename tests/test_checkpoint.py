@@ -577,3 +577,19 @@ def test_quantize_shares_fused_global_scales_so_merges_are_exact(quantized):
         assert report.exact
         x = torch.randn(3, 64, dtype=torch.bfloat16)
         assert torch.equal(merged(x), torch.cat([m(x) for m in group], dim=-1))
+
+
+def test_modelopt_config_json_lists_the_excluded_modules_under_ignore(tmp_path, seed):
+    model = tiny_model(seed, tie=False)
+    quantize_transformers_model(model, calibration_data=calibration(seed + 1), progress=False,
+                                ignore=["lm_head", "re:.*down_proj$"])
+    out = save_nvfp4(model, tmp_path / "mo", format="modelopt")
+    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert sorted(excluded) == ["lm_head", "model.layers.0.mlp.down_proj"]
+    # config.json's flat form, as ModelOpt's export writes it: vLLM reads "ignore" there, not "exclude_modules"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["ignore"] == excluded
+    loaded = load_nvfp4(out, device="cpu")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, nn.Linear)
+    ids = random_batches(VOCAB, count=1, batch=2, seq_len=16, seed=seed)[0]
+    torch.testing.assert_close(logits(loaded, ids).float(), logits(model, ids).float(), rtol=0.02, atol=0.02)

@@ -1,5 +1,6 @@
 """NVFP4Linear against the float64 W4A4 reference, quantize_model, and bad input."""
 
+import copy
 import logging
 
 import pytest
@@ -228,3 +229,52 @@ def test_given_weight_global_scale(seed):
     model = nn.ModuleList([nn.Linear(64, 24), nn.Linear(32, 8)])
     quantize_model(model, weight_global_scales={"0": gs}, progress=False)
     assert torch.equal(model[0].weight_global_scale, gs) and not torch.equal(model[1].weight_global_scale, gs)
+
+
+def _quantized_mlp(calibration_data, dense: nn.Sequential | None = None):
+    """An MLP of two NVFP4 layers (of ``dense``'s linears, quantized in a copy, when given)."""
+    model = dense if dense is not None else nn.Sequential(nn.Linear(64, 96, bias=False), nn.SiLU(), nn.Linear(96, 48, bias=False))
+    return quantize_model(copy.deepcopy(model).eval(), calibration_data=calibration_data, progress=False)
+
+
+@pytest.mark.parametrize("backend", ["triton-w4a4", "cublas", "flashinfer-trtllm"])
+def test_state_dict_loads_into_a_layer_of_another_backend(seed, backend):
+    from fp4_compile.backends import convert_to_kernel_format
+
+    lin = nn.Linear(256, 128)
+    gs_x = fmt.global_scale_from_amax(torch.tensor(8.0)).reshape(1)
+    gpu_layer = NVFP4Linear.from_linear(lin, input_global_scale=gs_x)
+    convert_to_kernel_format(backend, gpu_layer)  # what quantize_model gives on a GPU; its layout: same shape
+    cpu_layer = NVFP4Linear.from_linear(nn.Linear(256, 128), input_global_scale=1.0)  # another model's layer
+    cpu_layer.load_state_dict(gpu_layer.state_dict())
+    x = torch.randn(6, 256)
+    assert _rel(cpu_layer(x), _reference_w4a4(x, lin, gs_x)) < 1e-6
+    convert_to_kernel_format(backend, cpu_layer)  # and back: the state dict of emulation in the kernel layout
+    gpu_layer.load_state_dict(NVFP4Linear.from_linear(lin, input_global_scale=gs_x).state_dict())
+    for a, b in zip(gpu_layer.linear_weight(), cpu_layer.linear_weight()):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_load_state_dict_into_layers_that_share_an_activation_scale(seed):
+    dense = nn.Sequential(nn.Linear(64, 96, bias=False), nn.SiLU(), nn.Linear(96, 48, bias=False))
+    source = _quantized_mlp([torch.randn(4, 64) * 3], dense)
+    skeleton = _quantized_mlp([torch.zeros(4, 64)])  # both inputs all zero: one scale, one shared tensor
+    assert skeleton[0].input_global_scale is skeleton[2].input_global_scale
+    skeleton.load_state_dict(source.state_dict())
+    x = torch.randn(5, 64)
+    hidden = nn.functional.silu(skeleton[0](x))
+    for layer, lin, inputs in ((skeleton[0], dense[0], x), (skeleton[2], dense[2], hidden)):
+        assert _rel(layer(inputs), _reference_w4a4(inputs, lin, layer.input_global_scale)) < 1e-6
+    for name in ("0", "2"):
+        assert torch.equal(skeleton.get_submodule(name).input_global_scale, source.get_submodule(name).input_global_scale)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_state_dict_carries_the_activation_scale_mode(seed, calibrated):
+    source = _quantized_mlp([torch.randn(4, 64)] if calibrated else None)
+    target = _quantized_mlp(None if calibrated else [torch.randn(4, 64)])
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert all((m.input_global_scale is not None) == calibrated for m in (target[0], target[2]))
+    assert "0.alpha" not in source.state_dict()  # derived from the global scales, recomputed on load
+    x = torch.randn(3, 64)
+    assert torch.equal(target(x), source(x))
