@@ -31,7 +31,8 @@ class NVFP4Linear(nn.Module):
     Buffers: ``weight`` (packed e2m1 in the backend's kernel format), ``weight_scale``
     (e4m3 block scales, kernel format), ``weight_global_scale`` and ``input_global_scale``
     (quantization multipliers ``448*6/amax``; ``input_global_scale`` is None for dynamic
-    activation scales), ``alpha`` (the GEMM's output factor) and ``bias``.
+    activation scales), ``alpha`` (the GEMM's output factor, derived: not in the state dict) and ``bias``.
+    The state dict holds ``weight`` and ``weight_scale`` in the linear (checkpoint) layout, whatever the backend.
     """
 
     def __init__(
@@ -143,7 +144,8 @@ class NVFP4Linear(nn.Module):
         """Re-lay a linear-layout weight of ``state_dict`` out in this layer's kernel format, in place (any
         other shape is left for nn.Module's loading to report)."""
         packed, scales = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
-        linear_shapes = ((self.out_features, self.in_features // 2), (self.out_features, self.in_features // fmt.BLOCK_SIZE))
+        n, k = self.out_features, self.in_features
+        linear_shapes = ((n, k // 2), (n, k // fmt.BLOCK_SIZE))
         if packed is None or scales is None or (tuple(packed.shape), tuple(scales.shape)) != linear_shapes:
             return
         device = packed.device if self.weight.device.type == "meta" else self.weight.device
@@ -151,12 +153,13 @@ class NVFP4Linear(nn.Module):
         state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = weight, weight_scale
 
     def _take_activation_scale(self, state_dict: dict, prefix: str) -> None:
-        """Give the layer the static or dynamic activation scale that ``state_dict`` holds, in a tensor of its
-        own: layers may share one (share_equal_activation_scales), and copying into it would set them all."""
+        """A static activation scale of ``state_dict`` goes into a tensor of this layer's own: layers may share
+        one (share_equal_activation_scales), and copying into it would set them all; a dynamic layer becomes
+        static. (A state dict without one leaves the layer's scale; a strict load reports it missing, as
+        nn.Module does for any buffer: torch passes strict=True to every module's loading, so a layer cannot
+        tell a dynamic layer's state dict from a partial one.)"""
         if prefix + "input_global_scale" in state_dict:
             self.input_global_scale = torch.empty_like(self.weight_global_scale)
-        elif prefix + "weight" in state_dict:  # the whole layer is given: it has a dynamic activation scale
-            self.input_global_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt.check_float_input(x)
@@ -310,8 +313,8 @@ def share_equal_activation_scales(model: nn.Module) -> None:
     """Give the NVFP4 layers of ``model`` whose static activation global scales are equal (same value,
     device and dtype) one scale tensor. The linears of one input (q/k/v, gate/up) calibrate equal
     scales, and ``fp4::linear_group`` quantizes their shared activations once per scale tensor
-    (passes/group_linear.py). Nothing changes numerically. ``model.to(...)`` afterwards copies each
-    layer's buffers apart again (correct, only without the saving): call this again after a move."""
+    (passes/group_linear.py). Nothing changes numerically. ``model.to(...)`` and ``load_state_dict`` afterwards
+    give each layer its own tensor again (correct, only without the saving): call this again after them."""
     shared: dict[tuple, torch.Tensor] = {}
     for module in model.modules():
         gs = getattr(module, "input_global_scale", None) if isinstance(module, NVFP4Linear) else None

@@ -265,16 +265,35 @@ def test_load_state_dict_into_layers_that_share_an_activation_scale(seed):
     hidden = nn.functional.silu(skeleton[0](x))
     for layer, lin, inputs in ((skeleton[0], dense[0], x), (skeleton[2], dense[2], hidden)):
         assert _rel(layer(inputs), _reference_w4a4(inputs, lin, layer.input_global_scale)) < 1e-6
-    for name in ("0", "2"):
-        assert torch.equal(skeleton.get_submodule(name).input_global_scale, source.get_submodule(name).input_global_scale)
+    for mine, theirs in ((skeleton[0], source[0]), (skeleton[2], source[2])):
+        assert torch.equal(mine.input_global_scale, theirs.input_global_scale)
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_state_dict_carries_the_activation_scale_mode(seed, calibrated):
-    source = _quantized_mlp([torch.randn(4, 64)] if calibrated else None)
-    target = _quantized_mlp(None if calibrated else [torch.randn(4, 64)])
+def test_state_dict_with_a_static_scale_makes_a_dynamic_layer_static(seed):
+    source = _quantized_mlp([torch.randn(4, 64)])
+    target = _quantized_mlp(None)
     target.load_state_dict(source.state_dict(), strict=True)
-    assert all((m.input_global_scale is not None) == calibrated for m in (target[0], target[2]))
+    assert target[0].input_global_scale is not None and target[2].input_global_scale is not None
     assert "0.alpha" not in source.state_dict()  # derived from the global scales, recomputed on load
     x = torch.randn(3, 64)
     assert torch.equal(target(x), source(x))
+
+
+def test_strict_load_of_a_dynamic_state_dict_into_a_static_layer_reports_the_scale_missing(seed):
+    target = _quantized_mlp([torch.randn(4, 64)])
+    with pytest.raises(RuntimeError, match="input_global_scale"):
+        target.load_state_dict(_quantized_mlp(None).state_dict(), strict=True)
+
+
+def test_partial_load_keeps_the_static_activation_scale(seed):
+    """A non-strict load of weights alone (no input_global_scale) keeps a calibrated layer's static scale."""
+    source = _quantized_mlp(None)
+    target = _quantized_mlp([torch.randn(4, 64)])
+    scales = [target[0].input_global_scale.clone(), target[2].input_global_scale.clone()]
+    weights_only = {k: v for k, v in source.state_dict().items() if "input_global_scale" not in k}
+    target.load_state_dict(weights_only, strict=False)
+    assert all(torch.equal(m.input_global_scale, s) for m, s in zip((target[0], target[2]), scales))
+    x = torch.randn(3, 64)
+    for layer, inputs in ((target[0], x), (target[2], nn.functional.silu(target[0](x)))):
+        assert torch.equal(layer.linear_weight()[0], source[0 if layer is target[0] else 2].linear_weight()[0])
+        assert torch.isfinite(layer(inputs)).all()
