@@ -297,3 +297,25 @@ def test_partial_load_keeps_the_static_activation_scale(seed):
     for layer, inputs in ((target[0], x), (target[2], nn.functional.silu(target[0](x)))):
         assert torch.equal(layer.linear_weight()[0], source[0 if layer is target[0] else 2].linear_weight()[0])
         assert torch.isfinite(layer(inputs)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton-w4a4", "marlin"])
+def test_gpu_state_dict_loads_into_a_cpu_model_and_back(seed, backend):
+    """A layer on the GPU's Hopper kernels saves the checkpoint layout: a CPU (emulation) layer loads it and
+    computes the same W4A4 product; the GPU layer loads the CPU one's state dict back unchanged."""
+    lin = nn.Linear(320, 200)
+    gs_x = fmt.global_scale_from_amax(torch.tensor(6.0)).reshape(1)
+    gpu_layer = NVFP4Linear.from_linear(lin, input_global_scale=gs_x).cuda()
+    gpu_layer.set_backend(backend)
+    cpu_layer = NVFP4Linear.from_linear(nn.Linear(320, 200), input_global_scale=1.0)
+    cpu_layer.load_state_dict(gpu_layer.state_dict())
+    x = torch.randn(5, 320)
+    assert _rel(cpu_layer(x), _reference_w4a4(x, lin, gs_x)) < 1e-6
+    fresh = NVFP4Linear.from_linear(nn.Linear(320, 200), input_global_scale=1.0).cuda()
+    fresh.set_backend(backend)
+    fresh.load_state_dict(cpu_layer.state_dict())
+    for a, b in zip(fresh.linear_weight(), gpu_layer.linear_weight()):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    xg = x.cuda()
+    assert torch.equal(fresh(xg), gpu_layer(xg))
