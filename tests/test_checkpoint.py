@@ -242,6 +242,7 @@ def _ct_nvfp4_model(seed: int):
 
 
 def test_checkpoint_written_by_compressed_tensors_loads(tmp_path, seed):
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
