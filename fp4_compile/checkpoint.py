@@ -87,7 +87,7 @@ _KV_CACHE_SUFFIXES = {"k_scale", "v_scale", "q_scale", "prob_scale"}
 
 # Default modules left in high precision when quantizing a transformers model: the output
 # head and MoE routers (as llm-compressor's NVFP4 recipes do).
-DEFAULT_IGNORE = ("lm_head", "re:.*mlp\\.gate$")
+DEFAULT_IGNORE = ("lm_head", "re:.*mlp\\.gate$", "re:.*shared_expert_gate$")  # routers stay dense, as in vLLM
 # Sibling linears that serving engines fuse into one GEMM (q/k/v, gate/up, Mixtral w1/w3).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -1044,6 +1044,19 @@ def _quantizable_linears(model: nn.Module, ignore: Sequence[str]) -> dict[str, n
             if isinstance(m, nn.Linear) and not _matches_ct(n, m, ignore) and m.in_features % fmt.BLOCK_SIZE == 0}
 
 
+def _dense_matmul_weights(model: nn.Module) -> list[str]:
+    """Weights of matmuls that are not ``nn.Linear`` and so stay dense: GPT-2's ``Conv1D`` modules, MoE experts
+    stored as 3-D parameters (transformers 5)."""
+    dense = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D":
+            dense.append(name)
+        elif not isinstance(module, nn.modules.conv._ConvNd):  # (a convolution's weight is 3-D too)
+            prefix = f"{name}." if name else ""
+            dense += [prefix + p for p, param in module.named_parameters(recurse=False) if param.dim() == 3]
+    return dense
+
+
 def nvfp4_linear_shapes(model_dir: str | os.PathLike, ignore: Sequence[str] = DEFAULT_IGNORE) -> list[tuple[int, int]]:
     """The distinct (out_features, in_features) of the linears that loading ``model_dir`` (an NVFP4
     checkpoint: those its quantization config names) or quantizing it (a bf16 model: those
@@ -1078,6 +1091,9 @@ def quantize_transformers_model(
     (vLLM) lose nothing: :func:`merge_nvfp4_linears` of such layers is exact.
     """
     candidates = _quantizable_linears(model, ignore)
+    if dense := _dense_matmul_weights(model):
+        logger.warning("%d matmul weights are not nn.Linear and stay dense (not NVFP4): %s", len(dense),
+                       ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))
     groups = _fused_siblings(candidates) if share_fused_global_scales else []
     shared_scales = {}
     for group in groups:

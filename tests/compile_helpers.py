@@ -7,6 +7,7 @@
 - :class:`SnapshotBackend`: a torch.compile backend (as vLLM's tests/compile/backend.py)
   that runs the fp4 post-grad pass and keeps copies of the graph before and after it.
 - :func:`tiny_transformer`: attention + MLP with several NVFP4Linears.
+- :func:`trace_module`: make_fx (fake) of a module's forward, its parameters and buffers as graph inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from fp4_compile import format as fmt
 from fp4_compile.backends import SPECS, Backend
@@ -147,3 +149,15 @@ class ExactGlue(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))
         return self.c(x + self.b(h)) * 0.5
+
+
+def trace_module(module: nn.Module, *args, **kwargs) -> tuple[torch.fx.GraphModule, dict]:
+    """make_fx (fake) of ``module(*args, **kwargs)`` with its buffers and parameters as graph inputs: the
+    graph module, called as ``gm(params, args, kwargs)``, and those params."""
+    params = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+
+    def forward(params, args, kwargs):
+        return torch.func.functional_call(module, params, args, kwargs)
+
+    with torch.no_grad():
+        return make_fx(forward, tracing_mode="fake")(params, args, kwargs), params

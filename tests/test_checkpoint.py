@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import struct
@@ -594,3 +595,27 @@ def test_modelopt_config_json_lists_the_excluded_modules_under_ignore(tmp_path, 
     assert isinstance(loaded.model.layers[0].mlp.down_proj, nn.Linear)
     ids = random_batches(VOCAB, count=1, batch=2, seq_len=16, seed=seed)[0]
     torch.testing.assert_close(logits(loaded, ids).float(), logits(model, ids).float(), rtol=0.02, atol=0.02)
+
+
+def test_matmul_weights_that_are_not_linears_are_named_in_a_warning(caplog, seed):
+    """GPT-2's Conv1D and transformers 5's 3-D MoE expert weights stay dense: the user is told which."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, bos_token_id=0, eos_token_id=0, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    with caplog.at_level(logging.WARNING, logger="fp4_compile.checkpoint"):
+        quantize_transformers_model(gpt2, progress=False)
+    assert "4 matmul weights are not nn.Linear" in caplog.text and "transformer.h.0.attn.c_attn" in caplog.text
+    if not hasattr(transformers, "Qwen2MoeConfig"):
+        pytest.skip("no Qwen2-MoE in this transformers")
+    moe = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fp4_compile.checkpoint"):
+        quantize_transformers_model(moe, progress=False)
+    experts = [n for n, p in moe.named_parameters() if p.dim() == 3]
+    assert all(name in caplog.text for name in experts[:4]) == bool(experts)
+    # the routers stay dense, the shared expert's gate included (vLLM builds it unquantized)
+    layer = moe.model.layers[0].mlp
+    assert type(layer.gate).__name__ != "NVFP4Linear" and isinstance(layer.shared_expert_gate, nn.Linear)
+    assert isinstance(layer.shared_expert.gate_proj, NVFP4Linear)

@@ -11,7 +11,7 @@ import operator
 
 import pytest
 import torch
-from compile_helpers import op_counts
+from compile_helpers import op_counts, trace_module
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -250,3 +250,42 @@ def test_dynamic_m_is_grouped_and_decided_per_call():
         for x in (torch.randn(1, 4, K), torch.randn(3, 40, K)):
             assert torch.equal(compiled(x), model(x))
     assert results and all(r.groups == 2 for r in results)
+
+
+# ---------------------------------------------------------------------------------------
+# inputs computed between members (Hugging Face models with dynamic scales: tests/test_model_families.py)
+
+
+class QThenKV(nn.Module):
+    """q's output is used (Hugging Face's view and rotary embedding) before k and v are called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (NVFP4Linear.from_linear(nn.Linear(64, n)) for n in (64, 32, 32))  # dynamic scales
+
+    def forward(self, x):
+        q = self.q(x) * 2
+        return q, self.k(x), self.v(x)
+
+
+class KScaledByQ(QThenKV):
+    """k's activation scale depends on q's output: k must wait for q."""
+
+    def forward(self, x):
+        q, k = self.q(x), self.k
+        gs = q.abs().amax().reshape(1) + 1  # (k reads the same view of x as q's fp4.linear: one activation)
+        return q, torch.ops.fp4.linear(x.reshape(-1, 64), k.weight, k.weight_scale, gs, k.weight_global_scale, None,
+                                       k.out_features, "emulation")
+
+
+@pytest.mark.parametrize("model_class,groups", [(QThenKV, 1), (KScaledByQ, 0)])
+def test_inputs_computed_between_members_move_before_the_group_unless_they_need_a_member(seed, model_class, groups):
+    model, x = model_class().eval(), torch.randn(3, 64)
+    gm, params = trace_module(model, x)
+    fp4_pass = FP4PostGradPass()
+    fp4_pass(gm.graph)
+    gm.recompile()
+    assert fp4_pass.last.groups == op_counts(gm.graph)[LINEAR_GROUP] == groups
+    gm.graph.lint()  # (every node after its inputs)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(gm(params, (x,), {}), model(x)))

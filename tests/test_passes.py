@@ -13,7 +13,8 @@ from collections import Counter
 
 import pytest
 import torch
-from compile_helpers import SWIZZLED, UNSWIZZLED, ExactGlue, SnapshotBackend, op_counts, patch_padded_backends
+from compile_helpers import (SWIZZLED, UNSWIZZLED, ExactGlue, SnapshotBackend, op_counts, patch_padded_backends,
+                             trace_module)
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fp4_compile import NVFP4Linear
@@ -30,14 +31,6 @@ def padded(monkeypatch):
     patch_padded_backends(monkeypatch)
 
 
-def trace_layer(layer: NVFP4Linear, x: torch.Tensor) -> tuple[torch.fx.GraphModule, dict]:
-    """make_fx (fake) of the layer's forward, buffers and parameters as graph inputs."""
-    params = {**dict(layer.named_buffers()), **dict(layer.named_parameters())}
-
-    def forward(params, x):
-        return torch.func.functional_call(layer, params, (x,))
-
-    return make_fx(forward, tracing_mode="fake")(params, x), params
 
 
 def run_pass(gm: torch.fx.GraphModule):
@@ -76,7 +69,7 @@ def test_layer_chain_fuses(padded, backend, k, n, bias, static, lead):
         torch.nn.Linear(k, n, bias=bias), backend=backend, input_global_scale=1.7 if static else None
     )
     x = torch.randn(*lead, k)
-    gm, params = trace_layer(layer, x)
+    gm, params = trace_module(layer, x)
     before, after, result = run_pass(gm)
 
     pad, slice_ = layer.weight.shape[1] * 2 != k, layer.weight.shape[0] != n
@@ -89,7 +82,7 @@ def test_layer_chain_fuses(padded, backend, k, n, bias, static, lead):
     (info,) = result.fused
     assert (info.backend, info.out_features, info.bias, info.in_features) == (backend, n, bias, k)
     assert not result.unfused and not result.direct
-    assert torch.equal(gm(params, x), layer(x))
+    assert torch.equal(gm(params, (x,), {}), layer(x))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
@@ -133,7 +126,7 @@ def test_patterns_registered_once():
     assert pattern_pass() is pattern_pass()
     assert sum(len(v) for v in pattern_pass().patterns.values()) == len(VARIANTS) == 16
     for _ in range(2):  # a second pass object reuses the patterns (no "Duplicate pattern")
-        gm, _ = trace_layer(NVFP4Linear.from_linear(torch.nn.Linear(32, 16)), torch.randn(3, 32))
+        gm, _ = trace_module(NVFP4Linear.from_linear(torch.nn.Linear(32, 16)), torch.randn(3, 32))
         assert run_pass(gm)[2].fused
 
 

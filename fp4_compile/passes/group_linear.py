@@ -14,8 +14,10 @@ launch; others compute each member as ``fp4.linear`` would. Graphs whose M is a 
 ``MAX_M`` rows (the small-M kernel's range: a prefill's linears gain nothing from it) are left
 alone; with a symbolic M (one graph for every batch size, as torch.compile makes after a second
 size) the group decides per call, one launch at decode sizes and each member's own call above.
-At most ``MAX_GROUP`` linears a group, placed right after the last of its members' inputs (a dynamic
-activation scale or a bias cast computed between two members), where no member's output is used before.
+At most ``MAX_GROUP`` linears a group, placed right after the last of its members' inputs. Inputs computed
+between two members (each layer's dynamic activation scale and alpha, a bias cast) are first moved before the
+first member, as Hugging Face models use q's output (its view, the rotary embedding) before k's scale is
+computed; a member whose inputs depend on another member's output stays apart.
 """
 
 from __future__ import annotations
@@ -43,6 +45,26 @@ def _may_be_decode(node: torch.fx.Node) -> bool:
     return not isinstance(rows, int) or rows <= MAX_M
 
 
+def _hoist_member_inputs(members: list[torch.fx.Node], order: dict[torch.fx.Node, int]) -> bool:
+    """Move the nodes that compute the members' inputs after the first member to just before it, in their
+    order; False (nothing moved) where one of them depends on a member or has side effects (or draws
+    random numbers: moving it would change what it draws)."""
+    first = members[0]
+    to_move: set[torch.fx.Node] = set()
+    pending = [a for n in members[1:] for a in n.all_input_nodes]
+    while pending:
+        node = pending.pop()
+        if order[node] < order[first] or node in to_move:
+            continue
+        if node in members or node.op != "call_function" or node.is_impure(impure_random=True):
+            return False
+        to_move.add(node)
+        pending.extend(node.all_input_nodes)
+    for node in sorted(to_move, key=order.__getitem__):
+        first.prepend(node)
+    return True
+
+
 def group_linears(graph: torch.fx.Graph) -> int:
     """Rewrite the groups in ``graph``; returns how many ``fp4.linear_group`` nodes it made."""
     order = node_order(graph)
@@ -58,6 +80,8 @@ def group_linears(graph: torch.fx.Graph) -> int:
             if len(members) < 2:
                 continue
             first = members[0]
+            if _hoist_member_inputs(members, order):
+                order = node_order(graph)
             # (the group reads the first member's x: the others' are views of the same node)
             latest = max((first.args[0], *(a for n in members for a in n.args[1:6] if isinstance(a, torch.fx.Node))),
                          key=order.__getitem__)
