@@ -1091,6 +1091,11 @@ def quantize_transformers_model(
     (vLLM) lose nothing: :func:`merge_nvfp4_linears` of such layers is exact.
     """
     candidates = _quantizable_linears(model, ignore)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for group in _fused_siblings(linears):
+        if 0 < sum(name in candidates for name in group) < len(group):  # (an ignore list that splits a group)
+            logger.warning("only some of %s become NVFP4: vLLM fuses them into one layer and needs all or none "
+                           "quantized", ", ".join(group))
     if dense := _dense_matmul_weights(model):
         logger.warning("%d matmul weights are not nn.Linear and stay dense (not NVFP4): %s", len(dense),
                        ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))

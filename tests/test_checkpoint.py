@@ -619,3 +619,11 @@ def test_matmul_weights_that_are_not_linears_are_named_in_a_warning(caplog, seed
     layer = moe.model.layers[0].mlp
     assert type(layer.gate).__name__ != "NVFP4Linear" and isinstance(layer.shared_expert_gate, nn.Linear)
     assert isinstance(layer.shared_expert.gate_proj, NVFP4Linear)
+
+
+def test_an_ignore_list_that_splits_a_fused_group_is_warned_about(caplog, seed):
+    model = tiny_model(seed)
+    with caplog.at_level(logging.WARNING, logger="fp4_compile.checkpoint"):
+        quantize_transformers_model(model, ignore=("lm_head", "re:.*k_proj$"), progress=False)
+    assert "only some of model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj" in caplog.text
+    assert "gate_proj" not in caplog.text  # (gate/up both quantized)
