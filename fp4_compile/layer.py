@@ -76,13 +76,27 @@ class NVFP4Linear(nn.Module):
         weight_global_scale: torch.Tensor | float | None = None,
     ) -> "NVFP4Linear":
         """Quantize an ``nn.Linear``'s weight (global scale from its amax unless given)."""
-        weight = _checked_weight(linear)
+        return cls._from_checked_weight(_checked_weight(linear), linear.bias, backend=backend,
+                                        input_global_scale=input_global_scale, weight_global_scale=weight_global_scale)
+
+    @classmethod
+    def _from_checked_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        backend: Backend | str | None,
+        input_global_scale: torch.Tensor | float | None,
+        weight_global_scale: torch.Tensor | float | None,
+    ) -> "NVFP4Linear":
+        """``from_linear`` of a weight that ``_checked_weight`` has checked (quantize_model checks every layer
+        before it replaces any)."""
         if weight_global_scale is None:
             gs = fmt.global_scale_from_amax(weight.abs().amax().float()).reshape(1)
         else:
             gs = _as_global_scale(weight_global_scale, "weight_global_scale", weight.device)
         packed, scales = fmt.quantize_nvfp4(weight, gs)
-        bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
+        bias = None if bias is None else bias.detach().to(weight.dtype)
         return cls(packed, scales, gs, input_global_scale=input_global_scale, bias=bias, backend=backend)
 
     @property
@@ -281,10 +295,10 @@ def quantize_model(
             continue
         linears[name] = module
     amax = calibrate_input_amax(model, linears, calibration_data) if calibration_data is not None else {}
-    scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    checked: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     for name, linear in linears.items():
         try:
-            _checked_weight(linear)
+            weight = _checked_weight(linear)
             input_gs = None
             if name in amax:
                 input_gs = _as_global_scale(fmt.global_scale_from_amax(amax[name]), "input_global_scale",
@@ -294,13 +308,14 @@ def quantize_model(
                 weight_gs = _as_global_scale(weight_gs, "weight_global_scale", linear.weight.device)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name or type(model).__name__}: {e}") from e
-        scales[name] = input_gs, weight_gs
+        checked[name] = weight, input_gs, weight_gs
         if calibration_data is not None and name not in amax:
             logger.info("%s saw no calibration data: dynamic activation scale", name)
-    for name, linear in tqdm(linears.items(), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
-        input_gs, weight_gs = scales[name]
-        new = NVFP4Linear.from_linear(linear, backend=backend, input_global_scale=input_gs,
-                                      weight_global_scale=weight_gs)
+    for name in tqdm(list(linears), desc="quantizing to NVFP4", disable=not progress, unit="linear"):
+        # (popped: once replaced, nothing here holds the dense layer, which can go)
+        linear, (weight, input_gs, weight_gs) = linears.pop(name), checked.pop(name)
+        new = NVFP4Linear._from_checked_weight(weight, linear.bias, backend=backend, input_global_scale=input_gs,
+                                               weight_global_scale=weight_gs)
         if not name:  # the model is this linear
             return new
         parent_name, _, child = name.rpartition(".")
