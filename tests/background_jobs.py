@@ -50,6 +50,20 @@ def job(key: str) -> Callable:
     return register
 
 
+def _cuda_macros_shim(directory: pathlib.Path) -> tuple[str, ...]:
+    """An include directory with c10/cuda's generated macros header where this torch lacks it (a CPU build
+    ships c10/cuda's headers without it; a CUDA build has it with exactly this content), else none."""
+    from torch.utils.cpp_extension import include_paths
+
+    header = pathlib.Path("c10", "cuda", "impl", "cuda_cmake_macros.h")
+    if any((pathlib.Path(p) / header).is_file() for p in include_paths()):
+        return ()
+    shim = directory / "shim"
+    (shim / header).parent.mkdir(parents=True)
+    (shim / header).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return (str(shim),)
+
+
 def _nvcc_missing() -> str | None:
     from fp4_compile.ops import nvcc
 
@@ -59,7 +73,6 @@ def _nvcc_missing() -> str | None:
 @job("cutlass_sm100a")
 def _cutlass(directory: pathlib.Path) -> Job | str:
     from fp4_compile.ops import blackwell as bw
-    from torch.utils.cpp_extension import include_paths
 
     if bw.nvcc_path() is None:
         return "nvcc not found"
@@ -67,17 +80,8 @@ def _cutlass(directory: pathlib.Path) -> Job | str:
         return f"nvcc {bw.nvcc_version()} cannot build sm_100a"
     if bw.cutlass_include_dirs() is None:
         return "CUTLASS headers not found (pip install nvidia-cutlass)"
-    header = os.path.join("c10", "cuda", "impl", "cuda_cmake_macros.h")
-    extra: tuple[str, ...] = ()
-    if not any(os.path.isfile(os.path.join(p, header)) for p in include_paths()):
-        # A CPU build of torch ships c10/cuda headers without this generated one; a CUDA build has it
-        # with exactly this content for its shared libraries.
-        shim = directory / "shim"
-        (shim / header).parent.mkdir(parents=True)
-        (shim / header).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        extra = (str(shim),)
     obj = directory / "nvfp4_gemm_sm100.o"
-    return Job(bw.cutlass_compile_command(str(obj), "100a", extra), obj)
+    return Job(bw.cutlass_compile_command(str(obj), "100a", _cuda_macros_shim(directory)), obj)
 
 
 @job("wgmma_sm90a")
@@ -126,11 +130,8 @@ def _fast_linear(directory: pathlib.Path) -> Job | str:
     cuda_home = cpp_extension.CUDA_HOME or "/usr/local/cuda"
     if not pathlib.Path(cuda_home, "include", "cuda_runtime_api.h").exists():
         return "no CUDA runtime headers"
-    stub = directory / "stub" / "c10" / "cuda" / "impl"
-    stub.mkdir(parents=True)
-    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    includes = [f"-I{d}" for d in cpp_extension.include_paths()] + [f"-I{cuda_home}/include",
-                                                                     f"-I{directory / 'stub'}"]
+    includes = [f"-I{d}" for d in (*cpp_extension.include_paths(), f"{cuda_home}/include",
+                                   *_cuda_macros_shim(directory))]
     return Job(["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type", *includes,
                 str(fast_linear.SOURCE)], timeout=300)
 
