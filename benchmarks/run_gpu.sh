@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
-# Skip parts with RUN_GPU_SKIP="tests model quant linear floor small_m wgmma timeline group pdl" (any subset):
-# the whole script needs about 16-18 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
+# Skip parts with RUN_GPU_SKIP="tests cpu model quant linear floor small_m wgmma timeline group pdl" (any subset):
+# the whole script needs about 19-21 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; cpu (the
+# CPU tests on this machine's torch, which CI does not have) ~3; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
 # timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5); with a 10-minute command limit, run it as two calls,
 # e.g. RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma timeline". Each stage
-# has its own timeout (RUN_GPU_T_TESTS, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
+# has its own timeout (RUN_GPU_T_TESTS, _CPU, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -14,6 +15,9 @@ mkdir -p "$OUTDIR"
 SKIP="${RUN_GPU_SKIP:-}"
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
 
+# .whl (git-ignored, carried to the GPU machine): what its image lacks of the test extras, fetched here by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl depyf astor dill pyflakes
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,6 +36,11 @@ if ! skip tests; then
   timeout "${RUN_GPU_T_TESTS:-480}" python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=10 2>&1 \
     | tee "$OUTDIR/pytest_gpu.log" | tail -25
   STATUS[tests]="$(tail -1 "$OUTDIR/pytest_gpu.log")"
+fi
+if ! skip cpu; then  # CI runs these on torch 2.13; the package supports 2.11 too, which this image has
+  timeout "${RUN_GPU_T_CPU:-420}" python3 -m pytest -m "not gpu" tests -q -p no:cacheprovider --maxfail=10 2>&1 \
+    | tee "$OUTDIR/pytest_cpu.log" | tail -15
+  STATUS[cpu]="$(tail -1 "$OUTDIR/pytest_cpu.log")"
 fi
 if python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('fp4_compile.__main__') else 1)" >/dev/null 2>&1; then
   python3 -m fp4_compile backends 2>&1 | tee "$OUTDIR/backends.txt" | tail -20
@@ -68,6 +77,7 @@ fi
 echo
 echo "=== summary ($(date -u +%H:%M:%S) UTC) ==="
 echo "tests: ${STATUS[tests]:-skipped}"
+echo "cpu tests on $(python3 -c 'import torch; print("torch", torch.__version__)'): ${STATUS[cpu]:-skipped}"
 OUTDIR="$OUTDIR" python3 - <<'PY'
 import json, os
 d = os.environ["OUTDIR"]

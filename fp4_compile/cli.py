@@ -259,6 +259,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # run_gpu.sh's benchmark stages (RUN_GPU_SKIP), in the order it runs them.
+TEST_STAGES = ("tests", "cpu")  # run_gpu.sh's GPU-marked tests, and the others on the GPU machine's torch
 BENCH_STAGES = ("quant", "linear", "floor", "small_m", "wgmma", "timeline", "group", "pdl", "model")
 
 
@@ -286,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     skip = set(args.skip or [])
     if not args.with_tests:
-        skip.add("tests")
+        skip.update(TEST_STAGES)
     env["RUN_GPU_SKIP"] = " ".join(sorted(skip))
     if args.out:
         env["OUT"] = str(Path(args.out).absolute())
@@ -508,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "linear layers, the read-only ceiling, the decode and wgmma kernels' variants, "
                                    "grouped launches, PDL, a model; JSON results; about 13 minutes on an H100). "
                                    "Needs a CUDA GPU: without one it says so and exits with status 2.")
-    p.add_argument("--with-tests", action="store_true", help="also run the GPU-marked tests first")
+    p.add_argument("--with-tests", action="store_true", help="also run the tests first: the GPU-marked ones, then the others on this torch")
     p.add_argument("--skip", nargs="*", choices=BENCH_STAGES, metavar="STAGE",
                    help=f"benchmarks to skip, of: {' '.join(BENCH_STAGES)}")
     p.add_argument("--out", metavar="DIR", help="where the JSON results go (default benchmarks/results)")

@@ -12,6 +12,25 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+
+def _scalar_index_of_one_element_arrays() -> None:
+    """Triton 3.6's interpreter makes a scalar an index with ``int()`` of its 1-element array, which numpy
+    2.5 refuses ('only 0-dimensional arrays can be converted', at every ``range(kt0, kt1)``; the GPU image
+    pairs the two); Triton 3.9 squeezes the array first. Do as 3.9 does."""
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None:  # another layout of the interpreter: leave it as it is
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_scalar_index_of_one_element_arrays()
 
 import exact_bounds  # noqa: E402 (beside this file: the script's directory is on sys.path)
 
