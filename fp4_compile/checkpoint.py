@@ -674,7 +674,8 @@ def load_nvfp4(
         dtype = _config_dtype(config)
     model = build_empty_model(path, dtype)
     plan = _plan_and_validate(model, scheme, tensors, path)
-    backend = resolve_backend(backend, device)
+    follows_device = backend is None
+    backend = resolve_backend(backend, device)  # once, not per layer
     names = scheme.names()
     inverse = scheme.format == MODELOPT
 
@@ -712,6 +713,7 @@ def load_nvfp4(
                 packed, block_scales, wgs.to(device),
                 input_global_scale=None if igs is None else igs.to(device), bias=bias, backend=backend,
             )
+            layer.backend_follows_device = follows_device
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
 
@@ -1209,6 +1211,7 @@ def merge_nvfp4_linears(
         input_global_scale=None if input_gs is None else input_gs.to(device), bias=bias,
         backend=backend if backend is not None else layers[0].backend,
     )
+    merged.backend_follows_device = backend is None and layers[0].backend_follows_device
     report = MergeReport(exact, float(common), [float(g) for g in gss], max_rel, max_abs, note)
     if not exact:
         logger.warning("%s", report)

@@ -11,7 +11,8 @@ from torch import nn
 
 from . import format as fmt
 from . import ops  # noqa: F401  (registers torch.ops.fp4)
-from .backends import SPECS, Backend, convert_to_kernel_format, kernels_for, resolve_backend
+from .backends import (SPECS, Backend, BackendError, convert_to_kernel_format, kernels_for, resolve_backend,
+                       select_backend)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class NVFP4Linear(nn.Module):
     (quantization multipliers ``448*6/amax``; ``input_global_scale`` is None for dynamic
     activation scales), ``alpha`` (the GEMM's output factor, derived: not in the state dict) and ``bias``.
     The state dict holds ``weight`` and ``weight_scale`` in the linear (checkpoint) layout, whatever the backend.
+
+    ``backend_follows_device``: True where no backend was named (it was selected for the weight's device).
+    Moving such a layer to another device (``.to``, ``.cuda()``, ``.cpu()``, ``to_empty``) then selects that
+    device's backend of the same semantics and re-lays the weight out for it, so a model quantized on the CPU
+    runs the Hopper or Blackwell kernels once moved to the GPU, not the emulation. A named backend stays.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class NVFP4Linear(nn.Module):
         self.in_features, self.out_features = k, n
         target = resolve_backend(backend, device)
         self.backend = Backend.EMULATION  # the linear layout given here is the emulation format
+        self.backend_follows_device = backend is None
         self.register_buffer("weight_global_scale", _as_global_scale(weight_global_scale, "weight_global_scale", device))
         self.register_buffer(
             "input_global_scale",
@@ -123,8 +130,10 @@ class NVFP4Linear(nn.Module):
             self.alpha = None  # dynamic: computed per call from the batch's scale
 
     def set_backend(self, backend: Backend | str | None = None) -> None:
-        """Re-lay the weight out for ``backend`` (or the best one for the weight's device)."""
+        """Re-lay the weight out for ``backend`` (or the best one for the weight's device, which then follows
+        the layer's moves: ``backend_follows_device``)."""
         convert_to_kernel_format(resolve_backend(backend, self.weight.device), self)
+        self.backend_follows_device = backend is None
 
     # The format's buffers keep their dtypes through ``model.to(dtype)``, ``.half()`` or ``.bfloat16()``, which
     # would cast the e4m3 scales and round the float32 global scales (the layer then unusable): those calls
@@ -133,12 +142,28 @@ class NVFP4Linear(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "NVFP4Linear":
         before = {name: self._buffers[name] for name in self._FORMAT_BUFFERS if self._buffers.get(name) is not None}
+        device = self.weight.device
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        if self.weight.device != device:
+            self._follow_device()
         return self
+
+    def _follow_device(self) -> None:
+        """After a move: the new device's backend, where this layer's backend was selected, not named."""
+        device = self.weight.device
+        # (layers pickled whole before the attribute existed lack it)
+        if not getattr(self, "backend_follows_device", False) or device.type == "meta":
+            return
+        try:
+            target = select_backend(device)
+        except BackendError:  # FP4_GEMM_BACKEND names a backend that device lacks: its forward will say so
+            return
+        if target != self.backend and SPECS[target].semantics == self.semantics:
+            convert_to_kernel_format(target, self)
 
     # The state dict holds the weight in the linear (checkpoint) layout, whatever this layer's backend: a
     # state dict saved on one backend (triton-w4a4 on a GPU) then loads into a layer on any other (emulation on

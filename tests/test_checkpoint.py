@@ -89,6 +89,7 @@ def test_compressed_tensors_round_trip_is_exact(quantized, tmp_path, shard):
     assert qc["ignore"] == ["lm_head"]
     loaded = load_nvfp4(out, device="cpu")
     assert set(nvfp4_layers(loaded)) == set(nvfp4_layers(model))
+    assert all(layer.backend_follows_device for layer in nvfp4_layers(loaded).values())  # none was named
     for name, layer in nvfp4_layers(model).items():
         other = loaded.get_submodule(name)
         for a, b in zip(layer.linear_weight(), other.linear_weight()):
@@ -114,7 +115,8 @@ def test_tied_embeddings_and_dynamic_scales_round_trip(tmp_path, seed):
     assert not any(k.endswith("input_global_scale") for k in keys)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
-    loaded = load_nvfp4(out, device="cpu")
+    loaded = load_nvfp4(out, device="cpu", backend="emulation")
+    assert not any(layer.backend_follows_device for layer in nvfp4_layers(loaded).values())  # named
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert all(m.input_global_scale is None for m in nvfp4_layers(loaded).values())
     ids = random_batches(VOCAB, count=1, batch=2, seq_len=16, seed=seed)[0]
@@ -540,6 +542,11 @@ def test_merge_with_power_of_two_ratios_is_exact(seed):
     parts = [_layer(64, 128, s, input_gs, seed + i) for i, s in enumerate((1.0, 0.25, 0.5))]
     merged, report = merge_nvfp4_linears(parts)
     assert report.exact and report.max_rel_error == 0 and report.max_abs_error == 0
+    assert not merged.backend_follows_device  # the parts' backend was named
+    for part in parts:
+        part.set_backend()  # selected: the merge of these follows its device too, unless one is named
+    assert merge_nvfp4_linears(parts)[0].backend_follows_device
+    assert not merge_nvfp4_linears(parts, backend="emulation")[0].backend_follows_device
     x = torch.randn(5, 128) * 1.5
     expected = torch.cat([p(x) for p in parts], dim=-1)
     assert torch.equal(merged(x), expected)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp4_compile import NVFP4Linear, quantize_model
+from fp4_compile import Backend, BackendError, NVFP4Linear, quantize_model
 from fp4_compile import format as fmt
 
 
@@ -319,3 +319,69 @@ def test_gpu_state_dict_loads_into_a_cpu_model_and_back(seed, backend):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     xg = x.cuda()
     assert torch.equal(fresh(xg), gpu_layer(xg))
+
+
+def test_backend_follows_device_only_where_none_was_named(seed):
+    lin = nn.Linear(64, 32)
+    assert NVFP4Linear.from_linear(lin).backend_follows_device
+    named = NVFP4Linear.from_linear(lin, backend="emulation")
+    assert not named.backend_follows_device
+    named.set_backend()
+    assert named.backend_follows_device
+    named.set_backend("emulation")
+    assert not named.backend_follows_device
+    assert all(layer.backend_follows_device for layer in _quantized_mlp(None) if isinstance(layer, NVFP4Linear))
+
+
+def _raise_backend_error(device):
+    raise BackendError("FP4_GEMM_BACKEND names a backend this device lacks")
+
+
+@pytest.mark.parametrize("selected, named, expected", [
+    (lambda device: Backend.FLASHINFER_TRTLLM, False, Backend.FLASHINFER_TRTLLM),  # followed
+    (lambda device: Backend.FLASHINFER_TRTLLM, True, Backend.EMULATION),  # a named backend stays
+    (lambda device: Backend.MARLIN, False, Backend.EMULATION),  # W4A16: other numbers, not followed
+    (_raise_backend_error, False, Backend.EMULATION),
+])
+def test_a_move_re_lays_a_selected_backend_out(seed, monkeypatch, selected, named, expected):
+    """``to_empty`` from the meta device onto the CPU, whose backend is patched to be another one: a layer of a
+    selected backend takes it (same semantics only), with its weight laid out for it; a state dict then loads
+    into the layer exactly. (The meta device itself is no move to follow.)"""
+    from fp4_compile import layer as layer_module
+    from fp4_compile.backends import kernels_for
+
+    lin = nn.Linear(256, 128)
+    source = NVFP4Linear.from_linear(lin)
+    moved = NVFP4Linear.from_linear(lin, backend="emulation" if named else None).to("meta")
+    assert moved.backend is Backend.EMULATION
+    monkeypatch.setattr(layer_module, "select_backend", selected)
+    moved.to_empty(device="cpu")
+    assert moved.backend is expected
+    assert moved.weight.shape == kernels_for(expected).prepare_weight(*source.linear_weight())[0].shape
+    moved.load_state_dict(source.state_dict())
+    for a, b in zip(moved.linear_weight(), source.linear_weight()):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.gpu
+def test_a_model_quantized_on_the_cpu_runs_the_gpu_backend_once_moved(seed):
+    """quantize_model on the CPU (emulation), then .cuda(): the GPU's own backend, the same W4A4 function;
+    .cpu() again: emulation, and the CPU outputs of before, bit for bit. A named backend stays through both."""
+    from fp4_compile.backends import select_backend
+
+    dense = nn.Sequential(nn.Linear(256, 320), nn.SiLU(), nn.Linear(320, 192))
+    model = _quantized_mlp([torch.randn(4, 256) * 2], dense)
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        before = model(x)
+        model.cuda()
+        assert {model[0].backend, model[2].backend} == {select_backend(torch.device("cuda"))} != {Backend.EMULATION}
+        on_gpu = model(x.cuda()).cpu()
+        hidden = nn.functional.silu(model[0](x.cuda())).cpu()
+        assert _rel(on_gpu, _reference_w4a4(hidden, dense[2], model[2].input_global_scale.cpu())) < 1e-3
+        assert _rel(on_gpu, before) < 1e-3  # the same function; fp32 summation order differs
+        model.cpu()
+        assert model[0].backend is model[2].backend is Backend.EMULATION
+        assert torch.equal(model(x), before)
+    named = NVFP4Linear.from_linear(nn.Linear(64, 32), backend="emulation").cuda()
+    assert named.backend is Backend.EMULATION
