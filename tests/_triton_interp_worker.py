@@ -226,15 +226,17 @@ def main():
     # ---- RMSNorm (+ residual) and block values in one pass, against the op's CPU reference
     out["rms_norm_quant"] = []
     for dt in (torch.float32, torch.float16):
-        for m, k, residual in ((1, 48, False), (3, 208, True), (2, 256, True)):
+        for m, k, residual, unit_offset in ((1, 48, False, False), (3, 208, True, False), (2, 256, True, False),
+                                            (3, 208, True, True), (1, 48, False, True)):  # (unit_offset: Gemma's)
             x = (torch.randn(m, k) * 4).to(dt)
             r = torch.randn(m, k).to(dt) if residual else None
-            w = (1 + torch.randn(k) / 4).to(dt)
+            w = (torch.randn(k) / 4 + (0 if unit_offset else 1)).to(dt)
             gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
-            ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)  # (CPU: the reference)
-            values, total = rms_norm_quantize_gpu(x, r, w, 1e-5, gs)
+            # (CPU: the reference)
+            ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs, unit_offset)
+            values, total = rms_norm_quantize_gpu(x, r, w, 1e-5, gs, unit_offset)
             out["rms_norm_quant"].append({
-                "dtype": str(dt), "m": m, "k": k, "residual": residual,
+                "dtype": str(dt), "m": m, "k": k, "residual": residual, "unit_offset": unit_offset,
                 "total_equal": bool(torch.equal(total, ref_total)) if residual else total is None,
                 "values_mismatch": float((values != ref_values).float().mean())})
     print(json.dumps(out))

@@ -23,21 +23,26 @@ from fp4_compile.passes.fuse_rms_norm_quant import RMS_NORM_QUANTIZE
 K = 64
 
 
-def _norm(x, residual, weight, eps):
+def _norm(x, residual, weight, eps, unit_offset=False, offset=1.0):
+    """(s, h): Hugging Face's LlamaRMSNorm of s = x + residual, or with ``unit_offset`` its GemmaRMSNorm."""
     s = x + residual if residual is not None else x
     xf = s.float()
-    return s, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return s, (normed * (offset + weight.float())).type_as(x)
+    return s, normed.to(x.dtype) * weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
-def test_op_reference(dtype, residual):
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_op_reference(dtype, residual, unit_offset):
     x = torch.randn(2, 3, K, dtype=dtype) * 3
     r = torch.randn(2, 3, K, dtype=dtype) if residual else None
-    w = (1 + torch.randn(K) / 4).to(dtype)
+    w = (torch.randn(K) / 4 + (0 if unit_offset else 1)).to(dtype)
     gs = F.global_scale_from_amax(torch.tensor(20.0)).reshape(1)
-    values, total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
-    s, h = _norm(x, r, w, 1e-5)
+    values, total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs, unit_offset)
+    s, h = _norm(x, r, w, 1e-5, unit_offset)
     assert values.shape == x.shape and values.dtype == dtype
     assert torch.equal(total, s) if residual else total.numel() == 0
     expected = F.block_values(*F.quantize_nvfp4(h.reshape(-1, K), gs)).reshape(x.shape)
@@ -56,8 +61,9 @@ def test_op_fake_kernel_opcheck_and_errors():
     with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
         values, total = torch.ops.fp4.rms_norm_quantize(x, x, w, 1e-6, gs)
         assert values.shape == (3, K) and total.shape == (3, K)
-    torch.library.opcheck(torch.ops.fp4.rms_norm_quantize.default, (x, x.clone(), w, 1e-6, gs),
-                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for args in ((x, x.clone(), w, 1e-6, gs), (x, None, w, 1e-6, gs, True)):
+        torch.library.opcheck(torch.ops.fp4.rms_norm_quantize.default, args,
+                              test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.fp4.rms_norm_quantize(x, None, w[:-1], 1e-6, gs)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -78,13 +84,13 @@ def _layers(dtype, n=(96, 32), shared_scale=True):
 
 
 def _fx(dtype=torch.bfloat16, residual=True, backend="triton-w4a4", h_used=False, shared_scale=True,
-        dynamic_scale=False):
+        dynamic_scale=False, unit_offset=False, offset=1.0):
     from torch._inductor.decomposition import select_decomp_table
 
     layers = _layers(dtype, shared_scale=shared_scale)
 
     def fn(x, r, w, *flat):
-        s, h = _norm(x, r if residual else None, w, 1e-5)
+        s, h = _norm(x, r if residual else None, w, 1e-5, unit_offset, offset)
         h2 = h.reshape(-1, K)
         outs = [s * 2]
         for i, la in enumerate(layers):
@@ -103,25 +109,30 @@ def _fx(dtype=torch.bfloat16, residual=True, backend="triton-w4a4", h_used=False
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
-def test_norm_and_quantization_become_one_node(dtype, residual):
-    gm = _fx(dtype, residual)
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_norm_and_quantization_become_one_node(dtype, residual, unit_offset):
+    gm = _fx(dtype, residual, unit_offset=unit_offset)
     fp4_pass = FP4PostGradPass()
     fp4_pass(gm.graph)
     counts = op_counts(gm.graph)
     assert fp4_pass.last.norms == 1 and counts[RMS_NORM_QUANTIZE] == 1 and fp4_pass.last.groups == 1
-    for op in (torch.ops.aten.rsqrt.default, torch.ops.aten.mean.dim, torch.ops.aten.pow.Tensor_Scalar):
+    for op in (torch.ops.aten.rsqrt.default, torch.ops.aten.mean.dim, torch.ops.aten.pow.Tensor_Scalar,
+               torch.ops.prims.convert_element_type.default):
         assert not counts[op]
+    assert counts[torch.ops.aten.mul.Tensor] == 1  # the graph's own s * 2
     (norm,) = gm.graph.find_nodes(op="call_function", target=RMS_NORM_QUANTIZE)
     assert (norm.args[1] is not None) == residual and norm.args[3] == 1e-5
+    assert norm.args[2].op == "placeholder" and tuple(norm.args[5:]) == ((True,) if unit_offset else ())
     (group,) = gm.graph.find_nodes(op="call_function", target=torch.ops.fp4.linear_group.default)
     assert group.args[7] == "marlin"  # the W4A16 kernels on the W4A4 block values
     assert not counts[torch.ops.aten.add.Tensor]  # the residual add (and the eps add) went into the op
 
 
-@pytest.mark.parametrize("case", ["emulation", "h_used", "scales_differ", "dynamic_scale"])
+@pytest.mark.parametrize("case", ["emulation", "h_used", "scales_differ", "dynamic_scale", "offset_two"])
 def test_left_alone(case):
     gm = _fx(backend="emulation" if case == "emulation" else "triton-w4a4", h_used=case == "h_used",
-             shared_scale=case != "scales_differ", dynamic_scale=case == "dynamic_scale")
+             shared_scale=case != "scales_differ", dynamic_scale=case == "dynamic_scale",
+             unit_offset=case == "offset_two", offset=2.0)  # (a Gemma-like norm of 2 + weight is not Gemma's)
     assert fuse_rms_norm_quant.fuse_rms_norm_quant(gm.graph) == 0
     assert not op_counts(gm.graph)[RMS_NORM_QUANTIZE]
 
@@ -139,24 +150,25 @@ def _gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m,k", [(1, 4096), (16, 4096), (300, 1040), (5, 48), (3, 14336), (2, 20480)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_kernel_against_reference(seed, dtype, m, k, residual):
-    """An eager call (16-bit rows: the CUDA kernel; fp32: Triton's) and a call captured in a CUDA graph (the
-    Triton kernel) against the op's CPU reference and each other: the residual sums equal, the values equal
-    but where a normalized element's rounding differs by the order of the float32 sum (rare)."""
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_kernel_against_reference(seed, dtype, m, k, residual, unit_offset):
+    """An eager call (Llama's norm on 16-bit rows: the CUDA kernel; else Triton's) and a call captured in a
+    CUDA graph (the Triton kernel) against the op's CPU reference and each other: the residual sums equal, the
+    values equal but where a normalized element's rounding differs by the order of the float32 sum (rare)."""
     _gpu()
     x = torch.randn(m, k, dtype=dtype) * 4
     r = torch.randn(m, k, dtype=dtype) if residual else None
-    w = (1 + torch.randn(k) / 4).to(dtype)
+    w = (torch.randn(k) / 4 + (0 if unit_offset else 1)).to(dtype)
     gs = F.global_scale_from_amax(torch.tensor(40.0)).reshape(1)
-    ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs)
+    ref_values, ref_total = torch.ops.fp4.rms_norm_quantize(x, r, w, 1e-5, gs, unit_offset)
     cuda = [t.cuda() if t is not None else None for t in (x, r, w, gs)]
-    values, total = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+    values, total = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3], unit_offset)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+        torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3], unit_offset)
         with torch.cuda.graph(graph, stream=stream):
-            captured = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3])
+            captured = torch.ops.fp4.rms_norm_quantize(cuda[0], cuda[1], cuda[2], 1e-5, cuda[3], unit_offset)
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
@@ -167,20 +179,21 @@ def test_kernel_against_reference(seed, dtype, m, k, residual):
 
 
 class W4A4Layer(nn.Module):
-    """RMSNorm -> q/k/v, residual, RMSNorm -> gate/up -> SiLU*mul -> down: the norms feed W4A4 linears."""
+    """RMSNorm -> q/k/v, residual, RMSNorm -> gate/up -> SiLU*mul -> down: the norms feed W4A4 linears
+    (Llama's norms, or with ``unit_offset`` Gemma's)."""
 
-    def __init__(self, d=256, ff=512, dtype=torch.bfloat16):
+    def __init__(self, d=256, ff=512, dtype=torch.bfloat16, unit_offset=False):
         super().__init__()
-        self.w1, self.w2 = nn.Parameter(1 + torch.randn(d) / 8), nn.Parameter(1 + torch.randn(d) / 8)
+        base = 0 if unit_offset else 1
+        self.w1, self.w2 = nn.Parameter(base + torch.randn(d) / 8), nn.Parameter(base + torch.randn(d) / 8)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.gate, self.up, self.down = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False), nn.Linear(ff, d,
                                                                                                           bias=False)
+        self.unit_offset = unit_offset
         self.to(dtype)
 
-    @staticmethod
-    def norm(x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+    def norm(self, x, w):
+        return _norm(x, None, w, 1e-5, self.unit_offset)[1]
 
     def forward(self, x):
         h = self.norm(x, self.w1)
@@ -190,7 +203,8 @@ class W4A4Layer(nn.Module):
 
 
 @pytest.mark.gpu
-def test_compiled_w4a4_layer_on_the_gpu():
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_compiled_w4a4_layer_on_the_gpu(unit_offset):
     """Both norms fuse with their linears' quantization; compiled within bf16 rounding of eager at decode
     and prefill sizes (a symbolic M)."""
     _gpu()
@@ -198,7 +212,7 @@ def test_compiled_w4a4_layer_on_the_gpu():
     from fp4_compile.passes.manager import record_results
 
     torch.manual_seed(8)
-    model = W4A4Layer().cuda().eval()
+    model = W4A4Layer(unit_offset=unit_offset).cuda().eval()
     xs = [torch.randn(b, t, 256, device="cuda", dtype=torch.bfloat16) for b, t in ((1, 1), (2, 8), (2, 100))]
     quantize_model(model, backend="triton-w4a4", calibration_data=[xs[1]], progress=False)
     torch._dynamo.reset()

@@ -95,3 +95,24 @@ def test_family_fuses_every_layer_and_equals_eager(seed, name, static):
     assert (result.gated, result.groups) == (family.gated, family.groups)
     with torch.no_grad():
         assert torch.equal(gm(params, (), {**inputs, "use_cache": False}).logits, model(**inputs, use_cache=False).logits)
+
+
+# The RMSNorms of one decoder layer that feed NVFP4 linears (Gemma's multiply by 1 + weight, in float32).
+NORMS = {"qwen2": 2, "mistral": 2, "phi3": 2, "gemma": 2, "gemma2": 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(NORMS))
+def test_family_norms_fuse_with_the_hopper_quantization(seed, name, dtype):
+    """With triton-w4a4 layers (their layout prepared on the CPU; traced with fake tensors, so no kernel runs)
+    and static scales, each RMSNorm before NVFP4 linears fuses with their quantization, Llama's form and
+    Gemma's alike."""
+    from fp4_compile.backends import convert_to_kernel_format
+
+    model = build(FAMILIES[name]).to(dtype)
+    quantize_transformers_model(model, calibration_data=[padded_batch(), padded_batch()], progress=False)
+    for layer in model.modules():
+        if isinstance(layer, NVFP4Linear):
+            convert_to_kernel_format("triton-w4a4", layer)
+    _, _, result = trace_and_rewrite(model, **padded_batch(), use_cache=False)
+    assert not result.unfused and result.norms == NORMS[name]

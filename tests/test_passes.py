@@ -360,3 +360,20 @@ def test_uuid_with_a_user_pass():
     chained = FP4PostGradPass(extra=UserPass()).uuid()
     assert chained and chained != ours
     assert FP4PostGradPass(extra=lambda graph: None).uuid() is None  # no uuid: no caching
+
+
+def test_conversions_are_dtype_casts_on_the_same_device():
+    """``fx_nodes.conversion`` reads ``x.to(dtype)`` and ``x.type_as(y)`` traced without decompositions (an
+    ``aten._to_copy`` with the input's own layout and device) as dtype casts, and nothing that moves data."""
+    from fp4_compile.passes.fx_nodes import conversion
+
+    def fn(x, y):
+        return x.to(torch.float32), x.type_as(y), x.to("meta", torch.float32), x.to(torch.float32, copy=True) * 2
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(3, dtype=torch.bfloat16), torch.randn(3))
+    copies = list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten._to_copy.default))
+    found = [conversion(node) for node in copies]
+    assert len(copies) >= 3 and sum(f is not None for f in found) == len(copies) - 1
+    assert all(f[1] == torch.float32 for f in found if f is not None)
+    (moved,) = [node for node, f in zip(copies, found) if f is None]
+    assert moved.kwargs["device"] == torch.device("meta")

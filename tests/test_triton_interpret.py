@@ -81,6 +81,7 @@ def test_silu_mul_kernel_matches_reference(results):
 def test_rms_norm_quantize_kernel_matches_reference(results):
     for r in results["rms_norm_quant"]:  # values may differ where a float32 sum order flips a rounding
         assert r["total_equal"] and r["values_mismatch"] <= 0.01, r
+    assert {r["unit_offset"] for r in results["rms_norm_quant"]} == {False, True}  # Llama's norm and Gemma's
 
 
 def test_prepare_restore_round_trip(results):

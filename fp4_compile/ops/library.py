@@ -343,22 +343,23 @@ def linear_silu_mul(
 _define("_linear_silu_mul_python" + _LINEAR_SILU_MUL_ARGS, _linear_silu_mul_fake)(linear_silu_mul)
 
 
-def _rms_norm_quantize_fake(x, residual, weight, eps, global_scale):
+def _rms_norm_quantize_fake(x, residual, weight, eps, global_scale, unit_offset=False):
     return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
 
 
-_RMS_NORM_QUANTIZE_ARGS = ("(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale) "
-                           "-> (Tensor, Tensor)")
+_RMS_NORM_QUANTIZE_ARGS = ("(Tensor x, Tensor? residual, Tensor weight, float eps, Tensor global_scale, "
+                           "bool unit_offset=False) -> (Tensor, Tensor)")
 
 
 @_define("rms_norm_quantize" + _RMS_NORM_QUANTIZE_ARGS, _rms_norm_quantize_fake)
 def rms_norm_quantize(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-                      global_scale: Tensor) -> tuple[Tensor, Tensor]:
+                      global_scale: Tensor, unit_offset: bool = False) -> tuple[Tensor, Tensor]:
     """``(values, s)``: ``s = x + residual`` (empty without a residual), ``h = (s * rsqrt(mean(s^2) + eps)).to(dtype)
     * weight`` (an RMSNorm, rounded as its eager ops round) and ``values``, the exact NVFP4 block values
     ``e2m1 * sf`` of ``h`` quantized with ``global_scale`` (without ``1/gs``), in x's dtype and shape: what the
-    Hopper W4A4 GEMMs multiply. One pass on the GPU (ops/rms_norm_quant.py); the ``fp4`` compile pass makes it
-    from an RMSNorm before W4A4 linears (passes/fuse_rms_norm_quant.py)."""
+    Hopper W4A4 GEMMs multiply. ``unit_offset``: Gemma's norm instead, ``h = (s * rsqrt(mean(s^2) + eps) *
+    (1 + weight)).to(dtype)`` in float32, rounded once. One pass on the GPU (ops/rms_norm_quant.py); the
+    ``fp4`` compile pass makes it from an RMSNorm before W4A4 linears (passes/fuse_rms_norm_quant.py)."""
     fmt.check_float_input(x)
     k = x.shape[-1]
     if k % fmt.BLOCK_SIZE:
@@ -373,11 +374,12 @@ def rms_norm_quantize(x: Tensor, residual: Tensor | None, weight: Tensor, eps: f
     if x.device.type == "cuda":
         from .rms_norm_quant import rms_norm_quantize_gpu
 
-        values, total = rms_norm_quantize_gpu(x2, r2, weight, eps, global_scale)
+        values, total = rms_norm_quantize_gpu(x2, r2, weight, eps, global_scale, unit_offset)
     else:
         total = x2 + r2 if r2 is not None else None
         s = (total if total is not None else x2).float()
-        h = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+        h = (normed * (1.0 + weight.float())).to(x.dtype) if unit_offset else normed.to(x.dtype) * weight
         values = fmt.block_values(*fmt.quantize_nvfp4(h, global_scale.reshape(1).float())).to(x.dtype)
     return values.reshape(x.shape), (total.reshape(x.shape) if total is not None else x.new_empty((0,)))
 

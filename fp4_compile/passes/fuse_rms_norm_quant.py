@@ -18,6 +18,9 @@ fp16): the Hopper ``marlin`` kernels, which share ``triton-w4a4``'s weight layou
 with backend ``marlin``, and the step loses one launch per norm. Results are the W4A4 layers' own (up to
 fp32 summation order).
 
+Gemma's norm, ``h = convert_element_type(c * rsqrt(...) * (convert_element_type(weight, float32) + 1.0),
+bf16)`` (float32 throughout, rounded once), becomes ``fp4.rms_norm_quantize(x, r, weight, eps, gs, True)``.
+
 Only where every user of ``h`` is such a linear of backend ``triton-w4a4``, all with one activation scale
 that is a graph input (static, calibrated); dynamic scales, other backends (Blackwell's take codes, not
 values) and norms with other users are left alone.
@@ -47,38 +50,70 @@ def _two(node, target):
     return tuple(node.args[:2]) if is_call(node, target) and len(node.args) == 2 and not node.kwargs else None
 
 
-def _rms_norm(h: torch.fx.Node):
-    """(s, weight, eps, nodes) where ``h = (c * rsqrt(mean(c ** 2, [-1], True) + eps)).to(dtype) * weight`` with
-    ``c = s`` cast to float32 (or s itself, float32); ``nodes``: those from c to h."""
-    mul_w = _two(h, aten.mul.Tensor)
-    if mul_w is None:
-        return None
-    for n, weight in (mul_w, mul_w[::-1]):
-        cast = conversion(n)
-        normed = cast[0] if cast is not None and cast[1] == dtype_of(h) else n
-        prod = _two(normed, aten.mul.Tensor)
-        if prod is None:
+def _normalized(prod: torch.fx.Node, dtype: torch.dtype | None):
+    """(s, eps, nodes) where ``prod = c * rsqrt(mean(c ** 2, [-1], True) + eps)`` with ``c = s`` cast to float32
+    (or s itself, float32) and s of ``dtype``; ``nodes``: those from prod to c."""
+    two = _two(prod, aten.mul.Tensor)
+    for c, rsqrt in (two, two[::-1]) if two is not None else ():
+        if not is_call(rsqrt, aten.rsqrt.default):
             continue
-        for c, rsqrt in (prod, prod[::-1]):
-            if not is_call(rsqrt, aten.rsqrt.default):
-                continue
-            add_eps = _two(rsqrt.args[0], aten.add.Tensor)
-            if add_eps is None or not isinstance(add_eps[1], float):
-                continue
-            mean = add_eps[0]
-            if not is_call(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [_rank(c) - 1]) or \
-                    not (len(mean.args) > 2 and mean.args[2]):
-                continue
-            if _two(mean.args[0], aten.pow.Tensor_Scalar) != (c, 2):
-                continue
-            c_cast = conversion(c)
-            s = c_cast[0] if c_cast is not None and c_cast[1] == torch.float32 else c
-            if dtype_of(s) != dtype_of(h) or dtype_of(weight) != dtype_of(h) or _shape(weight) != (_shape(h)[-1],):
-                continue
-            nodes = [h] + ([n] if normed is not n else []) + [normed, rsqrt, rsqrt.args[0], mean, mean.args[0]]
-            nodes += [c] if c is not s else []
-            return s, weight, add_eps[1], nodes
+        add_eps = _two(rsqrt.args[0], aten.add.Tensor)
+        if add_eps is None or not isinstance(add_eps[1], float):
+            continue
+        mean = add_eps[0]
+        if not is_call(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [_rank(c) - 1]) or \
+                not (len(mean.args) > 2 and mean.args[2]):
+            continue
+        if _two(mean.args[0], aten.pow.Tensor_Scalar) != (c, 2):
+            continue
+        c_cast = conversion(c)
+        s = c_cast[0] if c_cast is not None and c_cast[1] == torch.float32 else c
+        if dtype_of(s) != dtype:
+            continue
+        return s, add_eps[1], [prod, rsqrt, rsqrt.args[0], mean, mean.args[0]] + ([c] if c is not s else [])
     return None
+
+
+def _llama_rms_norm(h: torch.fx.Node):
+    """(s, weight, eps, nodes) where ``h = prod.to(dtype) * weight``, ``prod`` as ``_normalized`` reads it
+    (Hugging Face's LlamaRMSNorm); ``nodes``: those from h to c."""
+    mul_w = _two(h, aten.mul.Tensor)
+    for n, weight in (mul_w, mul_w[::-1]) if mul_w is not None else ():
+        cast = conversion(n)
+        prod = cast[0] if cast is not None and cast[1] == dtype_of(h) else n
+        if (norm := _normalized(prod, dtype_of(h))) is None or not _is_norm_weight(weight, h):
+            continue
+        s, eps, nodes = norm
+        return s, weight, eps, [h] + ([n] if prod is not n else []) + nodes
+    return None
+
+
+def _unit_offset_rms_norm(h: torch.fx.Node):
+    """(s, weight, eps, nodes) where ``h = (prod * (1 + weight.float())).to(dtype)``, ``prod`` as
+    ``_normalized`` reads it (Gemma's RMSNorm: float32 throughout, rounded once); ``nodes``: those from h
+    to c."""
+    cast = conversion(h)
+    scaled = cast[0] if cast is not None and cast[1] == dtype_of(h) else h
+    mul_w = _two(scaled, aten.mul.Tensor)
+    for prod, offset in (mul_w, mul_w[::-1]) if mul_w is not None else ():
+        add_one = _two(offset, aten.add.Tensor)
+        if add_one is None or 1.0 not in add_one or not any(isinstance(a, torch.fx.Node) for a in add_one):
+            continue
+        w32 = next(a for a in add_one if isinstance(a, torch.fx.Node))
+        w_cast = conversion(w32)
+        weight = w_cast[0] if w_cast is not None and w_cast[1] == torch.float32 else w32
+        if dtype_of(w32) != torch.float32 or (norm := _normalized(prod, dtype_of(h))) is None or \
+                not _is_norm_weight(weight, h):
+            continue
+        s, eps, nodes = norm
+        return s, weight, eps, ([h] if scaled is not h else []) + [scaled, offset] + \
+            ([w32] if w32 is not weight else []) + nodes
+    return None
+
+
+def _is_norm_weight(weight, h: torch.fx.Node) -> bool:
+    return isinstance(weight, torch.fx.Node) and dtype_of(weight) == dtype_of(h) and \
+        _shape(weight) == (_shape(h)[-1],)
 
 
 def _rank(node) -> int:
@@ -117,9 +152,12 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
     """Rewrite every match in ``graph``; returns how many ``fp4.rms_norm_quantize`` nodes it made."""
     made = 0
     order = node_order(graph)
-    # (a match erases only nodes before its h, which this loop has visited already)
-    for h in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
-        if (norm := _rms_norm(h)) is None or (found := _consumers(h)) is None:
+    erased: set[torch.fx.Node] = set()  # a match erases h (tried by both forms) and nodes before it
+    # (Gemma's form first: in float32 Llama's would also read it, with the in-graph 1 + weight as its weight)
+    candidates = [(h, match, unit_offset) for h in graph.nodes
+                  for match, unit_offset in ((_unit_offset_rms_norm, True), (_llama_rms_norm, False))]
+    for h, match, unit_offset in candidates:
+        if h in erased or (norm := match(h)) is None or (found := _consumers(h)) is None:
             continue
         s, weight, eps, nodes = norm
         consumers, gs = found
@@ -134,7 +172,7 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
             continue
         x, r = add if residual else (s, None)
         with graph.inserting_before(anchor):
-            fused = graph.call_function(RMS_NORM_QUANTIZE, (x, r, weight, eps, gs))
+            fused = graph.call_function(RMS_NORM_QUANTIZE, (x, r, weight, eps, gs) + ((True,) if unit_offset else ()))
             values = graph.call_function(operator.getitem, (fused, 0))
             total = graph.call_function(operator.getitem, (fused, 1)) if residual else None
         values.meta["val"] = h.meta["val"]
@@ -142,10 +180,12 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
         h.replace_all_uses_with(values)
         for node in nodes:  # users before their inputs
             graph.erase_node(node)
+        erased.update(nodes)
         if residual:
             total.meta["val"] = s.meta["val"]
             s.replace_all_uses_with(total)
             graph.erase_node(s)
+            erased.add(s)
         for consumer in consumers:
             consumer.update_arg(7, VALUES_BACKEND)
         made += 1

@@ -23,10 +23,16 @@ def dtype_of(node: torch.fx.Node) -> torch.dtype | None:
 
 def conversion(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
     """(input, dtype) of a dtype conversion: ``prims.convert_element_type`` (Inductor's post-grad graphs)
-    or ``aten._to_copy`` with only a dtype (graphs traced without decompositions)."""
+    or ``aten._to_copy`` with a dtype and nothing else but the input's own layout and device (graphs traced
+    without decompositions: ``x.to(dtype)``, ``x.type_as(y)``)."""
     if is_call(node, CONVERT):
         return node.args[0], node.args[1]
-    if is_call(node, aten._to_copy.default) and len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
+    if not (is_call(node, aten._to_copy.default) and len(node.args) == 1 and "dtype" in node.kwargs):
+        return None
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    same = {"dtype": lambda _: True, "layout": lambda layout: layout == torch.strided,
+            "device": lambda device: isinstance(source, torch.Tensor) and torch.device(device) == source.device}
+    if all(key in same and same[key](value) for key, value in node.kwargs.items()):
         return node.args[0], node.kwargs["dtype"]
     return None
 

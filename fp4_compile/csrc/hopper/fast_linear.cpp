@@ -435,10 +435,11 @@ std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList we
 }
 
 // fp4::rms_norm_quantize: the norm and quantization kernel of nvfp4_quant.cu, launched from here for
-// contiguous 16-bit rows outside graph capture (the Python path's choice there too: ops/rms_norm_quant.py;
-// graphs take its Triton kernel); any other call runs fp4::_rms_norm_quantize_python.
+// contiguous 16-bit rows of Llama's norm outside graph capture (the Python path's choice there too:
+// ops/rms_norm_quant.py; graphs and Gemma's norm take its Triton kernel); any other call runs
+// fp4::_rms_norm_quantize_python.
 using RmsNormQuantizeSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
-                                                                    const at::Tensor&, double, const at::Tensor&);
+                                                                    const at::Tensor&, double, const at::Tensor&, bool);
 
 bool aligned_contiguous(const at::Tensor& t) {
   return t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -446,12 +447,13 @@ bool aligned_contiguous(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& residual,
-                                                          const at::Tensor& weight, double eps, const at::Tensor& gs) {
+                                                          const at::Tensor& weight, double eps, const at::Tensor& gs,
+                                                          bool unit_offset) {
   const c10::Device device = x.device();
   const Kernels kernels = kernels_of(device);
   const int64_t dtype = dtype_code(x.scalar_type());
   const int64_t k = x.dim() > 0 ? x.size(-1) : 0;
-  const bool ours = kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
+  const bool ours = !unit_offset && kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
                     aligned_contiguous(x) && weight.dim() == 1 && weight.size(0) == k &&
                     weight.scalar_type() == x.scalar_type() && on(weight, device) && aligned_contiguous(weight) &&
                     global_scale_ok(x, gs) &&
@@ -463,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fp4::_rms_norm_quantize_python", "")
                                .typed<RmsNormQuantizeSignature>();
-    return op.call(x, residual, weight, eps, gs);
+    return op.call(x, residual, weight, eps, gs, unit_offset);
   }
   const c10::cuda::OptionalCUDAGuard guard(device);
   const int64_t m = x.numel() / k;
