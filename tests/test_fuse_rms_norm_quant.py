@@ -202,6 +202,32 @@ class W4A4Layer(nn.Module):
         return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_inductor_post_grad_graph_fuses_both_norms(unit_offset):
+    """Inductor's own post-grad graph of the layer on triton-w4a4 (compiled on the CPU, where the call that
+    follows the compile raises: the Hopper kernels need a GPU) has both norms fused, Gemma's too."""
+    from compile_helpers import SnapshotBackend
+
+    from fp4_compile import quantize_model
+    from fp4_compile.backends import convert_to_kernel_format
+
+    torch.manual_seed(3)
+    model = W4A4Layer(unit_offset=unit_offset).eval()
+    x = torch.randn(2, 8, 256, dtype=torch.bfloat16)
+    quantize_model(model, calibration_data=[x], progress=False)
+    for layer in model.modules():
+        if isinstance(layer, NVFP4Linear):
+            convert_to_kernel_format("triton-w4a4", layer)
+    torch._dynamo.reset()
+    snapshot = SnapshotBackend()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="GPU kernel"):
+        torch.compile(model, backend=snapshot)(x)
+    (after,) = snapshot.after
+    norms = after.find_nodes(op="call_function", target=RMS_NORM_QUANTIZE)
+    assert len(norms) == 2 and all(tuple(n.args[5:]) == ((True,) if unit_offset else ()) for n in norms)
+    assert not op_counts(after)[torch.ops.aten.rsqrt.default]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 def test_compiled_w4a4_layer_on_the_gpu(unit_offset):
