@@ -1211,7 +1211,7 @@ def merge_nvfp4_linears(
         input_global_scale=None if input_gs is None else input_gs.to(device), bias=bias,
         backend=backend if backend is not None else layers[0].backend,
     )
-    merged.backend_follows_device = backend is None and layers[0].backend_follows_device
+    merged.backend_follows_device = backend is None and all(layer.backend_follows_device for layer in layers)
     report = MergeReport(exact, float(common), [float(g) for g in gss], max_rel, max_abs, note)
     if not exact:
         logger.warning("%s", report)

@@ -135,10 +135,11 @@ class NVFP4Linear(nn.Module):
         convert_to_kernel_format(resolve_backend(backend, self.weight.device), self)
         self.backend_follows_device = backend is None
 
-    # The format's buffers keep their dtypes through ``model.to(dtype)``, ``.half()`` or ``.bfloat16()``, which
-    # would cast the e4m3 scales and round the float32 global scales (the layer then unusable): those calls
-    # only move them. The bias is cast with the model, as nn.Linear's would be.
-    _FORMAT_BUFFERS = ("weight_scale", "weight_global_scale", "input_global_scale", "alpha")
+    # The format's buffers keep their dtypes through ``model.to(dtype)``, ``.half()``, ``.bfloat16()`` or
+    # ``.type(dtype)``, which would cast the e4m3 scales (``.type`` the packed codes too) and round the float32
+    # global scales (the layer then unusable): those calls only move them. The bias is cast with the model, as
+    # nn.Linear's would be.
+    _FORMAT_BUFFERS = ("weight", "weight_scale", "weight_global_scale", "input_global_scale", "alpha")
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "NVFP4Linear":
         before = {name: self._buffers[name] for name in self._FORMAT_BUFFERS if self._buffers.get(name) is not None}
@@ -154,16 +155,20 @@ class NVFP4Linear(nn.Module):
 
     def _follow_device(self) -> None:
         """After a move: the new device's backend, where this layer's backend was selected, not named."""
-        device = self.weight.device
+        if (target := self._backend_to_follow(self.weight.device)) is not None:
+            convert_to_kernel_format(target, self)
+
+    def _backend_to_follow(self, device: torch.device) -> Backend | None:
+        """The backend this layer takes on ``device`` where that is another of the same semantics and its
+        backend was selected, not named; else None."""
         # (layers pickled whole before the attribute existed lack it)
         if not getattr(self, "backend_follows_device", False) or device.type == "meta":
-            return
+            return None
         try:
             target = select_backend(device)
         except BackendError:  # FP4_GEMM_BACKEND names a backend that device lacks: its forward will say so
-            return
-        if target != self.backend and SPECS[target].semantics == self.semantics:
-            convert_to_kernel_format(target, self)
+            return None
+        return target if target != self.backend and SPECS[target].semantics == self.semantics else None
 
     # The state dict holds the weight in the linear (checkpoint) layout, whatever this layer's backend: a
     # state dict saved on one backend (triton-w4a4 on a GPU) then loads into a layer on any other (emulation on
@@ -188,6 +193,8 @@ class NVFP4Linear(nn.Module):
         if packed is None or scales is None or (tuple(packed.shape), tuple(scales.shape)) != linear_shapes:
             return
         device = packed.device if self.weight.device.type == "meta" else self.weight.device
+        if self.weight.device.type == "meta" and (target := self._backend_to_follow(device)) is not None:
+            self.backend = target  # a layer built on the meta device, loaded with assign=True: its device's backend
         weight, weight_scale = kernels_for(self.backend).prepare_weight(packed.to(device), scales.to(device))
         state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = weight, weight_scale
 

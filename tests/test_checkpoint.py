@@ -547,6 +547,9 @@ def test_merge_with_power_of_two_ratios_is_exact(seed):
         part.set_backend()  # selected: the merge of these follows its device too, unless one is named
     assert merge_nvfp4_linears(parts)[0].backend_follows_device
     assert not merge_nvfp4_linears(parts, backend="emulation")[0].backend_follows_device
+    parts[1].set_backend("emulation")  # one part named: the merge keeps that, whatever the order
+    assert not merge_nvfp4_linears(parts)[0].backend_follows_device
+    assert not merge_nvfp4_linears(parts[::-1])[0].backend_follows_device
     x = torch.randn(5, 128) * 1.5
     expected = torch.cat([p(x) for p in parts], dim=-1)
     assert torch.equal(merged(x), expected)

@@ -128,6 +128,29 @@ def test_norm_and_quantization_become_one_node(dtype, residual, unit_offset):
     assert not counts[torch.ops.aten.add.Tensor]  # the residual add (and the eps add) went into the op
 
 
+def test_gemma_weight_term_before_the_normalized_input():
+    """Without a residual add, Gemma's ``1 + weight`` may come before s (computed from the weight alone): the
+    fused op still goes after s, and the graph stays valid (a review found it placed before s)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    (layer,) = _layers(torch.bfloat16, n=(32,))
+
+    def fn(x, w, wt, ws, gs, alpha):
+        offset = 1.0 + w.float()
+        s = x * 2.0  # not a residual add (as Gemma's scaled embeddings)
+        xf = s.float()
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * offset).type_as(x)
+        return torch.ops.fp4.linear(h.reshape(-1, K), wt, ws, gs, alpha, None, 32, "triton-w4a4")
+
+    args = (torch.randn(2, 3, K, dtype=torch.bfloat16), torch.randn(K, dtype=torch.bfloat16), layer.weight,
+            layer.weight_scale, layer.input_global_scale, layer.alpha)
+    gm = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+    assert fuse_rms_norm_quant.fuse_rms_norm_quant(gm.graph) == 1
+    gm.graph.lint()
+    (norm,) = gm.graph.find_nodes(op="call_function", target=RMS_NORM_QUANTIZE)
+    assert norm.args[5] is True and norm.args[0].target == torch.ops.aten.mul.Tensor
+
+
 @pytest.mark.parametrize("case", ["emulation", "h_used", "scales_differ", "dynamic_scale", "offset_two"])
 def test_left_alone(case):
     gm = _fx(backend="emulation" if case == "emulation" else "triton-w4a4", h_used=case == "h_used",

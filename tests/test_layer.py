@@ -88,10 +88,12 @@ def test_non_finite_input_is_not_finite(seed):
     assert not out[0].isfinite().any() and out[1].isfinite().all()
 
 
-@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()])
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(),
+                                  lambda m: m.type(torch.float16)])
 def test_module_casts_keep_the_format_buffers(seed, cast):
-    """``model.to(dtype)`` / ``.half()`` cast the bias, as nn.Linear's, but not the e4m3 block scales or the
-    float32 global scales and alpha (a cast would round them and leave the layer unusable)."""
+    """``model.to(dtype)`` / ``.half()`` / ``.type(dtype)`` cast the bias, as nn.Linear's, but not the packed codes
+    (``.type`` casts every tensor), the e4m3 block scales or the float32 global scales and alpha (a cast would
+    round them and leave the layer unusable)."""
     lin = nn.Linear(64, 24)
     layer = NVFP4Linear.from_linear(lin, input_global_scale=3.0)
     before = {name: getattr(layer, name).clone() for name in ("weight", "weight_scale", "weight_global_scale",
@@ -361,6 +363,24 @@ def test_a_move_re_lays_a_selected_backend_out(seed, monkeypatch, selected, name
     moved.load_state_dict(source.state_dict())
     for a, b in zip(moved.linear_weight(), source.linear_weight()):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_a_meta_layer_loaded_with_assign_takes_its_new_device_backend(seed, monkeypatch):
+    """Built on the meta device, then ``load_state_dict(assign=True)`` (no ``_apply``: the state dict's tensors
+    become the buffers): a layer of a selected backend takes the backend of their device, one of a named
+    backend keeps its own; the weight is exact either way."""
+    from fp4_compile import layer as layer_module
+
+    source = NVFP4Linear.from_linear(nn.Linear(256, 128), input_global_scale=2.0)
+    monkeypatch.setattr(layer_module, "select_backend", lambda device: Backend.FLASHINFER_TRTLLM)
+    for named, expected in ((False, Backend.FLASHINFER_TRTLLM), (True, Backend.EMULATION)):
+        layer = NVFP4Linear.from_linear(nn.Linear(256, 128), input_global_scale=2.0,
+                                        backend="emulation" if named else None).to("meta")
+        layer.load_state_dict(source.state_dict(), assign=True)
+        assert layer.weight.device.type == "cpu" and layer.backend is expected
+        for a, b in zip(layer.linear_weight(), source.linear_weight()):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert torch.equal(layer.alpha, source.alpha)
 
 
 @pytest.mark.gpu

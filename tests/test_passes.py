@@ -377,3 +377,11 @@ def test_conversions_are_dtype_casts_on_the_same_device():
     assert all(f[1] == torch.float32 for f in found if f is not None)
     (moved,) = [node for node, f in zip(copies, found) if f is None]
     assert moved.kwargs["device"] == torch.device("meta")
+    graph = torch.fx.Graph()  # what cannot be told a pure cast: an input of unknown layout, or no dtype
+    x = graph.placeholder("x")
+    copy_ = torch.ops.aten._to_copy.default
+    assert conversion(graph.call_function(copy_, (x,), {"dtype": torch.float32})) == (x, torch.float32)
+    assert conversion(graph.call_function(copy_, (x,), {"dtype": torch.float32, "layout": torch.strided})) is None
+    x.meta["val"] = torch.empty(3, 3).to_sparse()
+    assert conversion(graph.call_function(copy_, (x,), {"dtype": torch.float32, "layout": torch.strided})) is None
+    assert conversion(graph.call_function(copy_, (x,), {"dtype": None})) is None

@@ -167,7 +167,8 @@ def fuse_rms_norm_quant(graph: torch.fx.Graph) -> int:
         add = _two(s, aten.add.Tensor)
         residual = add is not None and all(
             isinstance(a, torch.fx.Node) and _shape(a) == _shape(s) and dtype_of(a) == dtype_of(s) for a in add)
-        anchor = s if residual else min(nodes, key=order.__getitem__)
+        # before the first node of the norm that reads s (Gemma's 1 + weight may come before s itself)
+        anchor = s if residual else min((n for n in nodes if order[n] > order[s]), key=order.__getitem__)
         if any(not isinstance(a, torch.fx.Node) or order[a] > order[anchor] for a in (weight, gs)):
             continue
         x, r = add if residual else (s, None)

@@ -30,8 +30,10 @@ def conversion(node: object) -> tuple[torch.fx.Node, torch.dtype] | None:
     if not (is_call(node, aten._to_copy.default) and len(node.args) == 1 and "dtype" in node.kwargs):
         return None
     source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-    same = {"dtype": lambda _: True, "layout": lambda layout: layout == torch.strided,
-            "device": lambda device: isinstance(source, torch.Tensor) and torch.device(device) == source.device}
+    if node.kwargs["dtype"] is None or (set(node.kwargs) != {"dtype"} and not isinstance(source, torch.Tensor)):
+        return None
+    same = {"dtype": lambda _: True, "layout": lambda layout: layout == source.layout == torch.strided,
+            "device": lambda device: torch.device(device) == source.device}
     if all(key in same and same[key](value) for key, value in node.kwargs.items()):
         return node.args[0], node.kwargs["dtype"]
     return None
