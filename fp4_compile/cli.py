@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "linear layers, the read-only ceiling, the decode and wgmma kernels' variants, "
                                    "grouped launches, PDL, a model; JSON results; about 13 minutes on an H100). "
                                    "Needs a CUDA GPU: without one it says so and exits with status 2.")
-    p.add_argument("--with-tests", action="store_true", help="also run the tests first: the GPU-marked ones, then the others on this torch")
+    p.add_argument("--with-tests", action="store_true",
+                   help="also run the tests first: the GPU-marked ones, then the others on this torch")
     p.add_argument("--skip", nargs="*", choices=BENCH_STAGES, metavar="STAGE",
                    help=f"benchmarks to skip, of: {' '.join(BENCH_STAGES)}")
     p.add_argument("--out", metavar="DIR", help="where the JSON results go (default benchmarks/results)")

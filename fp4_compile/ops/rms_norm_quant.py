@@ -85,8 +85,8 @@ def _use_cuda_kernel(x2: torch.Tensor, residual: torch.Tensor | None, weight: to
     """The CUDA kernel for this call: eager (not captured) 16-bit rows of at most CUDA_MAX_K, aligned, of
     Llama's norm (Gemma's runs the Triton kernel), where it is built; as fp4::rms_norm_quantize's C++ fast
     path decides, so that both give the same bits."""
-    if (unit_offset or x2.device.type != "cuda" or x2.dtype not in cuda_quant.VALUE_DTYPES or x2.shape[1] > CUDA_MAX_K
-            or not _aligned_rows(x2) or not weight.is_contiguous() or not _aligned_rows(weight)
+    if (unit_offset or x2.device.type != "cuda" or x2.dtype not in cuda_quant.VALUE_DTYPES
+            or x2.shape[1] > CUDA_MAX_K or not _aligned_rows(x2) or not weight.is_contiguous() or not _aligned_rows(weight)
             or (residual is not None and not _aligned_rows(residual))):
         return False
     if cuda_quant.unavailable_reason(nvcc.device_index(x2.device)) is not None:
@@ -125,6 +125,6 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
         launch_triton(_rms_norm_quant_kernel, (m,),
             x2, res, weight, gs32, total, vals, k, float(eps),
             x2.stride(0), res.stride(0), total.stride(0), vals.stride(0),
-            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK_G=block_g, num_warps=8 if k >= 4096 else 4,
-            TRIGGER=m <= TRIGGER_MAX_M, **pdl_launch_args(x2.device))
+            HAS_RESIDUAL=residual is not None, UNIT_OFFSET=unit_offset, BLOCK_G=block_g,
+            num_warps=8 if k >= 4096 else 4, TRIGGER=m <= TRIGGER_MAX_M, **pdl_launch_args(x2.device))
     return vals, out_sum
