@@ -2,10 +2,11 @@
 # GPU run of fp4_compile: tests marked gpu, the backend listing, the benchmarks, a summary last.
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
 # Skip parts with RUN_GPU_SKIP="tests cpu model quant linear floor small_m wgmma timeline group pdl" (any subset):
-# the whole script needs about 19-21 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; cpu (the
-# CPU tests on this machine's torch, which CI does not have) ~3; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
-# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5); with a 10-minute command limit, run it as two calls,
-# e.g. RUN_GPU_SKIP="model small_m pdl" then RUN_GPU_SKIP="tests quant linear wgmma timeline". Each stage
+# the whole script needs about 21-23 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; cpu (the
+# CPU tests on this machine's torch, which CI does not have) ~5.5; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
+# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5). RUN_GPU_ONLY="..." runs only the stages it names;
+# with a 10-minute command limit, run it as four calls: RUN_GPU_ONLY="tests", RUN_GPU_ONLY="cpu",
+# RUN_GPU_ONLY="quant linear floor wgmma timeline group", RUN_GPU_ONLY="small_m pdl model". Each stage
 # has its own timeout (RUN_GPU_T_TESTS, _CPU, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ export PYTHONUNBUFFERED=1
 OUTDIR="${OUT:-$PWD/benchmarks/results}"
 mkdir -p "$OUTDIR"
 SKIP="${RUN_GPU_SKIP:-}"
-skip() { [[ " $SKIP " == *" $1 "* ]]; }
+ONLY="${RUN_GPU_ONLY:-}"
+skip() { if [ -n "$ONLY" ]; then [[ " $ONLY " != *" $1 "* ]]; else [[ " $SKIP " == *" $1 "* ]]; fi; }
 
 # .whl (git-ignored, carried to the GPU machine): what its image lacks of the test extras, fetched here by
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

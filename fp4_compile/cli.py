@@ -289,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.with_tests:
         skip.update(TEST_STAGES)
     env["RUN_GPU_SKIP"] = " ".join(sorted(skip))
+    env.pop("RUN_GPU_ONLY", None)  # (it would override the skips)
     if args.out:
         env["OUT"] = str(Path(args.out).absolute())
     return subprocess.call([bash, str(script)], cwd=script.parent.parent, env=env)
