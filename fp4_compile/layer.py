@@ -153,6 +153,13 @@ class NVFP4Linear(nn.Module):
             self._follow_device()
         return self
 
+    def __setstate__(self, state: dict) -> None:
+        # unpickled (torch.load of a whole model, with map_location or on another machine; deepcopy): as after
+        # a move, the backend of the device its tensors landed on
+        super().__setstate__(state)
+        if self._buffers.get("weight") is not None:
+            self._follow_device()
+
     def _follow_device(self) -> None:
         """After a move: the new device's backend, where this layer's backend was selected, not named."""
         if (target := self._backend_to_follow(self.weight.device)) is not None:

@@ -383,6 +383,22 @@ def test_a_meta_layer_loaded_with_assign_takes_its_new_device_backend(seed, monk
         assert torch.equal(layer.alpha, source.alpha)
 
 
+def test_an_unpickled_layer_takes_the_backend_of_its_device(seed, monkeypatch, tmp_path):
+    """``torch.load`` of a whole pickled layer (its tensors mapped to a device; no ``_apply``): a selected
+    backend becomes the one of the device it landed on, a named one stays; the weight is exact."""
+    from fp4_compile import layer as layer_module
+
+    lin = nn.Linear(256, 128)
+    selected, named = NVFP4Linear.from_linear(lin), NVFP4Linear.from_linear(lin, backend="emulation")
+    monkeypatch.setattr(layer_module, "select_backend", lambda device: Backend.FLASHINFER_TRTLLM)
+    torch.save({"selected": selected, "named": named}, tmp_path / "layers.pt")
+    loaded = torch.load(tmp_path / "layers.pt", map_location="cpu", weights_only=False)
+    assert (loaded["selected"].backend, loaded["named"].backend) == (Backend.FLASHINFER_TRTLLM, Backend.EMULATION)
+    for layer in loaded.values():
+        for a, b in zip(layer.linear_weight(), selected.linear_weight()):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 @pytest.mark.gpu
 def test_a_model_quantized_on_the_cpu_runs_the_gpu_backend_once_moved(seed):
     """quantize_model on the CPU (emulation), then .cuda(): the GPU's own backend, the same W4A4 function;
