@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 LINEAR = torch.ops.fp4.linear.default
 LINEAR_GROUP = torch.ops.fp4.linear_group.default
+
+
 def _may_be_decode(node: torch.fx.Node) -> bool:
     """Is this 2-D activation's row count at most MAX_M, or symbolic (decided per call then)?"""
     val = node.meta.get("val")
