@@ -17,6 +17,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from compile_helpers import nvfp4_layers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -55,10 +56,6 @@ def calibration(seed: int, count: int = 2) -> list[dict]:
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
-
-
-def nvfp4_layers(model: nn.Module) -> dict[str, NVFP4Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
-from fp4_compile import NVFP4Linear, load_nvfp4, quantize_transformers_model, save_nvfp4  # noqa: E402
+from compile_helpers import nvfp4_layers  # noqa: E402
+
+from fp4_compile import load_nvfp4, quantize_transformers_model, save_nvfp4  # noqa: E402
 from fp4_compile.demo import build_demo_model, random_batches  # noqa: E402
 from fp4_compile.passes import record_results  # noqa: E402
 
@@ -54,9 +56,9 @@ def quantized_model(seed: int, scales: str) -> nn.Module:
     return model
 
 
-def nvfp4_layers(model: nn.Module) -> dict[str, bool]:
+def dynamic_scales(model: nn.Module) -> dict[str, bool]:
     """Each NVFP4 layer's name: whether its activation scale is dynamic."""
-    return {name: m.input_global_scale is None for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+    return {name: m.input_global_scale is None for name, m in nvfp4_layers(model).items()}
 
 
 def prompts() -> dict:
@@ -156,5 +158,5 @@ def test_loaded_checkpoint_generates_the_same(seed, scales, tmp_path):
     model = quantized_model(seed, scales)
     inputs = prompts()
     loaded = load_nvfp4(save_nvfp4(model, tmp_path / "ckpt"), device="cpu")
-    assert nvfp4_layers(loaded) == nvfp4_layers(model)
+    assert dynamic_scales(loaded) == dynamic_scales(model)
     assert_same(generate(loaded, inputs), generate(model, inputs))
