@@ -199,8 +199,9 @@ class NVFP4Linear(nn.Module):
         linear_shapes = ((n, k // 2), (n, k // fmt.BLOCK_SIZE))
         if packed is None or scales is None or (tuple(packed.shape), tuple(scales.shape)) != linear_shapes:
             return
-        device = packed.device if self.weight.device.type == "meta" else self.weight.device
-        if self.weight.device.type == "meta" and (target := self._backend_to_follow(device)) is not None:
+        on_meta = self.weight.device.type == "meta"
+        device = packed.device if on_meta else self.weight.device
+        if on_meta and (target := self._backend_to_follow(device)) is not None:
             self.backend = target  # a layer built on the meta device, loaded with assign=True: its device's backend
         weight, weight_scale = kernels_for(self.backend).prepare_weight(packed.to(device), scales.to(device))
         state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = weight, weight_scale
