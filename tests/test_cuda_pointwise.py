@@ -57,7 +57,8 @@ def test_silu_mul_kernel_equals_eager(seed, dtype, m, n, strided):
 
 
 @pytest.mark.gpu
-def test_norm_kernel_writes_every_element_of_strided_rows(seed):
+@pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
+def test_norm_kernel_writes_every_element_of_strided_rows(seed, unit_offset):
     """Rows of a wider tensor (the Python path's CUDA kernel with strides) and the C++ path's contiguous
     call give the same bits, and the outputs are fresh tensors, fully written (NaN-poisoned memory beneath)."""
     _cuda_kernels()
@@ -69,8 +70,8 @@ def test_norm_kernel_writes_every_element_of_strided_rows(seed):
     res = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(k, device="cuda", dtype=torch.bfloat16)
     gs = F.global_scale_from_amax(torch.tensor(40.0, device="cuda")).reshape(1)
-    strided = torch.ops.fp4.rms_norm_quantize(wide[:, :k], res, w, 1e-6, gs)
-    contiguous = torch.ops.fp4.rms_norm_quantize(wide[:, :k].contiguous(), res, w, 1e-6, gs)
+    strided = torch.ops.fp4.rms_norm_quantize(wide[:, :k], res, w, 1e-6, gs, unit_offset)
+    contiguous = torch.ops.fp4.rms_norm_quantize(wide[:, :k].contiguous(), res, w, 1e-6, gs, unit_offset)
     for a, b in zip(strided, contiguous):
         assert torch.isfinite(a).all() and torch.equal(a, b)
 

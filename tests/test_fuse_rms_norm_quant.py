@@ -175,7 +175,7 @@ def _gpu():
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("unit_offset", [False, True], ids=["llama", "gemma"])
 def test_kernel_against_reference(seed, dtype, m, k, residual, unit_offset):
-    """An eager call (Llama's norm on 16-bit rows: the CUDA kernel; else Triton's) and a call captured in a
+    """An eager call (16-bit rows: the CUDA kernel; float32: Triton's) and a call captured in a
     CUDA graph (the Triton kernel) against the op's CPU reference and each other: the residual sums equal, the
     values equal but where a normalized element's rounding differs by the order of the float32 sum (rare)."""
     _gpu()

@@ -321,10 +321,13 @@ NORM_CASES = 12 * SCALE
 NORM_ULPS = 8  # how far the kernels' float32 factor rsqrt(mean(s^2) + eps) may lie from torch's (sum order, rsqrt)
 
 
-def norm_values(s: torch.Tensor, factor: torch.Tensor, weight: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-    """The op's values from the float32 rows ``s`` and a float32 factor per row: ``(s * factor).to(dtype) * weight``,
-    then the exact NVFP4 block values, in weight's dtype (``fp4::rms_norm_quantize``'s roundings)."""
-    h = (s * factor).to(weight.dtype) * weight
+def norm_values(s: torch.Tensor, factor: torch.Tensor, weight: torch.Tensor, gs: torch.Tensor,
+                unit_offset: bool) -> torch.Tensor:
+    """The op's values from the float32 rows ``s`` and a float32 factor per row: ``(s * factor).to(dtype) * weight``
+    (``unit_offset``: ``(s * factor * (1 + weight)).to(dtype)``), then the exact NVFP4 block values, in weight's dtype
+    (``fp4::rms_norm_quantize``'s roundings)."""
+    h = ((s * factor * (1 + weight.float())).to(weight.dtype) if unit_offset
+         else (s * factor).to(weight.dtype) * weight)
     return F.block_values(*F.quantize_nvfp4(h, gs)).to(weight.dtype)
 
 
@@ -340,7 +343,8 @@ def factors_near(factor: torch.Tensor):
 
 @pytest.mark.parametrize("index", range(NORM_CASES))
 def test_random_rms_norm_quantize(index):
-    """``fp4::rms_norm_quantize`` at random shapes, magnitudes, residuals and global scales, eager (the CUDA kernel,
+    """``fp4::rms_norm_quantize`` (Llama's norm and Gemma's) at random shapes, magnitudes, residuals and global
+    scales, eager (the CUDA kernel,
     then the fast path's replay) and captured (the Triton kernel): the residual sum equals ``x + residual``, and each
     row of values equals the op's roundings for one float32 factor within NORM_ULPS steps of torch's (the kernels
     sum the squares in another order): every element is checked, and none may differ on its own."""
@@ -349,13 +353,14 @@ def test_random_rms_norm_quantize(index):
     k = rng.choice((4096, 14336, 5120, 16 * rng.randint(1, 1300)))
     dtype = (torch.bfloat16, torch.float16, torch.float32)[index % 3]
     residual, eps = index % 2 == 0, rng.choice((1e-6, 1e-5))
+    unit_offset = (index // 2) % 2 == 1  # with index % 2 and % 3: every dtype, residual and norm combination
     gen = generator(3 * CASES + index)
     # per-column magnitudes over four decades (activations' outlier channels)
     magnitudes = torch.logspace(-2, 2, k, device=DEV)[torch.randperm(k, device=DEV, generator=gen)]
-    weight = (1 + torch.randn(k, device=DEV, generator=gen) / 4).to(dtype)
+    weight = ((0 if unit_offset else 1) + torch.randn(k, device=DEV, generator=gen) / 4).to(dtype)
     # a calibrated scale that some rows exceed (their block scales clamp)
     gs = F.global_scale_from_amax(4 * rng.uniform(0.25, 2)).reshape(1).to(DEV)
-    where = f"M={m} K={k} {dtype} residual={residual} eps={eps}, FP4C_FUZZ_SEED={SEED}"
+    where = f"M={m} K={k} {dtype} residual={residual} eps={eps} unit_offset={unit_offset}, FP4C_FUZZ_SEED={SEED}"
     print(where)
 
     def fresh() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -363,7 +368,7 @@ def test_random_rms_norm_quantize(index):
         return x, (r if residual else None)
 
     def call(x, r):
-        return torch.ops.fp4.rms_norm_quantize(x, r, weight, eps, gs)
+        return torch.ops.fp4.rms_norm_quantize(x, r, weight, eps, gs, unit_offset)
 
     def check(x, r, outs, how):
         values, total = outs
@@ -375,11 +380,11 @@ def test_random_rms_norm_quantize(index):
         factor = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
         matched = torch.zeros(m, dtype=torch.bool, device=DEV)
         for f in factors_near(factor):
-            matched |= (values == norm_values(sf, f, weight, gs)).all(-1)
+            matched |= (values == norm_values(sf, f, weight, gs, unit_offset)).all(-1)
             if matched.all():
                 return
         i = int((~matched).nonzero()[0])
-        near = norm_values(sf, factor, weight, gs)[i]
+        near = norm_values(sf, factor, weight, gs, unit_offset)[i]
         j = int((values[i] != near).nonzero()[0])
         pytest.fail(f"{where} ({how}): {int((~matched).sum())} of {m} rows match no factor within {NORM_ULPS} "
                     f"float32 steps, e.g. row {i}: [{j}] = {float(values[i, j])} against {float(near[j])}")

@@ -80,8 +80,8 @@ def load_library(source: pathlib.Path, stem: str, capability: tuple[int, int] = 
     fn.argtypes = [p, i64, i32, p, i64, p, i64, p, i64, i32, p, i32, i32, i32, i32, i32, p]
     norm = lib.fp4c_rms_norm_values
     norm.restype = ctypes.c_int
-    # x, ldx, residual, ldr, w, sum, ldsum, v, ldv, dtype, gs, eps, M, K, pdl, stream
-    norm.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32, p, ctypes.c_float, i32, i32, i32, p]
+    # x, ldx, residual, ldr, w, sum, ldsum, v, ldv, dtype, gs, eps, M, K, unit_offset, pdl, stream
+    norm.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32, p, ctypes.c_float, i32, i32, i32, i32, p]
     return lib
 
 

@@ -10,7 +10,7 @@ once), then ``triton_quant._fake_quant`` (``fp4_compile.format.quantize_nvfp4``,
 instead of two, and the normalized activations never reach memory. ``passes/fuse_rms_norm_quant.py``
 makes the op from a graph. Runs under TRITON_INTERPRET=1 on any tensor.
 
-Eager calls of Llama's norm on 16-bit rows take the CUDA twin of this kernel (``fp4c_rms_norm_values`` in
+Eager calls on 16-bit rows (either norm) take the CUDA twin of this kernel (``fp4c_rms_norm_values`` in
 csrc/hopper/nvfp4_quant.cu, the same roundings; the float32 sum of squares in another order), which the
 C++ fast path of ``fast_linear`` launches without Python: a Python op call with a Triton launch cost an
 eager call about 60 us of host time (benchmarks/profile_host.py, NOTES.md v25). Captured calls (CUDA graphs,
@@ -80,12 +80,10 @@ def _aligned_rows(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.dim() == 1 or (t.stride(0) * t.element_size()) % 16 == 0)
 
 
-def _use_cuda_kernel(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     unit_offset: bool) -> bool:
-    """The CUDA kernel for this call: eager (not captured) 16-bit rows of at most CUDA_MAX_K, aligned, of
-    Llama's norm (Gemma's runs the Triton kernel), where it is built; as fp4::rms_norm_quantize's C++ fast
-    path decides, so that both give the same bits."""
-    if (unit_offset or x2.device.type != "cuda" or x2.dtype not in cuda_quant.VALUE_DTYPES
+def _use_cuda_kernel(x2: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """The CUDA kernel for this call: eager (not captured) 16-bit rows of at most CUDA_MAX_K, aligned,
+    where it is built; as fp4::rms_norm_quantize's C++ fast path decides, so that both give the same bits."""
+    if (x2.device.type != "cuda" or x2.dtype not in cuda_quant.VALUE_DTYPES
             or x2.shape[1] > CUDA_MAX_K or not _aligned_rows(x2) or not weight.is_contiguous() or not _aligned_rows(weight)
             or (residual is not None and not _aligned_rows(residual))):
         return False
@@ -109,13 +107,13 @@ def rms_norm_quantize_gpu(x2: torch.Tensor, residual: torch.Tensor | None, weigh
     vals = torch.empty_like(x2, memory_format=torch.contiguous_format)
     out_sum = torch.empty_like(vals) if residual is not None else None
     gs32 = global_scale.reshape(1).float()
-    if m and _use_cuda_kernel(x2, residual, weight, unit_offset):
+    if m and _use_cuda_kernel(x2, residual, weight):
         pdl = (2 if m <= TRIGGER_MAX_M else 1) if use_pdl(x2.device) else 0
         res_ptr, res_ld = (residual.data_ptr(), residual.stride(0)) if residual is not None else (None, 0)
         err = nvcc.launch_on(x2.device, lambda capability, stream: cuda_quant._library(capability).fp4c_rms_norm_values(
             x2.data_ptr(), x2.stride(0), res_ptr, res_ld, weight.data_ptr(),
             out_sum.data_ptr() if out_sum is not None else None, k, vals.data_ptr(), k,
-            cuda_quant.DTYPE_CODES[x2.dtype], gs32.data_ptr(), float(eps), m, k, pdl, stream))
+            cuda_quant.DTYPE_CODES[x2.dtype], gs32.data_ptr(), float(eps), m, k, int(unit_offset), pdl, stream))
         if err != 0:
             raise RuntimeError(f"fp4c_rms_norm_values failed: CUDA error {err} (M={m}, K={k}, {x2.dtype})")
     elif m:

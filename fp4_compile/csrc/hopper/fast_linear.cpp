@@ -55,7 +55,7 @@ using GroupFn = int (*)(int count, const int64_t* members, int M, int K, int Kp,
 // The pointwise kernels of a layer's other fp4 ops (nvfp4_quant.cu, silu_mul.cu), per device (set_kernels).
 using NormFn = int (*)(const void* x, int64_t ldx, const void* residual, int64_t ldr, const void* w, void* sum,
                        int64_t ldsum, void* v, int64_t ldv, int dtype, const float* gs, float eps, int M, int K,
-                       int pdl, cudaStream_t stream);
+                       int unit_offset, int pdl, cudaStream_t stream);
 using SiluMulFn = int (*)(const void* gate, int64_t ldg, const void* up, int64_t ldu, void* out, int64_t ldo,
                           int dtype, int M, int N, int pdl, cudaStream_t stream);
 struct Kernels {
@@ -435,8 +435,8 @@ std::vector<at::Tensor> linear_group_cuda(const at::Tensor& x, at::TensorList we
 }
 
 // fp4::rms_norm_quantize: the norm and quantization kernel of nvfp4_quant.cu, launched from here for
-// contiguous 16-bit rows of Llama's norm outside graph capture (the Python path's choice there too:
-// ops/rms_norm_quant.py; graphs and Gemma's norm take its Triton kernel); any other call runs
+// contiguous 16-bit rows (Llama's norm or Gemma's) outside graph capture (the Python path's choice there
+// too: ops/rms_norm_quant.py; graphs take its Triton kernel); any other call runs
 // fp4::_rms_norm_quantize_python.
 using RmsNormQuantizeSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
                                                                     const at::Tensor&, double, const at::Tensor&, bool);
@@ -453,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
   const Kernels kernels = kernels_of(device);
   const int64_t dtype = dtype_code(x.scalar_type());
   const int64_t k = x.dim() > 0 ? x.size(-1) : 0;
-  const bool ours = !unit_offset && kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
+  const bool ours = kernels.norm_fn != 0 && dtype > 0 && k > 0 && k % 16 == 0 && k <= kernels.norm_max_k &&
                     aligned_contiguous(x) && weight.dim() == 1 && weight.size(0) == k &&
                     weight.scalar_type() == x.scalar_type() && on(weight, device) && aligned_contiguous(weight) &&
                     global_scale_ok(x, gs) &&
@@ -475,8 +475,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x,
   const int err = reinterpret_cast<NormFn>(kernels.norm_fn)(
       x.data_ptr(), k, residual.has_value() ? residual->data_ptr() : nullptr, k, weight.data_ptr(),
       residual.has_value() ? sum.data_ptr() : nullptr, k, values.data_ptr(), k, static_cast<int>(dtype),
-      gs.data_ptr<float>(), static_cast<float>(eps), static_cast<int>(m), static_cast<int>(k), pdl,
-      c10::cuda::getCurrentCUDAStream(device.index()).stream());
+      gs.data_ptr<float>(), static_cast<float>(eps), static_cast<int>(m), static_cast<int>(k), unit_offset ? 1 : 0,
+      pdl, c10::cuda::getCurrentCUDAStream(device.index()).stream());
   check_kernel(err, "fp4::rms_norm_quantize", "the norm kernel", "M=", m, ", K=", k);
   return {values, sum};
 }

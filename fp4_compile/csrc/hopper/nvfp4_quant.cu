@@ -560,9 +560,10 @@ __device__ __forceinline__ void load_pair_words(const void* row, int pair, bool 
 // One CTA per row; thread t owns block pairs t, t + blockDim, ... (P of them at most, held in registers
 // between the two passes). The rounding is the eager ops': the residual sum in the activation dtype, then
 // h = (s * (1 / sqrt(mean(s^2) + eps))).to(dtype) * weight rounded again (float32 products, the sum of
-// squares in float32: only its order differs from the reference's), then exactly the quantization kernel's
-// block values of h.
-template <int DT, int P>
+// squares in float32: only its order differs from the reference's), or with UNIT_OFFSET (Gemma's norm)
+// h = (s * (1 / sqrt(mean(s^2) + eps)) * (1 + weight)).to(dtype) in float32, rounded once; then exactly the
+// quantization kernel's block values of h.
+template <int DT, int P, bool UNIT_OFFSET>
 __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArgs a) {
   __shared__ float s_os[256];
   __shared__ uint4 s_stage[kThreads * 4];  // store_values
@@ -619,8 +620,13 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const float2 f = unpack<DT>(words[p][i]), g = unpack<DT>(wt[p][i]);
-      const float2 h = unpack<DT>(pack2<DT>(__fmul_rn(f.x, rstd), __fmul_rn(f.y, rstd)));
-      words[p][i] = pack2<DT>(__fmul_rn(h.x, g.x), __fmul_rn(h.y, g.y));
+      if constexpr (UNIT_OFFSET) {
+        words[p][i] = pack2<DT>(__fmul_rn(__fmul_rn(f.x, rstd), __fadd_rn(1.0f, g.x)),
+                                __fmul_rn(__fmul_rn(f.y, rstd), __fadd_rn(1.0f, g.y)));
+      } else {
+        const float2 h = unpack<DT>(pack2<DT>(__fmul_rn(f.x, rstd), __fmul_rn(f.y, rstd)));
+        words[p][i] = pack2<DT>(__fmul_rn(h.x, g.x), __fmul_rn(h.y, g.y));
+      }
     }
     const PairScales ps = pair_scales<DT, true>(words[p], gs, s_os);
     uint4 chunks[4];
@@ -630,14 +636,21 @@ __global__ void __launch_bounds__(kThreads) rms_norm_values_kernel(const NormArg
   }
 }
 
-template <int DT>
+template <int DT, bool UNIT_OFFSET>
 cudaError_t launch_norm(const NormArgs& a, int m, int threads, int pairs_per_thread, bool pdl, cudaStream_t stream) {
   const dim3 grid(m), block(threads);
   switch (pairs_per_thread) {
-    case 1: return fp4c::launch(rms_norm_values_kernel<DT, 1>, grid, block, 0, pdl, stream, a);
-    case 2: return fp4c::launch(rms_norm_values_kernel<DT, 2>, grid, block, 0, pdl, stream, a);
-    default: return fp4c::launch(rms_norm_values_kernel<DT, 4>, grid, block, 0, pdl, stream, a);
+    case 1: return fp4c::launch(rms_norm_values_kernel<DT, 1, UNIT_OFFSET>, grid, block, 0, pdl, stream, a);
+    case 2: return fp4c::launch(rms_norm_values_kernel<DT, 2, UNIT_OFFSET>, grid, block, 0, pdl, stream, a);
+    default: return fp4c::launch(rms_norm_values_kernel<DT, 4, UNIT_OFFSET>, grid, block, 0, pdl, stream, a);
   }
+}
+
+template <int DT>
+cudaError_t launch_norm(const NormArgs& a, int m, int threads, int pairs_per_thread, bool unit_offset, bool pdl,
+                        cudaStream_t stream) {
+  return unit_offset ? launch_norm<DT, true>(a, m, threads, pairs_per_thread, pdl, stream)
+                     : launch_norm<DT, false>(a, m, threads, pairs_per_thread, pdl, stream);
 }
 
 }  // namespace
@@ -732,14 +745,15 @@ int fp4c_nvfp4_quant(const void* x, int64_t ldx, int x_dtype, void* q, int64_t l
 //   sum [M, K] (ldsum): x + residual, written where residual is given; v [M, K] (ldv): the block values
 //   of the normalized rows; K a multiple of 16, at most 32768;
 //   gs: device pointer to the float32 global scale;
+//   unit_offset: 1 = Gemma's norm (times 1 + w in float32, rounded once), 0 = Llama's;
 //   pdl: 0 = a plain launch, 1 = programmatic dependent launch, 2 = the same, and the kernel after this
 //     one may launch once this one has waited for the one before (as the Triton kernel's TRIGGER).
 int fp4c_rms_norm_values(const void* x, int64_t ldx, const void* residual, int64_t ldr, const void* w, void* sum,
                          int64_t ldsum, void* v, int64_t ldv, int dtype, const float* gs, float eps, int M, int K,
-                         int pdl, cudaStream_t stream) {
+                         int unit_offset, int pdl, cudaStream_t stream) {
   constexpr int kMaxPairsPerThread = 4;
   if (M < 0 || K < 0 || K % 16 || K > 32 * kThreads * kMaxPairsPerThread || (dtype != kF16 && dtype != kBF16) ||
-      pdl < 0 || pdl > 2) {
+      unit_offset < 0 || unit_offset > 1 || pdl < 0 || pdl > 2) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (M == 0 || K == 0) return static_cast<int>(cudaSuccess);
@@ -747,8 +761,8 @@ int fp4c_rms_norm_values(const void* x, int64_t ldx, const void* residual, int64
   const int threads = a.pg >= kThreads ? kThreads : (a.pg + 31) / 32 * 32;
   const int per_thread = (a.pg + threads - 1) / threads;
   const int p = per_thread <= 1 ? 1 : per_thread <= 2 ? 2 : 4;
-  const cudaError_t err = dtype == kF16 ? launch_norm<kF16>(a, M, threads, p, pdl != 0, stream)
-                                        : launch_norm<kBF16>(a, M, threads, p, pdl != 0, stream);
+  const cudaError_t err = dtype == kF16 ? launch_norm<kF16>(a, M, threads, p, unit_offset != 0, pdl != 0, stream)
+                                        : launch_norm<kBF16>(a, M, threads, p, unit_offset != 0, pdl != 0, stream);
   return static_cast<int>(err);
 }
 
