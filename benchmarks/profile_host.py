@@ -112,6 +112,8 @@ def main():
             "op w4a16 gate/up + silu*mul": lambda: torch.ops.fp4.linear_silu_mul(
                 x, [wt] * 2, [wst] * 2, [gw] * 2, [alpha16] * 2, [None] * 2, n, "marlin"),
             "op rms_norm_quantize (residual)": lambda: torch.ops.fp4.rms_norm_quantize(x, x, norm_w, 1e-5, gx),
+            "op rms_norm_quantize (residual, Gemma's)": lambda: torch.ops.fp4.rms_norm_quantize(
+                x, x, norm_w, 1e-5, gx, True),
             "  rms_norm_quantize_gpu": lambda: rms_norm_quantize_gpu(x, x, norm_w, 1e-5, gx),
             "  silu_mul": lambda: silu_mul(gate, gate),
             "backend w4a4 (TRITON_W4A4.linear)": lambda: TRITON_W4A4.linear(x, wt, wst, gx, alpha44, None, n),
