@@ -136,20 +136,32 @@ def test_compiled_generate_equals_eager(seed, fresh_dynamo):
     intermediates in float32 where eager rounds them to bf16, and through NVFP4's coarse activation codes
     these ulps moved the greedy tokens of most random prompts. With the option compiled bf16 equals eager bit
     for bit (float32 would not: its logits differ by about 1e-6). Scalar C++ kernels (cpp.vec_isa_ok off):
-    the same graphs, and a compile without Inductor's cache in 20 s on 2 cores instead of 40."""
+    the same graphs, and a compile without Inductor's cache in 20 s on 2 cores instead of 40.
+
+    Before torch 2.13 (checked on 2.11), Inductor gives neither: its C++ bounds checks of the decode step's
+    indexed loads use a variable before they declare it, so the compile fails (pytorch/pytorch#178244, #187335;
+    the upstream workaround turns those checks off here), and then the dense model's compiled logits differ
+    from its eager ones by up to 0.07 despite the option. There the graphs and fusions are checked, not the
+    tokens."""
     model = quantized_model(seed, "mixed")
     layers = len(nvfp4_layers(model))
     batches = [prompts(), prompts()]
     expected = [generate(model, inputs) for inputs in batches]
     options = {"fx_graph_cache": False, "emulate_precision_casts": True, "cpp.vec_isa_ok": False}
+    inductor_equals_eager = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+    if not inductor_equals_eager:
+        options["assert_indirect_indexing"] = False
     model.forward = torch.compile(model.forward, backend="fp4", options=options)
     with record_results() as results:
-        assert_same(generate(model, batches[0]), expected[0])
+        compiled = generate(model, batches[0])
     graphs = counters["stats"]["unique_graphs"]
     assert 2 <= graphs <= 3 and len(results) == graphs
     assert all(len(r.fused) == layers == 7 and not r.unfused for r in results)
-    assert_same(generate(model, batches[1]), expected[1])
+    compiled = [compiled, generate(model, batches[1])]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    if inductor_equals_eager:
+        for got, want in zip(compiled, expected):
+            assert_same(got, want)
 
 
 @pytest.mark.parametrize("scales", SCALES)
