@@ -344,10 +344,10 @@ def factors_near(factor: torch.Tensor):
 @pytest.mark.parametrize("index", range(NORM_CASES))
 def test_random_rms_norm_quantize(index):
     """``fp4::rms_norm_quantize`` (Llama's norm and Gemma's) at random shapes, magnitudes, residuals and global
-    scales, eager (the CUDA kernel,
-    then the fast path's replay) and captured (the Triton kernel): the residual sum equals ``x + residual``, and each
-    row of values equals the op's roundings for one float32 factor within NORM_ULPS steps of torch's (the kernels
-    sum the squares in another order): every element is checked, and none may differ on its own."""
+    scales, eager (the CUDA kernel, then the fast path's replay) and captured (the Triton kernel): the residual sum
+    equals ``x + residual``, and each row of values equals the op's roundings for one float32 factor within
+    NORM_ULPS steps of torch's (the kernels sum the squares in another order): every element is checked, and none
+    may differ on its own."""
     rng = random.Random(SEED * 1000 + 3 * CASES + index)
     m = rng.choice((1, 2, 3, 8, 16, 17, 64, 127, 512, 1025, rng.randint(1, 2049)))
     k = rng.choice((4096, 14336, 5120, 16 * rng.randint(1, 1300)))
