@@ -1,7 +1,7 @@
 """The README's Python examples run as written (CPU, emulation backend), so the page a user starts from cannot
 drift from the package: the 30-second example (its own asserts: the compiled model equals eager bit for bit),
-the Hugging Face example (quantize, compile, save, load) after it, and the depyf recipe on the first example's
-compiled model."""
+the Hugging Face example (quantize, compile, save, load) after it, and the depyf recipe and `inspect_compiled` on
+the first example's model."""
 
 from __future__ import annotations
 
@@ -67,3 +67,10 @@ def test_depyf_recipe(fresh_dynamo, tmp_path, monkeypatch):
     run(block("import torch, fp4_compile"), block("import depyf, torch"))
     (after,) = (tmp_path / "depyf_out").glob("__compiled_fn_*AFTER_POST_GRAD*.py")
     assert after.read_text().count("torch.ops.fp4.linear.default(") == 2  # both linears fused
+
+
+def test_inspect_compiled_example(fresh_dynamo, tmp_path, monkeypatch):
+    pytest.importorskip("depyf")
+    monkeypatch.chdir(tmp_path)
+    _, printed = run(block("import torch, fp4_compile"), block("from fp4_compile.inspection import inspect_compiled"))
+    assert "1 compiled graph(s): 2 linear(s) fused into fp4.linear, 0 left unfused" in printed, printed
