@@ -157,12 +157,12 @@ def _calibration_batches(args: argparse.Namespace, src: Path, vocab_size: int) -
 def _check_quantize_options(args: argparse.Namespace, device) -> None:
     """What `fp4c quantize` can refuse before it loads SRC and calibrates (minutes on a large model)."""
     from .backends import resolve_backend
-    from .checkpoint import _parse_size
+    from .checkpoint.save import parse_size
 
     if args.dynamic and args.format == "modelopt":
         raise UsageError("--format modelopt needs calibrated (static) activation scales: drop --dynamic")
     try:
-        _parse_size(args.max_shard_size)
+        parse_size(args.max_shard_size)
     except ValueError:
         raise UsageError(f"--max-shard-size {args.max_shard_size!r}: use e.g. 5GB, 500MB or a byte count") from None
     for pattern in args.ignore or ():

@@ -344,7 +344,7 @@ def no_tensor_reads(monkeypatch):
     def boom(self, key):
         raise AssertionError(f"tensor data read ({key}) before validation finished")
 
-    monkeypatch.setattr(checkpoint._Reader, "get", boom)
+    monkeypatch.setattr(checkpoint.load._Reader, "get", boom)
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -509,7 +509,7 @@ def test_save_is_atomic(quantized, tmp_path, monkeypatch):
         (directory / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write_shards", interrupted)
+    monkeypatch.setattr(checkpoint.save, "_write_shards", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_nvfp4(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

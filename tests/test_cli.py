@@ -173,7 +173,7 @@ def test_interrupted_quantize_leaves_no_output(capsys, dense_dir, tmp_path, monk
         (directory / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write_shards", interrupted)
+    monkeypatch.setattr(checkpoint.save, "_write_shards", interrupted)
     out = tmp_path / "out"
     code, _, err = run(capsys, "quantize", str(dense_dir), str(out), "--num-samples", "2", "--seq-len", "16", "-q")
     assert code == 130 and "interrupted" in err
