@@ -36,7 +36,9 @@ def run(*sources: str) -> tuple[dict, str]:
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
-    yield
+    # the depyf recipe turns Inductor's FX graph cache off for the process: as it was after the test
+    with torch._inductor.config.patch(fx_graph_cache=torch._inductor.config.fx_graph_cache):
+        yield
     torch._dynamo.reset()
 
 

@@ -21,7 +21,7 @@ against the model *before* reading any tensor data, then loads tensor by tensor.
 ModelOpt, into a temporary directory next to the target that is renamed at the end, so
 an interrupted save never leaves a directory that looks complete.
 
-Modules: ``formats`` (the two formats' names), ``safetensors_index`` (headers and shards), ``scheme`` (a
+Modules: ``formats`` (the names they share and ``CheckpointError``), ``safetensors_index`` (headers and shards), ``scheme`` (a
 checkpoint's quantization config), ``load``, ``save``, ``quantize`` (a Hugging Face model's linears to NVFP4) and
 ``merge`` (sibling linears joined into one).
 """

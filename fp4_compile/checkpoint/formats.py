@@ -1,4 +1,5 @@
-"""Checkpoint names shared by loading and saving: the two formats, their tensor names, safetensors dtypes."""
+"""What loading, saving and quantizing share: the two formats and their tensor names, safetensors dtypes, the
+modules left dense by default, the sibling linears engines fuse, and ``CheckpointError``."""
 
 from __future__ import annotations
 
