@@ -87,7 +87,9 @@ ADD = torch.ops.aten.add.Tensor
 # the search and replacement functions
 
 
-def chain(x, gs, weight, weight_scale, alpha, backend, *, swizzle, k_padded=None, out_features=None, bias=None):
+def chain(x: torch.Tensor, gs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor,
+          backend: str, *, swizzle: bool, k_padded: int | None = None, out_features: int | None = None,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's unfused chain (see the module docstring): what the pass searches for."""
     a, a_scale = QUANTIZE(x, gs, swizzle)
     if k_padded is not None:
@@ -100,7 +102,9 @@ def chain(x, gs, weight, weight_scale, alpha, backend, *, swizzle, k_padded=None
     return out
 
 
-def fused(x, gs, weight, weight_scale, alpha, backend, *, swizzle, k_padded=None, out_features=None, bias=None):
+def fused(x: torch.Tensor, gs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor,
+          backend: str, *, swizzle: bool, k_padded: int | None = None, out_features: int | None = None,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
     """What the chain becomes: one fp4::linear (it pads, slices and adds the bias itself)."""
     n = weight.shape[0] if out_features is None else out_features
     return LINEAR(x, weight, weight_scale, gs, alpha, bias, n, backend)
