@@ -237,7 +237,7 @@ def run_demo(
 ) -> DemoResult:
     from .backends import default_device
     from .checkpoint import check_model_dir, is_nvfp4_checkpoint, load_nvfp4, quantize_transformers_model
-    from .layer import NVFP4Linear
+    from .layer import nvfp4_layers
 
     start = time.perf_counter()
     dev = torch.device(device) if device else default_device()
@@ -270,7 +270,7 @@ def run_demo(
             copy.deepcopy(ref), calibration_data=None if dynamic else [{"input_ids": c, "use_cache": False} for c in calib],
             backend=backend, progress=progress,
         )
-    layers = {n: m for n, m in quant.named_modules() if isinstance(m, NVFP4Linear)}
+    layers = nvfp4_layers(quant)
     result.quantized = len(layers)
     if not layers:
         raise ValueError("the model has no linear layers that NVFP4 can quantize (in_features multiple of 16)")

@@ -261,6 +261,11 @@ class NVFP4Linear(nn.Module):
         )
 
 
+def nvfp4_layers(model: nn.Module) -> dict[str, NVFP4Linear]:
+    """The NVFP4 layers of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+
+
 def _checked_weight(linear: nn.Linear) -> torch.Tensor:
     """The weight of a linear that NVFP4 can represent (floating point and finite), detached."""
     weight = linear.weight.detach()

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fp4_compile import NVFP4Linear
 from fp4_compile import format as fmt
 from fp4_compile.backends import SPECS, Backend
 from fp4_compile.ops.reference import EMULATION, linear_by_steps, quantize as reference_quantize
@@ -162,8 +161,3 @@ def trace_module(module: nn.Module, *args, **kwargs) -> tuple[torch.fx.GraphModu
 
     with torch.no_grad():
         return make_fx(forward, tracing_mode="fake")(params, args, kwargs), params
-
-
-def nvfp4_layers(model: nn.Module) -> dict[str, NVFP4Linear]:
-    """The NVFP4 layers of ``model`` by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear)}

@@ -17,7 +17,6 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from compile_helpers import nvfp4_layers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -32,7 +31,7 @@ from fp4_compile.checkpoint import (  # noqa: E402
     save_nvfp4,
 )
 from fp4_compile.demo import build_demo_model, random_batches  # noqa: E402
-from fp4_compile.layer import NVFP4Linear  # noqa: E402
+from fp4_compile.layer import NVFP4Linear, nvfp4_layers  # noqa: E402
 
 VOCAB = 128
 

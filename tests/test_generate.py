@@ -19,10 +19,10 @@ from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
-from compile_helpers import nvfp4_layers  # noqa: E402
 
 from fp4_compile import load_nvfp4, quantize_transformers_model, save_nvfp4  # noqa: E402
 from fp4_compile.demo import build_demo_model, random_batches  # noqa: E402
+from fp4_compile.layer import nvfp4_layers  # noqa: E402
 from fp4_compile.passes import record_results  # noqa: E402
 
 VOCAB = 128

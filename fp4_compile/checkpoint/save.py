@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layer import NVFP4Linear
+from ..layer import NVFP4Linear, nvfp4_layers
 from .formats import COMPRESSED_TENSORS, CT_FORMAT, FORMATS, HF_QUANT_CONFIG, MODELOPT, SAFE_INDEX, SAFE_WEIGHTS
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def nvfp4_state_dict(model: nn.Module, format: str = COMPRESSED_TENSORS) -> dict
     """The checkpoint tensors of ``model`` in ``format`` (CPU, contiguous, tied copies dropped)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+    layers = nvfp4_layers(model)
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         packed, scales = layer.linear_weight()
@@ -247,7 +247,7 @@ def save_nvfp4(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+    layers = nvfp4_layers(model)
     if not layers:
         raise ValueError("the model has no NVFP4Linear layers: quantize it first (quantize_model)")
     config = getattr(model, "config", None)
