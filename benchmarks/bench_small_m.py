@@ -32,9 +32,11 @@ from fp4_compile.ops import cuda_quant  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 
-# (rows per warp, stages, warps, L2 prefetch bytes)
-VARIANTS = [(16, 2, 4, 0), (16, 2, 8, 0), (16, 2, 4, 64), (16, 2, 8, 64), (16, 2, 4, 128), (16, 2, 8, 128),
-            (16, 2, 6, 128), (16, 4, 4, 128), (16, 2, 4, 256), (32, 2, 4, 128), (32, 2, 8, 128)]
+# (rows per warp, stages, warps, L2 prefetch bytes); 1 and 2 warps: the launch rule's picks at large N, and the
+# H200's faster choice at 28672x4096 (NOTES.md v44e)
+VARIANTS = [(16, 2, 4, 0), (16, 2, 8, 0), (16, 2, 4, 64), (16, 2, 8, 64), (16, 2, 1, 128), (16, 2, 2, 128),
+            (16, 2, 4, 128), (16, 2, 8, 128), (16, 2, 6, 128), (16, 4, 4, 128), (16, 2, 4, 256), (32, 2, 4, 128),
+            (32, 2, 8, 128)]
 
 
 def variant_key(rpw: int, stages: int, warps: int, prefetch: int) -> str:

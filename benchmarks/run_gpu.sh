@@ -3,7 +3,7 @@
 # Installs nothing from the network. Writes JSON (and logs) to $OUT when set, else benchmarks/results/.
 # Skip parts with RUN_GPU_SKIP="tests cpu model quant linear floor small_m wgmma timeline group pdl" (any subset):
 # the whole script needs about 21-23 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; cpu (the
-# CPU tests on this machine's torch, which CI does not have) ~5.5; linear ~2.5, floor ~0.7, small_m ~1.5, wgmma ~1.5,
+# CPU tests on this machine's torch, which CI does not have) ~5.5; linear ~2.5, floor ~0.7, small_m ~2, wgmma ~1.5,
 # timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5). RUN_GPU_ONLY="..." runs only the stages it names;
 # with a 10-minute command limit, run it as four calls: RUN_GPU_ONLY="tests", RUN_GPU_ONLY="cpu",
 # RUN_GPU_ONLY="quant linear floor wgmma timeline group", RUN_GPU_ONLY="small_m pdl model". Each stage
@@ -57,7 +57,7 @@ if ! skip floor; then
   timeout "${RUN_GPU_T_FLOOR:-120}" python3 benchmarks/bench_read_floor.py 2>&1 | tee "$OUTDIR/bench_read_floor.log" | tail -12
 fi
 if ! skip small_m; then
-  timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
+  timeout "${RUN_GPU_T_SMALL_M:-240}" python3 benchmarks/bench_small_m.py --ms 1,4,8,16 --shapes 0,1,2,3,14336x4096,1024x4096 2>&1 | tee "$OUTDIR/bench_small_m.log" | tail -18
 fi
 if ! skip wgmma; then
   timeout "${RUN_GPU_T_WGMMA:-240}" python3 benchmarks/bench_wgmma.py --ms "${RUN_GPU_WGMMA_MS:-32,64,128,256,1024,2048,4096}" --splits 1,2,4 2>&1 | tee "$OUTDIR/bench_wgmma.log" | tail -31
