@@ -6,9 +6,11 @@ L2), the graphs replayed in turns; us per group, W4A4 (quantization included) an
 grouped small-M launch of W4A16 also where the backend leaves the members apart. W4A4's members
 share one activation global scale, as ``quantize_model`` gives the linears of one input. For gate/up also
 ``fp4::linear_silu_mul``: the gated launch (SiLU*mul in its epilogue) against the group and one silu_mul
-kernel after it (what the graph ran before ``passes/fuse_silu_mul.py``).
+kernel after it (what the graph ran before ``passes/fuse_silu_mul.py``). ``--warps``: the grouped (and for
+gate/up the gated) launch of W4A16 also at these warps per CTA, timed in turns with the launch rule's pick
+(the rule was measured on an H100; on an H200 more warps paid at 28672x4096, NOTES.md v44e).
 
-python benchmarks/bench_group.py [--ms 1,8,12,16]
+python benchmarks/bench_group.py [--ms 1,8,12,16] [--warps 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ GROUPS = {"qkv": (4096, 1024, 1024), "gate_up": (14336, 14336)}
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,8,12,16")
+    ap.add_argument("--warps", default="", help="warps per CTA to time the W4A16 kernel group at (default: none)")
     args = ap.parse_args()
+    warps_variants = [int(v) for v in args.warps.split(",") if v]
     info = env_info()
     print(info, flush=True)
     rows = []
@@ -70,9 +74,14 @@ def main():
             # the grouped launch of W4A16 where the backend does not group (M = 9..16 above N = 1024)
             if m <= cuda_small_m.MAX_M:
                 gemm_sets = [[(wt, wst, (1 / gw).float(), n, None) for (wt, wst, gw), n in zip(ws, ns)] for ws in sets]
-                r["w4a16_kernel_group_us"] = round(time_graphs_us({"g": [
-                    lambda gs=gs: cuda_small_m.small_m_gemm_group([x] * len(ns), gs, out_dtype=x.dtype)
-                    for gs in gemm_sets]})["g"], 2)
+                kinds = [("group", False)] + ([("gated", True)] if name == "gate_up" else [])
+                ways = {f"{kind}_w{w or ''}": [
+                    lambda gs=gs, gated=gated, w=w: cuda_small_m.small_m_gemm_group(
+                        [x] * len(ns), gs, out_dtype=x.dtype, gated=gated, warps=w) for gs in gemm_sets]
+                    for kind, gated in kinds for w in [None] + warps_variants}
+                for way, t in time_graphs_us(ways).items():
+                    kind, w = way.split("_w")
+                    r[f"w4a16_kernel_{kind}{'_w' + w if w else ''}_us"] = round(t, 2)
             print(r, flush=True)
             rows.append(r)
     path = write_json("bench_group.json", {"env": info, "k": K, "rows": rows})
@@ -80,6 +89,11 @@ def main():
     print_table(rows, ["group", "m", "w4a4_grouped", "w4a4_members_us", "w4a4_group_us", "w4a4_x", "w4a16_grouped",
                        "w4a16_members_us", "w4a16_group_us", "w4a16_x", "w4a16_kernel_group_us"],
                 f"linear_group against its members' own calls, K={K}, {info['gpu']} (CUDA graphs, us per group)")
+    if warps_variants:
+        print_table(rows, ["group", "m", "w4a16_kernel_group_us",
+                           *[f"w4a16_kernel_group_w{w}_us" for w in warps_variants], "w4a16_kernel_gated_us",
+                           *[f"w4a16_kernel_gated_w{w}_us" for w in warps_variants]],
+                    "the W4A16 kernel group (and gated launch) at the launch rule's warps and at each --warps (us)")
     print_table([r for r in rows if "w4a4_gated_us" in r],
                 ["group", "m", "w4a4_gated", "w4a4_group_silu_us", "w4a4_gated_us", "w4a16_gated", "w4a16_group_silu_us",
                  "w4a16_gated_us"],

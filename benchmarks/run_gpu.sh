@@ -4,7 +4,7 @@
 # Skip parts with RUN_GPU_SKIP="tests cpu model quant linear floor small_m wgmma timeline group pdl" (any subset):
 # the whole script needs about 21-23 minutes on an H100 (tests ~4.5 warm, ~5.5 with the first nvcc builds; cpu (the
 # CPU tests on this machine's torch, which CI does not have) ~5.5; linear ~2.5, floor ~0.7, small_m ~2, wgmma ~1.5,
-# timeline ~1, model ~3, quant ~0.5, group ~0.5, pdl ~1.5). RUN_GPU_ONLY="..." runs only the stages it names;
+# timeline ~1, model ~3, quant ~0.5, group ~1, pdl ~1.5). RUN_GPU_ONLY="..." runs only the stages it names;
 # with a 10-minute command limit, run it as four calls: RUN_GPU_ONLY="tests", RUN_GPU_ONLY="cpu",
 # RUN_GPU_ONLY="quant linear floor wgmma timeline group", RUN_GPU_ONLY="small_m pdl model". Each stage
 # has its own timeout (RUN_GPU_T_TESTS, _CPU, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
@@ -66,7 +66,7 @@ if ! skip timeline; then
   timeout "${RUN_GPU_T_TIMELINE:-120}" python3 benchmarks/timeline_wgmma.py 2>&1 | tee "$OUTDIR/timeline_wgmma.log" | tail -10
 fi
 if ! skip group; then
-  timeout "${RUN_GPU_T_GROUP:-120}" python3 benchmarks/bench_group.py 2>&1 | tee "$OUTDIR/bench_group.log" | tail -12
+  timeout "${RUN_GPU_T_GROUP:-180}" python3 benchmarks/bench_group.py --warps 1,2,4,8 2>&1 | tee "$OUTDIR/bench_group.log" | tail -20
 fi
 if ! skip pdl; then
   timeout "${RUN_GPU_T_PDL:-120}" python3 benchmarks/bench_pdl.py --ms 1,16,64 2>&1 | tee "$OUTDIR/bench_pdl.log" | tail -15

@@ -119,6 +119,8 @@ def test_group_is_checked():
         cuda_small_m.small_m_gemm_group([x], [member], out_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="2..4 GEMMs"):
         cuda_small_m.small_m_gemm_group([x] * 5, [member] * 5, out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="warps per CTA must be 1..8"):
+        cuda_small_m.small_m_gemm_group([x] * 2, [member] * 2, out_dtype=torch.bfloat16, warps=9)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         cuda_small_m.small_m_gemm_group([x] * 2, [member] * 2, out_dtype=torch.bfloat16)
 

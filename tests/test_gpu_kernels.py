@@ -222,6 +222,32 @@ def test_small_m_kernel_group_exact(seed, ns, k, m, dt):
         assert out_b.dtype == dt and torch.isfinite(out_b).all() and rel(out_b, ref + bias.double()) <= TOL[dt]
 
 
+@pytest.mark.parametrize("ns,k", [((14336, 14336), 4096), ((72, 33, 1000, 40), 208)])
+@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("warps", [1, 2, 4, 8])
+def test_small_m_kernel_group_at_any_warps(seed, ns, k, m, warps):
+    """The grouped launch at a warps override (bench_group's variants): each member within fp32 summation order
+    of the float64 product and bit-equal to its own launch at the same warps; two members of one N also gated,
+    within 1e-5 of silu(gate) * up. Outputs poisoned first."""
+    if cuda_small_m.unavailable_reason(torch.cuda.current_device()) is not None:
+        pytest.skip(cuda_small_m.unavailable_reason(torch.cuda.current_device()))
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-2, 1, k, device=DEV) / 16).to(torch.bfloat16)
+    members, refs = [], []
+    for n in ns:
+        pw, sw, gw = make_weight(n, k)
+        wt, wst = MARLIN.prepare_weight(pw, sw)
+        members.append((wt, wst, (1 / gw).float(), n, None))
+        refs.append(x.double() @ F.block_values(pw, sw).double().t() / gw.double())
+    poison_allocator(m * sum(ns) * 8 + (1 << 22))
+    outs = cuda_small_m.small_m_gemm_group([x] * len(ns), members, out_dtype=torch.float32, warps=warps)
+    for out, (wt, wst, alpha, n, _), ref in zip(outs, members, refs):
+        assert out.shape == (m, n) and torch.isfinite(out).all() and rel(out, ref) <= 1e-5
+        assert torch.equal(out, cuda_small_m.small_m_gemm(x, wt, wst, alpha, n=n, out_dtype=torch.float32, warps=warps))
+    if len(ns) == 2 and ns[0] == ns[1]:
+        (gated,) = cuda_small_m.small_m_gemm_group([x] * 2, members, out_dtype=torch.float32, gated=True, warps=warps)
+        assert rel(gated, torch.nn.functional.silu(refs[0]) * refs[1]) <= 1e-5
+
+
 @pytest.mark.parametrize("ns,k", [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((72, 33, 1000, 40), 208)])
 @pytest.mark.parametrize("m", [8, 9, 16])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])

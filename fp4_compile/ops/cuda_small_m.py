@@ -202,6 +202,7 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     _check_shapes(x, weight, weight_scale, m, n, k)
     if prefetch not in (0, 64, 128, 256):
         raise ValueError(f"prefetch must be 0, 64, 128 or 256 bytes, got {prefetch}")
+    _check_warps(warps)
     if stages not in (None, 2, 4) or (stages == 4 and m > 8):
         raise ValueError(f"stages must be 2, or 4 for M <= 8 (got {stages} at M={m})")
     if x_scale is not None and (rows_per_warp not in (None, 16) or stages not in (None, 2)):
@@ -244,7 +245,7 @@ MAX_GROUP = 4
 
 def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtype: torch.dtype,
                        x_scales: list[torch.Tensor] | None = None, k: int | None = None,
-                       gated: bool = False) -> list[torch.Tensor]:
+                       gated: bool = False, warps: int | None = None) -> list[torch.Tensor]:
     """Several ``small_m_gemm`` calls of one M, K and activation dtype in one launch: ``members`` holds
     ``(weight, weight_scale, alpha, n, bias)`` per GEMM, ``xs`` its activations, one tensor per member (the
     same tensor where they share it): bf16/fp16 [M, K] (W4A16, or W4A4 block values), or with
@@ -255,7 +256,9 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
 
     ``gated``: two members (gate, up) of one activation tensor and one N; returns ``[silu(gate) * up]``,
     each GEMM's result rounded to ``out_dtype`` first and silu(gate) too (as ``F.silu(gate) * up`` computes
-    it on the two linears' outputs), computed in the same launch (8 outputs per CTA)."""
+    it on the two linears' outputs), computed in the same launch (8 outputs per CTA). ``warps`` overrides
+    the warps per CTA (benchmark variants, as ``small_m_gemm``'s)."""
+    _check_warps(warps)
     if not 2 <= len(members) <= MAX_GROUP or len(xs) != len(members) or (
             x_scales is not None and len(x_scales) != len(members)):
         raise ValueError(f"a group holds 2..{MAX_GROUP} GEMMs with one activation tensor each, "
@@ -291,7 +294,7 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
     m, k, kp = shape
     fp16 = (out_dtype if codes else xs[0].dtype) == torch.float16
     device = xs[0].device
-    warps = group_warps(m, [n for *_, n, _ in members], k, nvcc.device_index(device), codes)
+    warps = warps or group_warps(m, [n for *_, n, _ in members], k, nvcc.device_index(device), codes)
     members_arg = (ctypes.c_int64 * len(table))(*table)
     err = nvcc.launch_on(device, lambda capability, stream: _library(capability).fp4c_nvfp4_small_m_gemm_group(
         len(members), members_arg, m, k, kp, int(fp16), int(out_dtype == torch.float32), int(gated), warps,
@@ -300,6 +303,11 @@ def small_m_gemm_group(xs: list[torch.Tensor], members: list[tuple], *, out_dtyp
         raise RuntimeError(f"fp4c_nvfp4_small_m_gemm_group failed: CUDA error {err} (M={m}, "
                            f"N={[n for *_, n, _ in members]}, K={k}, warps={warps}, codes={codes}, gated={gated})")
     return outs
+
+
+def _check_warps(warps: int | None) -> None:
+    if warps is not None and not 1 <= warps <= 8:
+        raise ValueError(f"warps per CTA must be 1..8, got {warps}")
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, m: int, n: int, k: int) -> None:
