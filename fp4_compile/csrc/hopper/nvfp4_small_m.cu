@@ -21,8 +21,9 @@
 // global memory into registers (16-byte loads, PF k-groups ahead), decodes with 5 ALU ops per
 // pair of weights, and issues synchronous mma.m16n8k16; the warps of a CTA split K and reduce
 // through shared memory once at the end. On an H100 at M=1 this reads the weights about as fast
-// as a torch row reduction reads the same bytes (benchmarks/NOTES.md, v4); a cp.async ring with
-// more bytes in flight measured slower.
+// as a torch row reduction reads the same bytes (benchmarks/NOTES.md, v4); rings with more bytes in
+// flight (cp.async, v15a; TMA bulk copies, v44a) measured slower: at M = 1 on an H100 the kernel's
+// decode alone, with every load an L1 hit, takes as long as the whole call (v44b).
 //
 // The m16n8k16 k-order is free as long as A and B agree, so lane t of a quad owns a whole
 // 16-byte chunk (chunk 4s + t of k-group s) instead of one word of each: one 128-bit load per
