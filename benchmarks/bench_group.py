@@ -75,13 +75,11 @@ def main():
             if m <= cuda_small_m.MAX_M:
                 gemm_sets = [[(wt, wst, (1 / gw).float(), n, None) for (wt, wst, gw), n in zip(ws, ns)] for ws in sets]
                 kinds = [("group", False)] + ([("gated", True)] if name == "gate_up" else [])
-                ways = {f"{kind}_w{w or ''}": [
+                ways = {f"w4a16_kernel_{kind}{f'_w{w}' if w else ''}_us": [
                     lambda gs=gs, gated=gated, w=w: cuda_small_m.small_m_gemm_group(
                         [x] * len(ns), gs, out_dtype=x.dtype, gated=gated, warps=w) for gs in gemm_sets]
                     for kind, gated in kinds for w in [None] + warps_variants}
-                for way, t in time_graphs_us(ways).items():
-                    kind, w = way.split("_w")
-                    r[f"w4a16_kernel_{kind}{'_w' + w if w else ''}_us"] = round(t, 2)
+                r.update({key: round(t, 2) for key, t in time_graphs_us(ways).items()})
             print(r, flush=True)
             rows.append(r)
     path = write_json("bench_group.json", {"env": info, "k": K, "rows": rows})
