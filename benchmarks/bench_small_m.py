@@ -27,7 +27,7 @@ from _common import (fp4_weight_bytes, measured_env, print_table, rel, rotating_
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
-from fp4_compile.ops.cuda_small_m import small_m_gemm  # noqa: E402
+from fp4_compile.ops.cuda_small_m import CODES_MIN_M, small_m_gemm  # noqa: E402
 from fp4_compile.ops import cuda_quant  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
@@ -37,6 +37,10 @@ from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
 VARIANTS = [(16, 2, 4, 0), (16, 2, 8, 0), (16, 2, 4, 64), (16, 2, 8, 64), (16, 2, 1, 128), (16, 2, 2, 128),
             (16, 2, 4, 128), (16, 2, 8, 128), (16, 2, 6, 128), (16, 4, 4, 128), (16, 2, 4, 256), (32, 2, 4, 128),
             (32, 2, 8, 128)]
+
+
+# warps per CTA to time the W4A4 kernel on activation codes at (M >= CODES_MIN_M), besides the launch rule's pick
+CODES_WARPS = (1, 2, 4, 8)
 
 
 def variant_key(rpw: int, stages: int, warps: int, prefetch: int) -> str:
@@ -102,14 +106,17 @@ def main():
             os.environ.pop("FP4C_PDL")
             # W4A4 on the activations' codes: equal to the block-value path (the same products, scaled
             # by 2^-8, summed in the same order)
-            def w4a4_codes(w, a):
+            def w4a4_codes(w, a, warps=None):
                 xq, xs = cuda_quant.quantize(x, gx, cuda_quant.MODE_KERNEL_CODES, early_trigger=True)
-                return small_m_gemm(xq, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=xs, k=k)
+                return small_m_gemm(xq, w[0], w[1], a, n=n, out_dtype=torch.bfloat16, x_scale=xs, k=k, warps=warps)
             o_values = small_m_gemm(fake_quantize_nvfp4_gpu(x, gx, torch.bfloat16), wt, wst, alphas44[0], n=n,
                                     out_dtype=torch.bfloat16)
             row["w4a4_codes_equal_values"] = bool(torch.equal(w4a4_codes(ws[0], alphas44[0]), o_values))
             row["w4a4_codes_us"] = round(time_graph_us(
                 [lambda w=w, a=a: w4a4_codes(w, a) for w, a in zip(ws, alphas44)]), 2)
+            for warps in CODES_WARPS if variants and m >= CODES_MIN_M else ():
+                row[f"w4a4_codes_w{warps}_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: w4a4_codes(w, a, warps) for w, a in zip(ws, alphas44)]), 2)
             use, use_codes = hopper.use_small_m, hopper.use_codes
             hopper.use_small_m = hopper.use_codes = lambda *a: False
             try:
@@ -131,7 +138,7 @@ def main():
     cols = ["shape", "m", "bf16_us", "w4a16_triton_us",
             *[variant_key(*v) for v in variants], "w4a16_best_x", "w4a16_best_bw",
             "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us", "w4a4_codes_us",
-            "w4a4_codes_equal_values",
+            *[f"w4a4_codes_w{w}_us" for w in (CODES_WARPS if variants else ())], "w4a4_codes_equal_values",
             "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from fp4_compile.ops import cuda_small_m, nvcc, triton_quant
+from fp4_compile.ops import cuda_small_m, nvcc, triton_gemm, triton_quant
 import background_jobs
 from nvcc_helpers import ptxas_report
 
@@ -137,6 +137,26 @@ def test_launch_config_keeps_the_grid_one_wave_of_warps():
     assert cuda_small_m.launch_config(1, 10**6, 4096, 132)[2] == 1
     # on activation codes: 8 warps up to N = 4096, else 4
     assert [cuda_small_m.launch_config(8, n, 4096, 132, codes=True)[2] for n in (4096, 6144, 28672)] == [8, 4, 4]
+
+
+def test_launch_config_on_fast_dram_takes_two_warps_at_m_up_to_4():
+    """An H200 (fast DRAM): 2 warps where the rule gives 1, at M <= 4 only, never more than the K groups;
+    the other picks and the codes rule unchanged."""
+    def warps(m, n, k, codes=False):
+        return cuda_small_m.launch_config(m, n, k, 132, codes=codes, fast_dram=True)[2]
+
+    assert [warps(m, 28672, 4096) for m in (1, 4, 5, 8)] == [2, 2, 1, 1]
+    assert warps(1, 10**6, 128) == 1  # one K group
+    for n, k in ((14336, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (1024, 4096)):
+        for m in (1, 4, 8, 16):
+            assert warps(m, n, k) == cuda_small_m.launch_config(m, n, k, 132)[2]
+    assert warps(8, 28672, 4096, codes=True) == 4
+
+
+def test_device_launch_config_without_cuda_is_the_h100_rule():
+    """No CUDA here: the device's bandwidth reads 0, so the launch is the rule measured on the H100."""
+    assert triton_gemm.dram_bytes_per_s(0) == 0.0
+    assert cuda_small_m.device_launch_config(1, 28672, 4096, 0) == cuda_small_m.launch_config(1, 28672, 4096, 132)
 
 
 def test_launch_config_covers_the_weight_padding():

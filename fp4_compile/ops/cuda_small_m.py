@@ -19,7 +19,7 @@ from ..format import check_same_device, round_up
 from . import cuda_quant, nvcc
 from .nvcc import build_shared_library, kernel_flags, shared_library_command
 from .pdl import use_pdl
-from .triton_gemm import NUM_SMS_DEFAULT, num_sms
+from .triton_gemm import NUM_SMS_DEFAULT, dram_bytes_per_s, num_sms
 from .triton_quant import cdiv
 from .weight_layout import CHUNK, tiled_weight_problem
 
@@ -60,6 +60,13 @@ GATED_CODES_MIN_M = 9
 # warps 32.3): there 8 warps up to N = 4096, else 4, the best or within 1.3% of it on six shapes.
 RESIDENT_WARPS_PER_SM = 16
 WARP_CHOICES = (8, 4, 2, 1)
+# Where that rule gives 1 warp, a GPU with DRAM as fast as this (an H200: 4.9 TB/s, same SMs as the H100)
+# runs 2 at M <= 4: its memory stream is faster, so the kernel's own arithmetic sets the pace (NOTES.md
+# v44b-c) and a second warp per CTA shares it. H200, 28672x4096, us, 1 / 2 warps (NOTES.md v45a): M=1
+# 24.45 / 22.70, M=4 24.82 / 23.07, M=8 28.01 / 29.88; the gated gate/up launch (2 x 14336) at M=1 29.06 /
+# 26.54. On an H100 1 warp stays faster (M=1 25.41 / 26.70, v44e).
+FAST_DRAM_BYTES_PER_S = 4e12
+FAST_DRAM_TWO_WARPS_MAX_M = 4
 CODES_8_WARPS_MAX_N = 4096
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
 # 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
@@ -152,21 +159,32 @@ def use_codes_group(x: torch.Tensor, m: int) -> bool:
     return CODES_MIN_M <= m <= MAX_M and _runs_on(x, cuda_quant.unavailable_reason)
 
 
-def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: bool = False) -> tuple[int, int, int]:
-    """(rows per warp, stages, warps per CTA) on a GPU of ``sms`` SMs; ``codes``: on activation codes.
+def launch_config(m: int, n: int, k: int, sms: int = NUM_SMS_DEFAULT, codes: bool = False,
+                  fast_dram: bool = False) -> tuple[int, int, int]:
+    """(rows per warp, stages, warps per CTA) on a GPU of ``sms`` SMs; ``codes``: on activation codes;
+    ``fast_dram``: the GPU's DRAM streams FAST_DRAM_BYTES_PER_S or more.
     One 16-row CTA per weight tile, its warps splitting K: as many warps (8, 4, 2 or 1, at most one per
-    128-k group) as keep the whole grid one wave of resident warps (RESIDENT_WARPS_PER_SM per SM); on
-    codes 8 up to N = CODES_8_WARPS_MAX_N, else 4."""
+    128-k group) as keep the whole grid one wave of resident warps (RESIDENT_WARPS_PER_SM per SM), and
+    with ``fast_dram`` at least 2 up to M = FAST_DRAM_TWO_WARPS_MAX_M; on codes 8 up to N =
+    CODES_8_WARPS_MAX_N, else 4."""
     if codes:
         return 16, 2, (8 if n <= CODES_8_WARPS_MAX_N else 4)
     ctas, groups = cdiv(n, 16), cdiv(k, 128)
     warps = next((w for w in WARP_CHOICES if w <= groups and ctas * w <= RESIDENT_WARPS_PER_SM * sms), 1)
+    if fast_dram and m <= FAST_DRAM_TWO_WARPS_MAX_M:
+        warps = max(warps, min(2, groups))
     return 16, 2, warps
+
+
+def device_launch_config(m: int, n: int, k: int, device_index: int, codes: bool = False) -> tuple[int, int, int]:
+    """``launch_config`` for CUDA device ``device_index`` (its SMs and DRAM bandwidth)."""
+    return launch_config(m, n, k, num_sms(device_index), codes,
+                         fast_dram=dram_bytes_per_s(device_index) >= FAST_DRAM_BYTES_PER_S)
 
 
 def group_warps(m: int, ns: list[int], k: int, device_index: int, codes: bool) -> int:
     """Warps per CTA of a grouped launch (``small_m_gemm_group``): ``launch_config`` for all the members' rows."""
-    return launch_config(m, sum(cdiv(n, 16) * 16 for n in ns), k, num_sms(device_index), codes=codes)[2]
+    return device_launch_config(m, sum(cdiv(n, 16) * 16 for n in ns), k, device_index, codes)[2]
 
 
 def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, *,
@@ -209,8 +227,8 @@ def small_m_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise ValueError("activation codes run with 16 rows per warp and 2 stages only")
     kp = weight.shape[1] * 2
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    default_rows, default_stages, default_warps = launch_config(m, n, k, num_sms(nvcc.device_index(x.device)),
-                                                                codes=x_scale is not None)
+    default_rows, default_stages, default_warps = device_launch_config(m, n, k, nvcc.device_index(x.device),
+                                                                       codes=x_scale is not None)
     rows_per_warp = rows_per_warp or default_rows
     stages = stages or default_stages
     warps = warps or default_warps

@@ -27,7 +27,6 @@ import torch
 
 from . import cuda_quant, cuda_small_m, cuda_wgmma, nvcc
 from .pdl import use_pdl
-from .triton_gemm import num_sms
 
 SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "fast_linear.cpp"
 # Plan.gemm_kind
@@ -105,7 +104,7 @@ def plan(x2: torch.Tensor, weight: torch.Tensor, n: int, quant_mode: int, gemm_k
     quant_fn = _address(cuda_quant._library(capability), "fp4c_nvfp4_quant") if quant_mode else 0
     pdl = int(use_pdl(x2.device))
     if gemm_kind == GEMM_SMALL_M:
-        params = cuda_small_m.launch_config(m, n, k, num_sms(index), codes=quant_mode == cuda_quant.MODE_KERNEL_CODES)
+        params = cuda_small_m.device_launch_config(m, n, k, index, codes=quant_mode == cuda_quant.MODE_KERNEL_CODES)
         return Plan(quant_fn, quant_mode, cuda_quant.CTAS_PER_SM,
                     _address(cuda_small_m._library(capability), "fp4c_nvfp4_small_m_gemm"), GEMM_SMALL_M,
                     *params, 0, 0, 0, 0, pdl)

@@ -373,6 +373,17 @@ def num_sms(index: int) -> int:
         return NUM_SMS_DEFAULT
 
 
+@functools.lru_cache(maxsize=None)
+def dram_bytes_per_s(index: int) -> float:
+    """Peak DRAM bandwidth of CUDA device ``index`` from its memory clock and bus width (cached; 0.0 where
+    torch does not report them, or without CUDA): an H100 SXM 3.35e12, an H200 4.9e12."""
+    try:
+        props = torch.cuda.get_device_properties(index)
+        return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8  # double data rate; clock in kHz
+    except Exception:  # noqa: BLE001 - no CUDA, or a torch without these fields
+        return 0.0
+
+
 def pick_config(mode: str, m: int, n: int, k: int, device: torch.device | None = None) -> GemmConfig:
     """The config for a call: the tuned table entry, else the bucket default; split-K resolved."""
     return _pick_config(mode, m_bucket(m), m, n, k, num_sms(device.index or 0) if device is not None
