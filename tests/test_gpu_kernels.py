@@ -209,8 +209,7 @@ def test_small_m_kernel_group_exact(seed, ns, k, m, dt):
         wt, wst = MARLIN.prepare_weight(pw, sw)
         members.append((wt, wst, (1 / gw).float(), n, torch.randn(n, device=DEV).to(dt)))
         refs.append(x.double() @ F.block_values(pw, sw).double().t() / gw.double())
-    warps = cuda_small_m.launch_config(m, sum(-(-n // 16) * 16 for n in ns), k,
-                                       torch.cuda.get_device_properties(0).multi_processor_count)[2]
+    warps = cuda_small_m.group_warps(m, list(ns), k, torch.cuda.current_device(), codes=False)
     poison_allocator(m * sum(ns) * 8 + (1 << 22))
     outs = cuda_small_m.small_m_gemm_group([x] * len(ns), [(*mb[:4], None) for mb in members],
                                            out_dtype=torch.float32)
@@ -269,8 +268,7 @@ def test_small_m_kernel_group_on_codes_exact(seed, ns, k, m, dt):
         alpha = (1 / (gx * gw)).float()
         members.append((wt, wst, alpha, n, torch.randn(n, device=DEV).to(dt)))
         refs.append(xq @ F.block_values(pw, sw).double().t() * alpha.double())
-    warps = cuda_small_m.launch_config(m, sum(-(-n // 16) * 16 for n in ns), k,
-                                       torch.cuda.get_device_properties(0).multi_processor_count, codes=True)[2]
+    warps = cuda_small_m.group_warps(m, list(ns), k, torch.cuda.current_device(), codes=True)
     poison_allocator(m * sum(ns) * 8 + (1 << 22))
     group = dict(x_scales=[scales] * len(ns), k=k)
     outs = cuda_small_m.small_m_gemm_group([codes] * len(ns), [(*mb[:4], None) for mb in members],
