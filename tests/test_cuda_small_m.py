@@ -153,10 +153,15 @@ def test_launch_config_on_fast_dram_takes_two_warps_at_m_up_to_4():
     assert warps(8, 28672, 4096, codes=True) == 4
 
 
-def test_device_launch_config_without_cuda_is_the_h100_rule():
-    """No CUDA here: the device's bandwidth reads 0, so the launch is the rule measured on the H100."""
-    assert triton_gemm.dram_bytes_per_s(0) == 0.0
-    assert cuda_small_m.device_launch_config(1, 28672, 4096, 0) == cuda_small_m.launch_config(1, 28672, 4096, 132)
+def test_device_launch_config_reads_the_devices_dram_bandwidth(monkeypatch):
+    """A device's launch takes the fast-DRAM rule from its bandwidth: none reported (torch without the fields,
+    or no CUDA) and an H100's give the H100 rule, an H200's the 2 warps."""
+    if not torch.cuda.is_available():
+        assert triton_gemm.dram_bytes_per_s(0) == 0.0
+    monkeypatch.setattr(cuda_small_m, "num_sms", lambda index: 132)
+    for bandwidth, warps in ((0.0, 1), (3.35e12, 1), (4.8e12, 2)):
+        monkeypatch.setattr(cuda_small_m, "dram_bytes_per_s", lambda index: bandwidth)
+        assert cuda_small_m.device_launch_config(1, 28672, 4096, 0) == (16, 2, warps)
 
 
 def test_launch_config_covers_the_weight_padding():
