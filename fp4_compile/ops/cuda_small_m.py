@@ -60,14 +60,14 @@ GATED_CODES_MIN_M = 9
 # warps 32.3): there 8 warps up to N = 4096, else 4, the best or within 1.3% of it on six shapes.
 RESIDENT_WARPS_PER_SM = 16
 WARP_CHOICES = (8, 4, 2, 1)
-# Where that rule gives 1 warp, a GPU with DRAM as fast as this (an H200: 4.9 TB/s, same SMs as the H100)
-# runs 2 at M <= 4: its memory stream is faster, so the kernel's own arithmetic sets the pace (NOTES.md
-# v44b-c) and a second warp per CTA shares it. H200, 28672x4096, us, 1 / 2 warps (NOTES.md v45a): M=1
+CODES_8_WARPS_MAX_N = 4096
+# Where the resident-warps rule gives 1 warp, a GPU with DRAM as fast as this (an H200: 4.8 TB/s, the
+# H100's SMs) runs 2 at M <= 4: its memory stream is faster, so the kernel's own arithmetic sets the pace
+# (NOTES.md v44b-c) and a second warp per CTA shares it. H200, 28672x4096, us, 1 / 2 warps (NOTES.md v45a): M=1
 # 24.45 / 22.70, M=4 24.82 / 23.07, M=8 28.01 / 29.88; the gated gate/up launch (2 x 14336) at M=1 29.06 /
 # 26.54. On an H100 1 warp stays faster (M=1 25.41 / 26.70, v44e).
 FAST_DRAM_BYTES_PER_S = 4e12
 FAST_DRAM_TWO_WARPS_MAX_M = 4
-CODES_8_WARPS_MAX_N = 4096
 # Bytes of each weight row that a 16-byte load asks L2 to fetch (FP4C_WEIGHT_PREFETCH in the source;
 # 0, 64, 128 or 256). A build-time constant: bench_small_m.py times the others as variants. H100,
 # M=1: 128 was fastest on all four Llama shapes, 5-11% over no prefetch (benchmarks/NOTES.md, v5).

@@ -376,7 +376,7 @@ def num_sms(index: int) -> int:
 @functools.lru_cache(maxsize=None)
 def dram_bytes_per_s(index: int) -> float:
     """Peak DRAM bandwidth of CUDA device ``index`` from its memory clock and bus width (cached; 0.0 where
-    torch does not report them, or without CUDA): an H100 SXM 3.35e12, an H200 4.9e12."""
+    torch does not report them, or without CUDA): an H100 SXM 3.35e12, an H200 4.8e12."""
     try:
         props = torch.cuda.get_device_properties(index)
         return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8  # double data rate; clock in kHz
