@@ -8,7 +8,7 @@ share one activation global scale, as ``quantize_model`` gives the linears of on
 ``fp4::linear_silu_mul``: the gated launch (SiLU*mul in its epilogue) against the group and one silu_mul
 kernel after it (what the graph ran before ``passes/fuse_silu_mul.py``). ``--warps``: the grouped (and for
 gate/up the gated) launch of W4A16 also at these warps per CTA, timed in turns with the launch rule's pick
-(the rule was measured on an H100; on an H200 more warps paid at 28672x4096, NOTES.md v44e).
+(``cuda_small_m.device_launch_config``: the H100's rule, and 2 warps at M <= 4 on an H200, NOTES.md v45).
 
 python benchmarks/bench_group.py [--ms 1,8,12,16] [--warps 1,2,4,8]
 """
