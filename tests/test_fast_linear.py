@@ -127,6 +127,7 @@ CASES = [
     # eager calls take the CUDA kernels where graphs take Triton or cuBLASLt
     ("triton-w4a4", 16, 9216, 256),
     ("marlin", 16, 4096, 4096),
+    ("marlin", 12, 9000, 256),  # W4A16 at M = 9..16 above EAGER_VALUES_MAX_N rows: the wgmma kernel
     ("marlin", 48, 6144, 4096),
     ("triton-w4a4", 1024, 1024, 4096),
     ("marlin", 1024, 1024, 4096),
@@ -169,6 +170,22 @@ def test_plans_cover_every_kernel_path():
         kinds.add((quant, gemm, fast_linear.plan(x, wt, n, quant, gemm).fixup_floats > 0))
     assert {(q, g) for q, g, _ in kinds} == {(2, 0), (3, 0), (2, 1), (0, 0), (0, 1)}, kinds
     assert any(split for _, _, split in kinds), kinds
+
+
+@pytest.mark.gpu
+def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_above_the_row_limit():
+    """The small-M kernel's time grows with M x N on bf16 activations (cuda_small_m.EAGER_VALUES_MAX_N): eager
+    calls with more rows take the wgmma kernel; captured ones (not host-bound) take Triton as before."""
+    _need_fast_path()
+    from fp4_compile.ops import cuda_small_m, hopper
+
+    limit = cuda_small_m.EAGER_VALUES_MAX_N
+    for n, eager_kernel in ((limit + 808, hopper.wgmma_gemm), (limit, hopper.small_m_gemm)):
+        _, _, _, wt, _, _ = _layer("marlin", n, 256, torch.bfloat16, False)
+        for m in (9, 16):
+            x = torch.randn(m, 256, device=DEV, dtype=torch.bfloat16)
+            assert hopper._cuda_gemm(x, wt, m, n, False, True) is eager_kernel, (n, m)
+            assert hopper._cuda_gemm(x, wt, m, n, False, False) is None, (n, m)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import nvcc, wgmma_tables
+from . import cuda_small_m, nvcc, wgmma_tables
 from .nvcc import build_shared_library, shared_library_command
 from .pdl import use_pdl
 from .split_tickets import split_tickets
@@ -178,10 +178,13 @@ def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, ho
     ``host_bound``: an eager call that the fast path of ``fast_linear`` will replay; it takes the kernel
     even where Triton (small weights at M = 33..64) or dequantization + cuBLASLt (above LARGE_M) is
     faster on the GPU, because those paths' eager calls stay in Python, at 100-300 us of host time
-    each on the H100 hosts against the replay's 10-20 (NOTES.md v19)."""
-    if m < DISPATCH_MIN_M:
-        return False
+    each on the H100 hosts against the replay's 10-20 (NOTES.md v19); it also takes those of M = 9..16
+    that the small-M kernel leaves (``cuda_small_m.EAGER_VALUES_MAX_N``): exact there as from M = 17, the
+    rows of a 32-row tile past M masked."""
     n, k = weight.shape[0], weight.shape[1] * 2
+    left_by_small_m = host_bound and m > cuda_small_m.DISPATCH_MAX_M and n > cuda_small_m.EAGER_VALUES_MAX_N
+    if m < DISPATCH_MIN_M and not left_by_small_m:
+        return False
     small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
     if SMALL_WEIGHT_M[0] <= m <= SMALL_WEIGHT_M[1] and small_weight and not (after_quantization or host_bound):
         return False
