@@ -64,7 +64,6 @@ for si in ["6144x4096", "4096x4096", "28672x4096", "4096x14336", "14336x4096", "
             fast_linear.forget_plans()
         print(row, flush=True)
         out["rows"].append(row)
-        del x
     del ws, bf
     torch.cuda.empty_cache()
 json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "eager_m9_16.json"), "w"), indent=1)
