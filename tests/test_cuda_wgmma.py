@@ -70,10 +70,12 @@ def test_dispatch_rules(monkeypatch):
 
     assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
-    # eager calls that the fast path replays: also M = 9..16 (where the small-M kernel leaves them)
-    assert cuda_wgmma.use_wgmma(weight(28672, 4096), 9, host_bound=True)
-    assert cuda_wgmma.use_wgmma(weight(28672, 4096), 16, host_bound=True)
-    assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 8, host_bound=True)
+    # eager calls that the fast path replays: also M = 9..16 on the weights the small-M kernel leaves
+    for n, k in ((28672, 4096), (4096, 14336)):
+        assert cuda_wgmma.use_wgmma(weight(n, k), 9, host_bound=True)
+        assert cuda_wgmma.use_wgmma(weight(n, k), 16, host_bound=True)
+        assert not cuda_wgmma.use_wgmma(weight(n, k), 8, host_bound=True)
+    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 16, host_bound=True)
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 33)
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 32)        # but the kernel up to M = 32

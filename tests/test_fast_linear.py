@@ -127,7 +127,7 @@ CASES = [
     # eager calls take the CUDA kernels where graphs take Triton or cuBLASLt
     ("triton-w4a4", 16, 9216, 256),
     ("marlin", 16, 4096, 4096),
-    ("marlin", 12, 9000, 256),  # W4A16 at M = 9..16 above EAGER_VALUES_MAX_N rows: the wgmma kernel
+    ("marlin", 12, 5000, 8192),  # W4A16 at M = 9..16 above EAGER_VALUES_MAX_ELEMENTS: the wgmma kernel
     ("marlin", 48, 6144, 4096),
     ("triton-w4a4", 1024, 1024, 4096),
     ("marlin", 1024, 1024, 4096),
@@ -173,17 +173,18 @@ def test_plans_cover_every_kernel_path():
 
 
 @pytest.mark.gpu
-def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_above_the_row_limit():
-    """The small-M kernel's time grows with M x N on bf16 activations (cuda_small_m.EAGER_VALUES_MAX_N): eager
-    calls with more rows take the wgmma kernel; captured ones (not host-bound) take Triton as before."""
+def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_on_large_weights():
+    """The small-M kernel's time grows as N x K x M on bf16 activations (cuda_small_m.EAGER_VALUES_MAX_ELEMENTS):
+    eager calls on larger weights take the wgmma kernel; captured ones (not host-bound) take Triton as before."""
     _need_fast_path()
     from fp4_compile.ops import cuda_small_m, hopper
 
-    limit = cuda_small_m.EAGER_VALUES_MAX_N
-    for n, eager_kernel in ((limit + 808, hopper.wgmma_gemm), (limit, hopper.small_m_gemm)):
-        _, _, _, wt, _, _ = _layer("marlin", n, 256, torch.bfloat16, False)
+    k = 8192
+    assert 4096 * k == cuda_small_m.EAGER_VALUES_MAX_ELEMENTS
+    for n, eager_kernel in ((4100, hopper.wgmma_gemm), (4096, hopper.small_m_gemm)):
+        _, _, _, wt, _, _ = _layer("marlin", n, k, torch.bfloat16, False)
         for m in (9, 16):
-            x = torch.randn(m, 256, device=DEV, dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             assert hopper._cuda_gemm(x, wt, m, n, False, True) is eager_kernel, (n, m)
             assert hopper._cuda_gemm(x, wt, m, n, False, False) is None, (n, m)
 

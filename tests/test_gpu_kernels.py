@@ -104,8 +104,8 @@ def small_m_path(request, monkeypatch):
     return request.param
 
 
-def _skip_duplicate(path, m, n):
-    if path == "triton" and not (cuda_small_m.dispatches(m, n) or cuda_small_m.dispatches_codes(m, n)):
+def _skip_duplicate(path, m, n, k):
+    if path == "triton" and not (cuda_small_m.dispatches(m, n, k) or cuda_small_m.dispatches_codes(m, n)):
         pytest.skip("this call never takes the small-M kernel: covered by the 'cuda' case")
 
 
@@ -113,7 +113,7 @@ def _skip_duplicate(path, m, n):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
 def test_w4a4_and_w4a16_linear(seed, n, k, m, dt, small_m_path):
-    _skip_duplicate(small_m_path, m, n)
+    _skip_duplicate(small_m_path, m, n, k)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV).to(dt)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
@@ -159,7 +159,7 @@ def test_w4a4_linear_at_m_8_to_16(seed, n, k, m, dt):
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 1040), (72, 208)])
 @pytest.mark.parametrize("m", MS)
 def test_mm_on_quantized_operands(seed, n, k, m, small_m_path):
-    _skip_duplicate(small_m_path, m, n)
+    _skip_duplicate(small_m_path, m, n, k)
     pw, sw, gw = make_weight(n, k)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
