@@ -3,7 +3,9 @@
 For the Llama-3-8B shapes at M = 1, 2, 4, 8, 16, in CUDA graphs over rotating weights:
 - cuBLAS bf16;
 - W4A16 through Triton, through the CUDA kernel at each variant (rows per warp, stages, warps per
-  CTA, L2 prefetch bytes of the weight loads), and through the backend's own dispatch;
+  CTA, L2 prefetch bytes of the weight loads), and through the backend's own dispatch; from M = 9 also
+  the CUDA kernel at its launch rule against the wgmma kernel, the two choices of eager calls there, with
+  the eager dispatch's pick;
 - W4A4 linear (quantization included) through Triton, through the backend, and through the CUDA
   kernel on the activations' block values (bf16) or on their codes (``MODE_KERNEL_CODES``).
 Checks that the CUDA and Triton outputs agree before timing. The floor under these times (a kernel that only
@@ -27,7 +29,8 @@ from _common import (fp4_weight_bytes, measured_env, print_table, rel, rotating_
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
-from fp4_compile.ops.cuda_small_m import CODES_MIN_M, small_m_gemm  # noqa: E402
+from fp4_compile.ops.cuda_small_m import CODES_MIN_M, DISPATCH_MAX_M, dispatches, small_m_gemm  # noqa: E402
+from fp4_compile.ops import cuda_wgmma  # noqa: E402
 from fp4_compile.ops import cuda_quant  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
 from fp4_compile.ops.hopper import MARLIN, TRITON_W4A4  # noqa: E402
@@ -117,6 +120,16 @@ def main():
             for warps in CODES_WARPS if variants and m >= CODES_MIN_M else ():
                 row[f"w4a4_codes_w{warps}_us"] = round(time_graph_us(
                     [lambda w=w, a=a: w4a4_codes(w, a, warps) for w, a in zip(ws, alphas44)]), 2)
+            # eager W4A16 at M = 9..16 (cuda_small_m.EAGER_VALUES_MAX_ELEMENTS): the fast path replays either
+            # kernel at the same host cost, so their GPU times decide (NOTES.md v46b)
+            if m > DISPATCH_MAX_M and cuda_wgmma.unavailable_reason(torch.cuda.current_device()) is None:
+                row["w4a16_small_m_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: small_m_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
+                     for w, a in zip(ws, alphas)]), 2)
+                row["w4a16_wgmma_us"] = round(time_graph_us(
+                    [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
+                     for w, a in zip(ws, alphas)]), 2)
+                row["w4a16_eager_pick"] = "small_m" if dispatches(m, n, k, host_bound=True) else "wgmma"
             use, use_codes = hopper.use_small_m, hopper.use_codes
             hopper.use_small_m = hopper.use_codes = lambda *a: False
             try:
@@ -139,7 +152,8 @@ def main():
             *[variant_key(*v) for v in variants], "w4a16_best_x", "w4a16_best_bw",
             "w4a4_triton_us", "w4a4_backend_us", "w4a4_backend_x", "w4a4_pdl0_us", "w4a4_pdl1_us", "w4a4_codes_us",
             *[f"w4a4_codes_w{w}_us" for w in (CODES_WARPS if variants else ())], "w4a4_codes_equal_values",
-            "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_cuda_vs_triton_rel"]
+            "w4a16_pdl0_us", "w4a16_pdl1_us", "w4a16_small_m_us", "w4a16_wgmma_us", "w4a16_eager_pick",
+            "w4a16_cuda_vs_triton_rel"]
     print_table(rows, cols, title=f"small M (us per call, CUDA graphs; copy {bw:.0f} GB/s) -> {path}")
 
 
