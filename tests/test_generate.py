@@ -19,7 +19,6 @@ from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
-
 from fp4_compile import load_nvfp4, quantize_transformers_model, save_nvfp4  # noqa: E402
 from fp4_compile.demo import build_demo_model, random_batches  # noqa: E402
 from fp4_compile.layer import nvfp4_layers  # noqa: E402

@@ -179,12 +179,11 @@ def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, ho
     even where Triton (small weights at M = 33..64) or dequantization + cuBLASLt (above LARGE_M) is
     faster on the GPU, because those paths' eager calls stay in Python, at 100-300 us of host time
     each on the H100 hosts against the replay's 10-20 (NOTES.md v19); it also takes those of M = 9..16
-    that the small-M kernel leaves (``cuda_small_m.EAGER_VALUES_MAX_ELEMENTS``): exact there as from M = 17,
+    that the small-M kernel leaves (``cuda_small_m.dispatches``: large weights): exact there as from M = 17,
     the rows of a 32-row tile past M masked. (The prepared weight's N and K are padded: never fewer elements
     than the call's, so a call the small-M kernel leaves is always taken here.)"""
     n, k = weight.shape[0], weight.shape[1] * 2
-    left_by_small_m = (host_bound and m > cuda_small_m.DISPATCH_MAX_M
-                       and n * k > cuda_small_m.EAGER_VALUES_MAX_ELEMENTS)
+    left_by_small_m = host_bound and not cuda_small_m.dispatches(m, n, k, host_bound=True)
     if m < DISPATCH_MIN_M and not left_by_small_m:
         return False
     small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
