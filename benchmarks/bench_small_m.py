@@ -29,7 +29,7 @@ from _common import (fp4_weight_bytes, measured_env, print_table, rel, rotating_
 from fp4_compile import format as F  # noqa: E402
 from fp4_compile.ops import hopper  # noqa: E402
 from fp4_compile.ops import triton_gemm as G  # noqa: E402
-from fp4_compile.ops.cuda_small_m import CODES_MIN_M, DISPATCH_MAX_M, dispatches, small_m_gemm  # noqa: E402
+from fp4_compile.ops.cuda_small_m import CODES_MIN_M, DISPATCH_MAX_M, small_m_gemm  # noqa: E402
 from fp4_compile.ops import cuda_wgmma  # noqa: E402
 from fp4_compile.ops import cuda_quant  # noqa: E402
 from fp4_compile.ops.gpu_quant import fake_quantize_nvfp4_gpu  # noqa: E402
@@ -120,7 +120,7 @@ def main():
             for warps in CODES_WARPS if variants and m >= CODES_MIN_M else ():
                 row[f"w4a4_codes_w{warps}_us"] = round(time_graph_us(
                     [lambda w=w, a=a: w4a4_codes(w, a, warps) for w, a in zip(ws, alphas44)]), 2)
-            # eager W4A16 at M = 9..16 (cuda_small_m.EAGER_VALUES_MAX_ELEMENTS): the fast path replays either
+            # eager W4A16 at M = 9..16 (cuda_wgmma.use_wgmma, host-bound): the fast path replays either
             # kernel at the same host cost, so their GPU times decide (NOTES.md v46b)
             if m > DISPATCH_MAX_M and cuda_wgmma.unavailable_reason(torch.cuda.current_device()) is None:
                 row["w4a16_small_m_us"] = round(time_graph_us(
@@ -129,7 +129,7 @@ def main():
                 row["w4a16_wgmma_us"] = round(time_graph_us(
                     [lambda w=w, a=a: cuda_wgmma.wgmma_gemm(x, w[0], w[1], a, n=n, out_dtype=torch.bfloat16)
                      for w, a in zip(ws, alphas)]), 2)
-                row["w4a16_eager_pick"] = "small_m" if dispatches(m, n, k, host_bound=True) else "wgmma"
+                row["w4a16_eager_pick"] = "wgmma" if cuda_wgmma.use_wgmma(wt, m, host_bound=True) else "small_m"
             use, use_codes = hopper.use_small_m, hopper.use_codes
             hopper.use_small_m = hopper.use_codes = lambda *a: False
             try:

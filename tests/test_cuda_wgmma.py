@@ -1,6 +1,7 @@
 """The CUDA wgmma kernel on a machine without a GPU: it compiles for sm_90a without spills or
 serialized wgmma, and the launch configuration is sane."""
 
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,19 @@ def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
     assert 1 <= splits <= cuda_wgmma.MAX_SPLITS
 
 
+def test_wave_fill_counts_the_slots_of_the_launch_waves():
+    clusters = {1: 132, 2: 132, 4: 120, 8: 120}
+    fill = functools.partial(cuda_wgmma.wave_fill, sms=132, cluster_ctas=clusters)
+    LC = cuda_wgmma.LaunchConfig
+    assert fill(16, 8192, 8192, LC(32, 2, 4, True)) == 128 / 132         # 32 tiles x 4 splits
+    assert fill(16, 10240, 8192, LC(32, 2, 4, True)) == 160 / 264        # a second wave of 28 CTAs
+    assert fill(16, 10240, 8192, LC(32, 2, 4, False)) == 160 / 240       # clusters of 4: 120 CTAs a wave
+    assert fill(16, 28672, 4096, LC(32, 2, 1, False)) == 112 / 132       # unsplit, one wave
+    assert fill(4096, 6144, 4096, LC(128, 1, 1, False)) == 1536 / 132 / 12  # persistent: whole waves
+    assert fill(1024, 6144, 4096, LC(128, 1, 1, False)) == 384 / 132 / 3  # a tail of 120 tiles: a third wave
+    assert fill(1024, 2304, 4096, LC(128, 1, 1, False)) == 144 / 132 / 1.25  # a tail of 12, split 4 ways
+
+
 def test_cpu_tensors_are_refused_clearly():
     w = torch.zeros(64, 32, dtype=torch.uint8)
     s = torch.zeros(64, 4, dtype=torch.uint8)
@@ -70,12 +84,15 @@ def test_dispatch_rules(monkeypatch):
 
     assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
-    # eager calls that the fast path replays: also M = 9..16 on the weights the small-M kernel leaves
-    for n, k in ((28672, 4096), (4096, 14336)):
+    # eager calls that the fast path replays: also M = 9..16 on large weights whose launch fills its waves
+    for n, k in ((28672, 4096), (4096, 14336), (8192, 8192), (13824, 5120)):
         assert cuda_wgmma.use_wgmma(weight(n, k), 9, host_bound=True)
         assert cuda_wgmma.use_wgmma(weight(n, k), 16, host_bound=True)
+        assert not cuda_wgmma.use_wgmma(weight(n, k), 16)  # captured: Triton
         assert not cuda_wgmma.use_wgmma(weight(n, k), 8, host_bound=True)
-    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 16, host_bound=True)
+    for n, k in ((10240, 8192), (5120, 13824)):  # 80 of 132 SMs: the small-M kernel's
+        assert not cuda_wgmma.use_wgmma(weight(n, k), 12, host_bound=True)
+    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 16, host_bound=True)  # not above 2^25 elements
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 33)
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 32)        # but the kernel up to M = 32

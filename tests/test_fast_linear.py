@@ -127,7 +127,7 @@ CASES = [
     # eager calls take the CUDA kernels where graphs take Triton or cuBLASLt
     ("triton-w4a4", 16, 9216, 256),
     ("marlin", 16, 4096, 4096),
-    ("marlin", 12, 5000, 8192),  # W4A16 at M = 9..16 above EAGER_VALUES_MAX_ELEMENTS: the wgmma kernel
+    ("marlin", 12, 4100, 8192),  # W4A16 at M = 9..16 on a large weight: the wgmma kernel (use_wgmma)
     ("marlin", 48, 6144, 4096),
     ("triton-w4a4", 1024, 1024, 4096),
     ("marlin", 1024, 1024, 4096),
@@ -174,14 +174,16 @@ def test_plans_cover_every_kernel_path():
 
 @pytest.mark.gpu
 def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_on_large_weights():
-    """The small-M kernel's time grows as N x K x M on bf16 activations (cuda_small_m.EAGER_VALUES_MAX_ELEMENTS):
-    eager calls on larger weights take the wgmma kernel; captured ones (not host-bound) take Triton as before."""
+    """The small-M kernel's time grows as N x K x M on bf16 activations: eager calls on weights of more than
+    cuda_wgmma.EAGER_SMALL_M_MIN_ELEMENTS take the wgmma kernel where its launch fills its waves; captured
+    ones (not host-bound) take Triton as before."""
     _need_fast_path()
-    from fp4_compile.ops import cuda_small_m, hopper
+    from fp4_compile.ops import cuda_wgmma, hopper
 
     k = 8192
-    assert 4096 * k == cuda_small_m.EAGER_VALUES_MAX_ELEMENTS
-    for n, eager_kernel in ((4100, hopper.wgmma_gemm), (4096, hopper.small_m_gemm)):
+    assert 4096 * k == cuda_wgmma.EAGER_SMALL_M_MIN_ELEMENTS
+    # 4100 rows (padded to 4128): 129 tiles of 32 rows split 4 ways fill their waves; 10240: 80 of 132 SMs
+    for n, eager_kernel in ((4100, hopper.wgmma_gemm), (4096, hopper.small_m_gemm), (10240, hopper.small_m_gemm)):
         _, _, _, wt, _, _ = _layer("marlin", n, k, torch.bfloat16, False)
         for m in (9, 16):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)

@@ -40,16 +40,6 @@ SMALL_N = 1024
 # 6144 (M=16: 9.7 / 12.3, 12.1 / 14.5), slower at N = 28672 (40.2 / 38.9): up to CODES_TWO_TILES_MAX_N.
 CODES_MIN_M = 8
 CODES_TWO_TILES_MAX_N = 8192
-# Eager calls (host_bound) on bf16/fp16 activations at M = 9..16 take this kernel on weights of up to this many
-# elements (N x K), and the wgmma kernel on larger ones (cuda_wgmma.use_wgmma). Here every 16 weight rows re-read
-# all M x K activations from L2, so the time grows as N x K x M; the wgmma kernel's as N x K plus a fixed cost
-# (launch, first data, split reduction) that a large weight amortizes. (Triton, fastest on some of these in
-# graphs, costs 100-200 us of host time eagerly.) W4A16 eager through fp4::linear, H200, us at M = 9 / 12 / 16,
-# this kernel against wgmma (NOTES.md v46b): 28672x4096 48.0 / 57.3 / 72.3 against 38.1 / 37.6 / 37.8;
-# 14336x4096 26.6 / 31.9 / 39.5 against 23.1 / 23.3 / 23.9; 4096x14336 24.3 / 27.4 / 30.5 against 24.4 / 24.2 /
-# 24.1; 6144x4096 (25M elements) 14.4 / 14.7 / 14.4 against 15.0 / 15.2 / 15.9; 4096x4096 10.3 / 10.9 / 11.9
-# against 11.6 / 11.6 / 11.6. (W4A4's eager calls there run on codes at every size.)
-EAGER_VALUES_MAX_ELEMENTS = 2**25
 # A group of linears on bf16/fp16 activations at M = 9..16 (where the kernel re-reads them for every
 # 16 weight rows) in one launch up to this many rows in all. H100, K = 4096 (bench_group.py, NOTES.md v21),
 # us, one launch / the members' own calls: q/k/v (6144 rows) 12.9-14.8 / 21.5-23.6, gate/up (28672)
@@ -123,10 +113,10 @@ def unavailable_reason(device_index: int) -> str | None:
 def dispatches(m: int, n: int, k: int, host_bound: bool = False) -> bool:
     """Is an [m, k] x [n, k] call one that the backends give to this kernel (where it can run)?
     ``host_bound``: an eager call that ``fast_linear`` will replay takes every M up to MAX_M, where the
-    Triton kernel's eager calls cost 100-200 us of host time each (NOTES.md v19), on weights of up to
-    EAGER_VALUES_MAX_ELEMENTS (larger ones at M = 9..16 go to the wgmma kernel)."""
+    Triton kernel's eager calls cost 100-200 us of host time each (NOTES.md v19), but for those at
+    M = 9..16 that the wgmma kernel, asked first, runs faster (``cuda_wgmma.use_wgmma``: large weights)."""
     if host_bound:
-        return 1 <= m <= (MAX_M if n * k <= EAGER_VALUES_MAX_ELEMENTS else DISPATCH_MAX_M)
+        return 1 <= m <= MAX_M
     return 1 <= m <= (DISPATCH_MAX_M_SMALL_N if n <= SMALL_N else DISPATCH_MAX_M)
 
 

@@ -80,12 +80,23 @@ LONG_SLICE_MIN_K = 9216
 #   1.03-1.17x faster at M = 32 and 64 (NOTES.md v14d);
 # - above LARGE_M, only when the tiles fill the SMs in whole waves (WAVE_EFFICIENCY, a split tail
 #   counting as the fraction of a wave it takes) without splitting K: else dequantization + cuBLASLt
-#   was faster (1024x4096 at M = 1024 and 2048).
+#   was faster (1024x4096 at M = 1024 and 2048);
+# - below DISPATCH_MIN_M, eager calls at M = 9..16 (``host_bound``) that the small-M kernel would take, on
+#   weights of more than EAGER_SMALL_M_MIN_ELEMENTS (N x K) whose launch fills WAVE_EFFICIENCY of its waves. Every
+#   16 weight rows of the small-M kernel re-read all M x K activations there, so its time grows as N x K x M; this
+#   kernel's as N x K plus a fixed cost (launch, first data, split reduction) that a large weight amortizes, unless
+#   a part-empty wave stretches it. W4A16 eager through fp4::linear, H200, us at M = 9 / 16, small-M kernel against
+#   this one (NOTES.md v46b, v47a): taken, 28672x4096 48.0 / 72.3 against 38.1 / 37.8 (fill 0.85), 8192x8192
+#   29.9 / 42.1 against 26.3 / 25.4 (0.97), 8192x28672 95.8 / 127.1 against 68.9 / 68.8, 4096x14336 24.3 / 30.5
+#   against 24.4 / 24.1; left, 10240x8192 28.1 / 38.3 against 38.9 / 41.1 (fill 0.61: 80 of 132 SMs),
+#   5120x13824 26.1 / 34.5 against 34.3 / 34.4 (0.61), 6144x4096 (25M elements) 14.4 / 14.4 against 15.0 / 15.9,
+#   4096x4096 10.3 / 11.9 against 11.6 / 11.6. (W4A4's eager calls there run on activation codes.)
 DISPATCH_MIN_M = 17
 SMALL_WEIGHT_M = (33, 64)
 SMALL_WEIGHT_ELEMENTS = (20 * 2**20, 48 * 2**20)
 LARGE_M = 512
 WAVE_EFFICIENCY = 0.8
+EAGER_SMALL_M_MIN_ELEMENTS = 2**25
 
 
 def nvcc_flags(capability: tuple[int, int] = (9, 0)) -> list[str]:
@@ -172,31 +183,50 @@ def _waves(tiles: int, sms: int, k: int) -> float:
     return tiles // sms + 1 / splits if tail else math.ceil(tiles / sms)
 
 
+def _slots(cfg: LaunchConfig, sms: int, cluster_ctas: dict[int, int]) -> int:
+    """CTAs of this configuration that fit on the device at once."""
+    return cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
+
+
+def wave_fill(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ctas: dict[int, int]) -> float:
+    """The fraction of its waves' CTA slots that a launch fills (an unsplit launch's split tail counting as
+    the fraction of a wave it takes)."""
+    tiles = _tiles(m, n, cfg.bn, cfg.wm)
+    if cfg.splits == 1:
+        return tiles / sms / _waves(tiles, sms, k)
+    ctas, slots = tiles * cfg.splits, _slots(cfg, sms, cluster_ctas)
+    return ctas / (slots * math.ceil(ctas / slots))
+
+
+def _device_wave_fill(m: int, n: int, k: int, device_index: int) -> tuple[LaunchConfig, float]:
+    """The device's launch configuration for this GEMM, and its ``wave_fill``."""
+    cfg = device_launch_config(m, n, k, device_index)
+    return cfg, wave_fill(m, n, k, cfg, num_sms(device_index), cluster_ctas(device_index))
+
+
 def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, host_bound: bool = False) -> bool:
     """Route an [m, K] activation times this prepared weight to the kernel? ``after_quantization``:
     the activations are the block values that the quantization kernel just wrote (W4A4).
     ``host_bound``: an eager call that the fast path of ``fast_linear`` will replay; it takes the kernel
     even where Triton (small weights at M = 33..64) or dequantization + cuBLASLt (above LARGE_M) is
     faster on the GPU, because those paths' eager calls stay in Python, at 100-300 us of host time
-    each on the H100 hosts against the replay's 10-20 (NOTES.md v19); it also takes those of M = 9..16
-    that the small-M kernel leaves (``cuda_small_m.dispatches``: large weights): exact there as from M = 17,
-    the rows of a 32-row tile past M masked. (The prepared weight's N and K are padded: never fewer elements
-    than the call's, so a call the small-M kernel leaves is always taken here.)"""
+    each on the H100 hosts against the replay's 10-20 (NOTES.md v19); at M = 9..16 it takes those on large
+    weights that the launch fills (the notes at DISPATCH_MIN_M) ahead of the small-M kernel, which ``hopper``
+    asks second: exact there as from M = 17, the rows of a 32-row tile past M masked."""
     n, k = weight.shape[0], weight.shape[1] * 2
-    left_by_small_m = host_bound and not cuda_small_m.dispatches(m, n, k, host_bound=True)
-    if m < DISPATCH_MIN_M and not left_by_small_m:
-        return False
+    if m < DISPATCH_MIN_M:
+        eager_small_m = host_bound and cuda_small_m.DISPATCH_MAX_M < m <= cuda_small_m.MAX_M
+        if not (eager_small_m and n * k > EAGER_SMALL_M_MIN_ELEMENTS and supports(weight)):
+            return False
+        return _device_wave_fill(m, n, k, weight.device.index or 0)[1] >= WAVE_EFFICIENCY
     small_weight = SMALL_WEIGHT_ELEMENTS[0] <= n * k < SMALL_WEIGHT_ELEMENTS[1]
     if SMALL_WEIGHT_M[0] <= m <= SMALL_WEIGHT_M[1] and small_weight and not (after_quantization or host_bound):
         return False
     if not supports(weight):
         return False
     if m > LARGE_M and not host_bound:
-        index = weight.device.index or 0
-        sms = num_sms(index)
-        cfg = device_launch_config(m, n, k, index)
-        tiles = _tiles(m, n, cfg.bn, cfg.wm)
-        if cfg.splits > 1 or tiles / sms / _waves(tiles, sms, k) < WAVE_EFFICIENCY:
+        cfg, fill = _device_wave_fill(m, n, k, weight.device.index or 0)
+        if cfg.splits > 1 or fill < WAVE_EFFICIENCY:
             return False
     return True
 
@@ -204,9 +234,8 @@ def use_wgmma(weight: torch.Tensor, m: int, after_quantization: bool = False, ho
 def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ctas: dict[int, int]) -> float:
     """The cost model's time of one launch, where ``sms`` CTAs fit on the device at once alone and
     ``cluster_ctas[s]`` in clusters of s."""
-    fit = cluster_ctas[cfg.splits] if cfg.splits > 1 and not cfg.workspace else sms
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
-    waves = math.ceil(tiles * cfg.splits / fit)
+    waves = math.ceil(tiles * cfg.splits / _slots(cfg, sms, cluster_ctas))
     k_tiles = math.ceil(k / 64)
     wide = cfg.wm == 2 and m <= cfg.bn <= 64 and n * k >= WIDE_TILE_MIN_ELEMENTS
     stage = (STAGE_US + STAGE_ROW_US * cfg.bn) * cfg.wm * (WIDE_TILE_STAGE if wide else 1.0)

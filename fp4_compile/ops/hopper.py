@@ -77,14 +77,15 @@ _GEMM_KINDS = {small_m_gemm: fast_linear.GEMM_SMALL_M, wgmma_gemm: fast_linear.G
 
 
 def _cuda_gemm(x: torch.Tensor, weight: torch.Tensor, m: int, n: int, w4a4: bool, host_bound: bool = False):
-    """The CUDA C++ GEMM that takes an [m, K] x [n, K] call (the small-M kernel, else the wgmma
+    """The CUDA C++ GEMM that takes an [m, K] x [n, K] call (the wgmma kernel, else the small-M
     kernel), or None. Both take ``(x, weight, weight_scale, alpha, *, n, out_dtype, bias)``.
     ``w4a4``: ``x`` will be the activations' block values, written by a kernel just before;
-    ``host_bound``: see ``use_wgmma``."""
-    if use_small_m(x, m, n, host_bound):
-        return small_m_gemm
+    ``host_bound``: see ``use_wgmma``. (Below M = 17 the wgmma kernel claims only the eager calls
+    that it runs faster than the small-M kernel.)"""
     if use_wgmma(weight, m, after_quantization=w4a4, host_bound=host_bound):
         return wgmma_gemm
+    if use_small_m(x, m, n, host_bound):
+        return small_m_gemm
     return None
 
 
