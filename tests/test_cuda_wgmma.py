@@ -92,7 +92,8 @@ def test_dispatch_rules(monkeypatch):
         assert not cuda_wgmma.use_wgmma(weight(n, k), 8, host_bound=True)
     for n, k in ((10240, 8192), (5120, 13824)):  # 80 of 132 SMs: the small-M kernel's
         assert not cuda_wgmma.use_wgmma(weight(n, k), 12, host_bound=True)
-    assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 16, host_bound=True)  # not above 2^25 elements
+    for n, k in ((6144, 4096), (6144, 8192), (4128, 8192)):  # up to 3 x 2^24 elements: the small-M kernel's
+        assert not cuda_wgmma.use_wgmma(weight(n, k), 16, host_bound=True)
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 33)
     assert cuda_wgmma.use_wgmma(weight(6144, 4096), 32)        # but the kernel up to M = 32

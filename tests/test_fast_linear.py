@@ -127,7 +127,7 @@ CASES = [
     # eager calls take the CUDA kernels where graphs take Triton or cuBLASLt
     ("triton-w4a4", 16, 9216, 256),
     ("marlin", 16, 4096, 4096),
-    ("marlin", 12, 4100, 8192),  # W4A16 at M = 9..16 on a large weight: the wgmma kernel (use_wgmma)
+    ("marlin", 12, 4096, 14336),  # W4A16 at M = 9..16 on a large weight: the wgmma kernel (use_wgmma)
     ("marlin", 48, 6144, 4096),
     ("triton-w4a4", 1024, 1024, 4096),
     ("marlin", 1024, 1024, 4096),
@@ -180,10 +180,10 @@ def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_on_large_weights():
     _need_fast_path()
     from fp4_compile.ops import cuda_wgmma, hopper
 
-    k = 8192
-    assert 4096 * k == cuda_wgmma.EAGER_SMALL_M_MIN_ELEMENTS
-    # 4100 rows (padded to 4128): 129 tiles of 32 rows split 4 ways fill their waves; 10240: 80 of 132 SMs
-    for n, eager_kernel in ((4100, hopper.wgmma_gemm), (4096, hopper.small_m_gemm), (10240, hopper.small_m_gemm)):
+    assert 6144 * 8192 == cuda_wgmma.EAGER_SMALL_M_MIN_ELEMENTS
+    # 4096x14336: 16 tiles of 256 rows split 8 ways fill their waves; 10240x8192: 80 of 132 SMs
+    for n, k, eager_kernel in ((4096, 14336, hopper.wgmma_gemm), (6144, 8192, hopper.small_m_gemm),
+                               (10240, 8192, hopper.small_m_gemm)):
         _, _, _, wt, _, _ = _layer("marlin", n, k, torch.bfloat16, False)
         for m in (9, 16):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)

@@ -86,17 +86,17 @@ LONG_SLICE_MIN_K = 9216
 #   16 weight rows of the small-M kernel re-read all M x K activations there, so its time grows as N x K x M; this
 #   kernel's as N x K plus a fixed cost (launch, first data, split reduction) that a large weight amortizes, unless
 #   a part-empty wave stretches it. W4A16 eager through fp4::linear, H200, us at M = 9 / 16, small-M kernel against
-#   this one (NOTES.md v46b, v47a): taken, 28672x4096 48.0 / 72.3 against 38.1 / 37.8 (fill 0.85), 8192x8192
-#   29.9 / 42.1 against 26.3 / 25.4 (0.97), 8192x28672 95.8 / 127.1 against 68.9 / 68.8, 4096x14336 24.3 / 30.5
-#   against 24.4 / 24.1; left, 10240x8192 28.1 / 38.3 against 38.9 / 41.1 (fill 0.61: 80 of 132 SMs),
-#   5120x13824 26.1 / 34.5 against 34.3 / 34.4 (0.61), 6144x4096 (25M elements) 14.4 / 14.4 against 15.0 / 15.9,
-#   4096x4096 10.3 / 11.9 against 11.6 / 11.6. (W4A4's eager calls there run on activation codes.)
+#   this one (NOTES.md v46b, v47a-b): taken, 28672x4096 48.0 / 72.3 against 38.1 / 37.8 (fill 0.85), 8192x8192
+#   29.4 / 41.5 against 24.8 / 24.7 (0.97), 8192x28672 95.8 / 127.1 against 68.9 / 68.8, 4096x14336 (58.7M
+#   elements) 24.5 / 30.1 against 23.9 / 24.4; left, 10240x8192 27.5 / 36.6 against 38.6 / 38.6 (fill 0.61: 80 of
+#   132 SMs), 5120x13824 25.7 / 34.4 against 34.0 / 34.2 (0.61), 4100x8192 (33.6M elements, fill 1.0) 15.6 / 18.6
+#   against 17.6 / 18.1, 6144x4096 9.9 / 12.8 against 13.7 / 13.7. (W4A4's eager calls there run on codes.)
 DISPATCH_MIN_M = 17
 SMALL_WEIGHT_M = (33, 64)
 SMALL_WEIGHT_ELEMENTS = (20 * 2**20, 48 * 2**20)
 LARGE_M = 512
 WAVE_EFFICIENCY = 0.8
-EAGER_SMALL_M_MIN_ELEMENTS = 2**25
+EAGER_SMALL_M_MIN_ELEMENTS = 3 * 2**24  # 6144x8192
 
 
 def nvcc_flags(capability: tuple[int, int] = (9, 0)) -> list[str]:
