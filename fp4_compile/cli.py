@@ -383,7 +383,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             Path(args.sweep_json).write_text(json.dumps(swept, indent=1) + "\n")
         env, cells = wgmma_tuning.merge_cells([part])
         picks, lines = wgmma_tuning.picks_from_cells(env, cells, args.margin)
-        table = wgmma_tables.write_table(path, meta, {nk: wgmma_tuning.shape_picks(v) for nk, v in picks.items()})
+        splits = wgmma_tuning.timed_splits(env)
+        table = wgmma_tables.write_table(path, meta,
+                                         {nk: wgmma_tuning.shape_picks(v, splits) for nk, v in picks.items()})
         cuda_wgmma.forget_measured_tables()
         (n, k), by_m = next(iter(picks.items()))
         overrides = sum(label is not None for label in by_m.values())

@@ -54,6 +54,7 @@ def test_wave_fill_counts_the_slots_of_the_launch_waves():
     LC = cuda_wgmma.LaunchConfig
     assert fill(16, 8192, 8192, LC(32, 2, 4, True)) == 128 / 132         # 32 tiles x 4 splits
     assert fill(16, 10240, 8192, LC(32, 2, 4, True)) == 160 / 264        # a second wave of 28 CTAs
+    assert fill(16, 10240, 8192, LC(32, 2, 3, True)) == 120 / 132        # 3 ways: one wave
     assert fill(16, 10240, 8192, LC(32, 2, 4, False)) == 160 / 240       # clusters of 4: 120 CTAs a wave
     assert fill(16, 28672, 4096, LC(32, 2, 1, False)) == 112 / 132       # unsplit, one wave
     assert fill(4096, 6144, 4096, LC(128, 1, 1, False)) == 1536 / 132 / 12  # persistent: whole waves
@@ -85,13 +86,12 @@ def test_dispatch_rules(monkeypatch):
     assert not cuda_wgmma.use_wgmma(weight(28672, 4096), 16)   # the small-M kernel's
     assert cuda_wgmma.use_wgmma(weight(28672, 4096), 17)
     # eager calls that the fast path replays: also M = 9..16 on large weights whose launch fills its waves
-    for n, k in ((28672, 4096), (4096, 14336), (8192, 8192), (13824, 5120)):
+    for n, k in ((28672, 4096), (4096, 14336), (8192, 8192), (13824, 5120), (10240, 8192), (5120, 13824)):
         assert cuda_wgmma.use_wgmma(weight(n, k), 9, host_bound=True)
         assert cuda_wgmma.use_wgmma(weight(n, k), 16, host_bound=True)
         assert not cuda_wgmma.use_wgmma(weight(n, k), 16)  # captured: Triton
         assert not cuda_wgmma.use_wgmma(weight(n, k), 8, host_bound=True)
-    for n, k in ((10240, 8192), (5120, 13824)):  # 80 of 132 SMs: the small-M kernel's
-        assert not cuda_wgmma.use_wgmma(weight(n, k), 12, host_bound=True)
+    assert not cuda_wgmma.use_wgmma(weight(17408, 5120), 12, host_bound=True)  # 0.77 of its waves: the small-M kernel's
     for n, k in ((6144, 4096), (6144, 8192), (4128, 8192)):  # up to 3 x 2^24 elements: the small-M kernel's
         assert not cuda_wgmma.use_wgmma(weight(n, k), 16, host_bound=True)
     assert not cuda_wgmma.use_wgmma(weight(6144, 4096), 64)    # small weight: Triton
@@ -246,7 +246,7 @@ def test_tuned_launch_config_covers_the_m_range_up_to_each_grid_value():
     assert cuda_wgmma.tuned_launch_config(table.M_GRID[-1] + 1, n, k, 132, (9, 0), H100_CLUSTERS) is None
     # a cluster the device cannot fit is never picked
     if expected.splits > 1 and not expected.workspace:
-        no_clusters = {1: 132, **{s: 0 for s in cuda_wgmma.SPLITS[1:]}}
+        no_clusters = {1: 132, **{s: 0 for s in cuda_wgmma.CLUSTER_SPLITS}}
         assert cuda_wgmma.tuned_launch_config(low, n, k, 132, (9, 0), no_clusters) is None
 
 
@@ -284,3 +284,4 @@ def test_tuned_table_is_what_its_sweeps_give():
     env, cells = make_wgmma_table.merged_cells([os.path.join(ROOT, path) for path in table.SWEEPS])
     grid, picks, _ = make_wgmma_table.table(env, cells, table.MARGIN)
     assert grid == table.M_GRID and picks == table.PICKS and env["sms"] == table.SMS
+    assert table.SPLITS == make_wgmma_table.timed_splits(env)

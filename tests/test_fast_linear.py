@@ -181,9 +181,9 @@ def test_eager_w4a16_at_m_9_to_16_takes_the_wgmma_kernel_on_large_weights():
     from fp4_compile.ops import cuda_wgmma, hopper
 
     assert 6144 * 8192 == cuda_wgmma.EAGER_SMALL_M_MIN_ELEMENTS
-    # 4096x14336: 16 tiles of 256 rows split 8 ways fill their waves; 10240x8192: 80 of 132 SMs
+    # 4096x14336: 16 tiles of 256 rows split 8 ways fill their waves; 17408x5120: 68 tiles, 3 ways 204 CTAs
     for n, k, eager_kernel in ((4096, 14336, hopper.wgmma_gemm), (6144, 8192, hopper.small_m_gemm),
-                               (10240, 8192, hopper.small_m_gemm)):
+                               (17408, 5120, hopper.small_m_gemm)):
         _, _, _, wt, _, _ = _layer("marlin", n, k, torch.bfloat16, False)
         for m in (9, 16):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)

@@ -509,7 +509,7 @@ def test_wgmma_kernel_exact(seed, n, k, m, dt):
     _need_wgmma()
     x, wt, wst, alpha, bias, ref = _cuda_gemm_case(n, k, m, dt)
     # splits in a cluster and through global memory; the largest leaves some splits empty where K is short
-    variants = [(1, False), (3, False), (cuda_wgmma.MAX_SPLITS, False), (3, True)]
+    variants = [(1, False), (3, False), (cuda_wgmma.MAX_SPLITS, False), (3, True), (6, True)]
     for tile in cuda_wgmma.TILES:
         for splits, workspace in variants:
             poison_allocator(m * n * 8 + (1 << 22))

@@ -31,8 +31,14 @@ def test_table_round_trip_and_merge(tmp_path):
     # a second tune of the same device keeps the shapes it did not measure, replaces those it did
     assert wgmma_tables.write_table(path, H100, b) == b
     assert wgmma_tables.read_table(path)[1] == b
-    c = {(2048, 2048): ShapePicks((17,), (None,))}
+    c = {(2048, 2048): ShapePicks((17,), (None,), cuda_wgmma.SPLITS)}  # a shape of a sweep with 3 and 6 ways
     assert wgmma_tables.write_table(path, H100, c) == {**b, **c}
+    assert wgmma_tables.read_table(path)[1] == {**b, **c}
+    # a table written before the split counts were recorded: its sweeps timed the powers of two
+    data = json.loads(path.read_text())
+    del data["shapes"]["2048x2048"]["splits"]
+    path.write_text(json.dumps(data))
+    assert wgmma_tables.read_table(path)[1][(2048, 2048)].splits == (1, 2, 4, 8)
     # another device's table is replaced, not merged; so is one measured on another build of the kernel
     h200 = {**H100, "gpu": "NVIDIA H200"}
     assert wgmma_tables.write_table(path, h200, a) == a
@@ -86,12 +92,34 @@ def test_the_device_table_decides_where_it_covers_the_call():
     assert cuda_wgmma.tuned_launch_config(m, n, k, 114, (9, 0), H100_CLUSTERS, measured).label == mine
 
 
+def test_a_table_has_no_say_where_the_model_picks_a_split_count_its_sweep_did_not_time():
+    """The built-in table's sweeps timed K splits of 1, 2, 4 and 8; at 10240x8192 M=128 it took t128x2s2w over
+    the model's pick of then, where the model now picks a 3-way split (measured faster, NOTES.md v47c)."""
+    n, k, m = 10240, 8192, 128
+    assert tuned_wgmma_h100.SPLITS == wgmma_tables.POWER_OF_TWO_SPLITS
+    assert wgmma_tables.builtin_picks(132, (9, 0))[(n, k)].at(m) == "t128x2s2w"
+    assert cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS).label == "t128x2s3w"
+    assert cuda_wgmma.tuned_launch_config(m, n, k, 132, (9, 0), H100_CLUSTERS) is None  # the model's pick
+    timed_all = {(n, k): ShapePicks((m,), ("t128x2s2w",), cuda_wgmma.SPLITS)}
+    assert cuda_wgmma.tuned_launch_config(m, n, k, 132, (9, 0), H100_CLUSTERS, timed_all).label == "t128x2s2w"
+    # where the model's pick is a split count the table timed, its entry decides as before
+    assert cuda_wgmma.launch_config(128, 4096, 14336, 132, H100_CLUSTERS).splits in tuned_wgmma_h100.SPLITS
+
+
+def test_merged_sweeps_count_only_the_splits_every_one_timed():
+    old, new = _sweep([]), _sweep([])
+    new["env"] = {**new["env"], "splits": list(cuda_wgmma.SPLITS)}
+    assert wgmma_tuning.timed_splits(old["env"]) == (1, 2, 4, 8)
+    assert wgmma_tuning.timed_splits(wgmma_tuning.merge_cells([new])[0]) == cuda_wgmma.SPLITS
+    assert wgmma_tuning.timed_splits(wgmma_tuning.merge_cells([new, old])[0]) == (1, 2, 4, 8)
+
+
 def test_a_measured_cluster_the_device_cannot_fit_is_never_launched():
     n, k, m = 4096, 4096, 64
     cluster = _other_label(m, n, k, workspace=False)
     measured = {(n, k): ShapePicks((m,), (cluster,))}
     assert cuda_wgmma.tuned_launch_config(m, n, k, 132, (9, 0), H100_CLUSTERS, measured).label == cluster
-    no_clusters = {1: 132, **{s: 0 for s in cuda_wgmma.SPLITS[1:]}}
+    no_clusters = {1: 132, **{s: 0 for s in cuda_wgmma.CLUSTER_SPLITS}}
     assert cuda_wgmma.tuned_launch_config(m, n, k, 132, (9, 0), no_clusters, measured) is None
 
 
@@ -142,7 +170,7 @@ def test_picks_from_timings_keep_the_model_within_the_margin():
     env, merged = wgmma_tuning.merge_cells([_sweep(cells)])
     picks, lines = wgmma_tuning.picks_from_cells(env, merged, margin=0.02)
     assert picks == {(n, k): {32: None, 64: others[1]}} and len(lines) == 1
-    assert wgmma_tuning.shape_picks(picks[(n, k)]) == ShapePicks((32, 64), (None, others[1]))
+    assert wgmma_tuning.shape_picks(picks[(n, k)], (1, 2, 4, 8)) == ShapePicks((32, 64), (None, others[1]))
     assert wgmma_tuning.model_slowdowns(env, merged) == pytest.approx([1.01, 1.01, 1.10, 1.10])
     assert wgmma_tuning.table_slowdowns(env, merged, picks) == pytest.approx([1.01, 1.01, 1.0, 1.0])
     assert gpu_timing.geomean([1.0, 4.0]) == pytest.approx(2.0)
@@ -180,7 +208,7 @@ def test_merge_averages_one_build_and_keeps_only_the_latest_build_of_a_cell():
 def test_merge_refuses_sweeps_of_another_device():
     in_process = _sweep([])  # a sweep just timed keys its cluster capacity by int, one read from JSON by str
     in_process["env"] = {**in_process["env"], "cluster_ctas": dict(H100_CLUSTERS)}
-    assert wgmma_tuning.merge_cells([_sweep([]), in_process]) == (_sweep([])["env"], {})
+    assert wgmma_tuning.merge_cells([_sweep([]), in_process]) == ({**_sweep([])["env"], "splits": [1, 2, 4, 8]}, {})
     other = _sweep([])
     other["env"] = {**other["env"], "sms": 114}
     with pytest.raises(ValueError, match="another device"):

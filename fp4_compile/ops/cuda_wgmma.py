@@ -28,8 +28,14 @@ SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "hopper" / "n
 CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
-# K splits: reduced in a thread-block cluster (at most the portable cluster size) or through global memory.
-SPLITS = (1, 2, 4, 8)
+# K splits: reduced in a thread-block cluster (at most the portable cluster size; CLUSTER_SPLITS) or through
+# global memory. 3 and 6 through memory only: they fill the SMs where the powers of two leave a part-empty wave
+# (H200, W4A16, us at M = 16 / 64 / 128, best of 3 or 6 against best of 1, 2, 4, 8: 10240x8192, 40 tiles of 256
+# rows, 3 x 40 = 120 CTAs on 132 SMs where 2 ways took 80, 4 ways two waves: 28.5 / 33.2 / 43.8 against 37.2 /
+# 42.6 / 55.7; 5120x13824, 6 x 20: 25.9 / 31.8 / 39.7 against 33.0 / 38.5 / 48.5; NOTES.md v47c); in a cluster
+# they ran 1.05-1.21x slower than the best on the H100 (clusters of 3 fit 117 CTAs, of 6 102; v33a).
+SPLITS = (1, 2, 3, 4, 6, 8)
+CLUSTER_SPLITS = (2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
 MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
 # Cost model of one launch that launch_config minimises, fitted to the H100 sweep of bench_wgmma.py
@@ -88,9 +94,11 @@ LONG_SLICE_MIN_K = 9216
 #   a part-empty wave stretches it. W4A16 eager through fp4::linear, H200, us at M = 9 / 16, small-M kernel against
 #   this one (NOTES.md v46b, v47a-b): taken, 28672x4096 48.0 / 72.3 against 38.1 / 37.8 (fill 0.85), 8192x8192
 #   29.4 / 41.5 against 24.8 / 24.7 (0.97), 8192x28672 95.8 / 127.1 against 68.9 / 68.8, 4096x14336 (58.7M
-#   elements) 24.5 / 30.1 against 23.9 / 24.4; left, 10240x8192 27.5 / 36.6 against 38.6 / 38.6 (fill 0.61: 80 of
-#   132 SMs), 5120x13824 25.7 / 34.4 against 34.0 / 34.2 (0.61), 4100x8192 (33.6M elements, fill 1.0) 15.6 / 18.6
-#   against 17.6 / 18.1, 6144x4096 9.9 / 12.8 against 13.7 / 13.7. (W4A4's eager calls there run on codes.)
+#   elements) 24.5 / 30.1 against 23.9 / 24.4; left, 4100x8192 (33.6M elements, fill 1.0) 15.6 / 18.6 against
+#   17.6 / 18.1, 6144x4096 9.9 / 12.8 against 13.7 / 13.7, and with splits of 1, 2, 4, 8 only, 10240x8192 27.5 /
+#   36.6 against 38.6 / 38.6 (fill 0.61: 80 of 132 SMs) and 5120x13824 25.7 / 34.4 against 34.0 / 34.2 (0.61);
+#   split 3 and 6 ways these fill 0.91, the kernel at M = 16 28.5 and 25.9 us in graphs (v47c): taken.
+#   (W4A4's eager calls there run on codes.)
 DISPATCH_MIN_M = 17
 SMALL_WEIGHT_M = (33, 64)
 SMALL_WEIGHT_ELEMENTS = (20 * 2**20, 48 * 2**20)
@@ -255,24 +263,26 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     return waves * cta + fixup
 
 
-def launch_configs(k: int, cluster_ctas: dict[int, int]) -> list[LaunchConfig]:
-    """Every built tile and split the kernel may run K with: splits keep at least
-    MIN_STAGES_PER_SPLIT stages each, and run in clusters only where such a cluster fits."""
+def launch_configs(k: int, cluster_ctas: dict[int, int], splits: tuple[int, ...] = SPLITS) -> list[LaunchConfig]:
+    """Every built tile and split (of ``splits``) the kernel may run K with: splits keep at least
+    MIN_STAGES_PER_SPLIT stages each, and run in clusters (of CLUSTER_SPLITS) only where such a cluster fits."""
     k_tiles = math.ceil(k / 64)
     out = []
     for bn, wm in TILES:
         out.append(LaunchConfig(bn, wm, 1, False))
-        for s in SPLITS[1:]:
+        for s in splits:
+            if s == 1:
+                continue
             if k_tiles // s < MIN_STAGES_PER_SPLIT:
                 continue
             out.append(LaunchConfig(bn, wm, s, True))
-            if cluster_ctas.get(s, 0) > 0:
+            if s in CLUSTER_SPLITS and cluster_ctas.get(s, 0) > 0:
                 out.append(LaunchConfig(bn, wm, s, False))
     return out
 
 
-def launch_config(m: int, n: int, k: int, sms: int = 132,
-                  cluster_ctas: dict[int, int] | None = None) -> LaunchConfig:
+def launch_config(m: int, n: int, k: int, sms: int = 132, cluster_ctas: dict[int, int] | None = None,
+                  splits: tuple[int, ...] = SPLITS) -> LaunchConfig:
     """The tile, K splits and split reduction for an [m, k] x [n, k] GEMM: the one of
     ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
@@ -286,10 +296,11 @@ def launch_config(m: int, n: int, k: int, sms: int = 132,
     slower ones. From K = LONG_SLICE_MIN_K the same holds for 4- and 8-way splits: each slice's main loop is
     long, so the SMs a cluster launch leaves idle cost more than the partial tiles' trip through L2 (over
     the sweeps of thirteen families, 1.030x -> 1.023x the best, none worse, 47 cells faster at 0.914x and 8
-    slower at 1.054x; at K = 8192 the cells went both ways, v30g)."""
+    slower at 1.054x; at K = 8192 the cells went both ways, v30g). ``splits``: the K split counts to choose
+    from (a sweep's table compares the pick among those it timed)."""
     if cluster_ctas is None:
-        cluster_ctas = {s: sms // s * s for s in SPLITS}
-    pick = min(launch_configs(k, cluster_ctas),
+        cluster_ctas = {s: sms // s * s for s in (1, *CLUSTER_SPLITS)}
+    pick = min(launch_configs(k, cluster_ctas, splits),
                key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), not _prefers_256_rows(c), c.splits,
                               c.workspace))
     if pick.splits > 1 and not pick.workspace and pick.bn <= 128 and (pick.splits == 2 or k >= LONG_SLICE_MIN_K):
@@ -313,7 +324,7 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
     lib = _library(torch.cuda.get_device_capability(device_index))
     out = {1: num_sms(device_index)}
     with torch.cuda.device(device_index):
-        for s in SPLITS[1:]:
+        for s in CLUSTER_SPLITS:
             clusters = lib.fp4c_nvfp4_wgmma_cluster_capacity(s)
             out[s] = max(clusters, 0) * s  # an error: never split that way
     return out
@@ -329,10 +340,14 @@ def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int,
     (``tuned_wgmma_h100``, NOTES.md v28-v30) on a device like the one it was measured on. Their
     entries follow no one pattern that a rule of the model would capture (a re-fit of its constants
     did not find better picks overall, v28b; the rules that held across all the families swept are in
-    ``launch_config``): mostly other tiles and split counts than the model's, shape by shape."""
+    ``launch_config``): mostly other tiles and split counts than the model's, shape by shape. A table has
+    no say where the model picks a K split count its sweep did not time (``ShapePicks.splits``: the built-in
+    table's sweeps predate the 3- and 6-way splits, whose picks ran faster than its entries, NOTES.md v47c)."""
     for picks in (measured or {}, wgmma_tables.builtin_picks(sms, tuple(capability))):
         entry = picks.get((n, k))
         if entry is not None and entry.covers(m):
+            if launch_config(m, n, k, sms, cluster_ctas).splits not in entry.splits:
+                return None
             label = entry.at(m)
             if label is None:
                 return None

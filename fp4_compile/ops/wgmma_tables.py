@@ -25,11 +25,16 @@ TABLE_FORMAT = 1  # the JSON layout written by write_table
 DEVICE_KEYS = ("gpu", "sms", "capability")  # device_identity's fields
 
 
+# The K split counts that the tables written before the 3- and 6-way splits were built had timed.
+POWER_OF_TWO_SPLITS = (1, 2, 4, 8)
+
+
 class ShapePicks(NamedTuple):
-    """One layer shape's measured picks."""
+    """One layer shape's measured picks, and the K split counts of the variants its sweep timed."""
 
     m_grid: tuple[int, ...]
     labels: tuple[str | None, ...]
+    splits: tuple[int, ...] = POWER_OF_TWO_SPLITS
 
     def covers(self, m: int) -> bool:
         return m <= self.m_grid[-1]
@@ -48,7 +53,8 @@ def builtin_picks(sms: int, capability: tuple[int, int]) -> Picks:
     table = tuned_wgmma_h100
     if sms != table.SMS or tuple(capability) != table.CAPABILITY:
         return {}
-    return {nk: ShapePicks(tuple(table.M_GRID), tuple(labels)) for nk, labels in table.PICKS.items()}
+    return {nk: ShapePicks(tuple(table.M_GRID), tuple(labels), tuple(table.SPLITS))
+            for nk, labels in table.PICKS.items()}
 
 
 def table_path(gpu_name: str, sms: int) -> Path:
@@ -94,7 +100,8 @@ def read_table(path: str | os.PathLike) -> tuple[dict[str, Any], Picks]:
             grid, labels = tuple(int(m) for m in entry["m_grid"]), tuple(entry["labels"])
             if not grid or len(grid) != len(labels) or list(grid) != sorted(set(grid)):
                 raise ValueError(f"shape {shape}: m_grid and labels do not match")
-            picks[(n, k)] = ShapePicks(grid, labels)
+            splits = tuple(int(v) for v in entry.get("splits", POWER_OF_TWO_SPLITS))
+            picks[(n, k)] = ShapePicks(grid, labels, splits)
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a wgmma launch table ({type(e).__name__}: {e})") from None
     except ValueError as e:
@@ -118,7 +125,7 @@ def write_table(path: str | os.PathLike, meta: dict[str, Any], picks: Picks) -> 
             merged.update(old)
     merged.update(picks)
     data = {"format": TABLE_FORMAT, **meta, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "shapes": {f"{n}x{k}": {"m_grid": list(p.m_grid), "labels": list(p.labels)}
+            "shapes": {f"{n}x{k}": {"m_grid": list(p.m_grid), "labels": list(p.labels), "splits": list(p.splits)}
                        for (n, k), p in sorted(merged.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")

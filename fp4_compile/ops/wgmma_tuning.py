@@ -24,7 +24,7 @@ from . import cuda_wgmma, nvcc
 from .gpu_quant import fake_quantize_nvfp4_gpu
 from .gpu_timing import relative_error, rotating_fp4_weights, time_graphs_us
 from .hopper import MARLIN
-from .wgmma_tables import ShapePicks, device_identity, kernel_build
+from .wgmma_tables import POWER_OF_TWO_SPLITS, ShapePicks, device_identity, kernel_build
 
 MODES = ("w4a16", "w4a4")
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # the built-in table's; up to cuda_wgmma.LARGE_M
@@ -100,8 +100,14 @@ def sweep_env(device_index: int) -> dict[str, Any]:
     """What a sweep's timings hold for: the device (``wgmma_tables.device_identity`` and its cluster capacity,
     which ``merge_cells`` compares), the kernel's build (``wgmma_tables.kernel_build``) and when."""
     return {**device_identity(device_index), "cluster_ctas": cuda_wgmma.cluster_ctas(device_index),
-            "kernel": kernel_build(), "torch": torch.__version__,
+            "splits": list(cuda_wgmma.SPLITS), "kernel": kernel_build(), "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def timed_splits(env: dict[str, Any]) -> tuple[int, ...]:
+    """The K split counts whose variants a sweep timed (sweeps from before the 3- and 6-way splits have no
+    record of them: the powers of two)."""
+    return tuple(env.get("splits", POWER_OF_TWO_SPLITS))
 
 
 def _clusters(env: dict[str, Any]) -> dict[int, int]:
@@ -110,7 +116,8 @@ def _clusters(env: dict[str, Any]) -> dict[int, int]:
 
 
 def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
-    """(env of the first sweep, its cells and those of the others): a cell timed by several sweeps of
+    """(env of the first sweep, with the split counts all of them timed; its cells and those of the others): a
+    cell timed by several sweeps of
     one kernel build gets the geometric mean of each variant's times over them (the variants every one
     of them timed); a later sweep (in list order) of another build (env "kernel"; sweeps before it had
     none) replaces the cell's earlier timings, which no longer hold. A sweep of another device (SMs,
@@ -135,7 +142,10 @@ def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
             labels = set.intersection(*(set(r) for r in timed))
             cells[key][mode] = {label: math.exp(sum(math.log(r[label]) for r in timed) / len(timed))
                                 for label in labels}
-    return env or {}, cells
+    if env is None:
+        return {}, cells
+    splits = set.intersection(*(set(timed_splits(sweep["env"])) for sweep in sweeps))
+    return {**env, "splits": sorted(splits)}, cells
 
 
 def choice(modes: dict[str, dict[str, float]], model: str, margin: float) -> tuple[str | None, dict[str, float]]:
@@ -153,6 +163,11 @@ def choice(modes: dict[str, dict[str, float]], model: str, margin: float) -> tup
     return (best if mean * (1 + margin) <= 1 else None), ratios(best)
 
 
+def model_pick(env: dict[str, Any], n: int, k: int, m: int) -> str:
+    """The cost model's pick for a cell of a sweep on ``env``'s device, among the split counts it timed."""
+    return cuda_wgmma.launch_config(m, n, k, env["sms"], _clusters(env), timed_splits(env)).label
+
+
 def picks_from_cells(env: dict[str, Any], cells: Cells, margin: float = MARGIN
                      ) -> tuple[dict[tuple[int, int], dict[int, str | None]], list[str]]:
     """({(N, K): {M: the pick, or None for the cost model's}} up to LARGE_M, a line describing each
@@ -162,7 +177,7 @@ def picks_from_cells(env: dict[str, Any], cells: Cells, margin: float = MARGIN
     for (n, k, m), modes in sorted(cells.items()):
         if m > cuda_wgmma.LARGE_M:
             continue
-        model = cuda_wgmma.launch_config(m, n, k, env["sms"], _clusters(env)).label
+        model = model_pick(env, n, k, m)
         label, ratios = choice(modes, model, margin)
         picks.setdefault((n, k), {})[m] = label
         if label:
@@ -172,14 +187,15 @@ def picks_from_cells(env: dict[str, Any], cells: Cells, margin: float = MARGIN
     return picks, lines
 
 
-def shape_picks(by_m: dict[int, str | None]) -> ShapePicks:
+def shape_picks(by_m: dict[int, str | None], splits: tuple[int, ...]) -> ShapePicks:
+    """One shape's ``picks_from_cells`` as a table entry; ``splits``: the K split counts its sweep timed."""
     grid = tuple(sorted(by_m))
-    return ShapePicks(grid, tuple(by_m[m] for m in grid))
+    return ShapePicks(grid, tuple(by_m[m] for m in grid), splits)
 
 
 def model_slowdowns(env: dict[str, Any], cells: Cells) -> list[float]:
     """The cost model's pick over the best variant, for each cell and mode up to LARGE_M."""
-    return [us[cuda_wgmma.launch_config(m, n, k, env["sms"], _clusters(env)).label] / min(us.values())
+    return [us[model_pick(env, n, k, m)] / min(us.values())
             for (n, k, m), modes in cells.items() if m <= cuda_wgmma.LARGE_M for us in modes.values()]
 
 
@@ -190,7 +206,7 @@ def table_slowdowns(env: dict[str, Any], cells: Cells, picks: dict[tuple[int, in
     for (n, k, m), modes in cells.items():
         if m > cuda_wgmma.LARGE_M:
             continue
-        label = picks[(n, k)][m] or cuda_wgmma.launch_config(m, n, k, env["sms"], _clusters(env)).label
+        label = picks[(n, k)][m] or model_pick(env, n, k, m)
         out.extend(us[label] / min(us.values()) for us in modes.values())
     return out
 
