@@ -271,9 +271,7 @@ def launch_configs(k: int, cluster_ctas: dict[int, int], splits: tuple[int, ...]
     for bn, wm in TILES:
         out.append(LaunchConfig(bn, wm, 1, False))
         for s in splits:
-            if s == 1:
-                continue
-            if k_tiles // s < MIN_STAGES_PER_SPLIT:
+            if s == 1 or k_tiles // s < MIN_STAGES_PER_SPLIT:
                 continue
             out.append(LaunchConfig(bn, wm, s, True))
             if s in CLUSTER_SPLITS and cluster_ctas.get(s, 0) > 0:

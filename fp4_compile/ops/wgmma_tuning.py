@@ -116,12 +116,11 @@ def _clusters(env: dict[str, Any]) -> dict[int, int]:
 
 
 def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
-    """(env of the first sweep, with the split counts all of them timed; its cells and those of the others): a
-    cell timed by several sweeps of
-    one kernel build gets the geometric mean of each variant's times over them (the variants every one
-    of them timed); a later sweep (in list order) of another build (env "kernel"; sweeps before it had
-    none) replaces the cell's earlier timings, which no longer hold. A sweep of another device (SMs,
-    cluster capacity) is a ValueError."""
+    """(env of the first sweep, with the split counts all of them timed; its cells and those of the others):
+    a cell timed by several sweeps of one kernel build gets the geometric mean of each variant's times over
+    them (the variants every one of them timed); a later sweep (in list order) of another build (env
+    "kernel"; sweeps before it had none) replaces the cell's earlier timings, which no longer hold. A sweep
+    of another device (SMs, cluster capacity) is a ValueError."""
     env: dict[str, Any] | None = None
     runs: dict[tuple[int, int, int], dict[str, tuple[str | None, list[dict[str, float]]]]] = {}
     for i, sweep in enumerate(sweeps):
