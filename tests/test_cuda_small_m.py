@@ -80,12 +80,12 @@ def test_eager_calls_the_fast_path_replays_take_every_m_up_to_16():
     """host_bound (an eager call that fast_linear will replay): the kernel at M = 1..16 on values (but for the
     calls at M = 9..16 that the wgmma kernel, asked first, takes: test_cuda_wgmma), and on codes from M = 8 at
     every N; graph-time choices otherwise."""
-    for n, k in [(1024, 4096), (4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (28672, 4096)]:
-        assert all(cuda_small_m.dispatches(m, n, k, host_bound=True) for m in range(1, 17))
-        assert not cuda_small_m.dispatches(17, n, k, host_bound=True)
+    for n in (1024, 4096, 6144, 14336, 28672):
+        assert all(cuda_small_m.dispatches(m, n, host_bound=True) for m in range(1, 17))
+        assert not cuda_small_m.dispatches(17, n, host_bound=True)
         assert cuda_small_m.dispatches_codes(16, n, host_bound=True)
         assert not cuda_small_m.dispatches_codes(7, n, host_bound=True)
-    assert not cuda_small_m.dispatches(16, 4096, 4096) and cuda_small_m.dispatches(16, 1024, 4096)
+    assert not cuda_small_m.dispatches(16, 4096) and cuda_small_m.dispatches(16, 1024)
 
 
 def test_activation_codes_are_checked():

@@ -110,8 +110,8 @@ def unavailable_reason(device_index: int) -> str | None:
     return nvcc.unavailable_reason("CUDA small-M kernel", "FP4C_SMALL_M_KERNEL", device_index, _library)
 
 
-def dispatches(m: int, n: int, k: int, host_bound: bool = False) -> bool:
-    """Is an [m, k] x [n, k] call one that the backends give to this kernel (where it can run)?
+def dispatches(m: int, n: int, *, host_bound: bool = False) -> bool:
+    """Is an [m, K] x [n, K] call one that the backends give to this kernel (where it can run)?
     ``host_bound``: an eager call that ``fast_linear`` will replay takes every M up to MAX_M, where the
     Triton kernel's eager calls cost 100-200 us of host time each (NOTES.md v19), but for those at
     M = 9..16 that the wgmma kernel, asked first, runs faster (``cuda_wgmma.use_wgmma``: large weights)."""
@@ -131,7 +131,7 @@ def _runs_on(x: torch.Tensor, *other_kernels) -> bool:
 
 def use_small_m(x: torch.Tensor, m: int, n: int, host_bound: bool = False) -> bool:
     """Route an [m, K] x [n, K] call on ``x.device`` to the CUDA kernel? (``host_bound``: see ``dispatches``)"""
-    return dispatches(m, n, x.shape[1], host_bound) and _runs_on(x)
+    return dispatches(m, n, host_bound=host_bound) and _runs_on(x)
 
 
 def dispatches_codes(m: int, n: int, host_bound: bool = False) -> bool:
@@ -152,7 +152,7 @@ def use_values_group(x: torch.Tensor, m: int, ns: list[int]) -> bool:
     kernel, and at M = 9..16 also up to VALUES_GROUP_MAX_ROWS weight rows in all, where one launch beat the
     members' own (Triton) calls (NOTES.md v21)."""
     rows = sum(cdiv(n, 16) * 16 for n in ns)
-    each_own = all(dispatches(m, n, x.shape[1]) for n in ns)
+    each_own = all(dispatches(m, n) for n in ns)
     return (each_own or 1 <= m <= MAX_M and rows <= VALUES_GROUP_MAX_ROWS) and _runs_on(x)
 
 

@@ -330,7 +330,8 @@ def cluster_ctas(device_index: int) -> dict[int, int]:
 
 def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int, int],
                         cluster_ctas: dict[int, int],
-                        measured: wgmma_tables.Picks | None = None) -> LaunchConfig | None:
+                        measured: wgmma_tables.Picks | None = None,
+                        model: LaunchConfig | None = None) -> LaunchConfig | None:
     """The configuration measured fastest for this layer shape and M where the cost model's pick ran a
     margin (2%) or more slower, or None (the cost model's pick). ``measured``: the device's own table
     (``fp4c tune``; ``wgmma_tables.device_picks``), which decides wherever it covers the shape and M,
@@ -340,11 +341,13 @@ def tuned_launch_config(m: int, n: int, k: int, sms: int, capability: tuple[int,
     did not find better picks overall, v28b; the rules that held across all the families swept are in
     ``launch_config``): mostly other tiles and split counts than the model's, shape by shape. A table has
     no say where the model picks a K split count its sweep did not time (``ShapePicks.splits``: the built-in
-    table's sweeps predate the 3- and 6-way splits, whose picks ran faster than its entries, NOTES.md v47c)."""
+    table's sweeps predate the 3- and 6-way splits, whose picks ran faster than its entries, NOTES.md v47c).
+    ``model``: the cost model's pick (``launch_config``), where the caller has it."""
     for picks in (measured or {}, wgmma_tables.builtin_picks(sms, tuple(capability))):
         entry = picks.get((n, k))
         if entry is not None and entry.covers(m):
-            if launch_config(m, n, k, sms, cluster_ctas).splits not in entry.splits:
+            model = model or launch_config(m, n, k, sms, cluster_ctas)
+            if model.splits not in entry.splits:
                 return None
             label = entry.at(m)
             if label is None:
@@ -360,9 +363,10 @@ def device_launch_config(m: int, n: int, k: int, device_index: int) -> LaunchCon
     for the device's SMs and cluster capacity (cached: the search over tiles and splits costs about as
     much host time as an eager launch)."""
     sms, clusters = num_sms(device_index), cluster_ctas(device_index)
+    model = launch_config(m, n, k, sms, clusters)
     return (tuned_launch_config(m, n, k, sms, nvcc.device_capability(device_index), clusters,
-                                wgmma_tables.device_picks(device_index))
-            or launch_config(m, n, k, sms, clusters))
+                                wgmma_tables.device_picks(device_index), model)
+            or model)
 
 
 def forget_measured_tables() -> None:
