@@ -217,6 +217,29 @@ def test_long_slices_of_small_tiles_reduce_through_memory():
     assert any(c.splits >= 4 and c.bn <= 128 for c in cluster_splits([(6144, 4096), (3072, 3072), (5120, 4096)]))
 
 
+@pytest.mark.parametrize("m,n,k,label", [
+    (17, 6144, 14336, "t32x2s5w"),    # 24 tiles of 256 rows: 5 ways 120 CTAs, 4 ways 96 (H200: 30.3 against 34.2 us)
+    (128, 12800, 14336, "t128x2s5w"),  # 90.7 against the unsplit persistent launch's 102.0 us
+    (17, 4608, 36864, "t32x2s7w"),    # 18 tiles: 7 ways 126 CTAs, 6 ways 108 (49.9 against 55.0 us)
+    (128, 4608, 36864, "t128x2s7w"),  # 82 stages a slice against 768 KB summed (81.6 against 91.1 us)
+])
+def test_five_and_seven_way_splits_where_they_fill_the_sms(m, n, k, label):
+    """The model's picks that NOTES.md v48a measured faster than every pick without 5 and 7 ways."""
+    assert cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS).label == label
+
+
+@pytest.mark.parametrize("m,n,k", [(17, 4608, 3584), (64, 4608, 3584), (128, 4608, 3584), (128, 4608, 8192),
+                                   (128, 4608, 14336), (256, 3072, 8192)])
+def test_no_five_or_seven_way_split_whose_last_slice_sums_longer_than_a_slice_runs(m, n, k):
+    """Where 7 ways filled the SMs but each slice ran fewer stages than the 16 KB per stage of partial tiles its
+    last slice sums, they measured up to 1.63x slower (4608x3584 at M=128: 8 stages, 768 KB; NOTES.md v48a):
+    the model keeps 1-4, 6 or 8 ways there, and would have picked 5 or 7 without the rule."""
+    cfg = cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
+    assert cfg.splits not in cuda_wgmma.ODD_SPLITS
+    cost = functools.partial(cuda_wgmma.estimated_us, m, n, k, sms=132, cluster_ctas=H100_CLUSTERS)
+    assert min(map(cost, cuda_wgmma.launch_configs(k, H100_CLUSTERS))) < cost(cfg)
+
+
 def test_launch_config_labels_round_trip():
     for cfg in cuda_wgmma.launch_configs(4096, H100_CLUSTERS):
         assert cuda_wgmma.LaunchConfig.from_label(cfg.label) == cfg

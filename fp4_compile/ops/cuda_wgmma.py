@@ -29,12 +29,22 @@ CAPABILITIES = ((9, 0),)
 # (activation rows, weight rows / 128) per CTA that the library is built with.
 TILES = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1))
 # K splits: reduced in a thread-block cluster (at most the portable cluster size; CLUSTER_SPLITS) or through
-# global memory. 3 and 6 through memory only: they fill the SMs where the powers of two leave a part-empty wave
-# (H200, W4A16, us at M = 16 / 64 / 128, best of 3 or 6 against best of 1, 2, 4, 8: 10240x8192, 40 tiles of 256
-# rows, 3 x 40 = 120 CTAs on 132 SMs where 2 ways took 80, 4 ways two waves: 28.5 / 33.2 / 43.8 against 37.2 /
-# 42.6 / 55.7; 5120x13824, 6 x 20: 25.9 / 31.8 / 39.7 against 33.0 / 38.5 / 48.5; NOTES.md v47c); in a cluster
-# they ran 1.05-1.21x slower than the best on the H100 (clusters of 3 fit 117 CTAs, of 6 102; v33a).
-SPLITS = (1, 2, 3, 4, 6, 8)
+# global memory. The counts that are not powers of two through memory only: they fill the SMs where the powers
+# of two leave a part-empty wave (H200, W4A16, us at M = 16 / 64 / 128, best of 3 or 6 against best of 1, 2, 4,
+# 8: 10240x8192, 40 tiles of 256 rows, 3 x 40 = 120 CTAs on 132 SMs where 2 ways took 80, 4 ways two waves:
+# 28.5 / 33.2 / 43.8 against 37.2 / 42.6 / 55.7; 5120x13824, 6 x 20: 25.9 / 31.8 / 39.7 against 33.0 / 38.5 /
+# 48.5; NOTES.md v47c); in a cluster they ran 1.05-1.21x slower than the best on the H100 (clusters of 3 fit 117
+# CTAs, of 6 102; v33a).
+SPLITS = (1, 2, 3, 4, 5, 6, 7, 8)
+# 5 and 7 ways: the cost model takes them only where each slice runs at least one 64-k stage per
+# SLICE_SUM_KB_PER_STAGE KB of partial tiles that the tile's last slice sums ((splits - 1) fp32 tiles, at
+# about 35-40 bytes a clock on one SM, 16 KB in the time of a stage), which its per-partial-sum fixup cost
+# does not see. On H200 sweeps of every variant over 14 shapes (76 cells, W4A16 and W4A4, M = 17..256), the
+# picks with 5 and 7 ways under this rule ran 0.967x the time of those without (up to 0.855x, 6144x14336
+# 5 ways; one cell 1.053x slower), without it 0.99x, with cells up to 1.63x slower (4608x3584 at M = 128,
+# 7 ways of 8 stages each summing 768 KB); NOTES.md v48a.
+ODD_SPLITS = (5, 7)
+SLICE_SUM_KB_PER_STAGE = 16
 CLUSTER_SPLITS = (2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
 MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
@@ -282,7 +292,8 @@ def launch_configs(k: int, cluster_ctas: dict[int, int], splits: tuple[int, ...]
 def launch_config(m: int, n: int, k: int, sms: int = 132, cluster_ctas: dict[int, int] | None = None,
                   splits: tuple[int, ...] = SPLITS) -> LaunchConfig:
     """The tile, K splits and split reduction for an [m, k] x [n, k] GEMM: the one of
-    ``launch_configs`` with the least estimated time (``estimated_us``). ``cluster_ctas``: CTAs that
+    ``launch_configs`` with the least estimated time (``estimated_us``), 5- and 7-way splits only where
+    ``_slice_outlasts_its_sum``. ``cluster_ctas``: CTAs that
     fit at once per cluster size (``cluster_ctas()`` of the device; without one, every SM's worth
     in whole clusters). Of equal estimates (the same CTAs, each with 256 weight rows and half the
     stages, or 128 rows and all of them), the 256-row tile where ``_prefers_256_rows``; then fewer
@@ -298,12 +309,19 @@ def launch_config(m: int, n: int, k: int, sms: int = 132, cluster_ctas: dict[int
     from (a sweep's table compares the pick among those it timed)."""
     if cluster_ctas is None:
         cluster_ctas = {s: sms // s * s for s in (1, *CLUSTER_SPLITS)}
-    pick = min(launch_configs(k, cluster_ctas, splits),
+    pick = min((c for c in launch_configs(k, cluster_ctas, splits) if c.splits not in ODD_SPLITS
+                or _slice_outlasts_its_sum(c, k)),
                key=lambda c: (estimated_us(m, n, k, c, sms, cluster_ctas), not _prefers_256_rows(c), c.splits,
                               c.workspace))
     if pick.splits > 1 and not pick.workspace and pick.bn <= 128 and (pick.splits == 2 or k >= LONG_SLICE_MIN_K):
         return pick._replace(workspace=True)
     return pick
+
+
+def _slice_outlasts_its_sum(cfg: LaunchConfig, k: int) -> bool:
+    """Does each K slice run a stage per SLICE_SUM_KB_PER_STAGE KB of the partial tiles its last slice sums?"""
+    summed_kb = (cfg.splits - 1) * cfg.bn * 128 * cfg.wm * 4 / 1024
+    return math.ceil(k / 64) / cfg.splits * SLICE_SUM_KB_PER_STAGE >= summed_kb
 
 
 def _prefers_256_rows(cfg: LaunchConfig) -> bool:
