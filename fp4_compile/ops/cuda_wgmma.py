@@ -42,7 +42,8 @@ SPLITS = (1, 2, 3, 4, 5, 6, 7, 8)
 # does not see. On H200 sweeps of every variant over 14 shapes (76 cells, W4A16 and W4A4, M = 17..256), the
 # picks with 5 and 7 ways under this rule ran 0.967x the time of those without (up to 0.855x, 6144x14336
 # 5 ways; one cell 1.053x slower), without it 0.99x, with cells up to 1.63x slower (4608x3584 at M = 128,
-# 7 ways of 8 stages each summing 768 KB); NOTES.md v48a.
+# 7 ways of 8 stages each summing 768 KB); on 27 cells of 9 held-out shapes 0.952x (two slower, up to 1.12x);
+# NOTES.md v48a.
 ODD_SPLITS = (5, 7)
 SLICE_SUM_KB_PER_STAGE = 16
 CLUSTER_SPLITS = (2, 4, 8)
