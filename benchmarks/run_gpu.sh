@@ -9,26 +9,12 @@
 # RUN_GPU_ONLY="quant linear floor wgmma timeline group", RUN_GPU_ONLY="small_m pdl model". Each stage
 # has its own timeout (RUN_GPU_T_TESTS, _CPU, _QUANT, _LINEAR, _FLOOR, _SMALL_M, _WGMMA, _TIMELINE, _GROUP, _MODEL, _PDL seconds).
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 OUTDIR="${OUT:-$PWD/benchmarks/results}"
 mkdir -p "$OUTDIR"
 SKIP="${RUN_GPU_SKIP:-}"
 ONLY="${RUN_GPU_ONLY:-}"
 skip() { if [ -n "$ONLY" ]; then [[ " $ONLY " != *" $1 "* ]]; else [[ " $SKIP " == *" $1 "* ]]; fi; }
-
-# .whl (git-ignored, carried to the GPU machine): what its image lacks of the test extras, fetched here by
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl depyf astor dill pyflakes
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if ! python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >/tmp/pip_install.log 2>&1; then
-  echo "editable install failed (see below); using PYTHONPATH=$PWD"; tail -3 /tmp/pip_install.log
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0), 'cc', torch.cuda.get_device_capability(0))"

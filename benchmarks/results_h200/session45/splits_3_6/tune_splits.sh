@@ -2,9 +2,7 @@
 # Session 45: splits 3 and 6 (through memory) in the wgmma launch configs: every config timed on shapes whose cost-model
 # pick moves to them, W4A16; then the exactness test with the new split counts.
 set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 T0=$(date +%s)
 timeout 170 python3 -m fp4_compile tune --shapes 10240x8192 5120x4096 5120x5120 4608x4096 2304x9216 5120x27648 \

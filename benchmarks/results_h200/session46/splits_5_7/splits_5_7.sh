@@ -2,9 +2,7 @@
 # Session 46: K splits of 5 and 7 (through memory): every config timed on shapes whose cost-model pick moves to them;
 # then the exactness test with the new split counts.
 set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 T0=$(date +%s)
 timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kernels.py -k "wgmma_kernel_exact or wgmma_tuned" 2>&1 | tail -3

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Session 46: a rule for 5- and 7-way splits, fitted on splits_5_7.sh's sweep, checked on shapes it changes (all counts timed).
 set -u
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 T0=$(date +%s)
 timeout 330 python3 -m fp4_compile tune --shapes 4608x8192 6144x14336 12800x14336 3072x14336 6144x8192 9216x14336 \
