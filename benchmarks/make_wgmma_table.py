@@ -21,8 +21,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from fp4_compile.ops.gpu_timing import geomean  # noqa: E402
-from fp4_compile.ops.wgmma_tuning import (MARGIN, merge_cells, model_slowdowns, picks_from_cells,  # noqa: E402
-                                          timed_splits)
+from fp4_compile.ops.wgmma_tuning import (MARGIN, cluster_capacity, merge_cells, model_slowdowns,  # noqa: E402
+                                          picks_from_cells, timed_splits)
 
 OUT = os.path.join(ROOT, "fp4_compile", "ops", "tuned_wgmma_h100.py")
 
@@ -75,6 +75,7 @@ def main() -> None:
            f"MARGIN = {args.margin}  # overridden where the cost model's pick ran this much slower or more"
            f" ({overrides} of {entries} cells)\n"
            f"CAPABILITY = (9, 0)\nSMS = {env['sms']}\n"
+           f"CLUSTER_CTAS = {cluster_capacity(env)!r}  # CTAs of the kernel that fit at once, per cluster size\n"
            f"SPLITS = {timed_splits(env)!r}  # the K split counts of the variants its sweeps timed\n"
            f"M_GRID = {grid!r}\n"
            "# (N, K) -> one entry per M_GRID value: for M above the value before and up to this one, the\n"

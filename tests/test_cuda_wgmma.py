@@ -17,6 +17,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import make_wgmma_table  # noqa: E402
 
+H100_CLUSTERS = tuned_wgmma_h100.CLUSTER_CTAS  # the cluster capacity of the H100 the table was swept on
+
 
 @pytest.mark.background_job("wgmma_sm90a")
 def test_kernel_compiles_for_sm90a_without_spills_or_serialization():
@@ -41,7 +43,7 @@ def test_dsmem_benchmark_compiles_with_the_kernels_cluster_header(tmp_path):
 @pytest.mark.parametrize("m", [17, 32, 64, 128, 1000, 4096, 16384])
 @pytest.mark.parametrize("n,k", [(1024, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (64, 64)])
 def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
-    bn, wm, splits, _ = cuda_wgmma.launch_config(m, n, k, 132, {1: 132, 2: 132, 4: 120, 8: 120})
+    bn, wm, splits, _ = cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
     assert (bn, wm) in cuda_wgmma.TILES
     k_tiles = -(-k // 64)
     assert splits == 1 or k_tiles // splits >= 8
@@ -49,13 +51,12 @@ def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
 
 
 def test_wave_fill_counts_the_slots_of_the_launch_waves():
-    clusters = {1: 132, 2: 132, 4: 120, 8: 120}
-    fill = functools.partial(cuda_wgmma.wave_fill, sms=132, cluster_ctas=clusters)
+    fill = functools.partial(cuda_wgmma.wave_fill, sms=132, cluster_ctas=H100_CLUSTERS)
     LC = cuda_wgmma.LaunchConfig
     assert fill(16, 8192, 8192, LC(32, 2, 4, True)) == 128 / 132         # 32 tiles x 4 splits
     assert fill(16, 10240, 8192, LC(32, 2, 4, True)) == 160 / 264        # a second wave of 28 CTAs
     assert fill(16, 10240, 8192, LC(32, 2, 3, True)) == 120 / 132        # 3 ways: one wave
-    assert fill(16, 10240, 8192, LC(32, 2, 4, False)) == 160 / 240       # clusters of 4: 120 CTAs a wave
+    assert fill(16, 10240, 8192, LC(32, 2, 4, False)) == 160 / 240       # H100_CLUSTERS of 4: 120 CTAs a wave
     assert fill(16, 28672, 4096, LC(32, 2, 1, False)) == 112 / 132       # unsplit, one wave
     assert fill(4096, 6144, 4096, LC(128, 1, 1, False)) == 1536 / 132 / 12  # persistent: whole waves
     assert fill(1024, 6144, 4096, LC(128, 1, 1, False)) == 384 / 132 / 3  # a tail of 120 tiles: a third wave
@@ -75,7 +76,7 @@ def test_dispatch_rules(monkeypatch):
     """The measured dispatch (cuda_wgmma.py): M range, small weights at small M, whole waves at large M."""
     monkeypatch.setattr(cuda_wgmma, "supports", lambda weight: True)
     monkeypatch.setattr(cuda_wgmma, "num_sms", lambda index: 132)
-    monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: {1: 132, 2: 132, 4: 120, 8: 120})
+    monkeypatch.setattr(cuda_wgmma, "cluster_ctas", lambda index: H100_CLUSTERS)
     monkeypatch.setattr(cuda_wgmma.nvcc, "device_capability", lambda index: (9, 0))
     monkeypatch.setattr(cuda_wgmma.wgmma_tables, "device_picks", lambda index: {})  # no table of its own
     cuda_wgmma.device_launch_config.cache_clear()  # results under these stand-ins stay in this test
@@ -123,13 +124,12 @@ def test_launch_config_keeps_cluster_splits_within_one_wave():
     grid of 32 tiles x 4 splits would take two waves there. The cost model then reduces through
     global memory (every SM) or splits less (H100 sweep, NOTES.md v8: 4096x14336 at M=128, t128x1 with
     4 splits took 65.0 us in clusters, 37.4 us through a workspace)."""
-    capacity = {1: 132, 2: 132, 4: 120, 8: 120}
     for m, n, k in [(128, 4096, 4096), (256, 4096, 4096), (64, 4096, 14336), (128, 4096, 14336), (32, 1024, 4096)]:
-        cfg = cuda_wgmma.launch_config(m, n, k, 132, capacity)
+        cfg = cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
         tiles = -(-m // cfg.bn) * -(-n // (128 * cfg.wm))
-        assert cfg.workspace or tiles * cfg.splits <= capacity[cfg.splits], (m, n, k, cfg)
-    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, capacity) == (128, 2, 1, False)  # enough tiles
-    assert cuda_wgmma.launch_config(128, 4096, 14336, 132, capacity).workspace
+        assert cfg.workspace or tiles * cfg.splits <= H100_CLUSTERS[cfg.splits], (m, n, k, cfg)
+    assert cuda_wgmma.launch_config(128, 28672, 4096, 132, H100_CLUSTERS) == (128, 2, 1, False)  # enough tiles
+    assert cuda_wgmma.launch_config(128, 4096, 14336, 132, H100_CLUSTERS).workspace
 
 
 def test_launch_configs_cover_both_reductions():
@@ -145,12 +145,11 @@ def test_cost_model_runs_many_tiles_persistent():
     """More unsplit tiles than SMs: the persistent kernel's per-tile cost, so an unsplit launch beats
     splitting K to even out waves (H100: 28672x4096 at M=512, t256x1 unsplit 199.9 us, split in
     clusters of 2 221.1 us)."""
-    capacity = {1: 132, 2: 132, 4: 120, 8: 120}
-    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, capacity) == (256, 1, 1, False)
+    assert cuda_wgmma.launch_config(512, 28672, 4096, 132, H100_CLUSTERS) == (256, 1, 1, False)
     many = cuda_wgmma.LaunchConfig(256, 1, 1, False)
     tiles = 2 * 224
-    per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, capacity) / -(-tiles // 132)
-    alone = cuda_wgmma.estimated_us(256, 28672 // 4, 4096, many, 132, capacity)  # 56 tiles: one wave
+    per_tile = cuda_wgmma.estimated_us(512, 28672, 4096, many, 132, H100_CLUSTERS) / -(-tiles // 132)
+    alone = cuda_wgmma.estimated_us(256, 28672 // 4, 4096, many, 132, H100_CLUSTERS)  # 56 tiles: one wave
     assert per_tile < alone  # the fixed per-CTA cost is paid once
 
 
@@ -169,11 +168,10 @@ def test_tail_plan():
         tail, splits = plan(tiles, 132, 4096)
         assert (tail, splits) == (0, 1) or (tail == tiles % 132 and 2 <= splits and tail * splits <= 132)
     # the cost model counts the split tail as the fraction of a wave it takes
-    cap = {1: 132, 2: 132, 4: 120, 8: 120}
     cfg = cuda_wgmma.LaunchConfig(256, 1, 1, False)
-    one_wave = cuda_wgmma.estimated_us(1024, 4096, 4096, cfg, 132, cap)
-    with_tail = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg, 132, cap)
-    two_waves = cuda_wgmma.estimated_us(2048, 4096, 4096, cfg, 132, cap)
+    one_wave = cuda_wgmma.estimated_us(1024, 4096, 4096, cfg, 132, H100_CLUSTERS)
+    with_tail = cuda_wgmma.estimated_us(1024, 6144, 4096, cfg, 132, H100_CLUSTERS)
+    two_waves = cuda_wgmma.estimated_us(2048, 4096, 4096, cfg, 132, H100_CLUSTERS)
     assert one_wave < with_tail < two_waves
 
 
@@ -181,16 +179,13 @@ def test_equal_estimates_take_the_256_row_tile_at_small_m():
     """128-row tiles split s ways and 256-row tiles split 2s ways are the same CTAs and stages to the
     cost model; on an H100 the 256-row tiles won at M <= 64 with up to 4 splits and lost at M = 128
     or with 8 splits (NOTES.md v16g)."""
-    capacity = {1: 132, 2: 132, 4: 120, 8: 120}
-    assert cuda_wgmma.launch_config(32, 6144, 4096, 132, capacity) == (32, 2, 4, False)  # 15.2 against 17.2 us
-    assert cuda_wgmma.launch_config(64, 6144, 4096, 132, capacity) == (64, 2, 4, False)  # 17.4 against 18.1
-    assert cuda_wgmma.launch_config(32, 14336, 4096, 132, capacity) == (32, 2, 2, True)  # 24.8 against 26.5; L2 (v29e)
-    assert cuda_wgmma.launch_config(128, 14336, 4096, 132, capacity) == (128, 1, 1, False)  # 33.7 against 36.1
-    assert cuda_wgmma.launch_config(64, 3072, 4096, 132, capacity) == (64, 1, 4, False)  # 11.9 against 12.7 (s8)
-    assert cuda_wgmma.launch_config(64, 4096, 4096, 132, capacity) == (64, 1, 4, True)  # no tie there
-
-
-H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
+    assert cuda_wgmma.launch_config(32, 6144, 4096, 132, H100_CLUSTERS) == (32, 2, 4, False)  # 15.2 against 17.2 us
+    assert cuda_wgmma.launch_config(64, 6144, 4096, 132, H100_CLUSTERS) == (64, 2, 4, False)  # 17.4 against 18.1
+    # 24.8 against 26.5 us; through L2 (v29e)
+    assert cuda_wgmma.launch_config(32, 14336, 4096, 132, H100_CLUSTERS) == (32, 2, 2, True)
+    assert cuda_wgmma.launch_config(128, 14336, 4096, 132, H100_CLUSTERS) == (128, 1, 1, False)  # 33.7 against 36.1
+    assert cuda_wgmma.launch_config(64, 3072, 4096, 132, H100_CLUSTERS) == (64, 1, 4, False)  # 11.9 against 12.7 (s8)
+    assert cuda_wgmma.launch_config(64, 4096, 4096, 132, H100_CLUSTERS) == (64, 1, 4, True)  # no tie there
 
 
 MS = (17, 32, 64, 96, 128, 192, 256, 384, 512)
@@ -308,3 +303,4 @@ def test_tuned_table_is_what_its_sweeps_give():
     grid, picks, _ = make_wgmma_table.table(env, cells, table.MARGIN)
     assert grid == table.M_GRID and picks == table.PICKS and env["sms"] == table.SMS
     assert table.SPLITS == make_wgmma_table.timed_splits(env)
+    assert table.CLUSTER_CTAS == make_wgmma_table.cluster_capacity(env)

@@ -572,11 +572,11 @@ def test_wgmma_refuses_weight_views_it_would_misread(seed):
 def _tuned_cases() -> list[tuple[int, int, int]]:
     """(N, K, M) of each shape's first override in the H100 table, M just below its grid value, among the M
     where the table decides (the cost model's split count on an H100 is one its sweeps timed)."""
-    table, cases, h100_clusters = tuned_wgmma_h100, [], {1: 132, 2: 132, 4: 120, 8: 120}
+    table, cases = tuned_wgmma_h100, []
     for (n, k), picks in table.PICKS.items():
         ms = [table.M_GRID[i] - (1 if i else 0) for i, label in enumerate(picks) if label is not None]
-        m = next((m for m in ms if cuda_wgmma.launch_config(m, n, k, 132, h100_clusters).splits in table.SPLITS),
-                 None)
+        m = next((m for m in ms
+                  if cuda_wgmma.launch_config(m, n, k, table.SMS, table.CLUSTER_CTAS).splits in table.SPLITS), None)
         if m is not None:
             cases.append((n, k, m))
     return cases

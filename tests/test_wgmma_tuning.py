@@ -10,7 +10,7 @@ import pytest
 from fp4_compile.ops import cuda_wgmma, gpu_timing, tuned_wgmma_h100, wgmma_tables, wgmma_tuning
 from fp4_compile.ops.wgmma_tables import ShapePicks
 
-H100_CLUSTERS = {1: 132, 2: 132, 4: 120, 8: 120}
+H100_CLUSTERS = tuned_wgmma_h100.CLUSTER_CTAS
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "sms": 132, "capability": [9, 0]}
 
 

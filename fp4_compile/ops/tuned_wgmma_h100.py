@@ -30,6 +30,7 @@ SWEEPS = (  # the table's sources
 MARGIN = 0.02  # overridden where the cost model's pick ran this much slower or more (125 of 580 cells)
 CAPABILITY = (9, 0)
 SMS = 132
+CLUSTER_CTAS = {1: 132, 2: 132, 4: 120, 8: 120}  # CTAs of the kernel that fit at once, per cluster size
 SPLITS = (1, 2, 4, 8)  # the K split counts of the variants its sweeps timed
 M_GRID = (17, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # (N, K) -> one entry per M_GRID value: for M above the value before and up to this one, the

@@ -110,7 +110,7 @@ def timed_splits(env: dict[str, Any]) -> tuple[int, ...]:
     return tuple(env.get("splits", POWER_OF_TWO_SPLITS))
 
 
-def _clusters(env: dict[str, Any]) -> dict[int, int]:
+def cluster_capacity(env: dict[str, Any]) -> dict[int, int]:
     """A sweep's cluster capacity, keyed by split count (JSON keeps the keys as strings)."""
     return {int(s): c for s, c in env["cluster_ctas"].items()}
 
@@ -125,7 +125,7 @@ def merge_cells(sweeps: list[dict[str, Any]]) -> tuple[dict[str, Any], Cells]:
     runs: dict[tuple[int, int, int], dict[str, tuple[str | None, list[dict[str, float]]]]] = {}
     for i, sweep in enumerate(sweeps):
         env = env or sweep["env"]
-        if (sweep["env"]["sms"], _clusters(sweep["env"])) != (env["sms"], _clusters(env)):
+        if (sweep["env"]["sms"], cluster_capacity(sweep["env"])) != (env["sms"], cluster_capacity(env)):
             raise ValueError(f"sweep {i} was timed on another device than sweep 0")
         kernel = sweep["env"].get("kernel")
         for cell in sweep["cells"]:
@@ -164,7 +164,7 @@ def choice(modes: dict[str, dict[str, float]], model: str, margin: float) -> tup
 
 def model_pick(env: dict[str, Any], n: int, k: int, m: int) -> str:
     """The cost model's pick for a cell of a sweep on ``env``'s device, among the split counts it timed."""
-    return cuda_wgmma.launch_config(m, n, k, env["sms"], _clusters(env), timed_splits(env)).label
+    return cuda_wgmma.launch_config(m, n, k, env["sms"], cluster_capacity(env), timed_splits(env)).label
 
 
 def picks_from_cells(env: dict[str, Any], cells: Cells, margin: float = MARGIN
