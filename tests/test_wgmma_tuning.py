@@ -31,7 +31,7 @@ def test_table_round_trip_and_merge(tmp_path):
     # a second tune of the same device keeps the shapes it did not measure, replaces those it did
     assert wgmma_tables.write_table(path, H100, b) == b
     assert wgmma_tables.read_table(path)[1] == b
-    c = {(2048, 2048): ShapePicks((17,), (None,), cuda_wgmma.SPLITS)}  # a shape of a sweep with 3 and 6 ways
+    c = {(2048, 2048): ShapePicks((17,), (None,), cuda_wgmma.SPLITS)}  # a shape of a sweep with every split count
     assert wgmma_tables.write_table(path, H100, c) == {**b, **c}
     assert wgmma_tables.read_table(path)[1] == {**b, **c}
     # a table written before the split counts were recorded: its sweeps timed the powers of two
