@@ -48,7 +48,8 @@ ODD_SPLITS = (5, 7)
 SLICE_SUM_KB_PER_STAGE = 16
 CLUSTER_SPLITS = (2, 4, 8)
 MAX_SPLITS = SPLITS[-1]
-MIN_STAGES_PER_SPLIT = 8  # 64-k stages: fewer would leave a split mostly pipeline fill
+STAGE_K = 64  # k per stage of the main loop (kBK of nvfp4_wgmma.cu)
+MIN_STAGES_PER_SPLIT = 8  # stages: fewer would leave a split mostly pipeline fill
 # Cost model of one launch that launch_config minimises, fitted to the H100 sweep of bench_wgmma.py
 # over every tile and split (benchmarks/NOTES.md, v8): each CTA costs CTA_FIXED_US (launch, pipeline
 # fill, epilogue) plus, per 64-k stage and 128 weight rows, STAGE_US (decode, weight bytes) and
@@ -185,6 +186,11 @@ class LaunchConfig(NamedTuple):
         return cls(int(bn), int(wm), int(splits), workspace == "w")
 
 
+def k_stages(k: int) -> int:
+    """The main loop's stages over K."""
+    return -(-k // STAGE_K)
+
+
 def tail_plan(tiles: int, sms: int, k: int) -> tuple[int, int]:
     """(tail tiles, K slices each) of a persistent launch of ``tiles`` unsplit tiles on ``sms`` SMs:
     where the last wave's tiles would leave half the SMs or more idle, they are split along K so
@@ -192,7 +198,7 @@ def tail_plan(tiles: int, sms: int, k: int) -> tuple[int, int]:
     tail = tiles % sms
     if tiles <= sms or tail == 0:
         return 0, 1
-    splits = min(sms // tail, MAX_TAIL_SPLITS, math.ceil(k / 64) // MIN_STAGES_PER_SPLIT)
+    splits = min(sms // tail, MAX_TAIL_SPLITS, k_stages(k) // MIN_STAGES_PER_SPLIT)
     return (tail, splits) if splits >= 2 else (0, 1)
 
 
@@ -255,12 +261,12 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
     ``cluster_ctas[s]`` in clusters of s."""
     tiles = _tiles(m, n, cfg.bn, cfg.wm)
     waves = math.ceil(tiles * cfg.splits / _slots(cfg, sms, cluster_ctas))
-    k_tiles = math.ceil(k / 64)
+    stages = k_stages(k)
     wide = cfg.wm == 2 and m <= cfg.bn <= 64 and n * k >= WIDE_TILE_MIN_ELEMENTS
     stage = (STAGE_US + STAGE_ROW_US * cfg.bn) * cfg.wm * (WIDE_TILE_STAGE if wide else 1.0)
 
     def loop(slices: int) -> float:  # the main loop over 1 / slices of K
-        return math.ceil(k_tiles / slices) * stage
+        return math.ceil(stages / slices) * stage
 
     main_loop = loop(cfg.splits)
     if cfg.splits == 1 and tiles > sms:  # persistent
@@ -277,12 +283,12 @@ def estimated_us(m: int, n: int, k: int, cfg: LaunchConfig, sms: int, cluster_ct
 def launch_configs(k: int, cluster_ctas: dict[int, int], splits: tuple[int, ...] = SPLITS) -> list[LaunchConfig]:
     """Every built tile and split (of ``splits``) the kernel may run K with: splits keep at least
     MIN_STAGES_PER_SPLIT stages each, and run in clusters (of CLUSTER_SPLITS) only where such a cluster fits."""
-    k_tiles = math.ceil(k / 64)
+    stages = k_stages(k)
     out = []
     for bn, wm in TILES:
         out.append(LaunchConfig(bn, wm, 1, False))
         for s in splits:
-            if s == 1 or k_tiles // s < MIN_STAGES_PER_SPLIT:
+            if s == 1 or stages // s < MIN_STAGES_PER_SPLIT:
                 continue
             out.append(LaunchConfig(bn, wm, s, True))
             if s in CLUSTER_SPLITS and cluster_ctas.get(s, 0) > 0:
@@ -322,7 +328,7 @@ def launch_config(m: int, n: int, k: int, sms: int = 132, cluster_ctas: dict[int
 def _slice_outlasts_its_sum(cfg: LaunchConfig, k: int) -> bool:
     """Does each K slice run a stage per SLICE_SUM_KB_PER_STAGE KB of the partial tiles its last slice sums?"""
     summed_kb = (cfg.splits - 1) * cfg.bn * 128 * cfg.wm * 4 / 1024
-    return math.ceil(k / 64) / cfg.splits * SLICE_SUM_KB_PER_STAGE >= summed_kb
+    return k_stages(k) / cfg.splits * SLICE_SUM_KB_PER_STAGE >= summed_kb
 
 
 def _prefers_256_rows(cfg: LaunchConfig) -> bool:
