@@ -43,20 +43,38 @@ struct LaunchConfig {
   LaunchConfig& operator=(const LaunchConfig&) = delete;
 };
 
+// Devices whose per-device facts the launchers cache (beyond it, they are asked again on every call).
+constexpr int kCachedDevices = 64;
+
 // The current device's SM count (0 if it cannot be read), cached per device: launchers size their
 // grids with it on every call.
 inline int sm_count() {
-  static std::atomic<int> cache[64];  // (zero: static storage)
+  static std::atomic<int> cache[kCachedDevices];  // (zero: static storage)
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 0;
-  if (device < 64) {
+  if (device < kCachedDevices) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) return 0;
-  if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
+  if (device < kCachedDevices) cache[device].store(sms, std::memory_order_relaxed);
   return sms;
+}
+
+// A kernel's opt-in to `bytes` of dynamic shared memory on the current device. The attribute belongs to
+// the device that is current when it is set, so a process using two GPUs needs it on each (a launch
+// without it fails with cudaErrorInvalidValue); `done` is the kernel's own per-device record.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, int bytes, std::atomic<bool> (&done)[kCachedDevices]) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) done[device].store(true, std::memory_order_release);
+  return err;
 }
 
 // cudaLaunchKernelEx of `kernel` on `stream`, with programmatic dependent launch where `pdl`.

@@ -847,14 +847,12 @@ cudaError_t make_weight_maps(CUtensorMap* w_map, CUtensorMap* s_map, const void*
                      {16, 16, 1, box_tiles}, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-// Lets the instance use its dynamic shared memory (once per instantiation; C++ makes the
-// initialisation thread-safe).
+// Lets the instance use its dynamic shared memory on the current device (once per instantiation and device).
 template <bool FP16, int BN, int WM, typename OutT, bool CLUSTER, bool PERSIST>
 cudaError_t allow_smem() {
-  static const cudaError_t attr = cudaFuncSetAttribute(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       Tile<BN, WM, PERSIST>::kSmemBytes);
-  return attr;
+  static std::atomic<bool> done[fp4c::kCachedDevices];
+  return fp4c::allow_dynamic_smem(nvfp4_wgmma_kernel<FP16, BN, WM, OutT, CLUSTER, PERSIST>,
+                                  Tile<BN, WM, PERSIST>::kSmemBytes, done);
 }
 
 template <bool FP16, int BN, int WM, typename OutT>
