@@ -163,6 +163,9 @@ int* take_tickets(const c10::Device& device, int64_t count) {
   auto it = g_tickets.find(device.index());
   if (it == g_tickets.end()) {
     it = g_tickets.emplace(device.index(), at::zeros({kTicketEntries}, at::dtype(at::kInt).device(device))).first;
+    // zeroed on this stream; calls on other streams take regions of it too (never during capture: replays
+    // are eager)
+    c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
   }
   int64_t& next = g_ticket_next[device.index()];
   if (next + count > kTicketEntries) next = 0;
