@@ -11,12 +11,14 @@ copy torch has already loaded, else the one in torch's pip ``nvidia`` packages, 
 search path. ``FP4C_CUBLASLT=0`` turns it off; any build or load failure does the same, once, with
 a warning naming the cause.
 
-CUDA graphs: each device gets one 32 MiB cuBLASLt workspace (and a float zero for beta), allocated
-by torch on the first call or by ``prepare(device)``; the first call of each shape also builds
-cuBLASLt descriptors and asks its heuristic (host work). So call ``prepare(device)`` or run each
-shape once (a warm-up) before capturing; a first call inside a capture is refused. The workspace
-is shared by all streams of a device: do not run these GEMMs concurrently on two streams of one
-device.
+Each call takes a 32 MiB cuBLASLt workspace from torch's caching allocator on its stream (inside a
+capture: the graph's pool), so that calls on two streams, or graphs replayed beside them, never share
+one (cuBLASLt's rule; torch keeps one per stream for its own GEMMs).
+
+CUDA graphs: each device gets a float zero for beta and a cuBLASLt handle on the first call or by
+``prepare(device)``; the first call of each shape also builds cuBLASLt descriptors and asks its
+heuristic (host work). So call ``prepare(device)`` or run each shape once (a warm-up) before
+capturing; a first call inside a capture is refused.
 """
 
 from __future__ import annotations
@@ -132,7 +134,6 @@ def unavailable_reason(device_index: int) -> str | None:
 
 class _DeviceState:
     def __init__(self, device: torch.device):
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.beta = torch.zeros(1, dtype=torch.float32, device=device)  # read by cuBLASLt (device pointer mode)
 
 
@@ -150,7 +151,7 @@ def _state(index: int) -> _DeviceState:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     "fp4_compile.ops.cublaslt: the first call on a device must not be inside a CUDA graph "
-                    "capture (it allocates the cuBLASLt workspace): call cublaslt.prepare(device) or run "
+                    "capture (it allocates beta and creates the cuBLASLt handle): call cublaslt.prepare(device) or run "
                     "once before capturing")
             state = _states[index] = _DeviceState(torch.device("cuda", index))
     return state
@@ -166,7 +167,7 @@ def _device_index(device: torch.device | int | str | None) -> int:
 
 
 def prepare(device: torch.device | int | str | None = None) -> None:
-    """Build/load the shim, allocate ``device``'s workspace and create its cuBLASLt handle (one tiny
+    """Build/load the shim, allocate ``device``'s beta and create its cuBLASLt handle (one tiny
     GEMM), outside any CUDA graph capture. Later first calls of a new shape still ask cuBLASLt's
     heuristic (host work only): warm each shape up before capturing to be safe. Once per device:
     later calls (one per prepared weight) return at once."""
@@ -174,7 +175,7 @@ def prepare(device: torch.device | int | str | None = None) -> None:
     reason = unavailable_reason(index)
     if reason is not None:
         raise RuntimeError(f"cuBLASLt alpha GEMM unavailable: {reason}")
-    if index in _states:  # a GEMM was issued on this device: the workspace exists, the handle was made
+    if index in _states:  # a GEMM was issued on this device: beta exists, the handle was made
         return
     dev = torch.device("cuda", index)
     a = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
@@ -183,7 +184,7 @@ def prepare(device: torch.device | int | str | None = None) -> None:
 
 def available(device: torch.device) -> bool:
     """Can ``gemm_alpha`` run on ``device`` now? False on CPU devices, where the shim cannot run,
-    and inside a CUDA graph capture before the device's workspace exists (callers then take their
+    and inside a CUDA graph capture before the device's beta exists (callers then take their
     other path instead of failing the capture)."""
     if device.type != "cuda":
         return False
@@ -261,10 +262,11 @@ def gemm_alpha(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, *, out_dty
     lib = _library()
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     state = _state(index)
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=a.device)
     err = nvcc.launch_on(a.device, lambda capability, stream: lib.fp4c_cublaslt_gemm(
         index, a.data_ptr(), lda, b.data_ptr(), ldb, out.data_ptr(), n,
         bias.data_ptr() if bias is not None else None, alpha.data_ptr(), state.beta.data_ptr(),
-        m, n, k, _DATA_TYPE[a.dtype], _DATA_TYPE[out_dtype], state.workspace.data_ptr(), WORKSPACE_BYTES, stream))
+        m, n, k, _DATA_TYPE[a.dtype], _DATA_TYPE[out_dtype], workspace.data_ptr(), WORKSPACE_BYTES, stream))
     if err != 0:
         message = lib.fp4c_cublaslt_last_error().decode(errors="replace")
         raise RuntimeError(f"fp4c_cublaslt_gemm failed: {message} (M={m}, N={n}, K={k}, lda={lda}, ldb={ldb}, "
