@@ -91,3 +91,25 @@ def test_launch_on_switches_device_only_when_needed(monkeypatch):
     assert seen == [((9, 0), 1000)] and switched == []
     assert nvcc.launch_on(torch.device("cuda", 1), lambda cap, stream: seen.append((cap, stream)) or 7) == 7
     assert seen[-1] == ((9, 1), 1001) and switched == [1]
+
+
+def test_aligned_rows_copies_what_the_kernels_cannot_read():
+    """The kernels read rows in 16-byte vectors from 16-byte aligned rows. ``contiguous()`` keeps a contiguous
+    tensor as it is, so a single row sliced 8 bytes into a wider one reached the quantization kernel misaligned
+    (a CUDA fault on an H200, NOTES.md v49): ``aligned_rows`` copies it."""
+    wide = torch.randn(3, 1040 + 8, dtype=torch.bfloat16)
+    assert wide.data_ptr() % 16 == 0
+    aligned = wide[:, :1040]                    # rows 2096 bytes apart: 16-byte multiples
+    assert nvcc.aligned_rows(aligned) is aligned
+    row = wide[:1, 4:4 + 1040]                  # one row, 8 bytes in: contiguous() would keep it
+    assert row.is_contiguous() and row.contiguous().data_ptr() % 16 == 8
+    fixed = nvcc.aligned_rows(row)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, row)
+    odd_rows = torch.randn(3, 1044, dtype=torch.bfloat16)[:, :1040]  # rows 2088 bytes apart
+    assert nvcc.aligned_rows(odd_rows).stride(0) == 1040
+    one_row = torch.randn(1, 1044, dtype=torch.bfloat16)[:, :1040]   # one row: its stride is never used
+    assert nvcc.aligned_rows(one_row) is one_row
+    scales = torch.zeros(4, 40, dtype=torch.uint8)[:, 1:33]           # 2-byte alignment asked: 1 byte in
+    assert nvcc.aligned_rows(scales, 2, 2).data_ptr() % 2 == 0
+    transposed = torch.randn(64, 3, dtype=torch.bfloat16).t()
+    assert nvcc.aligned_rows(transposed).is_contiguous()

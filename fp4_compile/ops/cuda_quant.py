@@ -156,9 +156,7 @@ def quantize(x2: torch.Tensor, global_scale: torch.Tensor, mode: int, ctas_per_s
                            "use fp4_compile.format.quantize_nvfp4 on the CPU")
     m, k = x2.shape
     dev = x2.device
-    # The kernel reads each row in 16-byte vectors.
-    if x2.stride(1) != 1 or x2.data_ptr() % 16 or (m > 1 and (x2.stride(0) * x2.element_size()) % 16):
-        x2 = x2.contiguous()
+    x2 = nvcc.aligned_rows(x2)  # the kernel reads each row in 16-byte vectors
     if mode == MODE_VALUES:
         v = torch.empty((m, k), dtype=out_dtype, device=dev)
         q = s = v  # not written

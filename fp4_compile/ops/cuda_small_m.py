@@ -361,8 +361,5 @@ def _code_operands(x, x_scale, weight, weight_scale, alpha, bias, out_dtype, k):
     check_same_device(x=x, x_scale=x_scale, weight=weight, weight_scale=weight_scale, alpha=alpha, bias=bias)
     if x.device.type != "cuda":
         raise RuntimeError(f"the CUDA small-M kernel needs CUDA tensors, got {x.device}")
-    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 16:
-        x = x.contiguous()
-    if x_scale.stride(1) != 1 or x_scale.data_ptr() % 2 or x_scale.stride(0) % 2:
-        x_scale = x_scale.contiguous()
-    return (x, x_scale, *nvcc.weight_operands(weight_scale, alpha, bias, out_dtype), k)
+    return (nvcc.aligned_rows(x), nvcc.aligned_rows(x_scale, 2, 2),
+            *nvcc.weight_operands(weight_scale, alpha, bias, out_dtype), k)

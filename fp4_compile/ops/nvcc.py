@@ -152,6 +152,17 @@ def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int
         return launch(device_capability(index), torch._C._cuda_getCurrentRawStream(index))
 
 
+def aligned_rows(t: torch.Tensor, row_bytes_multiple: int = 16, base_alignment: int = 16) -> torch.Tensor:
+    """``t`` [M, K] as the CUDA kernels read it: unit-stride rows from a ``base_alignment``-byte aligned address,
+    ``row_bytes_multiple`` bytes apart or a multiple of it (one row: any stride); else a fresh contiguous copy.
+    (``contiguous()`` returns a contiguous tensor as it is, aligned or not: one row sliced out of a wider one
+    faulted the quantization kernel, NOTES.md v49.)"""
+    if t.stride(1) == 1 and t.data_ptr() % base_alignment == 0 and (
+            t.shape[0] <= 1 or (t.stride(0) * t.element_size()) % row_bytes_multiple == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   alpha: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -167,9 +178,7 @@ def gemm_operands(what: str, x: torch.Tensor, weight: torch.Tensor, weight_scale
         raise TypeError(f"x must be bf16 or fp16, got {x.dtype}")
     if out_dtype not in (x.dtype, torch.float32):
         raise TypeError(f"out_dtype must be {x.dtype} or float32, got {out_dtype}")
-    if x.stride(1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8:
-        x = x.contiguous()
-    return (x, *weight_operands(weight_scale, alpha, bias, out_dtype))
+    return (aligned_rows(x), *weight_operands(weight_scale, alpha, bias, out_dtype))
 
 
 def weight_operands(weight_scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
