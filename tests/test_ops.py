@@ -80,6 +80,16 @@ def test_mm_and_linear_equal_float64_reference(seed):
     assert torch.equal(mm + bias, out)
 
 
+def test_emulation_is_exact_under_a_callers_autocast(seed):
+    """An fp32 model run under ``torch.autocast(bfloat16)``: the ops are not autocast (their dtypes are the
+    caller's), and the emulation's float32 matmul must not be either (it ran in bf16: 2e-3 off)."""
+    x, wq, ws, gs_x, _, alpha = _operands(30, 100, 256, dtype=torch.float32)
+    plain = torch.ops.fp4.linear(x, wq, ws, gs_x, alpha, None, 100, "emulation")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = torch.ops.fp4.linear(x, wq, ws, gs_x, alpha, None, 100, "emulation")
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
 def test_backward_raises_with_a_clear_error(seed):
     x, wq, ws, gs_x, _, alpha = _operands(4, 32, 64, dtype=torch.float32)
     x.requires_grad_(True)

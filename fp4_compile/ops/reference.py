@@ -35,7 +35,8 @@ class EmulationKernels:
         alpha: torch.Tensor,
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
-        acc = fmt.block_values(a, a_scale) @ fmt.block_values(weight, weight_scale).t()
+        with torch.autocast(a.device.type, enabled=False):  # float32 under a caller's autocast too: exact
+            acc = fmt.block_values(a, a_scale) @ fmt.block_values(weight, weight_scale).t()
         return (acc * alpha.reshape(())).to(out_dtype)
 
     def linear(
