@@ -12,6 +12,8 @@ the same on both sides.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -237,6 +239,55 @@ def test_captured_calls_take_the_python_path(seed):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# A fresh process (the fast path allocates its split-K tickets at its first replay that splits K): stream A's
+# first replay, queued behind a GPU sleep, allocates them in memory left full of non-zero words; stream B's replay
+# runs at once. Before their zeroing was waited for, B counted in the junk (relative error 0.49 on an H200, v49).
+FIRST_USE_ON_TWO_STREAMS = r"""
+import torch
+from fp4_compile import format as F
+from fp4_compile.ops import cuda_wgmma, fast_linear, hopper
+
+n, k, m = 4096, 4096, 64
+assert cuda_wgmma.launch_params(m, n, k, 0, torch.bfloat16).fixup_floats > 0, "not a split through memory"
+w = torch.randn(n, k, device="cuda")
+gw = F.global_scale_from_amax(w.abs().amax()).reshape(1)
+pw, sw = F.quantize_nvfp4(w, gw)
+wt, wst = hopper.MARLIN.prepare_weight(pw, sw)
+alpha = (1 / gw).float()
+xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+torch.ops.fp4.linear(xs[0], wt, wst, gw, alpha, None, n, "marlin")  # the Python path records the plan
+torch.cuda.synchronize()
+a, b = torch.cuda.Stream(), torch.cuda.Stream()
+with torch.cuda.stream(a):
+    junk = [torch.full((1 << 16,), 0x3F3F3F3F, dtype=torch.int32, device="cuda") for _ in range(24)]
+torch.cuda.synchronize()
+del junk
+before = fast_linear.replayed_calls()
+with torch.cuda.stream(a):
+    torch.cuda._sleep(200_000_000)
+    out_a = torch.ops.fp4.linear(xs[1], wt, wst, gw, alpha, None, n, "marlin")
+with torch.cuda.stream(b):
+    out_b = torch.ops.fp4.linear(xs[2], wt, wst, gw, alpha, None, n, "marlin")
+torch.cuda.synchronize()
+assert fast_linear.replayed_calls() == before + 2
+wv = F.block_values(pw, sw).double()
+for x, out in ((xs[1], out_a), (xs[2], out_b)):
+    ref = x.double() @ wv.t() / gw.double()
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < 6e-3, err
+print("first use ok")
+"""
+
+
+@pytest.mark.gpu
+def test_first_replays_on_two_streams_count_in_zeroed_tickets():
+    _need_fast_path()
+    done = subprocess.run([sys.executable, "-c", FIRST_USE_ON_TWO_STREAMS], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "first use ok" in done.stdout
 
 
 @pytest.mark.gpu
