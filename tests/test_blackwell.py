@@ -512,6 +512,30 @@ def test_mm_rejects_unpadded_or_linear_activation_scales(name, monkeypatch, seed
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_mm_hands_the_libraries_16_byte_aligned_activations(name, monkeypatch, seed):
+    """Activation codes and scales that are contiguous views at an odd offset (contiguous() keeps them as they are;
+    on Hopper such a row faulted the quantization kernel, NOTES.md v49) reach the libraries copied, aligned."""
+    rec = Recorder()
+    install_fake(name, monkeypatch, rec)
+    ops = operands(64, 64, 1, name)
+
+    def misaligned(t):
+        flat = torch.zeros(t.numel() * t.element_size() + 8, dtype=torch.uint8)
+        view = flat[8:].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 16 == 8
+        return view
+
+    out = bw.KERNELS[name].mm(misaligned(ops["a"]), misaligned(ops["a_scale"]), ops["weight"], ops["weight_scale"],
+                              ops["alpha"], torch.bfloat16)
+    (call,) = rec.calls
+    assert all(v.data_ptr() % 16 == 0 for v in call.values() if isinstance(v, torch.Tensor) and v.numel())
+    expected = bw.KERNELS[name].mm(ops["a"], ops["a_scale"], ops["weight"], ops["weight_scale"], ops["alpha"],
+                                   torch.bfloat16)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_mm_empty_batch_calls_nothing(name, monkeypatch, seed):
     rec = Recorder()
     install_fake(name, monkeypatch, rec)

@@ -113,3 +113,5 @@ def test_aligned_rows_copies_what_the_kernels_cannot_read():
     assert nvcc.aligned_rows(scales, 2, 2).data_ptr() % 2 == 0
     transposed = torch.randn(64, 3, dtype=torch.bfloat16).t()
     assert nvcc.aligned_rows(transposed).is_contiguous()
+    flat = torch.zeros(40, dtype=torch.uint8)[8:40]                    # 1-D (flat swizzled scales): base only
+    assert nvcc.aligned_rows(flat, 1).data_ptr() % 16 == 0 and nvcc.aligned_rows(flat[8:], 1).data_ptr() % 16 == 0

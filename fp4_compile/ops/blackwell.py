@@ -42,7 +42,7 @@ import sysconfig
 import torch
 
 from .. import format as fmt
-from .nvcc import nvcc_path, nvcc_version
+from .nvcc import aligned_rows, nvcc_path, nvcc_version
 from .reference import linear_by_steps
 
 # ---------------------------------------------------------------------------------------
@@ -567,7 +567,9 @@ class _BlackwellKernels:
             return a.new_zeros((0, weight.shape[0]), dtype=out_dtype)
         native = NATIVE_OUT_DTYPES[self.name]
         compute_dtype = out_dtype if out_dtype in native else torch.bfloat16
-        out = self._gemm(a.contiguous(), a_scale.contiguous(), weight, weight_scale, alpha, compute_dtype)
+        # the libraries read 16-byte aligned operands (TMA); contiguous() keeps a contiguous view at any offset
+        a, a_scale = (aligned_rows(t.contiguous(), row_bytes_multiple=1) for t in (a, a_scale))
+        out = self._gemm(a, a_scale, weight, weight_scale, alpha, compute_dtype)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     def linear(

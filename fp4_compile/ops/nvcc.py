@@ -153,12 +153,12 @@ def launch_on(device: torch.device, launch: Callable[[tuple[int, int], int], int
 
 
 def aligned_rows(t: torch.Tensor, row_bytes_multiple: int = 16, base_alignment: int = 16) -> torch.Tensor:
-    """``t`` [M, K] as the CUDA kernels read it: unit-stride rows from a ``base_alignment``-byte aligned address,
-    ``row_bytes_multiple`` bytes apart or a multiple of it (one row: any stride); else a fresh contiguous copy.
+    """``t`` [M, K] (or [K]) as the CUDA kernels read it: unit-stride rows from a ``base_alignment``-byte aligned
+    address, ``row_bytes_multiple`` bytes apart or a multiple of it (one row: any stride); else a fresh contiguous copy.
     (``contiguous()`` returns a contiguous tensor as it is, aligned or not: one row sliced out of a wider one
     faulted the quantization kernel, NOTES.md v49.)"""
-    if t.stride(1) == 1 and t.data_ptr() % base_alignment == 0 and (
-            t.shape[0] <= 1 or (t.stride(0) * t.element_size()) % row_bytes_multiple == 0):
+    if t.stride(-1) == 1 and t.data_ptr() % base_alignment == 0 and (
+            t.dim() == 1 or t.shape[0] <= 1 or (t.stride(0) * t.element_size()) % row_bytes_multiple == 0):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
