@@ -761,7 +761,7 @@ def test_activations_not_16_byte_aligned(seed, m):
 
 def test_hopper_kernels_on_two_gpus_in_one_process(seed):
     """A model spread over two GPUs: every Hopper path (M = 1 and 16 on the small-M kernel, 64 as a K split
-    and 300 unsplit on the wgmma kernel, 2048 through the dequantization), W4A4 and W4A16, on cuda:0 and then
+    and 300 unsplit on the wgmma kernel, 2048 on the large-M path), W4A4 and W4A16, on cuda:0 and then
     on cuda:1 in one process while cuda:0 stays current. The wgmma kernel's shared-memory opt-in belongs to
     the device current when it is set: set once per process, cuda:1's launches failed (cudaErrorInvalidValue).
     The same kernels on two like GPUs give the same bits."""
