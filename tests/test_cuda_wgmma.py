@@ -45,8 +45,7 @@ def test_dsmem_benchmark_compiles_with_the_kernels_cluster_header(tmp_path):
 def test_launch_config_is_a_built_tile_with_enough_work_per_split(m, n, k):
     bn, wm, splits, _ = cuda_wgmma.launch_config(m, n, k, 132, H100_CLUSTERS)
     assert (bn, wm) in cuda_wgmma.TILES
-    k_tiles = -(-k // 64)
-    assert splits == 1 or k_tiles // splits >= 8
+    assert splits == 1 or cuda_wgmma.k_stages(k) // splits >= 8
     assert 1 <= splits <= cuda_wgmma.MAX_SPLITS
 
 

@@ -773,19 +773,20 @@ def test_hopper_kernels_on_two_gpus_in_one_process(seed):
     outs = {}
     for index in (0, 1):
         dev = torch.device("cuda", index)
+        pw_d, sw_d, g = pw.to(dev), sw.to(dev), gw.to(dev)
+        wv = F.block_values(pw_d, sw_d).double()
         for kern in (TRITON_W4A4, MARLIN):
-            wt, wst = kern.prepare_weight(pw.to(dev), sw.to(dev))
+            wt, wst = kern.prepare_weight(pw_d, sw_d)
             for m in (1, 16, 64, 300, 2048):
                 torch.manual_seed(seed + m)
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                g = gw.to(dev)
                 if kern is TRITON_W4A4:
                     gx = F.global_scale_from_amax(x.float().abs().amax()).reshape(1)
                     out = kern.linear(x, wt, wst, gx, (1 / (gx * g)).float(), None, n)
-                    ref = _refs(x, pw.to(dev), sw.to(dev), gx, g)[0]
+                    ref = _refs(x, pw_d, sw_d, gx, g)[0]
                 else:
                     out = kern.linear(x, wt, wst, None, (1 / g).float(), None, n)
-                    ref = x.double() @ F.block_values(pw.to(dev), sw.to(dev)).double().t() / g.double()
+                    ref = x.double() @ wv.t() / g.double()
                 assert out.device == dev and rel(out, ref) <= TOL[torch.bfloat16], (index, kern.name, m)
                 outs[index, kern.name, m] = out.cpu()
         assert torch.cuda.current_device() == 0
